@@ -1,0 +1,410 @@
+//! The CPU reference backend: f32 math, threads from rayon. Weights stay where the checkpoint
+//! put them (f32 or bf16 read in place from the mapping); f16 is widened to f32 once.
+
+use std::sync::{Arc, LazyLock};
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, KvCache};
+use crate::checkpoint::{DType, HostTensor};
+use crate::error::Result;
+
+pub struct Cpu;
+
+/// A weight `[rows, cols]` (a vector is one row).
+pub struct CpuWeight {
+    rows: usize,
+    cols: usize,
+    data: WeightData,
+}
+
+enum WeightData {
+    /// Read in place from the checkpoint (aligned f32 or bf16).
+    Mapped(HostTensor),
+    /// Converted once at load (f16, or unaligned data).
+    Owned(Arc<Vec<f32>>),
+}
+
+enum Row<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl CpuWeight {
+    fn row(&self, r: usize) -> Row<'_> {
+        let span = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::Owned(v) => Row::F32(&v[span]),
+            WeightData::Mapped(t) => match (t.as_f32(), t.as_bf16()) {
+                (Some(f), _) => Row::F32(&f[span]),
+                (_, Some(b)) => Row::Bf16(&b[span]),
+                _ => unreachable!("CpuWeight::Mapped holds aligned f32 or bf16"),
+            },
+        }
+    }
+
+    /// Row `r` widened into `buf`.
+    fn row_f32<'a>(&'a self, r: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match self.row(r) {
+            Row::F32(f) => f,
+            Row::Bf16(b) => {
+                buf.clear();
+                buf.extend(b.iter().map(|v| v.to_f32()));
+                buf
+            }
+        }
+    }
+
+    /// The whole weight as f32 (small vectors: norms, biases).
+    fn vector(&self) -> Vec<f32> {
+        let mut buf = Vec::new();
+        (0..self.rows)
+            .flat_map(|r| self.row_f32(r, &mut buf).to_vec())
+            .collect()
+    }
+}
+
+/// An activation `[rows, cols]`, f32 row-major.
+#[derive(Clone, Debug)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+/// Keys and values per layer, `[positions, kv_heads*head_dim]` each, grown as tokens come.
+pub struct CpuKvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache for CpuKvCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+    fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+impl Backend for Cpu {
+    type Weight = CpuWeight;
+    type Activation = CpuTensor;
+    type KvCache = CpuKvCache;
+
+    fn weight(&self, t: &HostTensor) -> Result<CpuWeight> {
+        let (rows, cols) = match t.shape[..] {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => (t.shape[0], t.numel() / t.shape[0].max(1)),
+        };
+        let in_place = match t.dtype {
+            DType::F32 => t.as_f32().is_some(),
+            DType::BF16 => t.as_bf16().is_some(),
+            DType::F16 => false,
+        };
+        let data = if in_place {
+            WeightData::Mapped(t.clone())
+        } else {
+            WeightData::Owned(Arc::new(t.to_f32()))
+        };
+        Ok(CpuWeight { rows, cols, data })
+    }
+
+    fn kv_cache(
+        &self,
+        layers: usize,
+        _shape: AttentionShape,
+        capacity: usize,
+    ) -> Result<CpuKvCache> {
+        Ok(CpuKvCache {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+            capacity,
+        })
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let mut buf = Vec::new();
+        let mut data = Vec::with_capacity(ids.len() * table.cols);
+        for &id in ids {
+            data.extend_from_slice(table.row_f32(id as usize, &mut buf));
+        }
+        Ok(CpuTensor {
+            rows: ids.len(),
+            cols: table.cols,
+            data,
+        })
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+        let w = w.vector();
+        let mut out = x.clone();
+        out.data.par_chunks_mut(w.len()).for_each(|v| {
+            let mean_sq = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
+            let scale = 1.0 / (mean_sq + eps).sqrt();
+            for (a, g) in v.iter_mut().zip(&w) {
+                *a = g * (*a * scale);
+            }
+        });
+        out
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+        assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
+        let (t, out_features) = (x.rows, w.rows);
+        // Work on [out, t] so that each thread owns whole weight rows, then transpose.
+        const ROWS_PER_TASK: usize = 16;
+        let mut out_t = vec![0f32; out_features * t];
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * t)
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (chunk, dst)| {
+                for (i, dst_row) in dst.chunks_mut(t).enumerate() {
+                    let r = chunk * ROWS_PER_TASK + i;
+                    match (w.row(r), t) {
+                        (Row::Bf16(b), 1) => dst_row[0] = dot_bf16(b, &x.data),
+                        _ => {
+                            let wr = w.row_f32(r, buf);
+                            for (tok, d) in dst_row.iter_mut().enumerate() {
+                                *d = dot(wr, &x.data[tok * x.cols..(tok + 1) * x.cols]);
+                            }
+                        }
+                    }
+                }
+            });
+        let bias = bias.map(CpuWeight::vector);
+        let mut data = vec![0f32; t * out_features];
+        for (r, col) in out_t.chunks(t.max(1)).enumerate() {
+            let b = bias.as_ref().map_or(0.0, |b| b[r]);
+            for (tok, &v) in col.iter().enumerate() {
+                data[tok * out_features + r] = v + b;
+            }
+        }
+        CpuTensor {
+            rows: t,
+            cols: out_features,
+            data,
+        }
+    }
+
+    fn rope(
+        &self,
+        q: &mut CpuTensor,
+        k: &mut CpuTensor,
+        pos0: usize,
+        inv_freq: &[f32],
+        shape: AttentionShape,
+    ) {
+        let d = shape.head_dim;
+        let half = d / 2;
+        for x in [q, k] {
+            let cols = x.cols;
+            x.data
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(t, row)| {
+                    let pos = (pos0 + t) as f32;
+                    let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                        .iter()
+                        .map(|f| {
+                            let a = pos * f;
+                            (a.cos(), a.sin())
+                        })
+                        .unzip();
+                    for head in row.chunks_mut(d) {
+                        for i in 0..half {
+                            let (a, b) = (head[i], head[i + half]);
+                            head[i] = a * cos[i] - b * sin[i];
+                            head[i + half] = b * cos[i] + a * sin[i];
+                        }
+                    }
+                });
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        pos0: usize,
+        shape: AttentionShape,
+    ) -> Result<CpuTensor> {
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        assert_eq!(
+            cache.k[layer].len(),
+            pos0 * kv_width,
+            "cache of layer {layer} not at position {pos0}"
+        );
+        cache.k[layer].extend_from_slice(&k.data);
+        cache.v[layer].extend_from_slice(&v.data);
+        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
+
+        let d = shape.head_dim;
+        let group = shape.num_heads / shape.num_kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; q.rows * shape.num_heads * d];
+        // One task per (token, head): out[t, h*d..(h+1)*d].
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (i, o)| {
+                let (t, h) = (i / shape.num_heads, i % shape.num_heads);
+                let pos = pos0 + t;
+                let first = match shape.sliding_window {
+                    Some(w) if pos + 1 > w => pos + 1 - w,
+                    _ => 0,
+                };
+                let qh = &q.data[t * q.cols + h * d..][..d];
+                let kv_off = (h / group) * d;
+                scores.clear();
+                scores.extend(
+                    (first..=pos).map(|j| dot(qh, &keys[j * kv_width + kv_off..][..d]) * scale),
+                );
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (s, j) in scores.iter().zip(first..=pos) {
+                    let p = s / sum;
+                    for (a, b) in o.iter_mut().zip(&values[j * kv_width + kv_off..][..d]) {
+                        *a += p * b;
+                    }
+                }
+            });
+        Ok(CpuTensor {
+            rows: q.rows,
+            cols: shape.num_heads * d,
+            data: out,
+        })
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+        let data = gate
+            .data
+            .iter()
+            .zip(&up.data)
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        CpuTensor {
+            rows: gate.rows,
+            cols: gate.cols,
+            data,
+        }
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn last_rows(&self, x: &CpuTensor, rows: usize) -> CpuTensor {
+        CpuTensor {
+            rows,
+            cols: x.cols,
+            data: x.data[(x.rows - rows) * x.cols..].to_vec(),
+        }
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}
+
+static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+/// Σ a·b in f32, eight partial sums (vectorized; AVX2 where the CPU has it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_AVX2_FMA {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_lanes(a, b)
+}
+
+/// Σ bf16(a)·b, widening as it goes.
+fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_AVX2_FMA {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { dot_bf16_avx2(a, b) };
+    }
+    dot_bf16_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[bf16], b: &[f32]) -> f32 {
+    dot_bf16_lanes(a, b)
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn dot_bf16_lanes(a: &[bf16], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let widen = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| widen(*x) * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += widen(x[i]) * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

@@ -1,0 +1,268 @@
+//! Reading checkpoints: Hugging Face directories (safetensors, one file or sharded) and GGUF
+//! files. Everything is memory-mapped; opening copies no weights. The result is a typed model
+//! config plus named tensor views over the mapped bytes.
+
+mod hf;
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::model::LlamaConfig;
+
+pub use hf::resolve_model_path;
+
+/// Element type of a stored tensor, as ferry keeps it in host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Host memory that tensors point into: a file mapping, or an owned buffer (GGUF weights
+/// dequantized at load). Owned buffers are 8-byte aligned so any element type can be viewed.
+pub enum Storage {
+    Mapped(Mmap),
+    Owned { words: Vec<u64>, len: usize },
+}
+
+impl Storage {
+    pub fn map(path: &Path) -> Result<Storage> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only. ferry never writes the file; another process
+        // truncating it while we run is outside what any mmap-based reader can guard against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Storage::Mapped(map))
+    }
+
+    pub fn owned(bytes_len: usize) -> Storage {
+        Storage::Owned {
+            words: vec![0u64; bytes_len.div_ceil(8)],
+            len: bytes_len,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+
+    /// Mutable bytes of an owned buffer (to fill it); None for a mapping.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Storage::Mapped(_) => None,
+            Storage::Owned { words, len } => Some(&mut bytemuck::cast_slice_mut(words)[..*len]),
+        }
+    }
+}
+
+/// A named tensor: a view into shared host storage.
+#[derive(Clone)]
+pub struct HostTensor {
+    pub name: String,
+    pub dtype: DType,
+    /// Row-major, outermost first (`[out_features, in_features]` for a linear weight).
+    pub shape: Vec<usize>,
+    storage: Arc<Storage>,
+    offset: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}{:?}", self.name, self.dtype, self.shape)
+    }
+}
+
+impl HostTensor {
+    /// `offset..offset+len` must lie inside `storage` and `len` must equal
+    /// `numel * dtype.size()`; readers check this against the file before calling.
+    pub fn new(
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        storage: Arc<Storage>,
+        offset: usize,
+        len: usize,
+    ) -> HostTensor {
+        assert!(
+            offset + len <= storage.bytes().len(),
+            "tensor {name} outside its storage"
+        );
+        assert_eq!(
+            len,
+            shape.iter().product::<usize>() * dtype.size(),
+            "tensor {name} size"
+        );
+        HostTensor {
+            name,
+            dtype,
+            shape,
+            storage,
+            offset,
+            len,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.offset..self.offset + self.len]
+    }
+
+    /// The elements converted to f32 (exact for every supported dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let b = self.bytes();
+        match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// The elements as bf16 if they are stored so and suitably aligned (no copy).
+    pub fn as_bf16(&self) -> Option<&[bf16]> {
+        match self.dtype {
+            DType::BF16 => bytemuck::try_cast_slice(self.bytes()).ok(),
+            _ => None,
+        }
+    }
+
+    /// The elements as f32 if they are stored so and suitably aligned (no copy).
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self.dtype {
+            DType::F32 => bytemuck::try_cast_slice(self.bytes()).ok(),
+            _ => None,
+        }
+    }
+
+    /// Check the shape against what the model expects.
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::Shape {
+                tensor: self.name.clone(),
+                expected: expected.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the tokenizer of a checkpoint comes from.
+pub enum TokenizerSource {
+    /// A `tokenizer.json` file (Hugging Face tokenizers format).
+    HfJson(PathBuf),
+    /// Missing: the checkpoint has no tokenizer; running it needs one.
+    Missing,
+}
+
+/// Generation settings that come with a checkpoint (generation_config.json,
+/// tokenizer_config.json, or GGUF metadata).
+#[derive(Clone, Debug, Default)]
+pub struct GenerationDefaults {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub eos_token_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+    /// Whether to prepend BOS when the tokenizer itself does not (GGUF `add_bos_token`).
+    pub add_bos_token: bool,
+    pub bos_token_id: Option<u32>,
+}
+
+/// The file format a checkpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    Gguf,
+}
+
+/// An opened checkpoint: config, tensors (views into mapped or owned host memory), and what
+/// generation needs.
+pub struct Checkpoint {
+    /// The directory or file it was opened from.
+    pub path: PathBuf,
+    pub format: Format,
+    pub config: LlamaConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+    pub tokenizer: TokenizerSource,
+    pub generation: GenerationDefaults,
+}
+
+impl Checkpoint {
+    /// Open a model given as a directory, a `.gguf` file, or `ORG/NAME` in the Hugging Face
+    /// cache.
+    pub fn open(model: &str) -> Result<Checkpoint> {
+        let path = resolve_model_path(model)?;
+        if path.is_dir() {
+            hf::open_dir(&path)
+        } else {
+            Err(Error::checkpoint(
+                &path,
+                "expected a model directory (config.json + *.safetensors) or a .gguf file",
+            ))
+        }
+    }
+
+    /// The tensor called `name`, or an error naming it.
+    pub fn tensor(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })
+    }
+
+    /// Total bytes of all tensors.
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.len).sum()
+    }
+
+    /// Total number of parameters.
+    pub fn parameters(&self) -> usize {
+        self.tensors.values().map(|t| t.numel()).sum()
+    }
+}

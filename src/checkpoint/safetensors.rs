@@ -1,0 +1,138 @@
+//! The safetensors format: an 8-byte little-endian header length, a JSON header mapping
+//! tensor names to dtype, shape and byte range, then the data. Parsed here without copying.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{DType, HostTensor, Storage};
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// Map `path` and return views of every tensor in it.
+pub fn read(path: &Path) -> Result<Vec<HostTensor>> {
+    let storage = Arc::new(Storage::map(path)?);
+    let bytes = storage.bytes();
+    let bad = |message: String| Error::checkpoint(path, message);
+
+    if bytes.len() < 8 {
+        return Err(bad(format!(
+            "file is {} bytes, too short for a safetensors header (8-byte length + JSON)",
+            bytes.len()
+        )));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let data_start = usize::try_from(header_len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "header length {header_len} exceeds the file size {} (truncated or not safetensors)",
+                bytes.len()
+            ))
+        })?;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: format!("safetensors header: {e}"),
+        })?;
+
+    let data_len = bytes.len() - data_start;
+    let mut tensors = Vec::with_capacity(header.len());
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: Entry = serde_json::from_value(value).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: format!("safetensors header entry {name:?}: {e}"),
+        })?;
+        let dtype = match entry.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            other => {
+                return Err(Error::DType {
+                    tensor: name,
+                    found: other.to_string(),
+                    expected: "F32, F16 or BF16",
+                })
+            }
+        };
+        let (begin, end) = entry.data_offsets;
+        let numel = entry
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor {name:?}: shape {:?} overflows",
+                    entry.shape
+                ))
+            })?;
+        let expected_len = numel * dtype.size();
+        if begin > end || end - begin != expected_len {
+            return Err(bad(format!(
+                "tensor {name:?}: byte range {begin}..{end} does not hold {:?} {} ({expected_len} bytes)",
+                entry.shape, dtype
+            )));
+        }
+        if end > data_len {
+            return Err(bad(format!(
+                "tensor {name:?} ends at data byte {end}, but the file holds only {data_len} data bytes (truncated?)"
+            )));
+        }
+        tensors.push(HostTensor::new(
+            name,
+            dtype,
+            entry.shape,
+            storage.clone(),
+            data_start + begin,
+            expected_len,
+        ));
+    }
+    Ok(tensors)
+}
+
+/// Write tensors as a safetensors file (f32/f16/bf16 little-endian data). Used by `ferry synth`
+/// and by tests that make broken checkpoints.
+pub fn write(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in tensors {
+        let dtype = match dtype {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+    }
+    let mut json = serde_json::to_vec(&header).expect("a JSON map serializes");
+    // Pad the header so the data starts 8-byte aligned.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+    let mut put = |b: &[u8]| file.write_all(b).map_err(|e| Error::io(path, e));
+    put(&(json.len() as u64).to_le_bytes())?;
+    put(&json)?;
+    for (_, _, _, data) in tensors {
+        put(data)?;
+    }
+    file.flush().map_err(|e| Error::io(path, e))
+}

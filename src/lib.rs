@@ -1,0 +1,10 @@
+//! ferry: run transformer models larger than GPU memory at full precision.
+//!
+//! Data flows one way: [`checkpoint`] → [`model`] (over a [`backend`]) → [`generate`].
+
+pub mod backend;
+pub mod checkpoint;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

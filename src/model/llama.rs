@@ -1,0 +1,232 @@
+//! The Llama family (llama 2/3, mistral, qwen2, qwen3) in one forward pass. The differences
+//! between them are fields of [`LlamaConfig`], each used in one place below.
+
+use super::{GroupKind, LlamaConfig, TensorSpec, WeightGroup, Weights};
+use crate::backend::{AttentionShape, Backend, KvCache};
+use crate::error::{Error, Result};
+
+/// Which positions' logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// The last position only `[vocab]` (generation).
+    Last,
+    /// Every position `[tokens, vocab]` (tests, scoring).
+    All,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    groups: Vec<WeightGroup>,
+    inv_freq: Vec<f32>,
+}
+
+/// One decoder block's weights, named as in the checkpoint (`model.layers.N.…`).
+struct BlockWeights<'a, W> {
+    input_layernorm: &'a W,
+    q_proj: &'a W,
+    k_proj: &'a W,
+    v_proj: &'a W,
+    o_proj: &'a W,
+    post_attention_layernorm: &'a W,
+    gate_proj: &'a W,
+    up_proj: &'a W,
+    down_proj: &'a W,
+    /// q, k, v biases (`qkv_bias`).
+    qkv_bias: Option<[&'a W; 3]>,
+    o_bias: Option<&'a W>,
+    /// q_norm, k_norm (`qk_norm`).
+    qk_norm: Option<[&'a W; 2]>,
+}
+
+impl Llama {
+    pub fn new(config: LlamaConfig) -> Llama {
+        let groups = weight_groups(&config);
+        let inv_freq = config.rope_inv_freq();
+        Llama {
+            config,
+            groups,
+            inv_freq,
+        }
+    }
+
+    /// Weight groups in pass order: embedding, blocks, head.
+    pub fn groups(&self) -> &[WeightGroup] {
+        &self.groups
+    }
+
+    pub fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            num_heads: self.config.num_heads,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            sliding_window: self.config.sliding_window,
+        }
+    }
+
+    /// Run `tokens` through the model, appending to `cache`, and return logits (f32, on the
+    /// host) for the positions `want` asks for.
+    pub fn forward<B: Backend>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        tokens: &[u32],
+        cache: &mut B::KvCache,
+        want: Logits,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let pos0 = cache.len();
+        if pos0 + tokens.len() > cache.capacity() {
+            return Err(Error::PromptTooLong {
+                tokens: pos0 + tokens.len(),
+                max_new: 0,
+                context: cache.capacity(),
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Tokenizer {
+                path: "input".into(),
+                message: format!(
+                    "token id {bad} is outside the vocabulary of {} ids",
+                    c.vocab_size
+                ),
+            });
+        }
+        let eps = c.rms_norm_eps as f32;
+        let shape = self.attention_shape();
+
+        // [t, hidden]
+        let mut x = backend.embed(&weights.group(0)?[0], tokens)?;
+
+        for layer in 0..c.num_layers {
+            let w = self.block_weights(weights.group(1 + layer)?);
+
+            // Attention: x = x + o_proj(attn(rope(q), rope(k), v)).
+            let h = backend.rms_norm(&x, w.input_layernorm, eps);
+            let bias = |i: usize| w.qkv_bias.map(|b| b[i]);
+            let mut q = backend.linear(&h, w.q_proj, bias(0)); // [t, heads*head_dim]
+            let mut k = backend.linear(&h, w.k_proj, bias(1)); // [t, kv_heads*head_dim]
+            let v = backend.linear(&h, w.v_proj, bias(2)); // [t, kv_heads*head_dim]
+            if let Some([q_norm, k_norm]) = w.qk_norm {
+                q = backend.rms_norm(&q, q_norm, eps);
+                k = backend.rms_norm(&k, k_norm, eps);
+            }
+            backend.rope(&mut q, &mut k, pos0, &self.inv_freq, shape);
+            let a = backend.attention(&q, &k, &v, cache, layer, pos0, shape)?;
+            let a = backend.linear(&a, w.o_proj, w.o_bias);
+            backend.add_assign(&mut x, &a);
+
+            // MLP: x = x + down(silu(gate(h)) * up(h)).
+            let h = backend.rms_norm(&x, w.post_attention_layernorm, eps);
+            let gate = backend.linear(&h, w.gate_proj, None); // [t, ffn]
+            let up = backend.linear(&h, w.up_proj, None); // [t, ffn]
+            let m = backend.linear(&backend.silu_mul(&gate, &up), w.down_proj, None);
+            backend.add_assign(&mut x, &m);
+        }
+        cache.advance(tokens.len());
+
+        let x = match want {
+            Logits::Last => backend.last_rows(&x, 1),
+            Logits::All => x,
+        };
+        let head = weights.group(1 + c.num_layers)?;
+        let x = backend.rms_norm(&x, &head[0], eps);
+        let logits = backend.linear(&x, &head[1], None); // [rows, vocab]
+        backend.to_host(&logits)
+    }
+
+    /// Name the weights of a block group, in the order `weight_groups` listed them.
+    fn block_weights<'a, W>(&self, ws: &'a [W]) -> BlockWeights<'a, W> {
+        let c = &self.config;
+        let mut it = ws.iter();
+        let mut next = || {
+            it.next()
+                .expect("block group has the tensors weight_groups listed")
+        };
+        let mut w = BlockWeights {
+            input_layernorm: next(),
+            q_proj: next(),
+            k_proj: next(),
+            v_proj: next(),
+            o_proj: next(),
+            post_attention_layernorm: next(),
+            gate_proj: next(),
+            up_proj: next(),
+            down_proj: next(),
+            qkv_bias: None,
+            o_bias: None,
+            qk_norm: None,
+        };
+        if c.qkv_bias {
+            w.qkv_bias = Some([next(), next(), next()]);
+        }
+        if c.o_bias {
+            w.o_bias = Some(next());
+        }
+        if c.qk_norm {
+            w.qk_norm = Some([next(), next()]);
+        }
+        w
+    }
+}
+
+/// The groups of a Llama-family model with the tensors (HF names) and shapes each holds.
+fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
+    let t = |name: String, shape: &[usize]| TensorSpec {
+        name,
+        shape: shape.to_vec(),
+    };
+    let (h, q, kv, ffn) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut groups = vec![WeightGroup {
+        kind: GroupKind::Embedding,
+        tensors: vec![t("model.embed_tokens.weight".into(), &[c.vocab_size, h])],
+    }];
+    for i in 0..c.num_layers {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        // The order here is the order `Llama::block_weights` reads.
+        let mut tensors = vec![
+            t(p("input_layernorm.weight"), &[h]),
+            t(p("self_attn.q_proj.weight"), &[q, h]),
+            t(p("self_attn.k_proj.weight"), &[kv, h]),
+            t(p("self_attn.v_proj.weight"), &[kv, h]),
+            t(p("self_attn.o_proj.weight"), &[h, q]),
+            t(p("post_attention_layernorm.weight"), &[h]),
+            t(p("mlp.gate_proj.weight"), &[ffn, h]),
+            t(p("mlp.up_proj.weight"), &[ffn, h]),
+            t(p("mlp.down_proj.weight"), &[h, ffn]),
+        ];
+        if c.qkv_bias {
+            tensors.push(t(p("self_attn.q_proj.bias"), &[q]));
+            tensors.push(t(p("self_attn.k_proj.bias"), &[kv]));
+            tensors.push(t(p("self_attn.v_proj.bias"), &[kv]));
+        }
+        if c.o_bias {
+            tensors.push(t(p("self_attn.o_proj.bias"), &[h]));
+        }
+        if c.qk_norm {
+            tensors.push(t(p("self_attn.q_norm.weight"), &[c.head_dim]));
+            tensors.push(t(p("self_attn.k_norm.weight"), &[c.head_dim]));
+        }
+        groups.push(WeightGroup {
+            kind: GroupKind::Block(i),
+            tensors,
+        });
+    }
+    let head = if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    groups.push(WeightGroup {
+        kind: GroupKind::Head,
+        tensors: vec![
+            t("model.norm.weight".into(), &[h]),
+            t(head.into(), &[c.vocab_size, h]),
+        ],
+    });
+    groups
+}

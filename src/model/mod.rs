@@ -1,0 +1,105 @@
+//! Model architectures, written once over the [`Backend`](crate::backend::Backend) interface.
+//! A model describes itself as an ordered list of weight groups and asks for each group's
+//! weights as it runs; where those weights live is not its business.
+
+mod config;
+mod llama;
+
+pub use config::{Arch, Llama3RopeScaling, LlamaConfig};
+pub use llama::{Llama, Logits};
+
+use crate::checkpoint::{Checkpoint, HostTensor};
+use crate::error::Result;
+
+/// What a group is in the pass order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// Token embedding table.
+    Embedding,
+    /// One decoder block.
+    Block(usize),
+    /// Final norm and the language-model head.
+    Head,
+}
+
+/// A tensor the model needs, with the shape it must have.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// A set of weights used together, in pass order.
+#[derive(Clone, Debug)]
+pub struct WeightGroup {
+    pub kind: GroupKind,
+    pub tensors: Vec<TensorSpec>,
+}
+
+impl WeightGroup {
+    pub fn label(&self) -> String {
+        match self.kind {
+            GroupKind::Embedding => "embedding".into(),
+            GroupKind::Block(i) => format!("block {i}"),
+            GroupKind::Head => "head".into(),
+        }
+    }
+
+    /// Bytes of this group's tensors in `ckpt`.
+    pub fn bytes(&self, ckpt: &Checkpoint) -> usize {
+        self.tensors
+            .iter()
+            .filter_map(|t| ckpt.tensors.get(&t.name))
+            .map(|t| t.bytes().len())
+            .sum()
+    }
+}
+
+/// Hands the model the weights of one group at a time. The CPU path keeps every group
+/// resident; the streaming engine hands out weights that it copied into a slot.
+pub trait Weights<W> {
+    /// The weights of group `index`, in the order of its `tensors`.
+    fn group(&mut self, index: usize) -> Result<&[W]>;
+}
+
+/// Every group made ready up front.
+pub struct ResidentWeights<W> {
+    groups: Vec<Vec<W>>,
+}
+
+impl<W> ResidentWeights<W> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        groups: &[WeightGroup],
+        mut make: impl FnMut(&HostTensor) -> Result<W>,
+    ) -> Result<Self> {
+        let groups = groups
+            .iter()
+            .map(|g| {
+                g.tensors
+                    .iter()
+                    .map(|t| make(ckpt.tensor(&t.name)?))
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        Ok(ResidentWeights { groups })
+    }
+}
+
+impl<W> Weights<W> for ResidentWeights<W> {
+    fn group(&mut self, index: usize) -> Result<&[W]> {
+        Ok(&self.groups[index])
+    }
+}
+
+/// Check that `ckpt` holds every tensor its model needs, with the expected shape.
+pub fn check_tensors(ckpt: &Checkpoint) -> Result<()> {
+    let model = Llama::new(ckpt.config.clone());
+    for group in model.groups() {
+        for spec in &group.tensors {
+            let t = ckpt.tensor(&spec.name)?;
+            t.expect_shape(&spec.shape)?;
+        }
+    }
+    Ok(())
+}
