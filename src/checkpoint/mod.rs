@@ -2,6 +2,7 @@
 //! files. Everything is memory-mapped; opening copies no weights. The result is a typed model
 //! config plus named tensor views over the mapped bytes.
 
+mod gguf_tokenizer;
 mod hf;
 pub mod safetensors;
 
@@ -197,8 +198,34 @@ impl HostTensor {
 pub enum TokenizerSource {
     /// A `tokenizer.json` file (Hugging Face tokenizers format).
     HfJson(PathBuf),
+    /// Vocabulary and merges from GGUF metadata.
+    Gguf(Box<GgufTokenizerSpec>),
     /// Missing: the checkpoint has no tokenizer; running it needs one.
     Missing,
+}
+
+/// A tokenizer as GGUF metadata describes it (`tokenizer.ggml.*`).
+#[derive(Clone, Debug, Default)]
+pub struct GgufTokenizerSpec {
+    /// `tokenizer.ggml.model`: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style).
+    pub model: String,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer flavour of gpt2-style vocabularies.
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`, indexed by id.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.token_type`: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+    /// 6 byte.
+    pub token_types: Vec<i32>,
+    /// `tokenizer.ggml.merges`, "left right" (BPE).
+    pub merges: Vec<String>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub unknown_id: Option<u32>,
+    pub padding_id: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
 }
 
 /// Generation settings that come with a checkpoint (generation_config.json,
@@ -254,6 +281,28 @@ impl Checkpoint {
             path: self.path.clone(),
             tensor: name.to_string(),
         })
+    }
+
+    /// The tokenizer that comes with this checkpoint.
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        match &self.tokenizer {
+            TokenizerSource::HfJson(path) => {
+                tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }
+            TokenizerSource::Gguf(spec) => {
+                gguf_tokenizer::build(spec).map_err(|message| Error::Tokenizer {
+                    path: self.path.clone(),
+                    message,
+                })
+            }
+            TokenizerSource::Missing => Err(Error::NotFound {
+                path: self.path.join("tokenizer.json"),
+                expected: "a tokenizer to encode the prompt".into(),
+            }),
+        }
     }
 
     /// Total bytes of all tensors.
