@@ -45,12 +45,8 @@ pub enum Error {
     Template(String),
     #[error("{flag}: {message}")]
     Flag { flag: &'static str, message: String },
-    #[error("prompt is {tokens} tokens, but the context holds {context} (prompt + --max-tokens {max_new} must fit in {context})")]
-    PromptTooLong {
-        tokens: usize,
-        max_new: usize,
-        context: usize,
-    },
+    #[error("prompt is {tokens} tokens, but the context holds {context} (see --context and the model's max_position_embeddings)")]
+    PromptTooLong { tokens: usize, context: usize },
     #[error("{0}")]
     Device(String),
 }

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod error;
+pub mod generate;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -78,7 +78,6 @@ impl Llama {
         if pos0 + tokens.len() > cache.capacity() {
             return Err(Error::PromptTooLong {
                 tokens: pos0 + tokens.len(),
-                max_new: 0,
                 context: cache.capacity(),
             });
         }
