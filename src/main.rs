@@ -1,15 +1,13 @@
 //! The `ferry` command line.
 
-use std::io::{IsTerminal, Read, Write};
+mod commands;
+
+use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
-use ferry::backend::cpu::Cpu;
-use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Generator, Message, Request, SamplingConfig};
-use ferry::model::Llama;
-use ferry::{Error, Result};
+use commands::{info::info, run::run, ModelArg};
 
 /// Run transformer models larger than your GPU's memory, at full precision.
 ///
@@ -27,62 +25,9 @@ enum Command {
     /// Generate text from a prompt.
     ///
     /// Example: ferry run --model ./SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
-    Run(RunArgs),
+    Run(commands::run::RunArgs),
     /// Describe a checkpoint: architecture, parameters, bytes, dtype, and bytes per weight group.
     Info(ModelArg),
-}
-
-#[derive(Args)]
-struct ModelArg {
-    /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache
-    /// ($HF_HOME/hub, default ~/.cache/huggingface/hub). Nothing is downloaded.
-    #[arg(long, short)]
-    model: String,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    #[command(flatten)]
-    model: ModelArg,
-    /// The prompt. Read from standard input when omitted.
-    #[arg(long, short)]
-    prompt: Option<String>,
-    /// Wrap the prompt in the model's chat template as a user message.
-    #[arg(long)]
-    chat: bool,
-    /// A system message for --chat.
-    #[arg(long, requires = "chat")]
-    system: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 picks the most likely token every time (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the K most likely tokens.
-    #[arg(long, value_name = "K")]
-    top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities add up to P.
-    #[arg(long, value_name = "P")]
-    top_p: Option<f32>,
-    /// Penalize tokens already in the text (1.0: off; 1.1 is a common choice).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Seed for sampling; the same seed gives the same text.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when this text appears (may be given several times).
-    #[arg(long = "stop", value_name = "TEXT")]
-    stop: Vec<String>,
-    /// Keep generating past end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Context length: most tokens (prompt + generated). Default: the model's maximum.
-    #[arg(long)]
-    context: Option<usize>,
-    /// Print only the generated text, no statistics.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -98,168 +43,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn run(args: RunArgs) -> Result<()> {
-    check_sampling(&args)?;
-    let prompt = match args.prompt {
-        Some(p) => p,
-        None => {
-            if std::io::stdin().is_terminal() {
-                eprintln!("(reading the prompt from standard input; end it with Ctrl-D)");
-            }
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| Error::io("<stdin>", e))?;
-            s
-        }
-    };
-
-    if prompt.trim().is_empty() {
-        return Err(Error::Flag {
-            flag: "--prompt",
-            message: "the prompt is empty; give some text (or pipe it on standard input)".into(),
-        });
-    }
-
-    let ckpt = Checkpoint::open(&args.model.model)?;
-    let mut gen = Generator::new(&ckpt, Cpu, args.context)?;
-    let ids = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(Message::new("system", system));
-        }
-        messages.push(Message::new("user", &prompt));
-        gen.encode_chat(&messages)?
-    } else {
-        gen.encode(&prompt)?
-    };
-    if ids.len() >= gen.context {
-        return Err(Error::PromptTooLong {
-            tokens: ids.len(),
-            context: gen.context,
-        });
-    }
-    let request = Request {
-        prompt: ids,
-        max_tokens: args.max_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
-        stop_strings: args.stop,
-        ignore_eos: args.ignore_eos,
-    };
-    let mut stdout = std::io::stdout();
-    let out = gen.generate(&request, &mut |piece| {
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
-    })?;
-    println!();
-    if !args.quiet {
-        let n = out.tokens.len();
-        eprintln!(
-            "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}]",
-            request.prompt.len(),
-            out.prompt_secs,
-            request.prompt.len() as f64 / out.prompt_secs.max(1e-9),
-            out.decode_secs,
-            n.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
-            out.finish,
-        );
-    }
-    Ok(())
-}
-
-fn check_sampling(args: &RunArgs) -> Result<()> {
-    let bad = |flag, message: &str| {
-        Err(Error::Flag {
-            flag,
-            message: message.into(),
-        })
-    };
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return bad("--temperature", "expected a number ≥ 0");
-    }
-    if args.top_k == Some(0) {
-        return bad("--top-k", "expected at least 1");
-    }
-    if let Some(p) = args.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return bad("--top-p", "expected a number in (0, 1]");
-        }
-    }
-    if !(args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite()) {
-        return bad("--repetition-penalty", "expected a number > 0");
-    }
-    Ok(())
-}
-
-fn info(args: ModelArg) -> Result<()> {
-    let ckpt = Checkpoint::open(&args.model)?;
-    let c = &ckpt.config;
-    let mut dtypes: Vec<String> = ckpt.tensors.values().map(|t| t.dtype.to_string()).collect();
-    dtypes.sort();
-    dtypes.dedup();
-    println!("model          {}", ckpt.path.display());
-    println!("format         {:?}", ckpt.format);
-    println!("architecture   {}", c.arch.name());
-    println!(
-        "shape          hidden {}, {} layers, {}/{} heads × {}, ffn {}, vocab {}",
-        c.hidden_size,
-        c.num_layers,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.intermediate_size,
-        c.vocab_size
-    );
-    println!("context        {}", c.max_position_embeddings);
-    println!(
-        "parameters     {} ({})",
-        ckpt.parameters(),
-        human_count(ckpt.parameters())
-    );
-    println!(
-        "bytes          {} ({})",
-        ckpt.bytes(),
-        human_bytes(ckpt.bytes())
-    );
-    println!("dtype          {}", dtypes.join(", "));
-    println!("weight groups (pass order):");
-    let model = Llama::new(c.clone());
-    for g in model.groups() {
-        let bytes = g.bytes(&ckpt);
-        println!("  {:<12} {:>12}  {}", g.label(), bytes, human_bytes(bytes));
-    }
-    Ok(())
-}
-
-fn human_bytes(b: usize) -> String {
-    let b = b as f64;
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else if b >= MIB {
-        format!("{:.1} MiB", b / MIB)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
-fn human_count(n: usize) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}B", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1}M", n / 1e6)
-    } else {
-        format!("{:.1}K", n / 1e3)
     }
 }
