@@ -2,8 +2,10 @@
 //! files. Everything is memory-mapped; opening copies no weights. The result is a typed model
 //! config plus named tensor views over the mapped bytes.
 
+pub mod gguf;
 mod gguf_tokenizer;
 mod hf;
+mod quant;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -267,6 +269,8 @@ impl Checkpoint {
         let path = resolve_model_path(model)?;
         if path.is_dir() {
             hf::open_dir(&path)
+        } else if gguf::is_gguf(&path) {
+            gguf::open(&path, DType::BF16)
         } else {
             Err(Error::checkpoint(
                 &path,
