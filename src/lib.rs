@@ -7,5 +7,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod stream;
+pub mod synth;
 
 pub use error::{Error, Result};

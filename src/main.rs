@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{info::info, run::run, ModelArg};
+use commands::{info::info, run::run, synth::synth, ModelArg};
 
 /// Run transformer models larger than your GPU's memory, at full precision.
 ///
@@ -28,6 +28,10 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Describe a checkpoint: architecture, parameters, bytes, dtype, and bytes per weight group.
     Info(ModelArg),
+    /// Write a checkpoint with random weights and a real model's shape (for benchmarks).
+    ///
+    /// Example: ferry synth --preset qwen2.5-7b --out /tmp/qwen2.5-7b-synth
+    Synth(commands::synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info(args) => info(args),
+        Command::Synth(args) => synth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

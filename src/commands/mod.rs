@@ -2,6 +2,7 @@
 
 pub mod info;
 pub mod run;
+pub mod synth;
 
 use clap::Args;
 
