@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod date;
 pub mod error;
 pub mod generate;
 pub mod model;

@@ -32,6 +32,10 @@ enum Command {
     ///
     /// Example: ferry synth --preset qwen2.5-7b --out /tmp/qwen2.5-7b-synth
     Synth(commands::synth::SynthArgs),
+    /// Time prompt passes and decoding: medians of several runs, as a table or JSON.
+    ///
+    /// Example: ferry bench --model ./SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 16,128 --decode-tokens 64
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Info(args) => info(args),
         Command::Synth(args) => synth(args),
+        Command::Bench(args) => commands::bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

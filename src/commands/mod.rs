@@ -1,5 +1,6 @@
 //! The `ferry` subcommands, one module each.
 
+pub mod bench;
 pub mod info;
 pub mod run;
 pub mod synth;

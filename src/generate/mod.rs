@@ -11,7 +11,7 @@ pub use chat::Message;
 pub use sample::{argmax, Sampler, SamplingConfig};
 
 use crate::backend::{Backend, KvCache};
-use crate::checkpoint::{Checkpoint, GenerationDefaults};
+use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, ResidentWeights};
 
@@ -56,10 +56,13 @@ pub struct Generator<B: Backend> {
     pub model: Llama,
     backend: B,
     weights: ResidentWeights<B::Weight>,
-    pub tokenizer: Tokenizer,
+    /// None where the checkpoint has none (synthetic benchmarks feed token ids).
+    tokenizer: Option<Tokenizer>,
     pub defaults: GenerationDefaults,
     /// Most positions (prompt + generated) a sequence may hold.
     pub context: usize,
+    /// Named in the error when text must be encoded without a tokenizer.
+    missing_tokenizer: std::path::PathBuf,
 }
 
 impl<B: Backend> Generator<B> {
@@ -88,7 +91,11 @@ impl<B: Backend> Generator<B> {
             model,
             backend,
             weights,
-            tokenizer: ckpt.tokenizer()?,
+            tokenizer: match ckpt.tokenizer {
+                TokenizerSource::Missing => None,
+                _ => Some(ckpt.tokenizer()?),
+            },
+            missing_tokenizer: ckpt.path.join("tokenizer.json"),
             defaults: ckpt.generation.clone(),
             context,
         })
@@ -116,9 +123,17 @@ impl<B: Backend> Generator<B> {
         self.encode_with(&text, false)
     }
 
+    /// The tokenizer, or an error naming the file that should have held it.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::NotFound {
+            path: self.missing_tokenizer.clone(),
+            expected: "a tokenizer to encode the prompt".into(),
+        })
+    }
+
     fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         let enc = self
-            .tokenizer
+            .tokenizer()?
             .encode(text, special)
             .map_err(|e| Error::Tokenizer {
                 path: "prompt".into(),
@@ -136,13 +151,15 @@ impl<B: Backend> Generator<B> {
         Ok(ids)
     }
 
+    /// Text of `ids`; empty without a tokenizer (token ids in, token ids out).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer {
-                path: "output".into(),
-                message: e.to_string(),
-            })
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(String::new());
+        };
+        tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: "output".into(),
+            message: e.to_string(),
+        })
     }
 
     /// Logits `[tokens, vocab]` for every position of `tokens` from an empty cache.
