@@ -10,6 +10,9 @@ If .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf exists (from
 a few tensors of that file dequantized by gguf-py, with llama.cpp's Q/K row permutation
 undone in numpy, as the first 64 values of some rows plus sums over the whole tensors.
 
+It also writes the seed corpus of the GGUF fuzz target, fuzz/corpus/gguf_header/seed-*.gguf:
+tiny valid files written by gguf-py's GGUFWriter.
+
     pip install gguf==0.19.0 numpy
     python3 scripts/make_quant_vectors.py
 """
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
@@ -27,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "data" / "gguf" / "quant"
 SMOLLM2 = ROOT / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_EXPECTED = ROOT / "tests" / "data" / "gguf" / "smollm2_expected.json"
+FUZZ_SEEDS = ROOT / "fuzz" / "corpus" / "gguf_header"
 ELEMENTS = 1024  # per type: 32 blocks of 32, or 4 blocks of 256
 
 # Byte offsets of the f16 scale fields within one block.
@@ -113,6 +118,73 @@ def smollm2_expected():
     SMOLLM2_EXPECTED.write_text(json.dumps(out, indent=1) + "\n")
 
 
+def tiny_model(path, arch, hidden, heads, kv_heads, ffn, vocab, qtype, rng):
+    """A one-block model of `arch` with every metadata type ferry reads."""
+    w = GGUFWriter(path, arch)
+    head_dim = hidden // heads
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_types([1] * vocab)
+    w.add_token_merges(["t 1"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{{ x }}")
+    w.add_key_value("test.nested", [[1, 2], [3]], GGUFValueType.ARRAY)
+    w.add_key_value("test.u64", 7, GGUFValueType.UINT64)
+    w.add_key_value("test.i8", -3, GGUFValueType.INT8)
+    w.add_key_value("test.f64", 0.5, GGUFValueType.FLOAT64)
+
+    def tensor(name, *shape, norm=False):
+        data = rng.integers(-4, 5, size=shape).astype(np.float32)
+        if norm or qtype == T.F32:
+            w.add_tensor(name, data)
+        elif qtype == T.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden, norm=True)
+    tensor("blk.0.attn_norm.weight", hidden, norm=True)
+    tensor("blk.0.attn_q.weight", heads * head_dim, hidden)
+    tensor("blk.0.attn_k.weight", kv_heads * head_dim, hidden)
+    tensor("blk.0.attn_v.weight", kv_heads * head_dim, hidden)
+    tensor("blk.0.attn_output.weight", hidden, heads * head_dim)
+    if arch == "qwen2":
+        for m, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            tensor(f"blk.0.attn_{m}.bias", n * head_dim, norm=True)
+    if arch == "qwen3":
+        tensor("blk.0.attn_q_norm.weight", head_dim, norm=True)
+        tensor("blk.0.attn_k_norm.weight", head_dim, norm=True)
+    tensor("blk.0.ffn_norm.weight", hidden, norm=True)
+    tensor("blk.0.ffn_gate.weight", ffn, hidden)
+    tensor("blk.0.ffn_up.weight", ffn, hidden)
+    tensor("blk.0.ffn_down.weight", hidden, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def fuzz_seeds():
+    FUZZ_SEEDS.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    tiny_model(FUZZ_SEEDS / "seed-llama-f32.gguf", "llama", 4, 2, 1, 4, 6, T.F32, rng)
+    tiny_model(FUZZ_SEEDS / "seed-qwen2-f16.gguf", "qwen2", 4, 2, 2, 8, 5, T.F16, rng)
+    tiny_model(FUZZ_SEEDS / "seed-qwen3-q8_0.gguf", "qwen3", 32, 2, 1, 32, 3, T.Q8_0, rng)
+    for p in sorted(FUZZ_SEEDS.glob("seed-*.gguf")):
+        print(f"{p.name}: {p.stat().st_size} bytes")
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(20261126)
@@ -123,6 +195,7 @@ def main():
         (OUT / f"{qtype.name}.blocks").write_bytes(raw.tobytes())
         (OUT / f"{qtype.name}.f32").write_bytes(values.tobytes())
         print(f"{qtype.name}: {raw.size} bytes -> {values.size} values")
+    fuzz_seeds()
     if SMOLLM2.exists():
         smollm2_expected()
     else:

@@ -945,3 +945,24 @@ fn smollm2_matches_gguf_py() {
         );
     }
 }
+
+#[test]
+fn files_written_by_gguf_py_open() {
+    // The fuzz seeds: one-block llama (F32), qwen2 (F16, q/k/v biases), qwen3 (Q8_0, q/k norms)
+    // written by gguf-py's GGUFWriter (scripts/make_quant_vectors.py).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf_header");
+    for (file, arch) in [
+        ("seed-llama-f32.gguf", Arch::Llama),
+        ("seed-qwen2-f16.gguf", Arch::Qwen2),
+        ("seed-qwen3-q8_0.gguf", Arch::Qwen3),
+    ] {
+        let ckpt = gguf::open(&dir.join(file), DType::F32).unwrap();
+        assert_eq!(ckpt.config.arch, arch, "{file}");
+        assert_eq!(ckpt.config.num_layers, 1, "{file}");
+        assert_eq!(ckpt.config.qkv_bias, arch == Arch::Qwen2, "{file}");
+        assert_eq!(ckpt.config.qk_norm, arch == Arch::Qwen3, "{file}");
+        // Weights drawn from -4..=4, within Q8_0 rounding.
+        let embed = ckpt.tensor("model.embed_tokens.weight").unwrap().to_f32();
+        assert!(embed.iter().all(|v| v.abs() <= 4.05), "{file}");
+    }
+}

@@ -749,6 +749,23 @@ fn llama_config(meta: &Meta, header: &Header, bytes: &[u8]) -> Result<(LlamaConf
             return Err(meta.bad(format!("{} is 0; expected a positive size", key(k))));
         }
     }
+    for (k, v) in [
+        ("attention.layer_norm_rms_epsilon", rms_norm_eps),
+        ("rope.freq_base", rope_theta),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(meta.bad(format!("{} is {v}; expected a positive number", key(k))));
+        }
+    }
+    // Every block has at least 9 tensors; a larger count would only make the model describe
+    // tensors that cannot be there (and allocate for them).
+    if num_layers > header.tensors.len() / 9 {
+        return Err(meta.bad(format!(
+            "{} is {num_layers} but the file has only {} tensors (each block has at least 9)",
+            key("block_count"),
+            header.tensors.len()
+        )));
+    }
     // Shapes the metadata implies for the embedding, checked here so that the message can
     // name the metadata; every other tensor is checked in `plan_tensors`.
     let embd = tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor {
@@ -803,6 +820,23 @@ fn llama_config(meta: &Meta, header: &Header, bytes: &[u8]) -> Result<(LlamaConf
             )))
         }
     };
+    // No tensor dimension can exceed twice the file size (the densest type stores 32
+    // elements in 18 bytes), so larger head sizes contradict the file.
+    let limit = bytes.len().saturating_mul(2);
+    for (what, n) in [
+        (
+            "query width (heads × head dimension)",
+            num_heads.checked_mul(head_dim),
+        ),
+        ("feed-forward width", Some(intermediate_size)),
+    ] {
+        if n.is_none_or(|n| n > limit) {
+            return Err(meta.bad(format!(
+                "the {what} implied by the metadata is larger than anything a {}-byte file can hold",
+                bytes.len()
+            )));
+        }
+    }
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(meta.bad(format!(
             "head dimension {head_dim} must be positive and even for rotary embeddings"
@@ -965,7 +999,8 @@ fn llama3_scaling_from_factors(
     };
     for (i, got) in probe.rope_inv_freq().into_iter().enumerate() {
         let want = x[i] * 2.0 * std::f64::consts::PI / f[i] as f64;
-        if ((got as f64 - want) / want).abs() > 1e-4 {
+        let rel = ((got as f64 - want) / want).abs();
+        if rel.is_nan() || rel > 1e-4 {
             return Err(bad(format!(
                 "factors {f:?} do not follow llama3 rope scaling (frequency {i}: recovered {got}, file implies {want})"
             )));
