@@ -144,7 +144,7 @@ impl Backend for Cpu {
         })
     }
 
-    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
         let w = w.vector();
         let mut out = x.clone();
         out.data.par_chunks_mut(w.len()).for_each(|v| {
@@ -154,10 +154,10 @@ impl Backend for Cpu {
                 *a = g * (*a * scale);
             }
         });
-        out
+        Ok(out)
     }
 
-    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
         assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
         let (t, out_features) = (x.rows, w.rows);
         // Work on [out, t] so that each thread owns whole weight rows, then transpose.
@@ -188,11 +188,11 @@ impl Backend for Cpu {
                 data[tok * out_features + r] = v + b;
             }
         }
-        CpuTensor {
+        Ok(CpuTensor {
             rows: t,
             cols: out_features,
             data,
-        }
+        })
     }
 
     fn rope(
@@ -202,7 +202,7 @@ impl Backend for Cpu {
         pos0: usize,
         inv_freq: &[f32],
         shape: AttentionShape,
-    ) {
+    ) -> Result<()> {
         let d = shape.head_dim;
         let half = d / 2;
         for x in [q, k] {
@@ -228,6 +228,7 @@ impl Backend for Cpu {
                     }
                 });
         }
+        Ok(())
     }
 
     fn attention(
@@ -290,36 +291,41 @@ impl Backend for Cpu {
         })
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         let data = gate
             .data
             .iter()
             .zip(&up.data)
             .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
             .collect();
-        CpuTensor {
+        Ok(CpuTensor {
             rows: gate.rows,
             cols: gate.cols,
             data,
-        }
+        })
     }
 
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         for (a, b) in x.data.iter_mut().zip(&y.data) {
             *a += b;
         }
+        Ok(())
     }
 
-    fn last_rows(&self, x: &CpuTensor, rows: usize) -> CpuTensor {
-        CpuTensor {
+    fn last_rows(&self, x: &CpuTensor, rows: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor {
             rows,
             cols: x.cols,
             data: x.data[(x.rows - rows) * x.cols..].to_vec(),
-        }
+        })
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
+    }
+
+    fn cols(&self, x: &CpuTensor) -> usize {
+        x.cols
     }
 }
 

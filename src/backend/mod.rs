@@ -1,10 +1,37 @@
 //! Compute backends. The model is written once against [`Backend`]; `cpu` is the f32
-//! reference used by tests everywhere.
+//! reference used by tests everywhere, `cuda` runs on an NVIDIA GPU in bf16.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::checkpoint::HostTensor;
 use crate::error::Result;
+
+/// Where to compute (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The first GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    /// The CUDA device with this index.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, found {s:?}")),
+        }
+    }
+}
 
 /// The shape of attention, shared by every layer.
 #[derive(Clone, Copy, Debug)]
@@ -30,7 +57,8 @@ pub trait KvCache {
 }
 
 /// The operations a Llama-family forward pass needs. Activations are row-major
-/// `[tokens, features]`.
+/// `[tokens, features]`. Every operation can fail (a GPU can run out of memory or lose its
+/// context); the CPU backend never does.
 pub trait Backend {
     /// A weight where this backend reads it.
     type Weight;
@@ -51,14 +79,31 @@ pub trait Backend {
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Activation>;
     /// RMSNorm over each row of width `w.len()`: `x / sqrt(mean(x²) + eps) * w`. Applied per
     /// head when `x`'s rows are wider than `w` (q/k norm).
-    fn rms_norm(&self, x: &Self::Activation, w: &Self::Weight, eps: f32) -> Self::Activation;
+    fn rms_norm(
+        &self,
+        x: &Self::Activation,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation>;
     /// `x @ wᵀ + bias`: x `[t, in]`, w `[out, in]`, bias `[out]` → `[t, out]`.
     fn linear(
         &self,
         x: &Self::Activation,
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
-    ) -> Self::Activation;
+    ) -> Result<Self::Activation>;
+    /// `x += h @ wᵀ + bias` (the residual connection after a projection; a GPU fuses the add
+    /// into the matrix product).
+    fn linear_add(
+        &self,
+        x: &mut Self::Activation,
+        h: &Self::Activation,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<()> {
+        let y = self.linear(h, w, bias)?;
+        self.add_assign(x, &y)
+    }
     /// Rotate q `[t, heads*head_dim]` and k `[t, kv_heads*head_dim]` in place (rotate-half
     /// layout) for positions `pos0..pos0+t`.
     fn rope(
@@ -68,7 +113,7 @@ pub trait Backend {
         pos0: usize,
         inv_freq: &[f32],
         shape: AttentionShape,
-    );
+    ) -> Result<()>;
     /// Append k, v at positions `pos0..` of `layer` in `cache`, then causal attention of q over
     /// the cache → `[t, heads*head_dim]`.
     #[allow(clippy::too_many_arguments)]
@@ -83,11 +128,32 @@ pub trait Backend {
         shape: AttentionShape,
     ) -> Result<Self::Activation>;
     /// `silu(gate) * up`, elementwise.
-    fn silu_mul(&self, gate: &Self::Activation, up: &Self::Activation) -> Self::Activation;
+    fn silu_mul(&self, gate: &Self::Activation, up: &Self::Activation) -> Result<Self::Activation>;
     /// `x += y`, elementwise.
-    fn add_assign(&self, x: &mut Self::Activation, y: &Self::Activation);
+    fn add_assign(&self, x: &mut Self::Activation, y: &Self::Activation) -> Result<()>;
     /// The last `rows` rows of `x` (rows of interest for the head).
-    fn last_rows(&self, x: &Self::Activation, rows: usize) -> Self::Activation;
+    fn last_rows(&self, x: &Self::Activation, rows: usize) -> Result<Self::Activation>;
     /// Copy to host f32, row-major.
     fn to_host(&self, x: &Self::Activation) -> Result<Vec<f32>>;
+    /// The index of the largest value of each row of `x` `[rows, cols]` (the first one on
+    /// ties), for greedy decoding without copying logits to the host.
+    fn argmax_rows(&self, x: &Self::Activation) -> Result<Vec<u32>> {
+        let data = self.to_host(x)?;
+        let rows = data.len() / self.cols(x).max(1);
+        Ok(data
+            .chunks(self.cols(x).max(1))
+            .take(rows)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
+    /// Columns of an activation (features per row).
+    fn cols(&self, x: &Self::Activation) -> usize;
 }

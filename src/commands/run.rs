@@ -5,6 +5,8 @@ use std::io::{IsTerminal, Read, Write};
 use clap::Args;
 
 use ferry::backend::cpu::Cpu;
+use ferry::backend::cuda::Cuda;
+use ferry::backend::{Backend, Device};
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Message, Request, SamplingConfig};
 use ferry::{Error, Result};
@@ -54,11 +56,14 @@ pub struct RunArgs {
     /// Print only the generated text, no statistics.
     #[arg(long, short)]
     quiet: bool,
+    /// Where to compute: auto (the GPU when one is usable, else the CPU), cpu, or cuda[:N].
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
+    device: Device,
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub fn run(mut args: RunArgs) -> Result<()> {
     check_sampling(&args)?;
-    let prompt = match args.prompt {
+    let prompt = match args.prompt.take() {
         Some(p) => p,
         None => {
             if std::io::stdin().is_terminal() {
@@ -80,7 +85,29 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     let ckpt = Checkpoint::open(&args.model.model)?;
-    let mut gen = Generator::new(&ckpt, Cpu, args.context)?;
+    let cuda = match args.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(Cuda::new(n)?),
+        Device::Auto => Cuda::new(0).ok(),
+    };
+    match cuda {
+        Some(gpu) => {
+            gpu.prepare(ckpt.config.head_dim)?;
+            let device = gpu.info().to_string();
+            generate_on(gpu, &device, &ckpt, args, prompt)
+        }
+        None => generate_on(Cpu, "cpu", &ckpt, args, prompt),
+    }
+}
+
+fn generate_on<B: Backend>(
+    backend: B,
+    device: &str,
+    ckpt: &Checkpoint,
+    args: RunArgs,
+    prompt: String,
+) -> Result<()> {
+    let mut gen = Generator::new(ckpt, backend, args.context)?;
     let ids = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -119,7 +146,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.quiet {
         let n = out.tokens.len();
         eprintln!(
-            "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}]",
+            "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}; on {device}]",
             request.prompt.len(),
             out.prompt_secs,
             request.prompt.len() as f64 / out.prompt_secs.max(1e-9),

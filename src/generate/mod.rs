@@ -202,14 +202,25 @@ impl<B: Backend> Generator<B> {
         let mut printed = 0; // bytes of `text` handed out
         let mut text = String::new();
 
+        // Greedy decoding picks the next token where the logits are (on the GPU: no copy).
+        let greedy = req.sampling.temperature <= 0.0 && req.sampling.repetition_penalty == 1.0;
+        let mut pick = |backend: &B, logits: &B::Activation, seen: &[u32]| -> Result<u32> {
+            Ok(if greedy {
+                backend.argmax_rows(logits)?[0]
+            } else {
+                sampler.next(&mut backend.to_host(logits)?, seen)
+            })
+        };
         let start = Instant::now();
-        let mut logits = self.model.forward(
+        let logits = self.model.forward_logits(
             &self.backend,
             &mut self.weights,
             &req.prompt,
             &mut cache,
             Logits::Last,
         )?;
+        // Picking waits for the device, so the prompt pass is timed to its end.
+        let mut next = pick(&self.backend, &logits, &seen)?;
         let prompt_secs = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
 
@@ -217,7 +228,6 @@ impl<B: Backend> Generator<B> {
             if tokens.len() >= req.max_tokens {
                 break Finish::MaxTokens;
             }
-            let next = sampler.next(&mut logits, &seen);
             tokens.push(next);
             seen.push(next);
             if !req.ignore_eos && self.defaults.eos_token_ids.contains(&next) {
@@ -241,13 +251,14 @@ impl<B: Backend> Generator<B> {
             if cache.len() >= self.context {
                 break Finish::Context;
             }
-            logits = self.model.forward(
+            let logits = self.model.forward_logits(
                 &self.backend,
                 &mut self.weights,
                 &[next],
                 &mut cache,
                 Logits::Last,
             )?;
+            next = pick(&self.backend, &logits, &seen)?;
         };
         if finish == Finish::Eos {
             text = self.decode(&tokens)?;

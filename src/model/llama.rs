@@ -73,6 +73,20 @@ impl Llama {
         cache: &mut B::KvCache,
         want: Logits,
     ) -> Result<Vec<f32>> {
+        let logits = self.forward_logits(backend, weights, tokens, cache, want)?;
+        backend.to_host(&logits)
+    }
+
+    /// [`forward`](Self::forward), leaving the logits `[rows, vocab]` where the backend
+    /// computed them (so that a GPU can pick the next token without copying them).
+    pub fn forward_logits<B: Backend>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        tokens: &[u32],
+        cache: &mut B::KvCache,
+        want: Logits,
+    ) -> Result<B::Activation> {
         let c = &self.config;
         let pos0 = cache.len();
         if pos0 + tokens.len() > cache.capacity() {
@@ -100,37 +114,35 @@ impl Llama {
             let w = self.block_weights(weights.group(1 + layer)?);
 
             // Attention: x = x + o_proj(attn(rope(q), rope(k), v)).
-            let h = backend.rms_norm(&x, w.input_layernorm, eps);
+            let h = backend.rms_norm(&x, w.input_layernorm, eps)?;
             let bias = |i: usize| w.qkv_bias.map(|b| b[i]);
-            let mut q = backend.linear(&h, w.q_proj, bias(0)); // [t, heads*head_dim]
-            let mut k = backend.linear(&h, w.k_proj, bias(1)); // [t, kv_heads*head_dim]
-            let v = backend.linear(&h, w.v_proj, bias(2)); // [t, kv_heads*head_dim]
+            let mut q = backend.linear(&h, w.q_proj, bias(0))?; // [t, heads*head_dim]
+            let mut k = backend.linear(&h, w.k_proj, bias(1))?; // [t, kv_heads*head_dim]
+            let v = backend.linear(&h, w.v_proj, bias(2))?; // [t, kv_heads*head_dim]
             if let Some([q_norm, k_norm]) = w.qk_norm {
-                q = backend.rms_norm(&q, q_norm, eps);
-                k = backend.rms_norm(&k, k_norm, eps);
+                q = backend.rms_norm(&q, q_norm, eps)?;
+                k = backend.rms_norm(&k, k_norm, eps)?;
             }
-            backend.rope(&mut q, &mut k, pos0, &self.inv_freq, shape);
+            backend.rope(&mut q, &mut k, pos0, &self.inv_freq, shape)?;
             let a = backend.attention(&q, &k, &v, cache, layer, pos0, shape)?;
-            let a = backend.linear(&a, w.o_proj, w.o_bias);
-            backend.add_assign(&mut x, &a);
+            backend.linear_add(&mut x, &a, w.o_proj, w.o_bias)?;
 
             // MLP: x = x + down(silu(gate(h)) * up(h)).
-            let h = backend.rms_norm(&x, w.post_attention_layernorm, eps);
-            let gate = backend.linear(&h, w.gate_proj, None); // [t, ffn]
-            let up = backend.linear(&h, w.up_proj, None); // [t, ffn]
-            let m = backend.linear(&backend.silu_mul(&gate, &up), w.down_proj, None);
-            backend.add_assign(&mut x, &m);
+            let h = backend.rms_norm(&x, w.post_attention_layernorm, eps)?;
+            let gate = backend.linear(&h, w.gate_proj, None)?; // [t, ffn]
+            let up = backend.linear(&h, w.up_proj, None)?; // [t, ffn]
+            let m = backend.silu_mul(&gate, &up)?; // [t, ffn]
+            backend.linear_add(&mut x, &m, w.down_proj, None)?;
         }
         cache.advance(tokens.len());
 
         let x = match want {
-            Logits::Last => backend.last_rows(&x, 1),
+            Logits::Last => backend.last_rows(&x, 1)?,
             Logits::All => x,
         };
         let head = weights.group(1 + c.num_layers)?;
-        let x = backend.rms_norm(&x, &head[0], eps);
-        let logits = backend.linear(&x, &head[1], None); // [rows, vocab]
-        backend.to_host(&logits)
+        let x = backend.rms_norm(&x, &head[0], eps)?;
+        backend.linear(&x, &head[1], None) // [rows, vocab]
     }
 
     /// Name the weights of a block group, in the order `weight_groups` listed them.

