@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{info::info, run::run, synth::synth, ModelArg};
+use commands::{bench_cuda::bench_cuda, info::info, run::run, synth::synth, ModelArg};
 
 /// Run transformer models larger than your GPU's memory, at full precision.
 ///
@@ -36,6 +36,10 @@ enum Command {
     ///
     /// Example: ferry bench --model ./SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 16,128 --decode-tokens 64
     Bench(commands::bench::BenchArgs),
+    /// Time the CUDA backend with the whole model on the GPU: a prompt pass and decoding.
+    ///
+    /// Example: ferry bench-cuda --preset qwen2.5-7b --prompt-tokens 4096 --context 1024
+    BenchCuda(commands::bench_cuda::BenchCudaArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info(args),
         Command::Synth(args) => synth(args),
         Command::Bench(args) => commands::bench::bench(args),
+        Command::BenchCuda(args) => bench_cuda(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

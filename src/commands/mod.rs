@@ -1,6 +1,7 @@
 //! The `ferry` subcommands, one module each.
 
 pub mod bench;
+pub mod bench_cuda;
 pub mod info;
 pub mod run;
 pub mod synth;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every GPU check, in one command, on a machine with an NVIDIA GPU and no Rust toolchain:
+#   1. the CUDA test suite (tests/cuda.rs) against the CPU reference;
+#   2. `ferry run --device cuda` on a fixture, and the one-line error for a missing device;
+#   3. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
+#      transformers bf16, then `ferry bench-cuda` and transformers eager timed on it.
+#
+# Binaries come prebuilt (the GPU machine has no cargo): build them with
+#   scripts/gpu_checks.sh --build      (puts stripped binaries in .gpu/)
+# and run there with
+#   scripts/gpu_checks.sh [OUT_DIR]    (logs and JSON under OUT_DIR, default ./gpu-out)
+# Set SKIP_7B=1 to leave out step 3 (it writes 15 GB to $SYNTH_DIR, default /tmp), or
+# SKIP_TRANSFORMERS=1 to time ferry alone.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    cargo build --release --bins --tests
+    mkdir -p .gpu
+    test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/ferry target/release/ferry
+    strip -o .gpu/cuda-tests "$test_bin"
+    cp scripts/gpu_checks.sh bench/transformers_bench.py .gpu/
+    pwd > .gpu/built_in  # the test binary finds fixtures under this path
+    ls -la .gpu
+    exit 0
+fi
+
+OUT=${1:-gpu-out}
+mkdir -p "$OUT"
+BIN=${BIN:-.gpu}
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
+export FERRY_BIN=$BIN/ferry
+built_in=$(cat "$BIN/built_in" 2>/dev/null || true)
+if [ -n "$built_in" ] && [ ! -d "$built_in/tests/fixtures" ]; then
+    mkdir -p "$(dirname "$built_in")" && ln -sfn "$PWD" "$built_in"
+fi
+status=0
+step() { echo; echo "== $*"; }
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>&1 | tee "$OUT/device.txt"
+
+step "CUDA test suite (tests/cuda.rs)"
+timeout 300 "$BIN/cuda-tests" --test-threads 1 2>&1 | tee "$OUT/tests.log" || status=1
+
+step "ferry run --device cuda"
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
+[ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
+
+if [ -z "${SKIP_7B:-}" ]; then
+    SYNTH=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b
+    step "synth qwen2.5-7b → $SYNTH"
+    [ -f "$SYNTH/config.json" ] || timeout 300 "$BIN/ferry" synth --arch qwen2 --preset qwen2.5-7b --out "$SYNTH" 2>&1 | tail -3
+    step "ferry bench-cuda"
+    timeout 300 "$BIN/ferry" bench-cuda --model "$SYNTH" --json "$OUT/ferry_bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+    step "ferry bench-cuda, decode through cuBLASLt instead of gemv (for comparison)"
+    FERRY_CUDA_NO_GEMV=1 timeout 300 "$BIN/ferry" bench-cuda --model "$SYNTH" --runs 3 --prompt-tokens 512 2>&1 | tail -4 | tee "$OUT/bench_no_gemv.log"
+    if [ -n "${SKIP_TRANSFORMERS:-}" ]; then echo; echo "gpu_checks: $status (transformers skipped)"; exit $status; fi
+    step "transformers eager on the same checkpoint (and reference logits)"
+    PYTHONUNBUFFERED=1 timeout 400 python3 "$BIN/transformers_bench.py" "$SYNTH" --reference "$OUT/reference.json" 2>&1 \
+        | tee "$OUT/transformers.log" || status=1
+    step "ferry CUDA vs transformers logits"
+    FERRY_TRANSFORMERS_REFERENCE="$OUT/reference.json" timeout 200 "$BIN/cuda-tests" transformers_reference 2>&1 \
+        | tee "$OUT/reference.log" || status=1
+fi
+echo
+echo "gpu_checks: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
+exit $status

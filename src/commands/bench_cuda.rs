@@ -1,0 +1,239 @@
+//! `ferry bench-cuda`: time the CUDA backend with the whole model resident on the GPU: one
+//! prompt pass, and decoding one token at a time at a given context. Prints a table and a
+//! JSON line (medians of several runs after a warm-up, the card and the date).
+
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+
+use ferry::backend::cuda::Cuda;
+use ferry::backend::{Backend, Device, KvCache};
+use ferry::checkpoint::{Checkpoint, DType};
+use ferry::model::{Llama, LlamaConfig, Logits, ResidentWeights};
+use ferry::synth::{synthetic_checkpoint, Preset};
+use ferry::{Error, Result};
+
+#[derive(Args)]
+pub struct BenchCudaArgs {
+    /// A checkpoint (directory, .gguf or ORG/NAME); or use --preset.
+    #[arg(long, short, conflicts_with = "preset")]
+    model: Option<String>,
+    /// Random weights of a real model's shape, made in memory (see `ferry synth --help`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Tokens in the timed prompt pass.
+    #[arg(long, default_value_t = 4096)]
+    prompt_tokens: usize,
+    /// Tokens already in the context when decoding is timed.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Tokens decoded (one per pass) in each timed decode run.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Timed runs of each measurement (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: Device,
+    /// Also write the JSON result to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
+    let ordinal = match args.device {
+        Device::Cuda(n) => n,
+        Device::Auto => 0,
+        Device::Cpu => {
+            return Err(Error::Flag {
+                flag: "--device",
+                message: "bench-cuda times a CUDA device; give cuda or cuda:N".into(),
+            })
+        }
+    };
+    if args.runs == 0 || args.prompt_tokens == 0 || args.decode_tokens == 0 {
+        return Err(Error::Flag {
+            flag: "--runs",
+            message: "runs, prompt and decode tokens must be at least 1".into(),
+        });
+    }
+    let t = Instant::now();
+    let (ckpt, source) = match (&args.model, &args.preset) {
+        (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
+        (None, Some(p)) => (
+            synthetic_checkpoint(&Preset::by_name(p)?, 0, DType::BF16)?,
+            format!("preset {p} (random bf16 weights)"),
+        ),
+        (None, None) => {
+            return Err(Error::Flag {
+                flag: "--model",
+                message: "give --model or --preset".into(),
+            })
+        }
+    };
+    let open_secs = t.elapsed().as_secs_f64();
+
+    let gpu = Cuda::new(ordinal)?;
+    let c = ckpt.config.clone();
+    let t = Instant::now();
+    gpu.prepare(c.head_dim)?;
+    let kernel_secs = t.elapsed().as_secs_f64();
+    let model = Llama::new(c.clone());
+    let t = Instant::now();
+    let mut weights = ResidentWeights::load(&ckpt, model.groups(), |t| gpu.weight(t))?;
+    gpu.synchronize()?;
+    let upload_secs = t.elapsed().as_secs_f64();
+    let weight_bytes = ckpt.bytes(); // each tensor once (a tied head is the embedding)
+    eprintln!(
+        "[{}: {source}; {:.2} GB of weights uploaded in {upload_secs:.1} s; kernels ready in {kernel_secs:.2} s]",
+        gpu.info(),
+        weight_bytes as f64 / 1e9
+    );
+
+    let vocab = c.vocab_size;
+    let ids = |n: usize, seed: u64| -> Vec<u32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab as u64) as u32
+            })
+            .collect()
+    };
+    let shape = model.attention_shape();
+
+    // Prompt pass: one forward over the prompt from an empty cache, last position's logits,
+    // next token picked on the device (which waits for the pass to finish).
+    let p = args.prompt_tokens;
+    let mut prompt_secs = Vec::new();
+    for run in 0..=args.runs {
+        let mut cache = gpu.kv_cache(c.num_layers, shape, p)?;
+        let tokens = ids(p, run as u64);
+        gpu.synchronize()?;
+        let t = Instant::now();
+        let logits = model.forward_logits(&gpu, &mut weights, &tokens, &mut cache, Logits::Last)?;
+        gpu.argmax_rows(&logits)?;
+        if run > 0 {
+            prompt_secs.push(t.elapsed().as_secs_f64());
+        }
+    }
+
+    // Decode: fill the context (untimed), then one token a pass.
+    let ctx = args.context;
+    let n = args.decode_tokens;
+    let mut token_secs = Vec::new();
+    for run in 0..=args.runs {
+        let mut cache = gpu.kv_cache(c.num_layers, shape, ctx + n + 1)?;
+        if ctx > 0 {
+            let l = model.forward_logits(
+                &gpu,
+                &mut weights,
+                &ids(ctx, 100 + run as u64),
+                &mut cache,
+                Logits::Last,
+            )?;
+            gpu.argmax_rows(&l)?;
+        }
+        let mut next = 1u32;
+        let t = Instant::now();
+        for _ in 0..n {
+            let l = model.forward_logits(&gpu, &mut weights, &[next], &mut cache, Logits::Last)?;
+            next = gpu.argmax_rows(&l)?[0];
+        }
+        debug_assert_eq!(cache.len(), ctx + n);
+        if run > 0 {
+            token_secs.push(t.elapsed().as_secs_f64() / n as f64);
+        }
+    }
+
+    let prompt_s = median(&mut prompt_secs);
+    let token_s = median(&mut token_secs);
+    let prompt_flop = prompt_flops(&c, p);
+    // Bytes a decode step reads: every weight except the embedding table (one row of it),
+    // plus the keys and values of the context (mid-run context: ctx + n/2).
+    let embed_bytes = vocab * c.hidden_size * 2;
+    let head_shares_embedding = c.tie_word_embeddings;
+    let kv_bytes = 2 * c.num_layers * (ctx + n / 2) * c.num_kv_heads * c.head_dim * 2;
+    let decode_bytes = weight_bytes
+        - if head_shares_embedding {
+            0
+        } else {
+            embed_bytes
+        }
+        + kv_bytes;
+    let date = ferry::date::today_utc();
+    let card = gpu.info().to_string();
+
+    println!();
+    println!("ferry bench-cuda — {card}, {date}");
+    println!("model: {source} ({:.2} GB)", weight_bytes as f64 / 1e9);
+    println!("| measurement | median of {} | rate |", args.runs);
+    println!("|---|---|---|");
+    println!(
+        "| prompt pass, {p} tokens | {:.4} s ({:.0} tok/s) | {:.0} TFLOP/s |",
+        prompt_s,
+        p as f64 / prompt_s,
+        prompt_flop / prompt_s / 1e12
+    );
+    println!(
+        "| decode, batch 1, context {ctx} | {:.2} ms/token ({:.1} tok/s) | {:.0} GB/s |",
+        token_s * 1e3,
+        1.0 / token_s,
+        decode_bytes as f64 / token_s / 1e9
+    );
+    let result = json!({
+        "card": card,
+        "date": date,
+        "model": source,
+        "weight_bytes": weight_bytes,
+        "runs": args.runs,
+        "prompt_tokens": p,
+        "prompt_seconds_median": prompt_s,
+        "prompt_seconds_all": prompt_secs,
+        "prompt_tflops": prompt_flop / prompt_s / 1e12,
+        "decode_context": ctx,
+        "decode_tokens_per_run": n,
+        "decode_seconds_per_token_median": token_s,
+        "decode_seconds_per_token_all": token_secs,
+        "decode_tokens_per_second": 1.0 / token_s,
+        "decode_gbps": decode_bytes as f64 / token_s / 1e9,
+        "open_seconds": open_secs,
+        "upload_seconds": upload_secs,
+    });
+    println!("JSON: {result}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, result.to_string() + "\n").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Floating-point operations of a prompt pass over `t` tokens that returns the last
+/// position's logits: every linear layer, causal attention (QKᵀ and PV over the keys each
+/// row sees), and the head for one row.
+fn prompt_flops(c: &LlamaConfig, t: usize) -> f64 {
+    let (h, q, kv, ffn) = (
+        c.hidden_size as f64,
+        (c.num_heads * c.head_dim) as f64,
+        (c.num_kv_heads * c.head_dim) as f64,
+        c.intermediate_size as f64,
+    );
+    let t = t as f64;
+    let linear = 2.0 * t * (h * (q + 2.0 * kv) + q * h + 3.0 * h * ffn);
+    let seen = t * (t + 1.0) / 2.0; // keys summed over rows
+    let attention = 4.0 * seen * q;
+    c.num_layers as f64 * (linear + attention) + 2.0 * h * c.vocab_size as f64
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
