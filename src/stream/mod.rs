@@ -1,6 +1,21 @@
 //! The streaming engine, model-agnostic: plan which weight groups stay resident and how many
 //! slots stream the rest, then run the cyclic copy/compute schedule within a hard VRAM budget.
+//!
+//! - [`plan`]: the planner and its simulation of the schedule (the predicted pass time).
+//! - [`cost`]: bytes, FLOPs, KV cache and workspace of a Llama-family pass, for the planner.
+//! - [`budget`]: the accounting allocator every device allocation goes through.
+//! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
 
+pub mod budget;
+pub mod cost;
+pub mod plan;
+pub mod schedule;
 mod size;
 
+pub use budget::{Allocation, BudgetAllocator, DeviceMemory, OverBudget, Purpose, Vram};
+pub use cost::{CostModel, PassShape};
+pub use plan::{
+    plan, Group, Piece, Placement, Plan, PlanRequest, Prediction, ResidentSet, SlotSize,
+};
+pub use schedule::{run_pass, CopyEngine, CpuCopyEngine, Streamer};
 pub use size::{human_bytes, parse_size};

@@ -1,0 +1,466 @@
+//! The streaming engine without a GPU: the planner, the budget, the schedule on the CPU copy
+//! engine, and `ferry plan`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::checkpoint::DType;
+use ferry::stream::budget::{BudgetAllocator, HostMemory, Purpose, Vram};
+use ferry::stream::cost::{group_bytes, llama_groups, CostModel, PassShape};
+use ferry::stream::plan::{plan, simulate, Group, Placement, Plan, PlanRequest, SimUnit, SlotSize};
+use ferry::stream::schedule::{run_pass, CpuCopyEngine, EngineEvent, Step, Streamer};
+use ferry::synth::Preset;
+
+const MIB: usize = 1 << 20;
+
+fn group(label: &str, bytes: usize, compute_ms: f64) -> Group {
+    Group {
+        label: label.into(),
+        bytes,
+        compute_ms,
+        granule: 1024,
+        host_gather: false,
+    }
+}
+
+/// An embedding gathered on the host, `blocks` blocks of `block` bytes, and a head 2.5 times
+/// larger than a block.
+fn model(blocks: usize, block: usize, compute_ms: impl Fn(usize) -> f64) -> Vec<Group> {
+    let mut groups = vec![Group {
+        host_gather: true,
+        ..group("embedding", 5 * block / 2, 0.0)
+    }];
+    for i in 0..blocks {
+        groups.push(group(&format!("block {i}"), block, compute_ms(i)));
+    }
+    groups.push(group("head", 5 * block / 2, compute_ms(blocks)));
+    groups
+}
+
+fn request(groups: Vec<Group>, budget: usize, h2d_gbps: f64) -> PlanRequest {
+    PlanRequest {
+        groups,
+        budget,
+        kv_cache: MIB,
+        workspace: 2 * MIB,
+        cublas_workspace: MIB,
+        h2d_gbps,
+        slot_size: SlotSize::Auto,
+    }
+}
+
+const FIXED: usize = 4 * MIB; // kv + workspace + cublas of `request`
+
+#[test]
+fn residents_are_spread_evenly_and_the_head_streams_in_pieces() {
+    let block = 100 * MIB;
+    // Room for 4 slots' worth beyond the fixed part: 2 slots + 2 residents (or 3 + 1...).
+    let p = plan(&request(model(20, block, |_| 1.0), FIXED + 6 * block, 10.0)).unwrap();
+    assert_eq!(
+        p.slot_bytes, block,
+        "the typical block sets the slot size, not the head"
+    );
+    assert!(p.device_bytes() <= p.budget);
+    assert_eq!(p.placement[0], Placement::HostGather);
+    assert!(!p.resident.contains(0));
+    // Copy-bound: the plan keeps as many bytes resident as fit beside 2 slots.
+    assert_eq!(p.slots, 2);
+    assert_eq!(p.resident.len(), 4);
+    let blocks: Vec<usize> = p.resident.groups().to_vec();
+    let gaps: Vec<usize> = blocks.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().max().unwrap() - gaps.iter().min().unwrap() <= 1,
+        "evenly spread: {blocks:?}"
+    );
+    // The head (2.5 blocks) streams in 3 pieces that tile it on its granule.
+    let head = p.groups.len() - 1;
+    let Placement::Streamed(range) = &p.placement[head] else {
+        panic!("head should stream: {:?}", p.placement[head]);
+    };
+    let pieces = &p.pieces[range.clone()];
+    assert_eq!(pieces.len(), 3);
+    let mut offset = 0;
+    for piece in pieces {
+        assert_eq!(piece.offset, offset);
+        assert!(piece.bytes <= p.slot_bytes);
+        assert_eq!(piece.offset % 1024, 0);
+        offset += piece.bytes;
+    }
+    assert_eq!(offset, p.groups[head].bytes);
+    let compute: f64 = pieces.iter().map(|x| x.compute_ms).sum();
+    assert!(
+        (compute - 1.0).abs() < 1e-9,
+        "pieces share the head's compute"
+    );
+    // Streamed bytes: 16 blocks + the head.
+    assert_eq!(p.streamed_bytes(), 16 * block + 5 * block / 2);
+}
+
+#[test]
+fn a_resident_head_when_it_fits_saves_the_most_bytes() {
+    let block = 100 * MIB;
+    // Beside 2 slots there is room for 2.6 blocks: the head (2.5 blocks) saves more bytes
+    // than 2 blocks.
+    let budget = FIXED + 2 * block + 26 * block / 10;
+    let p = plan(&request(model(20, block, |_| 1.0), budget, 10.0)).unwrap();
+    let head = p.groups.len() - 1;
+    assert!(p.resident.contains(head), "{:?}", p.resident);
+    assert_eq!(p.streamed_bytes(), 20 * block);
+}
+
+#[test]
+fn budgets_below_the_minimum_are_refused_with_the_minimum() {
+    let block = 100 * MIB;
+    let minimum = FIXED + 2 * block;
+    let e = plan(&request(model(8, block, |_| 1.0), minimum - 1, 10.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--vram: "), "{e}");
+    assert!(e.contains("below the minimum of 204.0 MiB"), "{e}");
+    assert!(e.contains("2 slots × 100.0 MiB"), "{e}");
+    let p = plan(&request(model(8, block, |_| 1.0), minimum, 10.0)).unwrap();
+    assert_eq!((p.slots, p.resident.len()), (2, 0));
+    assert_eq!(p.device_bytes(), minimum);
+}
+
+#[test]
+fn more_budget_never_streams_more_or_predicts_slower() {
+    let block = 50 * MIB;
+    let groups = model(12, block, |i| 2.0 + (i % 3) as f64);
+    let mut last: Option<Plan> = None;
+    for extra in 2..=20 {
+        let budget = FIXED + extra * block;
+        let p = plan(&request(groups.clone(), budget, 10.0)).unwrap();
+        assert!(
+            p.device_bytes() <= budget,
+            "{extra}: {} > {budget}",
+            p.device_bytes()
+        );
+        let bound = p.prediction.bound_ms();
+        assert!(
+            p.prediction.pass_ms >= bound - 1e-6,
+            "faster than the bound"
+        );
+        assert!(p.prediction.cold_pass_ms >= p.prediction.pass_ms - 1e-6);
+        if let Some(prev) = &last {
+            assert!(p.streamed_bytes() <= prev.streamed_bytes(), "{extra}");
+            assert!(
+                p.prediction.pass_ms <= prev.prediction.pass_ms * 1.001,
+                "{extra}"
+            );
+        }
+        last = Some(p);
+    }
+    // At 20 blocks of room everything fits: no slots, nothing streamed, the pass is compute.
+    let p = last.unwrap();
+    assert_eq!((p.slots, p.streamed_bytes()), (0, 0));
+    let compute: f64 = groups.iter().map(|g| g.compute_ms).sum();
+    assert!((p.prediction.pass_ms - compute).abs() < 1e-9);
+}
+
+#[test]
+fn the_prediction_reaches_the_bound_when_copy_or_compute_dominates() {
+    let block = 64 * MIB;
+    let copy_ms = block as f64 / 10e6; // at 10 GB/s
+    for (compute, bound_is_copy) in [(copy_ms * 0.3, true), (copy_ms * 3.0, false)] {
+        let p = plan(&request(
+            model(24, block, |_| compute),
+            FIXED + 6 * block,
+            10.0,
+        ))
+        .unwrap();
+        let pred = p.prediction;
+        assert_eq!(pred.copy_ms > pred.compute_ms, bound_is_copy);
+        assert!(pred.efficiency() > 0.97, "{pred:?}");
+    }
+}
+
+#[test]
+fn the_simulation_plays_the_cyclic_schedule() {
+    // Two streamed units (copy 10 ms, compute 5 ms) and a resident one (compute 20 ms), 2
+    // slots. Cold: copy 0 ends at 10 (stall 10), compute 0 at 15; copy 1 ends at 20 (stall
+    // 5), compute 1 at 25; the resident computes to 45 while the copies of the next pass
+    // fill both slots (to 35). Then each pass takes 5 + 5 + 20 = 30 ms, no stall: the copies
+    // hide behind the resident's compute.
+    let units = [
+        SimUnit {
+            compute_ms: 5.0,
+            copy_ms: Some(10.0),
+        },
+        SimUnit {
+            compute_ms: 5.0,
+            copy_ms: Some(10.0),
+        },
+        SimUnit {
+            compute_ms: 20.0,
+            copy_ms: None,
+        },
+    ];
+    let ends = simulate(&units, 2, 3);
+    assert_eq!(ends[0], (45.0, 15.0));
+    assert_eq!(ends[1], (75.0, 0.0));
+    assert_eq!(ends[2].0 - ends[1].0, 30.0);
+    // With one slot the copy of unit 1 waits for the compute of unit 0: 10 + 5 + 10 + 5 + 20.
+    assert_eq!(simulate(&units, 1, 1)[0].0, 50.0);
+}
+
+#[test]
+fn qwen_7b_on_an_h100_at_2_6_gib() {
+    let preset = Preset::by_name("qwen2.5-7b").unwrap();
+    let c = &preset.config;
+    let bytes = group_bytes(c, DType::BF16);
+    assert_eq!(bytes.iter().sum::<usize>(), 15_231_233_024);
+    let cost = CostModel {
+        h2d_gbps: 55.0,
+        tflops: 850.0,
+        hbm_gbps: 3000.0,
+    };
+    let shape = PassShape {
+        tokens: 4096,
+        batch: 1,
+        past: 0,
+    };
+    let groups = llama_groups(c, &bytes, DType::BF16, shape, &cost);
+    let budget = Vram::parse("2.6GiB").unwrap().resolve(None).unwrap();
+    let p = plan(&PlanRequest {
+        groups,
+        budget,
+        kv_cache: ferry::stream::cost::kv_cache_bytes(c, 4096, 1),
+        workspace: ferry::stream::cost::workspace_bytes(c, shape),
+        cublas_workspace: ferry::stream::cost::CUBLAS_WORKSPACE,
+        h2d_gbps: 55.0,
+        slot_size: SlotSize::Auto,
+    })
+    .unwrap();
+    assert!(p.device_bytes() <= budget);
+    // Nothing resident would be 15.23 GB / 55 GB/s = 277 ms; the plan streams less.
+    assert!(p.prediction.pass_ms < 277.0, "{}", p.prediction.pass_ms);
+    assert!(p.prediction.efficiency() > 0.99);
+}
+
+#[test]
+fn the_budget_is_a_hard_cap() {
+    let alloc = BudgetAllocator::new(HostMemory, 10 * MIB);
+    let a = alloc.alloc(Purpose::KvCache, 4 * MIB).unwrap();
+    let b = alloc.alloc(Purpose::Slot(0), 4 * MIB).unwrap();
+    assert_eq!(a.len(), 4 * MIB);
+    let e = alloc
+        .alloc(Purpose::Resident("block 3".into()), 3 * MIB)
+        .err()
+        .expect("over the budget")
+        .to_string();
+    assert_eq!(
+        e,
+        "--vram: cannot allocate 3.0 MiB (3145728 bytes) for resident block 3: 8.0 MiB of the 10.0 MiB budget are in use, 2.0 MiB free"
+    );
+    assert_eq!(
+        alloc.in_use(),
+        8 * MIB,
+        "a refused allocation takes nothing"
+    );
+    drop(b);
+    let c = alloc
+        .alloc(Purpose::Resident("block 3".into()), 6 * MIB)
+        .unwrap();
+    assert_eq!(alloc.in_use(), 10 * MIB);
+    assert_eq!(alloc.peak(), 10 * MIB);
+    assert_eq!(
+        alloc.breakdown(),
+        vec![
+            (Purpose::Resident("block 3".into()), 6 * MIB),
+            (Purpose::KvCache, 4 * MIB)
+        ]
+    );
+    drop((a, c));
+    assert_eq!((alloc.in_use(), alloc.peak()), (0, 10 * MIB));
+}
+
+#[test]
+fn vram_flag() {
+    assert_eq!(Vram::parse("6GiB").unwrap(), Vram::Bytes(6 << 30));
+    assert_eq!(Vram::parse("2.5GB").unwrap(), Vram::Bytes(2_500_000_000));
+    assert_eq!(Vram::parse("512MiB").unwrap(), Vram::Bytes(512 << 20));
+    assert_eq!(Vram::parse("auto").unwrap(), Vram::Auto);
+    assert_eq!(
+        Vram::Auto.resolve(Some(8 << 30)).unwrap(),
+        (8 << 30) - (512 << 20)
+    );
+    assert!(Vram::Auto
+        .resolve(None)
+        .unwrap_err()
+        .to_string()
+        .contains("auto needs a GPU"));
+    assert!(Vram::parse("6")
+        .unwrap_err()
+        .to_string()
+        .starts_with("--vram:"));
+}
+
+/// FNV-1a, continued over pieces in order.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
+    }
+    h
+}
+const FNV0: u64 = 0xCBF2_9CE4_8422_2325;
+
+fn sleep_until(deadline: Instant) {
+    let now = Instant::now();
+    if deadline > now {
+        std::thread::sleep(deadline - now);
+    }
+}
+
+#[test]
+fn the_streamer_on_the_cpu_engine() {
+    // 10 blocks of 256 KiB and a head of 640 KiB at 0.025 GB/s: a block copies in 10.5 ms.
+    // Compute alternates 4, 8 and 16 ms: some blocks hide their copies, some do not.
+    let block = 256 * 1024;
+    let groups = model(10, block, |i| [4.0, 8.0, 16.0][i % 3]);
+    let h2d_gbps = 0.025;
+    let p = plan(&request(groups, FIXED + 5 * block, h2d_gbps)).unwrap();
+    assert!(
+        p.slots >= 2 && !p.resident.is_empty() && p.pieces.len() > 8,
+        "{p}"
+    );
+
+    // Host bytes of every group, and what a fully resident run computes: one checksum per
+    // group.
+    let host: Arc<Vec<Vec<u8>>> = Arc::new(
+        p.groups
+            .iter()
+            .enumerate()
+            .map(|(g, grp)| {
+                (0..grp.bytes)
+                    .map(|i| (i * 31 + g * 7 + i / 251) as u8)
+                    .collect()
+            })
+            .collect(),
+    );
+    let expected: Vec<u64> = host.iter().map(|b| fnv(FNV0, b)).collect();
+
+    // Every device allocation through the budget.
+    let alloc = BudgetAllocator::new(HostMemory, p.budget);
+    let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
+    let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
+    let _cublas = alloc
+        .alloc(Purpose::CublasWorkspace, p.cublas_workspace)
+        .unwrap();
+    let mut resident = Vec::new();
+    for &g in p.resident.groups() {
+        let mut a = alloc
+            .alloc(
+                Purpose::Resident(p.groups[g].label.clone()),
+                p.groups[g].bytes,
+            )
+            .unwrap();
+        a.copy_from_slice(&host[g]);
+        resident.push((g, a));
+    }
+    let engine = CpuCopyEngine::new(&alloc, p.slots, p.slot_bytes, host.clone(), h2d_gbps).unwrap();
+    let mut streamer = Streamer::new(engine, &p).unwrap();
+
+    let passes = 4;
+    let mut pass_ms = Vec::new();
+    for pass in 0..passes {
+        let start = Instant::now();
+        let mut sums = vec![FNV0; p.groups.len()];
+        run_pass(&p, &mut streamer, |step, engine| {
+            let begin = Instant::now();
+            let ms = match step {
+                Step::Group(g) => {
+                    sums[g] = match resident.iter().find(|(r, _)| *r == g) {
+                        Some((_, a)) => fnv(FNV0, a),
+                        None => fnv(FNV0, &host[g]), // gathered on the host
+                    };
+                    p.groups[g].compute_ms
+                }
+                Step::Piece(acquired) => {
+                    let piece = &p.pieces[acquired.piece];
+                    let read = || fnv(FNV0, &engine.slot(acquired.slot)[..piece.bytes]);
+                    let before = read();
+                    sums[piece.group] = fnv(
+                        sums[piece.group],
+                        &engine.slot(acquired.slot)[..piece.bytes],
+                    );
+                    sleep_until(begin + Duration::from_secs_f64(piece.compute_ms / 1e3));
+                    assert_eq!(
+                        read(),
+                        before,
+                        "slot {} changed while in use",
+                        acquired.slot
+                    );
+                    piece.compute_ms
+                }
+            };
+            sleep_until(begin + Duration::from_secs_f64(ms / 1e3));
+            Ok(())
+        })
+        .unwrap();
+        pass_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(
+            sums, expected,
+            "pass {pass}: checksums equal a fully resident run's"
+        );
+    }
+    let engine = streamer.finish().unwrap();
+    assert!(alloc.peak() <= p.budget, "{} > {}", alloc.peak(), p.budget);
+    assert_eq!(alloc.peak(), p.device_bytes());
+
+    let log = engine.log();
+    // Per slot, strictly: copied, then used, then copied again — never written while in use,
+    // never used before its copy ended. The last copy into a slot may be the unused prefetch
+    // of the next pass.
+    for slot in 0..p.slots {
+        let events: Vec<EngineEvent> = log
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| match *e {
+                EngineEvent::CopyBegin { slot: s, .. }
+                | EngineEvent::CopyEnd { slot: s, .. }
+                | EngineEvent::UseBegin { slot: s }
+                | EngineEvent::UseEnd { slot: s } => s == slot,
+            })
+            .collect();
+        for (i, e) in events.iter().enumerate() {
+            let ok = match i % 4 {
+                0 => matches!(e, EngineEvent::CopyBegin { .. }),
+                1 => matches!(e, EngineEvent::CopyEnd { .. }),
+                2 => matches!(e, EngineEvent::UseBegin { .. }),
+                _ => matches!(e, EngineEvent::UseEnd { .. }),
+            };
+            assert!(
+                ok,
+                "slot {slot}, event {i}: {e:?} out of order in {events:?}"
+            );
+        }
+        assert_eq!(
+            events.len() % 4,
+            2,
+            "slot {slot} ends with its prefetch copied"
+        );
+    }
+    // Copies follow the pass order, wrapping into the next pass.
+    let copies: Vec<(usize, usize)> = log
+        .iter()
+        .filter_map(|(_, e)| match *e {
+            EngineEvent::CopyBegin { group, index, .. } => Some((group, index)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copies.len(), passes * p.pieces.len() + p.slots);
+    for (i, c) in copies.iter().enumerate() {
+        let want = &p.pieces[i % p.pieces.len()];
+        assert_eq!(*c, (want.group, want.index), "copy {i}");
+    }
+    // The simulation predicts the steady passes (the first one starts from empty slots).
+    let steady = pass_ms[1..].iter().sum::<f64>() / (passes - 1) as f64;
+    let predicted = p.prediction.pass_ms;
+    eprintln!("{p}measured {pass_ms:?} ms per pass; steady {steady:.1} ms");
+    assert!(
+        steady > 0.97 * predicted && steady < 1.25 * predicted,
+        "measured {steady:.1} ms per pass, predicted {predicted:.1} ms ({pass_ms:?})"
+    );
+    assert!(engine.stall() > Duration::ZERO);
+}
