@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench_cuda::bench_cuda, info::info, run::run, synth::synth, ModelArg};
+use commands::{
+    bench_cuda::bench_cuda, info::info, plan::plan_command, run::run, synth::synth, ModelArg,
+};
 
 /// Run transformer models larger than your GPU's memory, at full precision.
 ///
@@ -32,6 +34,11 @@ enum Command {
     ///
     /// Example: ferry synth --preset qwen2.5-7b --out /tmp/qwen2.5-7b-synth
     Synth(commands::synth::SynthArgs),
+    /// Plan streaming for a VRAM budget: resident groups, slots, bytes per pass, predicted time.
+    ///
+    /// Works without a GPU from stated figures. Example:
+    /// ferry plan --synthetic qwen2.5-7b --vram 2.6GiB --tokens 4096 --h2d-gbps 55 --tflops 850
+    Plan(commands::plan::PlanArgs),
     /// Time prompt passes and decoding: medians of several runs, as a table or JSON.
     ///
     /// Example: ferry bench --model ./SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 16,128 --decode-tokens 64
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Info(args) => info(args),
         Command::Synth(args) => synth(args),
+        Command::Plan(args) => plan_command(args),
         Command::Bench(args) => commands::bench::bench(args),
         Command::BenchCuda(args) => bench_cuda(args),
     };

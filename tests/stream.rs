@@ -464,3 +464,138 @@ fn the_streamer_on_the_cpu_engine() {
     );
     assert!(engine.stall() > Duration::ZERO);
 }
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ferry_plan_prints_the_plan() {
+    let out = ferry(&[
+        "plan",
+        "--synthetic",
+        "qwen2.5-7b",
+        "--vram",
+        "2.6GiB",
+        "--tokens",
+        "4096",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "qwen2.5-7b (synthetic qwen2): 30 groups, 15.23 GB bf16",
+        "host→device 25 GB/s (assumed), 80 TFLOP/s (assumed)",
+        "budget       2.60 GiB = resident",
+        "2 slots × 444.5 MiB",
+        "resident     1 of 29 groups",
+        "embedding: rows gathered on the host",
+        "13.05 GB per pass",
+        "PCIe bound 522.0 ms (13.05 GB at 25 GB/s)",
+        "map          essssssssssssssssssssssssssssR",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in\n{stdout}");
+    }
+
+    // Decode with a batch: residents spread through the blocks, the head in pieces.
+    let out = ferry(&[
+        "plan",
+        "--synthetic",
+        "qwen2.5-7b",
+        "--vram",
+        "auto",
+        "--free-vram",
+        "8.5GiB",
+        "--tokens",
+        "1",
+        "--batch",
+        "64",
+        "--past",
+        "1024",
+        "--h2d-gbps",
+        "55",
+        "--tflops",
+        "850",
+        "--hbm-gbps",
+        "3000",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("55 GB/s (stated), 850 TFLOP/s (stated)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("budget       8.00 GiB"), "{stdout}");
+    assert!(
+        stdout.contains("head (1.09 GB) streams in 3 pieces"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("map          esRsssRssRsssRssRsssRssRsssRsp"),
+        "{stdout}"
+    );
+
+    // A checkpoint on disk: everything fits in 1 GiB.
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen2");
+    let out = ferry(&[
+        "plan", "--model", fixture, "--vram", "1GiB", "--tokens", "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("no slots") && stdout.contains("everything fits"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ferry_plan_refuses_bad_budgets_in_one_line() {
+    for (args, needle) in [
+        (
+            vec!["--vram", "1GiB", "--tokens", "4096"],
+            "error: --vram: 1.00 GiB is below the minimum of 1.58 GiB for this model and pass: 2 slots × 444.5 MiB + KV cache 224.0 MiB",
+        ),
+        (vec!["--vram", "auto", "--tokens", "1"], "error: --vram: auto needs a GPU"),
+        (vec!["--vram", "lots", "--tokens", "1"], "error: --vram: \"lots\" is not a size"),
+        (vec!["--vram", "6GiB", "--tokens", "0"], "error: --tokens: expected at least 1"),
+        (
+            vec!["--vram", "6GiB", "--tokens", "1", "--h2d-gbps", "0"],
+            "error: --h2d-gbps",
+        ),
+    ] {
+        let mut all = vec!["plan", "--synthetic", "qwen2.5-7b"];
+        all.extend(args);
+        let out = ferry(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{all:?}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.starts_with(needle), "{all:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(out.stdout.is_empty(), "{all:?} printed a partial plan");
+    }
+    let out = ferry(&[
+        "plan",
+        "--synthetic",
+        "gpt-5",
+        "--vram",
+        "6GiB",
+        "--tokens",
+        "1",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("unknown preset \"gpt-5\"; expected one of tiny"));
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_cuda;
 pub mod info;
+pub mod plan;
 pub mod run;
 pub mod synth;
 

@@ -1,0 +1,193 @@
+//! `ferry plan`: which groups stay resident, how many slots stream the rest, and how long a
+//! pass will take, for a model, a VRAM budget and a pass shape. Needs no GPU: the card is
+//! described by stated figures.
+
+use clap::Args;
+
+use ferry::checkpoint::{Checkpoint, DType};
+use ferry::model::{Llama, LlamaConfig};
+use ferry::stream::cost::{
+    group_bytes, kv_cache_bytes, llama_groups, workspace_bytes, CUBLAS_WORKSPACE,
+};
+use ferry::stream::{
+    human_bytes, parse_size, plan, CostModel, PassShape, Placement, PlanRequest, SlotSize, Vram,
+};
+use ferry::synth::Preset;
+use ferry::{Error, Result};
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "synthetic"])))]
+pub struct PlanArgs {
+    /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// A synthetic preset instead of a checkpoint (see `ferry synth --list`); bf16.
+    #[arg(long, value_name = "PRESET")]
+    synthetic: Option<String>,
+    /// VRAM budget: a size (6GiB, 2.5GB, 512MiB) or auto (free device memory minus 512 MiB).
+    #[arg(long)]
+    vram: String,
+    /// The device's free memory, for --vram auto on a machine without the GPU.
+    #[arg(long, value_name = "SIZE")]
+    free_vram: Option<String>,
+    /// New tokens per sequence in the pass (the prompt length; 1 for decode).
+    #[arg(long)]
+    tokens: usize,
+    /// Sequences per pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Positions already in each sequence's KV cache (decode after a prompt).
+    #[arg(long, default_value_t = 0)]
+    past: usize,
+    /// Host-to-device bandwidth, GB/s. Default: 25 (PCIe 4 x16).
+    #[arg(long)]
+    h2d_gbps: Option<f64>,
+    /// Dense bf16 throughput, TFLOP/s. Default: 80.
+    #[arg(long)]
+    tflops: Option<f64>,
+    /// Device memory bandwidth, GB/s. Default: 1000.
+    #[arg(long)]
+    hbm_gbps: Option<f64>,
+    /// Slot size, if not the planner's choice (the typical block).
+    #[arg(long, value_name = "SIZE")]
+    slot_size: Option<String>,
+}
+
+pub fn plan_command(args: PlanArgs) -> Result<()> {
+    let (name, config, bytes, dtype) = match (&args.model, &args.synthetic) {
+        (Some(model), _) => {
+            let ckpt = Checkpoint::open(model)?;
+            let model = Llama::new(ckpt.config.clone());
+            let bytes: Vec<usize> = model.groups().iter().map(|g| g.bytes(&ckpt)).collect();
+            let dtype = ckpt
+                .tensors
+                .values()
+                .next()
+                .map_or(DType::BF16, |t| t.dtype);
+            let name = format!("{} ({})", ckpt.path.display(), ckpt.config.arch.name());
+            (name, ckpt.config.clone(), bytes, dtype)
+        }
+        (None, Some(preset)) => {
+            let p = Preset::by_name(preset)?;
+            let bytes = group_bytes(&p.config, DType::BF16);
+            let name = format!("{} (synthetic {})", p.name, p.config.arch.name());
+            (name, p.config, bytes, DType::BF16)
+        }
+        (None, None) => unreachable!("clap requires --model or --synthetic"),
+    };
+    check_shape(&args, &config)?;
+
+    let stated = |v: Option<f64>, flag: &'static str, default: f64| -> Result<f64> {
+        match v {
+            None => Ok(default),
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(Error::Flag {
+                flag,
+                message: format!("{x} is not a rate; expected a number > 0"),
+            }),
+        }
+    };
+    let d = CostModel::ASSUMED;
+    let cost = CostModel {
+        h2d_gbps: stated(args.h2d_gbps, "--h2d-gbps", d.h2d_gbps)?,
+        tflops: stated(args.tflops, "--tflops", d.tflops)?,
+        hbm_gbps: stated(args.hbm_gbps, "--hbm-gbps", d.hbm_gbps)?,
+    };
+    let free = args
+        .free_vram
+        .as_deref()
+        .map(|s| parse_size(s, "--free-vram"))
+        .transpose()?;
+    let budget = Vram::parse(&args.vram)?.resolve(free)?;
+    let slot_size = match &args.slot_size {
+        Some(s) => SlotSize::Bytes(parse_size(s, "--slot-size")?),
+        None => SlotSize::Auto,
+    };
+    let shape = PassShape {
+        tokens: args.tokens,
+        batch: args.batch,
+        past: args.past,
+    };
+    let request = PlanRequest {
+        groups: llama_groups(&config, &bytes, dtype, shape, &cost),
+        budget,
+        kv_cache: kv_cache_bytes(&config, args.past + args.tokens, args.batch),
+        workspace: workspace_bytes(&config, shape),
+        cublas_workspace: CUBLAS_WORKSPACE,
+        h2d_gbps: cost.h2d_gbps,
+        slot_size,
+    };
+    // Plan before printing, so that an error is all a failed run prints.
+    let plan = plan(&request)?;
+    let total: usize = bytes.iter().sum();
+    println!(
+        "model        {name}: {} groups, {:.2} GB {dtype}",
+        bytes.len(),
+        total as f64 / 1e9
+    );
+    let figure = |v: Option<f64>| if v.is_some() { "stated" } else { "assumed" };
+    println!(
+        "card         host→device {} GB/s ({}), {} TFLOP/s ({}), device memory {} GB/s ({})",
+        cost.h2d_gbps,
+        figure(args.h2d_gbps),
+        cost.tflops,
+        figure(args.tflops),
+        cost.hbm_gbps,
+        figure(args.hbm_gbps),
+    );
+    if [args.h2d_gbps, args.tflops, args.hbm_gbps]
+        .iter()
+        .any(Option::is_none)
+    {
+        println!("             (assumed: a PCIe 4 x16 consumer card; state yours with --h2d-gbps, --tflops, --hbm-gbps)");
+    }
+    println!(
+        "pass         {} tokens × batch {} after {} positions",
+        args.tokens, args.batch, args.past
+    );
+    print!("{plan}");
+    let map: String = plan
+        .placement
+        .iter()
+        .map(|p| match p {
+            Placement::HostGather => 'e',
+            Placement::Resident => 'R',
+            Placement::Streamed(r) if r.len() > 1 => 'p',
+            Placement::Streamed(_) => 's',
+        })
+        .collect();
+    println!("map          {map}  (e: gathered on the host, R: resident, s: streamed, p: streamed in pieces)");
+    if plan.slots == 0 {
+        println!(
+            "             everything fits: {} of {} used",
+            human_bytes(plan.device_bytes()),
+            human_bytes(budget)
+        );
+    }
+    Ok(())
+}
+
+fn check_shape(args: &PlanArgs, config: &LlamaConfig) -> Result<()> {
+    if args.tokens == 0 {
+        return Err(Error::Flag {
+            flag: "--tokens",
+            message: "expected at least 1".into(),
+        });
+    }
+    if args.batch == 0 {
+        return Err(Error::Flag {
+            flag: "--batch",
+            message: "expected at least 1".into(),
+        });
+    }
+    if args.past + args.tokens > config.max_position_embeddings {
+        return Err(Error::Flag {
+            flag: "--tokens",
+            message: format!(
+                "--past {} + --tokens {} exceeds the model's max_position_embeddings {}",
+                args.past, args.tokens, config.max_position_embeddings
+            ),
+        });
+    }
+    Ok(())
+}
