@@ -444,7 +444,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             auto_slot_bytes(&sizes)
         }
     };
-    let minimum = fixed + 2 * slot_bytes;
+    // Two slots, unless everything resident takes less (then that is the minimum).
+    let minimum = (fixed + 2 * slot_bytes).min(fixed + all_bytes);
     if req.budget < minimum {
         return Err(Error::Flag {
             flag: "--vram",
