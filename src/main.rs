@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
@@ -65,6 +66,24 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().flush();
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ferry info | head` should end quietly when `head` closes the pipe, as Unix tools do,
+/// instead of panicking in `println!`: restore the default SIGPIPE action that Rust ignores.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn signal(signum: i32, handler: usize) -> usize;
+        }
+        const SIGPIPE: i32 = 13;
+        const SIG_DFL: usize = 0;
+        // SAFETY: signal(2) with SIG_DFL installs no Rust code as a handler; it only restores
+        // the default action, before any thread is started.
+        unsafe {
+            signal(SIGPIPE, SIG_DFL);
         }
     }
 }
