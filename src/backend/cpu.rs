@@ -312,11 +312,24 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn last_rows(&self, x: &CpuTensor, rows: usize) -> Result<CpuTensor> {
+    fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> Result<CpuTensor> {
         Ok(CpuTensor {
-            rows,
+            rows: len,
             cols: x.cols,
-            data: x.data[(x.rows - rows) * x.cols..].to_vec(),
+            data: x.data[start * x.cols..(start + len) * x.cols].to_vec(),
+        })
+    }
+
+    fn concat_rows(&self, parts: &[CpuTensor]) -> Result<CpuTensor> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(
+            parts.iter().all(|p| p.cols == cols),
+            "concat_rows: widths differ"
+        );
+        Ok(CpuTensor {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
         })
     }
 

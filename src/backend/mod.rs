@@ -131,8 +131,10 @@ pub trait Backend {
     fn silu_mul(&self, gate: &Self::Activation, up: &Self::Activation) -> Result<Self::Activation>;
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Activation, y: &Self::Activation) -> Result<()>;
-    /// The last `rows` rows of `x` (rows of interest for the head).
-    fn last_rows(&self, x: &Self::Activation, rows: usize) -> Result<Self::Activation>;
+    /// Rows `start..start+len` of `x`, copied.
+    fn rows(&self, x: &Self::Activation, start: usize, len: usize) -> Result<Self::Activation>;
+    /// `parts` stacked row-wise (they share a width).
+    fn concat_rows(&self, parts: &[Self::Activation]) -> Result<Self::Activation>;
     /// Copy to host f32, row-major.
     fn to_host(&self, x: &Self::Activation) -> Result<Vec<f32>>;
     /// The index of the largest value of each row of `x` `[rows, cols]` (the first one on

@@ -18,8 +18,18 @@ pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArg,
     /// The prompt. Read from standard input when omitted.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "prompts")]
     prompt: Option<String>,
+    /// Many prompts, one per line (in a .jsonl file: one JSON string or {"prompt": ...} per
+    /// line). They are generated together, --batch sequences per pass over the weights.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<std::path::PathBuf>,
+    /// Most sequences per pass with --prompts: one pass over the weights serves them all.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    batch: usize,
+    /// With --prompts: print one JSON object per prompt instead of text blocks.
+    #[arg(long, requires = "prompts")]
+    json: bool,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
@@ -63,9 +73,10 @@ pub struct RunArgs {
 
 pub fn run(mut args: RunArgs) -> Result<()> {
     check_sampling(&args)?;
-    let prompt = match args.prompt.take() {
-        Some(p) => p,
-        None => {
+    let prompts = match (args.prompt.take(), &args.prompts) {
+        (_, Some(file)) => read_prompts(file)?,
+        (Some(p), None) => vec![p],
+        (None, None) => {
             if std::io::stdin().is_terminal() {
                 eprintln!("(reading the prompt from standard input; end it with Ctrl-D)");
             }
@@ -73,14 +84,19 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             std::io::stdin()
                 .read_to_string(&mut s)
                 .map_err(|e| Error::io("<stdin>", e))?;
-            s
+            vec![s]
         }
     };
-
-    if prompt.trim().is_empty() {
+    if args.prompts.is_none() && prompts[0].trim().is_empty() {
         return Err(Error::Flag {
             flag: "--prompt",
             message: "the prompt is empty; give some text (or pipe it on standard input)".into(),
+        });
+    }
+    if args.batch == 0 {
+        return Err(Error::Flag {
+            flag: "--batch",
+            message: "expected at least 1 sequence per pass".into(),
         });
     }
 
@@ -94,9 +110,9 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         Some(gpu) => {
             gpu.prepare(ckpt.config.head_dim)?;
             let device = gpu.info().to_string();
-            generate_on(gpu, &device, &ckpt, args, prompt)
+            generate_on(gpu, &device, &ckpt, args, prompts)
         }
-        None => generate_on(Cpu, "cpu", &ckpt, args, prompt),
+        None => generate_on(Cpu, "cpu", &ckpt, args, prompts),
     }
 }
 
@@ -105,57 +121,135 @@ fn generate_on<B: Backend>(
     device: &str,
     ckpt: &Checkpoint,
     args: RunArgs,
-    prompt: String,
+    prompts: Vec<String>,
 ) -> Result<()> {
     let mut gen = Generator::new(ckpt, backend, args.context)?;
-    let ids = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(Message::new("system", system));
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let ids = if args.chat {
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(Message::new("system", system));
+                }
+                messages.push(Message::new("user", prompt));
+                gen.encode_chat(&messages)?
+            } else {
+                gen.encode(prompt)?
+            };
+            if ids.len() >= gen.context {
+                return Err(Error::PromptTooLong {
+                    tokens: ids.len(),
+                    context: gen.context,
+                });
+            }
+            Ok(Request {
+                prompt: ids,
+                max_tokens: args.max_tokens,
+                sampling: SamplingConfig {
+                    temperature: args.temperature,
+                    top_k: args.top_k,
+                    top_p: args.top_p,
+                    repetition_penalty: args.repetition_penalty,
+                    // Each prompt its own stream of random numbers.
+                    seed: args.seed.wrapping_add(i as u64),
+                },
+                stop_strings: args.stop.clone(),
+                ignore_eos: args.ignore_eos,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    if args.prompts.is_none() {
+        let request = &requests[0];
+        let mut stdout = std::io::stdout();
+        let out = gen.generate(request, &mut |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        println!();
+        if !args.quiet {
+            let n = out.tokens.len();
+            eprintln!(
+                "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}; on {device}]",
+                request.prompt.len(),
+                out.prompt_secs,
+                request.prompt.len() as f64 / out.prompt_secs.max(1e-9),
+                out.decode_secs,
+                n.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
+                out.finish,
+            );
         }
-        messages.push(Message::new("user", &prompt));
-        gen.encode_chat(&messages)?
-    } else {
-        gen.encode(&prompt)?
-    };
-    if ids.len() >= gen.context {
-        return Err(Error::PromptTooLong {
-            tokens: ids.len(),
-            context: gen.context,
-        });
+        return Ok(());
     }
-    let request = Request {
-        prompt: ids,
-        max_tokens: args.max_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
-        stop_strings: args.stop,
-        ignore_eos: args.ignore_eos,
-    };
-    let mut stdout = std::io::stdout();
-    let out = gen.generate(&request, &mut |piece| {
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
-    })?;
-    println!();
+
+    let (outputs, stats) = gen.generate_batch(&requests, args.batch, &mut |_, _| {})?;
+    for (i, (prompt, out)) in prompts.iter().zip(&outputs).enumerate() {
+        if args.json {
+            let line = serde_json::json!({
+                "index": i, "prompt": prompt, "text": out.text,
+                "tokens": out.tokens.len(), "finish": format!("{:?}", out.finish),
+            });
+            println!("{line}");
+        } else {
+            println!("--- {} ---\n{}", i + 1, out.text);
+        }
+    }
     if !args.quiet {
-        let n = out.tokens.len();
         eprintln!(
-            "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}; on {device}]",
-            request.prompt.len(),
-            out.prompt_secs,
-            request.prompt.len() as f64 / out.prompt_secs.max(1e-9),
-            out.decode_secs,
-            n.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
-            out.finish,
+            "[{} sequences, {} per pass: {} passes in {:.2} s; {} tokens in, {} generated ({:.1} tok/s); on {device}]",
+            requests.len(),
+            args.batch,
+            stats.passes,
+            stats.seconds,
+            stats.tokens_in,
+            stats.tokens_out,
+            stats.tokens_out as f64 / stats.seconds.max(1e-9),
         );
     }
     Ok(())
+}
+
+/// Prompts from `path`: one per non-empty line, or in a `.jsonl` file one JSON string or
+/// object with a "prompt" field per line.
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut prompts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !jsonl {
+            prompts.push(line.to_string());
+            continue;
+        }
+        let bad = |what: String| Error::Json {
+            path: path.to_path_buf(),
+            message: format!("line {}: {what}", n + 1),
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let prompt = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            v => v
+                .get("prompt")
+                .and_then(|p| p.as_str())
+                .ok_or_else(|| {
+                    bad("expected a JSON string or an object with a \"prompt\" string".into())
+                })?
+                .to_string(),
+        };
+        prompts.push(prompt);
+    }
+    if prompts.is_empty() {
+        return Err(Error::Flag {
+            flag: "--prompts",
+            message: format!("{} holds no prompts", path.display()),
+        });
+    }
+    Ok(prompts)
 }
 
 fn check_sampling(args: &RunArgs) -> Result<()> {

@@ -13,7 +13,7 @@ pub use sample::{argmax, Sampler, SamplingConfig};
 use crate::backend::{Backend, KvCache};
 use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Logits, ResidentWeights};
+use crate::model::{Llama, Logits, ResidentWeights, Segment};
 
 /// What to generate from one prompt.
 #[derive(Clone, Debug)]
@@ -174,6 +174,7 @@ impl<B: Backend> Generator<B> {
         )
     }
 
+    /// A cache for `positions` tokens (prompt + generated); at most the context.
     fn new_cache(&self, positions: usize) -> Result<B::KvCache> {
         if positions > self.context {
             return Err(Error::PromptTooLong {
@@ -183,96 +184,235 @@ impl<B: Backend> Generator<B> {
         }
         let c = &self.model.config;
         self.backend
-            .kv_cache(c.num_layers, self.model.attention_shape(), self.context)
+            .kv_cache(c.num_layers, self.model.attention_shape(), positions)
     }
 
     /// Generate from `req`, handing each new piece of text to `on_text` as soon as it is
     /// final (complete UTF-8, not part of a possible stop string).
     pub fn generate(&mut self, req: &Request, on_text: &mut dyn FnMut(&str)) -> Result<Output> {
-        if req.prompt.is_empty() {
+        let (mut outputs, _) =
+            self.generate_batch(std::slice::from_ref(req), 1, &mut |_, piece| on_text(piece))?;
+        Ok(outputs.pop().expect("one output per request"))
+    }
+
+    /// Generate from many requests, up to `batch` sequences per pass: one pass over the
+    /// weights serves every active sequence (prompts of newly admitted ones and the next
+    /// token of the others). A sequence that ends makes room for the next waiting one.
+    /// `on_text(i, piece)` receives request `i`'s text as it becomes final. Outputs come back
+    /// in request order.
+    pub fn generate_batch(
+        &mut self,
+        requests: &[Request],
+        batch: usize,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<(Vec<Output>, BatchStats)> {
+        if batch == 0 {
             return Err(Error::Flag {
-                flag: "--prompt",
-                message: "the prompt is empty; give some text".into(),
+                flag: "--batch",
+                message: "expected at least 1".into(),
             });
         }
-        let mut cache = self.new_cache(req.prompt.len())?;
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut seen = req.prompt.clone();
-        let mut tokens = Vec::new();
-        let mut printed = 0; // bytes of `text` handed out
-        let mut text = String::new();
-
-        // Greedy decoding picks the next token where the logits are (on the GPU: no copy).
-        let greedy = req.sampling.temperature <= 0.0 && req.sampling.repetition_penalty == 1.0;
-        let mut pick = |backend: &B, logits: &B::Activation, seen: &[u32]| -> Result<u32> {
-            Ok(if greedy {
-                backend.argmax_rows(logits)?[0]
-            } else {
-                sampler.next(&mut backend.to_host(logits)?, seen)
-            })
-        };
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt.is_empty() {
+                return Err(Error::Flag {
+                    flag: "--prompt",
+                    message: format!("prompt {} is empty; give some text", i + 1),
+                });
+            }
+            if r.prompt.len() >= self.context {
+                return Err(Error::PromptTooLong {
+                    tokens: r.prompt.len(),
+                    context: self.context,
+                });
+            }
+        }
         let start = Instant::now();
-        let logits = self.model.forward_logits(
-            &self.backend,
-            &mut self.weights,
-            &req.prompt,
-            &mut cache,
-            Logits::Last,
-        )?;
-        // Picking waits for the device, so the prompt pass is timed to its end.
-        let mut next = pick(&self.backend, &logits, &seen)?;
-        let prompt_secs = start.elapsed().as_secs_f64();
-        let decode_start = Instant::now();
+        let mut stats = BatchStats::default();
+        let mut outputs: Vec<Option<Output>> = vec![None; requests.len()];
+        let mut waiting = 0..requests.len();
+        let mut active: Vec<Sequence<B::KvCache>> = Vec::new();
+        loop {
+            while active.len() < batch {
+                let Some(index) = waiting.next() else { break };
+                let req = &requests[index];
+                if req.max_tokens == 0 {
+                    outputs[index] = Some(Output::empty(Finish::MaxTokens));
+                    continue;
+                }
+                let positions = (req.prompt.len() + req.max_tokens).min(self.context);
+                active.push(Sequence {
+                    index,
+                    cache: self.new_cache(positions)?,
+                    sampler: Sampler::new(req.sampling.clone()),
+                    pending: req.prompt.clone(),
+                    seen: req.prompt.clone(),
+                    tokens: Vec::new(),
+                    text: String::new(),
+                    printed: 0,
+                    admitted: start.elapsed().as_secs_f64(),
+                    first_token: 0.0,
+                });
+            }
+            if active.is_empty() {
+                break;
+            }
 
-        let finish = loop {
-            if tokens.len() >= req.max_tokens {
-                break Finish::MaxTokens;
-            }
-            tokens.push(next);
-            seen.push(next);
-            if !req.ignore_eos && self.defaults.eos_token_ids.contains(&next) {
-                break Finish::Eos;
-            }
-            text = self.decode(&tokens)?;
-            if let Some(at) = req
-                .stop_strings
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(at);
-                break Finish::StopString;
-            }
-            let ready = final_prefix(&text, &req.stop_strings);
-            if ready > printed {
-                on_text(&text[printed..ready]);
-                printed = ready;
-            }
-            if cache.len() >= self.context {
-                break Finish::Context;
-            }
-            let logits = self.model.forward_logits(
+            let mut segments: Vec<Segment<'_, B::KvCache>> = active
+                .iter_mut()
+                .map(|s| Segment {
+                    tokens: &s.pending,
+                    cache: &mut s.cache,
+                })
+                .collect();
+            let logits = self.model.forward_batch(
                 &self.backend,
                 &mut self.weights,
-                &[next],
-                &mut cache,
+                &mut segments,
                 Logits::Last,
             )?;
-            next = pick(&self.backend, &logits, &seen)?;
+            drop(segments);
+            stats.passes += 1;
+            stats.tokens_in += active.iter().map(|s| s.pending.len()).sum::<usize>();
+
+            // Greedy sequences pick where the logits are (on a GPU: no copy of the logits).
+            let greedy =
+                |r: &Request| r.sampling.temperature <= 0.0 && r.sampling.repetition_penalty == 1.0;
+            let greedy_rows = active.iter().filter(|s| greedy(&requests[s.index])).count();
+            let argmax = match greedy_rows {
+                0 => Vec::new(),
+                _ => self.backend.argmax_rows(&logits)?,
+            };
+            let host = match greedy_rows == active.len() {
+                true => Vec::new(),
+                false => self.backend.to_host(&logits)?,
+            };
+            let vocab = self.model.config.vocab_size;
+            let now = start.elapsed().as_secs_f64();
+
+            let mut still = Vec::with_capacity(active.len());
+            for (row, mut seq) in active.into_iter().enumerate() {
+                let req = &requests[seq.index];
+                let next = if greedy(req) {
+                    argmax[row]
+                } else {
+                    let mut l = host[row * vocab..(row + 1) * vocab].to_vec();
+                    seq.sampler.next(&mut l, &seq.seen)
+                };
+                if seq.tokens.is_empty() {
+                    seq.first_token = now;
+                }
+                stats.tokens_out += 1;
+                let index = seq.index;
+                match self.accept(&mut seq, req, next, &mut |p| on_text(index, p))? {
+                    Some(finish) => {
+                        outputs[seq.index] = Some(Output {
+                            tokens: std::mem::take(&mut seq.tokens),
+                            text: std::mem::take(&mut seq.text),
+                            finish,
+                            prompt_secs: seq.first_token - seq.admitted,
+                            decode_secs: now - seq.first_token,
+                        })
+                    }
+                    None => still.push(seq),
+                }
+            }
+            active = still;
+        }
+        stats.seconds = start.elapsed().as_secs_f64();
+        let outputs = outputs
+            .into_iter()
+            .map(|o| o.expect("every request ends"))
+            .collect();
+        Ok((outputs, stats))
+    }
+
+    /// Take `next` into `seq`: hand out final text, and say whether the sequence ends.
+    fn accept(
+        &self,
+        seq: &mut Sequence<B::KvCache>,
+        req: &Request,
+        next: u32,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<Finish>> {
+        seq.tokens.push(next);
+        seq.seen.push(next);
+        let eos = !req.ignore_eos && self.defaults.eos_token_ids.contains(&next);
+        let shown = if eos {
+            &seq.tokens[..seq.tokens.len() - 1]
+        } else {
+            &seq.tokens[..]
         };
-        if finish == Finish::Eos {
-            text = self.decode(&tokens)?;
+        seq.text = self.decode(shown)?;
+        let mut finish = if eos {
+            Some(Finish::Eos)
+        } else if seq.tokens.len() >= req.max_tokens {
+            Some(Finish::MaxTokens)
+        } else if seq.cache.len() >= seq.cache.capacity() {
+            Some(Finish::Context)
+        } else {
+            None
+        };
+        if let Some(at) = req
+            .stop_strings
+            .iter()
+            .filter_map(|s| seq.text.find(s.as_str()))
+            .min()
+        {
+            seq.text.truncate(at);
+            finish = Some(Finish::StopString);
         }
-        if text.len() > printed {
-            on_text(&text[printed..]);
+        let ready = match finish {
+            Some(_) => seq.text.len(),
+            None => final_prefix(&seq.text, &req.stop_strings),
+        };
+        if ready > seq.printed {
+            on_text(&seq.text[seq.printed..ready]);
+            seq.printed = ready;
         }
-        Ok(Output {
-            tokens,
-            text,
+        seq.pending = vec![next];
+        Ok(finish)
+    }
+}
+
+/// A sequence being generated.
+struct Sequence<C> {
+    /// Its request's index.
+    index: usize,
+    cache: C,
+    sampler: Sampler,
+    /// Tokens for the next pass: the prompt, then each new token.
+    pending: Vec<u32>,
+    /// Prompt and generated tokens (for the repetition penalty).
+    seen: Vec<u32>,
+    tokens: Vec<u32>,
+    text: String,
+    /// Bytes of `text` handed out.
+    printed: usize,
+    /// Seconds since the batch began: when it joined, when its first token came.
+    admitted: f64,
+    first_token: f64,
+}
+
+/// What a batched generation did.
+#[derive(Clone, Debug, Default)]
+pub struct BatchStats {
+    /// Passes over the weights.
+    pub passes: usize,
+    /// Tokens run through the model (prompts and fed-back tokens), and tokens generated.
+    pub tokens_in: usize,
+    pub tokens_out: usize,
+    pub seconds: f64,
+}
+
+impl Output {
+    fn empty(finish: Finish) -> Output {
+        Output {
+            tokens: Vec::new(),
+            text: String::new(),
             finish,
-            prompt_secs,
-            decode_secs: decode_start.elapsed().as_secs_f64(),
-        })
+            prompt_secs: 0.0,
+            decode_secs: 0.0,
+        }
     }
 }
 

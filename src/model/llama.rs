@@ -5,6 +5,12 @@ use super::{GroupKind, LlamaConfig, TensorSpec, WeightGroup, Weights};
 use crate::backend::{AttentionShape, Backend, KvCache};
 use crate::error::{Error, Result};
 
+/// One sequence's share of a pass: the tokens it adds and the cache they extend.
+pub struct Segment<'a, C> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut C,
+}
+
 /// Which positions' logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -87,28 +93,58 @@ impl Llama {
         cache: &mut B::KvCache,
         want: Logits,
     ) -> Result<B::Activation> {
+        self.forward_batch(backend, weights, &mut [Segment { tokens, cache }], want)
+    }
+
+    /// One pass for several sequences: each segment's new tokens go through every layer
+    /// together (one matrix product per weight for all of them), attention reads each
+    /// sequence's own cache. Returns logits `[rows, vocab]` on the backend: one row per
+    /// segment for [`Logits::Last`], every token's row in segment order for [`Logits::All`].
+    pub fn forward_batch<B: Backend>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        segments: &mut [Segment<'_, B::KvCache>],
+        want: Logits,
+    ) -> Result<B::Activation> {
         let c = &self.config;
-        let pos0 = cache.len();
-        if pos0 + tokens.len() > cache.capacity() {
-            return Err(Error::PromptTooLong {
-                tokens: pos0 + tokens.len(),
-                context: cache.capacity(),
-            });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::Tokenizer {
-                path: "input".into(),
-                message: format!(
-                    "token id {bad} is outside the vocabulary of {} ids",
-                    c.vocab_size
-                ),
-            });
+        for seg in segments.iter() {
+            let end = seg.cache.len() + seg.tokens.len();
+            if end > seg.cache.capacity() {
+                return Err(Error::PromptTooLong {
+                    tokens: end,
+                    context: seg.cache.capacity(),
+                });
+            }
+            if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::Tokenizer {
+                    path: "input".into(),
+                    message: format!(
+                        "token id {bad} is outside the vocabulary of {} ids",
+                        c.vocab_size
+                    ),
+                });
+            }
         }
         let eps = c.rms_norm_eps as f32;
         let shape = self.attention_shape();
+        // Each segment's first row in the stacked activations, and its first position.
+        let starts: Vec<usize> = segments
+            .iter()
+            .scan(0, |row, s| {
+                let start = *row;
+                *row += s.tokens.len();
+                Some(start)
+            })
+            .collect();
+        let positions: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
 
-        // [t, hidden]
-        let mut x = backend.embed(&weights.group(0)?[0], tokens)?;
+        // [t, hidden], t = all segments' tokens
+        let tokens: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut x = backend.embed(&weights.group(0)?[0], &tokens)?;
 
         for layer in 0..c.num_layers {
             let w = self.block_weights(weights.group(1 + layer)?);
@@ -123,8 +159,22 @@ impl Llama {
                 q = backend.rms_norm(&q, q_norm, eps)?;
                 k = backend.rms_norm(&k, k_norm, eps)?;
             }
-            backend.rope(&mut q, &mut k, pos0, &self.inv_freq, shape)?;
-            let a = backend.attention(&q, &k, &v, cache, layer, pos0, shape)?;
+            let a = if let [seg] = segments {
+                backend.rope(&mut q, &mut k, positions[0], &self.inv_freq, shape)?;
+                backend.attention(&q, &k, &v, seg.cache, layer, positions[0], shape)?
+            } else {
+                // Each sequence at its own positions, over its own cache.
+                let mut parts = Vec::with_capacity(segments.len());
+                for (i, seg) in segments.iter_mut().enumerate() {
+                    let (start, n, pos) = (starts[i], seg.tokens.len(), positions[i]);
+                    let mut qs = backend.rows(&q, start, n)?;
+                    let mut ks = backend.rows(&k, start, n)?;
+                    let vs = backend.rows(&v, start, n)?;
+                    backend.rope(&mut qs, &mut ks, pos, &self.inv_freq, shape)?;
+                    parts.push(backend.attention(&qs, &ks, &vs, seg.cache, layer, pos, shape)?);
+                }
+                backend.concat_rows(&parts)?
+            };
             backend.linear_add(&mut x, &a, w.o_proj, w.o_bias)?;
 
             // MLP: x = x + down(silu(gate(h)) * up(h)).
@@ -134,11 +184,23 @@ impl Llama {
             let m = backend.silu_mul(&gate, &up)?; // [t, ffn]
             backend.linear_add(&mut x, &m, w.down_proj, None)?;
         }
-        cache.advance(tokens.len());
+        for seg in segments.iter_mut() {
+            seg.cache.advance(seg.tokens.len());
+        }
 
         let x = match want {
-            Logits::Last => backend.last_rows(&x, 1)?,
             Logits::All => x,
+            Logits::Last => {
+                let last: Vec<_> = segments
+                    .iter()
+                    .zip(&starts)
+                    .map(|(s, &start)| backend.rows(&x, start + s.tokens.len() - 1, 1))
+                    .collect::<Result<_>>()?;
+                match last.len() {
+                    1 => last.into_iter().next().expect("one row"),
+                    _ => backend.concat_rows(&last)?,
+                }
+            }
         };
         let head = weights.group(1 + c.num_layers)?;
         let x = backend.rms_norm(&x, &head[0], eps)?;

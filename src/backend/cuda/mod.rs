@@ -821,12 +821,32 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn last_rows(&self, x: &CudaTensor, rows: usize) -> Result<CudaTensor> {
-        let mut out = self.tensor(rows, x.cols, "last rows")?;
-        let from = (x.rows - rows) * x.cols;
+    fn rows(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        assert!(start + len <= x.rows, "rows {start}+{len} of {}", x.rows);
+        let mut out = self.tensor(len, x.cols, "rows")?;
+        let span = start * x.cols..(start + len) * x.cols;
         self.stream
-            .memcpy_dtod(&x.buf.slice(from..x.rows * x.cols), &mut out.buf)
+            .memcpy_dtod(&x.buf.slice(span), &mut out.buf)
             .map_err(self.err("copying rows"))?;
+        Ok(out)
+    }
+
+    fn concat_rows(&self, parts: &[CudaTensor]) -> Result<CudaTensor> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(
+            parts.iter().all(|p| p.cols == cols),
+            "concat_rows: widths differ"
+        );
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.tensor(rows, cols, "concatenated rows")?;
+        let mut at = 0;
+        for p in parts {
+            let n = p.rows * cols;
+            self.stream
+                .memcpy_dtod(&p.buf.slice(0..n), &mut out.buf.slice_mut(at..at + n))
+                .map_err(self.err("copying rows"))?;
+            at += n;
+        }
         Ok(out)
     }
 

@@ -1,0 +1,207 @@
+//! Batched generation: many sequences per pass give exactly what one sequence at a time gives
+//! (on the CPU the arithmetic of each row does not depend on its neighbours), with sequences
+//! of different lengths that end at different times and make room for waiting ones.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixture, ARCHS};
+use ferry::backend::cpu::Cpu;
+use ferry::backend::Backend;
+use ferry::checkpoint::Checkpoint;
+use ferry::generate::{Finish, Generator, Request, SamplingConfig};
+use ferry::model::{Llama, Logits, ResidentWeights, Segment};
+
+fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampling,
+        stop_strings: vec![],
+        ignore_eos: false,
+    }
+}
+
+/// Prompts of different lengths, token budgets that end sequences at different passes, and
+/// one sampled sequence among greedy ones.
+fn requests(vocab: u32) -> Vec<Request> {
+    let ids = |n: u32, salt: u32| {
+        (0..n)
+            .map(|i| (i * 31 + salt * 7 + 3) % vocab)
+            .collect::<Vec<_>>()
+    };
+    let sampled = SamplingConfig {
+        temperature: 0.8,
+        top_p: Some(0.9),
+        seed: 11,
+        ..Default::default()
+    };
+    vec![
+        request(ids(5, 1), 12, SamplingConfig::default()),
+        request(ids(1, 2), 3, SamplingConfig::default()),
+        request(ids(9, 3), 7, sampled),
+        request(ids(3, 4), 10, SamplingConfig::default()),
+        request(ids(7, 5), 1, SamplingConfig::default()),
+        request(ids(2, 6), 0, SamplingConfig::default()),
+    ]
+}
+
+#[test]
+fn batches_equal_one_sequence_at_a_time() {
+    for arch in ARCHS {
+        let ckpt = Checkpoint::open(fixture(arch).to_str().unwrap()).unwrap();
+        let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
+        let reqs = requests(ckpt.config.vocab_size as u32);
+        let alone: Vec<_> = reqs
+            .iter()
+            .map(|r| gen.generate(r, &mut |_| {}).unwrap())
+            .collect();
+        for batch in [1, 2, 4, 16] {
+            let mut streamed = vec![String::new(); reqs.len()];
+            let (outs, stats) = gen
+                .generate_batch(&reqs, batch, &mut |i, piece| streamed[i].push_str(piece))
+                .unwrap();
+            for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
+                assert_eq!(a.tokens, b.tokens, "{arch}, batch {batch}, request {i}");
+                assert_eq!(a.finish, b.finish, "{arch}, batch {batch}, request {i}");
+                assert_eq!(a.text, b.text);
+                assert_eq!(streamed[i], b.text, "text handed out as it came adds up");
+            }
+            let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+            assert_eq!(stats.tokens_out, generated);
+            // The longest sequence needs 12 passes; batching all at once takes no more.
+            if batch >= reqs.len() {
+                assert_eq!(
+                    stats.passes, 12,
+                    "{arch}: passes with everything in one batch"
+                );
+            }
+            if batch == 1 {
+                assert_eq!(stats.passes, generated, "{arch}: one pass per token alone");
+            }
+        }
+        assert_eq!(alone[5].finish, Finish::MaxTokens);
+        assert!(alone[5].tokens.is_empty());
+    }
+}
+
+#[test]
+fn batched_logits_are_bit_identical_to_single_passes() {
+    let ckpt = Checkpoint::open(fixture("qwen3").to_str().unwrap()).unwrap();
+    let model = Llama::new(ckpt.config.clone());
+    let mut weights = ResidentWeights::load(&ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
+    let shape = model.attention_shape();
+    let layers = ckpt.config.num_layers;
+    let prompts: [&[u32]; 3] = [&[5, 9, 200, 17], &[3], &[44, 45, 46, 47, 48, 49, 50]];
+
+    let single: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = Cpu.kv_cache(layers, shape, 16).unwrap();
+            model
+                .forward(&Cpu, &mut weights, p, &mut cache, Logits::All)
+                .unwrap()
+        })
+        .collect();
+
+    let mut caches: Vec<_> = (0..3)
+        .map(|_| Cpu.kv_cache(layers, shape, 16).unwrap())
+        .collect();
+    let mut segments: Vec<Segment<'_, _>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| Segment { tokens, cache })
+        .collect();
+    let all = model
+        .forward_batch(&Cpu, &mut weights, &mut segments, Logits::All)
+        .unwrap();
+    assert_eq!(all.data, single.concat());
+
+    // A second pass, one token each, continues every sequence from its own cache.
+    let next: [&[u32]; 3] = [&[1], &[2], &[3]];
+    let mut segments: Vec<Segment<'_, _>> = next
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(tokens, cache)| Segment { tokens, cache })
+        .collect();
+    let last = model
+        .forward_batch(&Cpu, &mut weights, &mut segments, Logits::Last)
+        .unwrap();
+    let vocab = ckpt.config.vocab_size;
+    for (i, (p, n)) in prompts.iter().zip(next).enumerate() {
+        let mut cache = Cpu.kv_cache(layers, shape, 16).unwrap();
+        let whole: Vec<u32> = p.iter().chain(n).copied().collect();
+        let alone = model
+            .forward(&Cpu, &mut weights, &whole, &mut cache, Logits::Last)
+            .unwrap();
+        let row = &last.data[i * vocab..(i + 1) * vocab];
+        let err = common::rel_l2(row, &alone);
+        // Cached and uncached attention sum in the same order: equal to rounding.
+        assert!(err < 1e-6, "sequence {i}: {err:e}");
+    }
+}
+
+#[test]
+fn run_with_a_prompts_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.txt");
+    std::fs::write(&file, "hello there\n\nFlat is better than nested.\nabc\n").unwrap();
+    let model = fixture("llama");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-tokens",
+            "5",
+        ])
+        .args([
+            "--batch",
+            "2",
+            "--ignore-eos",
+            "--json",
+            "--prompts",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["prompt"], "Flat is better than nested.");
+    assert!(lines.iter().all(|l| l["tokens"] == 5));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("3 sequences, 2 per pass"), "{stderr}");
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "\"ok\"\n{\"text\": 1}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompts",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.jsonl") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+}
