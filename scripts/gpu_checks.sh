@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check, in one command, on a machine with an NVIDIA GPU and no Rust toolchain:
-#   1. the CUDA test suite (tests/cuda.rs) against the CPU reference;
+#   1. the CUDA test suites (tests/cuda.rs, tests/cuda_batch.rs) against the CPU reference;
 #   2. `ferry run --device cuda` on a fixture, and the one-line error for a missing device;
 #   3. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
 #      transformers bf16, then `ferry bench-cuda` and transformers eager timed on it.
@@ -22,6 +22,9 @@ if [ "${1:-}" = "--build" ]; then
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/ferry target/release/ferry
     strip -o .gpu/cuda-tests "$test_bin"
+    batch_bin=$(cargo test --release --test cuda_batch --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-batch-tests "$batch_bin"
     cp scripts/gpu_checks.sh bench/transformers_bench.py .gpu/
     pwd > .gpu/built_in  # the test binary finds fixtures under this path
     ls -la .gpu
@@ -45,6 +48,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gp
 
 step "CUDA test suite (tests/cuda.rs)"
 timeout 300 "$BIN/cuda-tests" --test-threads 1 2>&1 | tee "$OUT/tests.log" || status=1
+
+step "batched passes on the GPU (tests/cuda_batch.rs)"
+timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/batch_tests.log" || status=1
 
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
