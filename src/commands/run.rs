@@ -198,14 +198,16 @@ fn generate_on<B: Backend>(
     }
     if !args.quiet {
         eprintln!(
-            "[{} sequences, {} per pass: {} passes in {:.2} s; {} tokens in, {} generated ({:.1} tok/s); on {device}]",
+            "[{} sequences, {} per pass: {} passes in {:.2} s (first {:.3} s); {} tokens in, {} generated ({:.1} tok/s; {:.1} tok/s after the first pass); on {device}]",
             requests.len(),
             args.batch,
             stats.passes,
             stats.seconds,
+            stats.pass_secs.first().copied().unwrap_or(0.0),
             stats.tokens_in,
             stats.tokens_out,
             stats.tokens_out as f64 / stats.seconds.max(1e-9),
+            stats.decode_tok_s(),
         );
     }
     Ok(())

@@ -257,6 +257,7 @@ impl<B: Backend> Generator<B> {
                 break;
             }
 
+            let pass_start = Instant::now();
             let mut segments: Vec<Segment<'_, B::KvCache>> = active
                 .iter_mut()
                 .map(|s| Segment {
@@ -288,6 +289,8 @@ impl<B: Backend> Generator<B> {
             };
             let vocab = self.model.config.vocab_size;
             let now = start.elapsed().as_secs_f64();
+            stats.pass_secs.push(pass_start.elapsed().as_secs_f64());
+            stats.pass_sequences.push(active.len());
 
             let mut still = Vec::with_capacity(active.len());
             for (row, mut seq) in active.into_iter().enumerate() {
@@ -398,10 +401,22 @@ struct Sequence<C> {
 pub struct BatchStats {
     /// Passes over the weights.
     pub passes: usize,
+    /// Each pass: seconds from its start to its tokens being picked, and sequences in it.
+    pub pass_secs: Vec<f64>,
+    pub pass_sequences: Vec<usize>,
     /// Tokens run through the model (prompts and fed-back tokens), and tokens generated.
     pub tokens_in: usize,
     pub tokens_out: usize,
     pub seconds: f64,
+}
+
+impl BatchStats {
+    /// Tokens per second over the passes after the first (decoding, once the prompts are in).
+    pub fn decode_tok_s(&self) -> f64 {
+        let secs: f64 = self.pass_secs.iter().skip(1).sum();
+        let tokens: usize = self.pass_sequences.iter().skip(1).sum();
+        tokens as f64 / secs.max(1e-9)
+    }
 }
 
 impl Output {
