@@ -5,12 +5,14 @@
 //! - [`cost`]: bytes, FLOPs, KV cache and workspace of a Llama-family pass, for the planner.
 //! - [`budget`]: the accounting allocator every device allocation goes through.
 //! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
+//! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
 pub mod budget;
 pub mod cost;
 pub mod plan;
 pub mod schedule;
 mod size;
+pub mod timeline;
 
 pub use budget::{Allocation, BudgetAllocator, DeviceMemory, OverBudget, Purpose, Vram};
 pub use cost::{CostModel, PassShape};
