@@ -2,8 +2,11 @@
 # Every GPU check, in one command, on a machine with an NVIDIA GPU and no Rust toolchain:
 #   1. the CUDA test suites (tests/cuda.rs, tests/cuda_batch.rs) against the CPU reference;
 #   2. `ferry run --device cuda` on a fixture, and the one-line error for a missing device;
-#   3. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
-#      transformers bf16, then `ferry bench-cuda` and transformers eager timed on it.
+#   3. streaming (tests/cuda_stream.rs: streamed = resident bit for bit at several budgets);
+#   4. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
+#      transformers bf16, streamed bit-identity, `ferry bench-cuda --vram` over prompt lengths ×
+#      budgets (SKIP_RESIDENT_BENCH=1 stops there), then `ferry bench-cuda` and transformers
+#      eager timed on it.
 #
 # Binaries come prebuilt (the GPU machine has no cargo): build them with
 #   scripts/gpu_checks.sh --build      (puts stripped binaries in .gpu/)
@@ -25,6 +28,9 @@ if [ "${1:-}" = "--build" ]; then
     batch_bin=$(cargo test --release --test cuda_batch --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-batch-tests "$batch_bin"
+    stream_bin=$(cargo test --release --test cuda_stream --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-stream-tests "$stream_bin"
     cp scripts/gpu_checks.sh bench/transformers_bench.py .gpu/
     pwd > .gpu/built_in  # the test binary finds fixtures under this path
     ls -la .gpu
@@ -52,8 +58,12 @@ timeout 300 "$BIN/cuda-tests" --test-threads 1 2>&1 | tee "$OUT/tests.log" || st
 step "batched passes on the GPU (tests/cuda_batch.rs)"
 timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/batch_tests.log" || status=1
 
+step "streaming: streamed = resident bit for bit on every fixture, too-small budget (tests/cuda_stream.rs)"
+timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
+
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 40MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
 
@@ -61,6 +71,21 @@ if [ -z "${SKIP_7B:-}" ]; then
     SYNTH=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b
     step "synth qwen2.5-7b → $SYNTH"
     [ -f "$SYNTH/config.json" ] || timeout 300 "$BIN/ferry" synth --arch qwen2 --preset qwen2.5-7b --out "$SYNTH" 2>&1 | tail -3
+    step "streaming on the 7B-shaped model: bit-identity at several budgets"
+    FERRY_STREAM_7B="$SYNTH" timeout 300 "$BIN/cuda-stream-tests" qwen7b --nocapture 2>&1 | tee "$OUT/stream_7b.log" || status=1
+    step "streaming: 4096-token prompt pass at --vram 2.6GiB, then the grid (tokens × budgets)"
+    timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 \
+        --json "$OUT/stream_4096_2.6GiB.json" 2>&1 | tee "$OUT/stream_bench.log" || status=1
+    for tokens in ${STREAM_TOKENS:-512 4096 16384}; do
+        for vram in ${STREAM_BUDGETS:-2.6GiB 6GiB 12GiB}; do
+            echo "-- $tokens tokens, --vram $vram"
+            rm -f "$OUT/cell.json"
+            timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram "$vram" --prompt-tokens "$tokens" --runs 3 \
+                --json "$OUT/cell.json" 2>&1 | grep -E "^\| |error" | tee -a "$OUT/stream_grid.log"
+            [ -f "$OUT/cell.json" ] && cat "$OUT/cell.json" >> "$OUT/stream_grid.jsonl" && rm "$OUT/cell.json"
+        done
+    done
+    [ -n "${SKIP_RESIDENT_BENCH:-}" ] && { echo; echo "gpu_checks: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (resident bench skipped)"; exit $status; }
     step "ferry bench-cuda"
     timeout 300 "$BIN/ferry" bench-cuda --model "$SYNTH" --json "$OUT/ferry_bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
     step "ferry bench-cuda, decode through cuBLASLt instead of gemv (for comparison)"

@@ -333,6 +333,25 @@ impl Backend for Cpu {
         })
     }
 
+    fn concat_cols(&self, mut parts: Vec<CpuTensor>) -> Result<CpuTensor> {
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        let rows = parts.first().map_or(0, |p| p.rows);
+        assert!(
+            parts.iter().all(|p| p.rows == rows),
+            "concat_cols: row counts differ"
+        );
+        let cols = parts.iter().map(|p| p.cols).sum();
+        let mut data = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for p in &parts {
+                data.extend_from_slice(&p.data[r * p.cols..(r + 1) * p.cols]);
+            }
+        }
+        Ok(CpuTensor { rows, cols, data })
+    }
+
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
     }

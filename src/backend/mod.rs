@@ -135,6 +135,9 @@ pub trait Backend {
     fn rows(&self, x: &Self::Activation, start: usize, len: usize) -> Result<Self::Activation>;
     /// `parts` stacked row-wise (they share a width).
     fn concat_rows(&self, parts: &[Self::Activation]) -> Result<Self::Activation>;
+    /// `parts` side by side (they share a row count): the logits of a head computed in
+    /// blocks of vocabulary rows. One part is returned as it is.
+    fn concat_cols(&self, parts: Vec<Self::Activation>) -> Result<Self::Activation>;
     /// Copy to host f32, row-major.
     fn to_host(&self, x: &Self::Activation) -> Result<Vec<f32>>;
     /// The index of the largest value of each row of `x` `[rows, cols]` (the first one on

@@ -143,6 +143,11 @@ impl HostTensor {
         self.shape.iter().product()
     }
 
+    /// The host memory this tensor lies in (shared with the checkpoint's other tensors).
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
     /// The raw little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.storage.bytes()[self.offset..self.offset + self.len]

@@ -7,10 +7,13 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
+use ferry::backend::cuda::streaming::{stream_weights, PassStats, StreamedWeights};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, LlamaConfig, Logits, ResidentWeights};
+use ferry::stream::cost::workspace_bytes;
+use ferry::stream::{human_bytes, PassShape, Vram};
 use ferry::synth::{synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
@@ -40,6 +43,10 @@ pub struct BenchCudaArgs {
     /// Also write the JSON result to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// GPU memory budget (6GiB, 2.6GiB, auto): time the prompt pass with the weights that do
+    /// not fit streamed from host memory, with per-pass streaming stats (decode is not timed).
+    #[arg(long, value_name = "SIZE|auto")]
+    vram: Option<String>,
 }
 
 pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
@@ -59,6 +66,7 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
             message: "runs, prompt and decode tokens must be at least 1".into(),
         });
     }
+    let start = Instant::now();
     let t = Instant::now();
     let (ckpt, source) = match (&args.model, &args.preset) {
         (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
@@ -75,6 +83,10 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
     };
     let open_secs = t.elapsed().as_secs_f64();
 
+    if let Some(v) = &args.vram {
+        let vram = Vram::parse(v)?;
+        return bench_streamed(&args, ordinal, vram, &ckpt, &source, start, open_secs);
+    }
     let gpu = Cuda::new(ordinal)?;
     let c = ckpt.config.clone();
     let t = Instant::now();
@@ -226,6 +238,198 @@ fn prompt_flops(c: &LlamaConfig, t: usize) -> f64 {
     let seen = t * (t + 1.0) / 2.0; // keys summed over rows
     let attention = 4.0 * seen * q;
     c.num_layers as f64 * (linear + attention) + 2.0 * h * c.vocab_size as f64
+}
+
+/// `bench-cuda --vram`: prompt passes with weights streamed within the budget.
+fn bench_streamed(
+    args: &BenchCudaArgs,
+    ordinal: usize,
+    vram: Vram,
+    ckpt: &Checkpoint,
+    source: &str,
+    start: Instant,
+    open_secs: f64,
+) -> Result<()> {
+    let gpu = Cuda::with_vram(ordinal, Some(vram))?;
+    let c = ckpt.config.clone();
+    gpu.prepare(c.head_dim)?;
+    let model = Llama::new(c.clone());
+    let p = args.prompt_tokens;
+    let shape = PassShape {
+        tokens: p,
+        batch: 1,
+        past: 0,
+    };
+    let workspace = workspace_bytes(&c, shape);
+    let attn = model.attention_shape();
+    let vocab = c.vocab_size;
+    let ids = |seed: u64| -> Vec<u32> {
+        let mut s = seed;
+        (0..p)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab as u64) as u32
+            })
+            .collect()
+    };
+    let pass = |weights: &mut StreamedWeights, seed: u64| -> Result<(f64, PassStats)> {
+        let mut cache = gpu.kv_cache(c.num_layers, attn, p)?;
+        let tokens = ids(seed);
+        gpu.synchronize()?;
+        let t = Instant::now();
+        let logits = model.forward_logits(&gpu, weights, &tokens, &mut cache, Logits::Last)?;
+        gpu.argmax_rows(&logits)?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((secs, weights.pass_stats()?))
+    };
+
+    // First plan from the measured H2D bandwidth and assumed compute; a warm pass measures
+    // each group's compute, and the plan is made again from those (what is reported).
+    let t = Instant::now();
+    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, None)?;
+    let setup_secs = t.elapsed().as_secs_f64();
+    let start_to_first_pass = start.elapsed().as_secs_f64();
+    let (first_secs, first) = pass(&mut weights, 0)?;
+    // The first pass also builds cuBLASLt plans: measure compute on the second.
+    let (_, warm) = pass(&mut weights, 0)?;
+    let measured = warm.group_compute_ms.clone();
+    drop(weights);
+    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, Some(&measured))?;
+    let plan = weights.plan().clone();
+    eprintln!(
+        "[{}: {source}; host tier: {}; H2D {:.1} GB/s measured; start to first streamed pass {:.2} s (open {:.2} s, register + plan + upload {:.2} s); first pass {:.3} s]",
+        gpu.info(),
+        weights.host_mode(),
+        weights.h2d_gbps(),
+        start_to_first_pass,
+        open_secs,
+        setup_secs,
+        first_secs,
+    );
+    eprint!("{plan}");
+
+    let mut secs = Vec::new();
+    let mut stats = Vec::new();
+    for run in 0..=args.runs {
+        let (s, st) = pass(&mut weights, 1 + run as u64)?;
+        if run > 0 {
+            secs.push(s);
+            stats.push(st);
+        }
+    }
+    let mut sorted = secs.clone();
+    let pass_s = median(&mut sorted);
+    let mid = secs
+        .iter()
+        .position(|&s| s == sorted[sorted.len() / 2])
+        .unwrap_or(0);
+    let st = &stats[mid];
+    let predicted = plan.prediction;
+    let again = weights.predict_measured(&st.group_compute_ms);
+    let peak_device = stats.iter().map(|s| s.device_bytes).max().unwrap_or(0);
+    let rss = host_peak_rss();
+    let date = ferry::date::today_utc();
+    let card = gpu.info().to_string();
+    let budget = gpu.memory().budget();
+    println!();
+    println!(
+        "ferry bench-cuda --vram {} — {card}, {date}",
+        human_bytes(budget)
+    );
+    println!(
+        "model: {source} ({:.2} GB); {p}-token prompt pass; {} of {} groups resident, {} slots × {}",
+        ckpt.bytes() as f64 / 1e9,
+        plan.resident.len(),
+        plan.groups.len(),
+        plan.slots,
+        human_bytes(plan.slot_bytes)
+    );
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| pass, median of {} (host clock) | {:.4} s |",
+        args.runs, pass_s
+    );
+    println!("| pass on the device (events) | {:.1} ms |", st.pass_ms);
+    println!(
+        "| streamed | {:.2} GB at {:.1} GB/s (H2D measured {:.1} GB/s) |",
+        st.streamed_bytes as f64 / 1e9,
+        st.achieved_gbps,
+        weights.h2d_gbps()
+    );
+    println!(
+        "| compute / stall | {:.1} ms / {:.1} ms |",
+        st.compute_ms, st.stall_ms
+    );
+    println!(
+        "| bound max(compute, bytes/H2D) | {:.1} ms; overlap efficiency {:.3} |",
+        st.bound_ms, st.efficiency
+    );
+    println!(
+        "| planner's prediction | {:.1} ms ({:+.1} % vs measured); from this pass's compute: {:.1} ms |",
+        predicted.pass_ms,
+        100.0 * (predicted.pass_ms - st.pass_ms) / st.pass_ms,
+        again.pass_ms
+    );
+    println!(
+        "| device memory (driver) / budget | {} / {} (ledger peak {}) |",
+        human_bytes(peak_device),
+        human_bytes(budget),
+        human_bytes(gpu.memory().peak())
+    );
+    println!(
+        "| host peak RSS / model | {} / {} |",
+        human_bytes(rss),
+        human_bytes(ckpt.bytes())
+    );
+    println!("| start to first streamed pass | {start_to_first_pass:.2} s |");
+    let result = json!({
+        "card": card,
+        "date": date,
+        "model": source,
+        "weight_bytes": ckpt.bytes(),
+        "vram_budget_bytes": budget,
+        "host_mode": weights.host_mode().to_string(),
+        "prompt_tokens": p,
+        "runs": args.runs,
+        "pass_seconds_median": pass_s,
+        "pass_seconds_all": secs,
+        "stats_median_pass": st,
+        "stats_all": stats,
+        "h2d_gbps_measured": weights.h2d_gbps(),
+        "predicted_pass_ms": predicted.pass_ms,
+        "predicted_stall_ms": predicted.stall_ms,
+        "predicted_from_this_pass_ms": again.pass_ms,
+        "resident_groups": plan.resident.len(),
+        "slots": plan.slots,
+        "slot_bytes": plan.slot_bytes,
+        "peak_device_bytes_driver": peak_device,
+        "ledger_peak_bytes": gpu.memory().peak(),
+        "host_peak_rss_bytes": rss,
+        "start_to_first_pass_seconds": start_to_first_pass,
+        "first_pass_seconds": first_secs,
+        "first_pass_stats": first,
+    });
+    println!("JSON: {result}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, result.to_string() + "\n").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Peak resident set of this process (VmHWM), bytes; 0 where /proc is not there.
+fn host_peak_rss() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn median(xs: &mut [f64]) -> f64 {

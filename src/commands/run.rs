@@ -5,10 +5,16 @@ use std::io::{IsTerminal, Read, Write};
 use clap::Args;
 
 use ferry::backend::cpu::Cpu;
+use std::sync::{Arc, Mutex};
+
+use ferry::backend::cuda::streaming::{stream_weights, PassStats};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Message, Request, SamplingConfig};
+use ferry::model::{Llama, Weights};
+use ferry::stream::cost::workspace_bytes;
+use ferry::stream::{human_bytes, PassShape, Vram};
 use ferry::{Error, Result};
 
 use super::ModelArg;
@@ -69,6 +75,14 @@ pub struct RunArgs {
     /// Where to compute: auto (the GPU when one is usable, else the CPU), cpu, or cuda[:N].
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     device: Device,
+    /// GPU memory budget: a size (6GiB, 2.5GB) or auto (free memory minus 512 MiB). Weights
+    /// that do not fit stream from host memory during each pass. Default: all resident.
+    #[arg(long, value_name = "SIZE|auto")]
+    vram: Option<String>,
+    /// With --vram: print per-pass streaming stats (bytes streamed, GB/s, compute, stall,
+    /// overlap efficiency, device memory).
+    #[arg(long, requires = "vram")]
+    stats: bool,
 }
 
 pub fn run(mut args: RunArgs) -> Result<()> {
@@ -101,18 +115,105 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     }
 
     let ckpt = Checkpoint::open(&args.model.model)?;
+    let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
+    if vram.is_some() && args.device == Device::Cpu {
+        return Err(Error::Flag {
+            flag: "--vram",
+            message: "a GPU memory budget needs --device cuda (or auto with a GPU)".into(),
+        });
+    }
     let cuda = match args.device {
         Device::Cpu => None,
-        Device::Cuda(n) => Some(Cuda::new(n)?),
+        Device::Cuda(n) => Some(Cuda::with_vram(n, vram)?),
+        Device::Auto if vram.is_some() => Some(Cuda::with_vram(0, vram)?),
         Device::Auto => Cuda::new(0).ok(),
     };
     match cuda {
         Some(gpu) => {
             gpu.prepare(ckpt.config.head_dim)?;
             let device = gpu.info().to_string();
-            generate_on(gpu, &device, &ckpt, args, prompts)
+            if vram.is_none() {
+                return generate_on(gpu, &device, &ckpt, args, prompts, None);
+            }
+            let model = Llama::new(ckpt.config.clone());
+            // Plan for the longest pass: the context (4096 when not given) × the batch.
+            let tokens = args
+                .context
+                .unwrap_or(4096)
+                .min(ckpt.config.max_position_embeddings);
+            let batch = if args.prompts.is_some() {
+                args.batch
+            } else {
+                1
+            };
+            let shape = PassShape {
+                tokens,
+                batch,
+                past: 0,
+            };
+            let mut weights = stream_weights(
+                &gpu,
+                &ckpt,
+                &model,
+                shape,
+                workspace_bytes(&ckpt.config, shape),
+                None,
+            )?;
+            if !args.quiet {
+                eprintln!("[host tier: {}]", weights.host_mode());
+                eprint!("{}", weights.plan());
+            }
+            let log = Arc::new(Mutex::new(Vec::new()));
+            if args.stats {
+                weights.log_stats(log.clone());
+            }
+            let stats = args.stats;
+            generate_on(gpu, &device, &ckpt, args, prompts, Some(Box::new(weights)))?;
+            if stats {
+                print_stats(&log.lock().expect("stats log"));
+            }
+            Ok(())
         }
-        None => generate_on(Cpu, "cpu", &ckpt, args, prompts),
+        None => generate_on(Cpu, "cpu", &ckpt, args, prompts, None),
+    }
+}
+
+/// Per-pass streaming stats: the first pass (the prompt), then the mean of the others.
+fn print_stats(passes: &[PassStats]) {
+    let line = |what: &str, s: &PassStats| {
+        eprintln!(
+            "[{what}: {:.1} ms; streamed {:.2} GB at {:.1} GB/s; compute {:.1} ms, stall {:.1} ms; bound {:.1} ms, overlap efficiency {:.3}; device memory {} (driver), {} peak allocated]",
+            s.pass_ms,
+            s.streamed_bytes as f64 / 1e9,
+            s.achieved_gbps,
+            s.compute_ms,
+            s.stall_ms,
+            s.bound_ms,
+            s.efficiency,
+            human_bytes(s.device_bytes),
+            human_bytes(s.allocated_peak),
+        )
+    };
+    if let Some(first) = passes.first() {
+        line("pass 1", first);
+    }
+    if passes.len() > 1 {
+        let rest = &passes[1..];
+        let n = rest.len() as f64;
+        let mean = |f: fn(&PassStats) -> f64| rest.iter().map(f).sum::<f64>() / n;
+        let last = rest.last().expect("one pass at least");
+        let avg = PassStats {
+            pass_ms: mean(|s| s.pass_ms),
+            stall_ms: mean(|s| s.stall_ms),
+            compute_ms: mean(|s| s.compute_ms),
+            copy_ms: mean(|s| s.copy_ms),
+            achieved_gbps: mean(|s| s.achieved_gbps),
+            bound_ms: mean(|s| s.bound_ms),
+            efficiency: mean(|s| s.efficiency),
+            group_compute_ms: Vec::new(),
+            ..last.clone()
+        };
+        line(&format!("passes 2-{} (mean)", passes.len()), &avg);
     }
 }
 
@@ -122,8 +223,15 @@ fn generate_on<B: Backend>(
     ckpt: &Checkpoint,
     args: RunArgs,
     prompts: Vec<String>,
-) -> Result<()> {
-    let mut gen = Generator::new(ckpt, backend, args.context)?;
+    weights: Option<Box<dyn Weights<B::Weight>>>,
+) -> Result<()>
+where
+    B::Weight: 'static,
+{
+    let mut gen = match weights {
+        Some(w) => Generator::with_weights(ckpt, backend, w, args.context)?,
+        None => Generator::new(ckpt, backend, args.context)?,
+    };
     let requests = prompts
         .iter()
         .enumerate()

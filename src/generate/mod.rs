@@ -13,7 +13,7 @@ pub use sample::{argmax, Sampler, SamplingConfig};
 use crate::backend::{Backend, KvCache};
 use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Logits, ResidentWeights, Segment};
+use crate::model::{Llama, Logits, ResidentWeights, Segment, Weights};
 
 /// What to generate from one prompt.
 #[derive(Clone, Debug)]
@@ -55,7 +55,8 @@ pub struct Output {
 pub struct Generator<B: Backend> {
     pub model: Llama,
     backend: B,
-    weights: ResidentWeights<B::Weight>,
+    /// Resident, or streamed by the engine (`--vram`).
+    weights: Box<dyn Weights<B::Weight>>,
     /// None where the checkpoint has none (synthetic benchmarks feed token ids).
     tokenizer: Option<Tokenizer>,
     pub defaults: GenerationDefaults,
@@ -67,9 +68,23 @@ pub struct Generator<B: Backend> {
 
 impl<B: Backend> Generator<B> {
     /// Load `ckpt` onto `backend`. `context` defaults to the model's max_position_embeddings.
-    pub fn new(ckpt: &Checkpoint, backend: B, context: Option<usize>) -> Result<Self> {
+    pub fn new(ckpt: &Checkpoint, backend: B, context: Option<usize>) -> Result<Self>
+    where
+        B::Weight: 'static,
+    {
         let model = Llama::new(ckpt.config.clone());
         let weights = ResidentWeights::load(ckpt, model.groups(), |t| backend.weight(t))?;
+        Self::with_weights(ckpt, backend, Box::new(weights), context)
+    }
+
+    /// Like [`new`](Self::new), with weights made by the caller (the streaming engine).
+    pub fn with_weights(
+        ckpt: &Checkpoint,
+        backend: B,
+        weights: Box<dyn Weights<B::Weight>>,
+        context: Option<usize>,
+    ) -> Result<Self> {
+        let model = Llama::new(ckpt.config.clone());
         let max = ckpt.config.max_position_embeddings;
         let context = match context {
             Some(0) => {

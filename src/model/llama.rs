@@ -176,6 +176,7 @@ impl Llama {
                 backend.concat_rows(&parts)?
             };
             backend.linear_add(&mut x, &a, w.o_proj, w.o_bias)?;
+            drop((h, q, k, v, a)); // free before the MLP's larger activations
 
             // MLP: x = x + down(silu(gate(h)) * up(h)).
             let h = backend.rms_norm(&x, w.post_attention_layernorm, eps)?;
@@ -202,9 +203,23 @@ impl Llama {
                 }
             }
         };
-        let head = weights.group(1 + c.num_layers)?;
-        let x = backend.rms_norm(&x, &head[0], eps)?;
-        backend.linear(&x, &head[1], None) // [rows, vocab]
+        // The head: final norm, then logits [rows, vocab] by blocks of vocabulary rows when
+        // the head comes in parts (the norm is in the first).
+        let head = 1 + c.num_layers;
+        let mut normed = None;
+        let mut blocks = Vec::new();
+        for part in 0..weights.parts(head)? {
+            let w = weights.part(head, part)?;
+            if let Some(norm) = w[0] {
+                normed = Some(backend.rms_norm(&x, norm, eps)?);
+            }
+            if let (Some(normed), Some(lm_head)) = (&normed, w[1]) {
+                blocks.push(backend.linear(normed, lm_head, None)?); // [rows, block rows]
+            }
+        }
+        let logits = backend.concat_cols(blocks)?;
+        weights.finish_pass()?;
+        Ok(logits)
     }
 
     /// Name the weights of a block group, in the order `weight_groups` listed them.

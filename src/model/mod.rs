@@ -60,6 +60,43 @@ impl WeightGroup {
 pub trait Weights<W> {
     /// The weights of group `index`, in the order of its `tensors`.
     fn group(&mut self, index: usize) -> Result<&[W]>;
+
+    /// In how many parts group `index` comes when it is too large to be on the device at
+    /// once (the head of a large vocabulary streamed in pieces). Each part is a block of rows
+    /// of the group's last tensor, in order; 1 when the group comes whole.
+    fn parts(&mut self, index: usize) -> Result<usize> {
+        let _ = index;
+        Ok(1)
+    }
+
+    /// Part `part` of group `index` (see [`parts`](Self::parts)), in the order of its
+    /// `tensors`: `None` for a tensor that lies in another part; the last tensor is the block
+    /// of its rows in this part. Ask for the parts in order.
+    fn part(&mut self, index: usize, part: usize) -> Result<Vec<Option<&W>>> {
+        debug_assert_eq!(part, 0, "a whole group has one part");
+        Ok(self.group(index)?.iter().map(Some).collect())
+    }
+
+    /// The pass has queued all its work on these weights (the streaming engine frees the last
+    /// slot for the next pass's prefetch).
+    fn finish_pass(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<W, T: Weights<W> + ?Sized> Weights<W> for Box<T> {
+    fn group(&mut self, index: usize) -> Result<&[W]> {
+        (**self).group(index)
+    }
+    fn parts(&mut self, index: usize) -> Result<usize> {
+        (**self).parts(index)
+    }
+    fn part(&mut self, index: usize, part: usize) -> Result<Vec<Option<&W>>> {
+        (**self).part(index, part)
+    }
+    fn finish_pass(&mut self) -> Result<()> {
+        (**self).finish_pass()
+    }
 }
 
 /// Every group made ready up front.

@@ -166,6 +166,13 @@ impl<M: DeviceMemory> BudgetAllocator<M> {
         self.ledger.lock().expect("ledger lock").peak
     }
 
+    /// A handle that reads this allocator's in-use and peak bytes from elsewhere.
+    pub fn tracker(&self) -> BudgetTracker {
+        BudgetTracker {
+            ledger: self.ledger.clone(),
+        }
+    }
+
     /// Live allocations by purpose, bytes summed (e.g. all slots under their own entries).
     pub fn breakdown(&self) -> Vec<(Purpose, usize)> {
         let l = self.ledger.lock().expect("ledger lock");
@@ -174,6 +181,19 @@ impl<M: DeviceMemory> BudgetAllocator<M> {
             *by.entry(p.clone()).or_default() += b;
         }
         by.into_iter().collect()
+    }
+}
+
+/// Reads an allocator's ledger (see [`BudgetAllocator::tracker`]).
+#[derive(Clone)]
+pub struct BudgetTracker {
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl BudgetTracker {
+    /// Most bytes ever allocated at once.
+    pub fn peak(&self) -> usize {
+        self.ledger.lock().expect("ledger lock").peak
     }
 }
 

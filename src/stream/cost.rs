@@ -133,9 +133,12 @@ pub fn kv_cache_bytes(config: &LlamaConfig, positions: usize, batch: usize) -> u
     config.num_layers * 2 * config.num_kv_heads * config.head_dim * positions * batch * 2
 }
 
-/// Activation memory of one pass, bytes, assuming an f32 residual stream, bf16 everything
-/// else, attention computed in tiles (no `[heads, tokens, positions]` score matrix) and f32
-/// logits for the last position of each sequence.
+/// Activation memory of one pass on the CUDA backend, bytes (bf16 activations; attention in
+/// tiles, no `[heads, tokens, positions]` score matrix). The largest of: the attention half of
+/// a block (residual, normed input, q, k, v, attention output), the MLP half (residual,
+/// normed input, gate, up, their product), plus the last position's logits of each sequence
+/// (in vocabulary blocks and concatenated, when the head streams in pieces) and 1 MiB for
+/// token ids, attention partials and the like.
 pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
     let c = config;
     let rows = shape.rows();
@@ -145,12 +148,17 @@ pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
-    let residual = rows * h * 4;
-    let normed = rows * h * 2;
-    let qkv = rows * (q + 2 * kv) * 2;
-    let attention_out = rows * q * 2;
-    let gate_up = rows * 2 * ffn * 2;
-    let mlp_out = rows * h * 2;
-    let logits = shape.batch * c.vocab_size * 4;
-    residual + normed + qkv + attention_out + gate_up + mlp_out + logits
+    let attention = rows * (2 * h + 2 * q + 2 * kv) * 2;
+    let mlp = rows * (2 * h + 3 * ffn) * 2;
+    let logits = shape.batch * c.vocab_size * 2 * 2;
+    attention.max(mlp) + logits + (1 << 20)
+}
+
+/// [`workspace_bytes`] when every position's logits are wanted (`Logits::All`: tests,
+/// scoring): the head's `[rows, vocab]` blocks and their concatenation, next to the residual
+/// and its norm.
+pub fn workspace_bytes_all_logits(config: &LlamaConfig, shape: PassShape) -> usize {
+    let rows = shape.rows();
+    let head = rows * (2 * config.hidden_size + 2 * config.vocab_size) * 2;
+    workspace_bytes(config, shape).max(head + (1 << 20))
 }

@@ -9,6 +9,7 @@
 mod compile;
 mod gemm;
 pub mod loader;
+pub mod streaming;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -17,8 +18,8 @@ use std::sync::Arc;
 
 use cudarc::driver::sys as cu;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -26,8 +27,55 @@ use half::bf16;
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::HostTensor;
 use crate::error::{Error, Result};
+use crate::stream::{Allocation, BudgetAllocator, DeviceMemory, Purpose, Vram};
 
 pub use compile::nvrtc_version;
+
+/// Device memory counted against the budget until dropped.
+type DevBuf = Allocation<CudaSlice<u8>>;
+
+/// Raw device memory for the [`BudgetAllocator`]: stream-ordered `cuMemAllocAsync` from the
+/// device's pool (freed memory stays pooled, see `keep_freed_memory_pooled`).
+pub struct CudaMemory {
+    stream: Arc<CudaStream>,
+    device: String,
+}
+
+impl DeviceMemory for CudaMemory {
+    type Buffer = CudaSlice<u8>;
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: every user writes the buffer (kernel, copy or GEMM) before reading it.
+        unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+            if e.0 == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::Device(format!(
+                    "out of memory on {}: allocating {:.1} MiB (a smaller --vram, --context or model needs less)",
+                    self.device,
+                    bytes as f64 / (1u64 << 20) as f64
+                ))
+            } else {
+                Error::Device(format!("{}: allocating device memory: {}", self.device, driver_msg(e)))
+            }
+        })
+    }
+}
+
+/// The device address of a buffer (event tracking is off: the address is all we need).
+trait DevAddr {
+    fn addr(&self, stream: &CudaStream) -> u64;
+}
+
+impl<T> DevAddr for CudaSlice<T> {
+    fn addr(&self, stream: &CudaStream) -> u64 {
+        let (p, _sync) = self.device_ptr(stream);
+        p
+    }
+}
+
+impl DevAddr for DevBuf {
+    fn addr(&self, stream: &CudaStream) -> u64 {
+        (**self).addr(stream)
+    }
+}
 
 /// What the backend runs on.
 #[derive(Clone, Debug)]
@@ -60,16 +108,50 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// A weight `[rows, cols]` on the device, bf16 (a vector is one row).
+/// A weight `[rows, cols]`, bf16 (a vector is one row): on the device (owned, or a view into
+/// a streaming slot), or on the host (an embedding table gathered row by row).
 pub struct CudaWeight {
-    buf: CudaSlice<bf16>,
+    /// Device address of element [0, 0]; 0 for a host weight.
+    ptr: u64,
     rows: usize,
     cols: usize,
+    storage: WeightStorage,
+}
+
+enum WeightStorage {
+    /// Its own device memory.
+    Device(#[allow(dead_code)] DevBuf),
+    /// Rows of a streaming slot, owned by the streamer. The streamer hands out such views only
+    /// between the compute stream's wait for the slot's copy and its release, and keeps the
+    /// slot allocated for as long as it lives.
+    Slot,
+    /// Host memory, for `embed` only (`Placement::HostGather`).
+    Host(HostTensor),
+}
+
+impl CudaWeight {
+    /// The device address, or an error for a host-gathered table used as a matrix.
+    fn dev(&self) -> Result<u64> {
+        match self.storage {
+            WeightStorage::Host(ref t) => Err(Error::Device(format!(
+                "{} is gathered on the host; only the embedding can be",
+                t.name
+            ))),
+            _ => Ok(self.ptr),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
 }
 
 /// An activation `[rows, cols]` on the device, bf16 row-major.
 pub struct CudaTensor {
-    buf: CudaSlice<bf16>,
+    buf: DevBuf,
     rows: usize,
     cols: usize,
 }
@@ -86,8 +168,8 @@ impl CudaTensor {
 /// Keys and values of every layer on the device: `[capacity, kv_heads*head_dim]` bf16 each,
 /// allocated in full up front.
 pub struct CudaKvCache {
-    k: Vec<CudaSlice<bf16>>,
-    v: Vec<CudaSlice<bf16>>,
+    k: Vec<DevBuf>,
+    v: Vec<DevBuf>,
     len: usize,
     capacity: usize,
 }
@@ -113,14 +195,21 @@ pub struct Cuda {
     target: compile::Target,
     gemm: gemm::Gemm,
     /// cuBLASLt scratch, [`gemm::WORKSPACE_BYTES`].
-    workspace: CudaSlice<u8>,
+    workspace: DevBuf,
+    /// Every device allocation goes through this: the `--vram` budget as a hard cap.
+    memory: BudgetAllocator<CudaMemory>,
+    /// Whether a budget was given (else the cap is the device).
+    budgeted: bool,
+    /// Device memory in use (total − free) when the context was made, before ferry allocated
+    /// anything: subtracted from what the driver reports.
+    baseline_used: usize,
     modules: RefCell<HashMap<(&'static str, usize), Arc<CudaModule>>>,
     functions: RefCell<HashMap<(&'static str, usize), CudaFunction>>,
     /// Single-token products through cuBLASLt instead of `gemv` (FERRY_CUDA_NO_GEMV=1, for
     /// comparing the two).
     no_gemv: bool,
     /// The RoPE frequencies last used, and their device copy.
-    inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
     // Dropped last: everything above lives in this context and is freed on this stream.
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -131,12 +220,18 @@ impl Cuda {
     /// there: libraries missing (saying where they were looked for), no device, a device
     /// index that does not exist, or a card too old for bf16 tensor cores.
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        Self::with_vram(ordinal, None)
+    }
+
+    /// [`new`](Self::new) with a VRAM budget (`--vram`): every device allocation counts
+    /// against it and none may take the total past it.
+    pub fn with_vram(ordinal: usize, vram: Option<Vram>) -> Result<Cuda> {
         let libraries =
             loader::load().map_err(|e| Error::Device(format!("no usable CUDA device: {e}")))?;
         // cudarc panics where the driver lacks a function it binds (a driver older than its
         // bindings); none may reach the user as a panic.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::open(ordinal, libraries)
+            Self::open(ordinal, libraries, vram)
         })) {
             Ok(r) => r,
             Err(panic) => {
@@ -150,7 +245,7 @@ impl Cuda {
         }
     }
 
-    fn open(ordinal: usize, libraries: &'static loader::Found) -> Result<Cuda> {
+    fn open(ordinal: usize, libraries: &'static loader::Found, vram: Option<Vram>) -> Result<Cuda> {
         let nodev = |what: &str, e: DriverError| {
             Error::Device(format!("no usable CUDA device: {what}: {}", driver_msg(e)))
         };
@@ -211,10 +306,23 @@ impl Cuda {
             libraries,
         };
         let gemm = gemm::Gemm::new().map_err(|e| Error::Device(format!("{info}: {e}")))?;
-        // SAFETY: scratch memory; cuBLASLt writes before it reads.
-        let workspace = unsafe { stream.alloc::<u8>(gemm::WORKSPACE_BYTES) }
-            .map_err(|e| oom(&info, e, gemm::WORKSPACE_BYTES, "cuBLASLt workspace"))?;
+        let (free, total) = ctx.mem_get_info().map_err(|e| nodev("cuMemGetInfo", e))?;
+        let budget = match vram {
+            Some(v) => v.resolve(Some(free))?,
+            None => free,
+        };
+        let memory = BudgetAllocator::new(
+            CudaMemory {
+                stream: stream.clone(),
+                device: info.to_string(),
+            },
+            budget,
+        );
+        let workspace = memory.alloc(Purpose::CublasWorkspace, gemm::WORKSPACE_BYTES)?;
         Ok(Cuda {
+            memory,
+            budgeted: vram.is_some(),
+            baseline_used: total - free,
             target: compile::Target {
                 arch: compute_capability,
                 driver_version,
@@ -269,20 +377,78 @@ impl Cuda {
             .map_err(self.err("cuMemGetInfo"))
     }
 
+    /// The accounting allocator (budget, bytes in use, peak, breakdown).
+    pub fn memory(&self) -> &BudgetAllocator<CudaMemory> {
+        &self.memory
+    }
+
+    /// Whether `--vram` set the budget.
+    pub fn budgeted(&self) -> bool {
+        self.budgeted
+    }
+
+    /// Device memory ferry holds now as the driver sees it (cuMemGetInfo: used now − used
+    /// when the context was made). Freed memory stays in the pool, so this is also the peak
+    /// so far.
+    pub fn device_used(&self) -> Result<usize> {
+        let (free, total) = self.ctx.mem_get_info().map_err(self.err("cuMemGetInfo"))?;
+        Ok((total - free).saturating_sub(self.baseline_used))
+    }
+
     fn err(&self, what: &'static str) -> impl Fn(DriverError) -> Error + '_ {
         move |e| Error::Device(format!("{}: {what}: {}", self.info, driver_msg(e)))
     }
 
-    /// `len` elements of uninitialized device memory for `what`.
-    fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller writes the buffer (kernel, copy or GEMM) before reading it.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| oom(&self.info, e, len * std::mem::size_of::<T>(), what))
+    /// `bytes` of uninitialized device memory for `purpose`, within the budget. Every caller
+    /// writes the buffer (kernel, copy or GEMM) before reading it.
+    fn alloc(&self, bytes: usize, purpose: Purpose) -> Result<DevBuf> {
+        if !self.budgeted && bytes > self.memory.budget() - self.memory.in_use() {
+            // No --vram: the cap is the device's free memory, and running out is the device's.
+            return Err(Error::Device(format!(
+                "out of memory on {}: allocating {:.1} MiB for {purpose} (a smaller --context or model needs less)",
+                self.info,
+                bytes as f64 / (1u64 << 20) as f64
+            )));
+        }
+        self.memory.alloc(purpose, bytes)
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        let (p, _sync) = s.device_ptr(&self.stream);
-        p
+    /// `data` copied to new device memory for `purpose`.
+    fn upload<T: bytemuck::Pod>(&self, data: &[T], purpose: Purpose) -> Result<DevBuf> {
+        let buf = self.alloc(std::mem::size_of_val(data), purpose)?;
+        // SAFETY: the buffer holds `data`'s bytes; a copy from pageable memory has read the
+        // source when it returns, so `data` may go.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(self.ptr(&buf), data, self.stream.cu_stream())
+        }
+        .map_err(self.err("copying to the device"))?;
+        Ok(buf)
+    }
+
+    /// Copy `bytes` from device address `src` to `dst` on the compute stream.
+    fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the callers pass addresses of live buffers with `bytes` in range.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        }
+        .map_err(self.err("copying on the device"))
+    }
+
+    /// `n` values of type `T` at device address `src`, read back (waits for the stream).
+    fn download<T: bytemuck::Pod>(&self, src: u64, n: usize) -> Result<Vec<T>> {
+        let mut host = vec![T::zeroed(); n];
+        // SAFETY: `src` holds n values of T; the host buffer outlives the copy, which the
+        // synchronize below waits for.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut host, src, self.stream.cu_stream())
+        }
+        .map_err(self.err("copying to the host"))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn ptr(&self, s: &impl DevAddr) -> u64 {
+        s.addr(&self.stream)
     }
 
     /// Kernel `name` of family `src`, built for `head_dim` (0: not a parameter).
@@ -337,9 +503,9 @@ impl Cuda {
         (n.div_ceil(256).max(1) as u64).min(self.info.multiprocessors as u64 * 16) as u32
     }
 
-    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor {
-            buf: self.alloc(rows * cols, what)?,
+            buf: self.alloc(rows * cols * 2, Purpose::Workspace)?,
             rows,
             cols,
         })
@@ -406,10 +572,7 @@ impl Cuda {
             .as_ref()
             .is_none_or(|(host, _)| host.as_slice() != inv_freq)
         {
-            let dev = self
-                .stream
-                .clone_htod(inv_freq)
-                .map_err(|e| oom(&self.info, e, inv_freq.len() * 4, "RoPE frequencies"))?;
+            let dev = self.upload(inv_freq, Purpose::Other("RoPE frequencies".into()))?;
             *cached = Some((inv_freq.to_vec(), dev));
         }
         Ok(self.ptr(&cached.as_ref().expect("just filled").1))
@@ -453,17 +616,6 @@ fn driver_msg(e: DriverError) -> String {
     }
 }
 
-fn oom(info: &DeviceInfo, e: DriverError, bytes: usize, what: &str) -> Error {
-    if e.0 == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::Device(format!(
-            "out of memory on {info}: allocating {:.1} MiB for {what} (a smaller --context or model needs less)",
-            bytes as f64 / (1u64 << 20) as f64
-        ))
-    } else {
-        Error::Device(format!("{info}: allocating {what}: {}", driver_msg(e)))
-    }
-}
-
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
@@ -487,11 +639,13 @@ impl Backend for Cuda {
             Some(b) => Cow::Borrowed(b),
             None => Cow::Owned(t.to_f32().into_iter().map(bf16::from_f32).collect()),
         };
-        let mut buf = self.alloc(host.len(), &t.name)?;
-        self.stream
-            .memcpy_htod(host.as_ref(), &mut buf)
-            .map_err(self.err("uploading a weight"))?;
-        Ok(CudaWeight { buf, rows, cols })
+        let buf = self.upload(host.as_ref(), Purpose::Resident(t.name.clone()))?;
+        Ok(CudaWeight {
+            ptr: self.ptr(&buf),
+            rows,
+            cols,
+            storage: WeightStorage::Device(buf),
+        })
     }
 
     fn kv_cache(
@@ -505,8 +659,8 @@ impl Backend for Cuda {
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
             // Positions are written (by `attention`) before they are read.
-            k.push(self.alloc(capacity * width, "the KV cache")?);
-            v.push(self.alloc(capacity * width, "the KV cache")?);
+            k.push(self.alloc(capacity * width * 2, Purpose::KvCache)?);
+            v.push(self.alloc(capacity * width * 2, Purpose::KvCache)?);
         }
         Ok(CudaKvCache {
             k,
@@ -529,14 +683,39 @@ impl Backend for Cuda {
                 table.cols
             )));
         }
-        let out = self.tensor(ids.len(), table.cols, "embeddings")?;
-        let ids_dev = self
-            .stream
-            .clone_htod(ids)
-            .map_err(|e| oom(&self.info, e, ids.len() * 4, "token ids"))?;
+        if let WeightStorage::Host(host) = &table.storage {
+            // Gathered on the host: only the rows of these tokens go to the device.
+            let row_bytes = table.cols * host.dtype.size();
+            let mut rows: Vec<bf16> = Vec::with_capacity(ids.len() * table.cols);
+            for &id in ids {
+                let row = &host.bytes()[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+                match host.dtype {
+                    crate::checkpoint::DType::BF16 => rows.extend(
+                        row.chunks_exact(2)
+                            .map(|c| bf16::from_le_bytes([c[0], c[1]])),
+                    ),
+                    crate::checkpoint::DType::F32 => rows.extend(
+                        row.chunks_exact(4)
+                            .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                    ),
+                    crate::checkpoint::DType::F16 => {
+                        rows.extend(row.chunks_exact(2).map(|c| {
+                            bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        }))
+                    }
+                }
+            }
+            return Ok(CudaTensor {
+                buf: self.upload(&rows, Purpose::Workspace)?,
+                rows: ids.len(),
+                cols: table.cols,
+            });
+        }
+        let out = self.tensor(ids.len(), table.cols)?;
+        let ids_dev = self.upload(ids, Purpose::Workspace)?;
         let f = self.function(&compile::EMBED, "embed", 0)?;
         let (tp, ip, op, hidden) = (
-            self.ptr(&table.buf),
+            table.dev()?,
             self.ptr(&ids_dev),
             self.ptr(&out.buf),
             table.cols as u32,
@@ -556,15 +735,10 @@ impl Backend for Cuda {
                 x.cols
             )));
         }
-        let out = self.tensor(x.rows, x.cols, "rms_norm output")?;
+        let out = self.tensor(x.rows, x.cols)?;
         let segments = (x.rows * x.cols / width) as u32;
         let f = self.function(&compile::NORM, "rms_norm", 0)?;
-        let (xp, wp, op, width) = (
-            self.ptr(&x.buf),
-            self.ptr(&w.buf),
-            self.ptr(&out.buf),
-            width as u32,
-        );
+        let (xp, wp, op, width) = (self.ptr(&x.buf), w.dev()?, self.ptr(&out.buf), width as u32);
         let mut b = self.stream.launch_builder(&f);
         b.arg(&xp)
             .arg(&wp)
@@ -585,14 +759,14 @@ impl Backend for Cuda {
         bias: Option<&CudaWeight>,
     ) -> Result<CudaTensor> {
         let shape = Self::linear_shape(x, w, bias)?;
-        let out = self.tensor(x.rows, w.rows, "linear output")?;
+        let out = self.tensor(x.rows, w.rows)?;
         self.gemm(
             shape,
             gemm::Operands {
                 y: self.ptr(&out.buf),
                 x: self.ptr(&x.buf),
-                w: self.ptr(&w.buf),
-                bias: bias.map(|b| self.ptr(&b.buf)),
+                w: w.dev()?,
+                bias: bias.map(CudaWeight::dev).transpose()?,
             },
         )?;
         Ok(out)
@@ -618,8 +792,8 @@ impl Backend for Cuda {
             gemm::Operands {
                 y: self.ptr(&x.buf),
                 x: self.ptr(&h.buf),
-                w: self.ptr(&w.buf),
-                bias: bias.map(|b| self.ptr(&b.buf)),
+                w: w.dev()?,
+                bias: bias.map(CudaWeight::dev).transpose()?,
             },
         )
     }
@@ -692,15 +866,19 @@ impl Backend for Cuda {
             )));
         }
         // Append this pass's keys and values at positions pos0..pos0+t.
-        let span = pos0 * kv_width..(pos0 + t) * kv_width;
-        self.stream
-            .memcpy_dtod(&k.buf, &mut cache.k[layer].slice_mut(span.clone()))
-            .map_err(self.err("writing the KV cache"))?;
-        self.stream
-            .memcpy_dtod(&v.buf, &mut cache.v[layer].slice_mut(span))
-            .map_err(self.err("writing the KV cache"))?;
+        let (at, bytes) = (pos0 * kv_width * 2, t * kv_width * 2);
+        self.copy_dtod(
+            self.ptr(&cache.k[layer]) + at as u64,
+            self.ptr(&k.buf),
+            bytes,
+        )?;
+        self.copy_dtod(
+            self.ptr(&cache.v[layer]) + at as u64,
+            self.ptr(&v.buf),
+            bytes,
+        )?;
 
-        let out = self.tensor(t, heads * hd, "attention output")?;
+        let out = self.tensor(t, heads * hd)?;
         let (qp, kp, vp, op) = (
             self.ptr(&q.buf),
             self.ptr(&cache.k[layer]),
@@ -739,12 +917,14 @@ impl Backend for Cuda {
             .clamp(1, 1024);
         let chunk = n_keys.div_ceil(splits) as u32;
         let parts = t * heads * splits;
-        let part_o: CudaSlice<f32> = self.alloc(
-            if splits > 1 { parts * hd } else { 1 },
-            "attention partials",
+        let part_o = self.alloc(
+            if splits > 1 { parts * hd * 4 } else { 4 },
+            Purpose::Workspace,
         )?;
-        let part_ml: CudaSlice<f32> =
-            self.alloc(if splits > 1 { parts * 2 } else { 1 }, "attention partials")?;
+        let part_ml = self.alloc(
+            if splits > 1 { parts * 2 * 4 } else { 4 },
+            Purpose::Workspace,
+        )?;
         let (pop, pmp) = (self.ptr(&part_o), self.ptr(&part_ml));
         let f = self.function(&compile::ATTENTION_DECODE, "attn_decode", hd)?;
         let mut b = self.stream.launch_builder(&f);
@@ -781,7 +961,7 @@ impl Backend for Cuda {
                 "silu_mul: gate and up differ in shape".into(),
             ));
         }
-        let out = self.tensor(gate.rows, gate.cols, "MLP activations")?;
+        let out = self.tensor(gate.rows, gate.cols)?;
         let n = gate.rows * gate.cols;
         let (name, items) = if n % 8 == 0 {
             ("silu_mul_x8", n / 8)
@@ -823,11 +1003,9 @@ impl Backend for Cuda {
 
     fn rows(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
         assert!(start + len <= x.rows, "rows {start}+{len} of {}", x.rows);
-        let mut out = self.tensor(len, x.cols, "rows")?;
-        let span = start * x.cols..(start + len) * x.cols;
-        self.stream
-            .memcpy_dtod(&x.buf.slice(span), &mut out.buf)
-            .map_err(self.err("copying rows"))?;
+        let out = self.tensor(len, x.cols)?;
+        let src = self.ptr(&x.buf) + (start * x.cols * 2) as u64;
+        self.copy_dtod(self.ptr(&out.buf), src, len * x.cols * 2)?;
         Ok(out)
     }
 
@@ -838,30 +1016,63 @@ impl Backend for Cuda {
             "concat_rows: widths differ"
         );
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = self.tensor(rows, cols, "concatenated rows")?;
+        let out = self.tensor(rows, cols)?;
         let mut at = 0;
         for p in parts {
-            let n = p.rows * cols;
-            self.stream
-                .memcpy_dtod(&p.buf.slice(0..n), &mut out.buf.slice_mut(at..at + n))
-                .map_err(self.err("copying rows"))?;
+            let n = p.rows * cols * 2;
+            self.copy_dtod(self.ptr(&out.buf) + at as u64, self.ptr(&p.buf), n)?;
             at += n;
         }
         Ok(out)
     }
 
+    fn concat_cols(&self, mut parts: Vec<CudaTensor>) -> Result<CudaTensor> {
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        let rows = parts.first().map_or(0, |p| p.rows);
+        assert!(
+            parts.iter().all(|p| p.rows == rows),
+            "concat_cols: row counts differ"
+        );
+        let cols = parts.iter().map(|p| p.cols).sum();
+        let out = self.tensor(rows, cols)?;
+        let mut at = 0; // bytes into each output row
+        for p in &parts {
+            let copy = cu::CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: self.ptr(&p.buf),
+                srcArray: std::ptr::null_mut(),
+                srcPitch: p.cols * 2,
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: self.ptr(&out.buf) + at as u64,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: cols * 2,
+                WidthInBytes: p.cols * 2,
+                Height: rows,
+            };
+            // SAFETY: both buffers live; rows × width lie inside each (shapes checked above).
+            unsafe { cu::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+                .result()
+                .map_err(self.err("copying logits blocks"))?;
+            at += p.cols * 2;
+        }
+        Ok(out)
+    }
+
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        let n = x.rows * x.cols;
-        let host: Vec<bf16> = self
-            .stream
-            .clone_dtoh(&x.buf.slice(0..n))
-            .map_err(self.err("copying to the host"))?;
-        self.synchronize()?;
+        let host: Vec<bf16> = self.download(self.ptr(&x.buf), x.rows * x.cols)?;
         Ok(host.into_iter().map(bf16::to_f32).collect())
     }
 
     fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
-        let out: CudaSlice<u32> = self.alloc(x.rows, "argmax")?;
+        let out = self.alloc(x.rows * 4, Purpose::Workspace)?;
         let f = self.function(&compile::ARGMAX, "argmax_rows", 0)?;
         let (xp, op, cols) = (self.ptr(&x.buf), self.ptr(&out), x.cols as u32);
         let mut b = self.stream.launch_builder(&f);
@@ -869,12 +1080,7 @@ impl Backend for Cuda {
         // SAFETY: arguments match `argmax_rows`; out holds one index per row.
         unsafe { b.launch(cfg((x.rows as u32, 1, 1), 1024, 0)) }
             .map_err(self.err("argmax_rows"))?;
-        let host = self
-            .stream
-            .clone_dtoh(&out)
-            .map_err(self.err("copying to the host"))?;
-        self.synchronize()?;
-        Ok(host)
+        self.download(self.ptr(&out), x.rows)
     }
 
     fn cols(&self, x: &CudaTensor) -> usize {

@@ -1,0 +1,219 @@
+//! Streaming on the GPU (`--vram`): logits and greedy tokens of streamed runs at several
+//! budgets are bit-identical to a fully resident run, the budget is never exceeded (ledger
+//! and driver), and a budget below the minimum is refused with the minimum. Without a usable
+//! GPU each test prints "SKIPPED: no usable CUDA device: <why>" and passes.
+//!
+//! `FERRY_STREAM_7B=1` adds a Qwen2.5-7B-shaped model made in memory (15 GB of host RAM), or
+//! `FERRY_STREAM_7B=DIR` one written by `ferry synth --preset qwen2.5-7b`.
+
+mod common;
+
+use std::io::Write;
+
+use common::{fixture, ARCHS};
+use ferry::backend::cuda::streaming::{stream_weights, StreamedWeights};
+use ferry::backend::cuda::Cuda;
+use ferry::backend::{Backend, KvCache};
+use ferry::checkpoint::{Checkpoint, DType};
+use ferry::model::{Llama, Logits, ResidentWeights, Weights};
+use ferry::stream::cost::{kv_cache_bytes, workspace_bytes_all_logits, CUBLAS_WORKSPACE};
+use ferry::stream::{PassShape, Placement, Vram};
+use ferry::synth::{synthetic_checkpoint, Preset};
+
+fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
+    match Cuda::with_vram(0, vram.map(Vram::Bytes)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let e = e.to_string();
+            if !e.starts_with("no usable CUDA device") {
+                panic!("{test}: {e}");
+            }
+            let why = e.trim_start_matches("no usable CUDA device: ");
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: SKIPPED: no usable CUDA device: {why}"
+            );
+            None
+        }
+    }
+}
+
+fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Logits of every position of the prompt, then `decode` greedy tokens with each step's
+/// logits: everything a run produces, to compare bit for bit.
+fn run(
+    gpu: &Cuda,
+    model: &Llama,
+    weights: &mut impl Weights<ferry::backend::cuda::CudaWeight>,
+    prompt: &[u32],
+    decode: usize,
+    all: bool,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let c = &model.config;
+    let mut cache = gpu
+        .kv_cache(c.num_layers, model.attention_shape(), prompt.len() + decode)
+        .expect("kv cache");
+    let want = if all { Logits::All } else { Logits::Last };
+    let first = model
+        .forward(gpu, weights, prompt, &mut cache, want)
+        .expect("prompt pass");
+    let mut logits = vec![first];
+    let mut tokens = Vec::new();
+    for _ in 0..decode {
+        let last = logits.last().expect("logits");
+        let row = &last[last.len() - c.vocab_size..];
+        let next = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
+        tokens.push(next);
+        if cache.len() == cache.capacity() {
+            break;
+        }
+        logits.push(
+            model
+                .forward(gpu, weights, &[next], &mut cache, Logits::Last)
+                .expect("decode pass"),
+        );
+    }
+    (tokens, logits)
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<u32> {
+    v.iter().flatten().map(|x| x.to_bits()).collect()
+}
+
+/// Resident, then streamed at budgets from the least that plans up to everything resident:
+/// identical tokens and logits, budgets respected.
+fn check_budgets(
+    test: &str,
+    ckpt: &Checkpoint,
+    prompt_len: usize,
+    decode: usize,
+    all: bool,
+) -> bool {
+    let c = &ckpt.config;
+    let model = Llama::new(c.clone());
+    let prompt = ids(prompt_len, c.vocab_size, 7);
+    let Some(resident_gpu) = gpu(test, None) else {
+        return false;
+    };
+    resident_gpu.prepare(c.head_dim).expect("kernels");
+    let mut resident =
+        ResidentWeights::load(ckpt, model.groups(), |t| resident_gpu.weight(t)).expect("upload");
+    let (want_tokens, want_logits) =
+        run(&resident_gpu, &model, &mut resident, &prompt, decode, all);
+    drop(resident);
+    drop(resident_gpu);
+
+    let shape = PassShape {
+        tokens: prompt_len + decode,
+        batch: 1,
+        past: 0,
+    };
+    let workspace = workspace_bytes_all_logits(c, shape);
+    // The planner's budget is this minus the cuBLAS workspace and its reserve (96 MiB).
+    let weights: usize = ckpt.bytes();
+    let fixed =
+        CUBLAS_WORKSPACE + (96 << 20) + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+    let mut streamed_some = false;
+    for fraction in [0.2, 0.35, 0.5, 0.65, 0.8, 1.5] {
+        let budget = fixed + (weights as f64 * fraction) as usize;
+        let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
+        gpu.prepare(c.head_dim).expect("kernels");
+        let mut w: StreamedWeights =
+            match stream_weights(&gpu, ckpt, &model, shape, workspace, None) {
+                Ok(w) => w,
+                Err(e) if e.to_string().contains("below the minimum") => continue,
+                Err(e) => panic!("{test}: budget {budget}: {e}"),
+            };
+        let plan = w.plan().clone();
+        let head_pieces = match &plan.placement[plan.placement.len() - 1] {
+            Placement::Streamed(r) => r.len(),
+            _ => 0,
+        };
+        streamed_some |= plan.slots > 0;
+        let (tokens, logits) = run(&gpu, &model, &mut w, &prompt, decode, all);
+        let stats = w.pass_stats().expect("stats");
+        eprintln!(
+            "{test}: budget {budget} B: {} of {} groups resident, {} slots, head in {head_pieces} pieces; ledger peak {} B, driver {} B",
+            plan.resident.len(),
+            plan.groups.len(),
+            plan.slots,
+            gpu.memory().peak(),
+            stats.device_bytes
+        );
+        assert_eq!(
+            tokens, want_tokens,
+            "{test}: greedy tokens at budget {budget}"
+        );
+        assert!(
+            bits(&logits) == bits(&want_logits),
+            "{test}: logits differ from the resident run at budget {budget} ({} resident groups, {} slots)",
+            plan.resident.len(),
+            plan.slots
+        );
+        assert!(gpu.memory().peak() <= budget, "{test}: ledger over budget");
+        drop(w);
+    }
+    assert!(streamed_some, "{test}: no budget streamed anything");
+    true
+}
+
+#[test]
+fn streamed_fixtures_are_bit_identical_to_resident() {
+    for arch in ARCHS {
+        let ckpt = Checkpoint::open(fixture(arch).to_str().expect("utf-8 path")).expect("fixture");
+        if !check_budgets(&format!("fixture {arch}"), &ckpt, 24, 6, true) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_too_small_budget_states_the_minimum() {
+    let ckpt = Checkpoint::open(fixture("qwen2").to_str().expect("utf-8 path")).expect("fixture");
+    let Some(gpu) = gpu(
+        "a_too_small_budget_states_the_minimum",
+        Some(CUBLAS_WORKSPACE + (5 << 20)),
+    ) else {
+        return;
+    };
+    let model = Llama::new(ckpt.config.clone());
+    let shape = PassShape {
+        tokens: 4096,
+        batch: 1,
+        past: 0,
+    };
+    let e = stream_weights(&gpu, &ckpt, &model, shape, 64 << 20, None)
+        .err()
+        .expect("a 37 MiB budget for a 4096-token pass is too small")
+        .to_string();
+    assert!(
+        e.contains("--vram") && e.contains("below the minimum"),
+        "{e}"
+    );
+}
+
+#[test]
+fn qwen7b_shaped_streamed_is_bit_identical() {
+    let Some(source) = std::env::var_os("FERRY_STREAM_7B") else {
+        eprintln!("qwen7b_shaped_streamed_is_bit_identical: SKIPPED: set FERRY_STREAM_7B=1 (made in memory, 15 GB of RAM) or to a `ferry synth --preset qwen2.5-7b` directory");
+        return;
+    };
+    let ckpt = if source == "1" {
+        let preset = Preset::by_name("qwen2.5-7b").expect("preset");
+        synthetic_checkpoint(&preset, 0, DType::BF16).expect("synthetic model")
+    } else {
+        Checkpoint::open(source.to_str().expect("utf-8 path")).expect("checkpoint")
+    };
+    check_budgets("qwen2.5-7b-shaped", &ckpt, 64, 4, false);
+}
