@@ -81,8 +81,10 @@ pub struct HostTier {
     groups: Vec<Vec<TensorSrc>>,
     /// Storages read in place, kept alive for the raw addresses above.
     _storages: Vec<Arc<Storage>>,
-    /// Tensors that were not bf16, converted.
-    _arena: Vec<bf16>,
+    /// Tensors that were not bf16, converted: an anonymous mapping, so that registering its
+    /// pages pins no one else's memory (a heap buffer's rounded-out pages would, and a later
+    /// copy from a buffer half inside a registered range fails with CUDA_ERROR_INVALID_VALUE).
+    _arena: Option<memmap2::MmapMut>,
     /// Page-aligned starts of the registered ranges (unregistered on drop).
     registered: Vec<usize>,
     pub mode: HostMode,
@@ -114,7 +116,16 @@ impl HostTier {
                 }
             }
         }
-        let mut arena: Vec<bf16> = Vec::with_capacity(arena_len);
+        let mut arena = match arena_len {
+            0 => None,
+            n => Some(memmap2::MmapMut::map_anon(n * 2).map_err(|e| {
+                Error::Device(format!(
+                    "mapping {} bytes for converted weights: {e}",
+                    n * 2
+                ))
+            })?),
+        };
+        let mut arena_used = 0; // elements
         let mut placed: Vec<(String, usize)> = Vec::new(); // name → element offset in arena
         let mut storages: Vec<Arc<Storage>> = Vec::new();
         for g in model.groups() {
@@ -122,9 +133,14 @@ impl HostTier {
                 let t = ckpt.tensor(&spec.name)?;
                 if convert(t) {
                     if !placed.iter().any(|(n, _)| *n == t.name) {
-                        placed.push((t.name.clone(), arena.len()));
-                        arena.extend(t.to_f32().into_iter().map(bf16::from_f32));
-                        arena.resize(arena.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN, bf16::ZERO);
+                        let words: &mut [bf16] =
+                            bytemuck::cast_slice_mut(arena.as_mut().expect("sized above"));
+                        let values = t.to_f32();
+                        for (w, v) in words[arena_used..].iter_mut().zip(&values) {
+                            *w = bf16::from_f32(*v);
+                        }
+                        placed.push((t.name.clone(), arena_used));
+                        arena_used += values.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
                     }
                 } else if !storages.iter().any(|s| Arc::ptr_eq(s, t.storage())) {
                     storages.push(t.storage().clone());
@@ -141,7 +157,10 @@ impl HostTier {
                         let t = ckpt.tensor(&spec.name)?;
                         let cols = *t.shape.last().unwrap_or(&1);
                         let addr = match placed.iter().find(|(n, _)| *n == t.name) {
-                            Some(&(_, at)) => arena[at..].as_ptr() as usize,
+                            Some(&(_, at)) => {
+                                arena.as_ref().expect("placed in the arena").as_ptr() as usize
+                                    + at * 2
+                            }
                             None => t.bytes().as_ptr() as usize,
                         };
                         Ok(TensorSrc {
@@ -167,8 +186,8 @@ impl HostTier {
                 (b.as_ptr() as usize, b.len(), flags)
             })
             .collect();
-        if !arena.is_empty() {
-            ranges.push((arena.as_ptr() as usize, arena.len() * 2, 0));
+        if let Some(a) = &arena {
+            ranges.push((a.as_ptr() as usize, a.len(), 0));
         }
         let mut registered = Vec::new();
         let mut total = 0;
