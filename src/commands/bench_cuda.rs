@@ -13,6 +13,7 @@ use ferry::backend::{Backend, Device, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, LlamaConfig, Logits, ResidentWeights};
 use ferry::stream::cost::workspace_bytes;
+use ferry::stream::timeline::{write_svg, PassInfo};
 use ferry::stream::{human_bytes, PassShape, Vram};
 use ferry::synth::{synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
@@ -47,6 +48,10 @@ pub struct BenchCudaArgs {
     /// not fit streamed from host memory, with per-pass streaming stats (decode is not timed).
     #[arg(long, value_name = "SIZE|auto")]
     vram: Option<String>,
+    /// With --vram: draw one streamed pass (copy and compute of each weight group on two
+    /// lanes) as an SVG picture in this file.
+    #[arg(long, value_name = "FILE.svg", requires = "vram")]
+    timeline: Option<std::path::PathBuf>,
 }
 
 pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
@@ -385,6 +390,31 @@ fn bench_streamed(
         human_bytes(ckpt.bytes())
     );
     println!("| start to first streamed pass | {start_to_first_pass:.2} s |");
+    if let Some(path) = &args.timeline {
+        // One more pass, drawn.
+        let (_, drawn) = pass(&mut weights, 99)?;
+        let events = weights.pass_timeline()?;
+        let info = PassInfo {
+            model: format!("{source} ({:.2} GB)", ckpt.bytes() as f64 / 1e9),
+            vram_budget: budget,
+            tokens: p,
+            card: card.clone(),
+            date: date.clone(),
+            pass_ms: drawn.pass_ms,
+            bound_ms: drawn.bound_ms,
+            bound: if drawn.bound_ms > drawn.compute_ms {
+                format!(
+                    "PCIe: {:.2} GB at {:.1} GB/s",
+                    drawn.streamed_bytes as f64 / 1e9,
+                    drawn.streamed_bytes as f64 / (drawn.bound_ms * 1e6)
+                )
+            } else {
+                "compute".into()
+            },
+        };
+        write_svg(path, &events, &info)?;
+        eprintln!("[timeline of one pass written to {}]", path.display());
+    }
     let result = json!({
         "card": card,
         "date": date,

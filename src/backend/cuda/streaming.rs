@@ -24,6 +24,7 @@ use crate::stream::plan::{
     simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
 };
 use crate::stream::schedule::{CopyEngine, Streamer};
+use crate::stream::timeline::{Lane, TimelineEvent};
 use crate::stream::Purpose;
 
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
@@ -440,6 +441,11 @@ impl CudaCopyEngine {
         out
     }
 
+    /// The begin and end events of copy number `n` of piece `k` (in the plan's pieces).
+    fn copy_events(&self, n: u64, k: usize) -> &(CudaEvent, CudaEvent) {
+        &self.copy_times[(n % 2) as usize][k]
+    }
+
     /// (copy time ms, bytes) of copy number `n` of every piece (all complete by now).
     fn copy_ms(&self, n: u64) -> Result<f64> {
         let mut ms = 0.0;
@@ -696,6 +702,63 @@ impl StreamedWeights {
         self.record(&self.unit_events[u].1)?;
         self.cursor += 1;
         Ok(unit)
+    }
+
+    /// The copy and compute intervals of the pass that just finished, ms from its start, for
+    /// a timeline picture (waits for the pass to end). Copies that start before 0 were
+    /// queued during the pass before (prefetch). Call after a pass, before the next begins.
+    pub fn pass_timeline(&self) -> Result<Vec<TimelineEvent>> {
+        let err = |e| CudaCopyEngine::err(e, "reading pass timings");
+        self.pass_end.synchronize().map_err(err)?;
+        let first = &self.unit_events[0].0;
+        let since = |e: &CudaEvent| -> Result<f64> {
+            // cuEventElapsedTime is signed: a prefetch copy may begin before the pass.
+            Ok(first.elapsed_ms(e).map_err(err)? as f64)
+        };
+        let label = |unit: &Unit| match *unit {
+            Unit::Group(g) => self.plan.groups[g].label.clone(),
+            Unit::Piece(k) => {
+                let p = &self.plan.pieces[k];
+                match &self.plan.placement[p.group] {
+                    Placement::Streamed(r) if r.len() > 1 => {
+                        format!(
+                            "{} {}/{}",
+                            self.plan.groups[p.group].label,
+                            p.index + 1,
+                            r.len()
+                        )
+                    }
+                    _ => self.plan.groups[p.group].label.clone(),
+                }
+            }
+        };
+        let n = self.units.len();
+        let mut events = Vec::with_capacity(2 * n);
+        let pass = self.passes.saturating_sub(1);
+        for (u, unit) in self.units.iter().enumerate() {
+            let (_, after) = &self.unit_events[u];
+            let end = if u + 1 < n {
+                &self.unit_events[u + 1].0
+            } else {
+                &self.pass_end
+            };
+            if let Unit::Piece(k) = *unit {
+                let (b, e) = self.streamer.engine().copy_events(pass, k);
+                events.push(TimelineEvent {
+                    group: label(unit),
+                    lane: Lane::Copy,
+                    start_ms: since(b)?,
+                    end_ms: since(e)?,
+                });
+            }
+            events.push(TimelineEvent {
+                group: label(unit),
+                lane: Lane::Compute,
+                start_ms: since(after)?,
+                end_ms: since(end)?,
+            });
+        }
+        Ok(events)
     }
 
     /// Stats of the pass that just finished (waits for it to end on the device). Call after
