@@ -63,7 +63,7 @@ timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$O
 
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
-"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 40MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 160MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
 

@@ -347,10 +347,11 @@ pub fn plan_request(
         budget: gpu
             .memory
             .budget()
-            .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE))
-            .saturating_sub(RESERVE),
+            .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE)),
         kv_cache: crate::stream::cost::kv_cache_bytes(c, shape.past + shape.tokens, shape.batch),
-        workspace,
+        // The reserve counts as workspace, so that a too-small budget's error states a
+        // minimum that includes it.
+        workspace: workspace + RESERVE,
         cublas_workspace: CUBLAS_WORKSPACE,
         h2d_gbps: cost.h2d_gbps,
         slot_size: SlotSize::Auto,
