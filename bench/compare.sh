@@ -54,8 +54,9 @@ DEADLINE=$((SECONDS + ${TIME_LIMIT:-560}))
 left() { local l=$((DEADLINE - SECONDS - ${1:-0})); echo $((l > 10 ? l : 10)); }
 
 # ======================= ferry's streamed benchmark: ADJUST HERE =========================
-# The one place that knows ferry's command line for a streamed pass within a VRAM budget.
-#   $1 MODEL_ARGS  "--model DIR" or "--synthetic PRESET" (random weights made in memory)
+# The one place that knows ferry's command line for a streamed pass within a VRAM budget
+# (as of c157c3c: bench-cuda --vram, which times the prompt pass only).
+#   $1 MODEL_ARGS  "--model DIR" or "--preset PRESET" (random weights made in memory)
 #   $2 VRAM        the budget, as ferry's --vram takes it (2.6GiB)
 #   $3 TOKENS      prompt tokens of the timed pass
 #   $4 RUNS        timed runs (the median is reported)
@@ -67,8 +68,8 @@ left() { local l=$((DEADLINE - SECONDS - ${1:-0})); echo $((l > 10 ? l : 10)); }
 ferry_streamed_bench() {
     local model_args=$1 vram=$2 tokens=$3 runs=$4 json=$5 svg=$6
     # shellcheck disable=SC2086  # model_args is two words
-    "$BIN/ferry" bench $model_args --device cuda --vram "$vram" --prompt-tokens "$tokens" \
-        --decode-tokens 0 --runs "$runs" --json "$json" --timeline "$svg"
+    "$BIN/ferry" bench-cuda $model_args --device cuda --vram "$vram" --prompt-tokens "$tokens" \
+        --runs "$runs" --json "$json" --timeline "$svg"
 }
 # =========================================================================================
 
@@ -86,10 +87,13 @@ read_ferry_json() {
 import json, sys
 doc = json.load(open(sys.argv[1]))
 flat = {}
+# The median pass's statistics first; a cold first pass's never.
+FIRST, SKIP = ("stats_median_pass", "median"), ("first_pass_stats", "stats_all", "first_pass")
 def walk(x, prefix=""):
     if isinstance(x, dict):
-        for k, v in x.items():
-            walk(v, k)  # the last key is what counts
+        for k, v in sorted(x.items(), key=lambda kv: kv[0] not in FIRST):
+            if k not in SKIP:
+                walk(v, k)  # the last key is what counts
     elif isinstance(x, list) and x and isinstance(x[0], dict):
         walk(x[0], prefix)  # a "results" list: its first row
     else:
@@ -103,13 +107,14 @@ def pick(*names, scale=1.0):
 out = dict(
     seconds=pick("prompt_seconds_median", "pass_seconds_median", "prompt_s", "pass_s",
                  "seconds_median") or pick("pass_ms", "prompt_ms", scale=1e-3),
-    peak_vram_bytes=pick("peak_vram_bytes", "peak_device_bytes", "device_bytes_peak",
-                         "peak_bytes", "device_bytes", "vram_used_bytes"),
+    peak_vram_bytes=pick("ledger_peak_bytes", "peak_vram_bytes", "peak_device_bytes",
+                         "allocated_peak", "device_bytes"),
+    driver_bytes=pick("peak_device_bytes_driver"),
     bound_seconds=pick("bound_seconds", "bound_s", "prompt_bound_seconds")
                   or pick("bound_ms", scale=1e-3),
     efficiency=pick("efficiency", "prompt_efficiency"),
     streamed_bytes=pick("streamed_bytes", "bytes_streamed"),
-    h2d_gbps=pick("h2d_gbps", "measured_h2d_gbps"),
+    h2d_gbps=pick("h2d_gbps_measured", "h2d_gbps", "achieved_gbps"),
     stall_seconds=pick("stall_seconds", "stall_s") or pick("stall_ms", scale=1e-3),
     card=flat.get("card"),
 )
@@ -178,7 +183,7 @@ run_point() {
             ferry_model="--model $model"; peers_model=$model ;;
         32b-*)
             label="Qwen2.5-32B shape, qwen2 architecture, random weights made in host memory"
-            ferry_model="--synthetic qwen2.5-32b"; peers_model="--synthetic-in-memory qwen2.5-32b" ;;
+            ferry_model="--preset qwen2.5-32b"; peers_model="--synthetic-in-memory qwen2.5-32b" ;;
         tiny-*)
             model=$SYNTH_DIR/ferry-tiny
             label="tiny (script check)"
@@ -213,7 +218,7 @@ run_point() {
             timeout "$(left 20)" bash -c 'ferry_streamed_bench "$@"' _ "${args[@]}" \
                 >"$base.ferry.log" 2>&1
             local rc=$?
-            tail -5 "$base.ferry.log" >&2
+            grep -v "^JSON:" "$base.ferry.log" | tail -5 >&2
             if [ $rc -eq 0 ] && [ -f "$base.ferry.json" ]; then
                 ferry_part=$(read_ferry_json "$base.ferry.json") && rm -f "$base.ferry.json" \
                     || ferry_part='{"failed": "its JSON did not parse; see the .ferry.json"}'
@@ -345,9 +350,10 @@ lines.append(f"Card: {'; '.join(f'{c} (driver {d})' for c, d in cards)}. "
              f"Date: {', '.join(dates)}. Commit: {', '.join(commits)}. "
              "One prompt pass (KV cache filled, last position's logits), the same token ids "
              "for every system; ferry's time is the median of its runs, the peers' the "
-             "median of 3 or more after a warm-up. Peak VRAM: ferry's own accounting; "
-             "for the peers torch.cuda.max_memory_allocated (the driver's view, "
-             "free memory before minus after, in brackets). "
+             "median of 3 or more after a warm-up. Peak VRAM: ferry's ledger and, in "
+             "brackets, the driver's view of its peak; for the peers "
+             "torch.cuda.max_memory_allocated and, in brackets, the driver's view (free "
+             "memory before minus after the passes). "
              "Command: `bench/compare.sh OUT_DIR POINT...` then `bench/compare.sh --report`.")
 order = {"7b": 0, "32b": 1}
 for family, m in sorted(models.items(), key=lambda fm: order.get(fm[0], 9)):
@@ -371,8 +377,11 @@ for family, m in sorted(models.items(), key=lambda fm: order.get(fm[0], 9)):
                 note.append(f"{100 * f['efficiency']:.1f} % of the bound")
             if f.get("stall_seconds") is not None:
                 note.append(f"stalls {1e3 * f['stall_seconds']:.1f} ms")
-            lines.append(f"| **ferry** (streamed) | **{secs(ferry_s)}** | "
-                         f"{gib(f.get('peak_vram_bytes'))} | 1.00 | {'; '.join(note)} |")
+            vram = gib(f.get("peak_vram_bytes"))
+            if f.get("driver_bytes") is not None:
+                vram += f" ({gib(f['driver_bytes'])})"
+            lines.append(f"| **ferry** (streamed) | **{secs(ferry_s)}** | {vram} | 1.00 | "
+                         f"{'; '.join(note)} |")
         rows = list(b["peers"].values()) + list(ref.values())
         for r in rows:
             name = NAMES.get(r["system"], r["system"])
