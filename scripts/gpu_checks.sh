@@ -31,6 +31,9 @@ if [ "${1:-}" = "--build" ]; then
     stream_bin=$(cargo test --release --test cuda_stream --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-stream-tests "$stream_bin"
+    smol_bin=$(cargo test --release --test cuda_smollm2 --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-smollm2-tests "$smol_bin"
     cp scripts/gpu_checks.sh bench/transformers_bench.py .gpu/
     pwd > .gpu/built_in  # the test binary finds fixtures under this path
     ls -la .gpu
@@ -60,6 +63,9 @@ timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OU
 
 step "streaming: streamed = resident bit for bit on every fixture, too-small budget (tests/cuda_stream.rs)"
 timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
+
+step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
+timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" || status=1
 
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
