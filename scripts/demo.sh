@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 
 question="${1:-What is the capital of France? Answer in one sentence.}"
 gguf=$(scripts/fetch_smollm2.sh)
-cargo build --release --locked --quiet
-exec ./target/release/ferry run --model "$gguf" --chat --max-tokens 128 --prompt "$question"
+exec cargo run --release --locked --quiet -- \
+    run --model "$gguf" --chat --max-tokens 128 --prompt "$question"
