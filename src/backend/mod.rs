@@ -144,19 +144,9 @@ pub trait Backend {
     /// ties), for greedy decoding without copying logits to the host.
     fn argmax_rows(&self, x: &Self::Activation) -> Result<Vec<u32>> {
         let data = self.to_host(x)?;
-        let rows = data.len() / self.cols(x).max(1);
         Ok(data
-            .chunks(self.cols(x).max(1))
-            .take(rows)
-            .map(|row| {
-                let mut best = 0;
-                for (i, &v) in row.iter().enumerate() {
-                    if v > row[best] {
-                        best = i;
-                    }
-                }
-                best as u32
-            })
+            .chunks_exact(self.cols(x).max(1))
+            .map(crate::generate::argmax)
             .collect())
     }
     /// Columns of an activation (features per row).
