@@ -205,3 +205,68 @@ fn run_with_a_prompts_file() {
     );
     assert!(!stderr.contains("panicked"));
 }
+
+#[test]
+fn bench_reports_every_prompt_length_and_batch() {
+    let model = fixture("llama");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--json",
+        ])
+        .args([
+            "--prompt-tokens",
+            "4,9",
+            "--batch",
+            "1,3",
+            "--decode-tokens",
+            "3",
+            "--runs",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json["results"].as_array().unwrap();
+    let shape: Vec<(u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["prompt_tokens"].as_u64().unwrap(),
+                r["batch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shape, [(4, 1), (4, 3), (9, 1), (9, 3)]);
+    for r in rows {
+        assert!(r["prompt_s"].as_f64().unwrap() > 0.0);
+        assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert!(r["streamed"].is_null(), "nothing streams on the CPU");
+    }
+    let err = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--vram",
+            "1GiB",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && stderr.contains("--vram") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

@@ -1,12 +1,21 @@
-//! `ferry bench`: prompt-pass and decode speed, medians of several runs after a warm-up,
-//! as a table for people and JSON for programs.
+//! `ferry bench`: prompt-pass and decode speed on any device, whole or streamed within a VRAM
+//! budget, at given prompt lengths and batch sizes: medians of several runs after a warm-up,
+//! as a table for people and JSON for programs, with the PCIe bound and the overlap
+//! efficiency beside each streamed figure.
+
+use std::sync::{Arc, Mutex};
 
 use clap::Args;
 
 use ferry::backend::cpu::Cpu;
-use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
+use ferry::backend::cuda::streaming::{stream_weights, PassStats};
+use ferry::backend::cuda::Cuda;
+use ferry::backend::{Backend, Device};
+use ferry::checkpoint::{Checkpoint, DType};
 use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::model::Llama;
+use ferry::stream::cost::workspace_bytes;
+use ferry::stream::{PassShape, Vram};
 use ferry::synth::{synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
@@ -26,6 +35,9 @@ pub struct BenchArgs {
     /// Prompt lengths to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128")]
     prompt_tokens: Vec<usize>,
+    /// Sequences per pass, comma-separated: each batch size is timed at each prompt length.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Tokens to decode after each prompt (0: prompt pass only).
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
@@ -35,24 +47,56 @@ pub struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Where to compute: auto, cpu, or cuda[:N].
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
+    device: Device,
+    /// GPU memory budget (6GiB, 2.6GiB, auto): stream what does not fit. The plan is made
+    /// for the largest pass (longest prompt × largest batch).
+    #[arg(long, value_name = "SIZE|auto")]
+    vram: Option<String>,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
 }
 
-/// One row of the result: a prompt length and its medians.
+/// One row of the result: a prompt length, a batch size, and their medians.
+#[derive(serde::Serialize)]
 struct Row {
     prompt_tokens: usize,
+    batch: usize,
+    /// The pass over every sequence's prompt, seconds.
     prompt_s: f64,
-    decode_tokens: usize,
+    /// Generated tokens per second over the passes after the prompt pass (all sequences).
     decode_tok_s: f64,
+    /// Streamed only: the prompt pass's and a decode pass's PCIe bound and efficiency.
+    streamed: Option<StreamedFigures>,
+}
+
+#[derive(serde::Serialize)]
+struct StreamedFigures {
+    prompt_bound_s: f64,
+    prompt_efficiency: f64,
+    decode_pass_s: f64,
+    decode_bound_s: f64,
+    decode_efficiency: f64,
+    streamed_gb_per_pass: f64,
+    achieved_gbps: f64,
+    peak_device_bytes: usize,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    if args.runs == 0 {
+    for (flag, values) in [("--runs", vec![args.runs]), ("--batch", args.batch.clone())] {
+        if values.contains(&0) {
+            return Err(Error::Flag {
+                flag,
+                message: "expected at least 1".into(),
+            });
+        }
+    }
+    if args.prompt_tokens.contains(&0) {
         return Err(Error::Flag {
-            flag: "--runs",
-            message: "expected at least 1".into(),
+            flag: "--prompt-tokens",
+            message: "expected lengths of at least 1".into(),
         });
     }
     let (ckpt, label) = match (&args.model, &args.synthetic) {
@@ -60,106 +104,220 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         (None, Some(p)) => {
             let preset = Preset::by_name(p)?;
             (
-                synthetic_checkpoint(&preset, 0, ferry::checkpoint::DType::BF16)?,
+                synthetic_checkpoint(&preset, 0, DType::BF16)?,
                 format!("synthetic {p}"),
             )
         }
         (None, None) => unreachable!("clap requires --model or --synthetic"),
     };
-    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(0) + args.decode_tokens;
-    let mut gen = Generator::new(
-        &ckpt,
-        Cpu,
-        Some(longest.min(ckpt.config.max_position_embeddings)),
-    )?;
-    let device = cpu_name();
-    let rows = args
-        .prompt_tokens
-        .iter()
-        .map(|&n| time_prompt(&mut gen, n, &args))
-        .collect::<Result<Vec<_>>>()?;
-
-    let date = ferry::date::today_utc();
-    if args.json {
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s,
-                    "prompt_tok_s": r.prompt_tokens as f64 / r.prompt_s,
-                    "decode_tokens": r.decode_tokens, "decode_tok_s": r.decode_tok_s,
-                })
+    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(1) + args.decode_tokens + 1;
+    let context = Some(longest.min(ckpt.config.max_position_embeddings));
+    let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
+    let gpu = match (args.device, vram) {
+        (Device::Cpu, Some(_)) => {
+            return Err(Error::Flag {
+                flag: "--vram",
+                message: "streaming needs a GPU; use --device cuda (or auto)".into(),
             })
-            .collect();
-        let out = serde_json::json!({
-            "model": label, "device": device, "threads": rayon::current_num_threads(),
-            "date": date, "runs": args.runs, "warmup": args.warmup, "results": rows,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("JSON serializes")
-        );
-    } else {
-        println!("model   {label}");
-        println!(
-            "device  {device}, {} threads; {date}; median of {} runs after {} warm-up",
-            rayon::current_num_threads(),
-            args.runs,
-            args.warmup
-        );
-        println!(
-            "{:>13} {:>12} {:>14} {:>14}",
-            "prompt tokens", "prompt s", "prompt tok/s", "decode tok/s"
-        );
-        for r in &rows {
-            println!(
-                "{:>13} {:>12.4} {:>14.1} {:>14.1}",
-                r.prompt_tokens,
-                r.prompt_s,
-                r.prompt_tokens as f64 / r.prompt_s,
-                r.decode_tok_s
-            );
         }
-    }
-    Ok(())
+        (Device::Cpu, None) => None,
+        (Device::Cuda(n), _) => Some(Cuda::with_vram(n, vram)?),
+        (Device::Auto, Some(_)) => Some(Cuda::with_vram(0, vram)?),
+        (Device::Auto, None) => Cuda::new(0).ok(),
+    };
+    let (device, rows) = match gpu {
+        None => {
+            let device = format!("{} ({} threads)", cpu_name(), rayon::current_num_threads());
+            let mut gen = Generator::new(&ckpt, Cpu, context)?;
+            (device, time_all(&mut gen, &args, None)?)
+        }
+        Some(gpu) => {
+            gpu.prepare(ckpt.config.head_dim)?;
+            let device = gpu.info().to_string();
+            if vram.is_none() {
+                let mut gen = Generator::new(&ckpt, gpu, context)?;
+                (device, time_all(&mut gen, &args, None)?)
+            } else {
+                let model = Llama::new(ckpt.config.clone());
+                let shape = PassShape {
+                    tokens: args.prompt_tokens.iter().max().copied().unwrap_or(1),
+                    batch: args.batch.iter().max().copied().unwrap_or(1),
+                    past: args.decode_tokens,
+                };
+                let ws = workspace_bytes(&ckpt.config, shape);
+                let mut weights = stream_weights(&gpu, &ckpt, &model, shape, ws, None)?;
+                eprintln!("[host tier: {}]", weights.host_mode());
+                eprint!("{}", weights.plan());
+                let log = Arc::new(Mutex::new(Vec::new()));
+                weights.log_stats(log.clone());
+                let mut gen = Generator::with_weights(&ckpt, gpu, Box::new(weights), context)?;
+                (device, time_all(&mut gen, &args, Some(&log))?)
+            }
+        }
+    };
+    report(&args, &label, &device, vram.is_some(), &rows)
 }
 
-fn time_prompt<B: Backend>(gen: &mut Generator<B>, n: usize, args: &BenchArgs) -> Result<Row> {
-    // Token ids spread over the vocabulary, the same every run.
+fn time_all<B: Backend>(
+    gen: &mut Generator<B>,
+    args: &BenchArgs,
+    log: Option<&Arc<Mutex<Vec<PassStats>>>>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &n in &args.prompt_tokens {
+        for &b in &args.batch {
+            rows.push(time_one(gen, n, b, args, log)?);
+        }
+    }
+    Ok(rows)
+}
+
+fn time_one<B: Backend>(
+    gen: &mut Generator<B>,
+    n: usize,
+    batch: usize,
+    args: &BenchArgs,
+    log: Option<&Arc<Mutex<Vec<PassStats>>>>,
+) -> Result<Row> {
     let vocab = gen.model.config.vocab_size as u64;
-    let prompt: Vec<u32> = (0..n as u64)
-        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+    // Token ids spread over the vocabulary, different for each sequence, the same every run.
+    let requests: Vec<Request> = (0..batch as u64)
+        .map(|s| Request {
+            prompt: (0..n as u64)
+                .map(|i| ((i * 7919 + s * 104_729 + 13) % vocab) as u32)
+                .collect(),
+            max_tokens: args.decode_tokens + 1,
+            sampling: SamplingConfig::default(),
+            stop_strings: vec![],
+            ignore_eos: true,
+        })
         .collect();
-    let request = Request {
-        prompt,
-        max_tokens: args.decode_tokens.max(1),
-        sampling: SamplingConfig::default(),
-        stop_strings: vec![],
-        ignore_eos: true,
-    };
-    let mut prompt_s = Vec::new();
-    let mut decode = Vec::new();
+    let (mut prompt_s, mut decode, mut prompt_stats, mut decode_stats) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.warmup + args.runs {
-        let out = gen.generate(&request, &mut |_| {})?;
-        if run >= args.warmup {
-            prompt_s.push(out.prompt_secs);
-            // The first generated token comes from the prompt pass.
-            let decoded = out.tokens.len().saturating_sub(1);
-            if decoded > 0 {
-                decode.push(decoded as f64 / out.decode_secs);
+        if let Some(log) = log {
+            log.lock().expect("stats log").clear();
+        }
+        let (_, stats) = gen.generate_batch(&requests, batch, &mut |_, _| {})?;
+        if run < args.warmup {
+            continue;
+        }
+        prompt_s.push(stats.pass_secs[0]);
+        if stats.passes > 1 {
+            decode.push(stats.decode_tok_s());
+        }
+        if let Some(log) = log {
+            let passes = log.lock().expect("stats log");
+            if let Some((first, rest)) = passes.split_first() {
+                prompt_stats.push(first.clone());
+                if let Some(mid) = rest.get(rest.len() / 2) {
+                    decode_stats.push(mid.clone());
+                }
             }
         }
     }
+    let streamed = match (prompt_stats.is_empty(), decode_stats.is_empty()) {
+        (true, _) => None,
+        (false, no_decode) => {
+            let p = median_by(&mut prompt_stats, |s| s.pass_ms);
+            let d = if no_decode {
+                p.clone()
+            } else {
+                median_by(&mut decode_stats, |s| s.pass_ms)
+            };
+            Some(StreamedFigures {
+                prompt_bound_s: p.bound_ms / 1e3,
+                prompt_efficiency: p.efficiency,
+                decode_pass_s: d.pass_ms / 1e3,
+                decode_bound_s: d.bound_ms / 1e3,
+                decode_efficiency: d.efficiency,
+                streamed_gb_per_pass: p.streamed_bytes as f64 / 1e9,
+                achieved_gbps: p.achieved_gbps,
+                peak_device_bytes: p.device_bytes.max(d.device_bytes),
+            })
+        }
+    };
     Ok(Row {
         prompt_tokens: n,
+        batch,
         prompt_s: median(&mut prompt_s),
-        decode_tokens: args.decode_tokens,
         decode_tok_s: if decode.is_empty() {
             0.0
         } else {
             median(&mut decode)
         },
+        streamed,
     })
+}
+
+fn report(args: &BenchArgs, label: &str, device: &str, streamed: bool, rows: &[Row]) -> Result<()> {
+    let date = ferry::date::today_utc();
+    if args.json {
+        let out = serde_json::json!({
+            "model": label, "device": device, "date": date, "vram": args.vram,
+            "runs": args.runs, "warmup": args.warmup, "decode_tokens": args.decode_tokens,
+            "results": rows,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("JSON serializes")
+        );
+        return Ok(());
+    }
+    println!("model   {label}");
+    println!(
+        "device  {device}; {date}; median of {} runs after {} warm-up{}",
+        args.runs,
+        args.warmup,
+        args.vram
+            .as_ref()
+            .map(|v| format!("; --vram {v}"))
+            .unwrap_or_default()
+    );
+    if streamed {
+        println!(
+            "{:>7} {:>6} {:>10} {:>9} {:>6} {:>13} {:>10} {:>9} {:>6}",
+            "prompt",
+            "batch",
+            "prompt s",
+            "bound s",
+            "eff",
+            "decode tok/s",
+            "pass s",
+            "bound s",
+            "eff"
+        );
+    } else {
+        println!(
+            "{:>7} {:>6} {:>10} {:>13} {:>13}",
+            "prompt", "batch", "prompt s", "prompt tok/s", "decode tok/s"
+        );
+    }
+    for r in rows {
+        match &r.streamed {
+            Some(s) => println!(
+                "{:>7} {:>6} {:>10.4} {:>9.4} {:>6.3} {:>13.1} {:>10.4} {:>9.4} {:>6.3}",
+                r.prompt_tokens,
+                r.batch,
+                r.prompt_s,
+                s.prompt_bound_s,
+                s.prompt_efficiency,
+                r.decode_tok_s,
+                s.decode_pass_s,
+                s.decode_bound_s,
+                s.decode_efficiency
+            ),
+            None => println!(
+                "{:>7} {:>6} {:>10.4} {:>13.1} {:>13.1}",
+                r.prompt_tokens,
+                r.batch,
+                r.prompt_s,
+                (r.prompt_tokens * r.batch) as f64 / r.prompt_s,
+                r.decode_tok_s
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -170,6 +328,12 @@ fn median(xs: &mut [f64]) -> f64 {
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
+}
+
+/// The element at the median of `key`.
+fn median_by<T: Clone>(xs: &mut [T], key: impl Fn(&T) -> f64) -> T {
+    xs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    xs[xs.len() / 2].clone()
 }
 
 fn cpu_name() -> String {
