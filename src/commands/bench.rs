@@ -102,7 +102,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let (ckpt, label) = match (&args.model, &args.synthetic) {
         (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
         (None, Some(p)) => {
-            let preset = Preset::by_name(p)?;
+            let preset = Preset::by_name(p).map_err(|e| match e {
+                Error::Flag { message, .. } => Error::Flag {
+                    flag: "--synthetic",
+                    message,
+                },
+                e => e,
+            })?;
             (
                 synthetic_checkpoint(&preset, 0, DType::BF16)?,
                 format!("synthetic {p}"),
