@@ -14,7 +14,7 @@ use ferry::backend::cuda::Cuda;
 use ferry::backend::{AttentionShape, Backend};
 use ferry::checkpoint::{Checkpoint, DType, HostTensor, Storage};
 use ferry::model::{Llama, Logits, ResidentWeights};
-use ferry::synth::{synthetic_checkpoint, Preset};
+use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use half::bf16;
 
 /// The GPU, or None after saying why not on the real stderr (not captured by the harness).
@@ -168,19 +168,6 @@ fn assert_close_with(what: &str, gpu: &[f32], cpu: &[f32], cols: usize, min_agre
     );
 }
 
-/// Token ids drawn from a fixed generator.
-fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 #[derive(serde::Deserialize)]
 struct Expected {
     prompts: Vec<Prompt>,
@@ -233,7 +220,7 @@ fn every_fixture_matches_the_cpu() {
         }
 
         let n = ckpt.config.max_position_embeddings.min(200);
-        let ids = random_ids(n, vocab, 7);
+        let ids = random_token_ids(n, vocab, 7);
         let want = cpu.chunked(&ids, &[n]);
         let got = gpu.chunked(&ids, &[n]);
         check(format!("{name} {n} random tokens"), got, &want);
@@ -376,7 +363,7 @@ fn smollm2_shaped_model_matches_the_cpu() {
     let mut cpu = Loaded::new(&ckpt, Cpu);
     let mut gpu = Loaded::new(&ckpt, cuda);
 
-    let prompt = random_ids(96, vocab, 11);
+    let prompt = random_token_ids(96, vocab, 11);
     let want = cpu.chunked(&prompt, &[prompt.len()]);
     let got = gpu.chunked(&prompt, &[prompt.len()]);
     assert_close("SmolLM2-shaped, 96-token prompt", &got, &want, vocab);

@@ -18,7 +18,7 @@ use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, Logits, ResidentWeights, Weights};
 use ferry::stream::cost::{kv_cache_bytes, workspace_bytes_all_logits, CUBLAS_WORKSPACE};
 use ferry::stream::{PassShape, Placement, Vram};
-use ferry::synth::{synthetic_checkpoint, Preset};
+use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 
 fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
     match Cuda::with_vram(0, vram.map(Vram::Bytes)) {
@@ -36,18 +36,6 @@ fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
             None
         }
     }
-}
-
-fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
 }
 
 /// Logits of every position of the prompt, then `decode` greedy tokens with each step's
@@ -102,7 +90,7 @@ fn check_budgets(
 ) -> bool {
     let c = &ckpt.config;
     let model = Llama::new(c.clone());
-    let prompt = ids(prompt_len, c.vocab_size, 7);
+    let prompt = random_token_ids(prompt_len, c.vocab_size, 7);
     let Some(resident_gpu) = gpu(test, None) else {
         return false;
     };

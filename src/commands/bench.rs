@@ -16,7 +16,7 @@ use ferry::generate::{Generator, Request, SamplingConfig};
 use ferry::model::Llama;
 use ferry::stream::cost::workspace_bytes;
 use ferry::stream::{PassShape, Vram};
-use ferry::synth::{synthetic_checkpoint, Preset};
+use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
 #[derive(Args)]
@@ -185,13 +185,11 @@ fn time_one<B: Backend>(
     args: &BenchArgs,
     log: Option<&Arc<Mutex<Vec<PassStats>>>>,
 ) -> Result<Row> {
-    let vocab = gen.model.config.vocab_size as u64;
+    let vocab = gen.model.config.vocab_size;
     // Token ids spread over the vocabulary, different for each sequence, the same every run.
     let requests: Vec<Request> = (0..batch as u64)
         .map(|s| Request {
-            prompt: (0..n as u64)
-                .map(|i| ((i * 7919 + s * 104_729 + 13) % vocab) as u32)
-                .collect(),
+            prompt: random_token_ids(n, vocab, s),
             max_tokens: args.decode_tokens + 1,
             sampling: SamplingConfig::default(),
             stop_strings: vec![],

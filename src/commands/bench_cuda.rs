@@ -15,7 +15,7 @@ use ferry::model::{Llama, LlamaConfig, Logits, ResidentWeights};
 use ferry::stream::cost::workspace_bytes;
 use ferry::stream::timeline::{write_svg, PassInfo};
 use ferry::stream::{human_bytes, PassShape, Vram};
-use ferry::synth::{synthetic_checkpoint, Preset};
+use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
 #[derive(Args)]
@@ -110,17 +110,7 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
     );
 
     let vocab = c.vocab_size;
-    let ids = |n: usize, seed: u64| -> Vec<u32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) % vocab as u64) as u32
-            })
-            .collect()
-    };
+    let ids = |n: usize, seed: u64| random_token_ids(n, vocab, seed);
     let shape = model.attention_shape();
 
     // Prompt pass: one forward over the prompt from an empty cache, last position's logits,
@@ -268,17 +258,7 @@ fn bench_streamed(
     let workspace = workspace_bytes(&c, shape);
     let attn = model.attention_shape();
     let vocab = c.vocab_size;
-    let ids = |seed: u64| -> Vec<u32> {
-        let mut s = seed;
-        (0..p)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) % vocab as u64) as u32
-            })
-            .collect()
-    };
+    let ids = |seed: u64| random_token_ids(p, vocab, seed);
     let pass = |weights: &mut StreamedWeights, seed: u64| -> Result<(f64, PassStats)> {
         let mut cache = gpu.kv_cache(c.num_layers, attn, p)?;
         let tokens = ids(seed);

@@ -506,3 +506,17 @@ pub fn synthetic_checkpoint(preset: &Preset, seed: u64, dtype: DType) -> Result<
         },
     })
 }
+
+/// `n` token ids below `vocab`, the same for the same seed: synthetic prompts for benchmarks
+/// and GPU checks (a 64-bit LCG, high bits).
+pub fn random_token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
