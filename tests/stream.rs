@@ -44,6 +44,7 @@ fn request(groups: Vec<Group>, budget: usize, h2d_gbps: f64) -> PlanRequest {
         kv_cache: MIB,
         workspace: 2 * MIB,
         cublas_workspace: MIB,
+        reserve: 0,
         h2d_gbps,
         slot_size: SlotSize::Auto,
     }
@@ -228,6 +229,7 @@ fn qwen_7b_on_an_h100_at_2_6_gib() {
         kv_cache: ferry::stream::cost::kv_cache_bytes(c, 4096, 1),
         workspace: ferry::stream::cost::workspace_bytes(c, shape),
         cublas_workspace: ferry::stream::cost::CUBLAS_WORKSPACE,
+        reserve: 0,
         h2d_gbps: 55.0,
         slot_size: SlotSize::Auto,
     })

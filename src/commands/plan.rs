@@ -114,6 +114,7 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         kv_cache: kv_cache_bytes(&config, args.past + args.tokens, args.batch),
         workspace: workspace_bytes(&config, shape),
         cublas_workspace: CUBLAS_WORKSPACE,
+        reserve: 0,
         h2d_gbps: cost.h2d_gbps,
         slot_size,
     };

@@ -56,6 +56,9 @@ pub struct PlanRequest {
     /// Activations of one pass.
     pub workspace: usize,
     pub cublas_workspace: usize,
+    /// Device memory the plan leaves free for what the driver holds beyond the ledger
+    /// (kernel modules, cuBLASLt internals, the pool's granularity); 0 where none.
+    pub reserve: usize,
     /// Host-to-device bandwidth, GB/s = 1e9 bytes/s.
     pub h2d_gbps: f64,
     pub slot_size: SlotSize,
@@ -153,6 +156,7 @@ pub struct Plan {
     pub kv_cache: usize,
     pub workspace: usize,
     pub cublas_workspace: usize,
+    pub reserve: usize,
     pub h2d_gbps: f64,
     pub prediction: Prediction,
 }
@@ -178,7 +182,7 @@ impl Plan {
     }
 
     fn fixed_bytes(&self) -> usize {
-        self.kv_cache + self.workspace + self.cublas_workspace
+        self.kv_cache + self.workspace + self.cublas_workspace + self.reserve
     }
 
     /// The steps of one pass in order.
@@ -376,7 +380,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             ),
         });
     }
-    let fixed = req.kv_cache + req.workspace + req.cublas_workspace;
+    let fixed = req.kv_cache + req.workspace + req.cublas_workspace + req.reserve;
     let device: Vec<usize> = (0..req.groups.len())
         .filter(|&g| !req.groups[g].host_gather)
         .collect();
@@ -417,6 +421,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             kv_cache: req.kv_cache,
             workspace: req.workspace,
             cublas_workspace: req.cublas_workspace,
+            reserve: req.reserve,
             h2d_gbps: req.h2d_gbps,
             prediction,
         })
@@ -450,13 +455,14 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
         return Err(Error::Flag {
             flag: "--vram",
             message: format!(
-                "{} is below the minimum of {} for this model and pass: 2 slots × {} + KV cache {} + activation workspace {} + cuBLAS workspace {} (everything resident would need {})",
+                "{} is below the minimum of {} for this model and pass: 2 slots × {} + KV cache {} + activation workspace {} + cuBLAS workspace {}{} (everything resident would need {})",
                 human_bytes(req.budget),
                 human_bytes(minimum),
                 human_bytes(slot_bytes),
                 human_bytes(req.kv_cache),
                 human_bytes(req.workspace),
                 human_bytes(req.cublas_workspace),
+                reserve_note(req.reserve),
                 human_bytes(fixed + all_bytes),
             ),
         });
@@ -556,12 +562,13 @@ impl fmt::Display for Plan {
         };
         writeln!(
             f,
-            "budget       {} = resident {} + {slots} + KV cache {} + activations {} + cuBLAS {} ({} unused)",
+            "budget       {} = resident {} + {slots} + KV cache {} + activations {} + cuBLAS {}{} ({} unused)",
             human_bytes(self.budget),
             human_bytes(self.resident.bytes()),
             human_bytes(self.kv_cache),
             human_bytes(self.workspace),
             human_bytes(self.cublas_workspace),
+            reserve_note(self.reserve),
             human_bytes(self.budget - self.device_bytes()),
         )?;
         let labels: Vec<&str> = self
@@ -634,5 +641,13 @@ impl fmt::Display for Plan {
             p.stall_ms,
             100.0 * p.efficiency(),
         )
+    }
+}
+
+/// " + reserve X" where the plan keeps a reserve, else nothing.
+fn reserve_note(reserve: usize) -> String {
+    match reserve {
+        0 => String::new(),
+        r => format!(" + reserve {}", human_bytes(r)),
     }
 }

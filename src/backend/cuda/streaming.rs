@@ -349,10 +349,9 @@ pub fn plan_request(
             .budget()
             .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE)),
         kv_cache: crate::stream::cost::kv_cache_bytes(c, shape.past + shape.tokens, shape.batch),
-        // The reserve counts as workspace, so that a too-small budget's error states a
-        // minimum that includes it.
-        workspace: workspace + RESERVE,
+        workspace,
         cublas_workspace: CUBLAS_WORKSPACE,
+        reserve: RESERVE,
         h2d_gbps: cost.h2d_gbps,
         slot_size: SlotSize::Auto,
     }
