@@ -67,7 +67,7 @@ fn smollm2_on_the_gpu_matches_the_cpu() {
     let mut identical = 0;
     for text in PROMPTS {
         let req = greedy(&Request {
-            prompt: cpu.encode(text).unwrap(),
+            prompt: cpu.text.encode(text).unwrap(),
             max_tokens: 32,
             sampling: SamplingConfig::default(),
             stop_strings: vec![],

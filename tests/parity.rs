@@ -47,7 +47,7 @@ fn check(name: &str) {
 
     for p in &expected.prompts {
         assert_eq!(
-            gen.encode(&p.text).unwrap(),
+            gen.text.encode(&p.text).unwrap(),
             p.ids,
             "{name}: prompt ids of {:?}",
             p.text
@@ -87,7 +87,7 @@ fn check(name: &str) {
         .iter()
         .map(|m| Message::new(&m.role, &m.content))
         .collect();
-    let d = &gen.defaults;
+    let d = &gen.text.defaults;
     let text = ferry::generate::chat::render(
         d.chat_template.as_deref().unwrap(),
         &messages,
@@ -97,7 +97,7 @@ fn check(name: &str) {
     .unwrap();
     assert_eq!(text, expected.chat.text, "{name}: chat template rendering");
     assert_eq!(
-        gen.encode_chat(&messages).unwrap(),
+        gen.text.encode_chat(&messages).unwrap(),
         expected.chat.ids,
         "{name}: chat ids"
     );

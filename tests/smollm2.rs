@@ -75,7 +75,7 @@ fn smollm2_matches_transformers() {
     assert!(expected.prompts.len() >= 3);
     for case in &expected.prompts {
         assert_eq!(
-            gen.encode(&case.text).unwrap(),
+            gen.text.encode(&case.text).unwrap(),
             case.ids,
             "prompt ids of {:?}",
             case.text

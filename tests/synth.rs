@@ -96,9 +96,9 @@ fn tiny_opens_runs_and_counts_its_parameters() {
 
     // Finite logits through the CPU reference, from a prompt through the written tokenizer.
     let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
-    let ids = gen.encode("hello world").unwrap();
+    let ids = gen.text.encode("hello world").unwrap();
     assert_eq!(ids.len(), "hello world".len(), "one token per byte");
-    assert_eq!(gen.decode(&ids).unwrap(), "hello world");
+    assert_eq!(gen.text.decode(&ids).unwrap(), "hello world");
     let logits = gen.score(&ids).unwrap();
     assert_eq!(logits.len(), ids.len() * 512);
     assert!(logits.iter().all(|x| x.is_finite()));

@@ -12,7 +12,7 @@ use ferry::backend::cuda::streaming::{stream_weights, PassStats};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
 use ferry::checkpoint::{Checkpoint, DType};
-use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::generate::{Generator, Request, SamplingConfig, TextCodec};
 use ferry::model::Llama;
 use ferry::stream::cost::workspace_bytes;
 use ferry::stream::{PassShape, Vram};
@@ -156,7 +156,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 eprint!("{}", weights.plan());
                 let log = Arc::new(Mutex::new(Vec::new()));
                 weights.log_stats(log.clone());
-                let mut gen = Generator::with_weights(&ckpt, gpu, Box::new(weights), context)?;
+                let mut gen = Generator::with_weights(
+                    &ckpt,
+                    gpu,
+                    Some(Box::new(weights)),
+                    TextCodec::open(&ckpt)?,
+                    context,
+                )?;
                 (device, time_all(&mut gen, &args, Some(&log))?)
             }
         }

@@ -11,7 +11,7 @@ use ferry::backend::cuda::streaming::{stream_weights, PassStats};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
 use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Generator, Message, Request, SamplingConfig};
+use ferry::generate::{Generator, Message, Request, SamplingConfig, TextCodec};
 use ferry::model::{Llama, Weights};
 use ferry::stream::cost::workspace_bytes;
 use ferry::stream::{human_bytes, PassShape, Vram};
@@ -115,6 +115,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     }
 
     let ckpt = Checkpoint::open(&args.model.model)?;
+    let text = TextCodec::open(&ckpt)?;
+    let requests = requests(&text, &args, &prompts, &ckpt)?;
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     if vram.is_some() && args.device == Device::Cpu {
         return Err(Error::Flag {
@@ -133,23 +135,15 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             gpu.prepare(ckpt.config.head_dim)?;
             let device = gpu.info().to_string();
             if vram.is_none() {
-                return generate_on(gpu, &device, &ckpt, args, prompts, None);
+                return generate_on(gpu, &device, &ckpt, text, requests, args, prompts, None);
             }
             let model = Llama::new(ckpt.config.clone());
-            // Plan for the longest pass: the context (4096 when not given) × the batch.
-            let tokens = args
-                .context
-                .unwrap_or(4096)
-                .min(ckpt.config.max_position_embeddings);
-            let batch = if args.prompts.is_some() {
-                args.batch
-            } else {
-                1
-            };
+            // Plan for the largest pass these prompts make: the longest prompt in each of a
+            // full batch of sequences, with room for what they generate.
             let shape = PassShape {
-                tokens,
-                batch,
-                past: 0,
+                tokens: requests.iter().map(|r| r.prompt.len()).max().unwrap_or(1),
+                batch: args.batch.min(requests.len()),
+                past: args.max_tokens,
             };
             let mut weights = stream_weights(
                 &gpu,
@@ -168,13 +162,22 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                 weights.log_stats(log.clone());
             }
             let stats = args.stats;
-            generate_on(gpu, &device, &ckpt, args, prompts, Some(Box::new(weights)))?;
+            generate_on(
+                gpu,
+                &device,
+                &ckpt,
+                text,
+                requests,
+                args,
+                prompts,
+                Some(Box::new(weights)),
+            )?;
             if stats {
                 print_stats(&log.lock().expect("stats log"));
             }
             Ok(())
         }
-        None => generate_on(Cpu, "cpu", &ckpt, args, prompts, None),
+        None => generate_on(Cpu, "cpu", &ckpt, text, requests, args, prompts, None),
     }
 }
 
@@ -217,22 +220,16 @@ fn print_stats(passes: &[PassStats]) {
     }
 }
 
-fn generate_on<B: Backend>(
-    backend: B,
-    device: &str,
+/// One request per prompt: encoded (with the chat template under --chat) and checked
+/// against the context.
+fn requests(
+    text: &TextCodec,
+    args: &RunArgs,
+    prompts: &[String],
     ckpt: &Checkpoint,
-    args: RunArgs,
-    prompts: Vec<String>,
-    weights: Option<Box<dyn Weights<B::Weight>>>,
-) -> Result<()>
-where
-    B::Weight: 'static,
-{
-    let mut gen = match weights {
-        Some(w) => Generator::with_weights(ckpt, backend, w, args.context)?,
-        None => Generator::new(ckpt, backend, args.context)?,
-    };
-    let requests = prompts
+) -> Result<Vec<Request>> {
+    let context = args.context.unwrap_or(ckpt.config.max_position_embeddings);
+    prompts
         .iter()
         .enumerate()
         .map(|(i, prompt)| {
@@ -242,14 +239,14 @@ where
                     messages.push(Message::new("system", system));
                 }
                 messages.push(Message::new("user", prompt));
-                gen.encode_chat(&messages)?
+                text.encode_chat(&messages)?
             } else {
-                gen.encode(prompt)?
+                text.encode(prompt)?
             };
-            if ids.len() >= gen.context {
+            if ids.len() >= context {
                 return Err(Error::PromptTooLong {
                     tokens: ids.len(),
-                    context: gen.context,
+                    context,
                 });
             }
             Ok(Request {
@@ -267,7 +264,24 @@ where
                 ignore_eos: args.ignore_eos,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_on<B: Backend>(
+    backend: B,
+    device: &str,
+    ckpt: &Checkpoint,
+    text: TextCodec,
+    requests: Vec<Request>,
+    args: RunArgs,
+    prompts: Vec<String>,
+    weights: Option<Box<dyn Weights<B::Weight>>>,
+) -> Result<()>
+where
+    B::Weight: 'static,
+{
+    let mut gen = Generator::with_weights(ckpt, backend, weights, text, args.context)?;
 
     if args.prompts.is_none() {
         let request = &requests[0];

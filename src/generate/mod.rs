@@ -2,16 +2,16 @@
 
 pub mod chat;
 mod sample;
+mod text;
 
 use std::time::Instant;
 
-use tokenizers::Tokenizer;
-
 pub use chat::Message;
 pub use sample::{argmax, Sampler, SamplingConfig};
+pub use text::TextCodec;
 
 use crate::backend::{Backend, KvCache};
-use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, ResidentWeights, Segment, Weights};
 
@@ -57,33 +57,34 @@ pub struct Generator<B: Backend> {
     backend: B,
     /// Resident, or streamed by the engine (`--vram`).
     weights: Box<dyn Weights<B::Weight>>,
-    /// None where the checkpoint has none (synthetic benchmarks feed token ids).
-    tokenizer: Option<Tokenizer>,
-    pub defaults: GenerationDefaults,
+    /// Text ↔ token ids: `gen.text.encode(...)`, `gen.text.decode(...)`.
+    pub text: TextCodec,
     /// Most positions (prompt + generated) a sequence may hold.
     pub context: usize,
-    /// Named in the error when text must be encoded without a tokenizer.
-    missing_tokenizer: std::path::PathBuf,
 }
 
 impl<B: Backend> Generator<B> {
-    /// Load `ckpt` onto `backend`. `context` defaults to the model's max_position_embeddings.
+    /// Load `ckpt` onto `backend`, every weight resident. `context` defaults to the model's
+    /// max_position_embeddings.
     pub fn new(ckpt: &Checkpoint, backend: B, context: Option<usize>) -> Result<Self>
     where
         B::Weight: 'static,
     {
-        let model = Llama::new(ckpt.config.clone());
-        let weights = ResidentWeights::load(ckpt, model.groups(), |t| backend.weight(t))?;
-        Self::with_weights(ckpt, backend, Box::new(weights), context)
+        Self::with_weights(ckpt, backend, None, TextCodec::open(ckpt)?, context)
     }
 
-    /// Like [`new`](Self::new), with weights made by the caller (the streaming engine).
+    /// Like [`new`](Self::new), with weights made by the caller (the streaming engine; None:
+    /// every weight resident) and a text codec already opened.
     pub fn with_weights(
         ckpt: &Checkpoint,
         backend: B,
-        weights: Box<dyn Weights<B::Weight>>,
+        weights: Option<Box<dyn Weights<B::Weight>>>,
+        text: TextCodec,
         context: Option<usize>,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        B::Weight: 'static,
+    {
         let model = Llama::new(ckpt.config.clone());
         let max = ckpt.config.max_position_embeddings;
         let context = match context {
@@ -102,78 +103,18 @@ impl<B: Backend> Generator<B> {
             Some(c) => c,
             None => max,
         };
+        let weights = match weights {
+            Some(w) => w,
+            None => Box::new(ResidentWeights::load(ckpt, model.groups(), |t| {
+                backend.weight(t)
+            })?),
+        };
         Ok(Generator {
             model,
             backend,
             weights,
-            tokenizer: match ckpt.tokenizer {
-                TokenizerSource::Missing => None,
-                _ => Some(ckpt.tokenizer()?),
-            },
-            missing_tokenizer: ckpt.path.join("tokenizer.json"),
-            defaults: ckpt.generation.clone(),
+            text,
             context,
-        })
-    }
-
-    /// Token ids for `text` as typed (the tokenizer adds BOS if the model wants one).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.encode_with(text, true)
-    }
-
-    /// Token ids for a conversation rendered with the model's chat template.
-    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let template = self.defaults.chat_template.as_deref().ok_or_else(|| Error::Flag {
-            flag: "--chat",
-            message: "this model has no chat template (tokenizer_config.json \"chat_template\" or GGUF tokenizer.chat_template)".into(),
-        })?;
-        let d = &self.defaults;
-        let text = chat::render(
-            template,
-            messages,
-            d.bos_token.as_deref().unwrap_or(""),
-            d.eos_token.as_deref().unwrap_or(""),
-        )?;
-        // The template writes BOS itself where the model wants it.
-        self.encode_with(&text, false)
-    }
-
-    /// The tokenizer, or an error naming the file that should have held it.
-    pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| Error::NotFound {
-            path: self.missing_tokenizer.clone(),
-            expected: "a tokenizer to encode the prompt".into(),
-        })
-    }
-
-    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer()?
-            .encode(text, special)
-            .map_err(|e| Error::Tokenizer {
-                path: "prompt".into(),
-                message: e.to_string(),
-            })?;
-        let mut ids = enc.get_ids().to_vec();
-        // GGUF and some HF tokenizers say "add BOS" outside the tokenizer's own processor.
-        if special && self.defaults.add_bos_token {
-            if let Some(bos) = self.defaults.bos_token_id {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Text of `ids`; empty without a tokenizer (token ids in, token ids out).
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let Some(tokenizer) = &self.tokenizer else {
-            return Ok(String::new());
-        };
-        tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
-            path: "output".into(),
-            message: e.to_string(),
         })
     }
 
@@ -354,13 +295,13 @@ impl<B: Backend> Generator<B> {
     ) -> Result<Option<Finish>> {
         seq.tokens.push(next);
         seq.seen.push(next);
-        let eos = !req.ignore_eos && self.defaults.eos_token_ids.contains(&next);
+        let eos = !req.ignore_eos && self.text.defaults.eos_token_ids.contains(&next);
         let shown = if eos {
             &seq.tokens[..seq.tokens.len() - 1]
         } else {
             &seq.tokens[..]
         };
-        seq.text = self.decode(shown)?;
+        seq.text = self.text.decode(shown)?;
         let mut finish = if eos {
             Some(Finish::Eos)
         } else if seq.tokens.len() >= req.max_tokens {

@@ -1,0 +1,92 @@
+//! Text ↔ token ids for one checkpoint: its tokenizer (if any), chat template and BOS rules.
+//! Usable before a model is loaded, so that a pass can be planned for the real prompts.
+
+use std::path::PathBuf;
+
+use tokenizers::Tokenizer;
+
+use super::chat::{self, Message};
+use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
+use crate::error::{Error, Result};
+
+pub struct TextCodec {
+    /// None where the checkpoint has none (synthetic benchmarks feed token ids).
+    tokenizer: Option<Tokenizer>,
+    /// Named in the error when text must be encoded without a tokenizer.
+    missing_tokenizer: PathBuf,
+    pub defaults: GenerationDefaults,
+}
+
+impl TextCodec {
+    pub fn open(ckpt: &Checkpoint) -> Result<TextCodec> {
+        Ok(TextCodec {
+            tokenizer: match ckpt.tokenizer {
+                TokenizerSource::Missing => None,
+                _ => Some(ckpt.tokenizer()?),
+            },
+            missing_tokenizer: ckpt.path.join("tokenizer.json"),
+            defaults: ckpt.generation.clone(),
+        })
+    }
+
+    /// Token ids for `text` as typed (the tokenizer adds BOS if the model wants one).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids for a conversation rendered with the model's chat template.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let d = &self.defaults;
+        let template = d.chat_template.as_deref().ok_or_else(|| Error::Flag {
+            flag: "--chat",
+            message: "this model has no chat template (tokenizer_config.json \"chat_template\" or GGUF tokenizer.chat_template)".into(),
+        })?;
+        let text = chat::render(
+            template,
+            messages,
+            d.bos_token.as_deref().unwrap_or(""),
+            d.eos_token.as_deref().unwrap_or(""),
+        )?;
+        // The template writes BOS itself where the model wants it.
+        self.encode_with(&text, false)
+    }
+
+    /// The tokenizer, or an error naming the file that should have held it.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::NotFound {
+            path: self.missing_tokenizer.clone(),
+            expected: "a tokenizer to encode the prompt".into(),
+        })
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer()?
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer {
+                path: "prompt".into(),
+                message: e.to_string(),
+            })?;
+        let mut ids = enc.get_ids().to_vec();
+        // GGUF and some HF tokenizers say "add BOS" outside the tokenizer's own processor.
+        if special && self.defaults.add_bos_token {
+            if let Some(bos) = self.defaults.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`; empty without a tokenizer (token ids in, token ids out).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(String::new());
+        };
+        tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: "output".into(),
+            message: e.to_string(),
+        })
+    }
+}
