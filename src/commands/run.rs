@@ -322,7 +322,7 @@ where
         eprintln!(
             "[{} sequences, {} per pass: {} passes in {:.2} s (first {:.3} s); {} tokens in, {} generated ({:.1} tok/s; {:.1} tok/s after the first pass); on {device}]",
             requests.len(),
-            args.batch,
+            args.batch.min(requests.len()),
             stats.passes,
             stats.seconds,
             stats.pass_secs.first().copied().unwrap_or(0.0),
