@@ -11,7 +11,7 @@ use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Finish, Generator, Request, SamplingConfig};
-use ferry::model::{Llama, Logits, ResidentWeights, Segment};
+use ferry::model::{Llama, Logits, ResidentWeights, Segment, MLP_CHUNK_ROWS};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {
     Request {
@@ -269,4 +269,52 @@ fn bench_reports_every_prompt_length_and_batch() {
         !err.status.success() && stderr.contains("--vram") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+/// A pass longer than `MLP_CHUNK_ROWS` runs its MLPs in chunks of rows; every position's
+/// logits equal those of the same tokens in two passes short enough for one chunk each.
+#[test]
+fn long_pass_mlp_in_chunks_matches_short_passes() {
+    let ckpt = Checkpoint::open(fixture("qwen3").to_str().unwrap()).unwrap();
+    let model = Llama::new(ckpt.config.clone());
+    let mut weights = ResidentWeights::load(&ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
+    let (shape, layers) = (model.attention_shape(), ckpt.config.num_layers);
+    let n = MLP_CHUNK_ROWS + 37;
+    let tokens = ferry::synth::random_token_ids(n, ckpt.config.vocab_size, 5);
+
+    let mut cache = Cpu.kv_cache(layers, shape, n).unwrap();
+    let whole = model
+        .forward(&Cpu, &mut weights, &tokens, &mut cache, Logits::All)
+        .unwrap();
+
+    let mut cache = Cpu.kv_cache(layers, shape, n).unwrap();
+    let split = 3000; // both passes below one chunk
+    let mut parts = model
+        .forward(
+            &Cpu,
+            &mut weights,
+            &tokens[..split],
+            &mut cache,
+            Logits::All,
+        )
+        .unwrap();
+    parts.extend(
+        model
+            .forward(
+                &Cpu,
+                &mut weights,
+                &tokens[split..],
+                &mut cache,
+                Logits::All,
+            )
+            .unwrap(),
+    );
+    let vocab = ckpt.config.vocab_size;
+    assert_eq!(whole.len(), n * vocab);
+    // Rows on both sides of the chunk boundary, and the last.
+    for row in [0, split, MLP_CHUNK_ROWS - 1, MLP_CHUNK_ROWS, n - 1] {
+        let r = row * vocab..(row + 1) * vocab;
+        let err = common::rel_l2(&whole[r.clone()], &parts[r]);
+        assert!(err < 1e-6, "position {row}: {err:e}");
+    }
 }

@@ -538,14 +538,37 @@ fn ferry_plan_prints_the_plan() {
         "{stdout}"
     );
     assert!(stdout.contains("budget       8.00 GiB"), "{stdout}");
+    // Copy-bound: the head (1.09 GB, no compute to hide its copy behind) stays resident.
     assert!(
-        stdout.contains("head (1.09 GB) streams in 3 pieces"),
+        stdout.contains("resident     6 of 29 groups") && stdout.contains(", head\n"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("map          esRsssRssRsssRssRsssRssRsssRsp"),
+        stdout.contains("map          essRsssssRsssssRssssRsssssRssR"),
         "{stdout}"
     );
+
+    // A long prompt in a small budget: the head streams in pieces no larger than a slot.
+    let out = ferry(&[
+        "plan",
+        "--synthetic",
+        "qwen2.5-7b",
+        "--vram",
+        "2.6GiB",
+        "--tokens",
+        "16384",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("head (1.09 GB) streams in 3 pieces of ≤ 444.5 MiB"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("KV cache 896.0 MiB"), "{stdout}");
 
     // A checkpoint on disk: everything fits in 1 GiB.
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen2");
@@ -569,7 +592,7 @@ fn ferry_plan_refuses_bad_budgets_in_one_line() {
     for (args, needle) in [
         (
             vec!["--vram", "1GiB", "--tokens", "4096"],
-            "error: --vram: 1.00 GiB is below the minimum of 1.61 GiB for this model and pass: 2 slots × 444.5 MiB + KV cache 224.0 MiB",
+            "error: --vram: 1.00 GiB is below the minimum of 1.67 GiB for this model and pass: 2 slots × 444.5 MiB + KV cache 224.0 MiB",
         ),
         (vec!["--vram", "auto", "--tokens", "1"], "error: --vram: auto needs a GPU"),
         (vec!["--vram", "lots", "--tokens", "1"], "error: --vram: \"lots\" is not a size"),

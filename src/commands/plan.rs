@@ -7,7 +7,7 @@ use clap::Args;
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, LlamaConfig};
 use ferry::stream::cost::{
-    group_bytes, kv_cache_bytes, llama_groups, workspace_bytes, CUBLAS_WORKSPACE,
+    group_bytes, kv_cache_bytes, llama_groups, workspace_bytes, CUBLAS_WORKSPACE, DRIVER_RESERVE,
 };
 use ferry::stream::{
     human_bytes, parse_size, plan, CostModel, PassShape, Placement, PlanRequest, SlotSize, Vram,
@@ -114,7 +114,7 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         kv_cache: kv_cache_bytes(&config, args.past + args.tokens, args.batch),
         workspace: workspace_bytes(&config, shape),
         cublas_workspace: CUBLAS_WORKSPACE,
-        reserve: 0,
+        reserve: DRIVER_RESERVE,
         h2d_gbps: cost.h2d_gbps,
         slot_size,
     };

@@ -6,7 +6,7 @@ mod config;
 mod llama;
 
 pub use config::{Arch, Llama3RopeScaling, LlamaConfig};
-pub use llama::{Llama, Logits, Segment};
+pub use llama::{Llama, Logits, Segment, MLP_CHUNK_ROWS};
 
 use crate::checkpoint::{Checkpoint, HostTensor};
 use crate::error::Result;

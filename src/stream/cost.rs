@@ -4,7 +4,7 @@
 
 use super::plan::Group;
 use crate::checkpoint::DType;
-use crate::model::{GroupKind, Llama, LlamaConfig};
+use crate::model::{GroupKind, Llama, LlamaConfig, MLP_CHUNK_ROWS};
 
 /// Throughput figures of a card, stated or measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +52,12 @@ impl PassShape {
 
 /// cuBLASLt's recommended workspace on Hopper.
 pub const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Device memory a CUDA plan leaves aside: small allocations outside its accounting (RoPE
+/// frequencies, argmax results), the alignment padding in slots, and what the driver holds
+/// beyond the ledger (kernel modules, cuBLASLt internals, the pool's granularity: 40 MB more
+/// than the ledger's peak was measured at a 12 GiB budget on an H100).
+pub const DRIVER_RESERVE: usize = 96 << 20;
 
 /// Bytes of each group (pass order) when every weight is stored as `dtype`.
 pub fn group_bytes(config: &LlamaConfig, dtype: DType) -> Vec<usize> {
@@ -134,11 +140,13 @@ pub fn kv_cache_bytes(config: &LlamaConfig, positions: usize, batch: usize) -> u
 }
 
 /// Activation memory of one pass on the CUDA backend, bytes (bf16 activations; attention in
-/// tiles, no `[heads, tokens, positions]` score matrix). The largest of: the attention half of
-/// a block (residual, normed input, q, k, v, attention output), the MLP half (residual,
-/// normed input, gate, up, their product), plus the last position's logits of each sequence
-/// (in vocabulary blocks and concatenated, when the head streams in pieces) and 1 MiB for
-/// token ids, attention partials and the like.
+/// tiles, no `[heads, tokens, positions]` score matrix). The largest of what is alive at once
+/// in [`Llama::forward_batch`](crate::model::Llama::forward_batch): in the attention half, the residual with the normed input,
+/// q, k and v, then the residual with q, k, v and the attention output; in the MLP half, the
+/// residual (split into chunks of [`MLP_CHUNK_ROWS`] rows on a long pass) with one chunk's
+/// gate, up and their product, or the chunks with their concatenation; plus the last
+/// position's logits of each sequence (in vocabulary blocks and concatenated, when the head
+/// streams in pieces) and 1 MiB for token ids, attention partials and the like.
 pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
     let c = config;
     let rows = shape.rows();
@@ -148,10 +156,12 @@ pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
-    let attention = rows * (2 * h + 2 * q + 2 * kv) * 2;
-    let mlp = rows * (2 * h + 3 * ffn) * 2;
+    let attention = rows * (2 * h + q + 2 * kv).max(h + 2 * q + 2 * kv) * 2;
+    let chunk = rows.min(MLP_CHUNK_ROWS);
+    let mlp = (rows * h + chunk * (h + 2 * ffn).max(3 * ffn)) * 2;
+    let concat = 2 * rows * h * 2;
     let logits = shape.batch * c.vocab_size * 2 * 2;
-    attention.max(mlp) + logits + (1 << 20)
+    attention.max(mlp).max(concat) + logits + (1 << 20)
 }
 
 /// [`workspace_bytes`] when every position's logits are wanted (`Logits::All`: tests,
