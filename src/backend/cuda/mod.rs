@@ -127,6 +127,9 @@ enum WeightStorage {
     Slot,
     /// Host memory, for `embed` only (`Placement::HostGather`).
     Host(HostTensor),
+    /// Host memory page-locked by the streaming tier and read by kernels over PCIe (`ptr` is
+    /// its device address), for `embed` only: the rows of a pass's tokens, no more.
+    Mapped,
 }
 
 impl CudaWeight {
@@ -690,10 +693,13 @@ impl Backend for Cuda {
             for &id in ids {
                 let row = &host.bytes()[id as usize * row_bytes..(id as usize + 1) * row_bytes];
                 match host.dtype {
-                    crate::checkpoint::DType::BF16 => rows.extend(
-                        row.chunks_exact(2)
-                            .map(|c| bf16::from_le_bytes([c[0], c[1]])),
-                    ),
+                    crate::checkpoint::DType::BF16 => match bytemuck::try_cast_slice(row) {
+                        Ok(words) => rows.extend_from_slice(words),
+                        Err(_) => rows.extend(
+                            row.chunks_exact(2)
+                                .map(|c| bf16::from_le_bytes([c[0], c[1]])),
+                        ),
+                    },
                     crate::checkpoint::DType::F32 => rows.extend(
                         row.chunks_exact(4)
                             .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),

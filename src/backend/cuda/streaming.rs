@@ -19,7 +19,7 @@ use crate::checkpoint::{Checkpoint, DType, HostTensor, Storage};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Weights};
 use crate::stream::budget::BudgetTracker;
-use crate::stream::cost::{llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE};
+use crate::stream::cost::{llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE, DRIVER_RESERVE};
 use crate::stream::plan::{
     simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
 };
@@ -31,12 +31,6 @@ use crate::stream::Purpose;
 /// that a weight in a slot is as aligned as one in its own allocation (cuBLASLt picks the
 /// same algorithm for both, and results stay bit-identical).
 const SLOT_ALIGN: usize = 256;
-
-/// Bytes the planner leaves aside: small device allocations outside its accounting (RoPE
-/// frequencies, argmax results), the alignment padding in slots, and what the driver holds
-/// beyond the ledger (kernel modules, cuBLASLt internals, the pool's granularity: 40 MB more
-/// than the ledger's peak was measured at a 12 GiB budget on an H100).
-const RESERVE: usize = 96 << 20;
 
 /// How streamed bytes reach the copy engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,6 +224,21 @@ impl HostTier {
         self.groups[g].iter().map(|t| t.bytes).sum()
     }
 
+    /// The device's address of tensor `i` of group `g` (bf16), when its memory is registered
+    /// and mapped for the device (kernels read it over PCIe); `None` otherwise.
+    pub fn device_address(&self, g: usize, i: usize) -> Option<u64> {
+        if !matches!(self.mode, HostMode::Registered { .. }) {
+            return None;
+        }
+        let t = &self.groups[g][i];
+        let mut dptr: cu::CUdeviceptr = 0;
+        // SAFETY: `t.addr` lies in a range registered by `new` and alive as long as `self`.
+        let r = unsafe {
+            cu::cuMemHostGetDevicePointer_v2(&mut dptr, t.addr as *mut std::ffi::c_void, 0)
+        };
+        (r == cu::CUresult::CUDA_SUCCESS && dptr != 0).then_some(dptr)
+    }
+
     fn max_tensors(&self) -> usize {
         self.groups.iter().map(Vec::len).max().unwrap_or(0)
     }
@@ -351,7 +360,7 @@ pub fn plan_request(
         kv_cache: crate::stream::cost::kv_cache_bytes(c, shape.past + shape.tokens, shape.batch),
         workspace,
         cublas_workspace: CUBLAS_WORKSPACE,
-        reserve: RESERVE,
+        reserve: DRIVER_RESERVE,
         h2d_gbps: cost.h2d_gbps,
         slot_size: SlotSize::Auto,
     }
@@ -604,13 +613,25 @@ impl StreamedWeights {
                     .collect::<Result<Vec<_>>>()?,
                 Placement::HostGather => specs
                     .iter()
-                    .map(|s| {
+                    .enumerate()
+                    .map(|(i, s)| {
                         let t = ckpt.tensor(&s.name)?;
-                        Ok(CudaWeight {
-                            ptr: 0,
-                            rows: t.shape[0],
-                            cols: t.numel() / t.shape[0].max(1),
-                            storage: WeightStorage::Host(t.clone()),
+                        let (rows, cols) = (t.shape[0], t.numel() / t.shape[0].max(1));
+                        // Registered: the embedding kernel reads the rows it needs straight
+                        // from host memory. Otherwise the host gathers them.
+                        Ok(match tier.device_address(g, i) {
+                            Some(ptr) => CudaWeight {
+                                ptr,
+                                rows,
+                                cols,
+                                storage: WeightStorage::Mapped,
+                            },
+                            None => CudaWeight {
+                                ptr: 0,
+                                rows,
+                                cols,
+                                storage: WeightStorage::Host(t.clone()),
+                            },
                         })
                     })
                     .collect::<Result<Vec<_>>>()?,
