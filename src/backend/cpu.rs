@@ -291,22 +291,25 @@ impl Backend for Cpu {
         })
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
-        let data = gate
-            .data
-            .iter()
-            .zip(&up.data)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
-        Ok(CpuTensor {
-            rows: gate.rows,
-            cols: gate.cols,
-            data,
-        })
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<()> {
+        assert_eq!(gate.data.len(), up.data.len(), "silu_mul: shapes differ");
+        for (g, &u) in gate.data.iter_mut().zip(&up.data) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        Ok(())
     }
 
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
-        for (a, b) in x.data.iter_mut().zip(&y.data) {
+    fn add_assign(&self, x: &mut CpuTensor, start: usize, y: &CpuTensor) -> Result<()> {
+        assert!(
+            x.cols == y.cols && start + y.rows <= x.rows,
+            "add_assign: [{}, {}] at row {start} of [{}, {}]",
+            y.rows,
+            y.cols,
+            x.rows,
+            x.cols
+        );
+        let rows = &mut x.data[start * x.cols..(start + y.rows) * x.cols];
+        for (a, b) in rows.iter_mut().zip(&y.data) {
             *a += b;
         }
         Ok(())

@@ -85,6 +85,17 @@ pub trait Backend {
         w: &Self::Weight,
         eps: f32,
     ) -> Result<Self::Activation>;
+    /// [`rms_norm`](Self::rms_norm) of rows `start..start+len` of `x`.
+    fn rms_norm_rows(
+        &self,
+        x: &Self::Activation,
+        start: usize,
+        len: usize,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation> {
+        self.rms_norm(&self.rows(x, start, len)?, w, eps)
+    }
     /// `x @ wᵀ + bias`: x `[t, in]`, w `[out, in]`, bias `[out]` → `[t, out]`.
     fn linear(
         &self,
@@ -92,17 +103,19 @@ pub trait Backend {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Activation>;
-    /// `x += h @ wᵀ + bias` (the residual connection after a projection; a GPU fuses the add
-    /// into the matrix product).
+    /// `x[start..start+t] += h @ wᵀ + bias` for h `[t, in]`: the residual connection after
+    /// a projection, on all of `x` or on a block of its rows (a GPU fuses the add into the
+    /// matrix product).
     fn linear_add(
         &self,
         x: &mut Self::Activation,
+        start: usize,
         h: &Self::Activation,
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<()> {
         let y = self.linear(h, w, bias)?;
-        self.add_assign(x, &y)
+        self.add_assign(x, start, &y)
     }
     /// Rotate q `[t, heads*head_dim]` and k `[t, kv_heads*head_dim]` in place (rotate-half
     /// layout) for positions `pos0..pos0+t`.
@@ -127,10 +140,15 @@ pub trait Backend {
         pos0: usize,
         shape: AttentionShape,
     ) -> Result<Self::Activation>;
-    /// `silu(gate) * up`, elementwise.
-    fn silu_mul(&self, gate: &Self::Activation, up: &Self::Activation) -> Result<Self::Activation>;
-    /// `x += y`, elementwise.
-    fn add_assign(&self, x: &mut Self::Activation, y: &Self::Activation) -> Result<()>;
+    /// `gate = silu(gate) * up`, elementwise, in place.
+    fn silu_mul(&self, gate: &mut Self::Activation, up: &Self::Activation) -> Result<()>;
+    /// `x[start..start+t] += y` for y `[t, cols]`, elementwise.
+    fn add_assign(
+        &self,
+        x: &mut Self::Activation,
+        start: usize,
+        y: &Self::Activation,
+    ) -> Result<()>;
     /// Rows `start..start+len` of `x`, copied.
     fn rows(&self, x: &Self::Activation, start: usize, len: usize) -> Result<Self::Activation>;
     /// `parts` stacked row-wise (they share a width).

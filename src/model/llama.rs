@@ -182,25 +182,22 @@ impl Llama {
                 }
                 backend.concat_rows(&parts)?
             };
-            backend.linear_add(&mut x, &a, w.o_proj, w.o_bias)?;
+            backend.linear_add(&mut x, 0, &a, w.o_proj, w.o_bias)?;
             drop((q, k, v, a)); // free before the MLP's larger activations
 
-            // MLP: x = x + down(silu(gate(h)) * up(h)), row by row, so in chunks of rows
-            // when the pass is long: its [rows, ffn] intermediates are the largest
-            // activations of a pass (1.9 GB at 16384 tokens of a 7B model).
+            // MLP: x = x + down(silu(gate(h)) * up(h)), row by row, so in blocks of rows: its
+            // [rows, ffn] intermediates are the largest activations of a long pass (1.9 GB
+            // at 16384 tokens of a 7B model, a quarter of that in blocks of 4096).
             let rows = tokens.len();
-            if rows <= MLP_CHUNK_ROWS {
-                self.mlp(backend, &mut x, &w, eps)?;
-            } else {
-                let mut chunks = (0..rows)
-                    .step_by(MLP_CHUNK_ROWS)
-                    .map(|s| backend.rows(&x, s, MLP_CHUNK_ROWS.min(rows - s)))
-                    .collect::<Result<Vec<_>>>()?;
-                drop(x);
-                for chunk in &mut chunks {
-                    self.mlp(backend, chunk, &w, eps)?;
-                }
-                x = backend.concat_rows(&chunks)?;
+            for start in (0..rows).step_by(MLP_CHUNK_ROWS) {
+                let n = MLP_CHUNK_ROWS.min(rows - start);
+                let h = backend.rms_norm_rows(&x, start, n, w.post_attention_layernorm, eps)?;
+                let mut gate = backend.linear(&h, w.gate_proj, None)?; // [n, ffn]
+                let up = backend.linear(&h, w.up_proj, None)?; // [n, ffn]
+                drop(h);
+                backend.silu_mul(&mut gate, &up)?;
+                drop(up);
+                backend.linear_add(&mut x, start, &gate, w.down_proj, None)?;
             }
         }
         for seg in segments.iter_mut() {
@@ -238,23 +235,6 @@ impl Llama {
         let logits = backend.concat_cols(blocks)?;
         weights.finish_pass()?;
         Ok(logits)
-    }
-
-    /// A block's MLP on the rows of `x`, added to them.
-    fn mlp<B: Backend>(
-        &self,
-        backend: &B,
-        x: &mut B::Activation,
-        w: &BlockWeights<'_, B::Weight>,
-        eps: f32,
-    ) -> Result<()> {
-        let h = backend.rms_norm(x, w.post_attention_layernorm, eps)?;
-        let gate = backend.linear(&h, w.gate_proj, None)?; // [rows, ffn]
-        let up = backend.linear(&h, w.up_proj, None)?; // [rows, ffn]
-        drop(h);
-        let m = backend.silu_mul(&gate, &up)?; // [rows, ffn]
-        drop((gate, up));
-        backend.linear_add(x, &m, w.down_proj, None)
     }
 
     /// Name the weights of a block group, in the order `weight_groups` listed them.

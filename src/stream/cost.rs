@@ -141,12 +141,12 @@ pub fn kv_cache_bytes(config: &LlamaConfig, positions: usize, batch: usize) -> u
 
 /// Activation memory of one pass on the CUDA backend, bytes (bf16 activations; attention in
 /// tiles, no `[heads, tokens, positions]` score matrix). The largest of what is alive at once
-/// in [`Llama::forward_batch`](crate::model::Llama::forward_batch): in the attention half, the residual with the normed input,
-/// q, k and v, then the residual with q, k, v and the attention output; in the MLP half, the
-/// residual (split into chunks of [`MLP_CHUNK_ROWS`] rows on a long pass) with one chunk's
-/// gate, up and their product, or the chunks with their concatenation; plus the last
-/// position's logits of each sequence (in vocabulary blocks and concatenated, when the head
-/// streams in pieces) and 1 MiB for token ids, attention partials and the like.
+/// in [`Llama::forward_batch`](crate::model::Llama::forward_batch): in the attention half,
+/// the residual with the normed input, q, k and v, then the residual with q, k, v and the
+/// attention output; in the MLP half, the residual with one block of [`MLP_CHUNK_ROWS`]
+/// rows' normed input, gate and up (their product overwrites gate); plus the last position's
+/// logits of each sequence (in vocabulary blocks and concatenated, when the head streams in
+/// pieces) and 1 MiB for token ids, attention partials and the like.
 pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
     let c = config;
     let rows = shape.rows();
@@ -157,11 +157,9 @@ pub fn workspace_bytes(config: &LlamaConfig, shape: PassShape) -> usize {
         c.intermediate_size,
     );
     let attention = rows * (2 * h + q + 2 * kv).max(h + 2 * q + 2 * kv) * 2;
-    let chunk = rows.min(MLP_CHUNK_ROWS);
-    let mlp = (rows * h + chunk * (h + 2 * ffn).max(3 * ffn)) * 2;
-    let concat = 2 * rows * h * 2;
+    let mlp = (rows * h + rows.min(MLP_CHUNK_ROWS) * (h + 2 * ffn)) * 2;
     let logits = shape.batch * c.vocab_size * 2 * 2;
-    attention.max(mlp).max(concat) + logits + (1 << 20)
+    attention.max(mlp) + logits + (1 << 20)
 }
 
 /// [`workspace_bytes`] when every position's logits are wanted (`Logits::All`: tests,

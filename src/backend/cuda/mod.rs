@@ -734,17 +734,31 @@ impl Backend for Cuda {
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        self.rms_norm_rows(x, 0, x.rows, w, eps)
+    }
+
+    fn rms_norm_rows(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        len: usize,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
         let width = w.rows * w.cols;
-        if width == 0 || x.cols % width != 0 || width % 2 != 0 {
+        if width == 0 || x.cols % width != 0 || width % 2 != 0 || start + len > x.rows {
             return Err(Error::Device(format!(
-                "rms_norm: rows of {} values with a weight of {width}",
+                "rms_norm: rows {start}..{} of [{}, {}] with a weight of {width}",
+                start + len,
+                x.rows,
                 x.cols
             )));
         }
-        let out = self.tensor(x.rows, x.cols)?;
-        let segments = (x.rows * x.cols / width) as u32;
+        let out = self.tensor(len, x.cols)?;
+        let segments = (len * x.cols / width) as u32;
         let f = self.function(&compile::NORM, "rms_norm", 0)?;
-        let (xp, wp, op, width) = (self.ptr(&x.buf), w.dev()?, self.ptr(&out.buf), width as u32);
+        let xp = self.ptr(&x.buf) + (start * x.cols * 2) as u64;
+        let (wp, op, width) = (w.dev()?, self.ptr(&out.buf), width as u32);
         let mut b = self.stream.launch_builder(&f);
         b.arg(&xp)
             .arg(&wp)
@@ -752,7 +766,8 @@ impl Backend for Cuda {
             .arg(&segments)
             .arg(&width)
             .arg(&eps);
-        // SAFETY: arguments match `rms_norm` in norm.cu; sizes checked above.
+        // SAFETY: arguments match `rms_norm` in norm.cu; the rows read lie inside x (checked
+        // above), out holds them.
         unsafe { b.launch(cfg((segments.div_ceil(4), 1, 1), 128, 0)) }
             .map_err(self.err("rms_norm"))?;
         Ok(out)
@@ -781,14 +796,15 @@ impl Backend for Cuda {
     fn linear_add(
         &self,
         x: &mut CudaTensor,
+        start: usize,
         h: &CudaTensor,
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
     ) -> Result<()> {
         let mut shape = Self::linear_shape(h, w, bias)?;
-        if x.rows != h.rows || x.cols != w.rows {
+        if start + h.rows > x.rows || x.cols != w.rows {
             return Err(Error::Device(format!(
-                "linear_add: residual [{}, {}] vs product [{}, {}]",
+                "linear_add: residual [{}, {}] vs product [{}, {}] at row {start}",
                 x.rows, x.cols, h.rows, w.rows
             )));
         }
@@ -796,7 +812,7 @@ impl Backend for Cuda {
         self.gemm(
             shape,
             gemm::Operands {
-                y: self.ptr(&x.buf),
+                y: self.ptr(&x.buf) + (start * x.cols * 2) as u64,
                 x: self.ptr(&h.buf),
                 w: w.dev()?,
                 bias: bias.map(CudaWeight::dev).transpose()?,
@@ -961,13 +977,12 @@ impl Backend for Cuda {
         Ok(out)
     }
 
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+    fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<()> {
         if (gate.rows, gate.cols) != (up.rows, up.cols) {
             return Err(Error::Device(
                 "silu_mul: gate and up differ in shape".into(),
             ));
         }
-        let out = self.tensor(gate.rows, gate.cols)?;
         let n = gate.rows * gate.cols;
         let (name, items) = if n % 8 == 0 {
             ("silu_mul_x8", n / 8)
@@ -975,34 +990,34 @@ impl Backend for Cuda {
             ("silu_mul", n)
         };
         let f = self.function(&compile::ELEMENTWISE, name, 0)?;
-        let (gp, up_, op, items_u) = (
-            self.ptr(&gate.buf),
-            self.ptr(&up.buf),
-            self.ptr(&out.buf),
-            items as u64,
-        );
+        let (gp, up_, items_u) = (self.ptr(&gate.buf), self.ptr(&up.buf), items as u64);
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&gp).arg(&up_).arg(&op).arg(&items_u);
-        // SAFETY: arguments match the kernel; all three buffers hold n values.
+        b.arg(&gp).arg(&up_).arg(&items_u);
+        // SAFETY: arguments match the kernel; both buffers hold n values.
         unsafe { b.launch(cfg((self.grid_for(items), 1, 1), 256, 0)) }.map_err(self.err(name))?;
-        Ok(out)
+        Ok(())
     }
 
-    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
-        if (x.rows, x.cols) != (y.rows, y.cols) {
-            return Err(Error::Device("add_assign: shapes differ".into()));
+    fn add_assign(&self, x: &mut CudaTensor, start: usize, y: &CudaTensor) -> Result<()> {
+        if x.cols != y.cols || start + y.rows > x.rows {
+            return Err(Error::Device(format!(
+                "add_assign: [{}, {}] at row {start} of [{}, {}]",
+                y.rows, y.cols, x.rows, x.cols
+            )));
         }
-        let n = x.rows * x.cols;
-        let (name, items) = if n % 8 == 0 {
+        let (n, offset) = (y.rows * y.cols, start * x.cols);
+        let (name, items) = if n % 8 == 0 && offset % 8 == 0 {
             ("add_assign_x8", n / 8)
         } else {
             ("add_assign", n)
         };
         let f = self.function(&compile::ELEMENTWISE, name, 0)?;
-        let (xp, yp, items_u) = (self.ptr(&x.buf), self.ptr(&y.buf), items as u64);
+        let xp = self.ptr(&x.buf) + (offset * 2) as u64;
+        let (yp, items_u) = (self.ptr(&y.buf), items as u64);
         let mut b = self.stream.launch_builder(&f);
         b.arg(&xp).arg(&yp).arg(&items_u);
-        // SAFETY: arguments match the kernel; both buffers hold n values.
+        // SAFETY: arguments match the kernel; the n values written lie inside x (checked
+        // above), y holds n values.
         unsafe { b.launch(cfg((self.grid_for(items), 1, 1), 256, 0)) }.map_err(self.err(name))?;
         Ok(())
     }

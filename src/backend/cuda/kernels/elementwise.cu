@@ -1,24 +1,23 @@
 // Elementwise ops over n bf16 values, math in f32. The `_x8` forms move 16 bytes per thread
-// and need n % 8 == 0 (pointers from the allocator are 256-byte aligned).
+// and need n % 8 == 0 and 16-byte aligned pointers (the allocator's are 256-byte aligned).
 // grid: enough blocks of 256 threads to cover n (or n / 8), grid-stride loops beyond that.
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
-extern "C" __global__ void silu_mul(const bf16* __restrict__ gate, const bf16* __restrict__ up,
-                                    bf16* __restrict__ out, u64 n) {
+// gate = silu(gate) * up, in place.
+extern "C" __global__ void silu_mul(bf16* __restrict__ gate, const bf16* __restrict__ up, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        out[i] = f2bf(silu(bf2f(gate[i])) * bf2f(up[i]));
+        gate[i] = f2bf(silu(bf2f(gate[i])) * bf2f(up[i]));
 }
 
-extern "C" __global__ void silu_mul_x8(const uint4* __restrict__ gate, const uint4* __restrict__ up,
-                                       uint4* __restrict__ out, u64 n8) {
+extern "C" __global__ void silu_mul_x8(uint4* __restrict__ gate, const uint4* __restrict__ up, u64 n8) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
         uint4 g = gate[i], u = up[i], o;
         o.x = pack_bf16x2(silu(bf_lo(g.x)) * bf_lo(u.x), silu(bf_hi(g.x)) * bf_hi(u.x));
         o.y = pack_bf16x2(silu(bf_lo(g.y)) * bf_lo(u.y), silu(bf_hi(g.y)) * bf_hi(u.y));
         o.z = pack_bf16x2(silu(bf_lo(g.z)) * bf_lo(u.z), silu(bf_hi(g.z)) * bf_hi(u.z));
         o.w = pack_bf16x2(silu(bf_lo(g.w)) * bf_lo(u.w), silu(bf_hi(g.w)) * bf_hi(u.w));
-        out[i] = o;
+        gate[i] = o;
     }
 }
 
