@@ -2,7 +2,8 @@
 # Every GPU check, in one command, on a machine with an NVIDIA GPU and no Rust toolchain:
 #   1. the CUDA test suites (tests/cuda.rs, tests/cuda_batch.rs) against the CPU reference;
 #   2. `ferry run --device cuda` on a fixture, and the one-line error for a missing device;
-#   3. streaming (tests/cuda_stream.rs: streamed = resident bit for bit at several budgets);
+#   3. streaming (tests/cuda_stream.rs: streamed = resident bit for bit at several budgets,
+#      and host memory through the pinned staging ring = registered, bit for bit);
 #   4. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
 #      transformers bf16, streamed bit-identity, `ferry bench-cuda --vram` over prompt lengths ×
 #      budgets (SKIP_RESIDENT_BENCH=1 stops there), then `ferry bench-cuda` and transformers
@@ -61,7 +62,7 @@ timeout 300 "$BIN/cuda-tests" --test-threads 1 2>&1 | tee "$OUT/tests.log" || st
 step "batched passes on the GPU (tests/cuda_batch.rs)"
 timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/batch_tests.log" || status=1
 
-step "streaming: streamed = resident bit for bit on every fixture, too-small budget (tests/cuda_stream.rs)"
+step "streaming: streamed = resident bit for bit on every fixture, too-small budget, staged = registered host memory (tests/cuda_stream.rs)"
 timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
 
 step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
@@ -70,6 +71,7 @@ timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" 
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 160MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 160MiB --stats --host-memory staged 2>&1 | tee -a "$OUT/run.log" || status=1
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
 
@@ -82,6 +84,9 @@ if [ -z "${SKIP_7B:-}" ]; then
     step "streaming: 4096-token prompt pass at --vram 2.6GiB, then the grid (tokens × budgets)"
     timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 \
         --json "$OUT/stream_4096_2.6GiB.json" 2>&1 | tee "$OUT/stream_bench.log" || status=1
+    step "streaming through the pinned staging ring: the same pass with --host-memory staged"
+    timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 --host-memory staged \
+        --json "$OUT/stream_4096_2.6GiB_staged.json" 2>&1 | tee "$OUT/stream_bench_staged.log" || status=1
     for tokens in ${STREAM_TOKENS:-512 4096 16384}; do
         for vram in ${STREAM_BUDGETS:-2.6GiB 6GiB 12GiB}; do
             echo "-- $tokens tokens, --vram $vram"

@@ -1,6 +1,7 @@
 //! Streaming on the GPU (`--vram`): logits and greedy tokens of streamed runs at several
 //! budgets are bit-identical to a fully resident run, the budget is never exceeded (ledger
-//! and driver), and a budget below the minimum is refused with the minimum. Without a usable
+//! and driver), a budget below the minimum is refused with the minimum, and host memory
+//! copied through the pinned staging ring gives the same bits as registered host memory. Without a usable
 //! GPU each test prints "SKIPPED: no usable CUDA device: <why>" and passes.
 //!
 //! `FERRY_STREAM_7B=1` adds a Qwen2.5-7B-shaped model made in memory (15 GB of host RAM), or
@@ -11,7 +12,7 @@ mod common;
 use std::io::Write;
 
 use common::{fixture, ARCHS};
-use ferry::backend::cuda::streaming::{stream_weights, StreamedWeights};
+use ferry::backend::cuda::streaming::{stream_weights, HostMemory, HostMode, StreamedWeights};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
@@ -118,7 +119,7 @@ fn check_budgets(
         let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
         gpu.prepare(c.head_dim).expect("kernels");
         let mut w: StreamedWeights =
-            match stream_weights(&gpu, ckpt, &model, shape, workspace, None) {
+            match stream_weights(&gpu, ckpt, &model, shape, workspace, None, HostMemory::Auto) {
                 Ok(w) => w,
                 Err(e) if e.to_string().contains("below the minimum") => continue,
                 Err(e) => panic!("{test}: budget {budget}: {e}"),
@@ -181,7 +182,7 @@ fn a_too_small_budget_states_the_minimum() {
         batch: 1,
         past: 0,
     };
-    let e = stream_weights(&gpu, &ckpt, &model, shape, 64 << 20, None)
+    let e = stream_weights(&gpu, &ckpt, &model, shape, 64 << 20, None, HostMemory::Auto)
         .err()
         .expect("a 37 MiB budget for a 4096-token pass is too small")
         .to_string();
@@ -189,6 +190,80 @@ fn a_too_small_budget_states_the_minimum() {
         e.contains("--vram") && e.contains("below the minimum"),
         "{e}"
     );
+}
+
+/// Each fixture streamed at the same budget with `--host-memory registered` and `staged`:
+/// the tier is in the mode asked for, and logits and greedy tokens are identical bit for bit.
+#[test]
+fn staged_host_memory_is_bit_identical_to_registered() {
+    let test = "staged_host_memory_is_bit_identical_to_registered";
+    for arch in ARCHS {
+        let ckpt = Checkpoint::open(fixture(arch).to_str().expect("utf-8 path")).expect("fixture");
+        let c = &ckpt.config;
+        let model = Llama::new(c.clone());
+        let (prompt_len, decode) = (24, 6);
+        let prompt = random_token_ids(prompt_len, c.vocab_size, 7);
+        let shape = PassShape {
+            tokens: prompt_len + decode,
+            batch: 1,
+            past: 0,
+        };
+        let workspace = workspace_bytes_all_logits(c, shape);
+        let fixed =
+            CUBLAS_WORKSPACE + (96 << 20) + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+        let mut runs = Vec::new();
+        // The first budget that plans, streaming part of the weights (prefetch wraps passes).
+        'budgets: for fraction in [0.5, 0.35, 0.65, 0.8] {
+            runs.clear();
+            let budget = fixed + (ckpt.bytes() as f64 * fraction) as usize;
+            for host in [HostMemory::Registered, HostMemory::Staged] {
+                let Some(gpu) = gpu(test, Some(budget)) else {
+                    return;
+                };
+                gpu.prepare(c.head_dim).expect("kernels");
+                let mut w = match stream_weights(&gpu, &ckpt, &model, shape, workspace, None, host)
+                {
+                    Ok(w) => w,
+                    Err(e) if e.to_string().contains("below the minimum") => continue 'budgets,
+                    Err(e) => panic!("{test}: {arch}, {host:?}, budget {budget}: {e}"),
+                };
+                if w.plan().slots == 0 {
+                    continue 'budgets;
+                }
+                eprintln!("{test}: {arch}, budget {budget} B: {}", w.host_mode());
+                match (host, w.host_mode()) {
+                    (HostMemory::Registered, HostMode::Registered { bytes }) => {
+                        assert!(*bytes > 0, "{test}: {arch}: nothing registered")
+                    }
+                    (
+                        HostMemory::Staged,
+                        HostMode::Staged {
+                            buffers,
+                            bytes_each,
+                            threads,
+                            why,
+                        },
+                    ) => {
+                        assert!(*buffers >= 2 && *bytes_each > 0 && *threads > 0);
+                        assert!(why.contains("--host-memory staged"), "{why}");
+                    }
+                    (h, m) => panic!("{test}: {arch}: asked for {h:?}, got {m}"),
+                }
+                runs.push(run(&gpu, &model, &mut w, &prompt, decode, true));
+            }
+            break;
+        }
+        assert_eq!(
+            runs.len(),
+            2,
+            "{test}: {arch}: no budget streamed in both modes"
+        );
+        assert_eq!(runs[0].0, runs[1].0, "{test}: {arch}: greedy tokens");
+        assert!(
+            bits(&runs[0].1) == bits(&runs[1].1),
+            "{test}: {arch}: staged logits differ from registered"
+        );
+    }
 }
 
 #[test]

@@ -19,6 +19,8 @@ use ferry::stream::{PassShape, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
+use super::HostMemoryArg;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache.
@@ -54,6 +56,8 @@ pub struct BenchArgs {
     /// for the largest pass (longest prompt × largest batch).
     #[arg(long, value_name = "SIZE|auto")]
     vram: Option<String>,
+    #[command(flatten)]
+    host_memory: HostMemoryArg,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -151,7 +155,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     past: args.decode_tokens,
                 };
                 let ws = workspace_bytes(&ckpt.config, shape);
-                let mut weights = stream_weights(&gpu, &ckpt, &model, shape, ws, None)?;
+                let host = args.host_memory.host_memory.into();
+                let mut weights = stream_weights(&gpu, &ckpt, &model, shape, ws, None, host)?;
                 eprintln!("[host tier: {}]", weights.host_mode());
                 eprint!("{}", weights.plan());
                 let log = Arc::new(Mutex::new(Vec::new()));

@@ -18,6 +18,8 @@ use ferry::stream::{human_bytes, PassShape, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
 
+use super::HostMemoryArg;
+
 #[derive(Args)]
 pub struct BenchCudaArgs {
     /// A checkpoint (directory, .gguf or ORG/NAME); or use --preset.
@@ -52,6 +54,8 @@ pub struct BenchCudaArgs {
     /// lanes) as an SVG picture in this file.
     #[arg(long, value_name = "FILE.svg", requires = "vram")]
     timeline: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    host_memory: HostMemoryArg,
 }
 
 pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
@@ -273,7 +277,8 @@ fn bench_streamed(
     // First plan from the measured H2D bandwidth and assumed compute; a warm pass measures
     // each group's compute, and the plan is made again from those (what is reported).
     let t = Instant::now();
-    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, None)?;
+    let host = args.host_memory.host_memory.into();
+    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, None, host)?;
     let setup_secs = t.elapsed().as_secs_f64();
     let start_to_first_pass = start.elapsed().as_secs_f64();
     let (first_secs, first) = pass(&mut weights, 0)?;
@@ -286,7 +291,7 @@ fn bench_streamed(
         .map(|g| median(&mut warm.iter().map(|ms| ms[g]).collect::<Vec<_>>()))
         .collect();
     drop(weights);
-    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, Some(&measured))?;
+    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, Some(&measured), host)?;
     let plan = weights.plan().clone();
     eprintln!(
         "[{}: {source}; host tier: {}; H2D {:.1} GB/s measured; start to first streamed pass {:.2} s (open {:.2} s, register + plan + upload {:.2} s); first pass {:.3} s]",

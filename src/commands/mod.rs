@@ -7,7 +7,9 @@ pub mod plan;
 pub mod run;
 pub mod synth;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+use ferry::backend::cuda::streaming::HostMemory;
 
 #[derive(Args)]
 pub struct ModelArg {
@@ -15,6 +17,34 @@ pub struct ModelArg {
     /// ($HF_HOME/hub, default ~/.cache/huggingface/hub). Nothing is downloaded.
     #[arg(long, short)]
     pub model: String,
+}
+
+/// `--host-memory`: how streamed weights reach the GPU (only with --vram).
+#[derive(Args)]
+pub struct HostMemoryArg {
+    /// With --vram: how weights stream from host memory. auto: page-lock the checkpoint's
+    /// memory in place (cuMemHostRegister), and if the driver refuses, copy through a ring of
+    /// pinned staging buffers; registered: page-lock in place or fail; staged: always use the
+    /// staging ring (for a low memlock limit).
+    #[arg(long, value_enum, default_value_t = HostMemoryFlag::Auto, requires = "vram")]
+    pub host_memory: HostMemoryFlag,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HostMemoryFlag {
+    Auto,
+    Registered,
+    Staged,
+}
+
+impl From<HostMemoryFlag> for HostMemory {
+    fn from(f: HostMemoryFlag) -> HostMemory {
+        match f {
+            HostMemoryFlag::Auto => HostMemory::Auto,
+            HostMemoryFlag::Registered => HostMemory::Registered,
+            HostMemoryFlag::Staged => HostMemory::Staged,
+        }
+    }
 }
 
 /// Bytes for people: KiB, MiB, GiB.

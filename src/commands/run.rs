@@ -17,7 +17,7 @@ use ferry::stream::cost::workspace_bytes;
 use ferry::stream::{human_bytes, PassShape, Vram};
 use ferry::{Error, Result};
 
-use super::ModelArg;
+use super::{HostMemoryArg, ModelArg};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -83,6 +83,8 @@ pub struct RunArgs {
     /// overlap efficiency, device memory).
     #[arg(long, requires = "vram")]
     stats: bool,
+    #[command(flatten)]
+    host_memory: HostMemoryArg,
 }
 
 pub fn run(mut args: RunArgs) -> Result<()> {
@@ -152,6 +154,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                 shape,
                 workspace_bytes(&ckpt.config, shape),
                 None,
+                args.host_memory.host_memory.into(),
             )?;
             if !args.quiet {
                 eprintln!("[host tier: {}]", weights.host_mode());

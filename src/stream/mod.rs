@@ -5,6 +5,7 @@
 //! - [`cost`]: bytes, FLOPs, KV cache and workspace of a Llama-family pass, for the planner.
 //! - [`budget`]: the accounting allocator every device allocation goes through.
 //! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
+//! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock.
 //! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
 pub mod budget;
@@ -12,6 +13,7 @@ pub mod cost;
 pub mod plan;
 pub mod schedule;
 mod size;
+pub mod staging;
 pub mod timeline;
 
 pub use budget::{Allocation, BudgetAllocator, DeviceMemory, OverBudget, Purpose, Vram};

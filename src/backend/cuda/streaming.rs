@@ -1,17 +1,22 @@
 //! The CUDA half of the streaming engine: the host tier (the checkpoint's memory page-locked
-//! with the driver), a [`CopyEngine`] over one copy stream and a ring of slots, and
+//! with the driver, or a ring of pinned staging buffers when it will not be), a [`CopyEngine`] over one copy stream and a ring of slots, and
 //! [`StreamedWeights`], which hands the model its weights group by group — resident groups as
 //! they are, streamed ones as views into the slot their copy went to — with per-pass stats.
 //!
-//! Nothing here blocks the host inside a pass: the compute stream waits for a slot's copy
-//! event, the copy stream waits for the slot's release event, both queue-to-queue (the
-//! contract is in [`crate::stream::schedule`]).
+//! Nothing here blocks the host on the device inside a pass: the compute stream waits for a
+//! slot's copy event, the copy stream waits for the slot's release event, both queue-to-queue
+//! (the contract is in [`crate::stream::schedule`]). With the staging ring, the compute thread
+//! may wait for the ring's thread to have *queued* a copy (the fill of a staging buffer: host
+//! work), never for a copy to complete (see [`crate::stream::staging`]).
 
+use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 use half::bf16;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
@@ -24,13 +29,30 @@ use crate::stream::plan::{
     simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
 };
 use crate::stream::schedule::{CopyEngine, Streamer};
+use crate::stream::staging::{
+    self, Readers, Span, StagedCopy, StagingDevice, StagingRing, STAGING_BUFFERS,
+};
 use crate::stream::timeline::{Lane, TimelineEvent};
-use crate::stream::Purpose;
+use crate::stream::{human_bytes, Purpose};
 
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
 /// that a weight in a slot is as aligned as one in its own allocation (cuBLASLt picks the
 /// same algorithm for both, and results stay bit-identical).
 const SLOT_ALIGN: usize = 256;
+
+/// How the host tier should make streamed bytes readable by the copy engine
+/// (`--host-memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostMemory {
+    /// Page-lock the checkpoint's memory in place; if the driver refuses, use the staging
+    /// ring.
+    #[default]
+    Auto,
+    /// Page-lock in place, or fail saying why.
+    Registered,
+    /// Always copy through the pinned staging ring.
+    Staged,
+}
 
 /// How streamed bytes reach the copy engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,8 +60,17 @@ pub enum HostMode {
     /// Page-locked with `cuMemHostRegister` (the mmap read-only): DMA at full PCIe speed, no
     /// second copy in RAM.
     Registered { bytes: usize },
-    /// Registration failed; copies read pageable memory (slow: the driver stages them).
-    Pageable { why: String },
+    /// Copied through a ring of page-locked staging buffers (`cuMemHostAlloc`, host memory
+    /// outside the VRAM budget) that `threads` reader threads fill from the checkpoint.
+    /// `buffers` is 0 until the ring is made, and stays 0 when nothing streams.
+    Staged {
+        buffers: usize,
+        /// Bytes of each buffer: the largest piece as laid out in a slot.
+        bytes_each: usize,
+        threads: usize,
+        /// Why not registered: the flag, or the driver's refusal.
+        why: String,
+    },
 }
 
 impl std::fmt::Display for HostMode {
@@ -50,13 +81,27 @@ impl std::fmt::Display for HostMode {
                 "registered host memory ({:.2} GB page-locked with cuMemHostRegister, mmap read-only)",
                 *bytes as f64 / 1e9
             ),
-            HostMode::Pageable { why } => write!(
+            HostMode::Staged {
+                buffers: 0, why, ..
+            } => write!(f, "pinned staging ring (not allocated: nothing streams; {why})"),
+            HostMode::Staged {
+                buffers,
+                bytes_each,
+                threads,
+                why,
+            } => write!(
                 f,
-                "pageable host memory (cuMemHostRegister failed: {why}; the pinned staging ring is not written yet)"
+                "pinned staging ring ({buffers} × {} = {} of pinned host memory, {threads} reader threads; {why})",
+                human_bytes(*bytes_each),
+                human_bytes(buffers * bytes_each)
             ),
         }
     }
 }
+
+/// Above this many bytes to page-lock, registration shows a progress bar (pages not in the
+/// page cache are read from disk first: tens of seconds for a large model).
+const REGISTER_PROGRESS_BYTES: usize = 2_000_000_000;
 
 /// One tensor as the copy engine reads it: bf16 bytes in host memory that the tier keeps
 /// alive.
@@ -70,7 +115,7 @@ struct TensorSrc {
 }
 
 /// The host side: every tensor's bf16 bytes (in the checkpoint's storage, or converted into
-/// an owned arena), registered with the driver when it can be.
+/// an owned arena), registered with the driver, or to be copied through the staging ring.
 pub struct HostTier {
     /// Per group (pass order), its tensors in group order.
     groups: Vec<Vec<TensorSrc>>,
@@ -94,9 +139,10 @@ fn page_size() -> usize {
 }
 
 impl HostTier {
-    /// Gather the model's tensors and register their memory. Must run after the CUDA context
-    /// exists (`cuMemHostRegister` needs it current: `gpu` proves that).
-    pub fn new(gpu: &Cuda, ckpt: &Checkpoint, model: &Llama) -> Result<HostTier> {
+    /// Gather the model's tensors and, unless `host` says staged, register their memory. Must
+    /// run after the CUDA context exists (`cuMemHostRegister` needs it current: `gpu` proves
+    /// that).
+    pub fn new(gpu: &Cuda, ckpt: &Checkpoint, model: &Llama, host: HostMemory) -> Result<HostTier> {
         gpu.ctx
             .bind_to_thread()
             .map_err(gpu.err("binding the context"))?;
@@ -169,8 +215,9 @@ impl HostTier {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        // Register each storage's pages (read-only: the mmap is), and the arena.
-        let mut ranges: Vec<(usize, usize, u32)> = storages
+        // Register each storage's pages (read-only: the mmap is), and the arena; each named
+        // by a tensor in it, for errors.
+        let mut ranges: Vec<(usize, usize, u32, String)> = storages
             .iter()
             .map(|s| {
                 let b = s.bytes();
@@ -178,45 +225,66 @@ impl HostTier {
                     Storage::Mapped(_) => cu::CU_MEMHOSTREGISTER_READ_ONLY,
                     Storage::Owned { .. } => 0,
                 };
-                (b.as_ptr() as usize, b.len(), flags)
+                let holder = groups
+                    .iter()
+                    .flatten()
+                    .find(|t| {
+                        (b.as_ptr() as usize..b.as_ptr() as usize + b.len()).contains(&t.addr)
+                    })
+                    .map_or_else(String::new, |t| t.name.clone());
+                let what = match **s {
+                    Storage::Mapped(_) => format!("the mapped file holding {holder}"),
+                    Storage::Owned { .. } => format!("the buffer holding {holder}"),
+                };
+                (b.as_ptr() as usize, b.len(), flags, what)
             })
             .collect();
         if let Some(a) = &arena {
-            ranges.push((a.as_ptr() as usize, a.len(), 0));
+            ranges.push((
+                a.as_ptr() as usize,
+                a.len(),
+                0,
+                "the converted weights".into(),
+            ));
         }
-        let mut registered = Vec::new();
-        let mut total = 0;
-        let mut failure = None;
-        for (addr, len, flags) in ranges {
-            let start = addr / page_size() * page_size();
-            let end = (addr + len).div_ceil(page_size()) * page_size();
-            // SAFETY: the range covers memory this tier keeps alive and never moves (a mapping,
-            // a Vec not resized after this point); it is unregistered before it is freed.
-            let r = unsafe {
-                cu::cuMemHostRegister_v2(start as *mut std::ffi::c_void, end - start, flags)
-            };
-            match r {
-                cu::CUresult::CUDA_SUCCESS => {
-                    registered.push(start);
-                    total += end - start;
+        let why_staged = match host {
+            HostMemory::Staged => Some("--host-memory staged".to_string()),
+            HostMemory::Auto | HostMemory::Registered => None,
+        };
+        let (registered, mode) = match why_staged {
+            Some(why) => (Vec::new(), HostTier::staged(why)),
+            None => match register(&ranges) {
+                Ok(registered) => {
+                    let bytes = registered.iter().map(|&(_, len)| len).sum();
+                    (registered, HostMode::Registered { bytes })
                 }
-                e => {
-                    failure
-                        .get_or_insert_with(|| super::driver_msg(cudarc::driver::DriverError(e)));
+                Err(why) if host == HostMemory::Registered => {
+                    return Err(Error::Flag {
+                        flag: "--host-memory",
+                        message: format!(
+                            "registered: {why} (--host-memory staged copies through pinned staging buffers instead)"
+                        ),
+                    })
                 }
-            }
-        }
-        let mode = match failure {
-            None => HostMode::Registered { bytes: total },
-            Some(why) => HostMode::Pageable { why },
+                Err(why) => (Vec::new(), HostTier::staged(why)),
+            },
         };
         Ok(HostTier {
             groups,
             _storages: storages,
             _arena: arena,
-            registered,
+            registered: registered.into_iter().map(|(start, _)| start).collect(),
             mode,
         })
+    }
+
+    fn staged(why: String) -> HostMode {
+        HostMode::Staged {
+            buffers: 0,
+            bytes_each: 0,
+            threads: staging::reader_threads(),
+            why,
+        }
     }
 
     /// Bytes of group `g` as streamed (bf16).
@@ -242,6 +310,65 @@ impl HostTier {
     fn max_tensors(&self) -> usize {
         self.groups.iter().map(Vec::len).max().unwrap_or(0)
     }
+}
+
+/// Page-lock every range `(address, bytes, cuMemHostRegister flags, what it is)` with the
+/// driver, with a progress bar when there is much to lock: the page-aligned
+/// `(start, bytes)` of each, or why one failed (those done before it are unlocked again).
+fn register(
+    ranges: &[(usize, usize, u32, String)],
+) -> std::result::Result<Vec<(usize, usize)>, String> {
+    let aligned = |addr: usize, len: usize| {
+        let start = addr / page_size() * page_size();
+        (
+            start,
+            (addr + len).div_ceil(page_size()) * page_size() - start,
+        )
+    };
+    let total: usize = ranges.iter().map(|&(a, l, ..)| aligned(a, l).1).sum();
+    let bar = if total > REGISTER_PROGRESS_BYTES && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        // One call per shard: tick so that the time keeps moving during a long one.
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut done: Vec<(usize, usize)> = Vec::new();
+    for (i, (addr, len, flags, what)) in ranges.iter().enumerate() {
+        bar.set_message(format!(
+            "page-locking host memory {}/{}",
+            i + 1,
+            ranges.len()
+        ));
+        let (start, bytes) = aligned(*addr, *len);
+        // SAFETY: the range covers memory the tier keeps alive and never moves (a mapping, a
+        // buffer not resized after this point); it is unregistered before it is freed.
+        let r = unsafe { cu::cuMemHostRegister_v2(start as *mut std::ffi::c_void, bytes, *flags) };
+        if r != cu::CUresult::CUDA_SUCCESS {
+            bar.finish_and_clear();
+            for &(start, _) in &done {
+                // SAFETY: registered just above; nothing has copied from it yet.
+                let _ = unsafe { cu::cuMemHostUnregister(start as *mut std::ffi::c_void) };
+            }
+            return Err(format!(
+                "cuMemHostRegister failed for {what} ({:.2} GB): {}",
+                bytes as f64 / 1e9,
+                super::driver_msg(cudarc::driver::DriverError(r))
+            ));
+        }
+        done.push((start, bytes));
+        bar.inc(bytes as u64);
+    }
+    bar.finish_and_clear();
+    Ok(done)
 }
 
 impl Drop for HostTier {
@@ -285,7 +412,9 @@ fn segments(tensors: &[TensorSrc], offset: usize, bytes: usize) -> Vec<Segment> 
 }
 
 /// Measure host→device bandwidth from the tier's memory: the best of 3 copies of up to
-/// 256 MiB into a scratch buffer (allocated within the budget, freed after). GB/s.
+/// 256 MiB into a scratch buffer (allocated within the budget, freed after). With the
+/// staging ring, the copies go from a pinned buffer, and the figure is the lower of that and
+/// the reader threads' fill rate (the two overlap, so the slower one sets the pace). GB/s.
 pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
     let src = tier
         .groups
@@ -296,6 +425,28 @@ pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
     let room = gpu.memory.budget().saturating_sub(gpu.memory.in_use()) / 4;
     let bytes = src.bytes.min(256 << 20).min(room).max(1);
     let buf = gpu.alloc(bytes, Purpose::Other("H2D measurement".into()))?;
+    let (staging, fill_gbps) = match tier.mode {
+        HostMode::Registered { .. } => (None, f64::INFINITY),
+        HostMode::Staged { threads, .. } => {
+            let mut pinned = PinnedBuffer::new(&gpu.ctx, bytes)
+                .map_err(gpu.err("cuMemHostAlloc (a buffer to measure the staging ring)"))?;
+            let readers = Readers::new(threads)?;
+            let span = [Span {
+                src: src.addr,
+                len: bytes.min(src.bytes),
+                dst: 0,
+            }];
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = Instant::now();
+                // SAFETY: the span lies in host memory the tier keeps alive and never writes.
+                unsafe { readers.fill(&mut pinned, &span) };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            (Some(pinned), bytes as f64 / (best.max(1e-9) * 1e9))
+        }
+    };
+    let host_src = staging.as_ref().map_or(src.addr, |p| p.as_ptr() as usize);
     let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (
         gpu.ctx
@@ -308,11 +459,12 @@ pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
     let mut best = f64::MAX;
     for _ in 0..3 {
         a.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
-        // SAFETY: `buf` holds `bytes`; the source lies inside memory the tier keeps alive.
+        // SAFETY: `buf` holds `bytes`; the source lies inside memory the tier keeps alive, or
+        // in the pinned buffer, which outlives the copy (synchronized below).
         unsafe {
             cu::cuMemcpyHtoDAsync_v2(
                 gpu.ptr(&buf),
-                src.addr as *const std::ffi::c_void,
+                host_src as *const std::ffi::c_void,
                 bytes,
                 gpu.stream.cu_stream(),
             )
@@ -320,10 +472,64 @@ pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
         .result()
         .map_err(gpu.err("measuring host→device copies"))?;
         b.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
+        b.synchronize().map_err(gpu.err("cuEventSynchronize"))?;
         let ms = a.elapsed_ms(&b).map_err(gpu.err("cuEventElapsedTime"))? as f64;
         best = best.min(ms);
     }
-    Ok(bytes as f64 / (best.max(1e-6) * 1e6))
+    drop(staging);
+    Ok((bytes as f64 / (best.max(1e-6) * 1e6)).min(fill_gbps))
+}
+
+/// Page-locked host memory from `cuMemHostAlloc` (host memory: outside the VRAM budget),
+/// zeroed once, freed on drop.
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; the driver calls on it are
+// thread-safe.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> std::result::Result<PinnedBuffer, DriverError> {
+        ctx.bind_to_thread()?;
+        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: `p` receives a fresh allocation of `len` bytes (at least 1), or an error.
+        unsafe { cu::cuMemHostAlloc(&mut p, len.max(1), 0) }.result()?;
+        // SAFETY: `p` points to `len` writable bytes; zeroed so the slice below is initialized.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
+        Ok(PinnedBuffer {
+            ptr: p as *mut u8,
+            len,
+            ctx: ctx.clone(),
+        })
+    }
+}
+
+impl std::ops::Deref for PinnedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialized bytes owned by this value.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PinnedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed uniquely.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by cuMemHostAlloc; its owner waited for the copies reading it
+        // (the staging ring drains its buffers; measure_h2d synchronizes).
+        let _ = unsafe { cu::cuMemFreeHost(self.ptr as *mut std::ffi::c_void) };
+    }
 }
 
 /// The planner's request for streaming `model` on `gpu` within its budget, for passes of
@@ -366,22 +572,104 @@ pub fn plan_request(
     }
 }
 
+/// The events of the copy engine, made once: per slot its copy and release events (see
+/// [`CopyEngine`]), and begin/end timing events per piece for two copies in flight (copy `n`
+/// of piece `k` is timed by `copy_times[n % 2][k]`). Shared with the staging ring's thread,
+/// which records them in staged mode.
+struct EngineEvents {
+    copied: Vec<CudaEvent>,
+    released: Vec<CudaEvent>,
+    copy_times: [Vec<(CudaEvent, CudaEvent)>; 2],
+}
+
+impl EngineEvents {
+    /// Timing events of a copy, by the tag given to the staging ring: `2 k + n % 2`.
+    fn timing(&self, tag: usize) -> &(CudaEvent, CudaEvent) {
+        &self.copy_times[tag % 2][tag / 2]
+    }
+}
+
 /// The copy engine on CUDA: a stream used only for host→device copies into a ring of slots,
-/// two events per slot made once (see [`CopyEngine`]), and timing events per piece.
+/// two events per slot made once (see [`CopyEngine`]), and timing events per piece. In
+/// staged host mode every copy goes through a [`StagingRing`] instead of reading the host
+/// tier directly.
 pub struct CudaCopyEngine {
     copy: Arc<CudaStream>,
     compute: Arc<CudaStream>,
     /// Device addresses of the slots (kept allocated by `_slots`).
     slot_addr: Vec<u64>,
-    _slots: Vec<DevBuf>,
-    copied: Vec<CudaEvent>,
-    released: Vec<CudaEvent>,
+    events: Arc<EngineEvents>,
     tensors: Arc<Vec<Vec<TensorSrc>>>,
     /// First index in the plan's pieces of each group's pieces.
     piece_base: Vec<usize>,
-    /// Per piece, copies queued so far; its copy `n` is timed by `copy_times[n % 2][piece]`.
+    /// Per piece, copies queued so far.
     copies_of: Vec<u64>,
-    copy_times: [Vec<(CudaEvent, CudaEvent)>; 2],
+    /// Staged host mode: the ring every copy goes through. Stopped (dropped) before the
+    /// slots are freed.
+    ring: Option<StagingRing>,
+    /// (buffers, bytes each) of the ring; (0, 0) without one.
+    staging: (usize, usize),
+    _slots: Vec<DevBuf>,
+}
+
+/// The staging ring's device side on CUDA: copies from a pinned buffer on the copy stream,
+/// and per buffer an event recorded after the copy that reads it.
+struct CudaStaging {
+    ctx: Arc<CudaContext>,
+    copy: Arc<CudaStream>,
+    slot_addr: Vec<u64>,
+    events: Arc<EngineEvents>,
+    /// Blocking-sync events: the ring's thread sleeps on them instead of spinning.
+    buffer_free: Vec<CudaEvent>,
+}
+
+impl StagingDevice for CudaStaging {
+    type Buffer = PinnedBuffer;
+
+    fn wait_buffer_free(&mut self, buffer: usize) -> Result<()> {
+        // An event never recorded counts as complete: the first use of a buffer does not wait.
+        self.buffer_free[buffer]
+            .synchronize()
+            .map_err(|e| CudaCopyEngine::err(e, "waiting for a staging buffer's copy"))
+    }
+
+    fn queue_copy(&mut self, buffer: usize, staged: &[u8], copy: &StagedCopy) -> Result<()> {
+        let err = CudaCopyEngine::err;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(e, "binding the context to the staging thread"))?;
+        let (begin, end) = self.events.timing(copy.tag);
+        // Bound to the slot's latest release: see the staging module's doc for why that is
+        // the release of the piece that was in it.
+        self.copy
+            .wait(&self.events.released[copy.slot])
+            .map_err(|e| err(e, "waiting for a slot's release"))?;
+        begin
+            .record(&self.copy)
+            .map_err(|e| err(e, "cuEventRecord"))?;
+        // SAFETY: `staged` is the first `copy.extent()` bytes of a pinned buffer that the ring
+        // leaves untouched until `buffer_free[buffer]` (recorded below) has completed; the
+        // slot holds at least that many bytes (the buffer is as large as the largest piece in
+        // a slot); the copy stream waited above for the slot's last reader.
+        unsafe {
+            cu::cuMemcpyHtoDAsync_v2(
+                self.slot_addr[copy.slot],
+                staged.as_ptr() as *const std::ffi::c_void,
+                staged.len(),
+                self.copy.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(|e| err(e, "copying a staging buffer to a slot"))?;
+        end.record(&self.copy)
+            .map_err(|e| err(e, "cuEventRecord"))?;
+        self.events.copied[copy.slot]
+            .record(&self.copy)
+            .map_err(|e| err(e, "cuEventRecord"))?;
+        self.buffer_free[buffer]
+            .record(&self.copy)
+            .map_err(|e| err(e, "cuEventRecord"))
+    }
 }
 
 impl CudaCopyEngine {
@@ -412,20 +700,63 @@ impl CudaCopyEngine {
                 piece_base[g] = r.start;
             }
         }
+        let events = Arc::new(EngineEvents {
+            copied: sync_events()?,
+            released: sync_events()?,
+            copy_times: [timed()?, timed()?],
+        });
+        let slot_addr: Vec<u64> = slots.iter().map(|s| gpu.ptr(s)).collect();
+        let (ring, staging) = match &tier.mode {
+            HostMode::Staged { threads, .. } if !plan.pieces.is_empty() => {
+                // Each buffer holds the largest piece laid out as in a slot.
+                let bytes_each = plan
+                    .pieces
+                    .iter()
+                    .filter_map(|p| {
+                        segments(&tier.groups[p.group], p.offset, p.bytes)
+                            .last()
+                            .map(|s| s.dst + s.len)
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let buffers = (0..STAGING_BUFFERS)
+                    .map(|_| PinnedBuffer::new(&gpu.ctx, bytes_each))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        Error::Device(format!(
+                            "allocating the pinned staging ring ({STAGING_BUFFERS} × {} of host memory, cuMemHostAlloc): {}",
+                            human_bytes(bytes_each),
+                            super::driver_msg(e)
+                        ))
+                    })?;
+                let device = CudaStaging {
+                    ctx: gpu.ctx.clone(),
+                    copy: copy.clone(),
+                    slot_addr: slot_addr.clone(),
+                    events: events.clone(),
+                    buffer_free: (0..STAGING_BUFFERS)
+                        .map(|_| event(Some(cu::CUevent_flags::CU_EVENT_BLOCKING_SYNC)))
+                        .collect::<Result<Vec<_>>>()?,
+                };
+                let ring = StagingRing::new(device, buffers, plan.slots, Readers::new(*threads)?)?;
+                (Some(ring), (STAGING_BUFFERS, bytes_each))
+            }
+            _ => (None, (0, 0)),
+        };
         // The slots were allocated in stream order on the compute stream; the copy stream
         // may only use them once that allocation has happened.
         gpu.synchronize()?;
         Ok(CudaCopyEngine {
-            slot_addr: slots.iter().map(|s| gpu.ptr(s)).collect(),
+            slot_addr,
             _slots: slots,
-            copied: sync_events()?,
-            released: sync_events()?,
+            events,
             copy,
             compute: gpu.stream.clone(),
             tensors: Arc::new(tier.groups.clone()),
             piece_base,
             copies_of: vec![0; plan.pieces.len()],
-            copy_times: [timed()?, timed()?],
+            ring,
+            staging,
         })
     }
 
@@ -452,13 +783,13 @@ impl CudaCopyEngine {
 
     /// The begin and end events of copy number `n` of piece `k` (in the plan's pieces).
     fn copy_events(&self, n: u64, k: usize) -> &(CudaEvent, CudaEvent) {
-        &self.copy_times[(n % 2) as usize][k]
+        &self.events.copy_times[(n % 2) as usize][k]
     }
 
     /// (copy time ms, bytes) of copy number `n` of every piece (all complete by now).
     fn copy_ms(&self, n: u64) -> Result<f64> {
         let mut ms = 0.0;
-        for (b, e) in &self.copy_times[(n % 2) as usize] {
+        for (b, e) in &self.events.copy_times[(n % 2) as usize] {
             ms += b.elapsed_ms(e).map_err(|e| Self::err(e, "copy timing"))? as f64;
         }
         Ok(ms)
@@ -468,16 +799,34 @@ impl CudaCopyEngine {
 impl CopyEngine for CudaCopyEngine {
     fn copy(&mut self, slot: usize, piece: &Piece) -> Result<()> {
         let k = self.piece_base[piece.group] + piece.index;
-        let (begin, end) = &self.copy_times[(self.copies_of[k] % 2) as usize][k];
+        let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
+        let tensors = &self.tensors[piece.group];
+        let segments = segments(tensors, piece.offset, piece.bytes);
+        if let Some(ring) = &self.ring {
+            let spans = segments
+                .iter()
+                .map(|s| Span {
+                    src: tensors[s.tensor].addr + s.src,
+                    len: s.len,
+                    dst: s.dst,
+                })
+                .collect();
+            // SAFETY: the spans lie in host memory the tier keeps alive and unchanged until
+            // after the engine, and with it the ring, is dropped (StreamedWeights drops its
+            // tier last).
+            unsafe { ring.submit(StagedCopy { slot, spans, tag }) };
+            return Ok(());
+        }
+        let (begin, end) = self.events.timing(tag);
         self.copy
-            .wait(&self.released[slot])
+            .wait(&self.events.released[slot])
             .map_err(|e| Self::err(e, "waiting for a slot's release"))?;
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        for s in segments(&self.tensors[piece.group], piece.offset, piece.bytes) {
-            let t = &self.tensors[piece.group][s.tensor];
+        for s in segments {
+            let t = &tensors[s.tensor];
             // SAFETY: the slot holds the piece's bytes plus alignment padding (segments stay
             // inside it); the source lies in host memory the tier keeps alive until the engine
             // has synchronized; the copy stream waited above for the slot's last reader.
@@ -492,29 +841,48 @@ impl CopyEngine for CudaCopyEngine {
             .result()
             .map_err(|e| Self::err(e, &format!("copying {}", t.name)))?;
         }
-        self.copied[slot]
-            .record(&self.copy)
-            .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        // The end of the timing before the copy event: once the compute stream is past the
+        // copy, its timing can be read.
         end.record(&self.copy)
+            .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        self.events.copied[slot]
+            .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))
     }
 
     fn wait_copied(&mut self, slot: usize) -> Result<()> {
+        if let Some(ring) = &self.ring {
+            // The copy into `slot` may still be in the ring (being filled): the wait below
+            // must come after its copy event is recorded. This waits for host work only.
+            ring.wait_queued(slot)?;
+        }
         self.compute
-            .wait(&self.copied[slot])
+            .wait(&self.events.copied[slot])
             .map_err(|e| Self::err(e, "waiting for a copy"))
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
-        self.released[slot]
+        self.events.released[slot]
             .record(&self.compute)
             .map_err(|e| Self::err(e, "cuEventRecord"))
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        if let Some(ring) = &self.ring {
+            ring.wait_all_queued()?;
+        }
         self.copy
             .synchronize()
             .map_err(|e| Self::err(e, "synchronizing the copy stream"))
+    }
+}
+
+impl Drop for CudaCopyEngine {
+    fn drop(&mut self) {
+        // Stop the ring first (it skips what it has not started and waits for the copies from
+        // its buffers), then let every queued copy finish before the slots are freed.
+        self.ring.take();
+        let _ = self.copy.synchronize();
     }
 }
 
@@ -639,6 +1007,15 @@ impl StreamedWeights {
             });
         }
         let engine = CudaCopyEngine::new(gpu, &plan, &tier)?;
+        let mut tier = tier;
+        if let HostMode::Staged {
+            buffers,
+            bytes_each,
+            ..
+        } = &mut tier.mode
+        {
+            (*buffers, *bytes_each) = engine.staging;
+        }
         let units = plan.units();
         let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
         let event = || gpu.ctx.new_event(timing).map_err(gpu.err("cuEventCreate"));
@@ -957,9 +1334,9 @@ pub const ASSUMED_COMPUTE: CostModel = CostModel {
     hbm_gbps: 3000.0,
 };
 
-/// Everything `--vram` needs: register the host tier, measure H2D, plan passes of `shape`
-/// within the budget, upload the residents and start the streamer. `measured_ms` (per group)
-/// replaces the cost model's compute times when given.
+/// Everything `--vram` needs: make the host tier as `host` says, measure H2D, plan passes of
+/// `shape` within the budget, upload the residents and start the streamer. `measured_ms`
+/// (per group) replaces the cost model's compute times when given.
 pub fn stream_weights(
     gpu: &Cuda,
     ckpt: &Checkpoint,
@@ -967,8 +1344,9 @@ pub fn stream_weights(
     shape: PassShape,
     workspace: usize,
     measured_ms: Option<&[f64]>,
+    host: HostMemory,
 ) -> Result<StreamedWeights> {
-    let tier = HostTier::new(gpu, ckpt, model)?;
+    let tier = HostTier::new(gpu, ckpt, model, host)?;
     let h2d_gbps = measure_h2d(gpu, &tier)?;
     let cost = CostModel {
         h2d_gbps,
