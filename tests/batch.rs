@@ -270,3 +270,40 @@ fn bench_reports_every_prompt_length_and_batch() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_timeline_needs_a_streamed_gpu_pass() {
+    let model = fixture("llama");
+    let bench = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["bench", "--model", model.to_str().unwrap(), "--runs", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{extra:?} should fail: {stderr}");
+        assert!(
+            stderr.starts_with("error: --timeline: ") && stderr.trim_end().lines().count() == 1,
+            "{extra:?}: {stderr}"
+        );
+        stderr
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let svg = tmp.path().join("pass.svg");
+    let svg = svg.to_str().unwrap();
+    let err = bench(&["--device", "cpu", "--timeline", svg]);
+    assert!(err.contains("CPU"), "{err}");
+    let err = bench(&["--device", "cpu", "--vram", "1GiB", "--timeline", svg]);
+    assert!(
+        err.contains("CPU"),
+        "named before --vram's own error: {err}"
+    );
+    // Without --vram nothing streams, on any device (checked before a GPU is looked for).
+    for device in ["auto", "cuda"] {
+        let err = bench(&["--device", device, "--timeline", svg]);
+        assert!(err.contains("--vram"), "{err}");
+    }
+    let err = bench(&["--vram", "1GiB", "--timeline", "pass.png"]);
+    assert!(err.contains(".svg"), "{err}");
+    assert!(!tmp.path().join("pass.svg").exists(), "nothing written");
+}

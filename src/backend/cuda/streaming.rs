@@ -24,7 +24,7 @@ use crate::stream::plan::{
     simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
 };
 use crate::stream::schedule::{CopyEngine, Streamer};
-use crate::stream::timeline::{Lane, TimelineEvent};
+use crate::stream::timeline::{Lane, TimelineCapture, TimelineEvent};
 use crate::stream::Purpose;
 
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
@@ -563,6 +563,8 @@ pub struct StreamedWeights {
     tracker: BudgetTracker,
     /// When set, every pass's stats are appended here (the host waits for each pass's end).
     log: Option<Arc<Mutex<Vec<PassStats>>>>,
+    /// When set and armed, the next pass's timeline is read into it as the pass ends.
+    timeline: Option<TimelineCapture>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
 }
@@ -644,6 +646,7 @@ impl StreamedWeights {
             baseline_used: gpu.baseline_used,
             tracker: gpu.memory.tracker(),
             log: None,
+            timeline: None,
             plan,
             tier,
         })
@@ -656,6 +659,12 @@ impl StreamedWeights {
     /// Append every pass's stats to `log` from now on (`--stats`).
     pub fn log_stats(&mut self, log: Arc<Mutex<Vec<PassStats>>>) {
         self.log = Some(log);
+    }
+
+    /// Hand the timeline of each pass that ends while `capture` is armed to `capture`
+    /// (`ferry bench --timeline`: the Generator owns these weights, so the pass is read here).
+    pub fn capture_timeline(&mut self, capture: TimelineCapture) {
+        self.timeline = Some(capture);
     }
 
     pub fn host_mode(&self) -> &HostMode {
@@ -914,6 +923,9 @@ impl Weights<CudaWeight> for StreamedWeights {
         if let Some(log) = &self.log {
             let stats = self.pass_stats()?;
             log.lock().expect("stats log").push(stats);
+        }
+        if let Some(capture) = self.timeline.as_ref().filter(|c| c.armed()) {
+            capture.fill(self.pass_timeline()?);
         }
         Ok(())
     }
