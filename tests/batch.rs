@@ -10,7 +10,7 @@ use common::{fixture, ARCHS};
 use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Finish, Generator, Request, SamplingConfig};
+use ferry::generate::{Finish, Generator, Progress, Request, SamplingConfig};
 use ferry::model::{Llama, Logits, ResidentWeights, Segment};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {
@@ -84,6 +84,39 @@ fn batches_equal_one_sequence_at_a_time() {
         assert_eq!(alone[5].finish, Finish::MaxTokens);
         assert!(alone[5].tokens.is_empty());
     }
+}
+
+#[test]
+fn progress_after_every_pass_ends_at_every_request() {
+    let ckpt = Checkpoint::open(fixture("llama").to_str().unwrap()).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
+    let reqs = requests(ckpt.config.vocab_size as u32);
+    let mut seen: Vec<Progress> = Vec::new();
+    let (outs, stats) = gen
+        .generate_batch_with_progress(&reqs, 2, &mut |_, _| {}, &mut |p| seen.push(p))
+        .unwrap();
+    assert_eq!(seen.len(), stats.passes, "one report a pass");
+    let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+    assert_eq!(
+        seen.last(),
+        Some(&Progress {
+            finished: reqs.len(),
+            requests: reqs.len(),
+            tokens_out: generated,
+        })
+    );
+    for w in seen.windows(2) {
+        assert!(w[0].finished <= w[1].finished, "{w:?}");
+        assert!(
+            w[0].tokens_out < w[1].tokens_out,
+            "every pass generates: {w:?}"
+        );
+    }
+    // With 2 sequences a pass, no pass generates more than 2 tokens.
+    assert!(seen[0].tokens_out <= 2 && seen.iter().all(|p| p.requests == reqs.len()));
+    assert!(seen[..seen.len() - 1]
+        .iter()
+        .all(|p| p.finished < reqs.len()));
 }
 
 #[test]
