@@ -200,7 +200,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     timeline: args.timeline.is_some().then_some(&capture),
                 };
                 let (rows, drawn) = time_all(&mut gen, &args, Some(recorders))?;
-                if let (Some(path), Some(d)) = (&args.timeline, drawn) {
+                if let Some(path) = &args.timeline {
+                    let d = drawn.ok_or_else(|| {
+                        Error::Device("--timeline: the streamed prompt pass was not caught".into())
+                    })?;
                     let info = super::bench_cuda::pass_info(
                         format!("{label} ({:.2} GB)", ckpt.bytes() as f64 / 1e9),
                         format!(
