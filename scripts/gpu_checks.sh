@@ -2,12 +2,13 @@
 # Every GPU check, in one command, on a machine with an NVIDIA GPU and no Rust toolchain:
 #   1. the CUDA test suites (tests/cuda.rs, tests/cuda_batch.rs) against the CPU reference;
 #   2. `ferry run --device cuda` on a fixture, and the one-line error for a missing device;
+#      `ferry bench --vram --timeline` on a fixture (an SVG is written);
 #   3. streaming (tests/cuda_stream.rs: streamed = resident bit for bit at several budgets,
 #      and host memory through the pinned staging ring = registered, bit for bit);
 #   4. a Qwen2.5-7B-shaped random checkpoint (ferry synth): ferry's CUDA logits against
 #      transformers bf16, streamed bit-identity, `ferry bench-cuda --vram` over prompt lengths ×
-#      budgets (SKIP_RESIDENT_BENCH=1 stops there), then `ferry bench-cuda` and transformers
-#      eager timed on it.
+#      budgets, `ferry bench --vram --timeline` (copies drawn) (SKIP_RESIDENT_BENCH=1 stops
+#      there), then `ferry bench-cuda` and transformers eager timed on it.
 #
 # Binaries come prebuilt (the GPU machine has no cargo): build them with
 #   scripts/gpu_checks.sh --build      (puts stripped binaries in .gpu/)
@@ -75,6 +76,12 @@ step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
 
+step "ferry bench --vram --timeline on a fixture"
+rm -f "$OUT/bench_timeline_fixture.svg"
+"$BIN/ferry" bench -m tests/fixtures/qwen2 --device cuda --vram 160MiB --prompt-tokens 4,16 --batch 1,3 --decode-tokens 4 \
+    --runs 2 --timeline "$OUT/bench_timeline_fixture.svg" 2>&1 | tee "$OUT/bench_timeline.log" || status=1
+grep -q "prompt pass of 3 × 16 tokens" "$OUT/bench_timeline_fixture.svg" || { echo "no timeline drawn"; status=1; }
+
 if [ -z "${SKIP_7B:-}" ]; then
     SYNTH=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b
     step "synth qwen2.5-7b → $SYNTH"
@@ -96,6 +103,11 @@ if [ -z "${SKIP_7B:-}" ]; then
             [ -f "$OUT/cell.json" ] && cat "$OUT/cell.json" >> "$OUT/stream_grid.jsonl" && rm "$OUT/cell.json"
         done
     done
+    step "ferry bench --vram 2.6GiB --timeline: the largest point's prompt pass drawn, copies included"
+    rm -f "$OUT/bench_timeline_7b.svg"
+    timeout 300 "$BIN/ferry" bench --model "$SYNTH" --device cuda --vram 2.6GiB --prompt-tokens 512,2048 --batch 1,2 \
+        --decode-tokens 4 --runs 2 --timeline "$OUT/bench_timeline_7b.svg" 2>&1 | tee -a "$OUT/bench_timeline.log" || status=1
+    grep -q 'class="ev copy' "$OUT/bench_timeline_7b.svg" || { echo "no copies drawn"; status=1; }
     [ -n "${SKIP_RESIDENT_BENCH:-}" ] && { echo; echo "gpu_checks: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (resident bench skipped)"; exit $status; }
     step "ferry bench-cuda"
     timeout 300 "$BIN/ferry" bench-cuda --model "$SYNTH" --json "$OUT/ferry_bench.json" 2>&1 | tee "$OUT/bench.log" || status=1

@@ -10,7 +10,7 @@ use common::{fixture, ARCHS};
 use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Finish, Generator, Request, SamplingConfig};
+use ferry::generate::{Finish, Generator, Progress, Request, SamplingConfig};
 use ferry::model::{Llama, Logits, ResidentWeights, Segment, MLP_CHUNK_ROWS};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {
@@ -84,6 +84,39 @@ fn batches_equal_one_sequence_at_a_time() {
         assert_eq!(alone[5].finish, Finish::MaxTokens);
         assert!(alone[5].tokens.is_empty());
     }
+}
+
+#[test]
+fn progress_after_every_pass_ends_at_every_request() {
+    let ckpt = Checkpoint::open(fixture("llama").to_str().unwrap()).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
+    let reqs = requests(ckpt.config.vocab_size as u32);
+    let mut seen: Vec<Progress> = Vec::new();
+    let (outs, stats) = gen
+        .generate_batch_with_progress(&reqs, 2, &mut |_, _| {}, &mut |p| seen.push(p))
+        .unwrap();
+    assert_eq!(seen.len(), stats.passes, "one report a pass");
+    let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+    assert_eq!(
+        seen.last(),
+        Some(&Progress {
+            finished: reqs.len(),
+            requests: reqs.len(),
+            tokens_out: generated,
+        })
+    );
+    for w in seen.windows(2) {
+        assert!(w[0].finished <= w[1].finished, "{w:?}");
+        assert!(
+            w[0].tokens_out < w[1].tokens_out,
+            "every pass generates: {w:?}"
+        );
+    }
+    // With 2 sequences a pass, no pass generates more than 2 tokens.
+    assert!(seen[0].tokens_out <= 2 && seen.iter().all(|p| p.requests == reqs.len()));
+    assert!(seen[..seen.len() - 1]
+        .iter()
+        .all(|p| p.finished < reqs.len()));
 }
 
 #[test]
@@ -317,4 +350,41 @@ fn long_pass_mlp_in_chunks_matches_short_passes() {
         let err = common::rel_l2(&whole[r.clone()], &parts[r]);
         assert!(err < 1e-6, "position {row}: {err:e}");
     }
+}
+
+#[test]
+fn bench_timeline_needs_a_streamed_gpu_pass() {
+    let model = fixture("llama");
+    let bench = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["bench", "--model", model.to_str().unwrap(), "--runs", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{extra:?} should fail: {stderr}");
+        assert!(
+            stderr.starts_with("error: --timeline: ") && stderr.trim_end().lines().count() == 1,
+            "{extra:?}: {stderr}"
+        );
+        stderr
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let svg = tmp.path().join("pass.svg");
+    let svg = svg.to_str().unwrap();
+    let err = bench(&["--device", "cpu", "--timeline", svg]);
+    assert!(err.contains("CPU"), "{err}");
+    let err = bench(&["--device", "cpu", "--vram", "1GiB", "--timeline", svg]);
+    assert!(
+        err.contains("CPU"),
+        "named before --vram's own error: {err}"
+    );
+    // Without --vram nothing streams, on any device (checked before a GPU is looked for).
+    for device in ["auto", "cuda"] {
+        let err = bench(&["--device", device, "--timeline", svg]);
+        assert!(err.contains("--vram"), "{err}");
+    }
+    let err = bench(&["--vram", "1GiB", "--timeline", "pass.png"]);
+    assert!(err.contains(".svg"), "{err}");
+    assert!(!tmp.path().join("pass.svg").exists(), "nothing written");
 }

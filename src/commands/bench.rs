@@ -1,11 +1,14 @@
 //! `ferry bench`: prompt-pass and decode speed on any device, whole or streamed within a VRAM
 //! budget, at given prompt lengths and batch sizes: medians of several runs after a warm-up,
 //! as a table for people and JSON for programs, with the PCIe bound and the overlap
-//! efficiency beside each streamed figure.
+//! efficiency beside each streamed figure; `--timeline` draws one streamed prompt pass.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::streaming::{stream_weights, PassStats};
@@ -15,6 +18,7 @@ use ferry::checkpoint::{Checkpoint, DType};
 use ferry::generate::{Generator, Request, SamplingConfig, TextCodec};
 use ferry::model::Llama;
 use ferry::stream::cost::workspace_bytes;
+use ferry::stream::timeline::{write_svg, TimelineCapture, TimelineEvent};
 use ferry::stream::{PassShape, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use ferry::{Error, Result};
@@ -61,6 +65,28 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// With --vram on a GPU: draw one streamed pass (copy and compute of each weight group on
+    /// two lanes) as an SVG picture in this file: the prompt pass of the last timed run at
+    /// the longest prompt × the largest batch.
+    #[arg(long, value_name = "FILE.svg")]
+    timeline: Option<PathBuf>,
+}
+
+/// The pass drawn for `--timeline`: its events and stats, and the point it belongs to.
+struct DrawnPass {
+    events: Vec<TimelineEvent>,
+    stats: PassStats,
+    prompt_tokens: usize,
+    batch: usize,
+}
+
+/// What the streaming engine records during the runs: every pass's stats, and with
+/// `--timeline` the pass to draw.
+struct Recorders<'a> {
+    log: &'a Arc<Mutex<Vec<PassStats>>>,
+    /// Set with `--timeline`: armed for the prompt pass of the last timed run of the largest
+    /// point.
+    timeline: Option<&'a TimelineCapture>,
 }
 
 /// One row of the result: a prompt length, a batch size, and their medians.
@@ -103,6 +129,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             message: "expected lengths of at least 1".into(),
         });
     }
+    check_timeline(&args)?;
     let (ckpt, label) = match (&args.model, &args.synthetic) {
         (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
         (None, Some(p)) => {
@@ -139,14 +166,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         None => {
             let device = format!("{} ({} threads)", cpu_name(), rayon::current_num_threads());
             let mut gen = Generator::new(&ckpt, Cpu, context)?;
-            (device, time_all(&mut gen, &args, None)?)
+            (device, time_all(&mut gen, &args, None)?.0)
         }
         Some(gpu) => {
             gpu.prepare(ckpt.config.head_dim)?;
             let device = gpu.info().to_string();
             if vram.is_none() {
                 let mut gen = Generator::new(&ckpt, gpu, context)?;
-                (device, time_all(&mut gen, &args, None)?)
+                (device, time_all(&mut gen, &args, None)?.0)
             } else {
                 let model = Llama::new(ckpt.config.clone());
                 let shape = PassShape {
@@ -161,6 +188,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 eprint!("{}", weights.plan());
                 let log = Arc::new(Mutex::new(Vec::new()));
                 weights.log_stats(log.clone());
+                let capture = TimelineCapture::new();
+                if args.timeline.is_some() {
+                    weights.capture_timeline(capture.clone());
+                }
+                let budget = gpu.memory().budget();
                 let mut gen = Generator::with_weights(
                     &ckpt,
                     gpu,
@@ -168,25 +200,105 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     TextCodec::open(&ckpt)?,
                     context,
                 )?;
-                (device, time_all(&mut gen, &args, Some(&log))?)
+                let recorders = Recorders {
+                    log: &log,
+                    timeline: args.timeline.is_some().then_some(&capture),
+                };
+                let (rows, drawn) = time_all(&mut gen, &args, Some(recorders))?;
+                if let Some(path) = &args.timeline {
+                    let d = drawn.ok_or_else(|| {
+                        Error::Device("--timeline: the streamed prompt pass was not caught".into())
+                    })?;
+                    let info = super::bench_cuda::pass_info(
+                        format!("{label} ({:.2} GB)", ckpt.bytes() as f64 / 1e9),
+                        format!(
+                            "prompt pass of {} × {} tokens, the last of {} timed runs",
+                            d.batch, d.prompt_tokens, args.runs
+                        ),
+                        budget,
+                        d.batch * d.prompt_tokens,
+                        &device,
+                        &d.stats,
+                    );
+                    write_svg(path, &d.events, &info)?;
+                    eprintln!(
+                        "[timeline of the prompt pass, {} × {} tokens, written to {}]",
+                        d.batch,
+                        d.prompt_tokens,
+                        path.display()
+                    );
+                }
+                (device, rows)
             }
         }
     };
     report(&args, &label, &device, vram.is_some(), &rows)
 }
 
+/// `--timeline` draws a pass streamed to a GPU, as an SVG picture: say so before anything
+/// is loaded when it cannot.
+fn check_timeline(args: &BenchArgs) -> Result<()> {
+    let Some(path) = &args.timeline else {
+        return Ok(());
+    };
+    let why = if args.device == Device::Cpu {
+        "draws a pass streamed to a GPU; nothing streams on the CPU (--device cpu)"
+    } else if args.vram.is_none() {
+        "draws a streamed pass; give --vram SIZE|auto too (without it every weight is resident and nothing streams)"
+    } else if !path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        "writes an SVG picture; give a path ending in .svg"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Flag {
+        flag: "--timeline",
+        message: why.into(),
+    })
+}
+
+/// Every prompt length × batch size, with a progress bar on a terminal's stderr (one step a
+/// run). With `recorders` (streamed runs), also the pass drawn for `--timeline`, if any.
 fn time_all<B: Backend>(
     gen: &mut Generator<B>,
     args: &BenchArgs,
-    log: Option<&Arc<Mutex<Vec<PassStats>>>>,
-) -> Result<Vec<Row>> {
+    recorders: Option<Recorders<'_>>,
+) -> Result<(Vec<Row>, Option<DrawnPass>)> {
+    let points = args.prompt_tokens.len() * args.batch.len();
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new((points * (args.warmup + args.runs)) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{wide_bar}] {pos}/{len} runs, {elapsed}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    // The largest point, which the planner planned for: the one drawn.
+    let largest = (
+        args.prompt_tokens.iter().max().copied().unwrap_or(1),
+        args.batch.iter().max().copied().unwrap_or(1),
+    );
     let mut rows = Vec::new();
+    let mut drawn = None;
     for &n in &args.prompt_tokens {
         for &b in &args.batch {
-            rows.push(time_one(gen, n, b, args, log)?);
+            bar.set_message(format!("bench {n} tokens × batch {b}"));
+            let here = recorders.as_ref().map(|s| Recorders {
+                log: s.log,
+                timeline: s.timeline.filter(|_| (n, b) == largest),
+            });
+            let (row, d) = time_one(gen, n, b, args, here, &bar)?;
+            rows.push(row);
+            drawn = drawn.or(d);
         }
     }
-    Ok(rows)
+    bar.finish_and_clear();
+    Ok((rows, drawn))
 }
 
 fn time_one<B: Backend>(
@@ -194,8 +306,12 @@ fn time_one<B: Backend>(
     n: usize,
     batch: usize,
     args: &BenchArgs,
-    log: Option<&Arc<Mutex<Vec<PassStats>>>>,
-) -> Result<Row> {
+    recorders: Option<Recorders<'_>>,
+    bar: &ProgressBar,
+) -> Result<(Row, Option<DrawnPass>)> {
+    let log = recorders.as_ref().map(|s| s.log);
+    let timeline = recorders.as_ref().and_then(|s| s.timeline);
+    let last = args.warmup + args.runs - 1;
     let vocab = gen.model.config.vocab_size;
     // Token ids spread over the vocabulary, different for each sequence, the same every run.
     let requests: Vec<Request> = (0..batch as u64)
@@ -209,11 +325,18 @@ fn time_one<B: Backend>(
         .collect();
     let (mut prompt_s, mut decode, mut prompt_stats, mut decode_stats) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut drawn = None;
     for run in 0..args.warmup + args.runs {
         if let Some(log) = log {
             log.lock().expect("stats log").clear();
         }
+        // Every sequence is admitted at once: the run's first pass is the prompt pass.
+        let draw = timeline.filter(|_| run == last);
+        if let Some(capture) = draw {
+            capture.arm();
+        }
         let (_, stats) = gen.generate_batch(&requests, batch, &mut |_, _| {})?;
+        bar.inc(1);
         if run < args.warmup {
             continue;
         }
@@ -224,6 +347,14 @@ fn time_one<B: Backend>(
         if let Some(log) = log {
             let passes = log.lock().expect("stats log");
             if let Some((first, rest)) = passes.split_first() {
+                if let Some(events) = draw.and_then(TimelineCapture::take) {
+                    drawn = Some(DrawnPass {
+                        events,
+                        stats: first.clone(),
+                        prompt_tokens: n,
+                        batch,
+                    });
+                }
                 prompt_stats.push(first.clone());
                 if let Some(mid) = rest.get(rest.len() / 2) {
                     decode_stats.push(mid.clone());
@@ -252,7 +383,7 @@ fn time_one<B: Backend>(
             })
         }
     };
-    Ok(Row {
+    let row = Row {
         prompt_tokens: n,
         batch,
         prompt_s: median(&mut prompt_s),
@@ -262,7 +393,8 @@ fn time_one<B: Backend>(
             median(&mut decode)
         },
         streamed,
-    })
+    };
+    Ok((row, drawn))
 }
 
 fn report(args: &BenchArgs, label: &str, device: &str, streamed: bool, rows: &[Row]) -> Result<()> {

@@ -384,24 +384,14 @@ fn bench_streamed(
         // One more pass, drawn.
         let (_, drawn) = pass(&mut weights, 99)?;
         let events = weights.pass_timeline()?;
-        let info = PassInfo {
-            model: format!("{source} ({:.2} GB)", ckpt.bytes() as f64 / 1e9),
-            vram_budget: budget,
-            tokens: p,
-            card: card.clone(),
-            date: date.clone(),
-            pass_ms: drawn.pass_ms,
-            bound_ms: drawn.bound_ms,
-            bound: if drawn.bound_ms > drawn.compute_ms {
-                format!(
-                    "PCIe: {:.2} GB at {:.1} GB/s",
-                    drawn.streamed_bytes as f64 / 1e9,
-                    drawn.streamed_bytes as f64 / (drawn.bound_ms * 1e6)
-                )
-            } else {
-                "compute".into()
-            },
-        };
+        let info = pass_info(
+            format!("{source} ({:.2} GB)", ckpt.bytes() as f64 / 1e9),
+            format!("a {p}-token prompt pass after the timed runs"),
+            budget,
+            p,
+            &card,
+            &drawn,
+        );
         write_svg(path, &events, &info)?;
         eprintln!("[timeline of one pass written to {}]", path.display());
     }
@@ -437,6 +427,37 @@ fn bench_streamed(
         std::fs::write(path, result.to_string() + "\n").map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// The title and caption of a drawn pass: what it is (`pass`), of `tokens` new tokens, with
+/// its measured time and bound from `stats`.
+pub fn pass_info(
+    model: String,
+    pass: String,
+    vram_budget: usize,
+    tokens: usize,
+    card: &str,
+    stats: &PassStats,
+) -> PassInfo {
+    PassInfo {
+        model,
+        pass,
+        vram_budget,
+        tokens,
+        card: card.to_string(),
+        date: ferry::date::today_utc(),
+        pass_ms: stats.pass_ms,
+        bound_ms: stats.bound_ms,
+        bound: if stats.bound_ms > stats.compute_ms {
+            format!(
+                "PCIe: {:.2} GB at {:.1} GB/s",
+                stats.streamed_bytes as f64 / 1e9,
+                stats.streamed_bytes as f64 / (stats.bound_ms * 1e6)
+            )
+        } else {
+            "compute".into()
+        },
+    }
 }
 
 /// Peak resident set of this process (VmHWM), bytes; 0 where /proc is not there.

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Read, Write};
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::cpu::Cpu;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use ferry::backend::cuda::streaming::{stream_weights, PassStats};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
 use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Generator, Message, Request, SamplingConfig, TextCodec};
+use ferry::generate::{Generator, Message, Progress, Request, SamplingConfig, TextCodec};
 use ferry::model::{Llama, Weights};
 use ferry::stream::cost::workspace_bytes;
 use ferry::stream::{human_bytes, PassShape, Vram};
@@ -309,7 +310,36 @@ where
         return Ok(());
     }
 
-    let (outputs, stats) = gen.generate_batch(&requests, args.batch, &mut |_, _| {})?;
+    // Sequences done, tokens generated and tok/s on a terminal's stderr while they run; the
+    // outputs are printed after, once the bar is gone.
+    let bar = if !args.quiet && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(requests.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "generating [{wide_bar}] {pos}/{len} sequences, {msg}, {elapsed}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let result = gen.generate_batch_with_progress(
+        &requests,
+        args.batch,
+        &mut |_, _| {},
+        &mut |p: Progress| {
+            bar.set_position(p.finished as u64);
+            bar.set_message(format!(
+                "{} tokens, {:.1} tok/s",
+                p.tokens_out,
+                p.tokens_out as f64 / bar.elapsed().as_secs_f64().max(1e-9)
+            ));
+        },
+    );
+    bar.finish_and_clear();
+    let (outputs, stats) = result?;
     for (i, (prompt, out)) in prompts.iter().zip(&outputs).enumerate() {
         if args.json {
             let line = serde_json::json!({

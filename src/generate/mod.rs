@@ -162,6 +162,18 @@ impl<B: Backend> Generator<B> {
         batch: usize,
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(Vec<Output>, BatchStats)> {
+        self.generate_batch_with_progress(requests, batch, on_text, &mut |_| {})
+    }
+
+    /// [`generate_batch`](Self::generate_batch), telling `on_pass` where the generation
+    /// stands after each pass (for a progress bar).
+    pub fn generate_batch_with_progress(
+        &mut self,
+        requests: &[Request],
+        batch: usize,
+        on_text: &mut dyn FnMut(usize, &str),
+        on_pass: &mut dyn FnMut(Progress),
+    ) -> Result<(Vec<Output>, BatchStats)> {
         if batch == 0 {
             return Err(Error::Flag {
                 flag: "--batch",
@@ -185,6 +197,7 @@ impl<B: Backend> Generator<B> {
         let start = Instant::now();
         let mut stats = BatchStats::default();
         let mut outputs: Vec<Option<Output>> = vec![None; requests.len()];
+        let mut finished = 0;
         let mut waiting = 0..requests.len();
         let mut active: Vec<Sequence<B::KvCache>> = Vec::new();
         loop {
@@ -193,6 +206,7 @@ impl<B: Backend> Generator<B> {
                 let req = &requests[index];
                 if req.max_tokens == 0 {
                     outputs[index] = Some(Output::empty(Finish::MaxTokens));
+                    finished += 1;
                     continue;
                 }
                 let positions = (req.prompt.len() + req.max_tokens).min(self.context);
@@ -270,12 +284,18 @@ impl<B: Backend> Generator<B> {
                             finish,
                             prompt_secs: seq.first_token - seq.admitted,
                             decode_secs: now - seq.first_token,
-                        })
+                        });
+                        finished += 1;
                     }
                     None => still.push(seq),
                 }
             }
             active = still;
+            on_pass(Progress {
+                finished,
+                requests: requests.len(),
+                tokens_out: stats.tokens_out,
+            });
         }
         stats.seconds = start.elapsed().as_secs_f64();
         let outputs = outputs
@@ -350,6 +370,16 @@ struct Sequence<C> {
     /// Seconds since the batch began: when it joined, when its first token came.
     admitted: f64,
     first_token: f64,
+}
+
+/// Where a batched generation stands after a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Requests done (each has its output), of `requests`.
+    pub finished: usize,
+    pub requests: usize,
+    /// Tokens generated so far, all sequences together.
+    pub tokens_out: usize,
 }
 
 /// What a batched generation did.

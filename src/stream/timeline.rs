@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use super::size::human_bytes;
 use crate::error::{Error, Result};
@@ -38,6 +39,8 @@ pub struct TimelineEvent {
 pub struct PassInfo {
     /// The model as people name it: "Qwen2.5-7B shape (llama), 15.23 GB bf16".
     pub model: String,
+    /// Which pass is drawn: "prompt pass of 4 × 512 tokens, the last of 5 timed runs".
+    pub pass: String,
     /// The VRAM budget, bytes.
     pub vram_budget: usize,
     /// New tokens in the pass (all sequences together).
@@ -60,6 +63,64 @@ impl PassInfo {
         } else {
             0.0
         }
+    }
+}
+
+/// One pass's events caught for drawing, shared between whoever wants the picture and the
+/// streaming engine that records the pass. The caller arms it before the pass it wants; the
+/// engine, when a pass ends and the capture is armed, reads the pass's device events (they
+/// are overwritten by the next pass, so they cannot be read later) and hands them in; the
+/// caller takes them after. Model code never sees it.
+#[derive(Clone, Default)]
+pub struct TimelineCapture(Arc<Mutex<Capture>>);
+
+#[derive(Default)]
+enum Capture {
+    #[default]
+    Idle,
+    /// The next pass to end is to be caught.
+    Armed,
+    Caught(Vec<TimelineEvent>),
+}
+
+impl TimelineCapture {
+    pub fn new() -> TimelineCapture {
+        TimelineCapture::default()
+    }
+
+    /// Catch the next pass that ends (dropping one caught before and not taken).
+    pub fn arm(&self) {
+        *self.lock() = Capture::Armed;
+    }
+
+    /// Whether the pass ending now should be caught (the engine asks).
+    pub fn armed(&self) -> bool {
+        matches!(*self.lock(), Capture::Armed)
+    }
+
+    /// The armed pass's events (the engine hands them in); ignored when not armed, so that
+    /// one arming catches one pass.
+    pub fn fill(&self, events: Vec<TimelineEvent>) {
+        let mut c = self.lock();
+        if matches!(*c, Capture::Armed) {
+            *c = Capture::Caught(events);
+        }
+    }
+
+    /// The events of the pass caught, once; None when none was caught since the last arming.
+    pub fn take(&self) -> Option<Vec<TimelineEvent>> {
+        let mut c = self.lock();
+        match std::mem::take(&mut *c) {
+            Capture::Caught(events) => Some(events),
+            other => {
+                *c = other;
+                None
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
+        self.0.lock().expect("timeline capture")
     }
 }
 
@@ -252,7 +313,8 @@ fn header(w: &mut String, info: &PassInfo, stall_ms: f64, stall_count: usize) {
         escape(&info.model)
     );
     let line1 = format!(
-        "{} tokens · VRAM budget {} · {} · {}",
+        "{} · {} tokens · VRAM budget {} · {} · {}",
+        info.pass,
         info.tokens,
         human_bytes(info.vram_budget),
         info.card,
@@ -460,6 +522,7 @@ mod tests {
     fn info() -> PassInfo {
         PassInfo {
             model: "test <model> & co".into(),
+            pass: "prompt pass".into(),
             vram_budget: 2 << 30,
             tokens: 4096,
             card: "CPU".into(),
@@ -572,6 +635,7 @@ mod tests {
         // Groups never copied are resident.
         assert_eq!(rects(&svg, "ev compute resident").len(), 2);
         assert!(svg.contains("test &lt;model&gt; &amp; co"));
+        assert!(svg.contains(">prompt pass · 4096 tokens · "));
         assert!(svg.contains("75.0 % of the bound"));
         assert!(svg.contains(">block 1<"), "a wide interval has its label");
         assert_eq!(svg, render_svg(&events, &info()), "deterministic");
@@ -692,5 +756,33 @@ mod tests {
         let missing = dir.path().join("no/such/dir/t.svg");
         let err = write_svg(&missing, &events, &info()).unwrap_err();
         assert!(err.to_string().contains("no/such/dir/t.svg"), "{err}");
+    }
+
+    #[test]
+    fn capture_catches_one_armed_pass() {
+        let capture = TimelineCapture::new();
+        let engine = capture.clone(); // the streaming engine's end
+                                      // Passes before the arming are not caught.
+        assert!(!engine.armed());
+        engine.fill(streamed_pass());
+        assert_eq!(capture.take(), None);
+
+        capture.arm();
+        assert!(engine.armed());
+        assert_eq!(capture.take(), None, "armed, nothing caught yet");
+        assert!(engine.armed(), "taking before the pass keeps it armed");
+        engine.fill(streamed_pass());
+        assert!(!engine.armed(), "one arming, one pass");
+        // The pass after is not caught over the first.
+        engine.fill(vec![ev("later", Lane::Compute, 0.0, 1.0)]);
+        assert_eq!(capture.take(), Some(streamed_pass()));
+        assert_eq!(capture.take(), None, "taken once");
+
+        // Arming again drops a pass caught and not taken.
+        capture.arm();
+        engine.fill(vec![ev("old", Lane::Compute, 0.0, 1.0)]);
+        capture.arm();
+        engine.fill(streamed_pass());
+        assert_eq!(capture.take(), Some(streamed_pass()));
     }
 }

@@ -32,7 +32,7 @@ use crate::stream::schedule::{CopyEngine, Streamer};
 use crate::stream::staging::{
     self, Readers, Span, StagedCopy, StagingDevice, StagingRing, STAGING_BUFFERS,
 };
-use crate::stream::timeline::{Lane, TimelineEvent};
+use crate::stream::timeline::{Lane, TimelineCapture, TimelineEvent};
 use crate::stream::{human_bytes, Purpose};
 
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
@@ -940,6 +940,8 @@ pub struct StreamedWeights {
     tracker: BudgetTracker,
     /// When set, every pass's stats are appended here (the host waits for each pass's end).
     log: Option<Arc<Mutex<Vec<PassStats>>>>,
+    /// When set and armed, the next pass's timeline is read into it as the pass ends.
+    timeline: Option<TimelineCapture>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
 }
@@ -1042,6 +1044,7 @@ impl StreamedWeights {
             baseline_used: gpu.baseline_used,
             tracker: gpu.memory.tracker(),
             log: None,
+            timeline: None,
             plan,
             tier,
         })
@@ -1054,6 +1057,12 @@ impl StreamedWeights {
     /// Append every pass's stats to `log` from now on (`--stats`).
     pub fn log_stats(&mut self, log: Arc<Mutex<Vec<PassStats>>>) {
         self.log = Some(log);
+    }
+
+    /// Hand the timeline of each pass that ends while `capture` is armed to `capture`
+    /// (`ferry bench --timeline`: the Generator owns these weights, so the pass is read here).
+    pub fn capture_timeline(&mut self, capture: TimelineCapture) {
+        self.timeline = Some(capture);
     }
 
     pub fn host_mode(&self) -> &HostMode {
@@ -1312,6 +1321,9 @@ impl Weights<CudaWeight> for StreamedWeights {
         if let Some(log) = &self.log {
             let stats = self.pass_stats()?;
             log.lock().expect("stats log").push(stats);
+        }
+        if let Some(capture) = self.timeline.as_ref().filter(|c| c.armed()) {
+            capture.fill(self.pass_timeline()?);
         }
         Ok(())
     }
