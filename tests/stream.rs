@@ -495,12 +495,12 @@ fn ferry_plan_prints_the_plan() {
         "qwen2.5-7b (synthetic qwen2): 30 groups, 15.23 GB bf16",
         "host→device 25 GB/s (assumed), 80 TFLOP/s (assumed)",
         "budget       2.60 GiB = resident",
-        "2 slots × 444.5 MiB",
-        "resident     1 of 29 groups (1.02 GiB): head",
+        "4 slots × 444.5 MiB",
+        "resident     0 of 29 groups",
         "embedding: rows gathered on the host",
-        "13.05 GB per pass",
-        "PCIe bound 522.0 ms (13.05 GB at 25 GB/s)",
-        "map          essssssssssssssssssssssssssssR",
+        "14.14 GB per pass",
+        "PCIe bound 565.6 ms (14.14 GB at 25 GB/s)",
+        "map          essssssssssssssssssssssssssssp",
     ] {
         assert!(stdout.contains(needle), "{needle:?} not in\n{stdout}");
     }
@@ -592,7 +592,7 @@ fn ferry_plan_refuses_bad_budgets_in_one_line() {
     for (args, needle) in [
         (
             vec!["--vram", "1GiB", "--tokens", "4096"],
-            "error: --vram: 1.00 GiB is below the minimum of 1.56 GiB for this model and pass: 2 slots × 444.5 MiB + KV cache 224.0 MiB",
+            "error: --vram: 1.00 GiB is below the minimum of 1.62 GiB for this model and pass: 2 slots × 444.5 MiB + KV cache 224.0 MiB",
         ),
         (vec!["--vram", "auto", "--tokens", "1"], "error: --vram: auto needs a GPU"),
         (vec!["--vram", "lots", "--tokens", "1"], "error: --vram: \"lots\" is not a size"),

@@ -55,9 +55,15 @@ pub const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// Device memory a CUDA plan leaves aside: small allocations outside its accounting (RoPE
 /// frequencies, argmax results), the alignment padding in slots, and what the driver holds
-/// beyond the ledger (kernel modules, cuBLASLt internals, the pool's granularity: 40 MB more
-/// than the ledger's peak was measured at a 12 GiB budget on an H100).
-pub const DRIVER_RESERVE: usize = 96 << 20;
+/// beyond the ledger (kernel modules, cuBLASLt internals, the stream-ordered pool's
+/// granularity). Measured on an H100, 2026-11-26: the driver's peak was 110-155 MiB above
+/// the ledger's over prompt passes of 512-16384 tokens at budgets of 2.6-12 GiB.
+pub const DRIVER_RESERVE: usize = 160 << 20;
+
+/// What [`DRIVER_RESERVE`] grows by when streamed bytes go through the pinned staging ring
+/// (its thread's stream and events, the pinned buffers' mappings): the driver's peak was
+/// 70 MiB higher than with registered host memory on the same pass.
+pub const STAGING_RESERVE: usize = 64 << 20;
 
 /// Bytes of each group (pass order) when every weight is stored as `dtype`.
 pub fn group_bytes(config: &LlamaConfig, dtype: DType) -> Vec<usize> {

@@ -24,7 +24,9 @@ use crate::checkpoint::{Checkpoint, DType, HostTensor, Storage};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Weights};
 use crate::stream::budget::BudgetTracker;
-use crate::stream::cost::{llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE, DRIVER_RESERVE};
+use crate::stream::cost::{
+    llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE,
+};
 use crate::stream::plan::{
     simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
 };
@@ -566,7 +568,10 @@ pub fn plan_request(
         kv_cache: crate::stream::cost::kv_cache_bytes(c, shape.past + shape.tokens, shape.batch),
         workspace,
         cublas_workspace: CUBLAS_WORKSPACE,
-        reserve: DRIVER_RESERVE,
+        reserve: match tier.mode {
+            HostMode::Staged { .. } => DRIVER_RESERVE + STAGING_RESERVE,
+            _ => DRIVER_RESERVE,
+        },
         h2d_gbps: cost.h2d_gbps,
         slot_size: SlotSize::Auto,
     }
