@@ -71,14 +71,14 @@ timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" 
 
 step "ferry run --device cuda"
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda 2>&1 | tee "$OUT/run.log" || status=1
-"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 160MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
-"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 160MiB --stats --host-memory staged 2>&1 | tee -a "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 260MiB --stats 2>&1 | tee -a "$OUT/run.log" || status=1
+"$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda --vram 260MiB --stats --host-memory staged 2>&1 | tee -a "$OUT/run.log" || status=1
 "$BIN/ferry" run -m tests/fixtures/qwen2 -p "hello world" --max-tokens 16 --device cuda:7 2>&1 | tee -a "$OUT/run.log"
 [ "${PIPESTATUS[0]}" -ne 0 ] || { echo "cuda:7 should fail"; status=1; }
 
 step "ferry bench --vram --timeline on a fixture"
 rm -f "$OUT/bench_timeline_fixture.svg"
-"$BIN/ferry" bench -m tests/fixtures/qwen2 --device cuda --vram 160MiB --prompt-tokens 4,16 --batch 1,3 --decode-tokens 4 \
+"$BIN/ferry" bench -m tests/fixtures/qwen2 --device cuda --vram 260MiB --prompt-tokens 4,16 --batch 1,3 --decode-tokens 4 \
     --runs 2 --timeline "$OUT/bench_timeline_fixture.svg" 2>&1 | tee "$OUT/bench_timeline.log" || status=1
 grep -q "prompt pass of 3 × 16 tokens" "$OUT/bench_timeline_fixture.svg" || { echo "no timeline drawn"; status=1; }
 

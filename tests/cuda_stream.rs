@@ -17,7 +17,9 @@ use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, Logits, ResidentWeights, Weights};
-use ferry::stream::cost::{kv_cache_bytes, workspace_bytes_all_logits, CUBLAS_WORKSPACE};
+use ferry::stream::cost::{
+    kv_cache_bytes, workspace_bytes_all_logits, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE,
+};
 use ferry::stream::{PassShape, Placement, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 
@@ -109,10 +111,10 @@ fn check_budgets(
         past: 0,
     };
     let workspace = workspace_bytes_all_logits(c, shape);
-    // The planner's budget is this minus the cuBLAS workspace and its reserve (96 MiB).
+    // The planner's budget is this minus the cuBLAS workspace and its reserve.
     let weights: usize = ckpt.bytes();
     let fixed =
-        CUBLAS_WORKSPACE + (96 << 20) + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+        CUBLAS_WORKSPACE + DRIVER_RESERVE + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
     let mut streamed_some = false;
     for fraction in [0.2, 0.35, 0.5, 0.65, 0.8, 1.5] {
         let budget = fixed + (weights as f64 * fraction) as usize;
@@ -209,14 +211,18 @@ fn staged_host_memory_is_bit_identical_to_registered() {
             past: 0,
         };
         let workspace = workspace_bytes_all_logits(c, shape);
-        let fixed =
-            CUBLAS_WORKSPACE + (96 << 20) + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+        let fixed = CUBLAS_WORKSPACE + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
         let mut runs = Vec::new();
         // The first budget that plans, streaming part of the weights (prefetch wraps passes).
         'budgets: for fraction in [0.5, 0.35, 0.65, 0.8] {
             runs.clear();
-            let budget = fixed + (ckpt.bytes() as f64 * fraction) as usize;
             for host in [HostMemory::Registered, HostMemory::Staged] {
+                // The same room for weights in both modes: the staging ring's reserve on top.
+                let reserve = match host {
+                    HostMemory::Staged => DRIVER_RESERVE + STAGING_RESERVE,
+                    _ => DRIVER_RESERVE,
+                };
+                let budget = fixed + reserve + (ckpt.bytes() as f64 * fraction) as usize;
                 let Some(gpu) = gpu(test, Some(budget)) else {
                     return;
                 };
