@@ -8,6 +8,7 @@ pub mod date;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod progress;
 pub mod stream;
 pub mod synth;
 

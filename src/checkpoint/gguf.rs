@@ -1199,19 +1199,13 @@ fn dequantize_all(
     let out = storage.bytes_mut().expect("owned storage is writable");
 
     let progress = (total > PROGRESS_BYTES && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(total as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!(
-            "dequantizing {} to {target}",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        bar
+        crate::progress::bytes_bar(
+            total,
+            format!(
+                "dequantizing {} to {target}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        )
     });
 
     // Split the output into disjoint pieces, one per task of whole rows.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 pub use presets::Preset;
@@ -186,15 +186,7 @@ pub fn write_checkpoint(preset: &Preset, out: &Path, opts: &WriteOptions) -> Res
     let total: usize = specs.iter().map(|s| s.numel() * esize).sum();
 
     let bar = if opts.progress {
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("synth {}", preset.name));
+        let bar = crate::progress::bytes_bar(total, format!("synth {}", preset.name));
         bar
     } else {
         ProgressBar::hidden()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 use half::bf16;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
@@ -329,14 +329,7 @@ fn register(
     };
     let total: usize = ranges.iter().map(|&(a, l, ..)| aligned(a, l).1).sum();
     let bar = if total > REGISTER_PROGRESS_BYTES && std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
+        let bar = crate::progress::bytes_bar(total, "");
         // One call per shard: tick so that the time keeps moving during a long one.
         bar.enable_steady_tick(Duration::from_millis(250));
         bar
