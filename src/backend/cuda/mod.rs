@@ -8,6 +8,7 @@
 
 mod compile;
 mod gemm;
+mod host_tier;
 pub mod loader;
 pub mod streaming;
 
