@@ -497,7 +497,7 @@ fn ferry_plan_prints_the_plan() {
         "budget       2.60 GiB = resident",
         "4 slots × 444.5 MiB",
         "resident     0 of 29 groups",
-        "embedding: rows gathered on the host",
+        "embedding: stays in host memory, only the pass's rows go to the device",
         "14.14 GB per pass",
         "PCIe bound 565.6 ms (14.14 GB at 25 GB/s)",
         "map          essssssssssssssssssssssssssssp",

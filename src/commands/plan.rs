@@ -157,7 +157,7 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
             Placement::Streamed(_) => 's',
         })
         .collect();
-    println!("map          {map}  (e: gathered on the host, R: resident, s: streamed, p: streamed in pieces)");
+    println!("map          {map}  (e: in host memory, rows sent per pass, R: resident, s: streamed, p: streamed in pieces)");
     if plan.slots == 0 {
         println!(
             "             everything fits: {} of {} used",

@@ -109,7 +109,7 @@ pub fn group_flops(config: &LlamaConfig, shape: PassShape) -> Vec<f64> {
 }
 
 /// The planner's groups for a Llama-family model: bytes as given (from the checkpoint, or
-/// [`group_bytes`]), compute from `cost`, the embedding gathered on the host, the head split
+/// [`group_bytes`]), compute from `cost`, the embedding kept in host memory, the head split
 /// on its rows.
 pub fn llama_groups(
     config: &LlamaConfig,

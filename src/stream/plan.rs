@@ -11,9 +11,10 @@
 //!
 //! A group larger than a slot (the head of a 152k-token vocabulary is 1.1 GB, a block of
 //! Qwen2.5-7B 0.47 GB) streams in pieces, so no single group dictates the slot size. The
-//! embedding table is gathered row by row on the host (`host_gather`): only the rows of the
-//! pass's tokens go to the device, as activations, so it is neither resident nor streamed
-//! (nor counted in the prediction: tokens × hidden bytes, well under 1 % of a pass).
+//! embedding table stays in host memory (`host_gather`): only the rows of the pass's tokens
+//! go to the device (read by the embedding kernel from page-locked host memory, or gathered
+//! by the host), as activations, so it is neither resident nor streamed (nor counted in the
+//! prediction: tokens × hidden bytes, well under 1 % of a pass).
 
 use std::fmt;
 use std::ops::Range;
@@ -598,7 +599,7 @@ impl fmt::Display for Plan {
             if *place == Placement::HostGather {
                 writeln!(
                     f,
-                    "host         {}: rows gathered on the host",
+                    "host         {}: stays in host memory, only the pass's rows go to the device",
                     self.groups[g].label
                 )?;
             }

@@ -419,11 +419,12 @@ pub struct PassStats {
 }
 
 /// Weights for the model from a [`Plan`]: resident groups uploaded once, the embedding
-/// gathered on the host, every other group streamed through the slots.
+/// read from host memory (by the kernel where it is registered, else gathered by the host),
+/// every other group streamed through the slots.
 pub struct StreamedWeights {
     plan: Plan,
     units: Vec<Unit>,
-    /// Per group: its weights when resident or gathered on the host; empty when streamed.
+    /// Per group: its weights when resident or kept in host memory; empty when streamed.
     resident: Vec<Vec<CudaWeight>>,
     streamer: Streamer<CudaCopyEngine>,
     /// Views into the slot of the piece acquired, one per tensor of its group.
