@@ -298,12 +298,12 @@ where
         if !args.quiet {
             let n = out.tokens.len();
             eprintln!(
-                "[{} prompt tokens in {:.2} s ({:.1} tok/s); {n} tokens in {:.2} s ({:.1} tok/s); stopped: {:?}; on {device}]",
+                "[{} prompt tokens in {:.2} s ({}); {n} tokens in {:.2} s ({}); stopped: {:?}; on {device}]",
                 request.prompt.len(),
                 out.prompt_secs,
-                request.prompt.len() as f64 / out.prompt_secs.max(1e-9),
+                rate(request.prompt.len(), out.prompt_secs),
                 out.decode_secs,
-                n.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
+                rate(n.saturating_sub(1), out.decode_secs),
                 out.finish,
             );
         }
@@ -431,4 +431,13 @@ fn check_sampling(args: &RunArgs) -> Result<()> {
         return bad("--repetition-penalty", "expected a number > 0");
     }
     Ok(())
+}
+
+/// `n` tokens over `secs` as "12.3 tok/s", or "no pass" when nothing ran (`--max-tokens 0`).
+fn rate(n: usize, secs: f64) -> String {
+    if secs > 0.0 {
+        format!("{:.1} tok/s", n as f64 / secs)
+    } else {
+        "no pass".into()
+    }
 }
