@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
+
+use super::median;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::cpu::Cpu;
@@ -465,16 +467,6 @@ fn report(args: &BenchArgs, label: &str, device: &str, streamed: bool, rows: &[R
         }
     }
     Ok(())
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
 }
 
 /// The element at the median of `key`.

@@ -5,6 +5,8 @@
 use std::time::Instant;
 
 use clap::Args;
+
+use super::median;
 use serde_json::json;
 
 use ferry::backend::cuda::streaming::{stream_weights, PassStats, StreamedWeights};
@@ -471,14 +473,4 @@ fn host_peak_rss() -> usize {
                 .and_then(|kb| kb.parse::<usize>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
 }

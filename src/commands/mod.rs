@@ -60,3 +60,14 @@ pub fn human_bytes(b: usize) -> String {
         format!("{:.1} KiB", b / 1024.0)
     }
 }
+
+/// The median of `xs` (sorted in place; the mean of the middle two for an even count).
+pub fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
