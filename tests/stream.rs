@@ -598,6 +598,14 @@ fn ferry_plan_refuses_bad_budgets_in_one_line() {
         (vec!["--vram", "lots", "--tokens", "1"], "error: --vram: \"lots\" is not a size"),
         (vec!["--vram", "6GiB", "--tokens", "0"], "error: --tokens: expected at least 1"),
         (
+            vec!["--vram", "6GiB", "--tokens", "1", "--past", "18446744073709551615"],
+            "error: --tokens: --past 18446744073709551615 + --tokens 1 exceeds",
+        ),
+        (
+            vec!["--vram", "6GiB", "--tokens", "1", "--batch", "18446744073709551615"],
+            "error: --batch: 18446744073709551615 sequences",
+        ),
+        (
             vec!["--vram", "6GiB", "--tokens", "1", "--h2d-gbps", "0"],
             "error: --h2d-gbps",
         ),

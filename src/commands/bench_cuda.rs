@@ -71,11 +71,17 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
             })
         }
     };
-    if args.runs == 0 || args.prompt_tokens == 0 || args.decode_tokens == 0 {
-        return Err(Error::Flag {
-            flag: "--runs",
-            message: "runs, prompt and decode tokens must be at least 1".into(),
-        });
+    for (flag, value) in [
+        ("--runs", args.runs),
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--decode-tokens", args.decode_tokens),
+    ] {
+        if value == 0 {
+            return Err(Error::Flag {
+                flag,
+                message: "expected at least 1".into(),
+            });
+        }
     }
     let start = Instant::now();
     let t = Instant::now();

@@ -4,7 +4,8 @@ use ferry::checkpoint::Checkpoint;
 use ferry::model::Llama;
 use ferry::Result;
 
-use super::{human_bytes, ModelArg};
+use super::ModelArg;
+use ferry::stream::human_bytes;
 
 pub fn info(args: ModelArg) -> Result<()> {
     let ckpt = Checkpoint::open(&args.model)?;

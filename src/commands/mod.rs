@@ -47,20 +47,6 @@ impl From<HostMemoryFlag> for HostMemory {
     }
 }
 
-/// Bytes for people: KiB, MiB, GiB.
-pub fn human_bytes(b: usize) -> String {
-    let b = b as f64;
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else if b >= MIB {
-        format!("{:.1} MiB", b / MIB)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
 /// The median of `xs` (sorted in place; the mean of the middle two for an even count).
 pub fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);

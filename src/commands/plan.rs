@@ -181,12 +181,29 @@ fn check_shape(args: &PlanArgs, config: &LlamaConfig) -> Result<()> {
             message: "expected at least 1".into(),
         });
     }
-    if args.past + args.tokens > config.max_position_embeddings {
+    // Checked: a huge --past or --tokens must not wrap around into "everything fits".
+    let positions = args.past.checked_add(args.tokens);
+    if positions.is_none_or(|p| p > config.max_position_embeddings) {
         return Err(Error::Flag {
             flag: "--tokens",
             message: format!(
                 "--past {} + --tokens {} exceeds the model's max_position_embeddings {}",
                 args.past, args.tokens, config.max_position_embeddings
+            ),
+        });
+    }
+    // Bytes per row stay far below 16 MiB: a count whose bytes would overflow is no pass.
+    if positions
+        .and_then(|p| p.checked_mul(args.batch))
+        .and_then(|rows| rows.checked_mul(1 << 24))
+        .is_none()
+    {
+        return Err(Error::Flag {
+            flag: "--batch",
+            message: format!(
+                "{} sequences of {} positions is more than any device holds",
+                args.batch,
+                args.past.saturating_add(args.tokens)
             ),
         });
     }

@@ -94,10 +94,13 @@ impl Preset {
 
     /// The same shape with `layers` decoder blocks.
     pub fn with_layers(mut self, layers: usize) -> Result<Preset> {
-        if layers == 0 {
+        // The largest real models have under 200 blocks; far more only makes a write that
+        // never ends.
+        const MAX_LAYERS: usize = 1024;
+        if layers == 0 || layers > MAX_LAYERS {
             return Err(Error::Flag {
                 flag: "--layers",
-                message: "expected at least 1".into(),
+                message: format!("{layers} is not a layer count; expected 1 to {MAX_LAYERS}"),
             });
         }
         self.config.num_layers = layers;
