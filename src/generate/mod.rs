@@ -253,7 +253,7 @@ impl<B: Backend> Generator<B> {
                 0 => Vec::new(),
                 _ => self.backend.argmax_rows(&logits)?,
             };
-            let host = match greedy_rows == active.len() {
+            let mut host = match greedy_rows == active.len() {
                 true => Vec::new(),
                 false => self.backend.to_host(&logits)?,
             };
@@ -268,8 +268,9 @@ impl<B: Backend> Generator<B> {
                 let next = if greedy(req) {
                     argmax[row]
                 } else {
-                    let mut l = host[row * vocab..(row + 1) * vocab].to_vec();
-                    seq.sampler.next(&mut l, &seq.seen)
+                    // Each row is sampled once: in place, no copy of the vocabulary.
+                    seq.sampler
+                        .next(&mut host[row * vocab..(row + 1) * vocab], &seq.seen)
                 };
                 if seq.tokens.is_empty() {
                     seq.first_token = now;

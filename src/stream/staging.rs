@@ -116,10 +116,6 @@ impl Readers {
         Ok(Readers { pool, threads })
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     /// Copy every span's bytes into `buffer` at its `dst`, split across the reader threads.
     /// Bytes of `buffer` outside the spans are left as they are.
     ///
