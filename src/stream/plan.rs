@@ -202,6 +202,43 @@ impl Plan {
     pub fn copy_ms(&self, bytes: usize) -> f64 {
         copy_ms(bytes, self.h2d_gbps)
     }
+
+    /// The pass this plan makes, simulated with `group_compute_ms` (per group; a streamed
+    /// group's pieces share it by bytes) and copies at `h2d_gbps`: the planner's prediction,
+    /// or, from measured compute and bandwidth, the one to hold a measurement against.
+    pub fn predict(&self, group_compute_ms: &[f64], h2d_gbps: f64) -> Prediction {
+        let units: Vec<SimUnit> = self
+            .units()
+            .into_iter()
+            .map(|u| match u {
+                Unit::Group(g) => SimUnit {
+                    compute_ms: group_compute_ms[g],
+                    copy_ms: None,
+                },
+                Unit::Piece(k) => {
+                    let p = &self.pieces[k];
+                    let group = self.groups[p.group].bytes;
+                    let share = match group {
+                        0 => 1.0,
+                        _ => p.bytes as f64 / group as f64,
+                    };
+                    SimUnit {
+                        compute_ms: group_compute_ms[p.group] * share,
+                        copy_ms: Some(copy_ms(p.bytes, h2d_gbps)),
+                    }
+                }
+            })
+            .collect();
+        let ends = simulate(&units, self.slots, SIM_PASSES);
+        let (last, stall) = ends[SIM_PASSES - 1];
+        Prediction {
+            pass_ms: last - ends[SIM_PASSES - 2].0,
+            cold_pass_ms: ends[0].0,
+            compute_ms: group_compute_ms.iter().sum(),
+            copy_ms: copy_ms(self.streamed_bytes(), h2d_gbps),
+            stall_ms: stall,
+        }
+    }
 }
 
 fn copy_ms(bytes: usize, h2d_gbps: f64) -> f64 {
@@ -262,40 +299,6 @@ pub fn simulate(units: &[SimUnit], slots: usize, passes: usize) -> Vec<(f64, f64
 const SIM_PASSES: usize = 8;
 /// Most slots tried.
 const MAX_SLOTS: usize = 8;
-
-fn predict(
-    groups: &[Group],
-    placement: &[Placement],
-    pieces: &[Piece],
-    slots: usize,
-    h2d_gbps: f64,
-) -> Prediction {
-    let mut units = Vec::new();
-    for (g, place) in placement.iter().enumerate() {
-        match place {
-            Placement::HostGather | Placement::Resident => units.push(SimUnit {
-                compute_ms: groups[g].compute_ms,
-                copy_ms: None,
-            }),
-            Placement::Streamed(range) => {
-                units.extend(pieces[range.clone()].iter().map(|p| SimUnit {
-                    compute_ms: p.compute_ms,
-                    copy_ms: Some(copy_ms(p.bytes, h2d_gbps)),
-                }))
-            }
-        }
-    }
-    let ends = simulate(&units, slots, SIM_PASSES);
-    let (last, stall) = ends[SIM_PASSES - 1];
-    let streamed: usize = pieces.iter().map(|p| p.bytes).sum();
-    Prediction {
-        pass_ms: last - ends[SIM_PASSES - 2].0,
-        cold_pass_ms: ends[0].0,
-        compute_ms: groups.iter().map(|g| g.compute_ms).sum(),
-        copy_ms: copy_ms(streamed, h2d_gbps),
-        stall_ms: stall,
-    }
-}
 
 /// The typical group size: the largest group not over twice the median.
 fn auto_slot_bytes(sizes: &[usize]) -> usize {
@@ -410,8 +413,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 *range = first..pieces.len();
             }
         }
-        let prediction = predict(&req.groups, &placement, &pieces, slots, req.h2d_gbps);
-        Ok(Plan {
+        let mut plan = Plan {
             groups: req.groups.clone(),
             placement,
             resident,
@@ -424,8 +426,11 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             cublas_workspace: req.cublas_workspace,
             reserve: req.reserve,
             h2d_gbps: req.h2d_gbps,
-            prediction,
-        })
+            prediction: Prediction::default(),
+        };
+        let compute: Vec<f64> = req.groups.iter().map(|g| g.compute_ms).collect();
+        plan.prediction = plan.predict(&compute, req.h2d_gbps);
+        Ok(plan)
     };
 
     // Everything fits: nothing streams.

@@ -25,9 +25,7 @@ use crate::stream::budget::BudgetTracker;
 use crate::stream::cost::{
     llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE,
 };
-use crate::stream::plan::{
-    simulate, Piece, Placement, Plan, PlanRequest, Prediction, SimUnit, SlotSize, Unit,
-};
+use crate::stream::plan::{Piece, Placement, Plan, PlanRequest, Prediction, SlotSize, Unit};
 use crate::stream::schedule::{CopyEngine, Streamer};
 use crate::stream::staging::{
     Readers, Span, StagedCopy, StagingDevice, StagingRing, STAGING_BUFFERS,
@@ -743,33 +741,7 @@ impl StreamedWeights {
     /// The plan's schedule simulated with measured compute times per group and the measured
     /// H2D bandwidth: the prediction to hold the measurement against.
     pub fn predict_measured(&self, group_compute_ms: &[f64]) -> Prediction {
-        let units: Vec<SimUnit> = self
-            .units
-            .iter()
-            .map(|u| match *u {
-                Unit::Group(g) => SimUnit {
-                    compute_ms: group_compute_ms[g],
-                    copy_ms: None,
-                },
-                Unit::Piece(k) => {
-                    let p = &self.plan.pieces[k];
-                    let share = p.bytes as f64 / self.plan.groups[p.group].bytes.max(1) as f64;
-                    SimUnit {
-                        compute_ms: group_compute_ms[p.group] * share,
-                        copy_ms: Some(p.bytes as f64 / (self.h2d_gbps * 1e6)),
-                    }
-                }
-            })
-            .collect();
-        let ends = simulate(&units, self.plan.slots, 8);
-        let compute_ms: f64 = units.iter().map(|u| u.compute_ms).sum();
-        Prediction {
-            pass_ms: ends[7].0 - ends[6].0,
-            cold_pass_ms: ends[0].0,
-            compute_ms,
-            copy_ms: self.plan.streamed_bytes() as f64 / (self.h2d_gbps * 1e6),
-            stall_ms: ends[7].1,
-        }
+        self.plan.predict(group_compute_ms, self.h2d_gbps)
     }
 }
 
