@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod progress;
+pub mod runtime;
 pub mod stream;
 pub mod synth;
 

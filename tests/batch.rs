@@ -11,7 +11,7 @@ use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Finish, Generator, Progress, Request, SamplingConfig};
-use ferry::model::{Llama, Logits, ResidentWeights, Segment, MLP_CHUNK_ROWS};
+use ferry::model::{Architecture, Llama, Logits, ResidentWeights, Segment, MLP_CHUNK_ROWS};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {
     Request {

@@ -13,7 +13,7 @@ use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{AttentionShape, Backend};
 use ferry::checkpoint::{Checkpoint, DType, HostTensor, Storage};
-use ferry::model::{Llama, Logits, ResidentWeights};
+use ferry::model::{Architecture, Llama, Logits, ResidentWeights};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 use half::bf16;
 

@@ -12,7 +12,7 @@ use ferry::backend::cuda::Cuda;
 use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Request, SamplingConfig};
-use ferry::model::{Llama, Logits, ResidentWeights, Segment};
+use ferry::model::{Architecture, Llama, Logits, ResidentWeights, Segment};
 
 fn gpu(test: &str) -> Option<Cuda> {
     match Cuda::new(0) {

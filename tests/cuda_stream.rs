@@ -12,15 +12,14 @@ mod common;
 use std::io::Write;
 
 use common::{fixture, ARCHS};
-use ferry::backend::cuda::streaming::{stream_weights, HostMemory, HostMode, StreamedWeights};
+use ferry::backend::cuda::streaming::{HostMemory, HostMode, StreamedWeights};
 use ferry::backend::cuda::Cuda;
+use ferry::backend::cuda::{CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
 use ferry::backend::{Backend, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
-use ferry::model::{Llama, Logits, ResidentWeights, Weights};
-use ferry::stream::cost::{
-    kv_cache_bytes, workspace_bytes_all_logits, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE,
-};
-use ferry::stream::{PassShape, Placement, Vram};
+use ferry::model::{Architecture, Llama, Logits, PassShape, ResidentWeights, Weights};
+use ferry::runtime::{stream_weights, StreamSetup};
+use ferry::stream::{Placement, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 
 fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
@@ -82,6 +81,17 @@ fn bits(v: &[Vec<f32>]) -> Vec<u32> {
     v.iter().flatten().map(|x| x.to_bits()).collect()
 }
 
+/// Streaming every test here sets up: passes of `shape` with `workspace` bytes of
+/// activations (every position's logits), compute from the assumed figures.
+fn setup(shape: PassShape, workspace: usize, host: HostMemory) -> StreamSetup<'static> {
+    StreamSetup {
+        shape,
+        workspace: Some(workspace),
+        measured_ms: None,
+        host,
+    }
+}
+
 /// Resident, then streamed at budgets from the least that plans up to everything resident:
 /// identical tokens and logits, budgets respected.
 fn check_budgets(
@@ -110,22 +120,25 @@ fn check_budgets(
         batch: 1,
         past: 0,
     };
-    let workspace = workspace_bytes_all_logits(c, shape);
+    let workspace = model.workspace_all_logits(shape);
     // The planner's budget is this minus the cuBLAS workspace and its reserve.
     let weights: usize = ckpt.bytes();
-    let fixed =
-        CUBLAS_WORKSPACE + DRIVER_RESERVE + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+    let fixed = CUBLAS_WORKSPACE + DRIVER_RESERVE + model.pass_cost(shape).cache + workspace;
     let mut streamed_some = false;
     for fraction in [0.2, 0.35, 0.5, 0.65, 0.8, 1.5] {
         let budget = fixed + (weights as f64 * fraction) as usize;
         let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
         gpu.prepare(c.head_dim).expect("kernels");
-        let mut w: StreamedWeights =
-            match stream_weights(&gpu, ckpt, &model, shape, workspace, None, HostMemory::Auto) {
-                Ok(w) => w,
-                Err(e) if e.to_string().contains("below the minimum") => continue,
-                Err(e) => panic!("{test}: budget {budget}: {e}"),
-            };
+        let mut w: StreamedWeights = match stream_weights(
+            &gpu,
+            ckpt,
+            &model,
+            setup(shape, workspace, HostMemory::Auto),
+        ) {
+            Ok(w) => w,
+            Err(e) if e.to_string().contains("below the minimum") => continue,
+            Err(e) => panic!("{test}: budget {budget}: {e}"),
+        };
         let plan = w.plan().clone();
         let head_pieces = match &plan.placement[plan.placement.len() - 1] {
             Placement::Streamed(r) => r.len(),
@@ -184,10 +197,15 @@ fn a_too_small_budget_states_the_minimum() {
         batch: 1,
         past: 0,
     };
-    let e = stream_weights(&gpu, &ckpt, &model, shape, 64 << 20, None, HostMemory::Auto)
-        .err()
-        .expect("a 37 MiB budget for a 4096-token pass is too small")
-        .to_string();
+    let e = stream_weights(
+        &gpu,
+        &ckpt,
+        &model,
+        setup(shape, 64 << 20, HostMemory::Auto),
+    )
+    .err()
+    .expect("a 37 MiB budget for a 4096-token pass is too small")
+    .to_string();
     assert!(
         e.contains("--vram") && e.contains("below the minimum"),
         "{e}"
@@ -210,8 +228,8 @@ fn staged_host_memory_is_bit_identical_to_registered() {
             batch: 1,
             past: 0,
         };
-        let workspace = workspace_bytes_all_logits(c, shape);
-        let fixed = CUBLAS_WORKSPACE + kv_cache_bytes(c, prompt_len + decode, 1) + workspace;
+        let workspace = model.workspace_all_logits(shape);
+        let fixed = CUBLAS_WORKSPACE + model.pass_cost(shape).cache + workspace;
         let mut runs = Vec::new();
         // The first budget that plans, streaming part of the weights (prefetch wraps passes).
         'budgets: for fraction in [0.5, 0.35, 0.65, 0.8] {
@@ -227,7 +245,7 @@ fn staged_host_memory_is_bit_identical_to_registered() {
                     return;
                 };
                 gpu.prepare(c.head_dim).expect("kernels");
-                let mut w = match stream_weights(&gpu, &ckpt, &model, shape, workspace, None, host)
+                let mut w = match stream_weights(&gpu, &ckpt, &model, setup(shape, workspace, host))
                 {
                     Ok(w) => w,
                     Err(e) if e.to_string().contains("below the minimum") => continue 'budgets,

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry::checkpoint::DType;
+use ferry::model::{Llama, PassShape};
+use ferry::runtime::plan_request;
 use ferry::stream::budget::{BudgetAllocator, HostMemory, Purpose, Vram};
-use ferry::stream::cost::{group_bytes, llama_groups, CostModel, PassShape};
+use ferry::stream::cost::{group_bytes, CostModel};
 use ferry::stream::plan::{plan, simulate, Group, Placement, Plan, PlanRequest, SimUnit, SlotSize};
 use ferry::stream::schedule::{run_pass, CpuCopyEngine, EngineEvent, Step, Streamer};
 use ferry::synth::Preset;
@@ -208,8 +210,8 @@ fn the_simulation_plays_the_cyclic_schedule() {
 #[test]
 fn qwen_7b_on_an_h100_at_2_6_gib() {
     let preset = Preset::by_name("qwen2.5-7b").unwrap();
-    let c = &preset.config;
-    let bytes = group_bytes(c, DType::BF16);
+    let model = Llama::new(preset.config.clone());
+    let bytes = group_bytes(&model, DType::BF16);
     assert_eq!(bytes.iter().sum::<usize>(), 15_231_233_024);
     let cost = CostModel {
         h2d_gbps: 55.0,
@@ -221,19 +223,12 @@ fn qwen_7b_on_an_h100_at_2_6_gib() {
         batch: 1,
         past: 0,
     };
-    let groups = llama_groups(c, &bytes, DType::BF16, shape, &cost);
     let budget = Vram::parse("2.6GiB").unwrap().resolve(None).unwrap();
-    let p = plan(&PlanRequest {
-        groups,
-        budget,
-        kv_cache: ferry::stream::cost::kv_cache_bytes(c, 4096, 1),
-        workspace: ferry::stream::cost::workspace_bytes(c, shape),
-        cublas_workspace: ferry::stream::cost::CUBLAS_WORKSPACE,
+    let request = PlanRequest {
         reserve: 0,
-        h2d_gbps: 55.0,
-        slot_size: SlotSize::Auto,
-    })
-    .unwrap();
+        ..plan_request(&model, &bytes, budget, shape, &cost, false)
+    };
+    let p = plan(&request).unwrap();
     assert!(p.device_bytes() <= budget);
     // Nothing resident would be 15.23 GB / 55 GB/s = 277 ms; the plan streams less.
     assert!(p.prediction.pass_ms < 277.0, "{}", p.prediction.pass_ms);

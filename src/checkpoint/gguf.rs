@@ -24,7 +24,7 @@ use super::{
     TokenizerSource,
 };
 use crate::error::{Error, Result};
-use crate::model::{Arch, Llama, Llama3RopeScaling, LlamaConfig};
+use crate::model::{Arch, Architecture, Llama, Llama3RopeScaling, LlamaConfig};
 
 pub use super::quant::{GgmlType, SUPPORTED_TYPES};
 
@@ -576,7 +576,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8], target: DType) -> Result<Checkpoint
         tokenizer,
         generation,
     };
-    crate::model::check_tensors(&ckpt)?;
+    crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)
 }
 

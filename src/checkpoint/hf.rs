@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{safetensors, Checkpoint, Format, GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
-use crate::model::LlamaConfig;
+use crate::model::{Architecture, LlamaConfig};
 
 /// Turn `--model` into a path: an existing file or directory as given, else `ORG/NAME` looked
 /// up in the Hugging Face cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
@@ -105,7 +105,7 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         tokenizer,
         generation: generation_defaults(dir)?,
     };
-    crate::model::check_tensors(&ckpt)?;
+    crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)
 }
 

@@ -13,16 +13,14 @@ use super::median;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::cpu::Cpu;
-use ferry::backend::cuda::streaming::{stream_weights, PassStats};
-use ferry::backend::cuda::Cuda;
+use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::{Backend, Device};
-use ferry::checkpoint::{Checkpoint, DType};
 use ferry::generate::{Generator, Request, SamplingConfig, TextCodec};
-use ferry::model::Llama;
-use ferry::stream::cost::workspace_bytes;
+use ferry::model::{Llama, PassShape};
+use ferry::runtime::{open_checkpoint, open_device, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, TimelineCapture, TimelineEvent};
-use ferry::stream::{PassShape, Vram};
-use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
+use ferry::stream::Vram;
+use ferry::synth::random_token_ids;
 use ferry::{Error, Result};
 
 use super::HostMemoryArg;
@@ -132,38 +130,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         });
     }
     check_timeline(&args)?;
-    let (ckpt, label) = match (&args.model, &args.synthetic) {
-        (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
-        (None, Some(p)) => {
-            let preset = Preset::by_name(p).map_err(|e| match e {
-                Error::Flag { message, .. } => Error::Flag {
-                    flag: "--synthetic",
-                    message,
-                },
-                e => e,
-            })?;
-            (
-                synthetic_checkpoint(&preset, 0, DType::BF16)?,
-                format!("synthetic {p}"),
-            )
-        }
-        (None, None) => unreachable!("clap requires --model or --synthetic"),
-    };
+    let (ckpt, label) = open_checkpoint(
+        args.model.as_deref(),
+        args.synthetic.as_deref(),
+        "--synthetic",
+    )?;
     let longest = args.prompt_tokens.iter().max().copied().unwrap_or(1) + args.decode_tokens + 1;
     let context = Some(longest.min(ckpt.config.max_position_embeddings));
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    let gpu = match (args.device, vram) {
-        (Device::Cpu, Some(_)) => {
-            return Err(Error::Flag {
-                flag: "--vram",
-                message: "streaming needs a GPU; use --device cuda (or auto)".into(),
-            })
-        }
-        (Device::Cpu, None) => None,
-        (Device::Cuda(n), _) => Some(Cuda::with_vram(n, vram)?),
-        (Device::Auto, Some(_)) => Some(Cuda::with_vram(0, vram)?),
-        (Device::Auto, None) => Cuda::new(0).ok(),
-    };
+    let gpu = open_device(args.device, vram)?;
     let (device, rows) = match gpu {
         None => {
             let device = format!("{} ({} threads)", cpu_name(), rayon::current_num_threads());
@@ -183,9 +158,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     batch: args.batch.iter().max().copied().unwrap_or(1),
                     past: args.decode_tokens,
                 };
-                let ws = workspace_bytes(&ckpt.config, shape);
-                let host = args.host_memory.host_memory.into();
-                let mut weights = stream_weights(&gpu, &ckpt, &model, shape, ws, None, host)?;
+                let setup = StreamSetup {
+                    shape,
+                    workspace: None,
+                    measured_ms: None,
+                    host: args.host_memory.host_memory.into(),
+                };
+                let mut weights = stream_weights(&gpu, &ckpt, &model, setup)?;
                 eprintln!("[host tier: {}]", weights.host_mode());
                 eprint!("{}", weights.plan());
                 let log = Arc::new(Mutex::new(Vec::new()));

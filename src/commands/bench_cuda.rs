@@ -9,15 +9,15 @@ use clap::Args;
 use super::median;
 use serde_json::json;
 
-use ferry::backend::cuda::streaming::{stream_weights, PassStats, StreamedWeights};
+use ferry::backend::cuda::streaming::{PassStats, StreamedWeights};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device, KvCache};
-use ferry::checkpoint::{Checkpoint, DType};
-use ferry::model::{Llama, LlamaConfig, Logits, ResidentWeights};
-use ferry::stream::cost::workspace_bytes;
+use ferry::checkpoint::Checkpoint;
+use ferry::model::{Architecture, Llama, LlamaConfig, Logits, PassShape, ResidentWeights};
+use ferry::runtime::{open_checkpoint, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, PassInfo};
-use ferry::stream::{human_bytes, PassShape, Vram};
-use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
+use ferry::stream::{human_bytes, Vram};
+use ferry::synth::random_token_ids;
 use ferry::{Error, Result};
 
 use super::HostMemoryArg;
@@ -85,19 +85,8 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
     }
     let start = Instant::now();
     let t = Instant::now();
-    let (ckpt, source) = match (&args.model, &args.preset) {
-        (Some(m), _) => (Checkpoint::open(m)?, m.clone()),
-        (None, Some(p)) => (
-            synthetic_checkpoint(&Preset::by_name(p)?, 0, DType::BF16)?,
-            format!("preset {p} (random bf16 weights)"),
-        ),
-        (None, None) => {
-            return Err(Error::Flag {
-                flag: "--model",
-                message: "give --model or --preset".into(),
-            })
-        }
-    };
+    let (ckpt, source) =
+        open_checkpoint(args.model.as_deref(), args.preset.as_deref(), "--preset")?;
     let open_secs = t.elapsed().as_secs_f64();
 
     if let Some(v) = &args.vram {
@@ -267,7 +256,6 @@ fn bench_streamed(
         batch: 1,
         past: 0,
     };
-    let workspace = workspace_bytes(&c, shape);
     let attn = model.attention_shape();
     let vocab = c.vocab_size;
     let ids = |seed: u64| random_token_ids(p, vocab, seed);
@@ -286,7 +274,13 @@ fn bench_streamed(
     // each group's compute, and the plan is made again from those (what is reported).
     let t = Instant::now();
     let host = args.host_memory.host_memory.into();
-    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, None, host)?;
+    let setup = StreamSetup {
+        shape,
+        workspace: None,
+        measured_ms: None,
+        host,
+    };
+    let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     let setup_secs = t.elapsed().as_secs_f64();
     let start_to_first_pass = start.elapsed().as_secs_f64();
     let (first_secs, first) = pass(&mut weights, 0)?;
@@ -299,7 +293,11 @@ fn bench_streamed(
         .map(|g| median(&mut warm.iter().map(|ms| ms[g]).collect::<Vec<_>>()))
         .collect();
     drop(weights);
-    let mut weights = stream_weights(&gpu, ckpt, &model, shape, workspace, Some(&measured), host)?;
+    let setup = StreamSetup {
+        measured_ms: Some(&measured),
+        ..setup
+    };
+    let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     let plan = weights.plan().clone();
     eprintln!(
         "[{}: {source}; host tier: {}; H2D {:.1} GB/s measured; start to first streamed pass {:.2} s (open {:.2} s, register + plan + upload {:.2} s); first pass {:.3} s]",

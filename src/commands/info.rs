@@ -1,7 +1,7 @@
 //! `ferry info`: what a checkpoint holds.
 
 use ferry::checkpoint::Checkpoint;
-use ferry::model::Llama;
+use ferry::model::{Architecture, Llama};
 use ferry::Result;
 
 use super::ModelArg;
@@ -42,7 +42,7 @@ pub fn info(args: ModelArg) -> Result<()> {
     let model = Llama::new(c.clone());
     for g in model.groups() {
         let bytes = g.bytes(&ckpt);
-        println!("  {:<12} {:>12}  {}", g.label(), bytes, human_bytes(bytes));
+        println!("  {:<12} {:>12}  {}", g.label, bytes, human_bytes(bytes));
     }
     Ok(())
 }

@@ -5,13 +5,10 @@
 use clap::Args;
 
 use ferry::checkpoint::{Checkpoint, DType};
-use ferry::model::{Llama, LlamaConfig};
-use ferry::stream::cost::{
-    group_bytes, kv_cache_bytes, llama_groups, workspace_bytes, CUBLAS_WORKSPACE, DRIVER_RESERVE,
-};
-use ferry::stream::{
-    human_bytes, parse_size, plan, CostModel, PassShape, Placement, PlanRequest, SlotSize, Vram,
-};
+use ferry::model::{Llama, LlamaConfig, PassShape};
+use ferry::runtime::plan_request;
+use ferry::stream::cost::group_bytes;
+use ferry::stream::{human_bytes, parse_size, plan, CostModel, Placement, SlotSize, Vram};
 use ferry::synth::Preset;
 use ferry::{Error, Result};
 
@@ -54,28 +51,25 @@ pub struct PlanArgs {
 }
 
 pub fn plan_command(args: PlanArgs) -> Result<()> {
-    let (name, config, bytes, dtype) = match (&args.model, &args.synthetic) {
+    // The model's shape is all a plan needs: a preset's config, or a checkpoint's.
+    let (name, config) = match (&args.model, &args.synthetic) {
         (Some(model), _) => {
             let ckpt = Checkpoint::open(model)?;
-            let model = Llama::new(ckpt.config.clone());
-            let bytes: Vec<usize> = model.groups().iter().map(|g| g.bytes(&ckpt)).collect();
-            let dtype = ckpt
-                .tensors
-                .values()
-                .next()
-                .map_or(DType::BF16, |t| t.dtype);
             let name = format!("{} ({})", ckpt.path.display(), ckpt.config.arch.name());
-            (name, ckpt.config.clone(), bytes, dtype)
+            (name, ckpt.config.clone())
         }
         (None, Some(preset)) => {
             let p = Preset::by_name(preset)?;
-            let bytes = group_bytes(&p.config, DType::BF16);
             let name = format!("{} (synthetic {})", p.name, p.config.arch.name());
-            (name, p.config, bytes, DType::BF16)
+            (name, p.config)
         }
         (None, None) => unreachable!("clap requires --model or --synthetic"),
     };
     check_shape(&args, &config)?;
+    let model = Llama::new(config);
+    // Every weight streams as bf16, whatever the checkpoint stores (as on the GPU).
+    let dtype = DType::BF16;
+    let bytes = group_bytes(&model, dtype);
 
     let stated = |v: Option<f64>, flag: &'static str, default: f64| -> Result<f64> {
         match v {
@@ -108,16 +102,8 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         batch: args.batch,
         past: args.past,
     };
-    let request = PlanRequest {
-        groups: llama_groups(&config, &bytes, dtype, shape, &cost),
-        budget,
-        kv_cache: kv_cache_bytes(&config, args.past + args.tokens, args.batch),
-        workspace: workspace_bytes(&config, shape),
-        cublas_workspace: CUBLAS_WORKSPACE,
-        reserve: DRIVER_RESERVE,
-        h2d_gbps: cost.h2d_gbps,
-        slot_size,
-    };
+    let mut request = plan_request(&model, &bytes, budget, shape, &cost, false);
+    request.slot_size = slot_size;
     // Plan before printing, so that an error is all a failed run prints.
     let plan = plan(&request)?;
     let total: usize = bytes.iter().sum();

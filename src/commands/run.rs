@@ -8,14 +8,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ferry::backend::cpu::Cpu;
 use std::sync::{Arc, Mutex};
 
-use ferry::backend::cuda::streaming::{stream_weights, PassStats};
-use ferry::backend::cuda::Cuda;
+use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::{Backend, Device};
 use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Message, Progress, Request, SamplingConfig, TextCodec};
-use ferry::model::{Llama, Weights};
-use ferry::stream::cost::workspace_bytes;
-use ferry::stream::{human_bytes, PassShape, Vram};
+use ferry::model::{Llama, PassShape, Weights};
+use ferry::runtime::{open_device, stream_weights, StreamSetup};
+use ferry::stream::{human_bytes, Vram};
 use ferry::{Error, Result};
 
 use super::{HostMemoryArg, ModelArg};
@@ -121,19 +120,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let text = TextCodec::open(&ckpt)?;
     let requests = requests(&text, &args, &prompts, &ckpt)?;
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    if vram.is_some() && args.device == Device::Cpu {
-        return Err(Error::Flag {
-            flag: "--vram",
-            message: "a GPU memory budget needs --device cuda (or auto with a GPU)".into(),
-        });
-    }
-    let cuda = match args.device {
-        Device::Cpu => None,
-        Device::Cuda(n) => Some(Cuda::with_vram(n, vram)?),
-        Device::Auto if vram.is_some() => Some(Cuda::with_vram(0, vram)?),
-        Device::Auto => Cuda::new(0).ok(),
-    };
-    match cuda {
+    match open_device(args.device, vram)? {
         Some(gpu) => {
             gpu.prepare(ckpt.config.head_dim)?;
             let device = gpu.info().to_string();
@@ -148,15 +135,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                 batch: args.batch.min(requests.len()),
                 past: args.max_tokens,
             };
-            let mut weights = stream_weights(
-                &gpu,
-                &ckpt,
-                &model,
+            let setup = StreamSetup {
                 shape,
-                workspace_bytes(&ckpt.config, shape),
-                None,
-                args.host_memory.host_memory.into(),
-            )?;
+                workspace: None,
+                measured_ms: None,
+                host: args.host_memory.host_memory.into(),
+            };
+            let mut weights = stream_weights(&gpu, &ckpt, &model, setup)?;
             if !args.quiet {
                 eprintln!("[host tier: {}]", weights.host_mode());
                 eprint!("{}", weights.plan());

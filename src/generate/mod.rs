@@ -13,7 +13,7 @@ pub use text::TextCodec;
 use crate::backend::{Backend, KvCache};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::model::{Llama, Logits, ResidentWeights, Segment, Weights};
+use crate::model::{Architecture, Llama, Logits, ResidentWeights, Segment, Weights};
 
 /// What to generate from one prompt.
 #[derive(Clone, Debug)]

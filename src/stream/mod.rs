@@ -2,7 +2,7 @@
 //! slots stream the rest, then run the cyclic copy/compute schedule within a hard VRAM budget.
 //!
 //! - [`plan`]: the planner and its simulation of the schedule (the predicted pass time).
-//! - [`cost`]: bytes, FLOPs, KV cache and workspace of a Llama-family pass, for the planner.
+//! - [`cost`]: an architecture's groups as the planner sees them (bytes, compute, splits).
 //! - [`budget`]: the accounting allocator every device allocation goes through.
 //! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
 //! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock.
@@ -17,7 +17,7 @@ pub mod staging;
 pub mod timeline;
 
 pub use budget::{Allocation, BudgetAllocator, DeviceMemory, OverBudget, Purpose, Vram};
-pub use cost::{CostModel, PassShape};
+pub use cost::CostModel;
 pub use plan::{
     plan, Group, Piece, Placement, Plan, PlanRequest, Prediction, ResidentSet, SlotSize,
 };

@@ -31,7 +31,8 @@ pub struct Group {
     /// model (FLOPs / TFLOP/s).
     pub compute_ms: f64,
     /// When the group streams in pieces, piece boundaries fall on multiples of this many
-    /// bytes (one row of the head's weight, say), so that each piece is computable alone.
+    /// bytes (one row of the head's weight, say), so that each piece is computable alone;
+    /// the group's bytes when it cannot split.
     pub granule: usize,
     /// Gathered row by row on the host (the embedding): never resident, never streamed.
     pub host_gather: bool,
@@ -319,7 +320,7 @@ fn split(g: usize, group: &Group, slot_bytes: usize) -> Result<Vec<Piece>> {
         return Err(Error::Flag {
             flag: "--slot-size",
             message: format!(
-                "{} is smaller than one row of {} ({}); slots must hold at least that",
+                "{} is smaller than the smallest piece of {} ({}); slots must hold at least that",
                 human_bytes(slot_bytes),
                 group.label,
                 human_bytes(granule)
@@ -452,7 +453,9 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
         }
         SlotSize::Auto => {
             let sizes: Vec<usize> = device.iter().map(|&g| req.groups[g].bytes).collect();
-            auto_slot_bytes(&sizes)
+            // Groups that cannot split must fit a slot whole.
+            let whole = device.iter().map(|&g| req.groups[g].granule).max();
+            auto_slot_bytes(&sizes).max(whole.unwrap_or(0))
         }
     };
     // Two slots, unless everything resident takes less (then that is the minimum).

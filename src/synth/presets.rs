@@ -2,7 +2,7 @@
 //! `tiny` for tests.
 
 use crate::error::{Error, Result};
-use crate::model::{Arch, Llama, Llama3RopeScaling, LlamaConfig};
+use crate::model::{Arch, Architecture, Llama, Llama3RopeScaling, LlamaConfig};
 
 /// A named model shape: the config of a real model (or `tiny`), and its special token ids.
 #[derive(Clone, Debug, PartialEq)]

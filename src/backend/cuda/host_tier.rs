@@ -16,7 +16,7 @@ use indicatif::ProgressBar;
 use super::Cuda;
 use crate::checkpoint::{Checkpoint, DType, HostTensor, Storage};
 use crate::error::{Error, Result};
-use crate::model::Llama;
+use crate::model::Architecture;
 use crate::stream::staging::{self, Readers, Span};
 use crate::stream::{human_bytes, Purpose};
 
@@ -127,7 +127,12 @@ impl HostTier {
     /// Gather the model's tensors and, unless `host` says staged, register their memory. Must
     /// run after the CUDA context exists (`cuMemHostRegister` needs it current: `gpu` proves
     /// that).
-    pub fn new(gpu: &Cuda, ckpt: &Checkpoint, model: &Llama, host: HostMemory) -> Result<HostTier> {
+    pub fn new(
+        gpu: &Cuda,
+        ckpt: &Checkpoint,
+        model: &dyn Architecture,
+        host: HostMemory,
+    ) -> Result<HostTier> {
         gpu.ctx
             .bind_to_thread()
             .map_err(gpu.err("binding the context"))?;
@@ -270,6 +275,11 @@ impl HostTier {
             threads: staging::reader_threads(),
             why,
         }
+    }
+
+    /// Whether streamed bytes go through the pinned staging ring.
+    pub fn is_staged(&self) -> bool {
+        matches!(self.mode, HostMode::Staged { .. })
     }
 
     /// Bytes of group `g` as streamed (bf16).

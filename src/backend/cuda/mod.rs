@@ -32,6 +32,21 @@ use crate::stream::{Allocation, BudgetAllocator, DeviceMemory, Purpose, Vram};
 
 pub use compile::nvrtc_version;
 
+/// cuBLASLt's scratch, allocated once per device (its recommended workspace on Hopper).
+pub const CUBLAS_WORKSPACE: usize = gemm::WORKSPACE_BYTES;
+
+/// Device memory a CUDA plan leaves aside: small allocations outside its accounting (RoPE
+/// frequencies, argmax results), the alignment padding in slots, and what the driver holds
+/// beyond the ledger (kernel modules, cuBLASLt internals, the stream-ordered pool's
+/// granularity). Measured on an H100, 2026-11-26: the driver's peak was 110-155 MiB above
+/// the ledger's over prompt passes of 512-16384 tokens at budgets of 2.6-12 GiB.
+pub const DRIVER_RESERVE: usize = 160 << 20;
+
+/// What [`DRIVER_RESERVE`] grows by when streamed bytes go through the pinned staging ring
+/// (its thread's stream and events, the pinned buffers' mappings): the driver's peak was
+/// 70 MiB higher than with registered host memory on the same pass.
+pub const STAGING_RESERVE: usize = 64 << 20;
+
 /// Device memory counted against the budget until dropped.
 type DevBuf = Allocation<CudaSlice<u8>>;
 

@@ -18,63 +18,17 @@ pub use super::host_tier::{measure_h2d, HostMemory, HostMode, HostTier};
 use super::host_tier::{segments, PinnedBuffer, TensorSrc, SLOT_ALIGN};
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
-use crate::checkpoint::{Checkpoint, DType};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::model::{Llama, Weights};
+use crate::model::{Architecture, Weights};
 use crate::stream::budget::BudgetTracker;
-use crate::stream::cost::{
-    llama_groups, CostModel, PassShape, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE,
-};
-use crate::stream::plan::{Piece, Placement, Plan, PlanRequest, Prediction, SlotSize, Unit};
+use crate::stream::plan::{Piece, Placement, Plan, Prediction, Unit};
 use crate::stream::schedule::{CopyEngine, Streamer};
 use crate::stream::staging::{
     Readers, Span, StagedCopy, StagingDevice, StagingRing, STAGING_BUFFERS,
 };
 use crate::stream::timeline::{Lane, TimelineCapture, TimelineEvent};
 use crate::stream::{human_bytes, Purpose};
-
-/// The planner's request for streaming `model` on `gpu` within its budget, for passes of
-/// `shape` (`workspace`: activation bytes of one pass), with compute times from `cost` or,
-/// where given, measured per group (ms).
-#[allow(clippy::too_many_arguments)]
-pub fn plan_request(
-    gpu: &Cuda,
-    ckpt: &Checkpoint,
-    model: &Llama,
-    tier: &HostTier,
-    shape: PassShape,
-    workspace: usize,
-    cost: &CostModel,
-    measured_ms: Option<&[f64]>,
-) -> PlanRequest {
-    let c = &ckpt.config;
-    let bytes: Vec<usize> = (0..model.groups().len())
-        .map(|g| tier.group_bytes(g))
-        .collect();
-    let mut groups = llama_groups(c, &bytes, DType::BF16, shape, cost);
-    if let Some(ms) = measured_ms {
-        for (g, &m) in groups.iter_mut().zip(ms) {
-            g.compute_ms = m;
-        }
-    }
-    let in_use = gpu.memory.in_use(); // the cuBLAS workspace, already allocated
-    PlanRequest {
-        groups,
-        budget: gpu
-            .memory
-            .budget()
-            .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE)),
-        kv_cache: crate::stream::cost::kv_cache_bytes(c, shape.past + shape.tokens, shape.batch),
-        workspace,
-        cublas_workspace: CUBLAS_WORKSPACE,
-        reserve: match tier.mode {
-            HostMode::Staged { .. } => DRIVER_RESERVE + STAGING_RESERVE,
-            _ => DRIVER_RESERVE,
-        },
-        h2d_gbps: cost.h2d_gbps,
-        slot_size: SlotSize::Auto,
-    }
-}
 
 /// The events of the copy engine, made once: per slot its copy and release events (see
 /// [`CopyEngine`]), and begin/end timing events per piece for two copies in flight (copy `n`
@@ -456,20 +410,19 @@ impl StreamedWeights {
     pub fn new(
         gpu: &Cuda,
         ckpt: &Checkpoint,
-        model: &Llama,
+        model: &dyn Architecture,
         plan: Plan,
         tier: HostTier,
         h2d_gbps: f64,
     ) -> Result<StreamedWeights> {
         for (g, place) in plan.placement.iter().enumerate() {
             if let Placement::Streamed(r) = place {
-                // A group other than the head must fit one slot: the model computes pieces
-                // only as row blocks of a group's last tensor.
-                if r.len() > 1 && g != model.groups().len() - 1 {
+                // The model computes pieces only as row blocks of a group's last tensor.
+                if r.len() > 1 && !model.groups()[g].splits() {
                     return Err(Error::Flag {
                         flag: "--vram",
                         message: format!(
-                            "{} would stream in {} pieces; only the head can (slot of {} bytes)",
+                            "{} would stream in {} pieces, but it cannot split (slot of {} bytes)",
                             plan.groups[g].label,
                             r.len(),
                             plan.slot_bytes
@@ -815,46 +768,6 @@ impl Drop for StreamedWeights {
         let _ = self.streamer.engine().copy.synchronize();
         let _ = self.compute.synchronize();
     }
-}
-
-/// Compute figures the first plan assumes before a pass has been measured: an H100-class
-/// card (DESIGN.md). The prediction printed after a measured pass uses measured times.
-pub const ASSUMED_COMPUTE: CostModel = CostModel {
-    h2d_gbps: 55.0,
-    tflops: 600.0,
-    hbm_gbps: 3000.0,
-};
-
-/// Everything `--vram` needs: make the host tier as `host` says, measure H2D, plan passes of
-/// `shape` within the budget, upload the residents and start the streamer. `measured_ms`
-/// (per group) replaces the cost model's compute times when given.
-pub fn stream_weights(
-    gpu: &Cuda,
-    ckpt: &Checkpoint,
-    model: &Llama,
-    shape: PassShape,
-    workspace: usize,
-    measured_ms: Option<&[f64]>,
-    host: HostMemory,
-) -> Result<StreamedWeights> {
-    let tier = HostTier::new(gpu, ckpt, model, host)?;
-    let h2d_gbps = measure_h2d(gpu, &tier)?;
-    let cost = CostModel {
-        h2d_gbps,
-        ..ASSUMED_COMPUTE
-    };
-    let request = plan_request(
-        gpu,
-        ckpt,
-        model,
-        &tier,
-        shape,
-        workspace,
-        &cost,
-        measured_ms,
-    );
-    let plan = crate::stream::plan(&request)?;
-    StreamedWeights::new(gpu, ckpt, model, plan, tier, h2d_gbps)
 }
 
 impl StreamedWeights {

@@ -1,7 +1,12 @@
 //! The Llama family (llama 2/3, mistral, qwen2, qwen3) in one forward pass. The differences
 //! between them are fields of [`LlamaConfig`], each used in one place below.
 
-use super::{GroupKind, LlamaConfig, TensorSpec, WeightGroup, Weights};
+mod config;
+mod cost;
+
+pub use config::{Arch, Llama3RopeScaling, LlamaConfig};
+
+use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
 use crate::backend::{AttentionShape, Backend, KvCache};
 use crate::error::{Error, Result};
 
@@ -30,6 +35,12 @@ pub struct Llama {
     pub config: LlamaConfig,
     groups: Vec<WeightGroup>,
     inv_freq: Vec<f32>,
+}
+
+/// Where each part of the model is among its groups.
+const EMBEDDING: usize = 0;
+const fn block(layer: usize) -> usize {
+    1 + layer
 }
 
 /// One decoder block's weights, named as in the checkpoint (`model.layers.N.…`).
@@ -61,9 +72,9 @@ impl Llama {
         }
     }
 
-    /// Weight groups in pass order: embedding, blocks, head.
-    pub fn groups(&self) -> &[WeightGroup] {
-        &self.groups
+    /// The group of the final norm and the language-model head.
+    fn head(&self) -> usize {
+        block(self.config.num_layers)
     }
 
     pub fn attention_shape(&self) -> AttentionShape {
@@ -150,10 +161,11 @@ impl Llama {
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
-        let mut x = backend.embed(&weights.group(0)?[0], &tokens)?;
+        let embedding = Bound::new(&self.groups[EMBEDDING], weights.group(EMBEDDING)?);
+        let mut x = backend.embed(embedding.get(EMBED_TOKENS), &tokens)?;
 
         for layer in 0..c.num_layers {
-            let w = self.block_weights(weights.group(1 + layer)?);
+            let w = self.block_weights(layer, weights.group(block(layer))?);
 
             // Attention: x = x + o_proj(attn(rope(q), rope(k), v)).
             let h = backend.rms_norm(&x, w.input_layernorm, eps)?;
@@ -220,15 +232,15 @@ impl Llama {
         };
         // The head: final norm, then logits [rows, vocab] by blocks of vocabulary rows when
         // the head comes in parts (the norm is in the first).
-        let head = 1 + c.num_layers;
+        let head = self.head();
         let mut normed = None;
         let mut blocks = Vec::new();
         for part in 0..weights.parts(head)? {
-            let w = weights.part(head, part)?;
-            if let Some(norm) = w[0] {
+            let w = Bound::parts(&self.groups[head], weights.part(head, part)?);
+            if let Some(norm) = w.opt("model.norm.weight") {
                 normed = Some(backend.rms_norm(&x, norm, eps)?);
             }
-            if let (Some(normed), Some(lm_head)) = (&normed, w[1]) {
+            if let (Some(normed), Some(lm_head)) = (&normed, w.opt(self.lm_head_name())) {
                 blocks.push(backend.linear(normed, lm_head, None)?); // [rows, block rows]
             }
         }
@@ -237,47 +249,77 @@ impl Llama {
         Ok(logits)
     }
 
-    /// Name the weights of a block group, in the order `weight_groups` listed them.
-    fn block_weights<'a, W>(&self, ws: &'a [W]) -> BlockWeights<'a, W> {
+    /// The weights of decoder block `layer`, bound by name.
+    fn block_weights<'a, W>(&'a self, layer: usize, ws: &'a [W]) -> BlockWeights<'a, W> {
         let c = &self.config;
-        let mut it = ws.iter();
-        let mut next = || {
-            it.next()
-                .expect("block group has the tensors weight_groups listed")
-        };
-        let mut w = BlockWeights {
-            input_layernorm: next(),
-            q_proj: next(),
-            k_proj: next(),
-            v_proj: next(),
-            o_proj: next(),
-            post_attention_layernorm: next(),
-            gate_proj: next(),
-            up_proj: next(),
-            down_proj: next(),
-            qkv_bias: None,
-            o_bias: None,
-            qk_norm: None,
-        };
-        if c.qkv_bias {
-            w.qkv_bias = Some([next(), next(), next()]);
+        let w = Bound::new(&self.groups[block(layer)], ws);
+        let p = |s: &str| w.get(&format!("model.layers.{layer}.{s}"));
+        BlockWeights {
+            input_layernorm: p("input_layernorm.weight"),
+            q_proj: p("self_attn.q_proj.weight"),
+            k_proj: p("self_attn.k_proj.weight"),
+            v_proj: p("self_attn.v_proj.weight"),
+            o_proj: p("self_attn.o_proj.weight"),
+            post_attention_layernorm: p("post_attention_layernorm.weight"),
+            gate_proj: p("mlp.gate_proj.weight"),
+            up_proj: p("mlp.up_proj.weight"),
+            down_proj: p("mlp.down_proj.weight"),
+            qkv_bias: c.qkv_bias.then(|| {
+                [
+                    p("self_attn.q_proj.bias"),
+                    p("self_attn.k_proj.bias"),
+                    p("self_attn.v_proj.bias"),
+                ]
+            }),
+            o_bias: c.o_bias.then(|| p("self_attn.o_proj.bias")),
+            qk_norm: c
+                .qk_norm
+                .then(|| [p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")]),
         }
-        if c.o_bias {
-            w.o_bias = Some(next());
+    }
+
+    fn lm_head_name(&self) -> &'static str {
+        lm_head_name(&self.config)
+    }
+}
+
+impl Architecture for Llama {
+    /// Embedding, blocks, head.
+    fn groups(&self) -> &[WeightGroup] {
+        &self.groups
+    }
+
+    fn pass_cost(&self, shape: PassShape) -> PassCost {
+        PassCost {
+            flops: cost::group_flops(&self.config, shape),
+            workspace: cost::workspace_bytes(&self.config, shape),
+            cache: cost::kv_cache_bytes(&self.config, shape.past + shape.tokens, shape.batch),
         }
-        if c.qk_norm {
-            w.qk_norm = Some([next(), next()]);
-        }
-        w
+    }
+}
+
+impl Llama {
+    /// [`Architecture::pass_cost`]'s workspace when every position's logits are wanted
+    /// ([`Logits::All`]: tests, scoring).
+    pub fn workspace_all_logits(&self, shape: PassShape) -> usize {
+        cost::workspace_bytes_all_logits(&self.config, shape)
+    }
+}
+
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+
+/// The head's weight: its own, or the embedding's when they are tied.
+fn lm_head_name(c: &LlamaConfig) -> &'static str {
+    if c.tie_word_embeddings {
+        EMBED_TOKENS
+    } else {
+        "lm_head.weight"
     }
 }
 
 /// The groups of a Llama-family model with the tensors (HF names) and shapes each holds.
 fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
-    let t = |name: String, shape: &[usize]| TensorSpec {
-        name,
-        shape: shape.to_vec(),
-    };
+    let t = |name: String, shape: &[usize]| TensorSpec::new(name, shape);
     let (h, q, kv, ffn) = (
         c.hidden_size,
         c.num_heads * c.head_dim,
@@ -285,12 +327,14 @@ fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
         c.intermediate_size,
     );
     let mut groups = vec![WeightGroup {
-        kind: GroupKind::Embedding,
-        tensors: vec![t("model.embed_tokens.weight".into(), &[c.vocab_size, h])],
+        host_gather: true,
+        ..WeightGroup::new(
+            "embedding",
+            vec![t(EMBED_TOKENS.into(), &[c.vocab_size, h])],
+        )
     }];
     for i in 0..c.num_layers {
         let p = |s: &str| format!("model.layers.{i}.{s}");
-        // The order here is the order `Llama::block_weights` reads.
         let mut tensors = vec![
             t(p("input_layernorm.weight"), &[h]),
             t(p("self_attn.q_proj.weight"), &[q, h]),
@@ -314,22 +358,16 @@ fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
             tensors.push(t(p("self_attn.q_norm.weight"), &[c.head_dim]));
             tensors.push(t(p("self_attn.k_norm.weight"), &[c.head_dim]));
         }
-        groups.push(WeightGroup {
-            kind: GroupKind::Block(i),
-            tensors,
-        });
+        groups.push(WeightGroup::new(format!("block {i}"), tensors));
     }
-    let head = if c.tie_word_embeddings {
-        "model.embed_tokens.weight"
-    } else {
-        "lm_head.weight"
-    };
-    groups.push(WeightGroup {
-        kind: GroupKind::Head,
-        tensors: vec![
+    groups.push(WeightGroup::new(
+        "head",
+        vec![
             t("model.norm.weight".into(), &[h]),
-            t(head.into(), &[c.vocab_size, h]),
+            // Logits come in blocks of vocabulary rows when the head streams in pieces.
+            t(lm_head_name(c).into(), &[c.vocab_size, h]).split_rows(),
         ],
-    });
+    ));
+    debug_assert_eq!(groups.len(), block(c.num_layers) + 1);
     groups
 }

@@ -1,0 +1,150 @@
+//! The front door: everything a command needs before it computes, set up one way for every
+//! command — the checkpoint (a path or a synthetic preset), the device and its budget, the
+//! planner's request, and the weights (resident or streamed).
+//!
+//! One rule for the planner's request ([`plan_request`]) serves `ferry plan` (figures
+//! stated, no GPU) and a CUDA run (figures measured), so both plan identically for the same
+//! budget, shape and figures.
+
+use crate::backend::cuda::streaming::{measure_h2d, HostMemory, HostTier, StreamedWeights};
+use crate::backend::cuda::{Cuda, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
+use crate::backend::Device;
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::model::{Architecture, PassShape};
+use crate::stream::cost::{planner_groups, CostModel};
+use crate::stream::{PlanRequest, SlotSize, Vram};
+use crate::synth::{synthetic_checkpoint, Preset};
+
+/// Open `--model PATH` or `--synthetic PRESET` (random bf16 weights of a real shape, made
+/// in memory), with a label for reports. `flag` names the preset's flag in errors.
+pub fn open_checkpoint(
+    model: Option<&str>,
+    synthetic: Option<&str>,
+    flag: &'static str,
+) -> Result<(Checkpoint, String)> {
+    match (model, synthetic) {
+        (Some(m), _) => Ok((Checkpoint::open(m)?, m.to_string())),
+        (None, Some(p)) => {
+            let preset = Preset::by_name(p).map_err(|e| match e {
+                Error::Flag { message, .. } => Error::Flag { flag, message },
+                e => e,
+            })?;
+            Ok((
+                synthetic_checkpoint(&preset, 0, DType::BF16)?,
+                format!("synthetic {p} (random bf16 weights)"),
+            ))
+        }
+        (None, None) => Err(Error::Flag {
+            flag: "--model",
+            message: format!("give --model or {flag}"),
+        }),
+    }
+}
+
+/// The GPU a command computes on, by `--device` and `--vram`: `None` for the CPU. A budget
+/// needs a GPU; `auto` without one falls back to the CPU only when no budget was asked for.
+pub fn open_device(device: Device, vram: Option<Vram>) -> Result<Option<Cuda>> {
+    match (device, vram) {
+        (Device::Cpu, Some(_)) => Err(Error::Flag {
+            flag: "--vram",
+            message: "a GPU memory budget needs --device cuda (or auto with a GPU)".into(),
+        }),
+        (Device::Cpu, None) => Ok(None),
+        (Device::Cuda(n), vram) => Cuda::with_vram(n, vram).map(Some),
+        (Device::Auto, Some(vram)) => Cuda::with_vram(0, Some(vram)).map(Some),
+        (Device::Auto, None) => Ok(Cuda::new(0).ok()),
+    }
+}
+
+/// Device memory the plan leaves aside for what the CUDA driver holds beyond the ledger, by
+/// how streamed bytes reach the device.
+pub fn driver_reserve(staged: bool) -> usize {
+    if staged {
+        DRIVER_RESERVE + STAGING_RESERVE
+    } else {
+        DRIVER_RESERVE
+    }
+}
+
+/// The planner's request for passes of `shape` of `arch` within `budget` (bytes the plan may
+/// allocate, the cuBLAS workspace included): group bytes as they will stream, compute from
+/// `cost` or, where given, measured per group (ms), the cache and workspace the architecture
+/// states, and the CUDA backend's fixed allocations.
+pub fn plan_request(
+    arch: &dyn Architecture,
+    bytes: &[usize],
+    budget: usize,
+    shape: PassShape,
+    cost: &CostModel,
+    staged: bool,
+) -> PlanRequest {
+    let pass = arch.pass_cost(shape);
+    PlanRequest {
+        groups: planner_groups(arch, bytes, DType::BF16, shape, cost),
+        budget,
+        kv_cache: pass.cache,
+        workspace: pass.workspace,
+        cublas_workspace: CUBLAS_WORKSPACE,
+        reserve: driver_reserve(staged),
+        h2d_gbps: cost.h2d_gbps,
+        slot_size: SlotSize::Auto,
+    }
+}
+
+/// Compute figures the first plan assumes before a pass has been measured: an H100-class
+/// card (DESIGN.md). The prediction printed after a measured pass uses measured times.
+pub const ASSUMED_COMPUTE: CostModel = CostModel {
+    h2d_gbps: 55.0,
+    tflops: 600.0,
+    hbm_gbps: 3000.0,
+};
+
+/// How a streamed run is set up beyond the model: the pass to plan for and how host memory
+/// reaches the device.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamSetup<'a> {
+    pub shape: PassShape,
+    /// Activation bytes of one pass, when not the architecture's own figure (every
+    /// position's logits, say).
+    pub workspace: Option<usize>,
+    /// Per-group compute, ms, measured on this card; else from the assumed figures.
+    pub measured_ms: Option<&'a [f64]>,
+    pub host: HostMemory,
+}
+
+/// Everything `--vram` needs: make the host tier, measure H2D, plan passes of the setup's
+/// shape within the GPU's budget, upload the residents and start the streamer.
+pub fn stream_weights(
+    gpu: &Cuda,
+    ckpt: &Checkpoint,
+    arch: &dyn Architecture,
+    setup: StreamSetup<'_>,
+) -> Result<StreamedWeights> {
+    let tier = HostTier::new(gpu, ckpt, arch, setup.host)?;
+    let h2d_gbps = measure_h2d(gpu, &tier)?;
+    let cost = CostModel {
+        h2d_gbps,
+        ..ASSUMED_COMPUTE
+    };
+    let bytes: Vec<usize> = (0..arch.groups().len())
+        .map(|g| tier.group_bytes(g))
+        .collect();
+    // What is allocated already beyond the cuBLAS workspace is not the plan's to use.
+    let in_use = gpu.memory().in_use();
+    let budget = gpu
+        .memory()
+        .budget()
+        .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE));
+    let mut request = plan_request(arch, &bytes, budget, setup.shape, &cost, tier.is_staged());
+    if let Some(w) = setup.workspace {
+        request.workspace = w;
+    }
+    if let Some(ms) = setup.measured_ms {
+        for (g, &m) in request.groups.iter_mut().zip(ms) {
+            g.compute_ms = m;
+        }
+    }
+    let plan = crate::stream::plan(&request)?;
+    StreamedWeights::new(gpu, ckpt, arch, plan, tier, h2d_gbps)
+}
