@@ -1,11 +1,10 @@
 //! Hugging Face model directories and the hub cache layout.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{safetensors, Checkpoint, Format, GenerationDefaults, TokenizerSource};
+use super::{Checkpoint, Component, Format, GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, LlamaConfig};
 
@@ -81,14 +80,10 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
             expected: "a Hugging Face model directory holds config.json".into(),
         });
     }
-    let config = LlamaConfig::from_hf(&config_path, &read_json(&config_path)?)?;
-
-    let mut tensors = BTreeMap::new();
-    for file in safetensors_files(dir)? {
-        for t in safetensors::read(&file)? {
-            tensors.insert(t.name.clone(), t);
-        }
-    }
+    let component = Component::open("model", dir, true)?;
+    let (path, json) = component.config()?;
+    let config = LlamaConfig::from_hf(path, json)?;
+    let tensors = component.tensors;
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.is_file() {
@@ -107,49 +102,6 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
     };
     crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)
-}
-
-/// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index_path = dir.join("model.safetensors.index.json");
-    if index_path.is_file() {
-        let index = read_json(&index_path)?;
-        let map = index
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::Json {
-                path: index_path.clone(),
-                message: "expected an object \"weight_map\": {tensor name: shard file}".into(),
-            })?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for (tensor, file) in map {
-            let file = file.as_str().ok_or_else(|| Error::Json {
-                path: index_path.clone(),
-                message: format!("weight_map[{tensor:?}] should be a file name"),
-            })?;
-            let path = dir.join(file);
-            if !files.contains(&path) {
-                files.push(path);
-            }
-        }
-        for f in &files {
-            if !f.is_file() {
-                return Err(Error::NotFound {
-                    path: f.clone(),
-                    expected: format!("shard listed in {}", index_path.display()),
-                });
-            }
-        }
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(Error::NotFound {
-        path: single,
-        expected: "model.safetensors or model.safetensors.index.json with its shards".into(),
-    })
 }
 
 /// A token given in tokenizer_config.json as a string or as `{"content": ...}`.

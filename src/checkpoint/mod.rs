@@ -2,6 +2,7 @@
 //! files. Everything is memory-mapped; opening copies no weights. The result is a typed model
 //! config plus named tensor views over the mapped bytes.
 
+mod component;
 pub mod gguf;
 mod gguf_tokenizer;
 mod hf;
@@ -18,6 +19,7 @@ use memmap2::Mmap;
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
 
+pub use component::{Component, Pipeline};
 pub use hf::resolve_model_path;
 
 /// Element type of a stored tensor, as ferry keeps it in host memory.

@@ -8,7 +8,9 @@
 
 pub mod llama;
 
-pub use llama::{Arch, Llama, Llama3RopeScaling, LlamaConfig, Logits, Segment, MLP_CHUNK_ROWS};
+pub use llama::{
+    Arch, Llama, Llama3RopeScaling, LlamaConfig, Logits, Output, Segment, MLP_CHUNK_ROWS,
+};
 
 use crate::checkpoint::{Checkpoint, HostTensor};
 use crate::error::Result;

@@ -33,8 +33,24 @@ pub enum Logits {
 
 pub struct Llama {
     pub config: LlamaConfig,
+    /// What a pass returns.
+    pub output: Output,
+    /// Before every tensor name but the head's: "model." in a causal LM's checkpoint, ""
+    /// in a bare model's (a diffusers pipeline's text encoder saved as `Qwen3Model`).
+    prefix: String,
     groups: Vec<WeightGroup>,
     inv_freq: Vec<f32>,
+}
+
+/// What a Llama pass computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Logits from the final norm and the head (a language model).
+    Logits,
+    /// The residual stream after the first `layers` blocks, with no final norm: a text
+    /// encoder's `hidden_states[layers]` (Z-Image takes `hidden_states[-2]`, the input of
+    /// the last block). The blocks after them and the head are not part of the model.
+    Hidden { layers: usize },
 }
 
 /// Where each part of the model is among its groups.
@@ -62,19 +78,53 @@ struct BlockWeights<'a, W> {
 }
 
 impl Llama {
+    /// A language model whose tensors are named as transformers' `…ForCausalLM` saves them.
     pub fn new(config: LlamaConfig) -> Llama {
-        let groups = weight_groups(&config);
+        Self::build(config, Output::Logits, "model.")
+    }
+
+    /// A text encoder: the residual after `layers` blocks, for a checkpoint whose tensor
+    /// names start with `prefix` ("model." or "").
+    pub fn encoder(config: LlamaConfig, layers: usize, prefix: &str) -> Result<Llama> {
+        if layers == 0 || layers > config.num_layers {
+            return Err(Error::Flag {
+                flag: "text encoder",
+                message: format!(
+                    "hidden state after {layers} blocks asked of a model of {} blocks",
+                    config.num_layers
+                ),
+            });
+        }
+        Ok(Self::build(config, Output::Hidden { layers }, prefix))
+    }
+
+    fn build(config: LlamaConfig, output: Output, prefix: &str) -> Llama {
+        let groups = weight_groups(&config, output, prefix);
         let inv_freq = config.rope_inv_freq();
         Llama {
             config,
+            output,
+            prefix: prefix.to_string(),
             groups,
             inv_freq,
+        }
+    }
+
+    /// Blocks a pass runs.
+    pub fn layers(&self) -> usize {
+        match self.output {
+            Output::Logits => self.config.num_layers,
+            Output::Hidden { layers } => layers,
         }
     }
 
     /// The group of the final norm and the language-model head.
     fn head(&self) -> usize {
         block(self.config.num_layers)
+    }
+
+    fn name(&self, s: &str) -> String {
+        format!("{}{s}", self.prefix)
     }
 
     pub fn attention_shape(&self) -> AttentionShape {
@@ -162,9 +212,9 @@ impl Llama {
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let embedding = Bound::new(&self.groups[EMBEDDING], weights.group(EMBEDDING)?);
-        let mut x = backend.embed(embedding.get(EMBED_TOKENS), &tokens)?;
+        let mut x = backend.embed(embedding.get(&self.name(EMBED_TOKENS)), &tokens)?;
 
-        for layer in 0..c.num_layers {
+        for layer in 0..self.layers() {
             let w = self.block_weights(layer, weights.group(block(layer))?);
 
             // Attention: x = x + o_proj(attn(rope(q), rope(k), v)).
@@ -215,6 +265,10 @@ impl Llama {
         for seg in segments.iter_mut() {
             seg.cache.advance(seg.tokens.len());
         }
+        if let Output::Hidden { .. } = self.output {
+            weights.finish_pass()?;
+            return Ok(x); // [t, hidden]: every row, in segment order
+        }
 
         let x = match want {
             Logits::All => x,
@@ -237,10 +291,10 @@ impl Llama {
         let mut blocks = Vec::new();
         for part in 0..weights.parts(head)? {
             let w = Bound::parts(&self.groups[head], weights.part(head, part)?);
-            if let Some(norm) = w.opt("model.norm.weight") {
+            if let Some(norm) = w.opt(&self.name("norm.weight")) {
                 normed = Some(backend.rms_norm(&x, norm, eps)?);
             }
-            if let (Some(normed), Some(lm_head)) = (&normed, w.opt(self.lm_head_name())) {
+            if let (Some(normed), Some(lm_head)) = (&normed, w.opt(&self.lm_head_name())) {
                 blocks.push(backend.linear(normed, lm_head, None)?); // [rows, block rows]
             }
         }
@@ -253,7 +307,7 @@ impl Llama {
     fn block_weights<'a, W>(&'a self, layer: usize, ws: &'a [W]) -> BlockWeights<'a, W> {
         let c = &self.config;
         let w = Bound::new(&self.groups[block(layer)], ws);
-        let p = |s: &str| w.get(&format!("model.layers.{layer}.{s}"));
+        let p = |s: &str| w.get(&self.name(&format!("layers.{layer}.{s}")));
         BlockWeights {
             input_layernorm: p("input_layernorm.weight"),
             q_proj: p("self_attn.q_proj.weight"),
@@ -278,8 +332,8 @@ impl Llama {
         }
     }
 
-    fn lm_head_name(&self) -> &'static str {
-        lm_head_name(&self.config)
+    fn lm_head_name(&self) -> String {
+        lm_head_name(&self.config, &self.prefix)
     }
 }
 
@@ -290,10 +344,15 @@ impl Architecture for Llama {
     }
 
     fn pass_cost(&self, shape: PassShape) -> PassCost {
+        let mut flops = cost::group_flops(&self.config, shape);
+        flops.truncate(self.groups.len()); // an encoder: its blocks, no head
+        let positions = shape.past + shape.tokens;
         PassCost {
-            flops: cost::group_flops(&self.config, shape),
+            flops,
             workspace: cost::workspace_bytes(&self.config, shape),
-            cache: cost::kv_cache_bytes(&self.config, shape.past + shape.tokens, shape.batch),
+            cache: cost::kv_cache_bytes(&self.config, positions, shape.batch)
+                / self.config.num_layers
+                * self.layers(),
         }
     }
 }
@@ -306,19 +365,20 @@ impl Llama {
     }
 }
 
-const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// The token embedding, after the prefix.
+const EMBED_TOKENS: &str = "embed_tokens.weight";
 
-/// The head's weight: its own, or the embedding's when they are tied.
-fn lm_head_name(c: &LlamaConfig) -> &'static str {
+/// The head's weight: its own (never prefixed), or the embedding's when they are tied.
+fn lm_head_name(c: &LlamaConfig, prefix: &str) -> String {
     if c.tie_word_embeddings {
-        EMBED_TOKENS
+        format!("{prefix}{EMBED_TOKENS}")
     } else {
-        "lm_head.weight"
+        "lm_head.weight".into()
     }
 }
 
 /// The groups of a Llama-family model with the tensors (HF names) and shapes each holds.
-fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
+fn weight_groups(c: &LlamaConfig, output: Output, prefix: &str) -> Vec<WeightGroup> {
     let t = |name: String, shape: &[usize]| TensorSpec::new(name, shape);
     let (h, q, kv, ffn) = (
         c.hidden_size,
@@ -330,11 +390,15 @@ fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
         host_gather: true,
         ..WeightGroup::new(
             "embedding",
-            vec![t(EMBED_TOKENS.into(), &[c.vocab_size, h])],
+            vec![t(format!("{prefix}{EMBED_TOKENS}"), &[c.vocab_size, h])],
         )
     }];
-    for i in 0..c.num_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}");
+    let layers = match output {
+        Output::Logits => c.num_layers,
+        Output::Hidden { layers } => layers,
+    };
+    for i in 0..layers {
+        let p = |s: &str| format!("{prefix}layers.{i}.{s}");
         let mut tensors = vec![
             t(p("input_layernorm.weight"), &[h]),
             t(p("self_attn.q_proj.weight"), &[q, h]),
@@ -360,14 +424,16 @@ fn weight_groups(c: &LlamaConfig) -> Vec<WeightGroup> {
         }
         groups.push(WeightGroup::new(format!("block {i}"), tensors));
     }
-    groups.push(WeightGroup::new(
-        "head",
-        vec![
-            t("model.norm.weight".into(), &[h]),
-            // Logits come in blocks of vocabulary rows when the head streams in pieces.
-            t(lm_head_name(c).into(), &[c.vocab_size, h]).split_rows(),
-        ],
-    ));
-    debug_assert_eq!(groups.len(), block(c.num_layers) + 1);
+    if output == Output::Logits {
+        groups.push(WeightGroup::new(
+            "head",
+            vec![
+                t(format!("{prefix}norm.weight"), &[h]),
+                // Logits come in blocks of vocabulary rows when the head streams in pieces.
+                t(lm_head_name(c, prefix), &[c.vocab_size, h]).split_rows(),
+            ],
+        ));
+        debug_assert_eq!(groups.len(), block(c.num_layers) + 1);
+    }
     groups
 }
