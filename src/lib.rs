@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod date;
+pub mod diffuse;
 pub mod error;
 pub mod generate;
 pub mod model;

@@ -125,7 +125,9 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
+/// What generation needs from a directory's generation_config.json, config.json and
+/// tokenizer_config.json (each optional).
+pub fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
     let mut g = GenerationDefaults::default();
     let gen_path = dir.join("generation_config.json");
     if gen_path.is_file() {
@@ -133,12 +135,15 @@ fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
         g.eos_token_ids = token_ids(gen.get("eos_token_id"));
         g.bos_token_id = token_ids(gen.get("bos_token_id")).first().copied();
     }
-    let config = read_json(&dir.join("config.json"))?;
-    if g.eos_token_ids.is_empty() {
-        g.eos_token_ids = token_ids(config.get("eos_token_id"));
-    }
-    if g.bos_token_id.is_none() {
-        g.bos_token_id = token_ids(config.get("bos_token_id")).first().copied();
+    let config_path = dir.join("config.json");
+    if config_path.is_file() {
+        let config = read_json(&config_path)?;
+        if g.eos_token_ids.is_empty() {
+            g.eos_token_ids = token_ids(config.get("eos_token_id"));
+        }
+        if g.bos_token_id.is_none() {
+            g.bos_token_id = token_ids(config.get("bos_token_id")).first().copied();
+        }
     }
     let tc_path = dir.join("tokenizer_config.json");
     if tc_path.is_file() {

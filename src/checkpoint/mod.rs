@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
 
 pub use component::{Component, Pipeline};
-pub use hf::resolve_model_path;
+pub use hf::{generation_defaults, resolve_model_path};
 
 /// Element type of a stored tensor, as ferry keeps it in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -36,6 +36,18 @@ pub fn render(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
+    render_with(template, messages, bos_token, eos_token, None)
+}
+
+/// [`render`], with `enable_thinking` set for templates that read it (Qwen3's: Z-Image
+/// encodes its prompt with thinking enabled).
+pub fn render_with(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+    enable_thinking: Option<bool>,
+) -> Result<String> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -53,6 +65,7 @@ pub fn render(
         add_generation_prompt => true,
         bos_token => bos_token,
         eos_token => eos_token,
+        enable_thinking => enable_thinking,
     })
     .map_err(|e| Error::Template(format!("cannot render: {e}")))
 }

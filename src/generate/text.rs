@@ -29,6 +29,47 @@ impl TextCodec {
         })
     }
 
+    /// The tokenizer component of a diffusers pipeline: `tokenizer.json` and
+    /// `tokenizer_config.json` (chat template, BOS/EOS) in `dir`.
+    pub fn from_tokenizer_dir(dir: &std::path::Path) -> Result<TextCodec> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| match path.is_file() {
+            false => Error::NotFound {
+                path: path.clone(),
+                expected: "the pipeline's tokenizer (tokenizer.json)".into(),
+            },
+            true => Error::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+        })?;
+        Ok(TextCodec {
+            tokenizer: Some(tokenizer),
+            missing_tokenizer: path,
+            defaults: crate::checkpoint::generation_defaults(dir)?,
+        })
+    }
+
+    /// Token ids for a conversation rendered with the chat template and `enable_thinking`
+    /// (see [`chat::render_with`]).
+    pub fn encode_chat_thinking(&self, messages: &[Message], thinking: bool) -> Result<Vec<u32>> {
+        let d = &self.defaults;
+        let template = d.chat_template.as_deref().ok_or_else(|| Error::NotFound {
+            path: self
+                .missing_tokenizer
+                .with_file_name("tokenizer_config.json"),
+            expected: "a chat template (\"chat_template\") to wrap the prompt in".into(),
+        })?;
+        let text = chat::render_with(
+            template,
+            messages,
+            d.bos_token.as_deref().unwrap_or(""),
+            d.eos_token.as_deref().unwrap_or(""),
+            Some(thinking),
+        )?;
+        self.encode_with(&text, true)
+    }
+
     /// Token ids for `text` as typed (the tokenizer adds BOS if the model wants one).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_with(text, true)

@@ -1,0 +1,4 @@
+//! Image generation: the scheduler, the phases of a generation (text encoder → denoising
+//! steps of the DiT → VAE decode) and image output.
+
+pub mod png;
