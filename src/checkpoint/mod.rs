@@ -203,6 +203,24 @@ impl HostTensor {
     }
 }
 
+/// Named tensors: a checkpoint's, or one component's.
+pub trait Tensors {
+    /// The tensor called `name`, or an error naming it and where it was looked for.
+    fn tensor(&self, name: &str) -> Result<&HostTensor>;
+}
+
+impl Tensors for Checkpoint {
+    fn tensor(&self, name: &str) -> Result<&HostTensor> {
+        Checkpoint::tensor(self, name)
+    }
+}
+
+impl Tensors for Component {
+    fn tensor(&self, name: &str) -> Result<&HostTensor> {
+        Component::tensor(self, name)
+    }
+}
+
 /// Where the tokenizer of a checkpoint comes from.
 pub enum TokenizerSource {
     /// A `tokenizer.json` file (Hugging Face tokenizers format).

@@ -2,3 +2,4 @@
 //! steps of the DiT → VAE decode) and image output.
 
 pub mod png;
+pub mod text_encoder;

@@ -12,7 +12,7 @@ pub use llama::{
     Arch, Llama, Llama3RopeScaling, LlamaConfig, Logits, Output, Segment, MLP_CHUNK_ROWS,
 };
 
-use crate::checkpoint::{Checkpoint, HostTensor};
+use crate::checkpoint::{Checkpoint, HostTensor, Tensors};
 use crate::error::Result;
 
 /// A tensor the model needs, with the shape it must have.
@@ -117,10 +117,10 @@ pub trait Architecture {
     /// FLOPs, workspace and cache of one pass of `shape`.
     fn pass_cost(&self, shape: PassShape) -> PassCost;
 
-    /// Check that `ckpt` holds every tensor of every group, with its shape.
-    fn check_tensors(&self, ckpt: &Checkpoint) -> Result<()> {
+    /// Check that `tensors` holds every tensor of every group, with its shape.
+    fn check_tensors(&self, tensors: &dyn Tensors) -> Result<()> {
         for spec in self.groups().iter().flat_map(|g| &g.tensors) {
-            ckpt.tensor(&spec.name)?.expect_shape(&spec.shape)?;
+            tensors.tensor(&spec.name)?.expect_shape(&spec.shape)?;
         }
         Ok(())
     }
@@ -220,7 +220,7 @@ pub struct ResidentWeights<W> {
 
 impl<W> ResidentWeights<W> {
     pub fn load(
-        ckpt: &Checkpoint,
+        ckpt: &dyn Tensors,
         groups: &[WeightGroup],
         mut make: impl FnMut(&HostTensor) -> Result<W>,
     ) -> Result<Self> {

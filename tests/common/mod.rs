@@ -21,3 +21,43 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
     (num / den).sqrt()
 }
+
+/// Every tensor of a reference safetensors file, as f32 (row-major), by name: f32, i64 and
+/// bool tensors (token ids and masks come as i64 and bool from torch).
+#[allow(dead_code)]
+pub fn read_reference(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let data = &bytes[8 + n..];
+    let mut out = std::collections::BTreeMap::new();
+    for (name, entry) in header.as_object().expect("header object") {
+        if name == "__metadata__" {
+            continue;
+        }
+        let range = &entry["data_offsets"];
+        let (a, b) = (
+            range[0].as_u64().unwrap() as usize,
+            range[1].as_u64().unwrap() as usize,
+        );
+        let raw = &data[a..b];
+        let values: Vec<f32> = match entry["dtype"].as_str().unwrap() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            "I64" => raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            "I32" => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            "BOOL" | "U8" => raw.iter().map(|&v| v as f32).collect(),
+            other => panic!("{name}: reference dtype {other}"),
+        };
+        out.insert(name.clone(), values);
+    }
+    out
+}
