@@ -18,7 +18,9 @@ use ferry::backend::cuda::{CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
 use ferry::backend::{Backend, KvCache};
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Architecture, Llama, Logits, PassShape, ResidentWeights, Weights};
-use ferry::runtime::{stream_weights, StreamSetup};
+use ferry::runtime::{plan_request, stream_weights, StreamSetup, ASSUMED_COMPUTE};
+use ferry::stream::cost::{group_bytes, CostModel};
+use ferry::stream::PlanRequest;
 use ferry::stream::{Placement, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
 
@@ -140,6 +142,29 @@ fn check_budgets(
             Err(e) => panic!("{test}: budget {budget}: {e}"),
         };
         let plan = w.plan().clone();
+        // `ferry plan` with the figures this run measured plans the same pass.
+        let cost = CostModel {
+            h2d_gbps: w.h2d_gbps(),
+            ..ASSUMED_COMPUTE
+        };
+        let staged = matches!(w.host_mode(), HostMode::Staged { .. });
+        let request = PlanRequest {
+            workspace,
+            ..plan_request(
+                &model,
+                &group_bytes(&model, DType::BF16),
+                budget,
+                shape,
+                &cost,
+                staged,
+            )
+        };
+        let offline = ferry::stream::plan(&request).expect("the offline plan");
+        assert_eq!(
+            (&offline.placement, offline.slots, offline.slot_bytes),
+            (&plan.placement, plan.slots, plan.slot_bytes),
+            "{test}: budget {budget}: ferry plan and the CUDA run plan differently"
+        );
         let head_pieces = match &plan.placement[plan.placement.len() - 1] {
             Placement::Streamed(r) => r.len(),
             _ => 0,
