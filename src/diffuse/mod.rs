@@ -2,4 +2,5 @@
 //! steps of the DiT → VAE decode) and image output.
 
 pub mod png;
+pub mod scheduler;
 pub mod text_encoder;
