@@ -4,3 +4,4 @@
 pub mod png;
 pub mod scheduler;
 pub mod text_encoder;
+pub mod z_image;

@@ -7,6 +7,7 @@
 //! slot, in host memory) is not its business.
 
 pub mod llama;
+pub mod z_image;
 
 pub use llama::{
     Arch, Llama, Llama3RopeScaling, LlamaConfig, Logits, Output, Segment, MLP_CHUNK_ROWS,
