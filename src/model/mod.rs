@@ -4,6 +4,7 @@
 
 mod config;
 mod llama;
+pub mod vae;
 
 pub use config::{Arch, Llama3RopeScaling, LlamaConfig};
 pub use llama::{Llama, Logits, Segment, MLP_CHUNK_ROWS};
