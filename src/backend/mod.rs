@@ -1,7 +1,9 @@
 //! Compute backends. The model is written once against [`Backend`]; `cpu` is the f32
 //! reference used by tests everywhere, `cuda` runs on an NVIDIA GPU in bf16.
 
+pub mod conv;
 pub mod cpu;
+pub mod cpu_conv;
 pub mod cuda;
 
 use crate::checkpoint::HostTensor;

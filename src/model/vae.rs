@@ -1,0 +1,1081 @@
+//! The VAE decoder of Flux.1 and Z-Image: diffusers' `AutoencoderKL` decoder (vae.py
+//! `Decoder`), latents `[batch, 16, h, w]` → images `[batch, 3, 8h, 8w]` in about [-1, 1].
+//!
+//! ```text
+//! z → conv_in → mid_block (resnet, attention, resnet)
+//!   → up_blocks[0..n] (layers_per_block + 1 resnets, then nearest 2× + conv, except the last)
+//!   → conv_norm_out (GroupNorm) → SiLU → conv_out
+//! ```
+//!
+//! Weights are bound by their diffusers names (`decoder.up_blocks.0.resnets.1.conv1.weight`);
+//! BFL / ComfyUI single files (`ae.safetensors`) are read through [`bfl_name`]. Every image
+//! of a batch is decoded on its own; large ones in overlapping tiles ([`Tiling`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend::conv::{ImageOps, ImageShape};
+use crate::checkpoint::{safetensors, HostTensor};
+use crate::error::{Error, Result};
+
+/// diffusers' `AutoencoderKL` config.json, the fields the decoder reads (defaults as in
+/// `AutoencoderKL.__init__`). Encoder-only fields (`down_block_types`, `use_quant_conv`, …)
+/// are ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VaeConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default = "default_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    #[serde(default = "default_up_block_types")]
+    pub up_block_types: Vec<String>,
+    /// decode divides latents by this …
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f32,
+    /// … then adds this (null: 0).
+    #[serde(default)]
+    pub shift_factor: Option<f32>,
+    /// Per-channel latent statistics some pipelines apply instead; not supported (must be
+    /// null).
+    #[serde(default)]
+    pub latents_mean: Option<serde_json::Value>,
+    #[serde(default)]
+    pub latents_std: Option<serde_json::Value>,
+    /// diffusers runs the VAE in f32 when set; ferry's decoder is f32 anyway.
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    /// A 1×1 conv on the latents before the decoder (SD's VAEs; Flux has none).
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+fn default_channels() -> usize {
+    3
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![64]
+}
+fn default_layers_per_block() -> usize {
+    1
+}
+fn default_norm_num_groups() -> usize {
+    32
+}
+fn default_act_fn() -> String {
+    "silu".into()
+}
+fn default_up_block_types() -> Vec<String> {
+    vec![UP_BLOCK.into()]
+}
+fn default_scaling_factor() -> f32 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+const UP_BLOCK: &str = "UpDecoderBlock2D";
+/// diffusers hard-codes this eps for every norm of the decoder (vae.py `resnet_eps=1e-6`).
+const NORM_EPS: f32 = 1e-6;
+
+impl VaeConfig {
+    /// Read and check `config.json` of a diffusers `vae` component.
+    pub fn from_file(path: &Path) -> Result<VaeConfig> {
+        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let config: VaeConfig = serde_json::from_slice(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// The Flux.1 VAE (black-forest-labs/FLUX.1-dev `vae/config.json`), for single files that
+    /// carry no config.
+    pub fn flux() -> VaeConfig {
+        VaeConfig {
+            class_name: Some("AutoencoderKL".into()),
+            out_channels: 3,
+            latent_channels: 16,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            act_fn: "silu".into(),
+            up_block_types: vec![UP_BLOCK.into(); 4],
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            latents_mean: None,
+            latents_std: None,
+            force_upcast: true,
+            use_post_quant_conv: false,
+            mid_block_add_attention: true,
+        }
+    }
+
+    /// Reject what the decoder does not implement; `path` names the file in the error.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let bad =
+            |field: &str, message: String| Error::checkpoint(path, format!("{field}: {message}"));
+        if let Some(class) = &self.class_name {
+            if class != "AutoencoderKL" {
+                return Err(bad(
+                    "_class_name",
+                    format!("{class:?} is not supported; expected \"AutoencoderKL\""),
+                ));
+            }
+        }
+        if self.act_fn != "silu" {
+            return Err(bad(
+                "act_fn",
+                format!("{:?} is not supported; expected \"silu\"", self.act_fn),
+            ));
+        }
+        let levels = self.block_out_channels.len();
+        if levels == 0 || self.block_out_channels.contains(&0) {
+            return Err(bad(
+                "block_out_channels",
+                format!(
+                    "{:?}; expected one or more positive channel counts",
+                    self.block_out_channels
+                ),
+            ));
+        }
+        if let Some(t) = self.up_block_types.iter().find(|t| *t != UP_BLOCK) {
+            return Err(bad(
+                "up_block_types",
+                format!("{t:?} is not supported; expected \"{UP_BLOCK}\""),
+            ));
+        }
+        if self.up_block_types.len() != levels {
+            return Err(bad(
+                "up_block_types",
+                format!(
+                    "{} entries; expected one per block_out_channels ({levels})",
+                    self.up_block_types.len()
+                ),
+            ));
+        }
+        let groups = self.norm_num_groups;
+        if groups == 0 || self.block_out_channels.iter().any(|c| c % groups != 0) {
+            return Err(bad(
+                "norm_num_groups",
+                format!(
+                    "{groups} does not divide every entry of block_out_channels {:?}",
+                    self.block_out_channels
+                ),
+            ));
+        }
+        for (field, n) in [
+            ("latent_channels", self.latent_channels),
+            ("out_channels", self.out_channels),
+        ] {
+            if n == 0 {
+                return Err(bad(field, "0; expected a positive channel count".into()));
+            }
+        }
+        if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
+            return Err(bad(
+                "scaling_factor",
+                format!("{}; expected a finite non-zero number", self.scaling_factor),
+            ));
+        }
+        for (field, v) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(bad(
+                    field,
+                    "per-channel latent statistics are not supported; expected null".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pixels per latent pixel along each axis: 2^(up blocks − 1) (8 for Flux).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// How tensor names are spelled in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Naming {
+    /// diffusers' `AutoencoderKL` state dict: `decoder.up_blocks.0.resnets.1.conv1.weight`.
+    Diffusers,
+    /// BFL's / ComfyUI's `ae.safetensors` ([`bfl_name`]), each name behind `prefix` (empty,
+    /// or e.g. `first_stage_model.` in a full checkpoint).
+    Bfl { prefix: String },
+}
+
+/// The BFL / ComfyUI name of a diffusers decoder tensor, for a decoder with `up_blocks` up
+/// blocks. BFL numbers its up blocks by resolution (`up.0` is the last one applied), diffusers
+/// by order of use, so `up_blocks.i` is `up.{up_blocks-1-i}`. Names it does not know pass
+/// unchanged (`decoder.conv_in.*`, `decoder.conv_out.*`, `post_quant_conv.*` are the same).
+pub fn bfl_name(name: &str, up_blocks: usize) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let resnet = |rest: &[&str]| {
+        rest.iter()
+            .map(|p| {
+                if *p == "conv_shortcut" {
+                    "nin_shortcut"
+                } else {
+                    p
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let up = |i: &str| {
+        i.parse::<usize>()
+            .ok()
+            .filter(|&i| i < up_blocks)
+            .map(|i| up_blocks - 1 - i)
+    };
+    match parts[..] {
+        ["decoder", "conv_norm_out", p] => format!("decoder.norm_out.{p}"),
+        ["decoder", "mid_block", "resnets", i, ref rest @ ..] => match i.parse::<usize>() {
+            Ok(i) => format!("decoder.mid.block_{}.{}", i + 1, resnet(rest)),
+            Err(_) => name.to_string(),
+        },
+        ["decoder", "mid_block", "attentions", "0", module, p] => {
+            let bfl = match module {
+                "group_norm" => "norm",
+                "to_q" => "q",
+                "to_k" => "k",
+                "to_v" => "v",
+                _ => return name.to_string(),
+            };
+            format!("decoder.mid.attn_1.{bfl}.{p}")
+        }
+        ["decoder", "mid_block", "attentions", "0", "to_out", "0", p] => {
+            format!("decoder.mid.attn_1.proj_out.{p}")
+        }
+        ["decoder", "up_blocks", i, "resnets", j, ref rest @ ..] => match up(i) {
+            Some(b) => format!("decoder.up.{b}.block.{j}.{}", resnet(rest)),
+            None => name.to_string(),
+        },
+        ["decoder", "up_blocks", i, "upsamplers", "0", "conv", p] => match up(i) {
+            Some(b) => format!("decoder.up.{b}.upsample.conv.{p}"),
+            None => name.to_string(),
+        },
+        _ => name.to_string(),
+    }
+}
+
+/// A VAE's files, opened: config, tensors (views into the mapped files), naming. Thin on
+/// purpose: the checkpoint layer's named components will yield the same.
+pub struct VaeWeights {
+    /// The directory or file, for errors.
+    pub path: PathBuf,
+    pub config: VaeConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+    pub naming: Naming,
+}
+
+/// Open a diffusers `vae` component directory: `config.json` and
+/// `diffusion_pytorch_model.safetensors` (or its shards, listed by
+/// `diffusion_pytorch_model.safetensors.index.json`).
+pub fn open_vae(dir: &Path) -> Result<VaeWeights> {
+    let config = VaeConfig::from_file(&dir.join("config.json"))?;
+    let mut tensors = BTreeMap::new();
+    for file in component_files(dir)? {
+        for t in safetensors::read(&file)? {
+            tensors.insert(t.name.clone(), t);
+        }
+    }
+    Ok(VaeWeights {
+        path: dir.to_path_buf(),
+        config,
+        tensors,
+        naming: Naming::Diffusers,
+    })
+}
+
+/// Open a BFL / ComfyUI single-file VAE (`ae.safetensors`), which carries no config: give
+/// the one it was trained with ([`VaeConfig::flux`] for Flux.1's). Weights are bound by
+/// [`bfl_name`], behind whatever prefix comes before `decoder.conv_in.weight` in the file.
+pub fn open_vae_file(path: &Path, config: VaeConfig) -> Result<VaeWeights> {
+    config.check(path)?;
+    let tensors: BTreeMap<String, HostTensor> = safetensors::read(path)?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    const ANCHOR: &str = "decoder.conv_in.weight";
+    let prefix = tensors
+        .keys()
+        .find_map(|k| k.strip_suffix(ANCHOR))
+        .ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: ANCHOR.into(),
+        })?
+        .to_string();
+    Ok(VaeWeights {
+        path: path.to_path_buf(),
+        config,
+        tensors,
+        naming: Naming::Bfl { prefix },
+    })
+}
+
+/// `diffusion_pytorch_model.safetensors`, or the shards its index names.
+fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    const SINGLE: &str = "diffusion_pytorch_model.safetensors";
+    let index_path = dir.join(format!("{SINGLE}.index.json"));
+    if index_path.is_file() {
+        let text = std::fs::read(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let index: Index = serde_json::from_slice(&text).map_err(|e| Error::Json {
+            path: index_path.clone(),
+            message: e.to_string(),
+        })?;
+        let mut files: Vec<PathBuf> = index.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        if let Some(f) = files.iter().find(|f| !f.is_file()) {
+            return Err(Error::NotFound {
+                path: f.clone(),
+                expected: format!("shard listed in {}", index_path.display()),
+            });
+        }
+        return Ok(files);
+    }
+    let single = dir.join(SINGLE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::NotFound {
+        path: single,
+        expected: format!("a diffusers VAE holds {SINGLE} or {SINGLE}.index.json"),
+    })
+}
+
+/// Finds the tensors of a [`VaeWeights`] by their diffusers names and makes them backend
+/// weights, checking shapes.
+struct Binder<'a, B: ImageOps> {
+    backend: &'a B,
+    weights: &'a VaeWeights,
+}
+
+impl<B: ImageOps> Binder<'_, B> {
+    fn stored_name(&self, name: &str) -> String {
+        match &self.weights.naming {
+            Naming::Diffusers => name.to_string(),
+            Naming::Bfl { prefix } => {
+                let up_blocks = self.weights.config.block_out_channels.len();
+                format!("{prefix}{}", bfl_name(name, up_blocks))
+            }
+        }
+    }
+
+    /// Tensor `name` (diffusers spelling) with one of the `shapes` (the first is the one
+    /// named in the error).
+    fn tensor(&self, name: &str, shapes: &[&[usize]]) -> Result<B::ImageWeight> {
+        let stored = self.stored_name(name);
+        let t = self
+            .weights
+            .tensors
+            .get(&stored)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.weights.path.clone(),
+                tensor: stored.clone(),
+            })?;
+        if !shapes.iter().any(|s| t.shape == *s) {
+            return Err(Error::Shape {
+                tensor: stored,
+                expected: shapes[0].to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        self.backend.image_weight(t)
+    }
+
+    /// A conv `prefix.{weight,bias}`: `[out, in, k, k]`, `[out]`.
+    fn conv(&self, prefix: &str, cin: usize, cout: usize, k: usize) -> Result<Conv<B>> {
+        Ok(Conv {
+            weight: self.tensor(&format!("{prefix}.weight"), &[&[cout, cin, k, k]])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[&[cout]])?,
+        })
+    }
+
+    /// An attention projection: a linear `[c, c]` in diffusers, a 1×1 conv `[c, c, 1, 1]` in
+    /// BFL files; either is accepted (same bytes).
+    fn projection(&self, prefix: &str, c: usize) -> Result<Conv<B>> {
+        let (linear, conv): (&[usize], &[usize]) = (&[c, c], &[c, c, 1, 1]);
+        let shapes = match self.weights.naming {
+            Naming::Diffusers => [linear, conv],
+            Naming::Bfl { .. } => [conv, linear],
+        };
+        Ok(Conv {
+            weight: self.tensor(&format!("{prefix}.weight"), &shapes)?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[&[c]])?,
+        })
+    }
+
+    fn norm(&self, prefix: &str, c: usize) -> Result<GroupNorm<B>> {
+        Ok(GroupNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[&[c]])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[&[c]])?,
+            groups: self.weights.config.norm_num_groups,
+        })
+    }
+}
+
+struct Conv<B: ImageOps> {
+    weight: B::ImageWeight,
+    bias: B::ImageWeight,
+}
+
+impl<B: ImageOps> Conv<B> {
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        b.conv2d(x, &self.weight, &self.bias)
+    }
+}
+
+struct GroupNorm<B: ImageOps> {
+    weight: B::ImageWeight,
+    bias: B::ImageWeight,
+    groups: usize,
+}
+
+impl<B: ImageOps> GroupNorm<B> {
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        b.group_norm(x, self.groups, NORM_EPS, &self.weight, &self.bias)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` without a time embedding.
+struct ResnetBlock<B: ImageOps> {
+    norm1: GroupNorm<B>,
+    conv1: Conv<B>,
+    norm2: GroupNorm<B>,
+    conv2: Conv<B>,
+    /// 1×1 conv when the block changes the channel count.
+    conv_shortcut: Option<Conv<B>>,
+}
+
+impl<B: ImageOps> ResnetBlock<B> {
+    fn bind(w: &Binder<B>, prefix: &str, cin: usize, cout: usize) -> Result<Self> {
+        Ok(ResnetBlock {
+            norm1: w.norm(&format!("{prefix}.norm1"), cin)?,
+            conv1: w.conv(&format!("{prefix}.conv1"), cin, cout, 3)?,
+            norm2: w.norm(&format!("{prefix}.norm2"), cout)?,
+            conv2: w.conv(&format!("{prefix}.conv2"), cout, cout, 3)?,
+            conv_shortcut: match cin != cout {
+                true => Some(w.conv(&format!("{prefix}.conv_shortcut"), cin, cout, 1)?),
+                false => None,
+            },
+        })
+    }
+
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        let mut h = self.norm1.forward(b, x)?;
+        b.silu(&mut h)?;
+        let h = self.conv1.forward(b, &h)?;
+        let mut h = self.norm2.forward(b, &h)?;
+        b.silu(&mut h)?;
+        let mut h = self.conv2.forward(b, &h)?; // (dropout: identity at inference)
+        match &self.conv_shortcut {
+            Some(shortcut) => {
+                let mut s = shortcut.forward(b, x)?;
+                b.add_image(&mut s, &h)?;
+                Ok(s)
+            }
+            None => {
+                b.add_image(&mut h, x)?;
+                Ok(h)
+            }
+        }
+    }
+}
+
+/// The mid block's attention (diffusers `Attention` with `_from_deprecated_attn_block`):
+/// one head over all positions, channels as features, residual added.
+struct Attention<B: ImageOps> {
+    group_norm: GroupNorm<B>,
+    to_q: Conv<B>,
+    to_k: Conv<B>,
+    to_v: Conv<B>,
+    to_out: Conv<B>,
+}
+
+impl<B: ImageOps> Attention<B> {
+    fn bind(w: &Binder<B>, prefix: &str, c: usize) -> Result<Self> {
+        Ok(Attention {
+            group_norm: w.norm(&format!("{prefix}.group_norm"), c)?,
+            to_q: w.projection(&format!("{prefix}.to_q"), c)?,
+            to_k: w.projection(&format!("{prefix}.to_k"), c)?,
+            to_v: w.projection(&format!("{prefix}.to_v"), c)?,
+            to_out: w.projection(&format!("{prefix}.to_out.0"), c)?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        let h = self.group_norm.forward(b, x)?;
+        // The linears act per position on the channel vector: 1×1 convs.
+        let q = self.to_q.forward(b, &h)?;
+        let k = self.to_k.forward(b, &h)?;
+        let v = self.to_v.forward(b, &h)?;
+        let a = b.spatial_attention(&q, &k, &v)?;
+        let mut out = self.to_out.forward(b, &a)?;
+        b.add_image(&mut out, x)?;
+        Ok(out)
+    }
+}
+
+/// diffusers' `UNetMidBlock2D`: resnet, then (attention, resnet).
+struct MidBlock<B: ImageOps> {
+    resnets: [ResnetBlock<B>; 2],
+    /// None when `mid_block_add_attention` is false.
+    attention: Option<Attention<B>>,
+}
+
+impl<B: ImageOps> MidBlock<B> {
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        let mut h = self.resnets[0].forward(b, x)?;
+        if let Some(attention) = &self.attention {
+            h = attention.forward(b, &h)?;
+        }
+        self.resnets[1].forward(b, &h)
+    }
+}
+
+/// diffusers' `UpDecoderBlock2D`: resnets, then `Upsample2D` (nearest 2× + 3×3 conv).
+struct UpBlock<B: ImageOps> {
+    resnets: Vec<ResnetBlock<B>>,
+    upsampler: Option<Conv<B>>,
+}
+
+impl<B: ImageOps> UpBlock<B> {
+    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+        let mut h = self.resnets[0].forward(b, x)?;
+        for r in &self.resnets[1..] {
+            h = r.forward(b, &h)?;
+        }
+        if let Some(conv) = &self.upsampler {
+            h = conv.forward(b, &b.upsample_nearest2x(&h)?)?;
+        }
+        Ok(h)
+    }
+}
+
+/// diffusers' `Decoder`.
+struct Decoder<B: ImageOps> {
+    conv_in: Conv<B>,
+    mid_block: MidBlock<B>,
+    up_blocks: Vec<UpBlock<B>>,
+    conv_norm_out: GroupNorm<B>,
+    conv_out: Conv<B>,
+}
+
+impl<B: ImageOps> Decoder<B> {
+    fn bind(w: &Binder<B>, c: &VaeConfig) -> Result<Self> {
+        // Bound in the order of the forward pass, so the first bad tensor is reported.
+        // Up blocks run from the deepest channel count to the first.
+        let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let top = rev[0];
+        let conv_in = w.conv("decoder.conv_in", c.latent_channels, top, 3)?;
+        let mid =
+            |i: usize| ResnetBlock::bind(w, &format!("decoder.mid_block.resnets.{i}"), top, top);
+        let mid_block = MidBlock {
+            resnets: [mid(0)?, mid(1)?],
+            attention: match c.mid_block_add_attention {
+                true => Some(Attention::bind(w, "decoder.mid_block.attentions.0", top)?),
+                false => None,
+            },
+        };
+        let mut up_blocks = Vec::with_capacity(rev.len());
+        for (i, &cout) in rev.iter().enumerate() {
+            let cin = if i == 0 { top } else { rev[i - 1] };
+            let prefix = format!("decoder.up_blocks.{i}");
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    let from = if j == 0 { cin } else { cout };
+                    ResnetBlock::bind(w, &format!("{prefix}.resnets.{j}"), from, cout)
+                })
+                .collect::<Result<_>>()?;
+            let upsampler = match i + 1 < rev.len() {
+                true => Some(w.conv(&format!("{prefix}.upsamplers.0.conv"), cout, cout, 3)?),
+                false => None,
+            };
+            up_blocks.push(UpBlock { resnets, upsampler });
+        }
+        let first = c.block_out_channels[0];
+        Ok(Decoder {
+            conv_in,
+            mid_block,
+            up_blocks,
+            conv_norm_out: w.norm("decoder.conv_norm_out", first)?,
+            conv_out: w.conv("decoder.conv_out", first, c.out_channels, 3)?,
+        })
+    }
+
+    /// `z` `[latent_channels, h, w]` → `[out_channels, 8h, 8w]`; `observe` sees the output of
+    /// each stage, named as in diffusers (`conv_in`, `mid_block`, `up_blocks.{i}`,
+    /// `conv_norm_out` = the norm before SiLU).
+    fn forward(
+        &self,
+        b: &B,
+        z: &B::Image,
+        observe: &mut dyn FnMut(&str, &B::Image),
+    ) -> Result<B::Image> {
+        let h = self.conv_in.forward(b, z)?;
+        observe("conv_in", &h);
+        let mut h = self.mid_block.forward(b, &h)?;
+        observe("mid_block", &h);
+        for (i, up) in self.up_blocks.iter().enumerate() {
+            h = up.forward(b, &h)?;
+            observe(&format!("up_blocks.{i}"), &h);
+        }
+        let mut h = self.conv_norm_out.forward(b, &h)?;
+        observe("conv_norm_out", &h);
+        b.silu(&mut h)?;
+        self.conv_out.forward(b, &h)
+    }
+}
+
+/// Tiles for decoding a latent in pieces, in latent pixels. Tiles are `tile × tile` (smaller
+/// only where the latent is), neighbours overlap by at least `overlap`, and the overlap is
+/// blended with linear ramps (as diffusers' `tiled_decode`; its defaults are overlap = tile/4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileConfig {
+    tile: usize,
+    overlap: usize,
+}
+
+impl TileConfig {
+    /// `tile` ≥ 1, `overlap` < `tile`.
+    pub fn new(tile: usize, overlap: usize) -> Result<TileConfig> {
+        if tile == 0 || overlap >= tile {
+            return Err(Error::Flag {
+                flag: "VAE tile",
+                message: format!(
+                    "tile {tile}, overlap {overlap} latent pixels; expected tile >= 1 and overlap < tile"
+                ),
+            });
+        }
+        Ok(TileConfig { tile, overlap })
+    }
+
+    pub fn tile(&self) -> usize {
+        self.tile
+    }
+
+    pub fn overlap(&self) -> usize {
+        self.overlap
+    }
+}
+
+impl Default for TileConfig {
+    /// 64 latent pixels (512 px), a quarter of it overlapped.
+    fn default() -> Self {
+        TileConfig {
+            tile: 64,
+            overlap: 16,
+        }
+    }
+}
+
+/// Whether to decode a latent whole or in tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiling {
+    Whole,
+    Tiles(TileConfig),
+}
+
+/// A loaded VAE decoder.
+pub struct Vae<B: ImageOps> {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv<B>>,
+    decoder: Decoder<B>,
+}
+
+impl<B: ImageOps> Vae<B> {
+    /// Bind every decoder weight of `weights` (a missing tensor or a wrong shape is an error
+    /// naming it, as the file spells it).
+    pub fn load(backend: &B, weights: &VaeWeights) -> Result<Vae<B>> {
+        let w = Binder { backend, weights };
+        let c = &weights.config;
+        let lc = c.latent_channels;
+        Ok(Vae {
+            config: c.clone(),
+            post_quant_conv: match c.use_post_quant_conv {
+                true => Some(w.conv("post_quant_conv", lc, lc, 1)?),
+                false => None,
+            },
+            decoder: Decoder::bind(&w, c)?,
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Decode what the denoiser produced: `latents` `[batch, latent_channels, h, w]` f32
+    /// (`shape` in that order) → images `[batch, out_channels, f·h, f·w]` (f =
+    /// [`VaeConfig::scale_factor`]) in about [-1, 1]. First undoes the latent normalisation
+    /// the pipelines apply, `z = latents / scaling_factor + shift_factor` (Flux, Z-Image), then
+    /// [`decode_unscaled`](Self::decode_unscaled).
+    pub fn decode(
+        &self,
+        b: &B,
+        latents: &[f32],
+        shape: [usize; 4],
+        tiling: Tiling,
+    ) -> Result<Vec<f32>> {
+        self.check_latents(latents, shape)?;
+        let (scale, shift) = (
+            self.config.scaling_factor,
+            self.config.shift_factor.unwrap_or(0.0),
+        );
+        let z: Vec<f32> = latents.iter().map(|&v| v / scale + shift).collect();
+        self.decode_unscaled(b, &z, shape, tiling)
+    }
+
+    /// diffusers' `AutoencoderKL.decode`: `z` `[batch, latent_channels, h, w]` as the decoder
+    /// takes it (no scaling) → `[batch, out_channels, f·h, f·w]`.
+    pub fn decode_unscaled(
+        &self,
+        b: &B,
+        z: &[f32],
+        shape: [usize; 4],
+        tiling: Tiling,
+    ) -> Result<Vec<f32>> {
+        self.check_latents(z, shape)?;
+        let [batch, c, h, w] = shape;
+        let f = self.config.scale_factor();
+        let mut out = Vec::with_capacity(batch * self.config.out_channels * h * f * w * f);
+        for one in z.chunks_exact(c * h * w) {
+            let image = match tiling {
+                Tiling::Whole => {
+                    self.decode_one(b, one, ImageShape::new(c, h, w), &mut |_, _| ())?
+                }
+                Tiling::Tiles(t) => self.decode_tiled(b, one, ImageShape::new(c, h, w), t)?,
+            };
+            out.extend(image);
+        }
+        Ok(out)
+    }
+
+    /// One latent `[latent_channels, h, w]` (no scaling), whole, with each decoder stage
+    /// shown to `observe` (see [`Decoder`]'s stage names): for tests against diffusers.
+    pub fn decode_traced(
+        &self,
+        b: &B,
+        z: &[f32],
+        shape: ImageShape,
+        observe: &mut dyn FnMut(&str, &B::Image),
+    ) -> Result<Vec<f32>> {
+        self.check_latents(z, [1, shape.channels, shape.height, shape.width])?;
+        self.decode_one(b, z, shape, observe)
+    }
+
+    fn check_latents(&self, z: &[f32], shape: [usize; 4]) -> Result<()> {
+        let [batch, c, h, w] = shape;
+        if c != self.config.latent_channels || h == 0 || w == 0 || z.len() != batch * c * h * w {
+            return Err(Error::Shape {
+                tensor: "latents".into(),
+                expected: vec![batch, self.config.latent_channels, h.max(1), w.max(1)],
+                found: if z.len() == batch * c * h * w {
+                    shape.to_vec()
+                } else {
+                    vec![z.len()]
+                },
+            });
+        }
+        Ok(())
+    }
+
+    fn decode_one(
+        &self,
+        b: &B,
+        z: &[f32],
+        shape: ImageShape,
+        observe: &mut dyn FnMut(&str, &B::Image),
+    ) -> Result<Vec<f32>> {
+        let mut x = b.image(shape, z)?;
+        if let Some(conv) = &self.post_quant_conv {
+            x = conv.forward(b, &x)?;
+        }
+        let image = self.decoder.forward(b, &x, observe)?;
+        b.image_to_host(&image)
+    }
+
+    /// Decode `z` `[c, h, w]` tile by tile and blend: each output pixel is the weighted mean
+    /// of the tiles covering it, a tile's weight ramping linearly from ~0 to 1 across each
+    /// overlap with a neighbour (so two tiles' weights sum to 1 there) and 1 elsewhere.
+    fn decode_tiled(&self, b: &B, z: &[f32], shape: ImageShape, t: TileConfig) -> Result<Vec<f32>> {
+        let ImageShape {
+            channels: c,
+            height: h,
+            width: w,
+        } = shape;
+        let f = self.config.scale_factor();
+        let oc = self.config.out_channels;
+        let (th, tw) = (t.tile.min(h), t.tile.min(w));
+        let (ys, xs) = (tile_origins(h, t), tile_origins(w, t));
+        let (out_h, out_w) = (h * f, w * f);
+        let mut sum = vec![0f32; oc * out_h * out_w]; // [oc, H, W] Σ weight · tile
+        let mut weight = vec![0f32; out_h * out_w]; // [H, W] Σ weight
+        let mut tile_z = Vec::with_capacity(c * th * tw);
+        for (iy, &y0) in ys.iter().enumerate() {
+            let wy = ramp_weights(&ys, iy, th, f);
+            for (ix, &x0) in xs.iter().enumerate() {
+                let wx = ramp_weights(&xs, ix, tw, f);
+                tile_z.clear();
+                for ch in 0..c {
+                    for y in y0..y0 + th {
+                        tile_z.extend_from_slice(&z[(ch * h + y) * w + x0..][..tw]);
+                    }
+                }
+                let tile =
+                    self.decode_one(b, &tile_z, ImageShape::new(c, th, tw), &mut |_, _| ())?;
+                let (ph, pw) = (th * f, tw * f);
+                for (py, &a) in wy.iter().enumerate() {
+                    let row = (y0 * f + py) * out_w + x0 * f;
+                    for (px, &bw) in wx.iter().enumerate() {
+                        weight[row + px] += a * bw;
+                    }
+                    for ch in 0..oc {
+                        let src = &tile[(ch * ph + py) * pw..][..pw];
+                        let dst = &mut sum[ch * out_h * out_w + row..][..pw];
+                        for ((d, &s), &bw) in dst.iter_mut().zip(src).zip(&wx) {
+                            *d += a * bw * s;
+                        }
+                    }
+                }
+            }
+        }
+        for plane in sum.chunks_exact_mut(out_h * out_w) {
+            for (v, &wt) in plane.iter_mut().zip(&weight) {
+                *v /= wt;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Bytes of the largest set of activations alive at once when decoding one `h × w`
+    /// latent whole (f32 on the device), an estimate from the decoder's shapes: in a resnet,
+    /// its input, the normed input and the conv output, or the input and two outputs; at an
+    /// upsampler, its input and two upsampled images.
+    pub fn activation_bytes(&self, h: usize, w: usize) -> usize {
+        let rev: Vec<usize> = self
+            .config
+            .block_out_channels
+            .iter()
+            .rev()
+            .copied()
+            .collect();
+        let mut positions = h * w;
+        let resnet = |cin: usize, cout: usize| cin + cin.max(cout) + cout.max(cin);
+        let mut peak = resnet(rev[0], rev[0]) * positions;
+        for (i, &cout) in rev.iter().enumerate() {
+            let cin = if i == 0 { rev[0] } else { rev[i - 1] };
+            peak = peak.max(resnet(cin, cout) * positions);
+            if i + 1 < rev.len() {
+                peak = peak.max(cout * positions * 9); // x, upsampled, conv output (4 + 4)
+                positions *= 4;
+            }
+        }
+        4 * peak
+    }
+
+    /// [`Tiling::Whole`] when decoding an `h × w` latent whole fits `budget` bytes of
+    /// activations ([`activation_bytes`](Self::activation_bytes)), else square tiles as large
+    /// as fit (at least 8 latent pixels), overlapping by a quarter.
+    pub fn tiling_for_budget(&self, h: usize, w: usize, budget: usize) -> Tiling {
+        if self.activation_bytes(h, w) <= budget {
+            return Tiling::Whole;
+        }
+        let tile = (8..h.max(w))
+            .rev()
+            .find(|&t| self.activation_bytes(t.min(h), t.min(w)) <= budget)
+            .unwrap_or(8);
+        Tiling::Tiles(TileConfig {
+            tile,
+            overlap: tile / 4,
+        })
+    }
+}
+
+/// First latent row (or column) of each tile along an axis of `len`: a step of
+/// `tile - overlap`, the last tile moved back to end at `len` so that every tile is whole.
+fn tile_origins(len: usize, t: TileConfig) -> Vec<usize> {
+    if len <= t.tile {
+        return vec![0];
+    }
+    let mut origins = vec![0];
+    let mut o = 0;
+    while o + t.tile < len {
+        o = (o + t.tile - t.overlap).min(len - t.tile);
+        origins.push(o);
+    }
+    origins
+}
+
+/// Blend weights along one axis of tile `k` of `origins` (tiles `extent` latent pixels long,
+/// `f` pixels each): 1, ramping over the overlap with each neighbour, sampled at pixel
+/// centres so that no weight is 0 and two overlapping tiles' weights sum to 1.
+fn ramp_weights(origins: &[usize], k: usize, extent: usize, f: usize) -> Vec<f32> {
+    let len = extent * f;
+    let start = origins[k] * f;
+    let mut w = vec![1f32; len];
+    if k > 0 {
+        let overlap = (origins[k - 1] + extent) * f - start;
+        for (p, v) in w.iter_mut().enumerate().take(overlap) {
+            *v = v.min((p as f32 + 0.5) / overlap as f32);
+        }
+    }
+    if k + 1 < origins.len() {
+        let overlap = start + len - origins[k + 1] * f;
+        for (p, v) in w.iter_mut().enumerate().skip(len - overlap) {
+            *v = v.min(((len - p) as f32 - 0.5) / overlap as f32);
+        }
+    }
+    w
+}
+
+/// 8-bit RGB exactly as diffusers' `VaeImageProcessor.postprocess(output_type="pil")` makes
+/// it: `(x * 0.5 + 0.5).clamp(0, 1)`, then numpy's `(v * 255).round().astype("uint8")` (f32,
+/// round half to even). `image` `[batch, c, h, w]` → `[batch, h, w, c]` (PIL's layout).
+pub fn to_rgb8(image: &[f32], shape: [usize; 4]) -> Vec<u8> {
+    let [batch, c, h, w] = shape;
+    assert_eq!(
+        image.len(),
+        batch * c * h * w,
+        "to_rgb8: data vs shape {shape:?}"
+    );
+    let mut out = vec![0u8; image.len()];
+    for (src, dst) in image
+        .chunks_exact(c * h * w)
+        .zip(out.chunks_exact_mut(c * h * w))
+    {
+        for (i, &x) in src.iter().enumerate() {
+            let (ch, pos) = (i / (h * w), i % (h * w));
+            let v = (x * 0.5 + 0.5).clamp(0.0, 1.0);
+            // `as u8` saturates and sends NaN to 0, as numpy's cast does on x86.
+            dst[pos * c + ch] = (v * 255.0).round_ties_even() as u8;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bfl_names() {
+        let n = 4;
+        for (diffusers, bfl) in [
+            ("decoder.conv_in.weight", "decoder.conv_in.weight"),
+            ("decoder.conv_out.bias", "decoder.conv_out.bias"),
+            ("decoder.conv_norm_out.weight", "decoder.norm_out.weight"),
+            (
+                "decoder.mid_block.resnets.0.norm1.weight",
+                "decoder.mid.block_1.norm1.weight",
+            ),
+            (
+                "decoder.mid_block.resnets.1.conv2.bias",
+                "decoder.mid.block_2.conv2.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.group_norm.bias",
+                "decoder.mid.attn_1.norm.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_q.weight",
+                "decoder.mid.attn_1.q.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_k.bias",
+                "decoder.mid.attn_1.k.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_v.weight",
+                "decoder.mid.attn_1.v.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_out.0.weight",
+                "decoder.mid.attn_1.proj_out.weight",
+            ),
+            (
+                "decoder.up_blocks.0.resnets.1.conv1.weight",
+                "decoder.up.3.block.1.conv1.weight",
+            ),
+            (
+                "decoder.up_blocks.3.resnets.0.conv1.weight",
+                "decoder.up.0.block.0.conv1.weight",
+            ),
+            (
+                "decoder.up_blocks.2.resnets.0.conv_shortcut.weight",
+                "decoder.up.1.block.0.nin_shortcut.weight",
+            ),
+            (
+                "decoder.up_blocks.1.upsamplers.0.conv.bias",
+                "decoder.up.2.upsample.conv.bias",
+            ),
+            ("post_quant_conv.weight", "post_quant_conv.weight"),
+        ] {
+            assert_eq!(bfl_name(diffusers, n), bfl, "{diffusers}");
+        }
+    }
+
+    #[test]
+    fn tiles_cover_the_axis() {
+        let t = TileConfig::new(8, 2).unwrap();
+        assert_eq!(tile_origins(8, t), [0]);
+        assert_eq!(tile_origins(5, t), [0]);
+        assert_eq!(tile_origins(14, t), [0, 6]);
+        assert_eq!(tile_origins(15, t), [0, 6, 7]);
+        assert_eq!(tile_origins(20, t), [0, 6, 12]);
+        // Two overlapping tiles' weights sum to 1 on the overlap.
+        let origins = [0, 6];
+        let (a, b) = (
+            ramp_weights(&origins, 0, 8, 2),
+            ramp_weights(&origins, 1, 8, 2),
+        );
+        for p in 12..16 {
+            assert!((a[p] + b[p - 12] - 1.0).abs() < 1e-6, "pixel {p}");
+        }
+        assert!(a[..12].iter().chain(&b[4..]).all(|&v| v == 1.0));
+        assert!(TileConfig::new(4, 4).is_err() && TileConfig::new(0, 0).is_err());
+    }
+
+    #[test]
+    fn rgb8_rounds_like_numpy() {
+        // f32 inputs whose v·255 is exactly k + 0.5 (found with numpy): half to even.
+        let xs = [
+            0.054901946f32,
+            -0.22745095,
+            0.17254902,
+            0.8549019,
+        ];
+        assert_eq!(to_rgb8(&xs, [1, 1, 1, 4]), [134, 98, 150, 236]);
+        assert_eq!(to_rgb8(&[3.0, -7.0, f32::NAN], [1, 1, 1, 3]), [255, 0, 0]);
+        // HWC order: channel fastest.
+        let img = [-1.0, 1.0, -1.0, 1.0, 0.0, 0.0]; // [3, 1, 2]: R, G = (0, 255), B = 128
+        assert_eq!(to_rgb8(&img, [1, 3, 1, 2]), [0, 0, 128, 255, 255, 128]);
+    }
+}
