@@ -47,6 +47,10 @@ enum Command {
     ///
     /// Example: ferry bench-cuda --preset qwen2.5-7b --prompt-tokens 4096 --context 1024
     BenchCuda(commands::bench_cuda::BenchCudaArgs),
+    /// Generate images from a prompt with a diffusers Z-Image pipeline (CPU in this version).
+    ///
+    /// Example: ferry image --model ./Z-Image-Turbo --prompt "a red fox in the snow" --size 512x512 --seed 42 --out fox.png
+    Image(commands::image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan_command(args),
         Command::Bench(args) => commands::bench::bench(args),
         Command::BenchCuda(args) => bench_cuda(args),
+        Command::Image(args) => commands::image::image(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

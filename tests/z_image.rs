@@ -22,7 +22,8 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image");
     let pipeline = Pipeline::open(&dir).expect("the tiny Z-Image pipeline");
-    let expected = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let expected =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
     Fixture {
         reference: read_reference(&dir.join("reference.safetensors")),
         pipeline,
@@ -114,7 +115,10 @@ fn the_denoising_loop_matches_diffusers_at_every_step() {
             let got: Vec<f32> = lat.concat();
             let err = rel_l2(&got, r(&format!("latents.{i}")));
             worst = worst.max(err);
-            assert!(err <= 1e-4, "{case}: latents after step {i}: relative L2 {err}");
+            assert!(
+                err <= 1e-4,
+                "{case}: latents after step {i}: relative L2 {err}"
+            );
         })
         .unwrap();
         eprintln!("{case}: worst relative L2 over {steps} steps {worst:.2e}");

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_cuda;
+pub mod image;
 pub mod info;
 pub mod plan;
 pub mod run;

@@ -105,5 +105,8 @@ pub fn denoise(
 
 /// ‖x‖₂, accumulated in f64.
 fn norm(x: &[f32]) -> f32 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt() as f32
 }

@@ -1066,12 +1066,7 @@ mod tests {
     #[test]
     fn rgb8_rounds_like_numpy() {
         // f32 inputs whose v·255 is exactly k + 0.5 (found with numpy): half to even.
-        let xs = [
-            0.054901946f32,
-            -0.22745095,
-            0.17254902,
-            0.8549019,
-        ];
+        let xs = [0.054901946f32, -0.22745095, 0.17254902, 0.8549019];
         assert_eq!(to_rgb8(&xs, [1, 1, 1, 4]), [134, 98, 150, 236]);
         assert_eq!(to_rgb8(&[3.0, -7.0, f32::NAN], [1, 1, 1, 3]), [255, 0, 0]);
         // HWC order: channel fastest.

@@ -1,0 +1,272 @@
+//! `ferry image`: text to image with a diffusers Z-Image pipeline.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ferry::backend::Device;
+use ferry::checkpoint::{resolve_model_path, safetensors, DType};
+use ferry::diffuse::pipeline::{gaussian_noise, ImageRequest, ZImagePipeline, SIZE_MULTIPLE};
+use ferry::diffuse::png::{self, Parameters};
+use ferry::diffuse::z_image::Guidance;
+use ferry::{Error, Result};
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// A diffusers Z-Image directory (model_index.json, transformer/, text_encoder/,
+    /// tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
+    #[arg(long, short)]
+    model: String,
+    #[arg(long, short)]
+    prompt: String,
+    /// What the image should not show (with --guidance > 0).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// WIDTHxHEIGHT, multiples of 16.
+    #[arg(long, default_value = "1024x1024", conflicts_with_all = ["width", "height"])]
+    size: String,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps (Z-Image-Turbo is made for 8-9).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Seed of the initial noise; random (and printed) when not given.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Classifier-free guidance scale as the Z-Image pipeline applies it; 0 (Turbo's choice)
+    /// is off. Both branches go through one pass per step.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    guidance: f32,
+    /// Images from one prompt, denoised together (one pass over the weights per step).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Initial latents instead of seeded noise: a safetensors file with a tensor `noise`,
+    /// f32 [batch, 16, height/8, width/8] (diffusers' `latents=`).
+    #[arg(long, value_name = "FILE.safetensors")]
+    noise: Option<PathBuf>,
+    /// Where to write the PNG; with --batch N, NAME-0.png … NAME-(N-1).png.
+    #[arg(long, short, default_value = "image.png")]
+    out: PathBuf,
+    /// Where to compute. Image generation runs on the CPU in this version.
+    #[arg(long, default_value = "cpu", value_name = "cpu")]
+    device: Device,
+    /// Print each phase's time.
+    #[arg(long)]
+    stats: bool,
+    /// Print a JSON summary on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn image(args: ImageArgs) -> Result<()> {
+    if args.device != Device::Cpu {
+        return Err(Error::Flag {
+            flag: "--device",
+            message: "image generation runs on the CPU in this version (the CUDA DiT and VAE are not written yet); use --device cpu".into(),
+        });
+    }
+    let (width, height) = size(&args)?;
+    if args.steps == 0 {
+        return Err(Error::Flag {
+            flag: "--steps",
+            message: "expected at least 1 denoising step".into(),
+        });
+    }
+    if args.batch == 0 {
+        return Err(Error::Flag {
+            flag: "--batch",
+            message: "expected at least 1 image".into(),
+        });
+    }
+    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
+        return Err(Error::Flag {
+            flag: "--guidance",
+            message: format!("{} is not a guidance scale; expected ≥ 0", args.guidance),
+        });
+    }
+    if args.prompt.trim().is_empty() {
+        return Err(Error::Flag {
+            flag: "--prompt",
+            message: "the prompt is empty".into(),
+        });
+    }
+    check_writable(&args.out)?;
+    let dir = resolve_model_path(&args.model)?;
+    let mut pipe = ZImagePipeline::open(&dir)?;
+    let channels = pipe.latent_channels();
+    let shape = [args.batch, channels, height / 8, width / 8];
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let noise = match &args.noise {
+        Some(file) => read_noise(file, shape)?,
+        None => {
+            eprintln!("[seed {seed}]");
+            gaussian_noise(seed, shape.iter().product())
+        }
+    };
+    let request = ImageRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width,
+        height,
+        steps: args.steps,
+        batch: args.batch,
+        guidance: Guidance {
+            scale: args.guidance,
+            ..Guidance::OFF
+        },
+        noise,
+    };
+    let bar = match std::io::stderr().is_terminal() {
+        true => ProgressBar::new(args.steps as u64).with_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {elapsed_precise} ({per_sec})")
+                .expect("a valid template"),
+        ),
+        false => ProgressBar::hidden(),
+    };
+    let images = pipe.generate(&request, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+
+    let model = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| args.model.clone());
+    let params = Parameters {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        seed,
+        width,
+        height,
+        guidance: args.guidance,
+        model,
+    };
+    let mut written = Vec::new();
+    for (i, rgb) in images.rgb.iter().enumerate() {
+        let path = png::numbered(&args.out, i, args.batch);
+        png::write(&path, rgb, width, height, &params)?;
+        written.push(path);
+    }
+    let t = images.times;
+    if args.stats {
+        let total = t.load + t.text_encoder + t.denoise + t.vae;
+        let share = |x: f64| 100.0 * x / total.max(1e-9);
+        eprintln!(
+            "[load {:.2} s ({:.0} %), text encoder {:.2} s ({:.0} %, {} tokens), {} steps {:.2} s ({:.0} %, {:.3} s a step), VAE decode {:.2} s ({:.0} %); device cpu]",
+            t.load, share(t.load), t.text_encoder, share(t.text_encoder), images.prompt_tokens,
+            args.steps, t.denoise, share(t.denoise), t.denoise / args.steps as f64, t.vae, share(t.vae)
+        );
+    }
+    if args.json {
+        let summary = serde_json::json!({
+            "images": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": if args.noise.is_some() { None } else { Some(seed) },
+            "noise_file": args.noise.as_ref().map(|p| p.display().to_string()),
+            "width": width, "height": height, "steps": args.steps, "batch": args.batch,
+            "guidance": args.guidance, "device": "cpu",
+            "prompt_tokens": images.prompt_tokens, "negative_tokens": images.negative_tokens,
+            "seconds": {"load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise, "vae": t.vae},
+        });
+        println!("{summary}");
+    }
+    for p in &written {
+        eprintln!("[wrote {}]", p.display());
+    }
+    Ok(())
+}
+
+/// `--size WxH`, or `--width`/`--height` (each defaulting to 1024), multiples of 16.
+fn size(args: &ImageArgs) -> Result<(usize, usize)> {
+    let (w, h, flag) = if args.width.is_some() || args.height.is_some() {
+        (
+            args.width.unwrap_or(1024),
+            args.height.unwrap_or(1024),
+            "--width/--height",
+        )
+    } else {
+        let parsed = args
+            .size
+            .split_once(['x', 'X'])
+            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+        let Some((w, h)) = parsed else {
+            return Err(Error::Flag {
+                flag: "--size",
+                message: format!("{:?} is not WIDTHxHEIGHT (e.g. 1024x768)", args.size),
+            });
+        };
+        (w, h, "--size")
+    };
+    if w == 0 || h == 0 || w % SIZE_MULTIPLE != 0 || h % SIZE_MULTIPLE != 0 {
+        return Err(Error::Flag {
+            flag,
+            message: format!(
+                "{w}x{h}: width and height must be positive multiples of {SIZE_MULTIPLE}"
+            ),
+        });
+    }
+    if w > 4096 || h > 4096 {
+        return Err(Error::Flag {
+            flag,
+            message: format!("{w}x{h}: at most 4096 on a side"),
+        });
+    }
+    Ok((w, h))
+}
+
+/// Fail before any work if `out` cannot be written (a missing folder, a directory).
+fn check_writable(out: &std::path::Path) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Flag {
+            flag: "--out",
+            message: format!(
+                "{} is a directory; expected a file name like image.png",
+                out.display()
+            ),
+        });
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::NotFound {
+            path: parent.to_path_buf(),
+            expected: "the folder --out writes into".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The tensor `noise` of `file`, checked against `shape`.
+fn read_noise(file: &std::path::Path, shape: [usize; 4]) -> Result<Vec<f32>> {
+    let tensors = safetensors::read(file)?;
+    let t = tensors
+        .iter()
+        .find(|t| t.name == "noise")
+        .ok_or_else(|| Error::MissingTensor {
+            path: file.to_path_buf(),
+            tensor: "noise".into(),
+        })?;
+    if t.dtype != DType::F32 {
+        return Err(Error::DType {
+            tensor: "noise".into(),
+            found: t.dtype.to_string(),
+            expected: "f32",
+        });
+    }
+    t.expect_shape(&shape)?;
+    Ok(t.to_f32())
+}
+
+/// A seed from the clock and the process id, for runs that give none.
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
+}

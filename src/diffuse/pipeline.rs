@@ -1,0 +1,265 @@
+//! Text to image with Z-Image, every phase in turn on the CPU: the text encoder embeds the
+//! prompt (and the negative prompt when guiding), the DiT denoises the latents step by step,
+//! the VAE decodes them, and the images come out as 8-bit RGB.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::backend::cpu::{Cpu, CpuWeight};
+use crate::backend::Backend;
+use crate::checkpoint::Pipeline;
+use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
+use crate::diffuse::text_encoder::TextEncoder;
+use crate::diffuse::z_image::{denoise, Denoise, Guidance};
+use crate::error::{Error, Result};
+use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae};
+use crate::model::z_image::{ZImage, ZImageConfig};
+use crate::model::{Architecture, ResidentWeights};
+
+/// Latent pixels per image pixel along each side (the VAE's 8) times the DiT's patch (2):
+/// sizes must be multiples of this.
+pub const SIZE_MULTIPLE: usize = 16;
+
+/// One generation's settings.
+#[derive(Clone, Debug)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub guidance: Guidance,
+    /// Initial latents `[batch, 16, height/8, width/8]`, f32, row-major.
+    pub noise: Vec<f32>,
+}
+
+/// Seconds each phase took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseTimes {
+    pub load: f64,
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub vae: f64,
+}
+
+/// The images of a generation, `[batch][height · width · 3]` 8-bit RGB.
+pub struct Images {
+    pub rgb: Vec<Vec<u8>>,
+    pub times: PhaseTimes,
+    /// Caption tokens of the prompt (and of the negative prompt).
+    pub prompt_tokens: usize,
+    pub negative_tokens: usize,
+}
+
+/// An opened Z-Image pipeline, its weights resident on the CPU.
+pub struct ZImagePipeline {
+    pub pipeline: Pipeline,
+    encoder: TextEncoder,
+    encoder_weights: ResidentWeights<CpuWeight>,
+    dit: ZImage,
+    dit_weights: ResidentWeights<CpuWeight>,
+    vae: Vae<Cpu>,
+    scheduler: FlowMatchConfig,
+    pub load_seconds: f64,
+}
+
+impl ZImagePipeline {
+    /// Open a diffusers Z-Image directory and check every component.
+    pub fn open(dir: &Path) -> Result<ZImagePipeline> {
+        let start = Instant::now();
+        if !Pipeline::is_pipeline(dir) {
+            return Err(Error::NotFound {
+                path: dir.join("model_index.json"),
+                expected: "a diffusers pipeline directory (model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/)".into(),
+            });
+        }
+        let pipeline = Pipeline::open(dir)?;
+        if pipeline.class_name != "ZImagePipeline" {
+            return Err(Error::checkpoint(
+                dir.join("model_index.json"),
+                format!(
+                    "pipeline class {:?} is not supported; expected \"ZImagePipeline\"",
+                    pipeline.class_name
+                ),
+            ));
+        }
+        let encoder = TextEncoder::open(&pipeline)?;
+        let te = pipeline.component("text_encoder")?;
+        let encoder_weights = ResidentWeights::load(te, encoder.model.groups(), |t| Cpu.weight(t))?;
+
+        let tr = pipeline.component("transformer")?;
+        let (path, json) = tr.config()?;
+        let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
+        if dit.config.cap_feat_dim != encoder.model.config.hidden_size {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "cap_feat_dim {} does not match the text encoder's hidden_size {}",
+                    dit.config.cap_feat_dim, encoder.model.config.hidden_size
+                ),
+            ));
+        }
+        dit.check_tensors(tr)?;
+        let dit_weights = ResidentWeights::load(tr, dit.groups(), |t| Cpu.weight(t))?;
+
+        let vae_dir = &pipeline.component("vae")?.dir;
+        let vae = Vae::load(&Cpu, &open_vae(vae_dir)?)?;
+        if vae.config().latent_channels != dit.config.in_channels {
+            return Err(Error::checkpoint(
+                vae_dir.join("config.json"),
+                format!(
+                    "latent_channels {} does not match the transformer's in_channels {}",
+                    vae.config().latent_channels,
+                    dit.config.in_channels
+                ),
+            ));
+        }
+        let sc = pipeline.component("scheduler")?;
+        let (path, json) = sc.config()?;
+        let scheduler = FlowMatchConfig::from_json(path, json)?;
+        Ok(ZImagePipeline {
+            pipeline,
+            encoder,
+            encoder_weights,
+            dit,
+            dit_weights,
+            vae,
+            scheduler,
+            load_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Latent channels (16 for Z-Image).
+    pub fn latent_channels(&self) -> usize {
+        self.dit.config.in_channels
+    }
+
+    /// Generate `request.batch` images; `on_step(i)` is called after each denoising step.
+    pub fn generate(
+        &mut self,
+        request: &ImageRequest,
+        mut on_step: impl FnMut(usize),
+    ) -> Result<Images> {
+        let r = request;
+        let (h, w) = (r.height / 8, r.width / 8);
+        let per_image = self.latent_channels() * h * w;
+        assert_eq!(
+            r.noise.len(),
+            r.batch * per_image,
+            "noise of [batch, channels, h/8, w/8]"
+        );
+        let mut times = PhaseTimes {
+            load: self.load_seconds,
+            ..PhaseTimes::default()
+        };
+
+        let t = Instant::now();
+        let ids = self.encoder.tokens(&r.prompt)?;
+        let prompt = self.encoder.encode(&Cpu, &mut self.encoder_weights, &ids)?;
+        // Guidance without a negative prompt contrasts with the empty prompt.
+        let negative = match r.guidance.enabled() {
+            true => {
+                let ids = self
+                    .encoder
+                    .tokens(r.negative_prompt.as_deref().unwrap_or(""))?;
+                Some((
+                    ids.len(),
+                    self.encoder.encode(&Cpu, &mut self.encoder_weights, &ids)?,
+                ))
+            }
+            false => None,
+        };
+        times.text_encoder = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let image_tokens = self.dit.image_tokens(h, w);
+        let schedule = self
+            .scheduler
+            .schedule(&z_image_sigmas(r.steps), self.scheduler.mu(image_tokens));
+        let prompts = vec![prompt; r.batch];
+        let negatives = match &negative {
+            Some((_, n)) => vec![n.clone(); r.batch],
+            None => Vec::new(),
+        };
+        let job = Denoise {
+            latents: r.noise.chunks(per_image).map(<[f32]>::to_vec).collect(),
+            prompts: &prompts,
+            negatives: &negatives,
+            height: h,
+            width: w,
+            guidance: r.guidance,
+        };
+        let latents = denoise(
+            &Cpu,
+            &self.dit,
+            &mut self.dit_weights,
+            &schedule,
+            job,
+            |i, _| on_step(i),
+        )?;
+        times.denoise = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let shape = [r.batch, self.latent_channels(), h, w];
+        let image = self
+            .vae
+            .decode(&Cpu, &latents.concat(), shape, Tiling::Whole)?;
+        let rgb = to_rgb8(&image, [r.batch, 3, r.height, r.width]);
+        times.vae = t.elapsed().as_secs_f64();
+        Ok(Images {
+            rgb: rgb
+                .chunks(r.height * r.width * 3)
+                .map(<[u8]>::to_vec)
+                .collect(),
+            times,
+            prompt_tokens: ids.len(),
+            negative_tokens: negative.map_or(0, |(n, _)| n),
+        })
+    }
+}
+
+/// Standard normal noise from `seed`: SplitMix64 (Steele, Lea & Flood 2014) for uniform
+/// 53-bit doubles, two per pair of values through the Box–Muller transform, in f64 then
+/// rounded to f32. Documented so that another tool can reproduce it; `--noise` takes any
+/// tool's latents instead.
+pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // (0, 1]: never 0, so the logarithm is finite.
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next(), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gaussian_noise;
+
+    #[test]
+    fn seeded_noise_is_standard_normal_and_repeatable() {
+        let a = gaussian_noise(42, 100_000);
+        assert_eq!(a, gaussian_noise(42, 100_000));
+        assert_ne!(a[..8], gaussian_noise(43, 8)[..]);
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "mean {mean}, variance {var}"
+        );
+    }
+}

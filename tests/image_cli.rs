@@ -1,0 +1,212 @@
+//! `ferry image` end to end on the tiny Z-Image pipeline (tests/fixtures/z-image): the
+//! reference's initial noise in, a PNG out whose every 8-bit pixel is within 1 of the one
+//! diffusers made; and the bad inputs a user can give, each a one-line error with no PNG.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::read_reference;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image")
+}
+
+/// A safetensors file holding `data` as the f32 tensor `noise` of `shape`.
+fn write_noise(path: &Path, data: &[f32], shape: &[usize]) {
+    let header = serde_json::json!({
+        "noise": {"dtype": "F32", "shape": shape, "data_offsets": [0, data.len() * 4]}
+    })
+    .to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("ferry runs")
+}
+
+/// The pixels of a PNG, `[h, w, 3]`.
+fn read_png(path: &Path) -> (Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let params = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    (buf, params)
+}
+
+#[test]
+fn images_match_diffusers_to_one_level_per_pixel() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap();
+    let reference = read_reference(&fixture().join("reference.safetensors"));
+    let model = fixture();
+    for case in ["turbo", "cfg"] {
+        let c = &expected["cases"][case];
+        let shape: Vec<usize> = serde_json::from_value(c["latent_shape"].clone()).unwrap();
+        let noise = dir.path().join(format!("{case}-noise.safetensors"));
+        write_noise(&noise, &reference[&format!("{case}.noise")], &shape);
+        let out = dir.path().join(format!("{case}.png"));
+        let size = format!("{}x{}", c["width"], c["height"]);
+        let steps = c["num_inference_steps"].to_string();
+        let guidance = c["guidance_scale"].to_string();
+        let batch = shape[0].to_string();
+        let mut args = vec![
+            "image",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "--size",
+            &size,
+            "--steps",
+            &steps,
+            "--guidance",
+            &guidance,
+            "--batch",
+            &batch,
+            "--noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(neg) = c["negative_prompt"].as_str() {
+            args.extend(["--negative-prompt", neg]);
+        }
+        let run = ferry(&args);
+        assert!(
+            run.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let want = &reference[&format!("{case}.image")]; // [batch, h, w, 3] as 0..255
+        let per_image = want.len() / shape[0];
+        for b in 0..shape[0] {
+            let path = match shape[0] {
+                1 => out.clone(),
+                _ => dir.path().join(format!("{case}-{b}.png")),
+            };
+            let (got, params) = read_png(&path);
+            assert_eq!(got.len(), per_image, "{case}: image {b} size");
+            let worst = got
+                .iter()
+                .zip(&want[b * per_image..(b + 1) * per_image])
+                .map(|(&g, &w)| (g as f32 - w).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst <= 1.0,
+                "{case}: image {b}: a pixel is {worst} levels off"
+            );
+            assert!(
+                params.starts_with(c["prompt"].as_str().unwrap()),
+                "{params}"
+            );
+            assert!(params.contains(&format!("Steps: {steps},")), "{params}");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_get_one_line_errors_and_leave_no_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = fixture();
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let wrong_noise = dir.path().join("wrong.safetensors");
+    write_noise(&wrong_noise, &[0.0; 16 * 4 * 4], &[1, 16, 4, 4]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--size", "60x48"], "multiples of 16"),
+        (vec!["--size", "big"], "WIDTHxHEIGHT"),
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--batch", "0"], "--batch"),
+        (vec!["--guidance", "-1"], "--guidance"),
+        (vec!["--device", "cuda"], "--device"),
+        (
+            vec!["--size", "64x48", "--noise", wrong_noise.to_str().unwrap()],
+            "expected shape [1, 16, 6, 8]",
+        ),
+        (
+            vec!["--size", "64x48", "--noise", "/no/such.safetensors"],
+            "/no/such.safetensors",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["image", "--model", m, "--prompt", "a fox", "--out", o];
+        args.extend(extra.iter().copied());
+        let run = ferry(&args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim()
+                .lines()
+                .filter(|l| l.starts_with("error"))
+                .count(),
+            1,
+            "{err}"
+        );
+        assert!(!out.exists(), "{extra:?} left a PNG");
+    }
+    // A model that is not a pipeline, and an output folder that does not exist.
+    let llm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+    let run = ferry(&[
+        "image",
+        "--model",
+        llm.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        o,
+    ]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("model_index.json"));
+    let run = ferry(&[
+        "image",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--out",
+        "/no/such/dir/x.png",
+    ]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("/no/such/dir"));
+    // A pipeline missing its VAE.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        if name != "vae" {
+            std::os::unix::fs::symlink(&p, broken.join(name)).unwrap();
+        }
+    }
+    let run = ferry(&[
+        "image",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        o,
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("vae"), "{err}");
+    assert!(!out.exists());
+}
