@@ -210,3 +210,25 @@ fn bad_inputs_get_one_line_errors_and_leave_no_png() {
     assert!(!run.status.success() && err.contains("vae"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn info_describes_a_pipeline_and_its_dit_groups() {
+    let run = ferry(&["info", "--model", fixture().to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for want in [
+        "ZImagePipeline",
+        "AutoencoderKL",
+        "Qwen3Model",
+        "embedders",
+        "noise refiner 0",
+        "block 1",
+        "final layer",
+    ] {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+}

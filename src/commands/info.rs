@@ -1,6 +1,7 @@
 //! `ferry info`: what a checkpoint holds.
 
-use ferry::checkpoint::Checkpoint;
+use ferry::checkpoint::{resolve_model_path, Checkpoint, Pipeline};
+use ferry::model::z_image::{ZImage, ZImageConfig};
 use ferry::model::{Architecture, Llama};
 use ferry::Result;
 
@@ -8,6 +9,10 @@ use super::ModelArg;
 use ferry::stream::human_bytes;
 
 pub fn info(args: ModelArg) -> Result<()> {
+    let path = resolve_model_path(&args.model)?;
+    if Pipeline::is_pipeline(&path) {
+        return pipeline_info(&Pipeline::open(&path)?);
+    }
     let ckpt = Checkpoint::open(&args.model)?;
     let c = &ckpt.config;
     let mut dtypes: Vec<String> = ckpt.tensors.values().map(|t| t.dtype.to_string()).collect();
@@ -43,6 +48,42 @@ pub fn info(args: ModelArg) -> Result<()> {
     for g in model.groups() {
         let bytes = g.bytes(&ckpt);
         println!("  {:<12} {:>12}  {}", g.label, bytes, human_bytes(bytes));
+    }
+    Ok(())
+}
+
+/// A diffusers directory: its class, each component's class and bytes, and the DiT's
+/// weight groups as the engine would stream them.
+fn pipeline_info(p: &Pipeline) -> Result<()> {
+    println!("pipeline       {} ({})", p.path.display(), p.class_name);
+    for (name, c) in &p.components {
+        let params: usize = c.tensors.values().map(|t| t.numel()).sum();
+        let class = c.class_name.as_deref().unwrap_or("?");
+        if c.tensors.is_empty() {
+            println!("  {name:<13} {class}");
+        } else {
+            println!(
+                "  {name:<13} {class}: {} parameters, {}",
+                human_count(params),
+                human_bytes(c.bytes())
+            );
+        }
+    }
+    if let Some(tr) = p.components.get("transformer") {
+        if tr.class_name.as_deref() == Some("ZImageTransformer2DModel") {
+            let (path, json) = tr.config()?;
+            let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
+            println!("transformer weight groups (pass order):");
+            for g in dit.groups() {
+                let bytes = g
+                    .tensors
+                    .iter()
+                    .filter_map(|t| tr.tensors.get(&t.name))
+                    .map(|t| t.bytes().len())
+                    .sum();
+                println!("  {:<18} {:>12}  {}", g.label, bytes, human_bytes(bytes));
+            }
+        }
     }
     Ok(())
 }
