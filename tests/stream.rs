@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ferry::checkpoint::DType;
 use ferry::model::{Llama, PassShape};
 use ferry::runtime::plan_request;
-use ferry::stream::budget::{BudgetAllocator, HostMemory, Purpose, Vram};
+use ferry::stream::budget::{BudgetAllocator, HeapMemory, Purpose, Vram};
 use ferry::stream::cost::{group_bytes, CostModel};
 use ferry::stream::plan::{plan, simulate, Group, Placement, Plan, PlanRequest, SimUnit, SlotSize};
 use ferry::stream::schedule::{run_pass, CpuCopyEngine, EngineEvent, Step, Streamer};
@@ -237,7 +237,7 @@ fn qwen_7b_on_an_h100_at_2_6_gib() {
 
 #[test]
 fn the_budget_is_a_hard_cap() {
-    let alloc = BudgetAllocator::new(HostMemory, 10 * MIB);
+    let alloc = BudgetAllocator::new(HeapMemory, 10 * MIB);
     let a = alloc.alloc(Purpose::KvCache, 4 * MIB).unwrap();
     let b = alloc.alloc(Purpose::Slot(0), 4 * MIB).unwrap();
     assert_eq!(a.len(), 4 * MIB);
@@ -338,7 +338,7 @@ fn the_streamer_on_the_cpu_engine() {
     let expected: Vec<u64> = host.iter().map(|b| fnv(FNV0, b)).collect();
 
     // Every device allocation through the budget.
-    let alloc = BudgetAllocator::new(HostMemory, p.budget);
+    let alloc = BudgetAllocator::new(HeapMemory, p.budget);
     let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
     let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
     let _cublas = alloc

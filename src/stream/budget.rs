@@ -226,9 +226,9 @@ impl<B> Drop for Allocation<B> {
 
 /// Host memory standing in for the device (tests, the CPU copy engine).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct HostMemory;
+pub struct HeapMemory;
 
-impl DeviceMemory for HostMemory {
+impl DeviceMemory for HeapMemory {
     type Buffer = Vec<u8>;
     fn alloc(&self, bytes: usize) -> Result<Vec<u8>> {
         Ok(vec![0u8; bytes])

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::budget::{Allocation, BudgetAllocator, HostMemory, Purpose};
+use super::budget::{Allocation, BudgetAllocator, HeapMemory, Purpose};
 use super::plan::{Piece, Plan, Unit};
 use crate::error::Result;
 
@@ -238,7 +238,7 @@ impl CpuCopyEngine {
     /// `slots` slots of `slot_bytes` from `allocator`; copies read `host[group]` (each group's
     /// bytes) at `h2d_gbps` GB/s.
     pub fn new(
-        allocator: &BudgetAllocator<HostMemory>,
+        allocator: &BudgetAllocator<HeapMemory>,
         slots: usize,
         slot_bytes: usize,
         host: Arc<Vec<Vec<u8>>>,

@@ -35,7 +35,7 @@ pub struct Operands {
 }
 
 /// Descriptors and the chosen algorithm for one shape.
-struct Plan {
+struct GemmPlan {
     desc: sys::cublasLtMatmulDesc_t,
     w_layout: sys::cublasLtMatrixLayout_t,
     x_layout: sys::cublasLtMatrixLayout_t,
@@ -43,7 +43,7 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-impl Drop for Plan {
+impl Drop for GemmPlan {
     fn drop(&mut self) {
         // SAFETY: each descriptor was created by this plan and is destroyed once.
         unsafe {
@@ -57,7 +57,7 @@ impl Drop for Plan {
 
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
-    plans: RefCell<HashMap<Shape, Plan>>,
+    plans: RefCell<HashMap<Shape, GemmPlan>>,
 }
 
 impl Gemm {
@@ -120,7 +120,7 @@ impl Gemm {
 
     /// Column-major view: y (m×n, ld m) = op(w) (m×k) · x (k×n), where w is stored k×m
     /// (ld k) and transposed: the "TN" layout cuBLASLt runs fastest.
-    fn plan(&self, s: Shape) -> Result<Plan, String> {
+    fn plan(&self, s: Shape) -> Result<GemmPlan, String> {
         let err = |what: &'static str| {
             move |e: lt::CublasError| format!("cuBLASLt {what} for {s:?}: {e:?}")
         };
@@ -136,7 +136,7 @@ impl Gemm {
             lt::create_matrix_layout(bf16, s.k, s.n, s.k as i64).map_err(err("layout of x"))?;
         let y_layout =
             lt::create_matrix_layout(bf16, s.m, s.n, s.m as i64).map_err(err("layout of y"))?;
-        let mut plan = Plan {
+        let mut plan = GemmPlan {
             desc,
             w_layout,
             x_layout,

@@ -371,7 +371,7 @@ impl Drop for HostTier {
 
 /// A tensor's share of a piece: bytes `src..src + len` of the tensor, at `dst` in the slot.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Segment {
+pub(super) struct SlotSpan {
     pub(super) tensor: usize,
     pub(super) src: usize,
     pub(super) len: usize,
@@ -380,13 +380,13 @@ pub(super) struct Segment {
 
 /// Where the bytes `offset..offset + bytes` of a group (its tensors concatenated) go in a
 /// slot: each tensor's share at an aligned offset.
-pub(super) fn segments(tensors: &[TensorSrc], offset: usize, bytes: usize) -> Vec<Segment> {
+pub(super) fn slot_spans(tensors: &[TensorSrc], offset: usize, bytes: usize) -> Vec<SlotSpan> {
     let (mut at, mut dst) = (0, 0);
     let mut out = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let (lo, hi) = (at.max(offset), (at + t.bytes).min(offset + bytes));
         if lo < hi {
-            out.push(Segment {
+            out.push(SlotSpan {
                 tensor: i,
                 src: lo - at,
                 len: hi - lo,

@@ -15,7 +15,7 @@ use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 pub use super::host_tier::{measure_h2d, HostMemory, HostMode, HostTier};
-use super::host_tier::{segments, PinnedBuffer, TensorSrc, SLOT_ALIGN};
+use super::host_tier::{slot_spans, PinnedBuffer, TensorSrc, SLOT_ALIGN};
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
@@ -171,7 +171,7 @@ impl CudaCopyEngine {
                     .pieces
                     .iter()
                     .filter_map(|p| {
-                        segments(&tier.groups[p.group], p.offset, p.bytes)
+                        slot_spans(&tier.groups[p.group], p.offset, p.bytes)
                             .last()
                             .map(|s| s.dst + s.len)
                     })
@@ -227,7 +227,7 @@ impl CudaCopyEngine {
     fn views(&self, slot: usize, piece: &Piece) -> Vec<Option<CudaWeight>> {
         let tensors = &self.tensors[piece.group];
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
-        for s in segments(tensors, piece.offset, piece.bytes) {
+        for s in slot_spans(tensors, piece.offset, piece.bytes) {
             let t = &tensors[s.tensor];
             out[s.tensor] = Some(CudaWeight {
                 ptr: self.slot_addr[slot] + s.dst as u64,
@@ -260,9 +260,9 @@ impl CopyEngine for CudaCopyEngine {
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
         let tensors = &self.tensors[piece.group];
-        let segments = segments(tensors, piece.offset, piece.bytes);
+        let placed = slot_spans(tensors, piece.offset, piece.bytes);
         if let Some(ring) = &self.ring {
-            let spans = segments
+            let spans = placed
                 .iter()
                 .map(|s| Span {
                     src: tensors[s.tensor].addr + s.src,
@@ -283,9 +283,9 @@ impl CopyEngine for CudaCopyEngine {
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        for s in segments {
+        for s in placed {
             let t = &tensors[s.tensor];
-            // SAFETY: the slot holds the piece's bytes plus alignment padding (segments stay
+            // SAFETY: the slot holds the piece's bytes plus alignment padding (slot_spans stay
             // inside it); the source lies in host memory the tier keeps alive until the engine
             // has synchronized; the copy stream waited above for the slot's last reader.
             unsafe {
