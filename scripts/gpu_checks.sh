@@ -11,7 +11,8 @@
 #      there), then `ferry bench-cuda` and transformers eager timed on it.
 #
 # Binaries come prebuilt (the GPU machine has no cargo): build them with
-#   scripts/gpu_checks.sh --build      (puts stripped binaries in .gpu/)
+#   scripts/gpu_checks.sh --build      (puts stripped binaries in .gpu/, which git ignores:
+#                                       carry it to the GPU machine, e.g. the device tool's carry)
 # and run there with
 #   scripts/gpu_checks.sh [OUT_DIR]    (logs and JSON under OUT_DIR, default ./gpu-out)
 # Set SKIP_7B=1 to leave out step 3 (it writes 15 GB to $SYNTH_DIR, default /tmp), or
