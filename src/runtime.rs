@@ -113,6 +113,18 @@ pub struct StreamSetup<'a> {
     pub host: HostMemory,
 }
 
+impl StreamSetup<'static> {
+    /// Passes of `shape`, the architecture's own workspace, compute from the assumed figures.
+    pub fn new(shape: PassShape, host: HostMemory) -> StreamSetup<'static> {
+        StreamSetup {
+            shape,
+            workspace: None,
+            measured_ms: None,
+            host,
+        }
+    }
+}
+
 /// Everything `--vram` needs: make the host tier, measure H2D, plan passes of the setup's
 /// shape within the GPU's budget, upload the residents and start the streamer.
 pub fn stream_weights(

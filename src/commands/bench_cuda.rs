@@ -274,12 +274,7 @@ fn bench_streamed(
     // each group's compute, and the plan is made again from those (what is reported).
     let t = Instant::now();
     let host = args.host_memory.host_memory.into();
-    let setup = StreamSetup {
-        shape,
-        workspace: None,
-        measured_ms: None,
-        host,
-    };
+    let setup = StreamSetup::new(shape, host);
     let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     let setup_secs = t.elapsed().as_secs_f64();
     let start_to_first_pass = start.elapsed().as_secs_f64();

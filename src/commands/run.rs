@@ -135,12 +135,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                 batch: args.batch.min(requests.len()),
                 past: args.max_tokens,
             };
-            let setup = StreamSetup {
-                shape,
-                workspace: None,
-                measured_ms: None,
-                host: args.host_memory.host_memory.into(),
-            };
+            let setup = StreamSetup::new(shape, args.host_memory.host_memory.into());
             let mut weights = stream_weights(&gpu, &ckpt, &model, setup)?;
             if !args.quiet {
                 eprintln!("[host tier: {}]", weights.host_mode());
