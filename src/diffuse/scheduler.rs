@@ -116,13 +116,13 @@ impl FlowMatchConfig {
             .iter()
             .map(|&x| {
                 if self.use_dynamic_shifting {
-                    // In f64 as Python computes it (math.exp of a Python float), then f32.
-                    let t = x as f64;
-                    let shifted = match self.time_shift_type.as_str() {
-                        "linear" => mu / (mu + (1.0 / t - 1.0)),
-                        _ => mu.exp() / (mu.exp() + (1.0 / t - 1.0)),
+                    // numpy f32 (NEP 50): math.exp(mu), a Python float, does not widen the f32
+                    // array, so everything after it is f32 arithmetic.
+                    let m = match self.time_shift_type.as_str() {
+                        "linear" => mu as f32,
+                        _ => mu.exp() as f32,
                     };
-                    shifted as f32
+                    m / (m + (1.0 / x - 1.0))
                 } else {
                     // numpy f32: the Python float shift does not widen the array.
                     let shift = self.shift as f32;
