@@ -51,8 +51,8 @@ pub struct ImageArgs {
     /// Where to write the PNG; with --batch N, NAME-0.png … NAME-(N-1).png.
     #[arg(long, short, default_value = "image.png")]
     out: PathBuf,
-    /// Where to compute. Image generation runs on the CPU in this version.
-    #[arg(long, default_value = "cpu", value_name = "cpu")]
+    /// Where to compute. Image generation runs on the CPU in this version (auto: the CPU).
+    #[arg(long, default_value = "auto", value_name = "auto|cpu")]
     device: Device,
     /// Print each phase's time.
     #[arg(long)]
@@ -63,7 +63,8 @@ pub struct ImageArgs {
 }
 
 pub fn image(args: ImageArgs) -> Result<()> {
-    if args.device != Device::Cpu {
+    // auto means the CPU until the CUDA path exists.
+    if !matches!(args.device, Device::Cpu | Device::Auto) {
         return Err(Error::Flag {
             flag: "--device",
             message: "image generation runs on the CPU in this version (the CUDA DiT and VAE are not written yet); use --device cpu".into(),

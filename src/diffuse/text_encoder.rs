@@ -44,7 +44,7 @@ impl TextEncoder {
                 "num_hidden_layers must be at least 2: the prompt's embedding is the input of the last block",
             )
         })?;
-        let model = Llama::encoder(config, layers, prefix)?;
+        let model = Llama::encoder(config, layers, prefix);
         model.check_tensors(component)?;
         Ok(model)
     }

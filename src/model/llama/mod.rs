@@ -83,19 +83,16 @@ impl Llama {
         Self::build(config, Output::Logits, "model.")
     }
 
-    /// A text encoder: the residual after `layers` blocks, for a checkpoint whose tensor
-    /// names start with `prefix` ("model." or "").
-    pub fn encoder(config: LlamaConfig, layers: usize, prefix: &str) -> Result<Llama> {
-        if layers == 0 || layers > config.num_layers {
-            return Err(Error::Flag {
-                flag: "text encoder",
-                message: format!(
-                    "hidden state after {layers} blocks asked of a model of {} blocks",
-                    config.num_layers
-                ),
-            });
-        }
-        Ok(Self::build(config, Output::Hidden { layers }, prefix))
+    /// A text encoder: the residual after `layers` blocks (1 ≤ layers ≤ num_layers; the
+    /// caller checks it against the config it read), for a checkpoint whose tensor names
+    /// start with `prefix` ("model." or "").
+    pub fn encoder(config: LlamaConfig, layers: usize, prefix: &str) -> Llama {
+        assert!(
+            (1..=config.num_layers).contains(&layers),
+            "hidden state after {layers} of {} blocks",
+            config.num_layers
+        );
+        Self::build(config, Output::Hidden { layers }, prefix)
     }
 
     fn build(config: LlamaConfig, output: Output, prefix: &str) -> Llama {

@@ -109,8 +109,7 @@ impl ZImage {
         let eps = c.norm_eps as f32;
 
         // Embedders: timestep → adaLN input; patches and caption → tokens, padded.
-        let g = self.groups[0].clone();
-        let w = Bound::new(&g, weights.group(0)?);
+        let w = Bound::new(&self.groups[0], weights.group(0)?);
         let e = |s: &str| w.get(s);
         let mut states: Vec<State> = Vec::with_capacity(samples.len());
         for s in samples {
