@@ -9,7 +9,7 @@
 use crate::backend::cuda::streaming::{measure_h2d, HostMemory, HostTier, StreamedWeights};
 use crate::backend::cuda::{Cuda, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
 use crate::backend::Device;
-use crate::checkpoint::{Checkpoint, DType};
+use crate::checkpoint::{Checkpoint, DType, Tensors};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, PassShape};
 use crate::stream::cost::{planner_groups, CostModel};
@@ -129,11 +129,11 @@ impl StreamSetup<'static> {
 /// shape within the GPU's budget, upload the residents and start the streamer.
 pub fn stream_weights(
     gpu: &Cuda,
-    ckpt: &Checkpoint,
+    tensors: &dyn Tensors,
     arch: &dyn Architecture,
     setup: StreamSetup<'_>,
 ) -> Result<StreamedWeights> {
-    let tier = HostTier::new(gpu, ckpt, arch, setup.host)?;
+    let tier = HostTier::new(gpu, tensors, arch, setup.host)?;
     let h2d_gbps = measure_h2d(gpu, &tier)?;
     let cost = CostModel {
         h2d_gbps,
@@ -158,5 +158,5 @@ pub fn stream_weights(
         }
     }
     let plan = crate::stream::plan(&request)?;
-    StreamedWeights::new(gpu, ckpt, arch, plan, tier, h2d_gbps)
+    StreamedWeights::new(gpu, tensors, arch, plan, tier, h2d_gbps)
 }

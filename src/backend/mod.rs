@@ -4,7 +4,9 @@
 pub mod conv;
 pub mod cpu;
 pub mod cpu_conv;
+pub mod cpu_dit;
 pub mod cuda;
+pub mod dit;
 
 use crate::checkpoint::HostTensor;
 use crate::error::Result;

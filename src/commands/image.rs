@@ -8,9 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
+use ferry::diffuse::guidance::Guidance;
 use ferry::diffuse::pipeline::{gaussian_noise, ImageRequest, ZImagePipeline, SIZE_MULTIPLE};
 use ferry::diffuse::png::{self, Parameters};
-use ferry::diffuse::z_image::Guidance;
 use ferry::{Error, Result};
 
 #[derive(Args)]
@@ -117,7 +117,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
         batch: args.batch,
         guidance: Guidance {
             scale: args.guidance,
-            ..Guidance::OFF
+            ..Guidance::NONE
         },
         noise,
     };

@@ -8,9 +8,10 @@ use std::time::Instant;
 use crate::backend::cpu::{Cpu, CpuWeight};
 use crate::backend::Backend;
 use crate::checkpoint::Pipeline;
+use crate::diffuse::guidance::Guidance;
 use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
-use crate::diffuse::z_image::{denoise, Denoise, Guidance};
+use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
 use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae};
 use crate::model::z_image::{ZImage, ZImageConfig};
@@ -158,7 +159,7 @@ impl ZImagePipeline {
         let ids = self.encoder.tokens(&r.prompt)?;
         let prompt = self.encoder.encode(&Cpu, &mut self.encoder_weights, &ids)?;
         // Guidance without a negative prompt contrasts with the empty prompt.
-        let negative = match r.guidance.enabled() {
+        let negative = match r.guidance.scale > 0.0 {
             true => {
                 let ids = self
                     .encoder
@@ -177,15 +178,11 @@ impl ZImagePipeline {
         let schedule = self
             .scheduler
             .schedule(&z_image_sigmas(r.steps), self.scheduler.mu(image_tokens));
-        let prompts = vec![prompt; r.batch];
-        let negatives = match &negative {
-            Some((_, n)) => vec![n.clone(); r.batch],
-            None => Vec::new(),
-        };
         let job = Denoise {
-            latents: r.noise.chunks(per_image).map(<[f32]>::to_vec).collect(),
-            prompts: &prompts,
-            negatives: &negatives,
+            latents: r.noise.clone(),
+            batch: r.batch,
+            prompt: &prompt,
+            negative: negative.as_ref().map(|(_, n)| n.as_slice()),
             height: h,
             width: w,
             guidance: r.guidance,
@@ -202,9 +199,7 @@ impl ZImagePipeline {
 
         let t = Instant::now();
         let shape = [r.batch, self.latent_channels(), h, w];
-        let image = self
-            .vae
-            .decode(&Cpu, &latents.concat(), shape, Tiling::Whole)?;
+        let image = self.vae.decode(&Cpu, &latents, shape, Tiling::Whole)?;
         let rgb = to_rgb8(&image, [r.batch, 3, r.height, r.width]);
         times.vae = t.elapsed().as_secs_f64();
         Ok(Images {

@@ -2,111 +2,73 @@
 //! scheduler's sigmas, the DiT given `t = (1000 − timestep) / 1000`, its output negated into
 //! the velocity, and classifier-free guidance with both branches in one pass.
 
-use crate::backend::cpu::{Cpu, CpuWeight};
+use crate::backend::dit::DitOps;
+use crate::diffuse::guidance::Guidance;
 use crate::diffuse::scheduler::Schedule;
 use crate::error::Result;
-use crate::model::z_image::{Sample, ZImage};
+use crate::model::z_image::{DitInput, ZImage};
 use crate::model::Weights;
 
-/// Classifier-free guidance as Z-Image's pipeline applies it: `pos + scale · (pos − neg)`
-/// while `scale > 0` (so 0 is off and 1 already guides), with the guided prediction's norm
-/// capped at `normalization × ‖pos‖` when `normalization > 0`, and no guidance at steps whose
-/// time `1 − σ` exceeds `truncation`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Guidance {
-    pub scale: f32,
-    pub normalization: f32,
-    pub truncation: f32,
-}
-
-impl Guidance {
-    pub const OFF: Guidance = Guidance {
-        scale: 0.0,
-        normalization: 0.0,
-        truncation: 1.0,
-    };
-
-    pub fn enabled(&self) -> bool {
-        self.scale > 0.0
-    }
-
-    /// Whether step `i` of `schedule` guides.
-    pub fn applies(&self, schedule: &Schedule, i: usize) -> bool {
-        let t = (1000.0 - schedule.timesteps[i]) / 1000.0;
-        self.enabled() && !(self.truncation <= 1.0 && t > self.truncation)
-    }
-}
-
-/// What to denoise: `batch` latents `[16, height, width]` each, one caption embedding per
-/// image, and with guidance one negative embedding per image.
+/// What to denoise: `[batch, 16, height, width]` latents, the caption embedding of every
+/// image, and with guidance the negative embedding of every image.
 pub struct Denoise<'a> {
-    pub latents: Vec<Vec<f32>>,
-    pub prompts: &'a [Vec<f32>],
-    pub negatives: &'a [Vec<f32>],
+    pub latents: Vec<f32>,
+    pub batch: usize,
+    pub prompt: &'a [f32],
+    pub negative: Option<&'a [f32]>,
     pub height: usize,
     pub width: usize,
     pub guidance: Guidance,
 }
 
+/// The model's time at step `i`: `1 − σ`, as the pipeline computes it from the timestep.
+pub fn model_time(schedule: &Schedule, i: usize) -> f32 {
+    (1000.0 - schedule.timesteps[i]) / 1000.0
+}
+
 /// Run every step of `schedule` and return the final latents; `on_step(i, latents)` sees
 /// the latents after each step.
-pub fn denoise(
-    cpu: &Cpu,
+pub fn denoise<B: DitOps>(
+    backend: &B,
     dit: &ZImage,
-    weights: &mut impl Weights<CpuWeight>,
+    weights: &mut impl Weights<B::Weight>,
     schedule: &Schedule,
     mut job: Denoise<'_>,
-    mut on_step: impl FnMut(usize, &[Vec<f32>]),
-) -> Result<Vec<Vec<f32>>> {
-    let n = job.latents.len();
+    mut on_step: impl FnMut(usize, &[f32]),
+) -> Result<Vec<f32>> {
+    let n = job.batch;
+    let image_len = job.latents.len() / n.max(1);
     for i in 0..schedule.steps() {
-        let t = (1000.0 - schedule.timesteps[i]) / 1000.0;
-        let guided = job.guidance.applies(schedule, i);
-        // One pass: the conditional samples, then (when guiding) the unconditional ones.
-        let mut samples: Vec<Sample> = (0..n)
-            .map(|b| Sample {
-                latents: &job.latents[b],
-                caption: &job.prompts[b],
-                t,
-            })
-            .collect();
-        if guided {
-            samples.extend((0..n).map(|b| Sample {
-                latents: &job.latents[b],
-                caption: &job.negatives[b],
-                t,
-            }));
+        let t = model_time(schedule, i);
+        let guided = job.guidance.applies(t) && job.negative.is_some();
+        // One pass: the conditional samples, then (when guiding) the unconditional ones on
+        // the same latents.
+        let mut captions: Vec<&[f32]> = vec![job.prompt; n];
+        let mut latents = job.latents.clone();
+        if let (true, Some(neg)) = (guided, job.negative) {
+            captions.extend(std::iter::repeat_n(neg, n));
+            latents.extend_from_slice(&job.latents);
         }
-        let out = dit.forward(cpu, weights, &samples, job.height, job.width)?;
-        for b in 0..n {
-            let mut pred = out[b].clone();
-            if guided {
-                let g = job.guidance;
-                let pos_norm = norm(&out[b]);
-                for (p, (&pos, &neg)) in pred.iter_mut().zip(out[b].iter().zip(&out[n + b])) {
-                    *p = pos + g.scale * (pos - neg);
-                }
-                if g.normalization > 0.0 {
-                    let (new, max) = (norm(&pred), pos_norm * g.normalization);
-                    if new > max {
-                        let k = max / new;
-                        pred.iter_mut().for_each(|p| *p *= k);
-                    }
-                }
-            }
-            // The model predicts (x0 − noise); the scheduler steps along its negation.
-            pred.iter_mut().for_each(|p| *p = -*p);
-            schedule.step(i, &mut job.latents[b], &pred);
-        }
+        let ts = vec![t; captions.len()];
+        let out = dit.forward(
+            backend,
+            weights,
+            &DitInput {
+                latents: &latents,
+                height: job.height,
+                width: job.width,
+                t: &ts,
+                captions: &captions,
+            },
+        )?;
+        let mut pred = match guided {
+            true => job.guidance.combine(&out, image_len),
+            false => out,
+        };
+        // The model predicts (x0 − noise); the scheduler steps along its negation.
+        pred.iter_mut().for_each(|p| *p = -*p);
+        schedule.step(i, &mut job.latents, &pred);
         on_step(i, &job.latents);
     }
     Ok(job.latents)
-}
-
-/// ‖x‖₂, accumulated in f64.
-fn norm(x: &[f32]) -> f32 {
-    x.iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt() as f32
 }

@@ -34,10 +34,11 @@ pub const ARGMAX: Source = kernel_source!("argmax");
 pub const GEMV: Source = kernel_source!("gemv");
 pub const ATTENTION_DECODE: Source = kernel_source!("attention_decode");
 pub const ATTENTION_PREFILL: Source = kernel_source!("attention_prefill");
+pub const DIT: Source = kernel_source!("dit");
 
 /// Every kernel family.
 #[cfg(test)]
-pub const ALL: [Source; 8] = [
+pub const ALL: [Source; 9] = [
     EMBED,
     GEMV,
     NORM,
@@ -46,6 +47,7 @@ pub const ALL: [Source; 8] = [
     ARGMAX,
     ATTENTION_DECODE,
     ATTENTION_PREFILL,
+    DIT,
 ];
 
 /// What the machine code is built for.

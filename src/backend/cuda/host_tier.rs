@@ -14,7 +14,7 @@ use half::bf16;
 use indicatif::ProgressBar;
 
 use super::Cuda;
-use crate::checkpoint::{Checkpoint, DType, HostTensor, Storage};
+use crate::checkpoint::{DType, HostTensor, Storage, Tensors};
 use crate::error::{Error, Result};
 use crate::model::Architecture;
 use crate::stream::staging::{self, Readers, Span};
@@ -129,7 +129,7 @@ impl HostTier {
     /// that).
     pub fn new(
         gpu: &Cuda,
-        ckpt: &Checkpoint,
+        tensors: &dyn Tensors,
         model: &dyn Architecture,
         host: HostMemory,
     ) -> Result<HostTier> {
@@ -141,7 +141,7 @@ impl HostTier {
         let mut arena_len = 0;
         for g in model.groups() {
             for spec in &g.tensors {
-                let t = ckpt.tensor(&spec.name)?;
+                let t = tensors.tensor(&spec.name)?;
                 if convert(t) {
                     arena_len += t.numel().div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
                 }
@@ -161,7 +161,7 @@ impl HostTier {
         let mut storages: Vec<Arc<Storage>> = Vec::new();
         for g in model.groups() {
             for spec in &g.tensors {
-                let t = ckpt.tensor(&spec.name)?;
+                let t = tensors.tensor(&spec.name)?;
                 if convert(t) {
                     if !placed.iter().any(|(n, _)| *n == t.name) {
                         let words: &mut [bf16] =
@@ -185,7 +185,7 @@ impl HostTier {
                 g.tensors
                     .iter()
                     .map(|spec| {
-                        let t = ckpt.tensor(&spec.name)?;
+                        let t = tensors.tensor(&spec.name)?;
                         let cols = *t.shape.last().unwrap_or(&1);
                         let addr = match placed.iter().find(|(n, _)| *n == t.name) {
                             Some(&(_, at)) => {

@@ -7,6 +7,7 @@
 //! stream; the host waits only when it reads a result (logits, the next token).
 
 mod compile;
+mod dit;
 mod gemm;
 mod host_tier;
 pub mod loader;
@@ -482,7 +483,7 @@ impl Cuda {
         }
         let module = self.module(src, head_dim)?;
         let f = module.load_function(name).map_err(self.err(name))?;
-        if name == "attn_prefill" {
+        if name == "attn_prefill" || name == "attn_full" {
             let bytes = prefill_smem_bytes(head_dim) as i32;
             f.set_attribute(
                 cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

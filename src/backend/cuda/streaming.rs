@@ -18,7 +18,7 @@ pub use super::host_tier::{measure_h2d, HostMemory, HostMode, HostTier};
 use super::host_tier::{slot_spans, PinnedBuffer, TensorSrc, SLOT_ALIGN};
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Tensors;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, Weights};
 use crate::stream::budget::BudgetTracker;
@@ -409,7 +409,7 @@ impl StreamedWeights {
     /// Upload the resident groups, allocate the slots and queue the first copies.
     pub fn new(
         gpu: &Cuda,
-        ckpt: &Checkpoint,
+        tensors: &dyn Tensors,
         model: &dyn Architecture,
         plan: Plan,
         tier: HostTier,
@@ -437,13 +437,13 @@ impl StreamedWeights {
             resident.push(match place {
                 Placement::Resident => specs
                     .iter()
-                    .map(|s| gpu.weight(ckpt.tensor(&s.name)?))
+                    .map(|s| gpu.weight(tensors.tensor(&s.name)?))
                     .collect::<Result<Vec<_>>>()?,
                 Placement::HostGather => specs
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        let t = ckpt.tensor(&s.name)?;
+                        let t = tensors.tensor(&s.name)?;
                         let (rows, cols) = (t.shape[0], t.numel() / t.shape[0].max(1));
                         // Registered: the embedding kernel reads the rows it needs straight
                         // from host memory. Otherwise the host gathers them.

@@ -1,55 +1,187 @@
-//! Z-Image's diffusion transformer (diffusers `ZImageTransformer2DModel`): a single-stream DiT
-//! over [image tokens, caption tokens], after a modulated refiner on the image tokens and an
-//! unmodulated one on the caption.
+//! Z-Image's diffusion transformer (diffusers `ZImageTransformer2DModel`, 6.15 B parameters in
+//! Z-Image-Turbo): a single-stream DiT over each sample's `[image tokens, caption tokens]`,
+//! after a timestep-modulated refiner over the image tokens alone and an unmodulated one over
+//! the caption alone.
 //!
-//! One pass is one denoising step for every sample of a batch: each group's weights are asked
-//! for once and serve all samples (the conditional and unconditional branches of guidance
-//! are two samples). Samples never attend to each other, so each runs over its own sequence.
+//! One pass is one denoising step for every sample of a batch (several images; the two
+//! branches of guidance are two samples): each group's weights are asked for once and serve
+//! all samples. Samples are stacked row-wise without padding between them and never attend
+//! to each other (diffusers pads the batch to its longest sample and masks those keys, which
+//! is the same).
 //!
-//! This is the f32 CPU reference. The projections go through [`Backend`] ops; modulation, the
-//! 3-axis RoPE, LayerNorm and the non-causal attention are host f32 here, to become backend
-//! ops when the CUDA path comes.
+//! Token rules (diffusers' `patchify_and_embed`):
+//! - image: 2×2 latent patches, row-major over (row, column); a patch's features in
+//!   (patch row, patch column, channel) order, channel fastest. `n` tokens are padded to
+//!   `Px`, a multiple of [`SEQ_MULTIPLE`], with the learned `x_pad_token`;
+//! - caption: the `L` text-encoder features, padded to `Pc` with `cap_pad_token`;
+//! - RoPE positions (caption index, row, column): caption token `k` (pads included) at
+//!   `(1 + k, 0, 0)`; image token `(row, col)` at `(Pc + 1, row, col)`; image pads at `(0, 0, 0)`.
+//!
+//! Pad tokens are attended like the others; only positions beyond a sample do not exist.
 
 mod config;
+mod cost;
+mod rope;
 
 pub use config::ZImageConfig;
+pub use rope::AxesRope;
 
-use crate::backend::cpu::{Cpu, CpuTensor, CpuWeight};
-use crate::backend::Backend;
+use std::ops::Range;
+
+use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
+use crate::backend::dit::{DitOps, Pointwise};
 use crate::error::{Error, Result};
-use crate::model::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
 
-/// Image and caption sequences are padded to a multiple of this many tokens (learned pad
-/// tokens, attended like the others).
+/// Image and caption sequences are padded to a multiple of this many tokens.
 pub const SEQ_MULTIPLE: usize = 32;
-/// Width of the timestep embedding that modulates every block (at most the model width).
-const ADALN_DIM: usize = 256;
-/// Width of the timestep embedder's hidden layer.
-const T_MID: usize = 1024;
 /// Width of the sinusoidal timestep features.
-const T_FREQ: usize = 256;
+const T_FREQ_DIM: usize = 256;
+/// Width of the timestep embedder's hidden layer (fixed in diffusers).
+const T_MID_DIM: usize = 1024;
+/// The sinusoid's longest period.
+const T_MAX_PERIOD: f64 = 10000.0;
+/// Epsilon of the per-head q/k RMSNorm (fixed in diffusers' `Attention`).
+const QK_NORM_EPS: f32 = 1e-5;
+/// Epsilon of the final LayerNorm (fixed in diffusers' `FinalLayer`).
+const FINAL_NORM_EPS: f32 = 1e-6;
 
-/// One sample of a pass.
-pub struct Sample<'a> {
-    /// `[in_channels, height, width]` f32: the latent being denoised.
+/// `n` rounded up to a multiple of [`SEQ_MULTIPLE`].
+pub fn padded(n: usize) -> usize {
+    n.div_ceil(SEQ_MULTIPLE) * SEQ_MULTIPLE
+}
+
+/// The inputs of one pass.
+pub struct DitInput<'a> {
+    /// `[batch, in_channels, height, width]` f32, row-major: the latents being denoised.
     pub latents: &'a [f32],
-    /// `[tokens, cap_feat_dim]` f32: the text encoder's embedding of the prompt.
-    pub caption: &'a [f32],
-    /// The model's time `1 − σ` in [0, 1] (the pipeline's `(1000 − t) / 1000`).
-    pub t: f32,
+    /// Latent pixels (the image's pixels / 8); multiples of the patch size.
+    pub height: usize,
+    pub width: usize,
+    /// `[batch]`: the model's time of each sample, `1 − σ` in [0, 1] (the pipeline's
+    /// `(1000 − timestep) / 1000`, 0 at the first step).
+    pub t: &'a [f32],
+    /// One per sample, `[tokens, cap_feat_dim]` f32: the text encoder's features of the
+    /// caption's valid tokens (the lengths may differ).
+    pub captions: &'a [&'a [f32]],
 }
 
 pub struct ZImage {
     pub config: ZImageConfig,
     groups: Vec<WeightGroup>,
+    rope: AxesRope,
 }
 
-/// Where each part sits among the groups: embedders, noise refiners, context refiners,
-/// blocks, final layer.
+/// Where each part sits among the groups, in pass order.
+const EMBEDDERS: usize = 0;
+
+/// One transformer block, named as in the checkpoint (`layers.N.…`, `noise_refiner.N.…`,
+/// `context_refiner.N.…`).
+struct Block<'a, W> {
+    attention: Attention<'a, W>,
+    feed_forward: FeedForward<'a, W>,
+    attention_norm1: &'a W,
+    attention_norm2: &'a W,
+    ffn_norm1: &'a W,
+    ffn_norm2: &'a W,
+    /// `adaLN_modulation.0` (weight, bias): `t_emb → [scale_msa, gate_msa, scale_mlp,
+    /// gate_mlp]`; none in the context refiner.
+    adaln_modulation: Option<(&'a W, &'a W)>,
+}
+
+struct Attention<'a, W> {
+    to_q: &'a W,
+    to_k: &'a W,
+    to_v: &'a W,
+    to_out: &'a W,
+    /// norm_q, norm_k (`qk_norm`).
+    qk_norm: Option<(&'a W, &'a W)>,
+}
+
+/// SwiGLU: `w2(silu(w1 x) · w3 x)`.
+struct FeedForward<'a, W> {
+    w1: &'a W,
+    w2: &'a W,
+    w3: &'a W,
+}
+
+/// The embedders' group.
+struct Embedders<'a, W> {
+    /// `all_x_embedder.2-1`: patch features → dim.
+    x_embedder: (&'a W, &'a W),
+    /// `cap_embedder.0` (RMSNorm over the caption features), `cap_embedder.1` (linear).
+    cap_norm: &'a W,
+    cap_linear: (&'a W, &'a W),
+    /// `t_embedder.mlp.0`, `t_embedder.mlp.2` (SiLU between them).
+    t_mlp0: (&'a W, &'a W),
+    t_mlp2: (&'a W, &'a W),
+    x_pad_token: &'a W,
+    cap_pad_token: &'a W,
+}
+
+/// `all_final_layer.2-1`: LayerNorm without affine, scaled by `1 + adaLN(silu(t_emb))`, then
+/// a linear to the patch features.
+struct FinalLayer<'a, W> {
+    adaln_modulation: (&'a W, &'a W),
+    linear: (&'a W, &'a W),
+}
+
+/// A receiver of intermediates by name, `[rows, cols]` f32 row-major (see
+/// [`ZImage::forward_traced`]).
+pub type Trace<'t> = dyn FnMut(&str, Vec<f32>) + 't;
+
+/// The rows of each sample in one sequence of a pass, and its RoPE table `[rows, head_dim]`.
+struct Sequence<'a, A> {
+    rows: &'a [Range<usize>],
+    rope: &'a A,
+}
+
+/// The rows of each sample in the three sequences of a pass.
+struct Layout {
+    /// Real image tokens per sample (before padding) and the padded count.
+    image_tokens: usize,
+    image_padded: usize,
+    /// Valid and padded caption tokens of each sample.
+    caption_tokens: Vec<usize>,
+    caption_padded: Vec<usize>,
+    image: Vec<Range<usize>>,
+    caption: Vec<Range<usize>>,
+    unified: Vec<Range<usize>>,
+}
+
+impl Layout {
+    fn new(image_tokens: usize, caption_tokens: Vec<usize>) -> Layout {
+        let image_padded = padded(image_tokens);
+        let caption_padded: Vec<usize> = caption_tokens.iter().map(|&n| padded(n)).collect();
+        let ranges = |lens: &mut dyn Iterator<Item = usize>| {
+            let mut start = 0;
+            lens.map(|n| {
+                start += n;
+                start - n..start
+            })
+            .collect::<Vec<_>>()
+        };
+        let batch = caption_tokens.len();
+        Layout {
+            image: ranges(&mut std::iter::repeat_n(image_padded, batch)),
+            caption: ranges(&mut caption_padded.iter().copied()),
+            unified: ranges(&mut caption_padded.iter().map(|c| image_padded + c)),
+            image_tokens,
+            image_padded,
+            caption_tokens,
+            caption_padded,
+        }
+    }
+}
+
 impl ZImage {
     pub fn new(config: ZImageConfig) -> ZImage {
         let groups = weight_groups(&config);
-        ZImage { config, groups }
+        let rope = AxesRope::new(config.rope_theta, &config.axes_dims);
+        ZImage {
+            config,
+            groups,
+            rope,
+        }
     }
 
     fn noise_refiner(&self, i: usize) -> usize {
@@ -58,418 +190,498 @@ impl ZImage {
     fn context_refiner(&self, i: usize) -> usize {
         1 + self.config.n_refiner_layers + i
     }
-    fn block(&self, i: usize) -> usize {
+    fn layer(&self, i: usize) -> usize {
         1 + 2 * self.config.n_refiner_layers + i
     }
     fn final_layer(&self) -> usize {
-        self.groups.len() - 1
+        self.layer(self.config.n_layers)
     }
 
-    /// Image tokens of a `height × width` latent (patches of `patch × patch`).
+    /// Image tokens of a `height × width` latent.
     pub fn image_tokens(&self, height: usize, width: usize) -> usize {
-        (height / self.config.patch) * (width / self.config.patch)
+        let p = self.config.patch();
+        (height / p) * (width / p)
     }
 
-    /// One denoising step for every sample: the model's output for each, `[in_channels,
-    /// height, width]` f32, in sample order (the pipeline's velocity is its negation).
-    pub fn forward(
+    /// One denoising step for every sample: the transformer's output, `[batch, in_channels,
+    /// height, width]` f32 in sample order, as diffusers' transformer returns it. The
+    /// pipeline's velocity (what the Euler step takes, `dx/dσ`) is its negation.
+    pub fn forward<B: DitOps>(
         &self,
-        cpu: &Cpu,
-        weights: &mut impl Weights<CpuWeight>,
-        samples: &[Sample<'_>],
-        height: usize,
-        width: usize,
-    ) -> Result<Vec<Vec<f32>>> {
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+    ) -> Result<Vec<f32>> {
+        self.forward_traced(backend, weights, input, None)
+    }
+
+    /// [`forward`](Self::forward), handing `trace` the intermediates on the host (for tests
+    /// against diffusers' hooks): `t_emb` `[batch, adaln_dim]`; `x_embed`, `cap_embed` (valid
+    /// tokens only); `noise_refiner_in`, `noise_refiner.{i}` `[batch·Px, dim]`;
+    /// `context_refiner_in`, `context_refiner.{i}` `[Σ Pc, dim]`; `unified_in`,
+    /// `layers.{i}`, `layers.{i}.attention` (before attention_norm2 and the gate),
+    /// `layers.{i}.feed_forward` (before ffn_norm2) `[Σ (Px + Pc), dim]`; `unified_freqs`
+    /// (the RoPE table) `[Σ (Px + Pc), head_dim]`; `final_layer` (real image tokens)
+    /// `[batch·n, patch features]`.
+    pub fn forward_traced<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        mut trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
-        let p = c.patch;
-        if height % p != 0 || width % p != 0 || height == 0 || width == 0 {
-            return Err(Error::Shape {
-                tensor: "latents".into(),
-                expected: vec![c.in_channels, height.div_ceil(p) * p, width.div_ceil(p) * p],
-                found: vec![c.in_channels, height, width],
-            });
-        }
-        for s in samples {
-            if s.latents.len() != c.in_channels * height * width {
-                return Err(Error::Shape {
-                    tensor: "latents".into(),
-                    expected: vec![c.in_channels, height, width],
-                    found: vec![s.latents.len()],
-                });
-            }
-            if s.caption.is_empty() || s.caption.len() % c.cap_feat_dim != 0 {
-                return Err(Error::Shape {
-                    tensor: "caption embedding".into(),
-                    expected: vec![s.caption.len() / c.cap_feat_dim.max(1), c.cap_feat_dim],
-                    found: vec![s.caption.len()],
-                });
-            }
-        }
-        let rope = Rope::new(c);
+        let layout = self.check_input(input)?;
+        let batch = input.t.len();
+        let head_dim = c.head_dim();
         let eps = c.norm_eps as f32;
+        let p = c.patch();
+        let (rows_t, cols_t) = (input.height / p, input.width / p);
 
-        // Embedders: timestep → adaLN input; patches and caption → tokens, padded.
-        let w = Bound::new(&self.groups[0], weights.group(0)?);
-        let e = |s: &str| w.get(s);
-        let mut states: Vec<State> = Vec::with_capacity(samples.len());
-        for s in samples {
-            let freq = CpuTensor {
-                rows: 1,
-                cols: T_FREQ,
-                data: timestep_features(s.t * c.t_scale as f32),
-            };
-            let mut h = cpu.linear(
-                &freq,
-                e("t_embedder.mlp.0.weight"),
-                Some(e("t_embedder.mlp.0.bias")),
-            )?;
-            silu(&mut h.data);
-            let adaln = cpu.linear(
-                &h,
-                e("t_embedder.mlp.2.weight"),
-                Some(e("t_embedder.mlp.2.bias")),
-            )?;
-
-            let cap_len = s.caption.len() / c.cap_feat_dim;
-            let cap_padded = cap_len.next_multiple_of(SEQ_MULTIPLE);
-            let caption = CpuTensor {
-                rows: cap_len,
-                cols: c.cap_feat_dim,
-                data: s.caption.to_vec(),
-            };
-            let caption = cpu.rms_norm(&caption, e("cap_embedder.0.weight"), eps)?;
-            let caption = cpu.linear(
-                &caption,
-                e("cap_embedder.1.weight"),
-                Some(e("cap_embedder.1.bias")),
-            )?;
-            let cap = pad_rows(cpu, caption, cap_padded, e("cap_pad_token"))?;
-            // Caption token k at (1 + k, 0, 0), pad tokens too.
-            let cap_pos: Vec<[usize; 3]> = (0..cap_padded).map(|k| [1 + k, 0, 0]).collect();
-
-            let (ht, wt) = (height / p, width / p);
-            let img_len = ht * wt;
-            let img_padded = img_len.next_multiple_of(SEQ_MULTIPLE);
-            let patches = patchify(s.latents, c.in_channels, height, width, p);
-            let x = cpu.linear(
-                &patches,
-                e(&format!("{}.weight", c.x_embedder())),
-                Some(e(&format!("{}.bias", c.x_embedder()))),
-            )?;
-            let x = pad_rows(cpu, x, img_padded, e("x_pad_token"))?;
-            // Image token (h, w) at (padded caption + 1, h, w); pad tokens at the origin.
-            let mut img_pos: Vec<[usize; 3]> = (0..img_len)
-                .map(|i| [cap_padded + 1, i / wt, i % wt])
-                .collect();
-            img_pos.resize(img_padded, [0, 0, 0]);
-            states.push(State {
-                adaln,
-                x,
-                cap,
-                img_len,
-                x_rope: rope.angles(&img_pos),
-                cap_rope: rope.angles(&cap_pos),
-            });
-        }
-
-        for i in 0..c.n_refiner_layers {
-            let gi = self.noise_refiner(i);
-            let g = &self.groups[gi];
-            let w = Bound::new(g, weights.group(gi)?);
-            let blk = BlockWeights::bind(&w, &format!("noise_refiner.{i}."), true);
-            for s in &mut states {
-                let m = blk.modulation(cpu, &s.adaln)?;
-                blk.forward(cpu, c, &mut s.x, &s.x_rope, m.as_ref())?;
-            }
-        }
-        for i in 0..c.n_refiner_layers {
-            let gi = self.context_refiner(i);
-            let g = &self.groups[gi];
-            let w = Bound::new(g, weights.group(gi)?);
-            let blk = BlockWeights::bind(&w, &format!("context_refiner.{i}."), false);
-            for s in &mut states {
-                blk.forward(cpu, c, &mut s.cap, &s.cap_rope, None)?;
-            }
-        }
-        // The single stream: [image, caption] with their rotations.
-        let mut unified: Vec<(CpuTensor, Vec<f32>)> = states
+        // RoPE positions of the three sequences, and the single stream's table (host f32).
+        let image_pos = image_positions(&layout, rows_t, cols_t);
+        let caption_pos: Vec<[u32; 3]> = layout
+            .caption_padded
             .iter()
-            .map(|s| {
-                let mut data = s.x.data.clone();
-                data.extend_from_slice(&s.cap.data);
-                let mut angles = s.x_rope.clone();
-                angles.extend_from_slice(&s.cap_rope);
-                (
-                    CpuTensor {
-                        rows: s.x.rows + s.cap.rows,
-                        cols: c.dim,
-                        data,
-                    },
-                    angles,
-                )
+            .flat_map(|&pc| (0..pc).map(|k| [1 + k as u32, 0, 0]))
+            .collect();
+        let unified_pos: Vec<[u32; 3]> = (0..batch)
+            .flat_map(|s| {
+                let img = &image_pos[layout.image[s].clone()];
+                let cap = &caption_pos[layout.caption[s].clone()];
+                img.iter().chain(cap).copied()
             })
             .collect();
-        for i in 0..c.n_layers {
-            let gi = self.block(i);
-            let g = &self.groups[gi];
-            let w = Bound::new(g, weights.group(gi)?);
-            let blk = BlockWeights::bind(&w, &format!("layers.{i}."), true);
-            for (s, (x, angles)) in states.iter().zip(&mut unified) {
-                let m = blk.modulation(cpu, &s.adaln)?;
-                blk.forward(cpu, c, x, angles, m.as_ref())?;
-            }
+        let unified_table = self.rope.table(&unified_pos);
+        if let Some(t) = trace.as_deref_mut() {
+            t("unified_freqs", unified_table.clone());
         }
+        let mut tap = |name: &str, x: &B::Activation| -> Result<()> {
+            if let Some(t) = trace.as_deref_mut() {
+                t(name, backend.to_host(x)?);
+            }
+            Ok(())
+        };
 
-        // Final layer: LayerNorm (no affine) × (1 + scale(t)), linear to patches, unpatchify.
-        let gi = self.final_layer();
-        let g = &self.groups[gi];
-        let w = Bound::new(g, weights.group(gi)?);
-        let f = c.final_layer();
-        let mut out = Vec::with_capacity(samples.len());
-        for (s, (x, _)) in states.iter().zip(&unified) {
-            let mut a = s.adaln.clone();
-            silu(&mut a.data);
-            let scale = cpu.linear(
-                &a,
-                w.get(&format!("{f}.adaLN_modulation.1.weight")),
-                Some(w.get(&format!("{f}.adaLN_modulation.1.bias"))),
+        // The embedders: timestep, image patches, caption features.
+        let (t_emb, mut x, mut cap) = {
+            let w = self.embedders(weights.group(EMBEDDERS)?);
+            // [batch, adaln_dim]: t_embedder(t · t_scale)
+            let freqs = backend.upload(
+                &timestep_features(input.t, c.t_scale as f32),
+                batch,
+                T_FREQ_DIM,
             )?;
-            let image = cpu.rows(x, 0, s.img_len)?;
-            let mut h = image;
-            for row in h.data.chunks_mut(c.dim) {
-                layer_norm(row, 1e-6);
-                for (v, sc) in row.iter_mut().zip(&scale.data) {
-                    *v *= 1.0 + sc;
+            let mut h = backend.linear(&freqs, w.t_mlp0.0, Some(w.t_mlp0.1))?; // [batch, 1024]
+            backend.pointwise(&mut h, Pointwise::Silu)?;
+            let t_emb = backend.linear(&h, w.t_mlp2.0, Some(w.t_mlp2.1))?;
+            tap("t_emb", &t_emb)?;
+
+            // [batch·n, patch features] → [batch·n, dim], then each sample's pads.
+            let n = layout.image_tokens;
+            let patches = backend.upload(
+                &patchify(
+                    input.latents,
+                    batch,
+                    c.in_channels,
+                    input.height,
+                    input.width,
+                    p,
+                ),
+                batch * n,
+                c.patch_features(),
+            )?;
+            let x_real = backend.linear(&patches, w.x_embedder.0, Some(w.x_embedder.1))?;
+            tap("x_embed", &x_real)?;
+            let pads = layout.image_padded - n;
+            let mut parts = Vec::with_capacity(2 * batch);
+            for s in 0..batch {
+                parts.push(backend.rows(&x_real, s * n, n)?);
+                if pads > 0 {
+                    parts.push(backend.embed(w.x_pad_token, &vec![0; pads])?);
                 }
             }
-            let y = cpu.linear(
-                &h,
-                w.get(&format!("{f}.linear.weight")),
-                Some(w.get(&format!("{f}.linear.bias"))),
-            )?;
-            out.push(unpatchify(&y.data, c.in_channels, height, width, p));
+            let x = backend.concat_rows(&parts)?; // [batch·Px, dim]
+
+            // [Σ L, cap_feat_dim] → RMSNorm → linear → [Σ L, dim], then each sample's pads.
+            let feats: Vec<f32> = input.captions.concat();
+            let total: usize = layout.caption_tokens.iter().sum();
+            let feats = backend.upload(&feats, total, c.cap_feat_dim)?;
+            let normed = backend.rms_norm(&feats, w.cap_norm, eps)?;
+            let cap_real = backend.linear(&normed, w.cap_linear.0, Some(w.cap_linear.1))?;
+            tap("cap_embed", &cap_real)?;
+            let mut parts = Vec::with_capacity(2 * batch);
+            let mut start = 0;
+            for (&l, &pc) in layout.caption_tokens.iter().zip(&layout.caption_padded) {
+                parts.push(backend.rows(&cap_real, start, l)?);
+                if pc > l {
+                    parts.push(backend.embed(w.cap_pad_token, &vec![0; pc - l])?);
+                }
+                start += l;
+            }
+            let cap = backend.concat_rows(&parts)?; // [Σ Pc, dim]
+            (t_emb, x, cap)
+        };
+
+        // RoPE tables [rows, head_dim] for the three sequences.
+        let table =
+            |pos: &[[u32; 3]]| backend.rope_table(&self.rope.table(pos), pos.len(), head_dim);
+        let image_rope = table(&image_pos)?;
+        let caption_rope = table(&caption_pos)?;
+
+        tap("noise_refiner_in", &x)?;
+
+        for i in 0..c.n_refiner_layers {
+            let g = self.noise_refiner(i);
+            let name = format!("noise_refiner.{i}");
+            let w = self.block(g, &name, true, weights.group(g)?);
+            let seq = Sequence {
+                rows: &layout.image,
+                rope: &image_rope,
+            };
+            self.block_forward(backend, &w, &mut x, &seq, Some(&t_emb), &name, &mut tap)?;
         }
+        drop(image_rope);
+        tap("context_refiner_in", &cap)?;
+        for i in 0..c.n_refiner_layers {
+            let g = self.context_refiner(i);
+            let name = format!("context_refiner.{i}");
+            let w = self.block(g, &name, false, weights.group(g)?);
+            let seq = Sequence {
+                rows: &layout.caption,
+                rope: &caption_rope,
+            };
+            self.block_forward(backend, &w, &mut cap, &seq, None, &name, &mut tap)?;
+        }
+        drop(caption_rope);
+
+        // Each sample's [image, caption].
+        let mut parts = Vec::with_capacity(2 * batch);
+        for s in 0..batch {
+            parts.push(backend.rows(&x, layout.image[s].start, layout.image_padded)?);
+            let r = &layout.caption[s];
+            parts.push(backend.rows(&cap, r.start, r.len())?);
+        }
+        drop((x, cap));
+        let mut u = backend.concat_rows(&parts)?; // [Σ (Px + Pc), dim]
+        drop(parts);
+        let unified_rope = backend.rope_table(&unified_table, unified_pos.len(), head_dim)?;
+        tap("unified_in", &u)?;
+        for i in 0..c.n_layers {
+            let g = self.layer(i);
+            let name = format!("layers.{i}");
+            let w = self.block(g, &name, true, weights.group(g)?);
+            let seq = Sequence {
+                rows: &layout.unified,
+                rope: &unified_rope,
+            };
+            self.block_forward(backend, &w, &mut u, &seq, Some(&t_emb), &name, &mut tap)?;
+        }
+        drop(unified_rope);
+
+        // The final layer over each sample's real image tokens: [batch·n, patch features].
+        let out = {
+            let g = self.final_layer();
+            let w = self.final_weights(weights.group(g)?);
+            let n = layout.image_tokens;
+            let image: Vec<_> = layout
+                .unified
+                .iter()
+                .map(|r| backend.rows(&u, r.start, n))
+                .collect::<Result<_>>()?;
+            let image = backend.concat_rows(&image)?;
+            let mut h = backend.layer_norm(&image, FINAL_NORM_EPS)?;
+            let mut silu_t = backend.rows(&t_emb, 0, batch)?;
+            backend.pointwise(&mut silu_t, Pointwise::Silu)?;
+            let scale =
+                backend.linear(&silu_t, w.adaln_modulation.0, Some(w.adaln_modulation.1))?;
+            let rows: Vec<Range<usize>> = (0..batch).map(|s| s * n..(s + 1) * n).collect();
+            backend.modulate(&mut h, &rows, &scale, None)?;
+            let out = backend.linear(&h, w.linear.0, Some(w.linear.1))?;
+            tap("final_layer", &out)?;
+            backend.to_host(&out)?
+        };
         weights.finish_pass()?;
-        Ok(out)
+        Ok(unpatchify(
+            &out,
+            batch,
+            c.in_channels,
+            input.height,
+            input.width,
+            p,
+        ))
     }
-}
 
-/// What one sample carries between groups.
-struct State {
-    /// `[1, adaln]`: the timestep embedding.
-    adaln: CpuTensor,
-    /// `[image tokens padded, dim]`
-    x: CpuTensor,
-    /// `[caption tokens padded, dim]`
-    cap: CpuTensor,
-    /// Image tokens before padding.
-    img_len: usize,
-    /// Rotation angles `[tokens, head_dim / 2]` of the image and caption tokens.
-    x_rope: Vec<f32>,
-    cap_rope: Vec<f32>,
-}
+    /// One block over `x` `[rows, dim]` in place, each sample over its own rows; modulated by
+    /// `t_emb` `[samples, adaln_dim]` when the block has an adaLN (noise refiner, main
+    /// layers), sandwich-normed around attention and the feed-forward in both cases. `tap`
+    /// gets the block's output as `name` and its two branches (see
+    /// [`forward_traced`](Self::forward_traced)).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &Block<'_, B::Weight>,
+        x: &mut B::Activation,
+        seq: &Sequence<'_, B::RopeTable>,
+        t_emb: Option<&B::Activation>,
+        name: &str,
+        tap: &mut dyn FnMut(&str, &B::Activation) -> Result<()>,
+    ) -> Result<()> {
+        let eps = self.config.norm_eps as f32;
+        let (samples, rope) = (seq.rows, seq.rope);
+        // [samples, dim] each: scale_msa, tanh(gate_msa), scale_mlp, tanh(gate_mlp).
+        let modulation = match (w.adaln_modulation, t_emb) {
+            (Some((weight, bias)), Some(t_emb)) => {
+                let m = backend.linear(t_emb, weight, Some(bias))?; // [samples, 4·dim]
+                let mut m = backend.split_cols(&m, 4)?;
+                backend.pointwise(&mut m[1], Pointwise::Tanh)?;
+                backend.pointwise(&mut m[3], Pointwise::Tanh)?;
+                Some(m)
+            }
+            (None, None) => None,
+            _ => unreachable!("a block is modulated iff it has adaLN weights"),
+        };
 
-/// A block's four modulations: `(1 + scale, tanh(gate))` for attention and for the FFN.
-struct Modulation {
-    scale_msa: Vec<f32>,
-    gate_msa: Vec<f32>,
-    scale_mlp: Vec<f32>,
-    gate_mlp: Vec<f32>,
-}
+        // x = x + gate_msa · norm2(attention(norm1(x) · (1 + scale_msa)))
+        let mut h = backend.rms_norm(x, w.attention_norm1, eps)?;
+        if let Some(m) = &modulation {
+            backend.modulate(&mut h, samples, &m[0], None)?;
+        }
+        let a = self.attention(backend, &w.attention, &h, samples, rope)?;
+        drop(h);
+        tap(&format!("{name}.attention"), &a)?;
+        let a = backend.rms_norm(&a, w.attention_norm2, eps)?;
+        match &modulation {
+            Some(m) => backend.add_gated(x, samples, &m[1], &a)?,
+            None => backend.add_assign(x, 0, &a)?,
+        }
+        drop(a);
 
-/// One transformer block's weights, bound by name (`layers.N.…`).
-struct BlockWeights<'a> {
-    to_q: &'a CpuWeight,
-    to_k: &'a CpuWeight,
-    to_v: &'a CpuWeight,
-    to_out: &'a CpuWeight,
-    norm_q: Option<&'a CpuWeight>,
-    norm_k: Option<&'a CpuWeight>,
-    attention_norm1: &'a CpuWeight,
-    attention_norm2: &'a CpuWeight,
-    ffn_norm1: &'a CpuWeight,
-    ffn_norm2: &'a CpuWeight,
-    w1: &'a CpuWeight,
-    w2: &'a CpuWeight,
-    w3: &'a CpuWeight,
-    /// `adaLN_modulation.0` weight and bias (modulated blocks).
-    ada: Option<(&'a CpuWeight, &'a CpuWeight)>,
-}
+        // x = x + gate_mlp · norm2(ffn(norm1(x) · (1 + scale_mlp)))
+        let mut h = backend.rms_norm(x, w.ffn_norm1, eps)?;
+        if let Some(m) = &modulation {
+            backend.modulate(&mut h, samples, &m[2], None)?;
+        }
+        let f = &w.feed_forward;
+        let mut gate = backend.linear(&h, f.w1, None)?; // [rows, ffn]
+        let up = backend.linear(&h, f.w3, None)?; // [rows, ffn]
+        drop(h);
+        backend.silu_mul(&mut gate, &up)?;
+        drop(up);
+        let y = backend.linear(&gate, f.w2, None)?; // [rows, dim]
+        drop(gate);
+        tap(&format!("{name}.feed_forward"), &y)?;
+        let y = backend.rms_norm(&y, w.ffn_norm2, eps)?;
+        match &modulation {
+            Some(m) => backend.add_gated(x, samples, &m[3], &y)?,
+            None => backend.add_assign(x, 0, &y)?,
+        }
+        tap(name, x)
+    }
 
-impl<'a> BlockWeights<'a> {
-    fn bind(w: &Bound<'a, CpuWeight>, prefix: &str, modulated: bool) -> BlockWeights<'a> {
-        let p = |s: &str| w.get(&format!("{prefix}{s}"));
-        let o = |s: &str| w.opt(&format!("{prefix}{s}"));
-        BlockWeights {
-            to_q: p("attention.to_q.weight"),
-            to_k: p("attention.to_k.weight"),
-            to_v: p("attention.to_v.weight"),
-            to_out: p("attention.to_out.0.weight"),
-            norm_q: o("attention.norm_q.weight"),
-            norm_k: o("attention.norm_k.weight"),
+    /// Self-attention of each sample over its rows: q/k RMSNorm per head, RoPE, softmax
+    /// attention, output projection. `h` `[rows, dim]` → `[rows, dim]`.
+    fn attention<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &Attention<'_, B::Weight>,
+        h: &B::Activation,
+        samples: &[Range<usize>],
+        rope: &B::RopeTable,
+    ) -> Result<B::Activation> {
+        let (heads, head_dim) = (self.config.n_heads, self.config.head_dim());
+        let mut q = backend.linear(h, w.to_q, None)?; // [rows, heads·head_dim]
+        let mut k = backend.linear(h, w.to_k, None)?;
+        let v = backend.linear(h, w.to_v, None)?;
+        if let Some((norm_q, norm_k)) = w.qk_norm {
+            q = backend.rms_norm(&q, norm_q, QK_NORM_EPS)?;
+            k = backend.rms_norm(&k, norm_k, QK_NORM_EPS)?;
+        }
+        backend.rope_interleaved(&mut q, rope, head_dim)?;
+        backend.rope_interleaved(&mut k, rope, head_dim)?;
+        let a = backend.attention_within(&q, &k, &v, samples, heads, head_dim)?;
+        drop((q, k, v));
+        backend.linear(&a, w.to_out, None)
+    }
+
+    /// Check a pass's inputs and lay out its rows.
+    fn check_input(&self, input: &DitInput<'_>) -> Result<Layout> {
+        let c = &self.config;
+        let batch = input.t.len();
+        let bad = |flag: &'static str, message: String| Error::Flag { flag, message };
+        if batch == 0 || input.captions.len() != batch {
+            return Err(bad(
+                "DiT input",
+                format!(
+                    "{batch} timesteps and {} captions; expected one of each per sample, at least one sample",
+                    input.captions.len()
+                ),
+            ));
+        }
+        let p = c.patch();
+        let (h, w) = (input.height, input.width);
+        if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+            return Err(bad(
+                "latent size",
+                format!("{h}×{w} latent pixels; expected positive multiples of the patch size {p} (images in multiples of {})", 8 * p),
+            ));
+        }
+        let want = batch * c.in_channels * h * w;
+        if input.latents.len() != want {
+            return Err(Error::Shape {
+                tensor: "latents".into(),
+                expected: vec![batch, c.in_channels, h, w],
+                found: vec![input.latents.len()],
+            });
+        }
+        let mut caption_tokens = Vec::with_capacity(batch);
+        for cap in input.captions {
+            if cap.is_empty() || cap.len() % c.cap_feat_dim != 0 {
+                return Err(Error::Shape {
+                    tensor: "caption features".into(),
+                    expected: vec![0, c.cap_feat_dim],
+                    found: vec![cap.len()],
+                });
+            }
+            caption_tokens.push(cap.len() / c.cap_feat_dim);
+        }
+        let layout = Layout::new(self.image_tokens(h, w), caption_tokens);
+        // The RoPE tables cover axes_lens positions per axis: the image sits after the caption
+        // on axis 0, rows and columns on axes 1 and 2.
+        let longest = layout.caption_padded.iter().max().copied().unwrap_or(0);
+        if longest + 1 >= c.axes_lens[0] || h / p > c.axes_lens[1] || w / p > c.axes_lens[2] {
+            return Err(bad(
+                "DiT input",
+                format!(
+                    "a caption of {longest} padded tokens and {}×{} image tokens exceed the model's positions axes_lens {:?}",
+                    h / p,
+                    w / p,
+                    c.axes_lens
+                ),
+            ));
+        }
+        Ok(layout)
+    }
+
+    fn embedders<'a, W>(&'a self, ws: &'a [W]) -> Embedders<'a, W> {
+        let w = Bound::new(&self.groups[EMBEDDERS], ws);
+        let key = self.config.patch_key();
+        let pair = |s: &str| (w.get(&format!("{s}.weight")), w.get(&format!("{s}.bias")));
+        Embedders {
+            x_embedder: pair(&format!("all_x_embedder.{key}")),
+            cap_norm: w.get("cap_embedder.0.weight"),
+            cap_linear: pair("cap_embedder.1"),
+            t_mlp0: pair("t_embedder.mlp.0"),
+            t_mlp2: pair("t_embedder.mlp.2"),
+            x_pad_token: w.get("x_pad_token"),
+            cap_pad_token: w.get("cap_pad_token"),
+        }
+    }
+
+    /// The block of group `g` whose names start with `prefix` (`layers.3`), with its adaLN
+    /// when `modulated`.
+    fn block<'a, W>(
+        &'a self,
+        g: usize,
+        prefix: &str,
+        modulated: bool,
+        ws: &'a [W],
+    ) -> Block<'a, W> {
+        let w = Bound::new(&self.groups[g], ws);
+        let p = |s: &str| w.get(&format!("{prefix}.{s}"));
+        Block {
+            attention: Attention {
+                to_q: p("attention.to_q.weight"),
+                to_k: p("attention.to_k.weight"),
+                to_v: p("attention.to_v.weight"),
+                to_out: p("attention.to_out.0.weight"),
+                qk_norm: self
+                    .config
+                    .qk_norm
+                    .then(|| (p("attention.norm_q.weight"), p("attention.norm_k.weight"))),
+            },
+            feed_forward: FeedForward {
+                w1: p("feed_forward.w1.weight"),
+                w2: p("feed_forward.w2.weight"),
+                w3: p("feed_forward.w3.weight"),
+            },
             attention_norm1: p("attention_norm1.weight"),
             attention_norm2: p("attention_norm2.weight"),
             ffn_norm1: p("ffn_norm1.weight"),
             ffn_norm2: p("ffn_norm2.weight"),
-            w1: p("feed_forward.w1.weight"),
-            w2: p("feed_forward.w2.weight"),
-            w3: p("feed_forward.w3.weight"),
-            ada: modulated.then(|| (p("adaLN_modulation.0.weight"), p("adaLN_modulation.0.bias"))),
+            adaln_modulation: modulated
+                .then(|| (p("adaLN_modulation.0.weight"), p("adaLN_modulation.0.bias"))),
         }
     }
 
-    fn modulation(&self, cpu: &Cpu, adaln: &CpuTensor) -> Result<Option<Modulation>> {
-        let Some((w, b)) = self.ada else {
-            return Ok(None);
+    fn final_weights<'a, W>(&'a self, ws: &'a [W]) -> FinalLayer<'a, W> {
+        let w = Bound::new(&self.groups[self.final_layer()], ws);
+        let prefix = format!("all_final_layer.{}", self.config.patch_key());
+        let pair = |s: &str| {
+            (
+                w.get(&format!("{prefix}.{s}.weight")),
+                w.get(&format!("{prefix}.{s}.bias")),
+            )
         };
-        let m = cpu.linear(adaln, w, Some(b))?.data; // [4 · dim], no SiLU before it
-        let dim = m.len() / 4;
-        let chunk = |k: usize| m[k * dim..(k + 1) * dim].to_vec();
-        Ok(Some(Modulation {
-            scale_msa: chunk(0).iter().map(|v| 1.0 + v).collect(),
-            gate_msa: chunk(1).iter().map(|v| v.tanh()).collect(),
-            scale_mlp: chunk(2).iter().map(|v| 1.0 + v).collect(),
-            gate_mlp: chunk(3).iter().map(|v| v.tanh()).collect(),
-        }))
+        FinalLayer {
+            adaln_modulation: pair("adaLN_modulation.1"),
+            linear: pair("linear"),
+        }
     }
 
-    /// `x += gate · norm2(attn(norm1(x) · scale))`, then the same with the SwiGLU FFN
-    /// (sandwich norms; without modulation scale is 1 and gate 1).
-    fn forward(
-        &self,
-        cpu: &Cpu,
-        c: &ZImageConfig,
-        x: &mut CpuTensor,
-        angles: &[f32],
-        m: Option<&Modulation>,
-    ) -> Result<()> {
-        let eps = c.norm_eps as f32;
-        let mut h = cpu.rms_norm(x, self.attention_norm1, eps)?;
-        if let Some(m) = m {
-            scale_rows(&mut h, &m.scale_msa);
-        }
-        let mut q = cpu.linear(&h, self.to_q, None)?;
-        let mut k = cpu.linear(&h, self.to_k, None)?;
-        let v = cpu.linear(&h, self.to_v, None)?;
-        if let (Some(nq), Some(nk)) = (self.norm_q, self.norm_k) {
-            q = cpu.rms_norm(&q, nq, 1e-5)?; // per head
-            k = cpu.rms_norm(&k, nk, 1e-5)?;
-        }
-        let hd = c.dim / c.n_heads;
-        rotate(&mut q.data, angles, hd);
-        rotate(&mut k.data, angles, hd);
-        let a = attention(&q, &k, &v, c.n_heads);
-        let a = cpu.linear(&a, self.to_out, None)?;
-        let mut a = cpu.rms_norm(&a, self.attention_norm2, eps)?;
-        if let Some(m) = m {
-            scale_rows(&mut a, &m.gate_msa);
-        }
-        cpu.add_assign(x, 0, &a)?;
-
-        let mut h = cpu.rms_norm(x, self.ffn_norm1, eps)?;
-        if let Some(m) = m {
-            scale_rows(&mut h, &m.scale_mlp);
-        }
-        let mut gate = cpu.linear(&h, self.w1, None)?;
-        let up = cpu.linear(&h, self.w3, None)?;
-        cpu.silu_mul(&mut gate, &up)?;
-        let f = cpu.linear(&gate, self.w2, None)?;
-        let mut f = cpu.rms_norm(&f, self.ffn_norm2, eps)?;
-        if let Some(m) = m {
-            scale_rows(&mut f, &m.gate_mlp);
-        }
-        cpu.add_assign(x, 0, &f)
+    /// [`Architecture::pass_cost`] for a pass whose samples each hold `image_tokens` image
+    /// tokens and `caption_tokens` caption tokens (valid ones, before padding).
+    pub fn step_cost(&self, image_tokens: usize, caption_tokens: usize, batch: usize) -> PassCost {
+        cost::pass_cost(&self.config, image_tokens, caption_tokens, batch)
     }
 }
 
-/// Every row of `x` times `s` elementwise.
-fn scale_rows(x: &mut CpuTensor, s: &[f32]) {
-    for row in x.data.chunks_mut(x.cols) {
-        for (v, f) in row.iter_mut().zip(s) {
-            *v *= f;
-        }
+impl Architecture for ZImage {
+    /// Embedders, noise refiner blocks, context refiner blocks, main blocks, final layer.
+    fn groups(&self) -> &[WeightGroup] {
+        &self.groups
+    }
+
+    /// `shape.tokens` is each sample's image + caption tokens, of which the caption is taken
+    /// to be [`cost::ASSUMED_CAPTION_TOKENS`] (at most half); use
+    /// [`step_cost`](ZImage::step_cost) when the split is known.
+    fn pass_cost(&self, shape: PassShape) -> PassCost {
+        let caption = cost::ASSUMED_CAPTION_TOKENS.min(shape.tokens / 2);
+        self.step_cost(shape.tokens - caption, caption, shape.batch)
     }
 }
 
-fn silu(x: &mut [f32]) {
-    for v in x {
-        *v /= 1.0 + (-*v).exp();
-    }
-}
-
-/// LayerNorm without affine, in place, as torch computes it (biased variance).
-fn layer_norm(row: &mut [f32], eps: f32) {
-    let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let inv = 1.0 / (var + eps).sqrt();
-    for v in row {
-        *v = (*v - mean) * inv;
-    }
-}
-
-/// `cat[cos(t·f), sin(t·f)]`, `f_j = exp(−ln(10000) · j / 128)`, in f32 as torch computes it.
-fn timestep_features(t: f32) -> Vec<f32> {
-    let half = T_FREQ / 2;
-    let ln = (10000f64).ln() as f32;
-    let args: Vec<f32> = (0..half)
-        .map(|j| t * (-ln * j as f32 / half as f32).exp())
+/// `[batch, 256]`: the sinusoidal features of `t · t_scale`, cosines first, in f32 as diffusers
+/// computes them (`exp(−ln(10000) · j / 128)`).
+fn timestep_features(t: &[f32], t_scale: f32) -> Vec<f32> {
+    let half = T_FREQ_DIM / 2;
+    let neg_log = -(T_MAX_PERIOD.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| (neg_log * j as f32 / half as f32).exp())
         .collect();
-    args.iter()
-        .map(|a| a.cos())
-        .chain(args.iter().map(|a| a.sin()))
-        .collect()
-}
-
-/// Rows `rows` of `x`, then copies of `pad` up to `total` rows (the learned pad token).
-fn pad_rows(cpu: &Cpu, mut x: CpuTensor, total: usize, pad: &CpuWeight) -> Result<CpuTensor> {
-    let token = cpu.embed(pad, &[0])?.data; // [1, dim] → its one row
-    while x.rows < total {
-        x.data.extend_from_slice(&token);
-        x.rows += 1;
+    let mut out = Vec::with_capacity(t.len() * T_FREQ_DIM);
+    for &t in t {
+        let t = t * t_scale;
+        out.extend(freqs.iter().map(|f| (t * f).cos()));
+        out.extend(freqs.iter().map(|f| (t * f).sin()));
     }
-    Ok(x)
+    out
 }
 
-/// `[c, h, w]` → `[(h/p)·(w/p), p·p·c]`: tokens row-major over the patch grid, features
-/// `(ph, pw, c)` with the channel fastest.
-fn patchify(x: &[f32], c: usize, h: usize, w: usize, p: usize) -> CpuTensor {
+/// `[batch, c, h, w]` → `[batch · (h/p)·(w/p), p·p·c]`: token (row, col) row-major, features in
+/// (patch row, patch column, channel) order, channel fastest.
+fn patchify(x: &[f32], batch: usize, c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
     let (ht, wt) = (h / p, w / p);
-    let cols = p * p * c;
-    let mut data = vec![0.0; ht * wt * cols];
-    for ty in 0..ht {
-        for tx in 0..wt {
-            let row = &mut data[(ty * wt + tx) * cols..][..cols];
-            for py in 0..p {
-                for px in 0..p {
-                    for ch in 0..c {
-                        row[(py * p + px) * c + ch] =
-                            x[ch * h * w + (ty * p + py) * w + tx * p + px];
-                    }
-                }
-            }
-        }
-    }
-    CpuTensor {
-        rows: ht * wt,
-        cols,
-        data,
-    }
-}
-
-/// The inverse of [`patchify`] for the first `(h/p)·(w/p)` rows of `y`.
-fn unpatchify(y: &[f32], c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
-    let (ht, wt) = (h / p, w / p);
-    let cols = p * p * c;
-    let mut out = vec![0.0; c * h * w];
-    for ty in 0..ht {
-        for tx in 0..wt {
-            let row = &y[(ty * wt + tx) * cols..][..cols];
-            for py in 0..p {
-                for px in 0..p {
-                    for ch in 0..c {
-                        out[ch * h * w + (ty * p + py) * w + tx * p + px] =
-                            row[(py * p + px) * c + ch];
+    let mut out = Vec::with_capacity(x.len());
+    for b in 0..batch {
+        let img = &x[b * c * h * w..(b + 1) * c * h * w];
+        for ty in 0..ht {
+            for tx in 0..wt {
+                for py in 0..p {
+                    for px in 0..p {
+                        let (y, xx) = (ty * p + py, tx * p + px);
+                        out.extend((0..c).map(|ch| img[(ch * h + y) * w + xx]));
                     }
                 }
             }
@@ -478,209 +690,162 @@ fn unpatchify(y: &[f32], c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
     out
 }
 
-/// The 3-axis rotary embedding: per axis of `d` dims, `d/2` frequencies `θ^(−2j/d)`; a
-/// token's angles are its position on each axis times that axis's frequencies, concatenated.
-struct Rope {
-    /// Per axis, its frequencies (f64, as computed before the product is rounded to f32).
-    axes: Vec<Vec<f64>>,
-}
-
-impl Rope {
-    fn new(c: &ZImageConfig) -> Rope {
-        let axes = c
-            .axes_dims
-            .iter()
-            .map(|&d| {
-                (0..d / 2)
-                    .map(|j| 1.0 / c.rope_theta.powf((2 * j) as f64 / d as f64))
-                    .collect()
-            })
-            .collect();
-        Rope { axes }
-    }
-
-    /// `[tokens, head_dim / 2]` angles.
-    fn angles(&self, positions: &[[usize; 3]]) -> Vec<f32> {
-        let mut out = Vec::new();
-        for pos in positions {
-            for (axis, freqs) in self.axes.iter().enumerate() {
-                out.extend(freqs.iter().map(|f| (pos[axis] as f64 * f) as f32));
-            }
-        }
-        out
-    }
-}
-
-/// Rotate each head's adjacent pairs `(x₂ⱼ, x₂ⱼ₊₁)` of `x` `[tokens, heads · hd]` by the
-/// token's angles (a complex product, in f32).
-fn rotate(x: &mut [f32], angles: &[f32], hd: usize) {
-    let half = hd / 2;
-    let width = x.len() / (angles.len() / half);
-    for (row, a) in x.chunks_mut(width).zip(angles.chunks(half)) {
-        for head in row.chunks_mut(hd) {
-            for (pair, &theta) in head.chunks_mut(2).zip(a) {
-                let (cos, sin) = (theta.cos(), theta.sin());
-                let (re, im) = (pair[0], pair[1]);
-                pair[0] = re * cos - im * sin;
-                pair[1] = re * sin + im * cos;
-            }
-        }
-    }
-}
-
-/// Non-causal multi-head attention of one sequence: `softmax(q kᵀ / √hd) v` per head.
-fn attention(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
-    use rayon::prelude::*;
-    let (n, width) = (q.rows, q.cols);
-    let hd = width / heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0.0f32; n * width];
-    out.par_chunks_mut(width).enumerate().for_each(|(i, orow)| {
-        let mut scores = vec![0.0f32; n];
-        for h in 0..heads {
-            let qi = &q.data[i * width + h * hd..][..hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kj = &k.data[j * width + h * hd..][..hd];
-                *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut orow[h * hd..][..hd];
-            for (j, &s) in scores.iter().enumerate() {
-                let vj = &v.data[j * width + h * hd..][..hd];
-                for (a, b) in o.iter_mut().zip(vj) {
-                    *a += s / sum * b;
+/// The inverse of [`patchify`]: `[batch · tokens, p·p·c]` → `[batch, c, h, w]`.
+fn unpatchify(x: &[f32], batch: usize, c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
+    let (ht, wt) = (h / p, w / p);
+    let features = p * p * c;
+    let mut out = vec![0f32; batch * c * h * w];
+    for b in 0..batch {
+        for ty in 0..ht {
+            for tx in 0..wt {
+                let token = &x[((b * ht + ty) * wt + tx) * features..][..features];
+                for py in 0..p {
+                    for px in 0..p {
+                        for ch in 0..c {
+                            let (y, xx) = (ty * p + py, tx * p + px);
+                            out[((b * c + ch) * h + y) * w + xx] = token[(py * p + px) * c + ch];
+                        }
+                    }
                 }
             }
         }
-    });
-    CpuTensor {
-        rows: n,
-        cols: width,
-        data: out,
     }
+    out
 }
 
-impl Architecture for ZImage {
-    /// Embedders, noise refiners, context refiners, blocks, final layer.
-    fn groups(&self) -> &[WeightGroup] {
-        &self.groups
-    }
-
-    /// For `shape.tokens` = image + caption tokens per sample (padded) and `batch` samples:
-    /// 2 FLOPs per weight per token for the projections (a refiner sees only its own
-    /// tokens; counted over all, an overestimate of a few %), and 4 · dim per query-key
-    /// pair for attention.
-    fn pass_cost(&self, shape: PassShape) -> PassCost {
-        let c = &self.config;
-        let d = c.dim as f64;
-        let ffn = c.ffn_dim() as f64;
-        let rows = shape.rows() as f64;
-        let block = 2.0 * (4.0 * d * d + 3.0 * d * ffn) * rows
-            + 4.0 * d * (shape.tokens as f64).powi(2) * shape.batch as f64;
-        let flops = self
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(g, _)| {
-                if g == 0 || g == self.final_layer() {
-                    2.0 * d * (c.patch * c.patch * c.in_channels) as f64 * rows
-                } else {
-                    block
-                }
-            })
-            .collect();
-        // bf16 on a GPU: the residual, q, k, v and the attention output, or the residual
-        // and the FFN's normed input, gate and up.
-        let attention = 5 * shape.rows() * c.dim * 2;
-        let mlp = shape.rows() * (2 * c.dim + 2 * c.ffn_dim()) * 2;
-        PassCost {
-            flops,
-            workspace: attention.max(mlp) + (1 << 20),
-            cache: 0,
+/// RoPE positions of the image sequence: token (row, col) of sample `s` at `(Pc_s + 1, row,
+/// col)`, pads at `(0, 0, 0)`.
+fn image_positions(layout: &Layout, rows: usize, cols: usize) -> Vec<[u32; 3]> {
+    let mut out = Vec::with_capacity(layout.image_padded * layout.caption_padded.len());
+    for &pc in &layout.caption_padded {
+        for y in 0..rows {
+            for x in 0..cols {
+                out.push([pc as u32 + 1, y as u32, x as u32]);
+            }
         }
+        out.extend(std::iter::repeat_n(
+            [0, 0, 0],
+            layout.image_padded - rows * cols,
+        ));
     }
+    out
 }
 
+/// The groups with the tensors (diffusers' names) and shapes each holds.
 fn weight_groups(c: &ZImageConfig) -> Vec<WeightGroup> {
     let t = |name: String, shape: &[usize]| TensorSpec::new(name, shape);
-    let (d, ffn, hd) = (c.dim, c.ffn_dim(), c.dim / c.n_heads);
-    let ada = c.dim.min(ADALN_DIM);
-    let patch = c.patch * c.patch * c.in_channels;
-    let x = c.x_embedder();
+    let (dim, hd, ffn, adaln, pf) = (
+        c.dim,
+        c.head_dim(),
+        c.ffn_dim(),
+        c.adaln_dim(),
+        c.patch_features(),
+    );
+    let key = c.patch_key();
     let mut groups = vec![WeightGroup::new(
         "embedders",
         vec![
-            t("t_embedder.mlp.0.weight".into(), &[T_MID, T_FREQ]),
-            t("t_embedder.mlp.0.bias".into(), &[T_MID]),
-            t("t_embedder.mlp.2.weight".into(), &[ada, T_MID]),
-            t("t_embedder.mlp.2.bias".into(), &[ada]),
-            t(format!("{x}.weight"), &[d, patch]),
-            t(format!("{x}.bias"), &[d]),
+            t(format!("all_x_embedder.{key}.weight"), &[dim, pf]),
+            t(format!("all_x_embedder.{key}.bias"), &[dim]),
             t("cap_embedder.0.weight".into(), &[c.cap_feat_dim]),
-            t("cap_embedder.1.weight".into(), &[d, c.cap_feat_dim]),
-            t("cap_embedder.1.bias".into(), &[d]),
-            t("x_pad_token".into(), &[1, d]),
-            t("cap_pad_token".into(), &[1, d]),
+            t("cap_embedder.1.weight".into(), &[dim, c.cap_feat_dim]),
+            t("cap_embedder.1.bias".into(), &[dim]),
+            t("t_embedder.mlp.0.weight".into(), &[T_MID_DIM, T_FREQ_DIM]),
+            t("t_embedder.mlp.0.bias".into(), &[T_MID_DIM]),
+            t("t_embedder.mlp.2.weight".into(), &[adaln, T_MID_DIM]),
+            t("t_embedder.mlp.2.bias".into(), &[adaln]),
+            t("x_pad_token".into(), &[1, dim]),
+            t("cap_pad_token".into(), &[1, dim]),
         ],
     )];
     let block = |prefix: String, modulated: bool| {
-        let p = |s: &str| format!("{prefix}{s}");
-        let mut ts = vec![
-            t(p("attention.to_q.weight"), &[d, d]),
-            t(p("attention.to_k.weight"), &[d, d]),
-            t(p("attention.to_v.weight"), &[d, d]),
-            t(p("attention.to_out.0.weight"), &[d, d]),
-            t(p("attention_norm1.weight"), &[d]),
-            t(p("attention_norm2.weight"), &[d]),
-            t(p("ffn_norm1.weight"), &[d]),
-            t(p("ffn_norm2.weight"), &[d]),
-            t(p("feed_forward.w1.weight"), &[ffn, d]),
-            t(p("feed_forward.w2.weight"), &[d, ffn]),
-            t(p("feed_forward.w3.weight"), &[ffn, d]),
+        let p = |s: &str| format!("{prefix}.{s}");
+        let mut tensors = vec![
+            t(p("attention.to_q.weight"), &[dim, dim]),
+            t(p("attention.to_k.weight"), &[dim, dim]),
+            t(p("attention.to_v.weight"), &[dim, dim]),
+            t(p("attention.to_out.0.weight"), &[dim, dim]),
         ];
         if c.qk_norm {
-            ts.push(t(p("attention.norm_q.weight"), &[hd]));
-            ts.push(t(p("attention.norm_k.weight"), &[hd]));
+            tensors.push(t(p("attention.norm_q.weight"), &[hd]));
+            tensors.push(t(p("attention.norm_k.weight"), &[hd]));
         }
+        tensors.extend([
+            t(p("feed_forward.w1.weight"), &[ffn, dim]),
+            t(p("feed_forward.w2.weight"), &[dim, ffn]),
+            t(p("feed_forward.w3.weight"), &[ffn, dim]),
+            t(p("attention_norm1.weight"), &[dim]),
+            t(p("attention_norm2.weight"), &[dim]),
+            t(p("ffn_norm1.weight"), &[dim]),
+            t(p("ffn_norm2.weight"), &[dim]),
+        ]);
         if modulated {
-            ts.push(t(p("adaLN_modulation.0.weight"), &[4 * d, ada]));
-            ts.push(t(p("adaLN_modulation.0.bias"), &[4 * d]));
+            tensors.push(t(p("adaLN_modulation.0.weight"), &[4 * dim, adaln]));
+            tensors.push(t(p("adaLN_modulation.0.bias"), &[4 * dim]));
         }
-        ts
+        tensors
     };
     for i in 0..c.n_refiner_layers {
         groups.push(WeightGroup::new(
             format!("noise refiner {i}"),
-            block(format!("noise_refiner.{i}."), true),
+            block(format!("noise_refiner.{i}"), true),
         ));
     }
     for i in 0..c.n_refiner_layers {
         groups.push(WeightGroup::new(
             format!("context refiner {i}"),
-            block(format!("context_refiner.{i}."), false),
+            block(format!("context_refiner.{i}"), false),
         ));
     }
     for i in 0..c.n_layers {
         groups.push(WeightGroup::new(
             format!("block {i}"),
-            block(format!("layers.{i}."), true),
+            block(format!("layers.{i}"), true),
         ));
     }
-    let f = c.final_layer();
+    let f = |s: &str| format!("all_final_layer.{key}.{s}");
     groups.push(WeightGroup::new(
         "final layer",
         vec![
-            t(format!("{f}.adaLN_modulation.1.weight"), &[d, ada]),
-            t(format!("{f}.adaLN_modulation.1.bias"), &[d]),
-            t(format!("{f}.linear.weight"), &[patch, d]),
-            t(format!("{f}.linear.bias"), &[patch]),
+            t(f("adaLN_modulation.1.weight"), &[dim, adaln]),
+            t(f("adaLN_modulation.1.bias"), &[dim]),
+            t(f("linear.weight"), &[pf, dim]),
+            t(f("linear.bias"), &[pf]),
         ],
     ));
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_round_trips_in_channel_fastest_order() {
+        let (b, c, h, w, p) = (2, 3, 4, 6, 2);
+        let x: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
+        let t = patchify(&x, b, c, h, w, p);
+        // Token (0, 1) of sample 0, patch pixel (1, 0), channel 2: x[0, 2, 1, 2].
+        let (token, pixel, channel) = (1, p, 2); // pixel (1, 0) is index 1·p + 0
+        assert_eq!(
+            t[token * p * p * c + pixel * c + channel],
+            x[(2 * h + 1) * w + 2]
+        );
+        assert_eq!(unpatchify(&t, b, c, h, w, p), x);
+    }
+
+    #[test]
+    fn positions_follow_the_caption() {
+        let layout = Layout::new(6, vec![31, 40]);
+        assert_eq!(
+            (layout.image_padded, layout.caption_padded.clone()),
+            (32, vec![32, 64])
+        );
+        assert_eq!(layout.unified, vec![0..64, 64..160]);
+        let pos = image_positions(&layout, 2, 3);
+        assert_eq!(pos[0], [33, 0, 0]);
+        assert_eq!(pos[5], [33, 1, 2]);
+        assert_eq!(pos[6], [0, 0, 0]);
+        assert_eq!(pos[32], [65, 0, 0]);
+    }
 }

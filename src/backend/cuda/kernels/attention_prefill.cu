@@ -1,6 +1,7 @@
-// Causal attention for a prompt, flash style: scores are never written to memory. Each block
-// takes BM = 64 query rows of one head, walks the keys in tiles of BN = 64 and keeps a running
-// max and sum per row (online softmax). Matrix products run on the tensor cores through
+// Attention for a prompt (attn_prefill, causal) or a DiT's sequence (attn_full, non-causal),
+// flash style: scores are never written to memory. Each block takes BM = 64 query rows of one
+// head, walks the keys in tiles of BN = 64 and keeps a running max and sum per row (online
+// softmax). Matrix products run on the tensor cores through
 // mma.sync m16n8k16 (bf16 in, f32 accumulate); tiles come through shared memory with cp.async,
 // two stages deep, so the next K/V tile loads while this one is used.
 //
@@ -51,27 +52,31 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, u32 ld, u
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16* __restrict__ vc,
-             bf16* __restrict__ out, u32 t, u32 heads, u32 kv_heads, u32 pos0, u32 window,
-             float scale_log2) {
+// The body of both kernels. CAUSAL: row r (position pos0 + r) attends the cached keys up to
+// its own position within `window`; otherwise every row attends keys 0..n_keys.
+template <bool CAUSAL>
+__device__ __forceinline__ void attn_body(const bf16* __restrict__ q, const bf16* __restrict__ kc,
+                                          const bf16* __restrict__ vc, bf16* __restrict__ out,
+                                          u32 t, u32 heads, u32 kv_heads, u32 pos0, u32 window,
+                                          u32 n_keys, float scale_log2) {
     extern __shared__ uint4 smem_raw[];
     bf16* sQ = (bf16*)smem_raw;
     bf16* sK = sQ + BM * STRIDE;       // 2 stages of BN rows
     bf16* sV = sK + 2 * BN * STRIDE;   // 2 stages of BN rows
 
     const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // The heaviest blocks (last rows, most keys) start first.
-    const u32 m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    // Causal: the heaviest blocks (last rows, most keys) start first.
+    const u32 m0 = (CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BM;
     const u32 h = blockIdx.y, kvh = h / (heads / kv_heads);
     const u32 q_ld = heads * HEAD_DIM, kv_ld = kv_heads * HEAD_DIM;
     const u32 rows = min((u32)BM, t - m0);
 
-    // Keys this block needs: up to its last row's position, from its first row's window start.
+    // Keys this block needs: causal, up to its last row's position from its first row's
+    // window start; else all of them.
     const u32 p_first = pos0 + m0, p_last = pos0 + m0 + rows - 1;
-    u32 k_begin = (window != 0 && p_first + 1 > window) ? p_first + 1 - window : 0;
+    u32 k_begin = (CAUSAL && window != 0 && p_first + 1 > window) ? p_first + 1 - window : 0;
     k_begin = k_begin / BN * BN;
-    const u32 k_end = p_last + 1;
+    const u32 k_end = CAUSAL ? p_last + 1 : n_keys;
     const u32 n_tiles = (k_end - k_begin + BN - 1) / BN;
 
     load_tile(sQ, q + (size_t)m0 * q_ld + h * HEAD_DIM, q_ld, rows, BM);
@@ -134,8 +139,9 @@ attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16
 
         // Scale into the log2 domain; mask keys after the row (causal), outside its window,
         // or past the last key. Only tiles that touch a boundary need the test.
-        const bool edge = key0 + BN - 1 > p_first || key0 + BN > k_end ||
-                          (window != 0 && key0 + window <= p_last);
+        const bool edge = CAUSAL ? key0 + BN - 1 > p_first || key0 + BN > k_end ||
+                                       (window != 0 && key0 + window <= p_last)
+                                 : key0 + BN > k_end;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
@@ -143,7 +149,8 @@ attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16
                 float v = s[j][e] * scale_log2;
                 if (edge) {
                     u32 key = key0 + j * 8 + 2 * tq + (e & 1), p = pos_r[e >> 1];
-                    if (key > p || (window != 0 && key + window <= p)) v = NEG_INF;
+                    if (CAUSAL ? key > p || (window != 0 && key + window <= p) : key >= k_end)
+                        v = NEG_INF;
                 }
                 s[j][e] = v;
             }
@@ -209,4 +216,19 @@ attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16
         for (int i = 0; i < HEAD_DIM / 8; ++i)
             dst[(i * 8 + 2 * tq) / 2] = pack_bf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+attn_prefill(const bf16* __restrict__ q, const bf16* __restrict__ kc, const bf16* __restrict__ vc,
+             bf16* __restrict__ out, u32 t, u32 heads, u32 kv_heads, u32 pos0, u32 window,
+             float scale_log2) {
+    attn_body<true>(q, kc, vc, out, t, heads, kv_heads, pos0, window, 0, scale_log2);
+}
+
+// Non-causal attention of one sequence (a diffusion transformer's sample): q, k, v, out
+// [t, heads*HEAD_DIM]; every row attends all t keys. Same grid, block and shared memory.
+extern "C" __global__ void __launch_bounds__(128)
+attn_full(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+          bf16* __restrict__ out, u32 t, u32 heads, float scale_log2) {
+    attn_body<false>(q, k, v, out, t, heads, heads, 0, 0, t, scale_log2);
 }
