@@ -5,6 +5,14 @@ Rerun (from the repository root, with the packages in scripts/requirements.txt, 
 
     OMP_NUM_THREADS=1 python3 scripts/make_zimage_fixture.py            # (re)write the fixture
     OMP_NUM_THREADS=1 python3 scripts/make_zimage_fixture.py --verify   # re-check the committed one
+    OMP_NUM_THREADS=1 python3 scripts/make_zimage_fixture.py --bf16     # (re)write reference_bf16.safetensors
+
+reference_bf16.safetensors: the DiT run by diffusers in bfloat16 (weights, inputs and
+activations; outputs widened to f32) on the inputs of reference.safetensors, the yardstick for a
+bf16 backend ("at least as close to f32 as the reference's own bf16 run"):
+    dit.output_bf16          f32 [16, 1, 6, 8]   the standalone forward (dit.x, dit.t, dit.cap_feats)
+    cfg.model_output_bf16.0  f32 [2B, 16, h, w]  cfg's first step: B conditional samples, then B
+                             unconditional ones (cfg.noise, cfg.dit_timestep[0], the embeddings)
 
 No network access: the tokenizer is tests/fixtures/qwen3/tokenizer.json (made by
 scripts/make_fixtures.py), the weights are drawn from fixed seeds. Reruns are byte-identical
@@ -870,6 +878,31 @@ def verify() -> None:
     print(f"verify: {len(ref)} tensors, worst relative error {worst:.2e}")
 
 
+def bf16_references() -> None:
+    """The DiT in bfloat16 on the committed inputs: reference_bf16.safetensors."""
+    ref = load_file(OUT / "reference.safetensors")
+    pipe = load_pipeline(OUT)
+    tr = pipe.transformer.to(torch.bfloat16)
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    with torch.no_grad():
+        out = tr([bf(ref["dit.x"])], ref["dit.t"], [bf(ref["dit.cap_feats"])], return_dict=False)[0][0]
+        noise = ref["cfg.noise"]  # [B, 16, h, w]
+        b = noise.shape[0]
+        xs = [bf(noise[i].unsqueeze(1)) for i in range(b)] * 2
+        caps = [bf(ref["cfg.prompt_embeds"])] * b + [bf(ref["cfg.negative_prompt_embeds"])] * b
+        t = ref["cfg.dit_timestep"][:1].repeat(2 * b)
+        cfg_out = tr(xs, t, caps, return_dict=False)[0]
+    rec = {
+        "dit.output_bf16": out.float().contiguous(),
+        "cfg.model_output_bf16.0": torch.stack([o.squeeze(1) for o in cfg_out]).float().contiguous(),
+    }
+    for k, v in rec.items():
+        f32 = ref["dit.output"] if k == "dit.output_bf16" else ref["cfg.model_output.0"]
+        err = float((v.reshape(-1) - f32.reshape(-1)).norm() / f32.norm())
+        print(f"{k}: {list(v.shape)}, relative L2 to f32 {err:.3e}")
+    save_file(rec, OUT / "reference_bf16.safetensors")
+
+
 def summary() -> None:
     total = 0
     for p in sorted(OUT.rglob("*")):
@@ -887,11 +920,15 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", action="store_true", help="only verify the committed fixture")
+    ap.add_argument("--bf16", action="store_true", help="only (re)write reference_bf16.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     hf_logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
+    if args.bf16:
+        bf16_references()
+        return
     if not args.verify:
         write_fixture()
     verify()

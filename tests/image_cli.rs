@@ -70,6 +70,8 @@ fn images_match_diffusers_to_one_level_per_pixel() {
         let batch = shape[0].to_string();
         let mut args = vec![
             "image",
+            "--device",
+            "cpu",
             "--model",
             model.to_str().unwrap(),
             "--prompt",
@@ -138,7 +140,7 @@ fn bad_inputs_get_one_line_errors_and_leave_no_png() {
         (vec!["--steps", "0"], "--steps"),
         (vec!["--batch", "0"], "--batch"),
         (vec!["--guidance", "-1"], "--guidance"),
-        (vec!["--device", "cuda"], "--device"),
+        (vec!["--device", "cpu", "--vram", "1GiB"], "--vram"),
         (
             vec!["--size", "64x48", "--noise", wrong_noise.to_str().unwrap()],
             "expected shape [1, 16, 6, 8]",

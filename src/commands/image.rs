@@ -9,9 +9,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
 use ferry::diffuse::guidance::Guidance;
-use ferry::diffuse::pipeline::{gaussian_noise, ImageRequest, ZImagePipeline, SIZE_MULTIPLE};
+use ferry::diffuse::pipeline::{
+    gaussian_noise, Compute, ImageRequest, ZImagePipeline, SIZE_MULTIPLE,
+};
 use ferry::diffuse::png::{self, Parameters};
+use ferry::runtime::open_device;
+use ferry::stream::Vram;
 use ferry::{Error, Result};
+
+use super::HostMemoryArg;
 
 #[derive(Args)]
 pub struct ImageArgs {
@@ -51,10 +57,18 @@ pub struct ImageArgs {
     /// Where to write the PNG; with --batch N, NAME-0.png … NAME-(N-1).png.
     #[arg(long, short, default_value = "image.png")]
     out: PathBuf,
-    /// Where to compute. Image generation runs on the CPU in this version (auto: the CPU).
-    #[arg(long, default_value = "auto", value_name = "auto|cpu")]
+    /// Where to compute: auto (the GPU when one is usable, else the CPU), cpu (f32), or
+    /// cuda[:N] (bf16). The VAE decodes on the CPU in this version.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     device: Device,
-    /// Print each phase's time.
+    /// GPU memory budget for every phase: a size (3GiB) or auto. Weights that do not fit
+    /// stream from host memory during each pass (each denoising step is one pass over the
+    /// DiT). Default: each phase's weights uploaded whole.
+    #[arg(long, value_name = "SIZE|auto")]
+    vram: Option<String>,
+    #[command(flatten)]
+    host_memory: HostMemoryArg,
+    /// Print each phase's time, and with --vram each streamed phase's plan and passes.
     #[arg(long)]
     stats: bool,
     /// Print a JSON summary on standard output.
@@ -63,13 +77,6 @@ pub struct ImageArgs {
 }
 
 pub fn image(args: ImageArgs) -> Result<()> {
-    // auto means the CPU until the CUDA path exists.
-    if !matches!(args.device, Device::Cpu | Device::Auto) {
-        return Err(Error::Flag {
-            flag: "--device",
-            message: "image generation runs on the CPU in this version (the CUDA DiT and VAE are not written yet); use --device cpu".into(),
-        });
-    }
     let (width, height) = size(&args)?;
     if args.steps == 0 {
         return Err(Error::Flag {
@@ -96,8 +103,18 @@ pub fn image(args: ImageArgs) -> Result<()> {
         });
     }
     check_writable(&args.out)?;
+    let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let dir = resolve_model_path(&args.model)?;
-    let mut pipe = ZImagePipeline::open(&dir)?;
+    let pipe = ZImagePipeline::open(&dir)?;
+    let gpu = open_device(args.device, vram)?;
+    let compute = match &gpu {
+        None => Compute::Cpu,
+        Some(gpu) => Compute::Cuda {
+            gpu,
+            stream: vram.map(|_| args.host_memory.host_memory.into()),
+        },
+    };
+    let device = compute.name();
     let channels = pipe.latent_channels();
     let shape = [args.batch, channels, height / 8, width / 8];
     let seed = args.seed.unwrap_or_else(random_seed);
@@ -128,7 +145,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
         ),
         false => ProgressBar::hidden(),
     };
-    let images = pipe.generate(&request, |_| bar.inc(1))?;
+    let images = pipe.generate(&compute, &request, |_| bar.inc(1))?;
     bar.finish_and_clear();
 
     let model = dir
@@ -156,10 +173,25 @@ pub fn image(args: ImageArgs) -> Result<()> {
         let total = t.load + t.text_encoder + t.denoise + t.vae;
         let share = |x: f64| 100.0 * x / total.max(1e-9);
         eprintln!(
-            "[load {:.2} s ({:.0} %), text encoder {:.2} s ({:.0} %, {} tokens), {} steps {:.2} s ({:.0} %, {:.3} s a step), VAE decode {:.2} s ({:.0} %); device cpu]",
+            "[load {:.2} s ({:.0} %), text encoder {:.2} s ({:.0} %, {} tokens), {} steps {:.2} s ({:.0} %, {:.3} s a step), VAE decode {:.2} s ({:.0} %); {device}]",
             t.load, share(t.load), t.text_encoder, share(t.text_encoder), images.prompt_tokens,
             args.steps, t.denoise, share(t.denoise), t.denoise / args.steps as f64, t.vae, share(t.vae)
         );
+        for s in &images.streamed {
+            eprintln!("[{}: {}]", s.phase, s.plan.trim_end().replace('\n', "\n  "));
+            for (i, p) in s.passes.iter().enumerate() {
+                eprintln!(
+                    "[{} pass {i}: {:.1} ms, {:.2} GB streamed at {:.1} GB/s, stall {:.1} ms, {:.2} of the bound, peak {:.2} GiB]",
+                    s.phase,
+                    p.pass_ms,
+                    p.streamed_bytes as f64 / 1e9,
+                    p.achieved_gbps,
+                    p.stall_ms,
+                    p.efficiency,
+                    p.allocated_peak as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
     }
     if args.json {
         let summary = serde_json::json!({
@@ -169,9 +201,12 @@ pub fn image(args: ImageArgs) -> Result<()> {
             "seed": if args.noise.is_some() { None } else { Some(seed) },
             "noise_file": args.noise.as_ref().map(|p| p.display().to_string()),
             "width": width, "height": height, "steps": args.steps, "batch": args.batch,
-            "guidance": args.guidance, "device": "cpu",
+            "guidance": args.guidance, "device": device,
             "prompt_tokens": images.prompt_tokens, "negative_tokens": images.negative_tokens,
             "seconds": {"load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise, "vae": t.vae},
+            "streamed": images.streamed.iter().map(|s| serde_json::json!({
+                "phase": s.phase, "plan": s.plan, "passes": s.passes,
+            })).collect::<Vec<_>>(),
         });
         println!("{summary}");
     }

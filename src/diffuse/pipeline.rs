@@ -1,21 +1,26 @@
-//! Text to image with Z-Image, every phase in turn on the CPU: the text encoder embeds the
+//! Text to image with Z-Image, every phase in turn on one device: the text encoder embeds the
 //! prompt (and the negative prompt when guiding), the DiT denoises the latents step by step,
 //! the VAE decodes them, and the images come out as 8-bit RGB.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::cpu::{Cpu, CpuWeight};
+use crate::backend::cpu::Cpu;
+use crate::backend::cuda::streaming::{HostMemory, PassStats};
+use crate::backend::cuda::Cuda;
+use crate::backend::dit::DitOps;
 use crate::backend::Backend;
-use crate::checkpoint::Pipeline;
+use crate::checkpoint::{Component, Pipeline};
 use crate::diffuse::guidance::Guidance;
 use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
 use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae};
-use crate::model::z_image::{ZImage, ZImageConfig};
-use crate::model::{Architecture, ResidentWeights};
+use crate::model::z_image::{padded, ZImage, ZImageConfig};
+use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
+use crate::runtime::{stream_weights, StreamSetup};
 
 /// Latent pixels per image pixel along each side (the VAE's 8) times the DiT's patch (2):
 /// sizes must be multiples of this.
@@ -36,7 +41,7 @@ pub struct ImageRequest {
 }
 
 /// Seconds each phase took.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PhaseTimes {
     pub load: f64,
     pub text_encoder: f64,
@@ -51,15 +56,46 @@ pub struct Images {
     /// Caption tokens of the prompt (and of the negative prompt).
     pub prompt_tokens: usize,
     pub negative_tokens: usize,
+    /// What streaming did in each phase that streamed (`--vram`).
+    pub streamed: Vec<PhaseStream>,
 }
 
-/// An opened Z-Image pipeline, its weights resident on the CPU.
+/// One streamed phase: its plan, and every pass's statistics (a denoising step is a pass).
+pub struct PhaseStream {
+    pub phase: &'static str,
+    pub plan: String,
+    pub passes: Vec<PassStats>,
+}
+
+/// Where a generation computes.
+pub enum Compute<'a> {
+    /// f32 on the CPU, every weight resident.
+    Cpu,
+    /// bf16 on a GPU. With `stream` (a `--vram` budget), each phase's weights are planned
+    /// within the budget and what does not fit streams from host memory; the text encoder's
+    /// are freed before the DiT's are placed. Without, each phase is uploaded whole.
+    Cuda {
+        gpu: &'a Cuda,
+        stream: Option<HostMemory>,
+    },
+}
+
+impl Compute<'_> {
+    pub fn name(&self) -> String {
+        match self {
+            Compute::Cpu => "cpu".into(),
+            Compute::Cuda { gpu, .. } => gpu.info().to_string(),
+        }
+    }
+}
+
+/// An opened Z-Image pipeline: every component checked, the VAE's weights loaded (on the
+/// CPU); the text encoder's and the DiT's weights are placed per generation, one phase at a
+/// time, on the device the generation runs on.
 pub struct ZImagePipeline {
     pub pipeline: Pipeline,
     encoder: TextEncoder,
-    encoder_weights: ResidentWeights<CpuWeight>,
     dit: ZImage,
-    dit_weights: ResidentWeights<CpuWeight>,
     vae: Vae<Cpu>,
     scheduler: FlowMatchConfig,
     pub load_seconds: f64,
@@ -86,9 +122,6 @@ impl ZImagePipeline {
             ));
         }
         let encoder = TextEncoder::open(&pipeline)?;
-        let te = pipeline.component("text_encoder")?;
-        let encoder_weights = ResidentWeights::load(te, encoder.model.groups(), |t| Cpu.weight(t))?;
-
         let tr = pipeline.component("transformer")?;
         let (path, json) = tr.config()?;
         let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
@@ -102,7 +135,6 @@ impl ZImagePipeline {
             ));
         }
         dit.check_tensors(tr)?;
-        let dit_weights = ResidentWeights::load(tr, dit.groups(), |t| Cpu.weight(t))?;
 
         let vae_dir = &pipeline.component("vae")?.dir;
         let vae = Vae::load(&Cpu, &open_vae(vae_dir)?)?;
@@ -122,9 +154,7 @@ impl ZImagePipeline {
         Ok(ZImagePipeline {
             pipeline,
             encoder,
-            encoder_weights,
             dit,
-            dit_weights,
             vae,
             scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
@@ -136,11 +166,52 @@ impl ZImagePipeline {
         self.dit.config.in_channels
     }
 
-    /// Generate `request.batch` images; `on_step(i)` is called after each denoising step.
+    /// Generate `request.batch` images on `compute`; `on_step(i)` is called after each
+    /// denoising step.
     pub fn generate(
-        &mut self,
+        &self,
+        compute: &Compute<'_>,
+        request: &ImageRequest,
+        on_step: impl FnMut(usize),
+    ) -> Result<Images> {
+        match *compute {
+            Compute::Cpu => self.generate_on(&Cpu, request, on_step, |c, arch, _, _| {
+                Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
+                    Cpu.weight(t)
+                })?))
+            }),
+            Compute::Cuda { gpu, stream } => {
+                gpu.prepare(self.encoder.model.config.head_dim)?;
+                gpu.prepare_dit(self.dit.config.head_dim())?;
+                self.generate_on(gpu, request, on_step, |c, arch, shape, log| {
+                    let Some(host) = stream else {
+                        return Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
+                            gpu.weight(t)
+                        })?));
+                    };
+                    let mut w = stream_weights(gpu, c, arch, StreamSetup::new(shape, host))?;
+                    log.plan = w.plan().to_string();
+                    w.log_stats(log.passes.clone());
+                    Ok(Box::new(w))
+                })
+            }
+        }
+    }
+
+    /// The phases in turn on `backend`, each phase's weights placed by `place` (component,
+    /// architecture, the pass it must serve, where its streaming statistics go) and dropped
+    /// when the phase ends.
+    fn generate_on<B: DitOps>(
+        &self,
+        backend: &B,
         request: &ImageRequest,
         mut on_step: impl FnMut(usize),
+        place: impl Fn(
+            &Component,
+            &dyn Architecture,
+            PassShape,
+            &mut StreamLog,
+        ) -> Result<Box<dyn Weights<B::Weight>>>,
     ) -> Result<Images> {
         let r = request;
         let (h, w) = (r.height / 8, r.width / 8);
@@ -154,22 +225,36 @@ impl ZImagePipeline {
             load: self.load_seconds,
             ..PhaseTimes::default()
         };
+        let mut streamed = Vec::new();
 
         let t = Instant::now();
         let ids = self.encoder.tokens(&r.prompt)?;
-        let prompt = self.encoder.encode(&Cpu, &mut self.encoder_weights, &ids)?;
         // Guidance without a negative prompt contrasts with the empty prompt.
-        let negative = match r.guidance.scale > 0.0 {
-            true => {
-                let ids = self
-                    .encoder
-                    .tokens(r.negative_prompt.as_deref().unwrap_or(""))?;
-                Some((
-                    ids.len(),
-                    self.encoder.encode(&Cpu, &mut self.encoder_weights, &ids)?,
-                ))
-            }
+        let negative_ids = match r.guidance.scale > 0.0 {
+            true => Some(
+                self.encoder
+                    .tokens(r.negative_prompt.as_deref().unwrap_or(""))?,
+            ),
             false => None,
+        };
+        let (prompt, negative) = {
+            let longest = ids.len().max(negative_ids.as_ref().map_or(0, Vec::len));
+            let shape = PassShape {
+                tokens: longest,
+                batch: 1,
+                past: 0,
+            };
+            let mut log = StreamLog::default();
+            let te = self.pipeline.component("text_encoder")?;
+            let mut weights = place(te, &self.encoder.model, shape, &mut log)?;
+            let prompt = self.encoder.encode(backend, &mut weights, &ids)?;
+            let negative = match &negative_ids {
+                Some(n) => Some(self.encoder.encode(backend, &mut weights, n)?),
+                None => None,
+            };
+            drop(weights);
+            streamed.extend(log.finish("text encoder"));
+            (prompt, negative)
         };
         times.text_encoder = t.elapsed().as_secs_f64();
 
@@ -178,23 +263,32 @@ impl ZImagePipeline {
         let schedule = self
             .scheduler
             .schedule(&z_image_sigmas(r.steps), self.scheduler.mu(image_tokens));
+        let cap_feat = self.dit.config.cap_feat_dim;
+        let caption =
+            (prompt.len() / cap_feat).max(negative.as_ref().map_or(0, |n| n.len() / cap_feat));
+        let samples = r.batch * if negative.is_some() { 2 } else { 1 };
+        let shape = PassShape {
+            tokens: padded(image_tokens) + padded(caption),
+            batch: samples,
+            past: 0,
+        };
+        let mut log = StreamLog::default();
+        let tr = self.pipeline.component("transformer")?;
+        let mut weights = place(tr, &self.dit, shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,
             prompt: &prompt,
-            negative: negative.as_ref().map(|(_, n)| n.as_slice()),
+            negative: negative.as_deref(),
             height: h,
             width: w,
             guidance: r.guidance,
         };
-        let latents = denoise(
-            &Cpu,
-            &self.dit,
-            &mut self.dit_weights,
-            &schedule,
-            job,
-            |i, _| on_step(i),
-        )?;
+        let latents = denoise(backend, &self.dit, &mut weights, &schedule, job, |i, _| {
+            on_step(i)
+        })?;
+        drop(weights);
+        streamed.extend(log.finish("denoise"));
         times.denoise = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -209,7 +303,27 @@ impl ZImagePipeline {
                 .collect(),
             times,
             prompt_tokens: ids.len(),
-            negative_tokens: negative.map_or(0, |(n, _)| n),
+            negative_tokens: negative_ids.map_or(0, |n| n.len()),
+            streamed,
+        })
+    }
+}
+
+/// Where a phase's streaming reports go while it runs.
+#[derive(Default)]
+pub struct StreamLog {
+    plan: String,
+    passes: Arc<Mutex<Vec<PassStats>>>,
+}
+
+impl StreamLog {
+    /// The phase's report, if it streamed.
+    fn finish(self, phase: &'static str) -> Option<PhaseStream> {
+        let passes = std::mem::take(&mut *self.passes.lock().expect("not poisoned"));
+        (!self.plan.is_empty()).then_some(PhaseStream {
+            phase,
+            plan: self.plan,
+            passes,
         })
     }
 }

@@ -292,3 +292,23 @@ impl DitOps for Cuda {
         Ok(out)
     }
 }
+
+impl Cuda {
+    /// Build the DiT's kernels for `head_dim` now (see [`Cuda::prepare`]).
+    pub fn prepare_dit(&self, head_dim: usize) -> Result<()> {
+        for name in [
+            "pointwise",
+            "copy_cols",
+            "layer_norm",
+            "modulate",
+            "add_gated",
+            "rope_interleaved",
+        ] {
+            self.function(&compile::DIT, name, 0)?;
+        }
+        if prefill_supported(head_dim) {
+            self.function(&compile::ATTENTION_PREFILL, "attn_full", head_dim)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! The Z-Image DiT on the GPU (bf16) against diffusers on the tiny pipeline of
+//! tests/fixtures/z-image: one forward and a guided batch (four samples in one pass) are at
+//! least as close to diffusers' f32 output as diffusers' own bf16 run is
+//! (reference_bf16.safetensors); the DiT streamed at several budgets gives the resident
+//! result bit for bit, within the budget; `ferry image --device cuda --vram` writes the same
+//! PNG as a resident CUDA run. Without a usable GPU each test prints
+//! "SKIPPED: no usable CUDA device: <why>" and passes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ferry::backend::cuda::streaming::HostMemory;
+use ferry::backend::cuda::{Cuda, CUBLAS_WORKSPACE, DRIVER_RESERVE};
+use ferry::backend::Backend;
+use ferry::checkpoint::Pipeline;
+use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
+use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
+use ferry::runtime::{stream_weights, StreamSetup};
+use ferry::stream::Vram;
+
+use common::{read_reference, rel_l2};
+
+fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
+    match Cuda::with_vram(0, vram.map(Vram::Bytes)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let e = e.to_string();
+            if !e.starts_with("no usable CUDA device") {
+                panic!("{test}: {e}");
+            }
+            let why = e.trim_start_matches("no usable CUDA device: ");
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: SKIPPED: no usable CUDA device: {why}"
+            );
+            None
+        }
+    }
+}
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image")
+}
+
+struct Fixture {
+    pipeline: Pipeline,
+    dit: ZImage,
+    reference: BTreeMap<String, Vec<f32>>,
+}
+
+fn fixture() -> Fixture {
+    let pipeline = Pipeline::open(&dir()).expect("the tiny Z-Image pipeline");
+    let tr = pipeline.component("transformer").unwrap();
+    let (path, json) = tr.config().unwrap();
+    let dit = ZImage::new(ZImageConfig::from_json(path, json).unwrap());
+    let mut reference = read_reference(&dir().join("reference.safetensors"));
+    reference.extend(read_reference(&dir().join("reference_bf16.safetensors")));
+    Fixture {
+        pipeline,
+        dit,
+        reference,
+    }
+}
+
+/// A pass's inputs, owned.
+struct Pass {
+    latents: Vec<f32>,
+    height: usize,
+    width: usize,
+    t: Vec<f32>,
+    captions: Vec<Vec<f32>>,
+}
+
+impl Pass {
+    fn input(&self) -> (Vec<&[f32]>, &Pass) {
+        (self.captions.iter().map(Vec::as_slice).collect(), self)
+    }
+}
+
+fn run(
+    dit: &ZImage,
+    gpu: &Cuda,
+    w: &mut impl Weights<ferry::backend::cuda::CudaWeight>,
+    pass: &Pass,
+) -> Vec<f32> {
+    let (captions, p) = pass.input();
+    dit.forward(
+        gpu,
+        w,
+        &DitInput {
+            latents: &p.latents,
+            height: p.height,
+            width: p.width,
+            t: &p.t,
+            captions: &captions,
+        },
+    )
+    .expect("a DiT pass on the GPU")
+}
+
+impl Fixture {
+    fn r(&self, name: &str) -> Vec<f32> {
+        self.reference
+            .get(name)
+            .unwrap_or_else(|| panic!("reference tensor {name}"))
+            .clone()
+    }
+
+    /// The standalone forward of the fixture: one sample.
+    fn single(&self) -> Pass {
+        Pass {
+            latents: self.r("dit.x"),
+            height: 6,
+            width: 8,
+            t: self.r("dit.t"),
+            captions: vec![self.r("dit.cap_feats")],
+        }
+    }
+
+    /// The cfg case's first step: B conditional then B unconditional samples on the same
+    /// latents, in one pass.
+    fn guided(&self) -> Pass {
+        let noise = self.r("cfg.noise");
+        let b = noise.len() / (16 * 8 * 8);
+        let t = self.r("cfg.dit_timestep")[0];
+        let mut captions = vec![self.r("cfg.prompt_embeds"); b];
+        captions.extend(vec![self.r("cfg.negative_prompt_embeds"); b]);
+        Pass {
+            latents: [noise.clone(), noise].concat(),
+            height: 8,
+            width: 8,
+            t: vec![t; 2 * b],
+            captions,
+        }
+    }
+}
+
+#[test]
+fn dit_in_bf16_is_as_close_to_f32_as_diffusers_bf16() {
+    let test = "dit_in_bf16_is_as_close_to_f32_as_diffusers_bf16";
+    let Some(gpu) = gpu(test, None) else { return };
+    let f = fixture();
+    let tr = f.pipeline.component("transformer").unwrap();
+    let mut w = ResidentWeights::load(tr, f.dit.groups(), |t| gpu.weight(t)).unwrap();
+    for (what, pass, f32_ref, bf16_ref) in [
+        ("one sample", f.single(), "dit.output", "dit.output_bf16"),
+        (
+            "guided batch of 4",
+            f.guided(),
+            "cfg.model_output.0",
+            "cfg.model_output_bf16.0",
+        ),
+    ] {
+        let got = run(&f.dit, &gpu, &mut w, &pass);
+        let (want, theirs) = (f.r(f32_ref), f.r(bf16_ref));
+        let ours = rel_l2(&got, &want);
+        let diffusers = rel_l2(&theirs, &want);
+        eprintln!(
+            "{what}: ferry CUDA bf16 vs f32 {ours:.3e}; diffusers bf16 vs f32 {diffusers:.3e}; ferry vs diffusers bf16 {:.3e}",
+            rel_l2(&got, &theirs)
+        );
+        assert!(
+            ours <= 1.25 * diffusers,
+            "{what}: CUDA bf16 is {ours:.3e} from f32, diffusers bf16 {diffusers:.3e}"
+        );
+    }
+}
+
+#[test]
+fn streamed_dit_equals_resident_bit_for_bit_within_the_budget() {
+    let test = "streamed_dit_equals_resident_bit_for_bit_within_the_budget";
+    let Some(resident_gpu) = gpu(test, None) else {
+        return;
+    };
+    let f = fixture();
+    let tr = f.pipeline.component("transformer").unwrap();
+    let pass = f.guided();
+    let mut w = ResidentWeights::load(tr, f.dit.groups(), |t| resident_gpu.weight(t)).unwrap();
+    let want = run(&f.dit, &resident_gpu, &mut w, &pass);
+    drop(w);
+    drop(resident_gpu);
+
+    let shape = PassShape {
+        tokens: padded(16) + padded(pass.captions[0].len() / 64),
+        batch: pass.t.len(),
+        past: 0,
+    };
+    let weights = tr.bytes();
+    let fixed = CUBLAS_WORKSPACE + DRIVER_RESERVE + f.dit.pass_cost(shape).workspace;
+    let mut streamed_some = false;
+    for fraction in [0.3, 0.5, 0.8, 1.5] {
+        let budget = fixed + (weights as f64 * fraction) as usize;
+        let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
+        let mut w =
+            match stream_weights(&gpu, tr, &f.dit, StreamSetup::new(shape, HostMemory::Auto)) {
+                Ok(w) => w,
+                Err(e) => panic!("budget {budget}: {e}"),
+            };
+        let streamed = w.plan().streamed_bytes();
+        // Two steps: the second pass starts from the prefetch that wrapped around.
+        for step in 0..2 {
+            let got = run(&f.dit, &gpu, &mut w, &pass);
+            assert!(
+                got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())),
+                "budget {budget} ({fraction} of the weights), step {step}: streamed differs from resident"
+            );
+        }
+        let peak = gpu.memory().peak();
+        assert!(peak <= budget, "budget {budget}: ledger peak {peak}");
+        eprintln!("budget {budget}: {streamed} bytes streamed a pass, ledger peak {peak}");
+        streamed_some |= streamed > 0;
+    }
+    assert!(streamed_some, "no budget streamed anything");
+}
+
+#[test]
+fn ferry_image_streamed_writes_the_resident_png() {
+    let test = "ferry_image_streamed_writes_the_resident_png";
+    if gpu(test, None).is_none() {
+        return;
+    }
+    // FERRY_BIN: the binary where the tests run on another machine than they were built on.
+    let bin = std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").into());
+    let out = tempfile::tempdir().unwrap();
+    let png = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = out.path().join(name);
+        let m = dir();
+        let mut args = vec![
+            "image",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "a red fox in the snow",
+            "--size",
+            "64x64",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--guidance",
+            "2",
+            "--batch",
+            "2",
+            "--device",
+            "cuda",
+            "--stats",
+            "--out",
+            path.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let run = std::process::Command::new(&bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{extra:?}: {err}");
+        eprintln!("{extra:?}:\n{err}");
+        if !extra.is_empty() {
+            assert!(
+                err.contains("[denoise pass 2:"),
+                "every step's pass reported: {err}"
+            );
+        }
+        [0, 1]
+            .iter()
+            .flat_map(|i| {
+                std::fs::read(
+                    out.path()
+                        .join(format!("{}-{i}.png", name.trim_end_matches(".png"))),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    // Room for about half the DiT beyond the fixed reserves (the tiny model's activations
+    // are far below the 8 MiB allowed for them).
+    let f = fixture();
+    let dit_bytes = f.pipeline.component("transformer").unwrap().bytes();
+    let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (8 << 20) + dit_bytes / 2;
+    let vram = format!("{budget}B");
+    let resident = png("resident.png", &[]);
+    let streamed = png("streamed.png", &["--vram", &vram]);
+    assert!(
+        resident == streamed,
+        "the streamed PNGs differ from the resident ones"
+    );
+}
