@@ -234,3 +234,58 @@ fn info_describes_a_pipeline_and_its_dit_groups() {
         assert!(out.contains(want), "{want} missing from:\n{out}");
     }
 }
+
+/// `ferry bench` on a pipeline times denoising steps of its DiT: one row per batch size in
+/// the table and the JSON; a bad --size is refused.
+#[test]
+fn bench_times_dit_steps_of_a_pipeline() {
+    let model = fixture();
+    let m = model.to_str().unwrap();
+    let args = [
+        "bench",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--size",
+        "64x48",
+        "--caption-tokens",
+        "20",
+        "--batch",
+        "1,3",
+        "--runs",
+        "2",
+        "--json",
+    ];
+    let run = ferry(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON");
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["batch"].as_u64(), rows[1]["batch"].as_u64()),
+        (Some(1), Some(3))
+    );
+    for r in rows {
+        let (step, per) = (
+            r["step_s"].as_f64().unwrap(),
+            r["per_image_s"].as_f64().unwrap(),
+        );
+        assert!(
+            step > 0.0 && (per * r["batch"].as_f64().unwrap() - step).abs() < 1e-12,
+            "{r}"
+        );
+        assert!(r["streamed"].is_null(), "nothing streams on the CPU");
+    }
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(64), Some(48))
+    );
+    let bad = ferry(&["bench", "--model", m, "--device", "cpu", "--size", "50x50"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--size"));
+}

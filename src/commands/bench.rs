@@ -27,49 +27,58 @@ use super::HostMemoryArg;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache.
+    /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache; a diffusers
+    /// Z-Image directory (or its transformer/) times denoising steps of the DiT instead.
     #[arg(
         long,
         short,
         required_unless_present = "synthetic",
         conflicts_with = "synthetic"
     )]
-    model: Option<String>,
-    /// Random weights of a preset's shape, made in memory (see `ferry synth --list`).
+    pub(super) model: Option<String>,
+    /// Random weights of a preset's shape, made in memory (see `ferry synth --list`;
+    /// z-image-turbo: the Z-Image-Turbo DiT).
     #[arg(long, value_name = "PRESET")]
-    synthetic: Option<String>,
+    pub(super) synthetic: Option<String>,
+    /// Image models: the image's WIDTHxHEIGHT.
+    #[arg(long, default_value = "1024x1024")]
+    pub(super) size: String,
+    /// Image models: caption tokens per image.
+    #[arg(long, default_value_t = 100)]
+    pub(super) caption_tokens: usize,
     /// Prompt lengths to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128")]
-    prompt_tokens: Vec<usize>,
-    /// Sequences per pass, comma-separated: each batch size is timed at each prompt length.
+    pub(super) prompt_tokens: Vec<usize>,
+    /// Sequences per pass (images per step for image models), comma-separated: each batch
+    /// size is timed at each prompt length.
     #[arg(long, value_delimiter = ',', default_value = "1")]
-    batch: Vec<usize>,
+    pub(super) batch: Vec<usize>,
     /// Tokens to decode after each prompt (0: prompt pass only).
     #[arg(long, default_value_t = 32)]
-    decode_tokens: usize,
+    pub(super) decode_tokens: usize,
     /// Timed runs per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
-    runs: usize,
+    pub(super) runs: usize,
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
-    warmup: usize,
+    pub(super) warmup: usize,
     /// Where to compute: auto, cpu, or cuda[:N].
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
-    device: Device,
+    pub(super) device: Device,
     /// GPU memory budget (6GiB, 2.6GiB, auto): stream what does not fit. The plan is made
     /// for the largest pass (longest prompt × largest batch).
     #[arg(long, value_name = "SIZE|auto")]
-    vram: Option<String>,
+    pub(super) vram: Option<String>,
     #[command(flatten)]
-    host_memory: HostMemoryArg,
+    pub(super) host_memory: HostMemoryArg,
     /// Print JSON instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// With --vram on a GPU: draw one streamed pass (copy and compute of each weight group on
     /// two lanes) as an SVG picture in this file: the prompt pass of the last timed run at
     /// the longest prompt × the largest batch.
     #[arg(long, value_name = "FILE.svg")]
-    timeline: Option<PathBuf>,
+    pub(super) timeline: Option<PathBuf>,
 }
 
 /// The pass drawn for `--timeline`: its events and stats, and the point it belongs to.
@@ -122,6 +131,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 message: "expected at least 1".into(),
             });
         }
+    }
+    if super::bench_dit::is_image_model(&args) {
+        check_timeline(&args)?;
+        return super::bench_dit::bench_dit(&args);
     }
     if args.prompt_tokens.contains(&0) {
         return Err(Error::Flag {

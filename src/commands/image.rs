@@ -218,25 +218,28 @@ pub fn image(args: ImageArgs) -> Result<()> {
 
 /// `--size WxH`, or `--width`/`--height` (each defaulting to 1024), multiples of 16.
 fn size(args: &ImageArgs) -> Result<(usize, usize)> {
-    let (w, h, flag) = if args.width.is_some() || args.height.is_some() {
-        (
-            args.width.unwrap_or(1024),
-            args.height.unwrap_or(1024),
-            "--width/--height",
-        )
-    } else {
-        let parsed = args
-            .size
-            .split_once(['x', 'X'])
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-        let Some((w, h)) = parsed else {
-            return Err(Error::Flag {
-                flag: "--size",
-                message: format!("{:?} is not WIDTHxHEIGHT (e.g. 1024x768)", args.size),
-            });
-        };
-        (w, h, "--size")
+    if args.width.is_some() || args.height.is_some() {
+        let (w, h) = (args.width.unwrap_or(1024), args.height.unwrap_or(1024));
+        return check_size(w, h, "--width/--height");
+    }
+    parse_size(&args.size, "--size")
+}
+
+/// `WIDTHxHEIGHT` for `flag`, positive multiples of 16, at most 4096 on a side.
+pub fn parse_size(s: &str, flag: &'static str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    let Some((w, h)) = parsed else {
+        return Err(Error::Flag {
+            flag,
+            message: format!("{s:?} is not WIDTHxHEIGHT (e.g. 1024x768)"),
+        });
     };
+    check_size(w, h, flag)
+}
+
+fn check_size(w: usize, h: usize, flag: &'static str) -> Result<(usize, usize)> {
     if w == 0 || h == 0 || w % SIZE_MULTIPLE != 0 || h % SIZE_MULTIPLE != 0 {
         return Err(Error::Flag {
             flag,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_cuda;
+pub mod bench_dit;
 pub mod image;
 pub mod info;
 pub mod plan;

@@ -7,6 +7,7 @@
 //! biases and embeddings ~ N(0, 0.02²), norm weights ~ N(1, 0.02²), so activations stay finite
 //! through every block in bf16. The same seed gives the same bytes on disk and in memory.
 
+mod component;
 mod presets;
 mod random;
 
@@ -19,6 +20,7 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
+pub use component::random_component;
 pub use presets::Preset;
 
 use crate::checkpoint::{

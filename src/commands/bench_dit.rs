@@ -1,0 +1,362 @@
+//! `ferry bench` on an image model: the time of one denoising step (one DiT forward over
+//! every sample of a batch) at an image size and caption length, on any device, whole or
+//! streamed within a VRAM budget: medians of several steps after a warm-up, with the PCIe
+//! bound and the overlap efficiency beside each streamed figure, as a table or JSON;
+//! `--timeline` draws one streamed step.
+//!
+//! The model is the `transformer/` of a diffusers Z-Image directory (`--model`), or Z-Image
+//! Turbo's real shape with random weights made in memory (`--synthetic z-image-turbo`).
+//! Inputs are random latents and caption features: the step's cost does not depend on them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry::backend::cpu::Cpu;
+use ferry::backend::cuda::streaming::PassStats;
+use ferry::backend::cuda::Cuda;
+use ferry::backend::dit::DitOps;
+use ferry::backend::Backend;
+use ferry::checkpoint::{resolve_model_path, Component, Pipeline};
+use ferry::diffuse::pipeline::gaussian_noise;
+use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
+use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
+use ferry::runtime::{open_device, stream_weights, StreamSetup};
+use ferry::stream::timeline::{write_svg, TimelineCapture};
+use ferry::stream::Vram;
+use ferry::synth::random_component;
+use ferry::{Error, Result};
+
+use super::bench::BenchArgs;
+use super::median;
+
+/// The presets `--synthetic` takes for image models.
+pub const IMAGE_PRESETS: &[&str] = &["z-image-turbo"];
+
+/// Whether `args` name an image model: a diffusers pipeline or transformer directory, or an
+/// image preset.
+pub fn is_image_model(args: &BenchArgs) -> bool {
+    if let Some(p) = &args.synthetic {
+        return IMAGE_PRESETS.contains(&p.as_str());
+    }
+    args.model
+        .as_deref()
+        .and_then(|m| resolve_model_path(m).ok())
+        .is_some_and(|d| Pipeline::is_pipeline(&d) || is_dit_dir(&d))
+}
+
+fn is_dit_dir(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .is_ok_and(|s| s.contains("\"ZImageTransformer2DModel\""))
+}
+
+/// Z-Image-Turbo's transformer/config.json (Tongyi-MAI/Z-Image-Turbo).
+fn z_image_turbo_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "ZImageTransformer2DModel",
+        "all_f_patch_size": [1], "all_patch_size": [2],
+        "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+        "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16,
+        "n_heads": 30, "n_kv_heads": 30, "n_layers": 30, "n_refiner_layers": 2,
+        "norm_eps": 1e-5, "qk_norm": true, "rope_theta": 256.0, "t_scale": 1000.0,
+    })
+}
+
+/// The DiT to time and its tensors, with a label for reports.
+fn open_dit(args: &BenchArgs) -> Result<(ZImage, Component, String)> {
+    if let Some(p) = &args.synthetic {
+        let json = z_image_turbo_config();
+        let path = std::path::PathBuf::from(format!("synthetic:{p}/config.json"));
+        let dit = ZImage::new(ZImageConfig::from_json(&path, &json)?);
+        let component = random_component(
+            "transformer",
+            "ZImageTransformer2DModel",
+            json,
+            dit.groups(),
+            0,
+        );
+        return Ok((
+            dit,
+            component,
+            format!("synthetic {p} DiT (random bf16 weights)"),
+        ));
+    }
+    let m = args
+        .model
+        .as_deref()
+        .expect("clap requires --model or --synthetic");
+    let dir = resolve_model_path(m)?;
+    let component = if Pipeline::is_pipeline(&dir) {
+        let mut pipeline = Pipeline::open(&dir)?;
+        pipeline.component("transformer")?;
+        pipeline
+            .components
+            .remove("transformer")
+            .expect("checked just above")
+    } else {
+        Component::open("transformer", &dir, true)?
+    };
+    let (path, json) = component.config()?;
+    let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
+    dit.check_tensors(&component)?;
+    Ok((dit, component, format!("{m} (transformer)")))
+}
+
+/// One row: a batch size and its medians.
+#[derive(serde::Serialize)]
+struct Row {
+    batch: usize,
+    /// One step over the batch, seconds (wall clock, host work included).
+    step_s: f64,
+    per_image_s: f64,
+    streamed: Option<Streamed>,
+}
+
+#[derive(serde::Serialize)]
+struct Streamed {
+    /// The same step from device events: first group to the last.
+    pass_s: f64,
+    bound_s: f64,
+    efficiency: f64,
+    stall_s: f64,
+    streamed_gb: f64,
+    achieved_gbps: f64,
+    peak_device_bytes: usize,
+    ledger_peak_bytes: usize,
+}
+
+pub fn bench_dit(args: &BenchArgs) -> Result<()> {
+    let (width, height) = super::image::parse_size(&args.size, "--size")?;
+    if args.caption_tokens == 0 {
+        return Err(Error::Flag {
+            flag: "--caption-tokens",
+            message: "expected at least 1".into(),
+        });
+    }
+    let (dit, component, label) = open_dit(args)?;
+    let (h, w) = (height / 8, width / 8);
+    let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
+    let gpu = open_device(args.device, vram)?;
+    let largest = args.batch.iter().max().copied().unwrap_or(1);
+    let shape = PassShape {
+        tokens: padded(dit.image_tokens(h, w)) + padded(args.caption_tokens),
+        batch: largest,
+        past: 0,
+    };
+    let (device, rows) = match &gpu {
+        None => {
+            let device = format!("CPU ({} threads)", rayon::current_num_threads());
+            let mut weights = ResidentWeights::load(&component, dit.groups(), |t| Cpu.weight(t))?;
+            (
+                device,
+                time_all(&Cpu, &dit, &mut weights, args, h, w, None)?,
+            )
+        }
+        Some(gpu) => {
+            gpu.prepare_dit(dit.config.head_dim())?;
+            let device = gpu.info().to_string();
+            match vram {
+                None => {
+                    let mut weights =
+                        ResidentWeights::load(&component, dit.groups(), |t| gpu.weight(t))?;
+                    (device, time_all(gpu, &dit, &mut weights, args, h, w, None)?)
+                }
+                Some(_) => {
+                    let setup = StreamSetup::new(shape, args.host_memory.host_memory.into());
+                    let mut weights = stream_weights(gpu, &component, &dit, setup)?;
+                    eprintln!("[host tier: {}]", weights.host_mode());
+                    eprint!("{}", weights.plan());
+                    let log = Arc::new(Mutex::new(Vec::new()));
+                    weights.log_stats(log.clone());
+                    let capture = TimelineCapture::new();
+                    if args.timeline.is_some() {
+                        weights.capture_timeline(capture.clone());
+                    }
+                    let rows =
+                        time_all(gpu, &dit, &mut weights, args, h, w, Some((&log, &capture)))?;
+                    if let Some(path) = &args.timeline {
+                        draw(args, path, gpu, &component, &label, &device, &log, &capture)?;
+                    }
+                    (device, rows)
+                }
+            }
+        }
+    };
+    report(args, &label, &device, (width, height), &rows)
+}
+
+/// Every batch size: warm-up steps, then timed ones. With `streamed`, each step's pass
+/// statistics are read from the log, and the last timed step of the largest batch is
+/// captured for `--timeline`.
+fn time_all<B: DitOps>(
+    backend: &B,
+    dit: &ZImage,
+    weights: &mut impl Weights<B::Weight>,
+    args: &BenchArgs,
+    h: usize,
+    w: usize,
+    streamed: Option<(&Arc<Mutex<Vec<PassStats>>>, &TimelineCapture)>,
+) -> Result<Vec<Row>> {
+    let c = &dit.config;
+    let largest = args.batch.iter().max().copied().unwrap_or(1);
+    let mut rows = Vec::new();
+    for &batch in &args.batch {
+        let latents = gaussian_noise(1, batch * c.in_channels * h * w);
+        let caption = gaussian_noise(2, args.caption_tokens * c.cap_feat_dim);
+        let captions = vec![caption.as_slice(); batch];
+        let t = vec![0.5; batch];
+        let input = DitInput {
+            latents: &latents,
+            height: h,
+            width: w,
+            t: &t,
+            captions: &captions,
+        };
+        let (mut step_s, mut passes) = (Vec::new(), Vec::new());
+        for run in 0..args.warmup + args.runs {
+            let last = run + 1 == args.warmup + args.runs;
+            if let Some((log, capture)) = streamed {
+                log.lock().expect("stats log").clear();
+                if last && batch == largest && args.timeline.is_some() {
+                    capture.arm();
+                }
+            }
+            let start = Instant::now();
+            dit.forward(backend, weights, &input)?;
+            let secs = start.elapsed().as_secs_f64();
+            if run < args.warmup {
+                continue;
+            }
+            step_s.push(secs);
+            if let Some((log, _)) = streamed {
+                passes.extend(log.lock().expect("stats log").iter().cloned());
+            }
+        }
+        let step = median(&mut step_s);
+        let streamed = (!passes.is_empty()).then(|| {
+            passes.sort_by(|a, b| a.pass_ms.total_cmp(&b.pass_ms));
+            let p = &passes[passes.len() / 2];
+            Streamed {
+                pass_s: p.pass_ms / 1e3,
+                bound_s: p.bound_ms / 1e3,
+                efficiency: p.efficiency,
+                stall_s: p.stall_ms / 1e3,
+                streamed_gb: p.streamed_bytes as f64 / 1e9,
+                achieved_gbps: p.achieved_gbps,
+                peak_device_bytes: p.device_bytes,
+                ledger_peak_bytes: p.allocated_peak,
+            }
+        });
+        rows.push(Row {
+            batch,
+            step_s: step,
+            per_image_s: step / batch as f64,
+            streamed,
+        });
+    }
+    Ok(rows)
+}
+
+/// `--timeline`: the captured step as an SVG picture.
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    args: &BenchArgs,
+    path: &std::path::Path,
+    gpu: &Cuda,
+    component: &Component,
+    label: &str,
+    device: &str,
+    log: &Arc<Mutex<Vec<PassStats>>>,
+    capture: &TimelineCapture,
+) -> Result<()> {
+    let events = capture
+        .take()
+        .ok_or_else(|| Error::Device("--timeline: the streamed step was not caught".into()))?;
+    // The log holds the last step's statistics (cleared before each step).
+    let stats = log.lock().expect("stats log").last().cloned();
+    let Some(stats) = stats else {
+        return Err(Error::Device(
+            "--timeline: the streamed step's statistics were not kept".into(),
+        ));
+    };
+    let batch = args.batch.iter().max().copied().unwrap_or(1);
+    let info = super::bench_cuda::pass_info(
+        format!("{label} ({:.2} GB)", component.bytes() as f64 / 1e9),
+        format!(
+            "one denoising step at {}, {batch} image(s), {} caption tokens",
+            args.size, args.caption_tokens
+        ),
+        gpu.memory().budget(),
+        batch,
+        device,
+        &stats,
+    );
+    write_svg(path, &events, &info)?;
+    eprintln!("[timeline of one step written to {}]", path.display());
+    Ok(())
+}
+
+fn report(
+    args: &BenchArgs,
+    label: &str,
+    device: &str,
+    (width, height): (usize, usize),
+    rows: &[Row],
+) -> Result<()> {
+    let date = ferry::date::today_utc();
+    if args.json {
+        let out = serde_json::json!({
+            "model": label, "device": device, "date": date, "vram": args.vram,
+            "width": width, "height": height, "caption_tokens": args.caption_tokens,
+            "runs": args.runs, "warmup": args.warmup, "results": rows,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("JSON serializes")
+        );
+        return Ok(());
+    }
+    println!("model   {label}");
+    println!(
+        "device  {device}; {date}; one denoising step at {width}x{height} with {} caption tokens; median of {} steps after {} warm-up{}",
+        args.caption_tokens,
+        args.runs,
+        args.warmup,
+        args.vram
+            .as_ref()
+            .map(|v| format!("; --vram {v}"))
+            .unwrap_or_default()
+    );
+    match rows.iter().any(|r| r.streamed.is_some()) {
+        true => println!(
+            "{:>6} {:>9} {:>11} {:>9} {:>9} {:>6} {:>9} {:>9} {:>10}",
+            "batch",
+            "step s",
+            "per image",
+            "pass s",
+            "bound s",
+            "eff",
+            "stall s",
+            "GB/step",
+            "peak GiB"
+        ),
+        false => println!("{:>6} {:>9} {:>11}", "batch", "step s", "per image"),
+    }
+    for r in rows {
+        match &r.streamed {
+            Some(s) => println!(
+                "{:>6} {:>9.4} {:>11.4} {:>9.4} {:>9.4} {:>6.3} {:>9.4} {:>9.2} {:>10.2}",
+                r.batch,
+                r.step_s,
+                r.per_image_s,
+                s.pass_s,
+                s.bound_s,
+                s.efficiency,
+                s.stall_s,
+                s.streamed_gb,
+                s.ledger_peak_bytes as f64 / (1u64 << 30) as f64
+            ),
+            None => println!("{:>6} {:>9.4} {:>11.4}", r.batch, r.step_s, r.per_image_s),
+        }
+    }
+    Ok(())
+}
