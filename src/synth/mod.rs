@@ -1,12 +1,14 @@
 //! Synthetic checkpoints: random weights with the shapes and config of real models, for
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
-//! ([`synthetic_checkpoint`], for models larger than the disk).
+//! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`).
 //!
 //! Weights are deterministic for a seed and scaled like a trained model's: linear weights,
 //! biases and embeddings ~ N(0, 0.02²), norm weights ~ N(1, 0.02²), so activations stay finite
 //! through every block in bf16. The same seed gives the same bytes on disk and in memory.
 
+mod diffusers;
 mod presets;
 mod random;
 mod shards;
@@ -20,6 +22,10 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
+pub use diffusers::{
+    check_destination, write_pipeline, DitShape, PipelineComponent, PipelinePreset, VaeShape,
+    DIFFUSERS_VERSION,
+};
 pub use presets::Preset;
 
 use crate::checkpoint::{
@@ -30,7 +36,33 @@ use crate::model::Arch;
 use shards::{write_json, write_sharded, Spec, Tables};
 use tokenizer::tokenizer_json;
 
-/// How `write_checkpoint` writes.
+/// What `ferry synth --preset` names: a language model, or an image pipeline of several
+/// models.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SynthPreset {
+    Llm(Preset),
+    /// Boxed: a pipeline holds three models' shapes.
+    Pipeline(Box<PipelinePreset>),
+}
+
+impl SynthPreset {
+    /// The preset called `name`, or an error listing both kinds.
+    pub fn by_name(name: &str) -> Result<SynthPreset> {
+        if let Some(p) = PipelinePreset::by_name(name) {
+            return Ok(SynthPreset::Pipeline(Box::new(p)));
+        }
+        Preset::by_name(name).map(SynthPreset::Llm).map_err(|_| Error::Flag {
+            flag: "--preset",
+            message: format!(
+                "unknown preset {name:?}; expected one of {} (language models) or {} (image pipelines)",
+                Preset::names(),
+                PipelinePreset::names()
+            ),
+        })
+    }
+}
+
+/// How `write_checkpoint` and `write_pipeline` write.
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
     pub seed: u64,
@@ -80,6 +112,17 @@ fn check_dtype(dtype: DType) -> Result<()> {
     }
 }
 
+fn check_options(opts: &WriteOptions) -> Result<()> {
+    check_dtype(opts.dtype)?;
+    if opts.shard_bytes == 0 {
+        return Err(Error::Flag {
+            flag: "--shard-size",
+            message: "expected a positive size".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Parse `--dtype`: `bf16` or `f32`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
@@ -108,13 +151,7 @@ pub fn parse_arch(s: &str) -> Result<Arch> {
 /// `model.safetensors.index.json`, config.json, generation_config.json, and a byte-level
 /// tokenizer (tokenizer.json, tokenizer_config.json) whose vocabulary has one token per id.
 pub fn write_checkpoint(preset: &Preset, out: &Path, opts: &WriteOptions) -> Result<WriteReport> {
-    check_dtype(opts.dtype)?;
-    if opts.shard_bytes == 0 {
-        return Err(Error::Flag {
-            flag: "--shard-size",
-            message: "expected a positive size".into(),
-        });
-    }
+    check_options(opts)?;
     let start = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let specs = specs(preset);
@@ -126,11 +163,10 @@ pub fn write_checkpoint(preset: &Preset, out: &Path, opts: &WriteOptions) -> Res
     let shards = write_sharded(out, "model", &specs, opts, &bar)?;
     bar.finish_and_clear();
     write_json(&out.join("config.json"), &config_json(preset, opts.dtype))?;
-    let mut generation = json!({"eos_token_id": preset.eos_token_id});
-    if let Some(bos) = preset.bos_token_id {
-        generation["bos_token_id"] = json!(bos);
-    }
-    write_json(&out.join("generation_config.json"), &generation)?;
+    write_json(
+        &out.join("generation_config.json"),
+        &generation_json(preset),
+    )?;
     let (tokenizer, tokenizer_config) = tokenizer_json(preset);
     write_json(&out.join("tokenizer.json"), &tokenizer)?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
@@ -140,6 +176,15 @@ pub fn write_checkpoint(preset: &Preset, out: &Path, opts: &WriteOptions) -> Res
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// generation_config.json: the special token ids.
+fn generation_json(preset: &Preset) -> Value {
+    let mut generation = json!({"eos_token_id": preset.eos_token_id});
+    if let Some(bos) = preset.bos_token_id {
+        generation["bos_token_id"] = json!(bos);
+    }
+    generation
 }
 
 /// config.json as transformers writes it for this architecture.
