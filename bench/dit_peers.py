@@ -49,8 +49,8 @@ preset:
 On the GPU machine (torch 2.11, transformers 5.17, accelerate 1.15 are there; diffusers is
 not and travels as a wheel, with the hub wheel it needs). Here, in the repository's root:
 
-    scripts/gpu_checks.sh --build          # release ferry into .gpu/ (ignored by git)
-    echo /.whl/ >> .git/info/exclude       # .whl/ is also in .gitignore
+    cargo build --release && mkdir -p .gpu && strip -o .gpu/ferry target/release/ferry
+    # .gpu/ and .whl/ are in .gitignore; the wheels (about 5 MB) and ferry travel in carry
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
         diffusers==0.42.1 huggingface_hub==1.33.0
