@@ -474,26 +474,27 @@ pub fn write_pipeline(
         let dir = out.join(c.name());
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let config = preset.config(c, opts.dtype);
-        let mut shards: Vec<PathBuf> = Vec::new();
-        match c {
+        let shards: Vec<PathBuf> = match c {
             PipelineComponent::Transformer | PipelineComponent::Vae => {
                 write_json(&dir.join("config.json"), &config)?;
-                shards = write_sharded(&dir, "diffusion_pytorch_model", &specs(c), opts, &bar)?;
+                write_sharded(&dir, "diffusion_pytorch_model", &specs(c), opts, &bar)?
             }
             PipelineComponent::TextEncoder => {
                 write_json(&dir.join("config.json"), &config)?;
                 let generation = generation_json(&preset.text_encoder);
                 write_json(&dir.join("generation_config.json"), &generation)?;
-                shards = write_sharded(&dir, "model", &specs(c), opts, &bar)?;
+                write_sharded(&dir, "model", &specs(c), opts, &bar)?
             }
             PipelineComponent::Tokenizer => {
                 write_json(&dir.join("tokenizer.json"), &preset.tokenizer().tokenizer)?;
                 write_json(&dir.join("tokenizer_config.json"), &config)?;
+                Vec::new()
             }
             PipelineComponent::Scheduler => {
                 write_json(&dir.join("scheduler_config.json"), &config)?;
+                Vec::new()
             }
-        }
+        };
         reports.push((
             c,
             WriteReport {
