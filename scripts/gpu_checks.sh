@@ -15,7 +15,8 @@
 #                                       carry it to the GPU machine, e.g. the device tool's carry)
 # and run there with
 #   scripts/gpu_checks.sh [OUT_DIR]    (logs and JSON under OUT_DIR, default ./gpu-out)
-# Set SKIP_7B=1 to leave out step 3 (it writes 15 GB to $SYNTH_DIR, default /tmp), or
+# Set SKIP_DIT=1 to leave out the Z-Image DiT benchmarks (DIT_BUDGETS, DIT_BATCH choose them),
+# SKIP_7B=1 to leave out step 3 (it writes 15 GB to $SYNTH_DIR, default /tmp), or
 # SKIP_TRANSFORMERS=1 to time ferry alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,9 @@ if [ "${1:-}" = "--build" ]; then
     stream_bin=$(cargo test --release --test cuda_stream --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-stream-tests "$stream_bin"
+    zimage_bin=$(cargo test --release --test cuda_z_image --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-z-image-tests "$zimage_bin"
     smol_bin=$(cargo test --release --test cuda_smollm2 --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-smollm2-tests "$smol_bin"
@@ -67,6 +71,9 @@ timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OU
 step "streaming: streamed = resident bit for bit on every fixture, too-small budget, staged = registered host memory (tests/cuda_stream.rs)"
 timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
 
+step "Z-Image DiT on the GPU: bf16 vs diffusers, streamed = resident, ferry image streamed = resident (tests/cuda_z_image.rs)"
+timeout 300 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/z_image_tests.log" || status=1
+
 step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
 timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" || status=1
 
@@ -82,6 +89,18 @@ rm -f "$OUT/bench_timeline_fixture.svg"
 "$BIN/ferry" bench -m tests/fixtures/qwen2 --device cuda --vram 260MiB --prompt-tokens 4,16 --batch 1,3 --decode-tokens 4 \
     --runs 2 --timeline "$OUT/bench_timeline_fixture.svg" 2>&1 | tee "$OUT/bench_timeline.log" || status=1
 grep -q "prompt pass of 3 × 16 tokens" "$OUT/bench_timeline_fixture.svg" || { echo "no timeline drawn"; status=1; }
+
+if [ -z "${SKIP_DIT:-}" ]; then
+    step "Z-Image-Turbo DiT (real shape, random bf16 weights in memory): one step at 1024x1024, 100 caption tokens"
+    for vram in ${DIT_BUDGETS:-none 3GiB 8GiB}; do
+        echo "-- --vram $vram"
+        flags=(--synthetic z-image-turbo --device cuda --batch "${DIT_BATCH:-1,4}" --runs 5 --json)
+        [ "$vram" = none ] || flags+=(--vram "$vram")
+        [ "$vram" = 3GiB ] && flags+=(--timeline "$OUT/dit_timeline_3GiB.svg")
+        timeout 300 "$BIN/ferry" bench "${flags[@]}" > "$OUT/dit_$vram.json" 2> "$OUT/dit_$vram.log" || { status=1; tail -5 "$OUT/dit_$vram.log"; }
+        cat "$OUT/dit_$vram.json"
+    done
+fi
 
 if [ -z "${SKIP_7B:-}" ]; then
     SYNTH=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b

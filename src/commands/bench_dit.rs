@@ -5,7 +5,8 @@
 //! `--timeline` draws one streamed step.
 //!
 //! The model is the `transformer/` of a diffusers Z-Image directory (`--model`), or Z-Image
-//! Turbo's real shape with random weights made in memory (`--synthetic z-image-turbo`).
+//! Turbo's real shape with random weights made in memory (`--synthetic z-image-turbo`, or any
+//! image preset of `ferry synth --list`).
 //! Inputs are random latents and caption features: the step's cost does not depend on them.
 
 use std::sync::{Arc, Mutex};
@@ -16,27 +17,24 @@ use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::cuda::Cuda;
 use ferry::backend::dit::DitOps;
 use ferry::backend::Backend;
-use ferry::checkpoint::{resolve_model_path, Component, Pipeline};
+use ferry::checkpoint::{resolve_model_path, Component, DType, Pipeline};
 use ferry::diffuse::pipeline::gaussian_noise;
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
 use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{open_device, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, TimelineCapture};
 use ferry::stream::Vram;
-use ferry::synth::random_component;
+use ferry::synth::{random_component, PipelineComponent, PipelinePreset};
 use ferry::{Error, Result};
 
 use super::bench::BenchArgs;
 use super::median;
 
-/// The presets `--synthetic` takes for image models.
-pub const IMAGE_PRESETS: &[&str] = &["z-image-turbo"];
-
 /// Whether `args` name an image model: a diffusers pipeline or transformer directory, or an
 /// image preset.
 pub fn is_image_model(args: &BenchArgs) -> bool {
     if let Some(p) = &args.synthetic {
-        return IMAGE_PRESETS.contains(&p.as_str());
+        return PipelinePreset::by_name(p).is_some();
     }
     args.model
         .as_deref()
@@ -49,22 +47,11 @@ fn is_dit_dir(dir: &std::path::Path) -> bool {
         .is_ok_and(|s| s.contains("\"ZImageTransformer2DModel\""))
 }
 
-/// Z-Image-Turbo's transformer/config.json (Tongyi-MAI/Z-Image-Turbo).
-fn z_image_turbo_config() -> serde_json::Value {
-    serde_json::json!({
-        "_class_name": "ZImageTransformer2DModel",
-        "all_f_patch_size": [1], "all_patch_size": [2],
-        "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
-        "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16,
-        "n_heads": 30, "n_kv_heads": 30, "n_layers": 30, "n_refiner_layers": 2,
-        "norm_eps": 1e-5, "qk_norm": true, "rope_theta": 256.0, "t_scale": 1000.0,
-    })
-}
-
 /// The DiT to time and its tensors, with a label for reports.
 fn open_dit(args: &BenchArgs) -> Result<(ZImage, Component, String)> {
     if let Some(p) = &args.synthetic {
-        let json = z_image_turbo_config();
+        let preset = PipelinePreset::by_name(p).expect("is_image_model checked the name");
+        let json = preset.config(PipelineComponent::Transformer, DType::BF16);
         let path = std::path::PathBuf::from(format!("synthetic:{p}/config.json"));
         let dit = ZImage::new(ZImageConfig::from_json(&path, &json)?);
         let component = random_component(

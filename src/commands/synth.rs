@@ -1,16 +1,21 @@
-//! `ferry synth`: write a checkpoint with random weights and a real model's shape.
+//! `ferry synth`: write a checkpoint with random weights and a real model's shape, or a
+//! diffusers image pipeline of several.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use ferry::stream::{human_bytes, parse_size};
-use ferry::synth::{parse_arch, parse_dtype, write_checkpoint, Preset, WriteOptions};
+use ferry::synth::{
+    check_destination, parse_arch, parse_dtype, write_checkpoint, write_pipeline,
+    PipelineComponent, PipelinePreset, Preset, SynthPreset, WriteOptions,
+};
 use ferry::{Error, Result};
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny.
+    /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny, or an image
+    /// pipeline: z-image-turbo, z-image-tiny.
     #[arg(long, required_unless_present = "list")]
     preset: Option<String>,
     /// Output directory (created; must be empty or missing unless --force).
@@ -28,6 +33,11 @@ pub struct SynthArgs {
     /// Number of decoder blocks, if not the preset's.
     #[arg(long)]
     layers: Option<usize>,
+    /// Image pipelines: only these components, comma-separated (transformer, text_encoder,
+    /// tokenizer, vae, scheduler), e.g. --only transformer for a DiT benchmark. More can be
+    /// added to the same --out later with the same seed.
+    #[arg(long, value_name = "COMPONENTS")]
+    only: Option<String>,
     /// Most bytes per safetensors shard.
     #[arg(long, default_value = "4GiB")]
     shard_size: String,
@@ -41,35 +51,94 @@ pub struct SynthArgs {
 
 pub fn synth(args: SynthArgs) -> Result<()> {
     if args.list {
-        for p in Preset::list() {
-            println!(
-                "{:<14} {:<6} {:>7.2}B params  {:>10} bf16  {}",
-                p.name,
-                p.config.arch.name(),
-                p.parameters() as f64 / 1e9,
-                human_bytes(p.parameters() * 2),
-                p.about
-            );
-        }
+        list();
         return Ok(());
     }
-    let (Some(name), Some(out)) = (args.preset, args.out) else {
+    let (Some(name), Some(out)) = (&args.preset, &args.out) else {
         unreachable!("clap requires --preset and --out without --list");
     };
-    let mut preset = Preset::by_name(&name)?;
-    if let Some(arch) = &args.arch {
-        preset = preset.with_arch(parse_arch(arch)?);
-    }
-    if let Some(layers) = args.layers {
-        preset = preset.with_layers(layers)?;
-    }
     let opts = WriteOptions {
         seed: args.seed,
         dtype: parse_dtype(&args.dtype)?,
         shard_bytes: parse_size(&args.shard_size, "--shard-size")?,
         progress: true,
     };
-    let occupied = std::fs::read_dir(&out)
+    match SynthPreset::by_name(name)? {
+        SynthPreset::Llm(preset) => language_model(&args, preset, out, &opts),
+        SynthPreset::Pipeline(preset) => pipeline(&args, &preset, out, &opts),
+    }
+}
+
+fn list() {
+    println!("language models:");
+    for p in Preset::list() {
+        let n = p.parameters();
+        println!(
+            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            p.name,
+            p.config.arch.name(),
+            count(n),
+            human_bytes(n * 2),
+            p.about
+        );
+    }
+    println!("image pipelines (diffusers directories; --only picks components):");
+    for p in PipelinePreset::list() {
+        let total: usize = PipelineComponent::ALL
+            .iter()
+            .map(|&c| p.parameters(c))
+            .sum();
+        println!(
+            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            p.name,
+            "z-image",
+            count(total),
+            human_bytes(total * 2),
+            p.about
+        );
+        for c in PipelineComponent::ALL {
+            let n = p.parameters(c);
+            if n > 0 {
+                let name = format!("  {}", c.name());
+                println!(
+                    "  {name:<24} {:>7} params {:>10}",
+                    count(n),
+                    human_bytes(n * 2)
+                );
+            }
+        }
+    }
+}
+
+/// A parameter count in K, M or B.
+fn count(n: usize) -> String {
+    let n = n as f64;
+    match n {
+        _ if n >= 1e9 => format!("{:.2}B", n / 1e9),
+        _ if n >= 1e6 => format!("{:.1}M", n / 1e6),
+        _ => format!("{:.1}K", n / 1e3),
+    }
+}
+
+fn language_model(args: &SynthArgs, preset: Preset, out: &Path, opts: &WriteOptions) -> Result<()> {
+    if args.only.is_some() {
+        return Err(Error::Flag {
+            flag: "--only",
+            message: format!(
+                "{} is a language model, written whole; --only picks components of an image pipeline ({})",
+                preset.name,
+                PipelinePreset::names()
+            ),
+        });
+    }
+    let mut preset = preset;
+    if let Some(arch) = &args.arch {
+        preset = preset.with_arch(parse_arch(arch)?);
+    }
+    if let Some(layers) = args.layers {
+        preset = preset.with_layers(layers)?;
+    }
+    let occupied = std::fs::read_dir(out)
         .map(|mut d| d.next().is_some())
         .unwrap_or(false);
     if occupied && !args.force {
@@ -81,7 +150,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
             ),
         });
     }
-    let report = write_checkpoint(&preset, &out, &opts)?;
+    let report = write_checkpoint(&preset, out, opts)?;
     eprintln!(
         "wrote {} ({} {}, {} params, {} in {} shards) in {:.1} s: {:.2} GB/s",
         out.display(),
@@ -92,6 +161,59 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         report.shards.len(),
         report.seconds,
         report.bytes as f64 / report.seconds.max(1e-9) / 1e9,
+    );
+    Ok(())
+}
+
+fn pipeline(
+    args: &SynthArgs,
+    preset: &PipelinePreset,
+    out: &Path,
+    opts: &WriteOptions,
+) -> Result<()> {
+    for (flag, given) in [
+        ("--arch", args.arch.is_some()),
+        ("--layers", args.layers.is_some()),
+    ] {
+        if given {
+            return Err(Error::Flag {
+                flag,
+                message: format!(
+                    "{} is an image pipeline of fixed shapes; {flag} applies to language-model presets",
+                    preset.name
+                ),
+            });
+        }
+    }
+    let components = match &args.only {
+        Some(list) => PipelineComponent::parse_list(list)?,
+        None => PipelineComponent::ALL.to_vec(),
+    };
+    if !args.force {
+        check_destination(preset, out, &components, opts)?;
+    }
+    let reports = write_pipeline(preset, out, &components, opts)?;
+    let (mut bytes, mut seconds) = (0, 0.0);
+    for (c, r) in &reports {
+        bytes += r.bytes;
+        seconds += r.seconds;
+        match r.shards.len() {
+            0 => eprintln!("  {:<13} config", c.name()),
+            n => eprintln!(
+                "  {:<13} {} params, {} in {n} shards",
+                c.name(),
+                preset.parameters(*c),
+                human_bytes(r.bytes)
+            ),
+        }
+    }
+    eprintln!(
+        "wrote {} ({}, {}) in {:.1} s: {:.2} GB/s",
+        out.display(),
+        preset.name,
+        human_bytes(bytes),
+        seconds,
+        bytes as f64 / seconds.max(1e-9) / 1e9,
     );
     Ok(())
 }

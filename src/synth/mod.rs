@@ -1,18 +1,21 @@
 //! Synthetic checkpoints: random weights with the shapes and config of real models, for
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
-//! ([`synthetic_checkpoint`], for models larger than the disk).
+//! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`).
 //!
 //! Weights are deterministic for a seed and scaled like a trained model's: linear weights,
 //! biases and embeddings ~ N(0, 0.02²), norm weights ~ N(1, 0.02²), so activations stay finite
 //! through every block in bf16. The same seed gives the same bytes on disk and in memory.
 
 mod component;
+mod diffusers;
 mod presets;
 mod random;
+mod shards;
+mod tokenizer;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +24,10 @@ use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 pub use component::random_component;
+pub use diffusers::{
+    check_destination, write_pipeline, DitShape, PipelineComponent, PipelinePreset, VaeShape,
+    DIFFUSERS_VERSION,
+};
 pub use presets::Preset;
 
 use crate::checkpoint::{
@@ -28,9 +35,36 @@ use crate::checkpoint::{
 };
 use crate::error::{Error, Result};
 use crate::model::Arch;
-use random::{tensor_key, Table};
+use shards::{write_json, write_sharded, Spec, Tables};
+use tokenizer::tokenizer_json;
 
-/// How `write_checkpoint` writes.
+/// What `ferry synth --preset` names: a language model, or an image pipeline of several
+/// models.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SynthPreset {
+    Llm(Preset),
+    /// Boxed: a pipeline holds three models' shapes.
+    Pipeline(Box<PipelinePreset>),
+}
+
+impl SynthPreset {
+    /// The preset called `name`, or an error listing both kinds.
+    pub fn by_name(name: &str) -> Result<SynthPreset> {
+        if let Some(p) = PipelinePreset::by_name(name) {
+            return Ok(SynthPreset::Pipeline(Box::new(p)));
+        }
+        Preset::by_name(name).map(SynthPreset::Llm).map_err(|_| Error::Flag {
+            flag: "--preset",
+            message: format!(
+                "unknown preset {name:?}; expected one of {} (language models) or {} (image pipelines)",
+                Preset::names(),
+                PipelinePreset::names()
+            ),
+        })
+    }
+}
+
+/// How `write_checkpoint` and `write_pipeline` write.
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
     pub seed: u64,
@@ -62,63 +96,12 @@ pub struct WriteReport {
     pub seconds: f64,
 }
 
-/// One tensor to synthesize: name, shape, and the distribution of its values.
-struct Spec {
-    name: String,
-    shape: Vec<usize>,
-    dist: Dist,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dist {
-    /// N(0, 0.02²): linear weights, biases, embeddings.
-    Small,
-    /// N(1, 0.02²): RMSNorm weights.
-    NearOne,
-}
-
-impl Spec {
-    fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
 fn specs(preset: &Preset) -> Vec<Spec> {
     preset
         .tensors()
         .into_iter()
-        .map(|(name, shape)| {
-            let dist = if name.ends_with("norm.weight") {
-                Dist::NearOne
-            } else {
-                Dist::Small
-            };
-            Spec { name, shape, dist }
-        })
+        .map(|(name, shape)| Spec::new(name, shape))
         .collect()
-}
-
-/// The value tables, built once per call.
-struct Tables {
-    small: Table,
-    near_one: Table,
-}
-
-impl Tables {
-    fn new() -> Tables {
-        Tables {
-            small: Table::normal(0.0, 0.02),
-            near_one: Table::normal(1.0, 0.02),
-        }
-    }
-
-    fn fill(&self, spec: &Spec, seed: u64, dtype: DType, first: usize, out: &mut [u8]) {
-        let table = match spec.dist {
-            Dist::Small => &self.small,
-            Dist::NearOne => &self.near_one,
-        };
-        table.fill(dtype, tensor_key(seed, &spec.name), first, out);
-    }
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -129,6 +112,17 @@ fn check_dtype(dtype: DType) -> Result<()> {
             message: "synthetic checkpoints are bf16 or f32".into(),
         }),
     }
+}
+
+fn check_options(opts: &WriteOptions) -> Result<()> {
+    check_dtype(opts.dtype)?;
+    if opts.shard_bytes == 0 {
+        return Err(Error::Flag {
+            flag: "--shard-size",
+            message: "expected a positive size".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Parse `--dtype`: `bf16` or `f32`.
@@ -159,161 +153,40 @@ pub fn parse_arch(s: &str) -> Result<Arch> {
 /// `model.safetensors.index.json`, config.json, generation_config.json, and a byte-level
 /// tokenizer (tokenizer.json, tokenizer_config.json) whose vocabulary has one token per id.
 pub fn write_checkpoint(preset: &Preset, out: &Path, opts: &WriteOptions) -> Result<WriteReport> {
-    check_dtype(opts.dtype)?;
-    if opts.shard_bytes == 0 {
-        return Err(Error::Flag {
-            flag: "--shard-size",
-            message: "expected a positive size".into(),
-        });
-    }
+    check_options(opts)?;
     let start = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let specs = specs(preset);
-    let esize = opts.dtype.size();
-
-    // Tensors in pass order, a new shard whenever the next tensor would overflow this one.
-    let mut shards: Vec<Vec<&Spec>> = vec![Vec::new()];
-    let mut in_shard = 0usize;
-    for s in &specs {
-        let bytes = s.numel() * esize;
-        let last = shards.last_mut().expect("one shard");
-        if !last.is_empty() && in_shard + bytes > opts.shard_bytes {
-            shards.push(vec![s]);
-            in_shard = bytes;
-        } else {
-            last.push(s);
-            in_shard += bytes;
-        }
-    }
-    let total: usize = specs.iter().map(|s| s.numel() * esize).sum();
-
-    let bar = if opts.progress {
-        let bar = crate::progress::bytes_bar(total, format!("synth {}", preset.name));
-        bar
-    } else {
-        ProgressBar::hidden()
+    let total: usize = specs.iter().map(|s| s.numel() * opts.dtype.size()).sum();
+    let bar = match opts.progress {
+        true => crate::progress::bytes_bar(total, format!("synth {}", preset.name)),
+        false => ProgressBar::hidden(),
     };
-
-    let tables = Tables::new();
-    let n = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    let mut paths = Vec::new();
-    for (k, shard) in shards.iter().enumerate() {
-        let file_name = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-        let path = out.join(&file_name);
-        write_shard(&path, shard, &tables, opts, &bar)?;
-        for s in shard {
-            weight_map.insert(s.name.clone(), Value::String(file_name.clone()));
-        }
-        paths.push(path);
-    }
+    let shards = write_sharded(out, "model", &specs, opts, &bar)?;
     bar.finish_and_clear();
-
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_json(&out.join("model.safetensors.index.json"), &index)?;
     write_json(&out.join("config.json"), &config_json(preset, opts.dtype))?;
-    let mut generation = json!({"eos_token_id": preset.eos_token_id});
-    if let Some(bos) = preset.bos_token_id {
-        generation["bos_token_id"] = json!(bos);
-    }
-    write_json(&out.join("generation_config.json"), &generation)?;
+    write_json(
+        &out.join("generation_config.json"),
+        &generation_json(preset),
+    )?;
     let (tokenizer, tokenizer_config) = tokenizer_json(preset);
     write_json(&out.join("tokenizer.json"), &tokenizer)?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
 
     Ok(WriteReport {
-        shards: paths,
+        shards,
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
-/// Write one safetensors file: header, then each tensor's data generated in pieces on the
-/// rayon pool while a writer thread writes the previous piece.
-fn write_shard(
-    path: &Path,
-    specs: &[&Spec],
-    tables: &Tables,
-    opts: &WriteOptions,
-    bar: &ProgressBar,
-) -> Result<()> {
-    // Bytes generated and written at a time.
-    const PIECE: usize = 32 << 20;
-    let esize = opts.dtype.size();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for s in specs {
-        let len = s.numel() * esize;
-        let dtype = if opts.dtype == DType::BF16 {
-            "BF16"
-        } else {
-            "F32"
-        };
-        header.insert(
-            s.name.clone(),
-            json!({"dtype": dtype, "shape": s.shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
+/// generation_config.json: the special token ids.
+fn generation_json(preset: &Preset) -> Value {
+    let mut generation = json!({"eos_token_id": preset.eos_token_id});
+    if let Some(bos) = preset.bos_token_id {
+        generation["bos_token_id"] = json!(bos);
     }
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
-    // Pad so the data starts 8-byte aligned.
-    while (8 + header.len()) % 8 != 0 {
-        header.push(b' ');
-    }
-
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    file.write_all(&(header.len() as u64).to_le_bytes())
-        .and_then(|()| file.write_all(&header))
-        .map_err(|e| Error::io(path, e))?;
-
-    std::thread::scope(|scope| {
-        use std::sync::mpsc::{channel, sync_channel};
-        let (full_tx, full_rx) = sync_channel::<(Vec<u64>, usize)>(1);
-        let (empty_tx, empty_rx) = channel::<Vec<u64>>();
-        for _ in 0..3 {
-            empty_tx
-                .send(vec![0u64; PIECE / 8])
-                .expect("receiver alive");
-        }
-        let writer = scope.spawn(move || -> std::io::Result<()> {
-            for (buf, len) in full_rx {
-                file.write_all(&bytemuck::cast_slice(&buf)[..len])?;
-                bar.inc(len as u64);
-                // The generator may have stopped; then nobody needs the buffer back.
-                let _ = empty_tx.send(buf);
-            }
-            file.flush()
-        });
-        'gen: for s in specs {
-            let numel = s.numel();
-            let per_piece = PIECE / esize;
-            let mut first = 0;
-            while first < numel {
-                let count = per_piece.min(numel - first);
-                // A closed channel means the writer failed; its error is reported below.
-                let Ok(mut buf) = empty_rx.recv() else {
-                    break 'gen;
-                };
-                let bytes = &mut bytemuck::cast_slice_mut(&mut buf)[..count * esize];
-                tables.fill(s, opts.seed, opts.dtype, first, bytes);
-                if full_tx.send((buf, count * esize)).is_err() {
-                    break 'gen;
-                }
-                first += count;
-            }
-        }
-        drop(full_tx);
-        writer
-            .join()
-            .expect("the writer thread does not panic")
-            .map_err(|e| Error::io(path, e))
-    })
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON serializes");
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+    generation
 }
 
 /// config.json as transformers writes it for this architecture.
@@ -374,90 +247,6 @@ fn config_json(preset: &Preset, dtype: DType) -> Value {
         }
     }
     v
-}
-
-/// The byte-level unicode alphabet of GPT-2 style tokenizers: byte → the char that stands for
-/// it in vocabularies.
-fn byte_char(b: u8) -> char {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    if printable(b) {
-        return b as char;
-    }
-    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + rank).expect("a valid char")
-}
-
-/// A byte-level BPE tokenizer with one token per id of the model's vocabulary: the special
-/// tokens at the preset's bos/eos ids, the 256 bytes at the lowest free ids, and placeholder
-/// tokens `<|synth_ID|>` for the rest (they decode to that text; no merges, so encoding makes
-/// one token per byte). Returns (tokenizer.json, tokenizer_config.json).
-fn tokenizer_json(preset: &Preset) -> (Value, Value) {
-    let vocab_size = preset.config.vocab_size;
-    let mut specials: Vec<(u32, &str)> = Vec::new();
-    match preset.bos_token_id {
-        Some(bos) if bos == preset.eos_token_id => specials.push((bos, "<|endoftext|>")),
-        Some(bos) => {
-            specials.push((bos, "<|begin_of_text|>"));
-            specials.push((preset.eos_token_id, "<|end_of_text|>"));
-        }
-        None => specials.push((preset.eos_token_id, "<|endoftext|>")),
-    }
-    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
-    for &(id, text) in &specials {
-        if let Some(t) = tokens.get_mut(id as usize) {
-            *t = Some(text.to_string());
-        }
-    }
-    let mut free = (0..vocab_size).filter(|&i| tokens[i].is_none());
-    let byte_ids: Vec<usize> = (0..=255u8).map_while(|_| free.next()).collect();
-    for (b, &id) in byte_ids.iter().enumerate() {
-        tokens[id] = Some(byte_char(b as u8).to_string());
-    }
-    let vocab: serde_json::Map<String, Value> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(id, t)| (t.unwrap_or_else(|| format!("<|synth_{id}|>")), json!(id)))
-        .collect();
-    let added: Vec<Value> = specials
-        .iter()
-        .filter(|(id, _)| (*id as usize) < vocab_size)
-        .map(|(id, text)| {
-            json!({"id": id, "content": text, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
-                            "trim_offsets": true, "use_regex": true});
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": null,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": [],
-        },
-    });
-    let name = |id: Option<u32>| {
-        id.and_then(|id| specials.iter().find(|s| s.0 == id))
-            .map(|s| json!(s.1))
-            .unwrap_or(Value::Null)
-    };
-    let tokenizer_config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name(preset.bos_token_id),
-        "eos_token": name(Some(preset.eos_token_id)),
-        "add_bos_token": false,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": preset.config.max_position_embeddings,
-    });
-    (tokenizer, tokenizer_config)
 }
 
 /// The same weights `write_checkpoint` writes for `seed` and `dtype`, built in host memory

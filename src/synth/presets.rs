@@ -154,7 +154,7 @@ fn base(arch: Arch) -> LlamaConfig {
 }
 
 /// (hidden, ffn, layers, heads, kv heads)
-type Shape = (usize, usize, usize, usize, usize);
+pub(super) type Shape = (usize, usize, usize, usize, usize);
 
 fn shaped(mut c: LlamaConfig, (hidden, ffn, layers, heads, kv_heads): Shape) -> LlamaConfig {
     c.hidden_size = hidden;
@@ -194,7 +194,9 @@ fn qwen25(name: &'static str, about: &'static str, shape: Shape, eps: f64) -> Pr
     }
 }
 
-fn qwen3(name: &'static str, about: &'static str, shape: Shape) -> Preset {
+/// A Qwen3 model (also the text encoder of the image pipelines): head_dim 128, Qwen's
+/// vocabulary and special token ids.
+pub(super) fn qwen3(name: &'static str, about: &'static str, shape: Shape) -> Preset {
     let mut c = shaped(base(Arch::Qwen3), shape);
     c.head_dim = 128; // Qwen3-32B: 64 heads × 128 ≠ hidden 5120
     c.vocab_size = 151936;
