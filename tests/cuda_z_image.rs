@@ -16,10 +16,12 @@ use ferry::backend::cuda::streaming::HostMemory;
 use ferry::backend::cuda::{Cuda, CUBLAS_WORKSPACE, DRIVER_RESERVE};
 use ferry::backend::Backend;
 use ferry::checkpoint::Pipeline;
+use ferry::diffuse::pipeline::gaussian_noise;
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
 use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{stream_weights, StreamSetup};
 use ferry::stream::Vram;
+use ferry::synth::random_component;
 
 use common::{read_reference, rel_l2};
 
@@ -175,34 +177,73 @@ fn streamed_dit_equals_resident_bit_for_bit_within_the_budget() {
     let Some(resident_gpu) = gpu(test, None) else {
         return;
     };
-    let f = fixture();
-    let tr = f.pipeline.component("transformer").unwrap();
-    let pass = f.guided();
-    let mut w = ResidentWeights::load(tr, f.dit.groups(), |t| resident_gpu.weight(t)).unwrap();
-    let want = run(&f.dit, &resident_gpu, &mut w, &pass);
-    drop(w);
+    // The fixture's blocks are smaller than its timestep embedder, so nothing of it would
+    // stream: a DiT of width 512 (blocks of 6.3 MB, embedders of 1.3 MB), random weights.
+    let json = serde_json::json!({
+        "_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
+        "axes_dims": [32, 48, 48], "axes_lens": [1024, 512, 512], "cap_feat_dim": 64, "dim": 512,
+        "in_channels": 16, "n_heads": 4, "n_kv_heads": 4, "n_layers": 4, "n_refiner_layers": 1,
+        "norm_eps": 1e-5, "qk_norm": true, "rope_theta": 256.0, "t_scale": 1000.0,
+    });
+    let dit = ZImage::new(ZImageConfig::from_json(Path::new("test/config.json"), &json).unwrap());
+    let tr = random_component(
+        "transformer",
+        "ZImageTransformer2DModel",
+        json,
+        dit.groups(),
+        3,
+    );
+    let tr = &tr;
+    // Two samples with captions of different lengths (their rows differ), 8×8 latents.
+    let (h, w) = (8, 8);
+    let pass = Pass {
+        latents: gaussian_noise(5, 2 * 16 * h * w),
+        height: h,
+        width: w,
+        t: vec![0.25, 0.25],
+        captions: vec![gaussian_noise(6, 20 * 64), gaussian_noise(7, 45 * 64)],
+    };
+    let mut rw = ResidentWeights::load(tr, dit.groups(), |t| resident_gpu.weight(t)).unwrap();
+    let want = run(&dit, &resident_gpu, &mut rw, &pass);
+    drop(rw);
     drop(resident_gpu);
 
     let shape = PassShape {
-        tokens: padded(16) + padded(pass.captions[0].len() / 64),
-        batch: pass.t.len(),
+        tokens: padded(16) + padded(45),
+        batch: 2,
         past: 0,
     };
     let weights = tr.bytes();
-    let fixed = CUBLAS_WORKSPACE + DRIVER_RESERVE + f.dit.pass_cost(shape).workspace;
+    // Two slots of the largest group beyond the fixed reserves: the least that plans.
+    let largest = dit
+        .groups()
+        .iter()
+        .map(|g| {
+            g.tensors
+                .iter()
+                .map(|t| tr.tensor(&t.name).unwrap().bytes().len())
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap();
+    let fixed = CUBLAS_WORKSPACE
+        + DRIVER_RESERVE
+        + dit.pass_cost(shape).workspace
+        + 2 * largest
+        + (512 << 10);
     let mut streamed_some = false;
-    for fraction in [0.3, 0.5, 0.8, 1.5] {
+    for fraction in [0.0, 0.25, 0.5, 1.5] {
         let budget = fixed + (weights as f64 * fraction) as usize;
         let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
-        let mut w =
-            match stream_weights(&gpu, tr, &f.dit, StreamSetup::new(shape, HostMemory::Auto)) {
-                Ok(w) => w,
-                Err(e) => panic!("budget {budget}: {e}"),
-            };
+        let mut w = match stream_weights(&gpu, tr, &dit, StreamSetup::new(shape, HostMemory::Auto))
+        {
+            Ok(w) => w,
+            Err(e) => panic!("budget {budget}: {e}"),
+        };
         let streamed = w.plan().streamed_bytes();
         // Two steps: the second pass starts from the prefetch that wrapped around.
         for step in 0..2 {
-            let got = run(&f.dit, &gpu, &mut w, &pass);
+            let got = run(&dit, &gpu, &mut w, &pass);
             assert!(
                 got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())),
                 "budget {budget} ({fraction} of the weights), step {step}: streamed differs from resident"
@@ -225,7 +266,7 @@ fn ferry_image_streamed_writes_the_resident_png() {
     // FERRY_BIN: the binary where the tests run on another machine than they were built on.
     let bin = std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").into());
     let out = tempfile::tempdir().unwrap();
-    let png = |name: &str, extra: &[&str]| -> Vec<u8> {
+    let png = |name: &str, extra: &[&str]| -> Option<Vec<u8>> {
         let path = out.path().join(name);
         let m = dir();
         let mut args = vec![
@@ -256,6 +297,9 @@ fn ferry_image_streamed_writes_the_resident_png() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&run.stderr);
+        if !run.status.success() && err.contains("is below the minimum") {
+            return None;
+        }
         assert!(run.status.success(), "{extra:?}: {err}");
         eprintln!("{extra:?}:\n{err}");
         if !extra.is_empty() {
@@ -273,16 +317,23 @@ fn ferry_image_streamed_writes_the_resident_png() {
                 )
                 .unwrap()
             })
-            .collect()
+            .collect::<Vec<u8>>()
+            .into()
     };
-    // Room for about half the DiT beyond the fixed reserves (the tiny model's activations
-    // are far below the 8 MiB allowed for them).
-    let f = fixture();
-    let dit_bytes = f.pipeline.component("transformer").unwrap().bytes();
-    let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (8 << 20) + dit_bytes / 2;
-    let vram = format!("{budget}B");
-    let resident = png("resident.png", &[]);
-    let streamed = png("streamed.png", &["--vram", &vram]);
+    // The least budget that plans both phases, found by trying. (The tiny DiT's embedders
+    // outweigh its blocks, so its plan keeps them resident: this checks the phases under one
+    // budget through the streaming engine; the test above streams a DiT for real.)
+    let resident = png("resident.png", &[]).expect("a resident run");
+    let mut streamed = None;
+    for extra in 0..16usize {
+        let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (1 << 20) + extra * (256 << 10);
+        let vram = format!("{budget}B");
+        if let Some(bytes) = png("streamed.png", &["--vram", &vram]) {
+            streamed = Some(bytes);
+            break;
+        }
+    }
+    let streamed = streamed.expect("some budget up to 197 MiB plans the tiny pipeline");
     assert!(
         resident == streamed,
         "the streamed PNGs differ from the resident ones"
