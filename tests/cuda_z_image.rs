@@ -339,3 +339,41 @@ fn ferry_image_streamed_writes_the_resident_png() {
         "the streamed PNGs differ from the resident ones"
     );
 }
+
+/// The VAE decoder on the GPU (bf16, channels-last, im2col GEMMs, attention as two GEMMs):
+/// every case's final latents decode within bf16 noise of diffusers' f32 image, and a
+/// 512×512 decode (convolutions in several blocks of rows) within it of the CPU's f32 one.
+#[test]
+fn vae_decodes_on_the_gpu_within_bf16_noise() {
+    use ferry::model::vae::{open_vae, Tiling, Vae};
+    let test = "vae_decodes_on_the_gpu_within_bf16_noise";
+    let Some(gpu) = gpu(test, None) else { return };
+    let f = fixture();
+    let weights = open_vae(&dir().join("vae")).unwrap();
+    let on_gpu = Vae::load(&gpu, &weights).unwrap();
+    let on_cpu = Vae::load(&ferry::backend::cpu::Cpu, &weights).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("expected.json")).unwrap()).unwrap();
+    for (case, c) in expected["cases"].as_object().unwrap() {
+        let steps = c["num_inference_steps"].as_u64().unwrap();
+        let shape: Vec<usize> = serde_json::from_value(c["latent_shape"].clone()).unwrap();
+        let shape = [shape[0], shape[1], shape[2], shape[3]];
+        let latents = f.r(&format!("{case}.latents.{}", steps - 1));
+        let got = on_gpu.decode(&gpu, &latents, shape, Tiling::Whole).unwrap();
+        let want = f.r(&format!("{case}.decoded"));
+        let err = rel_l2(&got, &want);
+        eprintln!("{case}: decoded {shape:?} on the GPU, relative L2 to diffusers f32 {err:.3e}");
+        assert!(err <= 2e-2, "{case}: relative L2 {err:.3e}");
+    }
+    let (h, w) = (64, 64);
+    let z = gaussian_noise(11, 16 * h * w);
+    let cpu = on_cpu
+        .decode(&ferry::backend::cpu::Cpu, &z, [1, 16, h, w], Tiling::Whole)
+        .unwrap();
+    let got = on_gpu
+        .decode(&gpu, &z, [1, 16, h, w], Tiling::Whole)
+        .unwrap();
+    let err = rel_l2(&got, &cpu);
+    eprintln!("512x512 decode: CUDA bf16 vs CPU f32 relative L2 {err:.3e}");
+    assert!(err <= 2e-2, "512x512 decode: relative L2 {err:.3e}");
+}

@@ -58,7 +58,7 @@ pub struct ImageArgs {
     #[arg(long, short, default_value = "image.png")]
     out: PathBuf,
     /// Where to compute: auto (the GPU when one is usable, else the CPU), cpu (f32), or
-    /// cuda[:N] (bf16). The VAE decodes on the CPU in this version.
+    /// cuda[:N] (bf16; every phase on the GPU).
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     device: Device,
     /// GPU memory budget for every phase: a size (3GiB) or auto. Weights that do not fit

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::streaming::{HostMemory, PassStats};
-use crate::backend::cuda::Cuda;
+use crate::backend::cuda::{Cuda, CudaWeight};
 use crate::backend::dit::DitOps;
 use crate::backend::Backend;
 use crate::checkpoint::{Component, Pipeline};
@@ -17,7 +17,7 @@ use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
-use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae};
+use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae, VaeWeights};
 use crate::model::z_image::{padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
 use crate::runtime::{stream_weights, StreamSetup};
@@ -97,6 +97,8 @@ pub struct ZImagePipeline {
     encoder: TextEncoder,
     dit: ZImage,
     vae: Vae<Cpu>,
+    /// The VAE's tensors as stored, for a decoder on the GPU.
+    vae_weights: VaeWeights,
     scheduler: FlowMatchConfig,
     pub load_seconds: f64,
 }
@@ -137,7 +139,8 @@ impl ZImagePipeline {
         dit.check_tensors(tr)?;
 
         let vae_dir = &pipeline.component("vae")?.dir;
-        let vae = Vae::load(&Cpu, &open_vae(vae_dir)?)?;
+        let vae_weights = open_vae(vae_dir)?;
+        let vae = Vae::load(&Cpu, &vae_weights)?;
         if vae.config().latent_channels != dit.config.in_channels {
             return Err(Error::checkpoint(
                 vae_dir.join("config.json"),
@@ -156,6 +159,7 @@ impl ZImagePipeline {
             encoder,
             dit,
             vae,
+            vae_weights,
             scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
         })
@@ -175,15 +179,25 @@ impl ZImagePipeline {
         on_step: impl FnMut(usize),
     ) -> Result<Images> {
         match *compute {
-            Compute::Cpu => self.generate_on(&Cpu, request, on_step, |c, arch, _, _| {
-                Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
-                    Cpu.weight(t)
-                })?))
-            }),
+            Compute::Cpu => self.generate_on(
+                &Cpu,
+                request,
+                on_step,
+                |c, arch, _, _| {
+                    Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
+                        Cpu.weight(t)
+                    })?))
+                },
+                |latents, shape| self.vae.decode(&Cpu, latents, shape, Tiling::Whole),
+            ),
             Compute::Cuda { gpu, stream } => {
                 gpu.prepare(self.encoder.model.config.head_dim)?;
                 gpu.prepare_dit(self.dit.config.head_dim())?;
-                self.generate_on(gpu, request, on_step, |c, arch, shape, log| {
+                let place = |c: &Component,
+                             arch: &dyn Architecture,
+                             shape,
+                             log: &mut StreamLog|
+                 -> Result<Box<dyn Weights<CudaWeight>>> {
                     let Some(host) = stream else {
                         return Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
                             gpu.weight(t)
@@ -193,14 +207,19 @@ impl ZImagePipeline {
                     log.plan = w.plan().to_string();
                     w.log_stats(log.passes.clone());
                     Ok(Box::new(w))
-                })
+                };
+                // The decoder's weights (160 MB in bf16) stay resident for the phase.
+                let decode = |latents: &[f32], shape| {
+                    Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, Tiling::Whole)
+                };
+                self.generate_on(gpu, request, on_step, place, decode)
             }
         }
     }
 
     /// The phases in turn on `backend`, each phase's weights placed by `place` (component,
     /// architecture, the pass it must serve, where its streaming statistics go) and dropped
-    /// when the phase ends.
+    /// when the phase ends; `decode` is the VAE on the same device (latents, their shape).
     fn generate_on<B: DitOps>(
         &self,
         backend: &B,
@@ -212,6 +231,7 @@ impl ZImagePipeline {
             PassShape,
             &mut StreamLog,
         ) -> Result<Box<dyn Weights<B::Weight>>>,
+        decode: impl FnOnce(&[f32], [usize; 4]) -> Result<Vec<f32>>,
     ) -> Result<Images> {
         let r = request;
         let (h, w) = (r.height / 8, r.width / 8);
@@ -293,7 +313,7 @@ impl ZImagePipeline {
 
         let t = Instant::now();
         let shape = [r.batch, self.latent_channels(), h, w];
-        let image = self.vae.decode(&Cpu, &latents, shape, Tiling::Whole)?;
+        let image = decode(&latents, shape)?;
         let rgb = to_rgb8(&image, [r.batch, 3, r.height, r.width]);
         times.vae = t.elapsed().as_secs_f64();
         Ok(Images {

@@ -35,10 +35,11 @@ pub const GEMV: Source = kernel_source!("gemv");
 pub const ATTENTION_DECODE: Source = kernel_source!("attention_decode");
 pub const ATTENTION_PREFILL: Source = kernel_source!("attention_prefill");
 pub const DIT: Source = kernel_source!("dit");
+pub const IMAGE: Source = kernel_source!("image");
 
 /// Every kernel family.
 #[cfg(test)]
-pub const ALL: [Source; 9] = [
+pub const ALL: [Source; 10] = [
     EMBED,
     GEMV,
     NORM,
@@ -48,6 +49,7 @@ pub const ALL: [Source; 9] = [
     ATTENTION_DECODE,
     ATTENTION_PREFILL,
     DIT,
+    IMAGE,
 ];
 
 /// What the machine code is built for.

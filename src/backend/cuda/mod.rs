@@ -10,6 +10,7 @@ mod compile;
 mod dit;
 mod gemm;
 mod host_tier;
+mod image;
 pub mod loader;
 pub mod streaming;
 
