@@ -48,6 +48,35 @@ impl From<HostMemoryFlag> for HostMemory {
     }
 }
 
+/// A value parser for counts (`--batch`, `--context`): a whole number of at least `min`. With
+/// the argument's `allow_negative_numbers`, `--batch -1` reaches this check (and its message)
+/// instead of being read as an unknown flag `-1`.
+pub fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(n) if n >= min as i128 && n <= usize::MAX as i128 => Ok(n as usize),
+        Ok(_) => Err(format!("expected a whole number ≥ {min}")),
+        Err(_) => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
+    }
+}
+
+/// A seed from the clock and the process id, for runs that give none (printed, so that the
+/// run can be repeated with `--seed`).
+pub fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
+}
+
+/// `"1 token"`, `"2 tokens"`, `"3 passes"`: a count and its noun, singular for one.
+pub fn plural(n: usize, noun: &str) -> String {
+    match (n, noun.ends_with('s')) {
+        (1, _) => format!("{n} {noun}"),
+        (_, true) => format!("{n} {noun}es"),
+        (_, false) => format!("{n} {noun}s"),
+    }
+}
+
 /// The median of `xs` (sorted in place; the mean of the middle two for an even count).
 pub fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);

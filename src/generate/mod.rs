@@ -19,6 +19,7 @@ use crate::model::{Architecture, Llama, Logits, ResidentWeights, Segment, Weight
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
+    /// Most tokens to generate; [`UNTIL_CONTEXT_FULL`] for no limit but the context.
     pub max_tokens: usize,
     pub sampling: SamplingConfig,
     /// Stop when the text contains one of these (it is not included in the output).
@@ -26,6 +27,9 @@ pub struct Request {
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
 }
+
+/// `max_tokens` for "generate until the context is full" (`--max-tokens -1`, as in llama.cpp).
+pub const UNTIL_CONTEXT_FULL: usize = usize::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -37,6 +41,48 @@ pub enum Finish {
     MaxTokens,
     /// The context is full.
     Context,
+}
+
+impl Finish {
+    /// The name a program reads (`ferry run --json`'s "finish").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Eos => "eos",
+            Finish::StopString => "stop_string",
+            Finish::MaxTokens => "max_tokens",
+            Finish::Context => "context_full",
+        }
+    }
+}
+
+impl std::fmt::Display for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Finish::Eos => "end of sequence",
+            Finish::StopString => "stop text",
+            Finish::MaxTokens => "max tokens reached",
+            Finish::Context => "context full",
+        })
+    }
+}
+
+/// The context a generator holds: `requested` (`--context`), at most the model's
+/// `max_position_embeddings`; the model's maximum when none is asked for.
+pub fn context_length(requested: Option<usize>, max_position_embeddings: usize) -> Result<usize> {
+    match requested {
+        Some(0) => Err(Error::Flag {
+            flag: "--context",
+            message: "expected at least 1 position".into(),
+        }),
+        Some(c) if c > max_position_embeddings => Err(Error::Flag {
+            flag: "--context",
+            message: format!(
+                "{c} exceeds the model's max_position_embeddings {max_position_embeddings}"
+            ),
+        }),
+        Some(c) => Ok(c),
+        None => Ok(max_position_embeddings),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -86,23 +132,7 @@ impl<B: Backend> Generator<B> {
         B::Weight: 'static,
     {
         let model = Llama::new(ckpt.config.clone());
-        let max = ckpt.config.max_position_embeddings;
-        let context = match context {
-            Some(0) => {
-                return Err(Error::Flag {
-                    flag: "--context",
-                    message: "must be at least 1".into(),
-                })
-            }
-            Some(c) if c > max => {
-                return Err(Error::Flag {
-                    flag: "--context",
-                    message: format!("{c} exceeds the model's max_position_embeddings {max}"),
-                })
-            }
-            Some(c) => c,
-            None => max,
-        };
+        let context = context_length(context, ckpt.config.max_position_embeddings)?;
         let weights = match weights {
             Some(w) => w,
             None => Box::new(ResidentWeights::load(ckpt, model.groups(), |t| {
@@ -209,7 +239,11 @@ impl<B: Backend> Generator<B> {
                     finished += 1;
                     continue;
                 }
-                let positions = (req.prompt.len() + req.max_tokens).min(self.context);
+                let positions = req
+                    .prompt
+                    .len()
+                    .saturating_add(req.max_tokens)
+                    .min(self.context);
                 active.push(Sequence {
                     index,
                     cache: self.new_cache(positions)?,

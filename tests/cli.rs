@@ -1,0 +1,241 @@
+//! The command line as a new user meets it: a random seed that is printed and repeats,
+//! negative numbers read as values and checked by ferry, flags that would change nothing
+//! refused, and every error one line naming the flag.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::fixture;
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let out = ferry(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "ferry {args:?}: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+/// Run `ferry ARGS`; assert failure without a panic, an error on the first line of stderr
+/// (clap adds a usage hint after its own); return that line.
+fn fails(args: &[&str]) -> String {
+    let out = ferry(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "ferry {args:?} should fail: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "ferry {args:?} panicked: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "ferry {args:?}: {stderr}");
+    stderr.lines().next().unwrap().to_string()
+}
+
+/// `ferry run` on the llama fixture with `extra` flags.
+fn run(extra: &[&str]) -> Vec<String> {
+    let model = fixture("llama");
+    let mut args: Vec<String> = [
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The seed in a statistics line `[...; seed N; on cpu]`.
+fn seed_of(stderr: &str) -> u64 {
+    let at = stderr
+        .find("seed ")
+        .unwrap_or_else(|| panic!("no seed in {stderr}"));
+    stderr[at + 5..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn sampling_picks_a_random_seed_prints_it_and_repeats_with_it() {
+    let sample = run(&["--temperature", "1", "--max-tokens", "12", "--ignore-eos"]);
+    let (text_a, err_a) = ok(&refs(&sample));
+    let (_, err_b) = ok(&refs(&sample));
+    let (a, b) = (seed_of(&err_a), seed_of(&err_b));
+    assert_ne!(a, b, "two runs without --seed drew the same seed");
+    let mut again = sample.clone();
+    again.extend(["--seed".to_string(), a.to_string()]);
+    let (text, err) = ok(&refs(&again));
+    assert_eq!(
+        text, text_a,
+        "--seed {a} should repeat the run that printed it"
+    );
+    assert_eq!(seed_of(&err), a);
+    // Greedy draws nothing: no seed to print.
+    let (_, err) = ok(&refs(&run(&["--max-tokens", "2"])));
+    assert!(!err.contains("seed"), "{err}");
+}
+
+#[test]
+fn negative_numbers_are_values_that_ferry_checks() {
+    let e = fails(&refs(&run(&["--vram", "-1"])));
+    assert!(e.contains("--vram") && e.contains("not a size"), "{e}");
+    let e = fails(&refs(&run(&["--temperature", "-1"])));
+    assert!(e.contains("--temperature") && e.contains("≥ 0"), "{e}");
+    let e = fails(&refs(&run(&["--max-tokens", "-2"])));
+    assert!(
+        e.contains("--max-tokens") && e.contains("-1 for until the context is full"),
+        "{e}"
+    );
+    let e = fails(&refs(&run(&["--context", "-5"])));
+    assert!(e.contains("--context") && e.contains("≥ 1"), "{e}");
+    let e = fails(&refs(&run(&["--top-k", "-1", "--temperature", "1"])));
+    assert!(e.contains("--top-k"), "{e}");
+    let e = fails(&refs(&run(&["--seed", "-1", "--temperature", "1"])));
+    assert!(e.contains("--seed"), "{e}");
+}
+
+#[test]
+fn max_tokens_minus_one_generates_until_the_context_is_full() {
+    let (_, err) = ok(&refs(&run(&[
+        "--max-tokens",
+        "-1",
+        "--context",
+        "12",
+        "--ignore-eos",
+    ])));
+    // "hello" is 5 prompt tokens here; 12 positions hold 7 more, and the 8th is never fed.
+    assert!(err.contains("stopped: context full"), "{err}");
+    assert!(
+        err.contains("5 prompt tokens") && err.contains("; 8 tokens in"),
+        "{err}"
+    );
+}
+
+#[test]
+fn context_zero_is_a_bad_flag_not_a_long_prompt() {
+    let e = fails(&refs(&run(&["--context", "0"])));
+    assert!(e.contains("--context") && !e.contains("prompt is"), "{e}");
+    // A context past the model's maximum is named as such, before any prompt is measured.
+    let long = "word ".repeat(300);
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let e = fails(&[
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        &long,
+        "--context",
+        "100000",
+    ]);
+    assert!(
+        e.contains("--context") && e.contains("max_position_embeddings"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_stop_text_is_refused() {
+    let e = fails(&refs(&run(&["--stop", ""])));
+    assert!(e.contains("--stop") && e.contains("empty"), "{e}");
+    // Text that starts with a hyphen is text.
+    ok(&refs(&run(&["--stop", "- ", "--max-tokens", "2"])));
+}
+
+#[test]
+fn flags_that_would_change_nothing_are_refused() {
+    for flag in [&["--batch", "4"][..], &["--json"]] {
+        let e = fails(&refs(&run(flag)));
+        assert!(e.contains(flag[0]) && e.contains("--prompts"), "{e}");
+    }
+    for flag in [["--top-k", "5"], ["--top-p", "0.9"], ["--seed", "3"]] {
+        let e = fails(&refs(&run(&flag)));
+        assert!(e.contains(flag[0]) && e.contains("--temperature"), "{e}");
+    }
+}
+
+#[test]
+fn top_k_zero_means_off() {
+    let base = [
+        "--temperature",
+        "1",
+        "--seed",
+        "11",
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+    ];
+    let (all, _) = ok(&refs(&run(&base)));
+    let mut off = base.to_vec();
+    off.extend(["--top-k", "0"]);
+    let (k0, _) = ok(&refs(&run(&off)));
+    assert_eq!(k0, all);
+}
+
+#[test]
+fn a_jsonl_prompts_max_tokens_acts_and_unknown_keys_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"hello\", \"max_tokens\": 2}\n\"abc\"\n{\"prompt\": \"x\", \"max_tokens\": 7}\n",
+    )
+    .unwrap();
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let f = file.to_str().unwrap();
+    let args = [
+        "run",
+        "--model",
+        m,
+        "--prompts",
+        f,
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+    ];
+    let mut json = args.to_vec();
+    json.push("--json");
+    let (out, _) = ok(&json);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tokens: Vec<u64> = lines
+        .iter()
+        .map(|l| l["tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, [2, 4, 7]);
+    // Numbered from 1 in JSON as in the text blocks; the finish as a name, not Rust's.
+    assert_eq!(lines[0]["number"], 1);
+    assert_eq!(lines[0]["finish"], "max_tokens");
+    let (text, _) = ok(&args);
+    assert!(text.starts_with("--- 1 ---\n"), "{text}");
+
+    std::fs::write(&file, "{\"prompt\": \"hello\", \"temperature\": 2}\n").unwrap();
+    let e = fails(&["run", "--model", m, "--prompts", f]);
+    assert!(
+        e.contains("p.jsonl") && e.contains("line 1") && e.contains("\"temperature\""),
+        "{e}"
+    );
+    std::fs::write(&file, "{\"prompt\": \"hello\", \"max_tokens\": \"many\"}\n").unwrap();
+    let e = fails(&["run", "--model", m, "--prompts", f]);
+    assert!(e.contains("p.jsonl") && e.contains("max_tokens"), "{e}");
+}
