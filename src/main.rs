@@ -39,13 +39,19 @@ enum Command {
     /// Works without a GPU from stated figures. Example:
     /// ferry plan --synthetic qwen2.5-7b --vram 2.6GiB --tokens 4096 --h2d-gbps 55 --tflops 850
     Plan(commands::plan::PlanArgs),
-    /// Time prompt passes and decoding: medians of several runs, as a table or JSON.
+    /// Time prompt passes and decoding on any device, whole or streamed (--vram), at several
+    /// prompt lengths and batch sizes: medians of several runs, as a table or JSON.
     ///
     /// Example: ferry bench --model ./SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 16,128 --decode-tokens 64
     Bench(commands::bench::BenchArgs),
-    /// Time the CUDA backend with the whole model on the GPU: a prompt pass and decoding.
+    /// Time the GPU's raw passes in detail: a prompt pass (TFLOP/s) and decoding after --past
+    /// positions (GB/s) with the whole model resident, or with --vram one streamed prompt pass
+    /// against the PCIe bound and the planner's prediction.
     ///
-    /// Example: ferry bench-cuda --preset qwen2.5-7b --prompt-tokens 4096 --context 1024
+    /// Its flags are bench's where they mean the same (--model/--synthetic, --prompt-tokens,
+    /// --decode-tokens, --runs, --vram, --json [FILE], --timeline).
+    ///
+    /// Example: ferry bench-cuda --synthetic qwen2.5-7b --prompt-tokens 4096 --past 1024
     BenchCuda(commands::bench_cuda::BenchCudaArgs),
     /// Generate images from a prompt with a diffusers Z-Image pipeline (CPU in this version).
     ///

@@ -239,3 +239,91 @@ fn a_jsonl_prompts_max_tokens_acts_and_unknown_keys_are_refused() {
     let e = fails(&["run", "--model", m, "--prompts", f]);
     assert!(e.contains("p.jsonl") && e.contains("max_tokens"), "{e}");
 }
+
+#[test]
+fn a_missing_gpu_is_named_by_the_flag_that_asked_for_it() {
+    let e = fails(&refs(&run(&["--device", "cuda:99"])));
+    assert!(e.contains("--device") && e.contains("cuda:99"), "{e}");
+    let e = fails(&refs(&run(&["--device", "cuda:99", "--vram", "1GiB"])));
+    assert!(e.contains("--device") && e.contains("cuda:99"), "{e}");
+    // --vram alone (--device auto) asks for a GPU: where there is none, --vram is named.
+    let out = ferry(&refs(&run(&["--vram", "1GiB", "--max-tokens", "1"])));
+    if !out.status.success() {
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.starts_with("error: --vram:") && e.contains("GPU"), "{e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    }
+}
+
+#[test]
+fn bench_and_bench_cuda_speak_one_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bench.json");
+    let f = file.to_str().unwrap();
+    let bench = [
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-tokens",
+        "4",
+    ];
+    let quick = ["--runs", "1", "--warmup", "0", "--decode-tokens", "2"];
+    // --json FILE: the table on stdout, the JSON in the file; --json alone: JSON instead.
+    let (table, _) = ok(&[&bench[..], &quick, &["--json", f]].concat());
+    assert!(table.contains("prompt tok/s"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(json["results"][0]["prompt_tokens"], 4);
+    let (out, _) = ok(&[&bench[..], &["--json"], &quick].concat());
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["runs"], 1);
+
+    // bench-cuda: --synthetic as on bench and plan (--preset still read), --past for the
+    // positions before decoding (--context is run's maximum length, not this).
+    for flag in ["--synthetic", "--preset"] {
+        let e = fails(&["bench-cuda", flag, "no-such-preset"]);
+        assert!(e.contains("--synthetic") && e.contains("qwen2.5-7b"), "{e}");
+    }
+    let e = fails(&["bench-cuda", "--synthetic", "tiny", "--context", "5"]);
+    assert!(e.contains("--context"), "{e}");
+    // Decoding is not timed with --vram: its flags are refused there, not ignored.
+    let e = fails(&[
+        "bench-cuda",
+        "--synthetic",
+        "tiny",
+        "--vram",
+        "1GiB",
+        "--past",
+        "5",
+    ]);
+    assert!(e.contains("--past") && e.contains("--vram"), "{e}");
+    let help = String::from_utf8_lossy(&ferry(&["bench-cuda", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("ferry synth --list") && !help.contains("synth --help"),
+        "{help}"
+    );
+    let e = fails(&[
+        "plan",
+        "--synthetic",
+        "no-such-preset",
+        "--vram",
+        "1GiB",
+        "--tokens",
+        "4",
+    ]);
+    assert!(e.contains("--synthetic"), "{e}");
+    let e = fails(&[
+        "plan",
+        "--synthetic",
+        "tiny",
+        "--vram",
+        "1GiB",
+        "--tokens",
+        "4",
+        "--free-vram",
+        "2GiB",
+    ]);
+    assert!(e.contains("--free-vram") && e.contains("auto"), "{e}");
+}

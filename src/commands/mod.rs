@@ -8,6 +8,8 @@ pub mod plan;
 pub mod run;
 pub mod synth;
 
+use std::path::{Path, PathBuf};
+
 use clap::{Args, ValueEnum};
 
 use ferry::backend::cuda::streaming::HostMemory;
@@ -74,6 +76,38 @@ pub fn plural(n: usize, noun: &str) -> String {
         (1, _) => format!("{n} {noun}"),
         (_, true) => format!("{n} {noun}es"),
         (_, false) => format!("{n} {noun}s"),
+    }
+}
+
+/// `--json [FILE]`, the same on every command that reports measurements: JSON on standard
+/// output instead of the table, or with FILE the table as usual and the JSON in FILE too.
+#[derive(Args)]
+pub struct JsonArg {
+    /// Print the result as JSON instead of the table; with FILE, print the table and write
+    /// the JSON to FILE (on one line).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+}
+
+impl JsonArg {
+    /// Whether the JSON takes the table's place on standard output.
+    pub fn replaces_table(&self) -> bool {
+        self.json.as_deref() == Some(Path::new("-"))
+    }
+
+    /// Hand `value` out where `--json` says: indented on standard output, on one line in a
+    /// file (so that results append into a JSON Lines file), or nowhere.
+    pub fn emit(&self, value: &serde_json::Value) -> ferry::Result<()> {
+        match self.json.as_deref() {
+            None => Ok(()),
+            Some(p) if p == Path::new("-") => {
+                let text = serde_json::to_string_pretty(value).expect("JSON serializes");
+                println!("{text}");
+                Ok(())
+            }
+            Some(path) => std::fs::write(path, value.to_string() + "\n")
+                .map_err(|e| ferry::Error::io(path, e)),
+        }
     }
 }
 

@@ -8,6 +8,8 @@ use ferry::stream::{human_bytes, parse_size};
 use ferry::synth::{parse_arch, parse_dtype, write_checkpoint, Preset, WriteOptions};
 use ferry::{Error, Result};
 
+use super::at_least;
+
 #[derive(Args)]
 pub struct SynthArgs {
     /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny.
@@ -20,16 +22,16 @@ pub struct SynthArgs {
     #[arg(long)]
     arch: Option<String>,
     /// Seed; the same seed writes the same bytes.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Weight dtype: bf16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Number of decoder blocks, if not the preset's.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1), allow_negative_numbers = true)]
     layers: Option<usize>,
     /// Most bytes per safetensors shard.
-    #[arg(long, default_value = "4GiB")]
+    #[arg(long, default_value = "4GiB", allow_negative_numbers = true)]
     shard_size: String,
     /// Write into a non-empty directory, replacing what is there.
     #[arg(long)]
