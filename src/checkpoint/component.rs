@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{hf::read_json, safetensors, HostTensor};
+use super::{hf::read_json, is_regular_file, require_file, safetensors, HostTensor};
 use crate::error::{Error, Result};
 
 /// One component: its tensors (views into mapped files) and its config.
@@ -38,16 +38,34 @@ impl Component {
                 expected: format!("the {name} component's directory"),
             });
         }
-        let config = ["config.json", "scheduler_config.json"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.is_file())
-            .map(|p| read_json(&p).map(|v| (p, v)))
-            .transpose()?;
+        let mut config = None;
+        for file in ["config.json", "scheduler_config.json"] {
+            let path = dir.join(file);
+            if is_regular_file(&path)? {
+                config = Some((read_json(&path)?, path));
+                break;
+            }
+        }
+        let config = config.map(|(v, p)| (p, v));
         let mut tensors = BTreeMap::new();
         if weights {
-            for file in safetensors_files(dir)? {
-                for t in safetensors::read(&file)? {
+            let files = safetensors_files(dir)?;
+            // Which file each tensor came from: one name in two shards is refused, not
+            // resolved by whichever was read last.
+            let mut from: BTreeMap<String, usize> = BTreeMap::new();
+            for (i, file) in files.iter().enumerate() {
+                for t in safetensors::read(file)? {
+                    if let Some(&first) = from.get(&t.name) {
+                        return Err(Error::checkpoint(
+                            file,
+                            format!(
+                                "tensor {:?} is also in {}; each tensor must be in one file",
+                                t.name,
+                                files[first].display()
+                            ),
+                        ));
+                    }
+                    from.insert(t.name.clone(), i);
                     tensors.insert(t.name.clone(), t);
                 }
             }
@@ -163,11 +181,11 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     const STEMS: [&str; 2] = ["model", "diffusion_pytorch_model"];
     for stem in STEMS {
         let index_path = dir.join(format!("{stem}.safetensors.index.json"));
-        if index_path.is_file() {
+        if is_regular_file(&index_path)? {
             return shards(dir, &index_path);
         }
         let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
+        if is_regular_file(&single)? {
             return Ok(vec![single]);
         }
     }
@@ -199,12 +217,7 @@ fn shards(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     for f in &files {
-        if !f.is_file() {
-            return Err(Error::NotFound {
-                path: f.clone(),
-                expected: format!("shard listed in {}", index_path.display()),
-            });
-        }
+        require_file(f, &format!("shard listed in {}", index_path.display()))?;
     }
     Ok(files)
 }
