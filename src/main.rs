@@ -61,7 +61,10 @@ enum Command {
 
 fn main() -> ExitCode {
     quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info(args) => info(args),
@@ -79,6 +82,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A flag's value that its parser refused (`--batch -1`, `--device gpu`) gets one line naming
+/// the flag, as every other error of ferry's; other usage errors (an unknown flag, help) are
+/// clap's, with its hints.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    if e.kind() == ErrorKind::ValueValidation {
+        if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+            e.get(ContextKind::InvalidArg),
+            e.get(ContextKind::InvalidValue),
+        ) {
+            let flag = arg.split(' ').next().unwrap_or(arg);
+            let why = e.source().map(|s| s.to_string()).unwrap_or_default();
+            if why.contains(value.as_str()) {
+                eprintln!("error: {flag}: {why}");
+            } else {
+                eprintln!("error: {flag}: {why} (found {value:?})");
+            }
+            return ExitCode::from(2);
+        }
+    }
+    e.exit()
 }
 
 /// `ferry info | head` should end quietly when `head` closes the pipe, as Unix tools do,

@@ -22,9 +22,23 @@ fn ok(args: &[&str]) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
 }
 
-/// Run `ferry ARGS`; assert failure without a panic, an error on the first line of stderr
-/// (clap adds a usage hint after its own); return that line.
+/// Run `ferry ARGS`; assert failure without a panic and an error on one line of stderr;
+/// return it.
 fn fails(args: &[&str]) -> String {
+    let e = usage_fails(args);
+    let out = ferry(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr}"
+    );
+    e
+}
+
+/// [`fails`] for the errors clap reports itself (an unknown flag, two flags that conflict),
+/// which it follows with a usage hint: the first line.
+fn usage_fails(args: &[&str]) -> String {
     let out = ferry(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -286,10 +300,10 @@ fn bench_and_bench_cuda_speak_one_vocabulary() {
         let e = fails(&["bench-cuda", flag, "no-such-preset"]);
         assert!(e.contains("--synthetic") && e.contains("qwen2.5-7b"), "{e}");
     }
-    let e = fails(&["bench-cuda", "--synthetic", "tiny", "--context", "5"]);
+    let e = usage_fails(&["bench-cuda", "--synthetic", "tiny", "--context", "5"]);
     assert!(e.contains("--context"), "{e}");
     // Decoding is not timed with --vram: its flags are refused there, not ignored.
-    let e = fails(&[
+    let e = usage_fails(&[
         "bench-cuda",
         "--synthetic",
         "tiny",
@@ -326,4 +340,66 @@ fn bench_and_bench_cuda_speak_one_vocabulary() {
         "2GiB",
     ]);
     assert!(e.contains("--free-vram") && e.contains("auto"), "{e}");
+}
+
+#[test]
+fn output_speaks_words_not_rust() {
+    // One token, one pass: singular, and why it stopped in words.
+    let (_, err) = ok(&refs(&run(&["--max-tokens", "1"])));
+    assert!(
+        err.contains("; 1 token in") && err.contains("stopped: max tokens reached"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("MaxTokens") && !err.contains("1 tokens"),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tiny");
+    let (_, err) = ok(&["synth", "--preset", "tiny", "--out", out.to_str().unwrap()]);
+    assert!(err.contains("in 1 shard)"), "{err}");
+    let (list, _) = ok(&["synth", "--list"]);
+    let tiny = list.lines().find(|l| l.starts_with("tiny ")).unwrap();
+    assert!(
+        tiny.contains("139.6K params") && !tiny.contains("0.00B"),
+        "{tiny}"
+    );
+    let (info, _) = ok(&["info", "--model", out.to_str().unwrap()]);
+    assert!(info.contains("format         safetensors\n"), "{info}");
+    assert!(
+        info.contains("stored as BF16 (") && info.contains("in memory as bf16"),
+        "{info}"
+    );
+}
+
+#[test]
+fn plan_says_what_it_assumed_and_counts_every_group() {
+    let plan = [
+        "plan",
+        "--synthetic",
+        "tiny",
+        "--vram",
+        "1GiB",
+        "--tokens",
+        "4",
+    ];
+    // Two of the three figures stated: the note names the third only.
+    let (out, _) = ok(&[&plan[..], &["--h2d-gbps", "25", "--tflops", "80"]].concat());
+    assert!(out.contains("state yours with --hbm-gbps)"), "{out}");
+    assert!(!out.contains("--h2d-gbps,"), "{out}");
+    let (out, _) = ok(&[
+        &plan[..],
+        &["--h2d-gbps", "25", "--tflops", "80", "--hbm-gbps", "900"],
+    ]
+    .concat());
+    assert!(!out.contains("assumed"), "{out}");
+    // Everything fits: nothing streams, so no share of a bound of 0 ms.
+    assert!(out.contains("4 groups, 272.6 KiB bf16"), "{out}");
+    assert!(out.contains("resident     3 of 4 groups"), "{out}");
+    assert!(
+        out.contains("streamed     nothing") && out.contains("nothing to stream"),
+        "{out}"
+    );
+    assert!(!out.contains("% of the bound"), "{out}");
 }

@@ -25,6 +25,8 @@ pub struct Component {
     /// component has none (a tokenizer).
     pub config: Option<(PathBuf, Value)>,
     pub tensors: BTreeMap<String, HostTensor>,
+    /// Bytes of the weight files read.
+    pub file_bytes: usize,
 }
 
 impl Component {
@@ -48,13 +50,16 @@ impl Component {
         }
         let config = config.map(|(v, p)| (p, v));
         let mut tensors = BTreeMap::new();
+        let mut file_bytes = 0;
         if weights {
             let files = safetensors_files(dir)?;
             // Which file each tensor came from: one name in two shards is refused, not
             // resolved by whichever was read last.
             let mut from: BTreeMap<String, usize> = BTreeMap::new();
             for (i, file) in files.iter().enumerate() {
-                for t in safetensors::read(file)? {
+                let read = safetensors::read(file)?;
+                file_bytes += std::fs::metadata(file).map_or(0, |m| m.len() as usize);
+                for t in read {
                     if let Some(&first) = from.get(&t.name) {
                         return Err(Error::checkpoint(
                             file,
@@ -76,6 +81,7 @@ impl Component {
             class_name: None,
             config,
             tensors,
+            file_bytes,
         })
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::{
-    is_regular_file, require_file, Checkpoint, Component, Format, GenerationDefaults,
+    is_regular_file, require_file, Checkpoint, Component, Format, GenerationDefaults, Stored,
     TokenizerSource,
 };
 use crate::error::{Error, Result};
@@ -98,6 +98,16 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         TokenizerSource::Missing
     };
 
+    let mut stored = Stored {
+        file_bytes: component.file_bytes,
+        ..Stored::default()
+    };
+    for t in tensors.values() {
+        *stored
+            .dtypes
+            .entry(t.dtype.name().to_uppercase())
+            .or_default() += 1;
+    }
     let ckpt = Checkpoint {
         path: dir.to_path_buf(),
         format: Format::Safetensors,
@@ -105,6 +115,7 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         tensors,
         tokenizer,
         generation: generation_defaults(dir)?,
+        stored,
     };
     crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)

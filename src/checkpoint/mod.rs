@@ -312,6 +312,25 @@ pub enum Format {
     Gguf,
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "GGUF",
+        })
+    }
+}
+
+/// How the files store the weights, before ferry converts them (GGUF's quantized blocks are
+/// dequantized at load): for `ferry info`.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    /// Bytes of the files read (0 for weights made in memory).
+    pub file_bytes: usize,
+    /// The stored element types ("Q4_1", "F32", "BF16"), each with its number of tensors.
+    pub dtypes: BTreeMap<String, usize>,
+}
+
 /// An opened checkpoint: config, tensors (views into mapped or owned host memory), and what
 /// generation needs.
 pub struct Checkpoint {
@@ -322,6 +341,7 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
     pub tokenizer: TokenizerSource,
     pub generation: GenerationDefaults,
+    pub stored: Stored,
 }
 
 impl Checkpoint {

@@ -56,8 +56,7 @@ impl From<HostMemoryFlag> for HostMemory {
 pub fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
     move |s: &str| match s.trim().parse::<i128>() {
         Ok(n) if n >= min as i128 && n <= usize::MAX as i128 => Ok(n as usize),
-        Ok(_) => Err(format!("expected a whole number ≥ {min}")),
-        Err(_) => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
+        _ => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
     }
 }
 
@@ -108,6 +107,20 @@ impl JsonArg {
             Some(path) => std::fs::write(path, value.to_string() + "\n")
                 .map_err(|e| ferry::Error::io(path, e)),
         }
+    }
+}
+
+/// A count for people: `139.6K`, `134.5M`, `7.62B`.
+pub fn human_count(n: usize) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}K", x / 1e3)
+    } else {
+        n.to_string()
     }
 }
 

@@ -119,9 +119,13 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
     let plan = plan(&request)?;
     let total: usize = bytes.iter().sum();
     println!(
-        "model        {name}: {} groups, {:.2} GB {dtype}",
+        "model        {name}: {} groups, {} {dtype}",
         bytes.len(),
-        total as f64 / 1e9
+        if total >= 100_000_000 {
+            format!("{:.2} GB", total as f64 / 1e9)
+        } else {
+            human_bytes(total)
+        }
     );
     let figure = |v: Option<f64>| if v.is_some() { "stated" } else { "assumed" };
     println!(
@@ -133,11 +137,20 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         cost.hbm_gbps,
         figure(args.hbm_gbps),
     );
-    if [args.h2d_gbps, args.tflops, args.hbm_gbps]
-        .iter()
-        .any(Option::is_none)
-    {
-        println!("             (assumed: a PCIe 4 x16 consumer card; state yours with --h2d-gbps, --tflops, --hbm-gbps)");
+    let assumed: Vec<&str> = [
+        (args.h2d_gbps, "--h2d-gbps"),
+        (args.tflops, "--tflops"),
+        (args.hbm_gbps, "--hbm-gbps"),
+    ]
+    .iter()
+    .filter(|(v, _)| v.is_none())
+    .map(|&(_, flag)| flag)
+    .collect();
+    if !assumed.is_empty() {
+        println!(
+            "             (assumed figures are a PCIe 4 x16 consumer card's; state yours with {})",
+            assumed.join(", ")
+        );
     }
     println!(
         "pass         {} tokens × batch {} after {} positions",

@@ -8,7 +8,7 @@ use ferry::stream::{human_bytes, parse_size};
 use ferry::synth::{parse_arch, parse_dtype, write_checkpoint, Preset, WriteOptions};
 use ferry::{Error, Result};
 
-use super::at_least;
+use super::{at_least, human_count, plural};
 
 #[derive(Args)]
 pub struct SynthArgs {
@@ -45,10 +45,10 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     if args.list {
         for p in Preset::list() {
             println!(
-                "{:<14} {:<6} {:>7.2}B params  {:>10} bf16  {}",
+                "{:<14} {:<6} {:>7} params  {:>10} bf16  {}",
                 p.name,
                 p.config.arch.name(),
-                p.parameters() as f64 / 1e9,
+                human_count(p.parameters()),
                 human_bytes(p.parameters() * 2),
                 p.about
             );
@@ -85,13 +85,13 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     }
     let report = write_checkpoint(&preset, &out, &opts)?;
     eprintln!(
-        "wrote {} ({} {}, {} params, {} in {} shards) in {:.1} s: {:.2} GB/s",
+        "wrote {} ({} {}, {} params, {} in {}) in {:.1} s: {:.2} GB/s",
         out.display(),
         preset.name,
         preset.config.arch.name(),
         preset.parameters(),
         human_bytes(report.bytes),
-        report.shards.len(),
+        plural(report.shards.len(), "shard"),
         report.seconds,
         report.bytes as f64 / report.seconds.max(1e-9) / 1e9,
     );
