@@ -28,6 +28,13 @@ enum Command {
     ///
     /// Example: ferry run --model ./SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
     Run(commands::run::RunArgs),
+    /// Talk with a model: one turn a line, the conversation kept in its chat template.
+    ///
+    /// /reset starts over, /exit (or Ctrl-D) leaves, and Ctrl-C stops the answer being
+    /// written. Lines piped on standard input are turns too.
+    ///
+    /// Example: ferry chat --model ./SmolLM2-135M-Instruct.Q4_1.gguf --system "You are brief."
+    Chat(commands::chat::ChatArgs),
     /// Describe a checkpoint: architecture, parameters, bytes, dtype, and bytes per weight group.
     Info(ModelArg),
     /// Write a checkpoint with random weights and a real model's shape (for benchmarks).
@@ -67,6 +74,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Chat(args) => commands::chat::chat(args),
         Command::Info(args) => info(args),
         Command::Synth(args) => synth(args),
         Command::Plan(args) => plan_command(args),

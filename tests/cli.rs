@@ -403,3 +403,237 @@ fn plan_says_what_it_assumed_and_counts_every_group() {
     );
     assert!(!out.contains("% of the bound"), "{out}");
 }
+
+/// `ferry chat ARGS` with `input` on standard input: (stdout, stderr).
+fn chat(args: &[&str], input: &str) -> (String, String) {
+    use std::io::Write;
+    let model = fixture("qwen3");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["chat", "--model", model.to_str().unwrap()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "ferry chat {args:?}: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+/// The prompt lengths of each turn's statistics line `[N prompt tokens in ...]`.
+fn prompt_lengths(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix('[')?.split_once(" prompt token"))
+        .map(|(n, _)| n.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn chat_keeps_the_conversation_until_reset() {
+    let (out, err) = chat(
+        &["--max-tokens", "3", "--ignore-eos"],
+        "hello\nhello\n/reset\nhello\n/exit\nhello\n",
+    );
+    let turns = prompt_lengths(&err);
+    assert_eq!(turns.len(), 3, "/exit ends before the last line: {err}");
+    // The second turn's prompt holds the first turn and its answer; /reset forgets both.
+    assert!(turns[1] > turns[0] + 3, "{turns:?}");
+    assert_eq!(turns[2], turns[0], "{turns:?}");
+    let answers: Vec<&str> = out.lines().collect();
+    assert_eq!(answers.len(), 3, "{out:?}");
+    assert_eq!(
+        answers[2], answers[0],
+        "greedy: the same turn, the same answer"
+    );
+    // A system message stays through /reset; an unknown command is said so, not sent.
+    let (_, err) = chat(
+        &["--system", "Be brief.", "--max-tokens", "1"],
+        "hi\n/reset\nhi\n/nope\n",
+    );
+    let turns = prompt_lengths(&err);
+    assert_eq!(turns.len(), 2, "{err}");
+    assert_eq!(turns[0], turns[1]);
+    assert!(err.contains("/nope: no such command"), "{err}");
+}
+
+#[test]
+fn chat_needs_a_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("qwen3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let tc = tmp.path().join("tokenizer_config.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&tc, json.to_string()).unwrap();
+    let e = fails(&["chat", "--model", tmp.path().to_str().unwrap()]);
+    assert!(
+        e.contains("chat template") && e.contains("ferry run"),
+        "{e}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_the_answer_not_the_chat() {
+    use std::io::{Read, Write};
+    let model = fixture("qwen3");
+    // An answer that would run to the end of a 1024-token context.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "-1",
+            "--ignore-eos",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    stdin.flush().unwrap();
+    // Once the answer is being written, Ctrl-C.
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    stdin.write_all(b"hello\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the chat went on after Ctrl-C: {stderr}"
+    );
+    assert!(stderr.contains("stopped: interrupted"), "{stderr}");
+    assert_eq!(
+        prompt_lengths(&stderr).len(),
+        2,
+        "the next turn is answered: {stderr}"
+    );
+}
+
+#[test]
+fn prompt_file_threads_and_answers_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompt.txt");
+    std::fs::write(&file, "hello\n").unwrap();
+    let f = file.to_str().unwrap();
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let (from_file, _) = ok(&["run", "--model", m, "--prompt-file", f, "--max-tokens", "6"]);
+    let (given, _) = ok(&[
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "hello\n",
+        "--max-tokens",
+        "6",
+    ]);
+    assert_eq!(from_file, given);
+    let e = usage_fails(&["run", "--model", m, "--prompt-file", f, "--prompt", "hi"]);
+    assert!(e.contains("--prompt"), "{e}");
+    std::fs::write(&file, "").unwrap();
+    let e = fails(&["run", "--model", m, "--prompt-file", f]);
+    assert!(e.contains("--prompt-file") && e.contains("empty"), "{e}");
+
+    // --threads sets the CPU backend's threads, and is refused where the GPU computes.
+    let (_, err) = ok(&[
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(err.contains("on cpu"), "{err}");
+    let (table, _) = ok(&[
+        "bench",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--decode-tokens",
+        "2",
+    ]);
+    assert!(table.contains("(1 thread)"), "{table}");
+    let e = fails(&[
+        "run",
+        "--model",
+        m,
+        "-p",
+        "hi",
+        "--threads",
+        "2",
+        "--device",
+        "cuda",
+    ]);
+    assert!(
+        e.contains("--threads") && e.contains("--device cuda"),
+        "{e}"
+    );
+    let e = fails(&["bench", "--model", m, "--threads", "2", "--device", "cuda"]);
+    assert!(e.contains("--threads") && e.contains("--device cpu"), "{e}");
+    let e = fails(&["run", "--model", m, "--prompt", "hi", "--threads", "0"]);
+    assert!(e.contains("--threads") && e.contains("≥ 1"), "{e}");
+
+    // Answers come out in the file's order, though the second ends first.
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"a\", \"max_tokens\": 9}\n{\"prompt\": \"b\", \"max_tokens\": 1}\n",
+    )
+    .unwrap();
+    let (out, _) = ok(&[
+        "run",
+        "--model",
+        m,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--ignore-eos",
+        "--json",
+    ]);
+    let numbers: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["number"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(numbers, [1, 2]);
+}

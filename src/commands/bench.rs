@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Where to compute: auto, cpu, or cuda[:N].
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     device: Device,
+    /// With --device cpu: threads of the CPU backend. Default: one per core.
+    #[arg(long, value_name = "N", value_parser = at_least(1), allow_negative_numbers = true)]
+    threads: Option<usize>,
     /// GPU memory budget (6GiB, 2.6GiB, auto): stream what does not fit. The plan is made
     /// for the largest pass (longest prompt × largest batch).
     #[arg(long, value_name = "SIZE|auto", allow_negative_numbers = true)]
@@ -115,14 +118,32 @@ struct StreamedFigures {
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     check_timeline(&args)?;
+    let threads_on_gpu = || Error::Flag {
+        flag: "--threads",
+        message: "sets the CPU backend's threads, and this bench is on a GPU; give --device cpu"
+            .into(),
+    };
+    if let Some(n) = args.threads {
+        if matches!(args.device, Device::Cuda(_)) {
+            return Err(threads_on_gpu());
+        }
+        super::generation::set_threads(n)?;
+    }
     let (ckpt, label) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref())?;
     let longest = args.prompt_tokens.iter().max().copied().unwrap_or(1) + args.decode_tokens + 1;
     let context = Some(longest.min(ckpt.config.max_position_embeddings));
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let gpu = open_device(args.device, vram)?;
+    if gpu.is_some() && args.threads.is_some() {
+        return Err(threads_on_gpu());
+    }
     let (device, rows) = match gpu {
         None => {
-            let device = format!("{} ({} threads)", cpu_name(), rayon::current_num_threads());
+            let device = format!(
+                "{} ({})",
+                cpu_name(),
+                super::plural(rayon::current_num_threads(), "thread")
+            );
             let mut gen = Generator::new(&ckpt, Cpu, context)?;
             (device, time_all(&mut gen, &args, None)?.0)
         }

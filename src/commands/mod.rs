@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod bench_cuda;
+pub mod chat;
+pub mod generation;
 pub mod image;
 pub mod info;
 pub mod plan;

@@ -4,6 +4,7 @@ pub mod chat;
 mod sample;
 mod text;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use chat::Message;
@@ -41,6 +42,8 @@ pub enum Finish {
     MaxTokens,
     /// The context is full.
     Context,
+    /// [`Generator::interrupt`] was raised (Ctrl-C in `ferry chat`).
+    Interrupted,
 }
 
 impl Finish {
@@ -51,6 +54,7 @@ impl Finish {
             Finish::StopString => "stop_string",
             Finish::MaxTokens => "max_tokens",
             Finish::Context => "context_full",
+            Finish::Interrupted => "interrupted",
         }
     }
 }
@@ -62,6 +66,7 @@ impl std::fmt::Display for Finish {
             Finish::StopString => "stop text",
             Finish::MaxTokens => "max tokens reached",
             Finish::Context => "context full",
+            Finish::Interrupted => "interrupted",
         })
     }
 }
@@ -107,6 +112,10 @@ pub struct Generator<B: Backend> {
     pub text: TextCodec,
     /// Most positions (prompt + generated) a sequence may hold.
     pub context: usize,
+    /// When raised (from another thread or a signal handler: hence a static), every
+    /// sequence ends after the pass in flight, with [`Finish::Interrupted`]; lowered again as
+    /// the generation returns.
+    pub interrupt: Option<&'static AtomicBool>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -145,6 +154,7 @@ impl<B: Backend> Generator<B> {
             weights,
             text,
             context,
+            interrupt: None,
         })
     }
 
@@ -192,16 +202,33 @@ impl<B: Backend> Generator<B> {
         batch: usize,
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(Vec<Output>, BatchStats)> {
-        self.generate_batch_with_progress(requests, batch, on_text, &mut |_| {})
+        self.generate_batch_with_progress(requests, batch, on_text, &mut |_, _| {}, &mut |_| {})
     }
 
-    /// [`generate_batch`](Self::generate_batch), telling `on_pass` where the generation
-    /// stands after each pass (for a progress bar).
+    /// [`generate_batch`](Self::generate_batch), handing each request's output to
+    /// `on_done(i, output)` as it ends, and telling `on_pass` where the generation stands
+    /// after each pass (for a progress bar).
     pub fn generate_batch_with_progress(
         &mut self,
         requests: &[Request],
         batch: usize,
         on_text: &mut dyn FnMut(usize, &str),
+        on_done: &mut dyn FnMut(usize, &Output),
+        on_pass: &mut dyn FnMut(Progress),
+    ) -> Result<(Vec<Output>, BatchStats)> {
+        let result = self.generate_batch_inner(requests, batch, on_text, on_done, on_pass);
+        if let Some(flag) = self.interrupt {
+            flag.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn generate_batch_inner(
+        &mut self,
+        requests: &[Request],
+        batch: usize,
+        on_text: &mut dyn FnMut(usize, &str),
+        on_done: &mut dyn FnMut(usize, &Output),
         on_pass: &mut dyn FnMut(Progress),
     ) -> Result<(Vec<Output>, BatchStats)> {
         if batch == 0 {
@@ -235,7 +262,9 @@ impl<B: Backend> Generator<B> {
                 let Some(index) = waiting.next() else { break };
                 let req = &requests[index];
                 if req.max_tokens == 0 {
-                    outputs[index] = Some(Output::empty(Finish::MaxTokens));
+                    let out = Output::empty(Finish::MaxTokens);
+                    on_done(index, &out);
+                    outputs[index] = Some(out);
                     finished += 1;
                     continue;
                 }
@@ -296,6 +325,7 @@ impl<B: Backend> Generator<B> {
             stats.pass_secs.push(pass_start.elapsed().as_secs_f64());
             stats.pass_sequences.push(active.len());
 
+            let interrupted = self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
             let mut still = Vec::with_capacity(active.len());
             for (row, mut seq) in active.into_iter().enumerate() {
                 let req = &requests[seq.index];
@@ -311,21 +341,36 @@ impl<B: Backend> Generator<B> {
                 }
                 stats.tokens_out += 1;
                 let index = seq.index;
-                match self.accept(&mut seq, req, next, &mut |p| on_text(index, p))? {
+                let finish = self.accept(&mut seq, req, next, &mut |p| on_text(index, p))?;
+                match finish.or(interrupted.then_some(Finish::Interrupted)) {
                     Some(finish) => {
-                        outputs[seq.index] = Some(Output {
+                        if finish == Finish::Interrupted {
+                            // What was held back (a possible stop string's start) is text.
+                            on_text(index, &seq.text[seq.printed..]);
+                        }
+                        let out = Output {
                             tokens: std::mem::take(&mut seq.tokens),
                             text: std::mem::take(&mut seq.text),
                             finish,
                             prompt_secs: seq.first_token - seq.admitted,
                             decode_secs: now - seq.first_token,
-                        });
+                        };
+                        on_done(seq.index, &out);
+                        outputs[seq.index] = Some(out);
                         finished += 1;
                     }
                     None => still.push(seq),
                 }
             }
             active = still;
+            if interrupted {
+                for index in waiting.by_ref() {
+                    let out = Output::empty(Finish::Interrupted);
+                    on_done(index, &out);
+                    outputs[index] = Some(out);
+                    finished += 1;
+                }
+            }
             on_pass(Progress {
                 finished,
                 requests: requests.len(),
