@@ -12,5 +12,7 @@ ferry="${CARGO_TARGET_DIR:-target}/release/ferry"
 gguf=$(scripts/fetch_smollm2.sh)
 echo "== $ferry run --model $gguf --chat --max-tokens 128 --prompt \"$question\"" >&2
 "$ferry" run --model "$gguf" --chat --max-tokens 128 --prompt "$question"
-echo "== done. The binary is $ferry; \`cargo install --path . --locked\` puts \`ferry\` on your PATH" >&2
-echo "   (in ~/.cargo/bin, reusing this build). Next: ferry run --help, ferry bench --model $gguf" >&2
+echo "== done. The speed above is one short answer's, first passes included; for steady speed:" >&2
+echo "   $ferry bench --model $gguf --device cpu" >&2
+echo "   The binary is $ferry; \`cargo install --path . --locked\` puts \`ferry\` on your PATH" >&2
+echo "   (in ~/.cargo/bin, reusing this build). Next: ferry run --help, ferry chat --model $gguf" >&2
