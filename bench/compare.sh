@@ -56,7 +56,7 @@ left() { local l=$((DEADLINE - SECONDS - ${1:-0})); echo $((l > 10 ? l : 10)); }
 # ======================= ferry's streamed benchmark: ADJUST HERE =========================
 # The one place that knows ferry's command line for a streamed pass within a VRAM budget
 # (as of c157c3c: bench-cuda --vram, which times the prompt pass only).
-#   $1 MODEL_ARGS  "--model DIR" or "--preset PRESET" (random weights made in memory)
+#   $1 MODEL_ARGS  "--model DIR" or "--synthetic PRESET" (random weights made in memory)
 #   $2 VRAM        the budget, as ferry's --vram takes it (2.6GiB)
 #   $3 TOKENS      prompt tokens of the timed pass
 #   $4 RUNS        timed runs (the median is reported)
@@ -183,7 +183,7 @@ run_point() {
             ferry_model="--model $model"; peers_model=$model ;;
         32b-*)
             label="Qwen2.5-32B shape, qwen2 architecture, random weights made in host memory"
-            ferry_model="--preset qwen2.5-32b"; peers_model="--synthetic-in-memory qwen2.5-32b" ;;
+            ferry_model="--synthetic qwen2.5-32b"; peers_model="--synthetic-in-memory qwen2.5-32b" ;;
         tiny-*)
             model=$SYNTH_DIR/ferry-tiny
             label="tiny (script check)"

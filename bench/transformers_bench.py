@@ -34,7 +34,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--prompt-tokens", type=int, default=4096)
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--past", "--context", dest="context", type=int, default=1024,
+                    help="positions in the KV cache when decoding is timed (ferry bench-cuda --past)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", help="write last-position logits of a fixed prompt here")

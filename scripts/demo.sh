@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 question="${1:-What is the capital of France? Answer in one sentence.}"
+echo "== building ferry (release). The first build compiles ferry and about 130 crates" >&2
+echo "   it depends on and takes minutes (10-15 on 2 cores); later runs start at once." >&2
+cargo build --release --locked --bin ferry
+ferry="${CARGO_TARGET_DIR:-target}/release/ferry"
 gguf=$(scripts/fetch_smollm2.sh)
-exec cargo run --release --locked --quiet -- \
-    run --model "$gguf" --chat --max-tokens 128 --prompt "$question"
+echo "== $ferry run --model $gguf --chat --max-tokens 128 --prompt \"$question\"" >&2
+"$ferry" run --model "$gguf" --chat --max-tokens 128 --prompt "$question"
+echo "== done. The speed above is one short answer's, first passes included; for steady speed:" >&2
+echo "   $ferry bench --model $gguf --device cpu" >&2
+echo "   The binary is $ferry; \`cargo install --path . --locked\` puts \`ferry\` on your PATH" >&2
+echo "   (in ~/.cargo/bin, reusing this build). Next: ferry run --help, ferry chat --model $gguf" >&2

@@ -19,6 +19,9 @@ pub enum Error {
     Json { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    /// A file the user gave that is readable but wrong (a prompts file, say).
+    #[error("{path}: {message}")]
+    Input { path: PathBuf, message: String },
     #[error("{path}: unsupported model_type {found:?}; ferry supports {supported}")]
     UnsupportedArchitecture {
         path: PathBuf,

@@ -28,6 +28,13 @@ enum Command {
     ///
     /// Example: ferry run --model ./SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
     Run(commands::run::RunArgs),
+    /// Talk with a model: one turn a line, the conversation kept in its chat template.
+    ///
+    /// /reset starts over, /exit (or Ctrl-D) leaves, and Ctrl-C stops the answer being
+    /// written. Lines piped on standard input are turns too.
+    ///
+    /// Example: ferry chat --model ./SmolLM2-135M-Instruct.Q4_1.gguf --system "You are brief."
+    Chat(commands::chat::ChatArgs),
     /// Describe a checkpoint: architecture, parameters, bytes, dtype, and bytes per weight group.
     Info(ModelArg),
     /// Write a checkpoint with random weights and a real model's shape (for benchmarks).
@@ -39,13 +46,19 @@ enum Command {
     /// Works without a GPU from stated figures. Example:
     /// ferry plan --synthetic qwen2.5-7b --vram 2.6GiB --tokens 4096 --h2d-gbps 55 --tflops 850
     Plan(commands::plan::PlanArgs),
-    /// Time prompt passes and decoding: medians of several runs, as a table or JSON.
+    /// Time prompt passes and decoding on any device, whole or streamed (--vram), at several
+    /// prompt lengths and batch sizes: medians of several runs, as a table or JSON.
     ///
     /// Example: ferry bench --model ./SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 16,128 --decode-tokens 64
     Bench(commands::bench::BenchArgs),
-    /// Time the CUDA backend with the whole model on the GPU: a prompt pass and decoding.
+    /// Time the GPU's raw passes in detail: a prompt pass (TFLOP/s) and decoding after --past
+    /// positions (GB/s) with the whole model resident, or with --vram one streamed prompt pass
+    /// against the PCIe bound and the planner's prediction.
     ///
-    /// Example: ferry bench-cuda --preset qwen2.5-7b --prompt-tokens 4096 --context 1024
+    /// Its flags are bench's where they mean the same (--model/--synthetic, --prompt-tokens,
+    /// --decode-tokens, --runs, --vram, --json [FILE], --timeline).
+    ///
+    /// Example: ferry bench-cuda --synthetic qwen2.5-7b --prompt-tokens 4096 --past 1024
     BenchCuda(commands::bench_cuda::BenchCudaArgs),
     /// Generate images from a prompt with a diffusers Z-Image pipeline (CPU in this version).
     ///
@@ -55,9 +68,13 @@ enum Command {
 
 fn main() -> ExitCode {
     quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Chat(args) => commands::chat::chat(args),
         Command::Info(args) => info(args),
         Command::Synth(args) => synth(args),
         Command::Plan(args) => plan_command(args),
@@ -73,6 +90,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A flag's value that its parser refused (`--batch -1`, `--device gpu`) gets one line naming
+/// the flag, as every other error of ferry's; other usage errors (an unknown flag, help) are
+/// clap's, with its hints.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    if e.kind() == ErrorKind::ValueValidation {
+        if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+            e.get(ContextKind::InvalidArg),
+            e.get(ContextKind::InvalidValue),
+        ) {
+            let flag = arg.split(' ').next().unwrap_or(arg);
+            let why = e.source().map(|s| s.to_string()).unwrap_or_default();
+            if why.contains(value.as_str()) {
+                eprintln!("error: {flag}: {why}");
+            } else {
+                eprintln!("error: {flag}: {why} (found {value:?})");
+            }
+            return ExitCode::from(2);
+        }
+    }
+    e.exit()
 }
 
 /// `ferry info | head` should end quietly when `head` closes the pipe, as Unix tools do,

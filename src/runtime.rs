@@ -17,19 +17,15 @@ use crate::stream::{PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
 /// Open `--model PATH` or `--synthetic PRESET` (random bf16 weights of a real shape, made
-/// in memory), with a label for reports. `flag` names the preset's flag in errors.
+/// in memory), with a label for reports.
 pub fn open_checkpoint(
     model: Option<&str>,
     synthetic: Option<&str>,
-    flag: &'static str,
 ) -> Result<(Checkpoint, String)> {
     match (model, synthetic) {
         (Some(m), _) => Ok((Checkpoint::open(m)?, m.to_string())),
         (None, Some(p)) => {
-            let preset = Preset::by_name(p).map_err(|e| match e {
-                Error::Flag { message, .. } => Error::Flag { flag, message },
-                e => e,
-            })?;
+            let preset = synthetic_preset(p)?;
             Ok((
                 synthetic_checkpoint(&preset, 0, DType::BF16)?,
                 format!("synthetic {p} (random bf16 weights)"),
@@ -37,9 +33,20 @@ pub fn open_checkpoint(
         }
         (None, None) => Err(Error::Flag {
             flag: "--model",
-            message: format!("give --model or {flag}"),
+            message: "give --model or --synthetic".into(),
         }),
     }
+}
+
+/// The preset `--synthetic NAME` names, or an error naming `--synthetic` and the presets.
+pub fn synthetic_preset(name: &str) -> Result<Preset> {
+    Preset::by_name(name).map_err(|e| match e {
+        Error::Flag { message, .. } => Error::Flag {
+            flag: "--synthetic",
+            message,
+        },
+        e => e,
+    })
 }
 
 /// The GPU a command computes on, by `--device` and `--vram`: `None` for the CPU. A budget
@@ -51,10 +58,39 @@ pub fn open_device(device: Device, vram: Option<Vram>) -> Result<Option<Cuda>> {
             message: "a GPU memory budget needs --device cuda (or auto with a GPU)".into(),
         }),
         (Device::Cpu, None) => Ok(None),
-        (Device::Cuda(n), vram) => Cuda::with_vram(n, vram).map(Some),
-        (Device::Auto, Some(vram)) => Cuda::with_vram(0, Some(vram)).map(Some),
         (Device::Auto, None) => Ok(Cuda::new(0).ok()),
+        (device, vram) => open_gpu(device, vram).map(Some),
     }
+}
+
+/// The GPU `--device` names (auto: cuda:0) with the `--vram` budget, or an error that names
+/// the flag that asked for it: `--device` for a CUDA device that is not usable, `--vram`
+/// where only the budget asked for a GPU (`--device auto`).
+pub fn open_gpu(device: Device, vram: Option<Vram>) -> Result<Cuda> {
+    let ordinal = match device {
+        Device::Cuda(n) => n,
+        Device::Auto | Device::Cpu => 0,
+    };
+    Cuda::with_vram(ordinal, vram).map_err(|e| {
+        let Error::Device(msg) = e else { return e };
+        let why = msg.strip_prefix("no usable CUDA device: ").unwrap_or(&msg);
+        match (device, vram) {
+            (Device::Auto, Some(_)) => Error::Flag {
+                flag: "--vram",
+                message: format!(
+                    "a GPU memory budget needs a CUDA GPU, and --device auto found none usable ({why}); leave --vram out to run on the CPU"
+                ),
+            },
+            _ if msg.starts_with("cuda:") => Error::Flag {
+                flag: "--device",
+                message: msg,
+            },
+            _ => Error::Flag {
+                flag: "--device",
+                message: format!("cuda:{ordinal} is not usable: {why}"),
+            },
+        }
+    })
 }
 
 /// Device memory the plan leaves aside for what the CUDA driver holds beyond the ledger, by

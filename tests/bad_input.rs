@@ -363,3 +363,211 @@ fn runs_a_fixture() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("8 tokens"), "{stderr}");
 }
+
+/// Rewrite `dir/model.safetensors`'s JSON header with `edit`, keeping its data bytes.
+fn edit_header(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend(json);
+    file.extend(&bytes[8 + n..]);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn safetensors_tensors_that_share_bytes() {
+    let (_t, dir) = copy_fixture();
+    // Two norms of the same size: the second one's range moved onto (then half over) the first's.
+    let [a, b] = [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.input_layernorm.weight",
+    ];
+    for shift in [0, 8] {
+        let (_t2, d) = copy_fixture();
+        edit_header(&d, |h| {
+            let r = h[a]["data_offsets"].clone();
+            let (begin, end) = (
+                r[0].as_u64().unwrap() + shift,
+                r[1].as_u64().unwrap() + shift,
+            );
+            h[b]["data_offsets"] = serde_json::json!([begin, end]);
+        });
+        let err = run_on(&d);
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("overlap")
+                && err.contains(a)
+                && err.contains(b),
+            "{err}"
+        );
+    }
+    // Tensors that only touch are fine (the file as written).
+    let _ = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+}
+
+#[test]
+fn a_tensor_in_two_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("mistral")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    use ferry::checkpoint::safetensors;
+    let (one, two) = (
+        tmp.path().join("model-00001-of-00002.safetensors"),
+        tmp.path().join("model-00002-of-00002.safetensors"),
+    );
+    let first = safetensors::read(&one).unwrap();
+    let mut second: Vec<_> = safetensors::read(&two)
+        .unwrap()
+        .iter()
+        .chain(&first[..1])
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.bytes().to_vec()))
+        .collect();
+    second.sort_by(|a, b| a.0.cmp(&b.0));
+    drop(first);
+    safetensors::write(&two, &second).unwrap();
+    let err = run_on(tmp.path());
+    assert!(
+        err.contains("model-0000") && err.contains("also in") && err.contains("one file"),
+        "{err}"
+    );
+}
+
+/// Set `key` of `dir/FILE` (a JSON object) to `value`.
+fn set_json(dir: &Path, file: &str, key: &str, value: serde_json::Value) {
+    let path = dir.join(file);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    json[key] = value;
+    std::fs::write(path, serde_json::to_vec(&json).unwrap()).unwrap();
+}
+
+#[test]
+fn rope_scaling_that_is_not_an_object() {
+    for bad in [
+        serde_json::json!("linear"),
+        serde_json::json!([8.0]),
+        serde_json::json!(2),
+    ] {
+        let (_t, dir) = copy_fixture();
+        set_json(&dir, "config.json", "rope_scaling", bad);
+        let err = run_on(&dir);
+        assert!(
+            err.contains("config.json") && err.contains("rope_scaling") && err.contains("object"),
+            "{err}"
+        );
+    }
+    let (_t, dir) = copy_fixture();
+    set_json(
+        &dir,
+        "config.json",
+        "rope_scaling",
+        serde_json::json!({"rope_type": 3}),
+    );
+    let err = run_on(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("rope_type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn token_ids_of_the_wrong_type() {
+    // An EOS id that was silently dropped made generation never stop at end of sequence.
+    for (file, key) in [
+        ("generation_config.json", "eos_token_id"),
+        ("generation_config.json", "bos_token_id"),
+        ("config.json", "eos_token_id"),
+    ] {
+        for bad in [
+            serde_json::json!("</s>"),
+            serde_json::json!(-2),
+            serde_json::json!([2, "x"]),
+        ] {
+            let (_t, dir) = copy_fixture();
+            if file == "config.json" {
+                std::fs::remove_file(dir.join("generation_config.json")).unwrap();
+            }
+            set_json(&dir, file, key, bad);
+            let err = run_on(&dir);
+            assert!(
+                err.contains(file) && err.contains(key) && err.contains("token id"),
+                "{file} {key}: {err}"
+            );
+        }
+    }
+    // Null is "not given", as transformers writes it.
+    let (_t, dir) = copy_fixture();
+    set_json(
+        &dir,
+        "generation_config.json",
+        "eos_token_id",
+        serde_json::Value::Null,
+    );
+    let _ = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let (_t, dir) = copy_fixture();
+    set_json(
+        &dir,
+        "tokenizer_config.json",
+        "chat_template",
+        serde_json::json!(7),
+    );
+    let err = run_on(&dir);
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("chat_template"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_model_path() {
+    for empty in ["", " "] {
+        let err = fails(&["info", "--model", empty]);
+        assert!(err.contains("--model") && err.contains("empty"), "{err}");
+    }
+}
+
+#[test]
+fn directories_and_special_files_are_not_said_to_be_missing() {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "model.safetensors",
+    ] {
+        let (_t, dir) = copy_fixture();
+        std::fs::remove_file(dir.join(file)).unwrap();
+        std::fs::create_dir(dir.join(file)).unwrap();
+        let err = run_on(&dir);
+        assert!(
+            err.contains(file) && err.contains("is a directory") && !err.contains("not found"),
+            "{file}: {err}"
+        );
+    }
+    let err = fails(&["info", "--model", "/dev/null"]);
+    assert!(
+        err.contains("/dev/null") && err.contains("special file"),
+        "{err}"
+    );
+    // A pipe in place of the weights is refused at once, not waited on.
+    let (_t, dir) = copy_fixture();
+    let weights = dir.join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    if Command::new("mkfifo")
+        .arg(&weights)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let err = run_on(&dir);
+        assert!(
+            err.contains("model.safetensors") && err.contains("special file"),
+            "{err}"
+        );
+    }
+}

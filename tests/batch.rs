@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{fixture, ARCHS};
 use ferry::backend::cpu::Cpu;
@@ -93,7 +94,9 @@ fn progress_after_every_pass_ends_at_every_request() {
     let reqs = requests(ckpt.config.vocab_size as u32);
     let mut seen: Vec<Progress> = Vec::new();
     let (outs, stats) = gen
-        .generate_batch_with_progress(&reqs, 2, &mut |_, _| {}, &mut |p| seen.push(p))
+        .generate_batch_with_progress(&reqs, 2, &mut |_, _| {}, &mut |_, _| {}, &mut |p| {
+            seen.push(p)
+        })
         .unwrap();
     assert_eq!(seen.len(), stats.passes, "one report a pass");
     let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
@@ -117,6 +120,81 @@ fn progress_after_every_pass_ends_at_every_request() {
     assert!(seen[..seen.len() - 1]
         .iter()
         .all(|p| p.finished < reqs.len()));
+}
+
+#[test]
+fn each_output_is_handed_out_as_its_sequence_ends() {
+    let ckpt = Checkpoint::open(fixture("llama").to_str().unwrap()).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
+    let reqs: Vec<Request> = requests(ckpt.config.vocab_size as u32)
+        .into_iter()
+        .map(|r| Request {
+            ignore_eos: true,
+            ..r
+        })
+        .collect();
+    // (passes reported before it, request, its output's tokens)
+    let passes = std::cell::Cell::new(0);
+    let mut done = Vec::new();
+    let (outs, _) = gen
+        .generate_batch_with_progress(
+            &reqs,
+            16,
+            &mut |_, _| {},
+            &mut |i, out| done.push((passes.get(), i, out.tokens.clone())),
+            &mut |_| passes.set(passes.get() + 1),
+        )
+        .unwrap();
+    assert_eq!(done.len(), reqs.len(), "each request once");
+    for (before, i, tokens) in &done {
+        // All start at pass 1: a sequence of k tokens ends in pass k, before that pass's
+        // report (none: before any pass).
+        assert_eq!(
+            *before,
+            reqs[*i].max_tokens.saturating_sub(1),
+            "request {i}"
+        );
+        assert_eq!(tokens, &outs[*i].tokens, "request {i}");
+    }
+    let order: Vec<usize> = done.iter().map(|d| d.1).collect();
+    assert_eq!(order, [5, 4, 1, 2, 3, 0], "in the order they end");
+}
+
+#[test]
+fn an_interrupt_ends_every_sequence_after_the_pass_in_flight() {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let ckpt = Checkpoint::open(fixture("qwen2").to_str().unwrap()).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, None).unwrap();
+    gen.interrupt = Some(&STOP);
+    let long = |salt| Request {
+        ignore_eos: true,
+        ..request(vec![3, 5, salt], 50, SamplingConfig::default())
+    };
+    let reqs = [long(1), long(2), long(3)];
+    let mut passes = 0;
+    let (outs, stats) = gen
+        .generate_batch_with_progress(&reqs, 2, &mut |_, _| {}, &mut |_, _| {}, &mut |_| {
+            passes += 1;
+            if passes == 3 {
+                STOP.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert_eq!(stats.passes, 4, "the pass in flight, then no more");
+    for out in &outs[..2] {
+        assert_eq!(out.finish, Finish::Interrupted);
+        assert_eq!(out.tokens.len(), 4);
+    }
+    assert_eq!(
+        outs[2].finish,
+        Finish::Interrupted,
+        "a waiting sequence never starts"
+    );
+    assert!(outs[2].tokens.is_empty());
+    // Lowered as the generation returns: the next one runs in full.
+    assert!(!STOP.load(Ordering::SeqCst));
+    let out = gen.generate(&long(1), &mut |_| {}).unwrap();
+    assert_eq!((out.finish, out.tokens.len()), (Finish::MaxTokens, 50));
 }
 
 #[test]

@@ -433,6 +433,32 @@ fn checkpoint_open_dispatches_gguf_files_by_magic_and_extension() {
 }
 
 #[test]
+fn ferry_info_shows_how_the_file_stores_the_weights() {
+    let path = write("info", &tiny_llama().bytes());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["info", "--model", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let size = std::fs::metadata(&path).unwrap().len();
+    for needle in [
+        "format         GGUF\n".to_string(),
+        format!("file           {size} ("),
+        "stored as F32 (".to_string(),
+        "Q8_0 (".to_string(),
+        "in memory as bf16, dequantized at load".to_string(),
+    ] {
+        assert!(stdout.contains(&needle), "{needle:?} not in\n{stdout}");
+    }
+    assert!(!stdout.contains("Gguf"), "{stdout}");
+}
+
+#[test]
 fn untied_head_biases_and_version_2() {
     let mut b = tiny_llama();
     b.version = 2;
@@ -780,14 +806,17 @@ fn other_bad_metadata() {
 
     let mut b = tiny_llama();
     b.kv("llama.block_count", V::Str("two".into()));
-    assert_mentions(&error_of(&b.bytes()), &["llama.block_count", "string"]);
-
-    let mut b = tiny_llama();
-    b.kv("general.alignment", V::U32(24));
     assert_mentions(
         &error_of(&b.bytes()),
-        &["general.alignment", "power of two"],
+        &["llama.block_count is \"two\" (string)"],
     );
+
+    // Values as numbers, not as Rust writes its enums (`U32(24)`).
+    let mut b = tiny_llama();
+    b.kv("general.alignment", V::U32(24));
+    let e = error_of(&b.bytes());
+    assert_mentions(&e, &["general.alignment is 24 (uint32)", "power of two"]);
+    assert!(!e.contains("U32("), "{e}");
 
     let mut b = tiny_llama();
     b.kv("tokenizer.ggml.eos_token_id", V::U32(4000));

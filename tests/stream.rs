@@ -490,7 +490,7 @@ fn ferry_plan_prints_the_plan() {
         "host→device 25 GB/s (assumed), 80 TFLOP/s (assumed)",
         "budget       2.60 GiB = resident",
         "4 slots × 444.5 MiB",
-        "resident     0 of 29 groups",
+        "resident     0 of 30 groups",
         "embedding: stays in host memory, only the pass's rows go to the device",
         "14.14 GB per pass",
         "PCIe bound 565.6 ms (14.14 GB at 25 GB/s)",
@@ -534,7 +534,7 @@ fn ferry_plan_prints_the_plan() {
     assert!(stdout.contains("budget       8.00 GiB"), "{stdout}");
     // Copy-bound: the head (1.09 GB, no compute to hide its copy behind) stays resident.
     assert!(
-        stdout.contains("resident     6 of 29 groups") && stdout.contains(", head\n"),
+        stdout.contains("resident     6 of 30 groups") && stdout.contains(", head\n"),
         "{stdout}"
     );
     assert!(
@@ -590,7 +590,7 @@ fn ferry_plan_refuses_bad_budgets_in_one_line() {
         ),
         (vec!["--vram", "auto", "--tokens", "1"], "error: --vram: auto needs a GPU"),
         (vec!["--vram", "lots", "--tokens", "1"], "error: --vram: \"lots\" is not a size"),
-        (vec!["--vram", "6GiB", "--tokens", "0"], "error: --tokens: expected at least 1"),
+        (vec!["--vram", "6GiB", "--tokens", "0"], "error: --tokens: expected a whole number ≥ 1"),
         (
             vec!["--vram", "6GiB", "--tokens", "1", "--past", "18446744073709551615"],
             "error: --tokens: --past 18446744073709551615 + --tokens 1 exceeds",

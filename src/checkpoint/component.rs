@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{hf::read_json, safetensors, HostTensor};
+use super::{hf::read_json, is_regular_file, require_file, safetensors, HostTensor};
 use crate::error::{Error, Result};
 
 /// One component: its tensors (views into mapped files) and its config.
@@ -25,6 +25,8 @@ pub struct Component {
     /// component has none (a tokenizer).
     pub config: Option<(PathBuf, Value)>,
     pub tensors: BTreeMap<String, HostTensor>,
+    /// Bytes of the weight files read.
+    pub file_bytes: usize,
 }
 
 impl Component {
@@ -38,16 +40,37 @@ impl Component {
                 expected: format!("the {name} component's directory"),
             });
         }
-        let config = ["config.json", "scheduler_config.json"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.is_file())
-            .map(|p| read_json(&p).map(|v| (p, v)))
-            .transpose()?;
+        let mut config = None;
+        for file in ["config.json", "scheduler_config.json"] {
+            let path = dir.join(file);
+            if is_regular_file(&path)? {
+                config = Some((read_json(&path)?, path));
+                break;
+            }
+        }
+        let config = config.map(|(v, p)| (p, v));
         let mut tensors = BTreeMap::new();
+        let mut file_bytes = 0;
         if weights {
-            for file in safetensors_files(dir)? {
-                for t in safetensors::read(&file)? {
+            let files = safetensors_files(dir)?;
+            // Which file each tensor came from: one name in two shards is refused, not
+            // resolved by whichever was read last.
+            let mut from: BTreeMap<String, usize> = BTreeMap::new();
+            for (i, file) in files.iter().enumerate() {
+                let read = safetensors::read(file)?;
+                file_bytes += std::fs::metadata(file).map_or(0, |m| m.len() as usize);
+                for t in read {
+                    if let Some(&first) = from.get(&t.name) {
+                        return Err(Error::checkpoint(
+                            file,
+                            format!(
+                                "tensor {:?} is also in {}; each tensor must be in one file",
+                                t.name,
+                                files[first].display()
+                            ),
+                        ));
+                    }
+                    from.insert(t.name.clone(), i);
                     tensors.insert(t.name.clone(), t);
                 }
             }
@@ -58,6 +81,7 @@ impl Component {
             class_name: None,
             config,
             tensors,
+            file_bytes,
         })
     }
 
@@ -163,11 +187,11 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     const STEMS: [&str; 2] = ["model", "diffusion_pytorch_model"];
     for stem in STEMS {
         let index_path = dir.join(format!("{stem}.safetensors.index.json"));
-        if index_path.is_file() {
+        if is_regular_file(&index_path)? {
             return shards(dir, &index_path);
         }
         let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
+        if is_regular_file(&single)? {
             return Ok(vec![single]);
         }
     }
@@ -199,12 +223,7 @@ fn shards(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     for f in &files {
-        if !f.is_file() {
-            return Err(Error::NotFound {
-                path: f.clone(),
-                expected: format!("shard listed in {}", index_path.display()),
-            });
-        }
+        require_file(f, &format!("shard listed in {}", index_path.display()))?;
     }
     Ok(files)
 }

@@ -20,7 +20,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::{
-    Checkpoint, DType, Format, GenerationDefaults, GgufTokenizerSpec, HostTensor, Storage,
+    Checkpoint, DType, Format, GenerationDefaults, GgufTokenizerSpec, HostTensor, Storage, Stored,
     TokenizerSource,
 };
 use crate::error::{Error, Result};
@@ -63,6 +63,34 @@ pub enum Value {
     /// Invalid UTF-8 is replaced by U+FFFD (GGUF strings are specified as UTF-8).
     String(String),
     Array(Vec<Value>),
+}
+
+/// A value as a message shows it: `0`, `"llama"`, `[3 uint32s]` (with its type where the
+/// message needs it: [`Value::type_name`]).
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::U8(v) => write!(f, "{v}"),
+            Value::I8(v) => write!(f, "{v}"),
+            Value::U16(v) => write!(f, "{v}"),
+            Value::I16(v) => write!(f, "{v}"),
+            Value::U32(v) => write!(f, "{v}"),
+            Value::I32(v) => write!(f, "{v}"),
+            Value::U64(v) => write!(f, "{v}"),
+            Value::I64(v) => write!(f, "{v}"),
+            Value::F32(v) => write!(f, "{v}"),
+            Value::F64(v) => write!(f, "{v}"),
+            Value::Bool(v) => write!(f, "{v}"),
+            Value::String(s) if s.chars().count() > 40 => {
+                write!(f, "{:?}...", s.chars().take(37).collect::<String>())
+            }
+            Value::String(s) => write!(f, "{s:?}"),
+            Value::Array(a) => match a.first() {
+                None => f.write_str("[]"),
+                Some(first) => write!(f, "[{} {}s]", a.len(), first.type_name()),
+            },
+        }
+    }
 }
 
 impl Value {
@@ -390,7 +418,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, HeaderError> {
         Some(v) => {
             return Err(HeaderError {
                 offset: r.pos,
-                message: format!("general.alignment is {v:?}, expected a uint32 power of two"),
+                message: format!(
+                    "general.alignment is {v} ({}), expected a uint32 power of two",
+                    v.type_name()
+                ),
             })
         }
     };
@@ -567,6 +598,16 @@ pub fn from_bytes(path: &Path, bytes: &[u8], target: DType) -> Result<Checkpoint
     let plan = plan_tensors(path, &header, &config, permute_qk)?;
     let (tokenizer, generation) = tokenizer_and_generation(&meta, config.vocab_size)?;
 
+    let mut stored = Stored {
+        file_bytes: bytes.len(),
+        ..Stored::default()
+    };
+    for p in &plan {
+        *stored
+            .dtypes
+            .entry(p.info.ty.name().to_string())
+            .or_default() += 1;
+    }
     let tensors = dequantize_all(path, bytes, &plan, target);
     let ckpt = Checkpoint {
         path: path.to_path_buf(),
@@ -575,6 +616,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8], target: DType) -> Result<Checkpoint
         tensors,
         tokenizer,
         generation,
+        stored,
     };
     crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)
@@ -610,7 +652,7 @@ impl Meta<'_> {
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| {
                 self.bad(format!(
-                    "{key} is {v:?} ({}), expected a non-negative integer",
+                    "{key} is {v} ({}), expected a non-negative integer",
                     v.type_name()
                 ))
             })
@@ -638,7 +680,7 @@ impl Meta<'_> {
             .map(|v| {
                 v.as_f64().ok_or_else(|| {
                     self.bad(format!(
-                        "{key} is {v:?} ({}), expected a float",
+                        "{key} is {v} ({}), expected a float",
                         v.type_name()
                     ))
                 })
@@ -686,7 +728,7 @@ impl Meta<'_> {
             .map(|(i, item)| {
                 f(item).ok_or_else(|| {
                     self.bad(format!(
-                        "{key}[{i}] is {item:?} ({}), expected {expected}",
+                        "{key}[{i}] is {item} ({}), expected {expected}",
                         item.type_name()
                     ))
                 })

@@ -4,13 +4,22 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{Checkpoint, Component, Format, GenerationDefaults, TokenizerSource};
+use super::{
+    is_regular_file, require_file, Checkpoint, Component, Format, GenerationDefaults, Stored,
+    TokenizerSource,
+};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, LlamaConfig};
 
 /// Turn `--model` into a path: an existing file or directory as given, else `ORG/NAME` looked
 /// up in the Hugging Face cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
 pub fn resolve_model_path(model: &str) -> Result<PathBuf> {
+    if model.trim().is_empty() {
+        return Err(Error::Flag {
+            flag: "--model",
+            message: "the path is empty; expected a model directory, a .gguf file, or ORG/NAME in the Hugging Face cache".into(),
+        });
+    }
     let given = PathBuf::from(model);
     if given.exists() {
         return Ok(given);
@@ -73,25 +82,32 @@ pub(super) fn read_json(path: &Path) -> Result<Value> {
 
 /// Open a Hugging Face model directory.
 pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::NotFound {
-            path: config_path,
-            expected: "a Hugging Face model directory holds config.json".into(),
-        });
-    }
+    require_file(
+        &dir.join("config.json"),
+        "a Hugging Face model directory holds config.json",
+    )?;
     let component = Component::open("model", dir, true)?;
     let (path, json) = component.config()?;
     let config = LlamaConfig::from_hf(path, json)?;
     let tensors = component.tensors;
 
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.is_file() {
+    let tokenizer = if is_regular_file(&tokenizer_path)? {
         TokenizerSource::HfJson(tokenizer_path)
     } else {
         TokenizerSource::Missing
     };
 
+    let mut stored = Stored {
+        file_bytes: component.file_bytes,
+        ..Stored::default()
+    };
+    for t in tensors.values() {
+        *stored
+            .dtypes
+            .entry(t.dtype.name().to_uppercase())
+            .or_default() += 1;
+    }
     let ckpt = Checkpoint {
         path: dir.to_path_buf(),
         format: Format::Safetensors,
@@ -99,70 +115,101 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         tensors,
         tokenizer,
         generation: generation_defaults(dir)?,
+        stored,
     };
     crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
     Ok(ckpt)
 }
 
-/// A token given in tokenizer_config.json as a string or as `{"content": ...}`.
-fn token_string(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
+/// A token given in tokenizer_config.json (`path`) under `key` as a string or as
+/// `{"content": ...}`; None when absent or null.
+fn token_string(path: &Path, json: &Value, key: &str) -> Result<Option<String>> {
+    match json.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v @ Value::Object(o)) => match o.get("content") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            _ => Err(wrong_type(
+                path,
+                key,
+                v,
+                "a token string or {\"content\": string}",
+            )),
+        },
+        Some(v) => Err(wrong_type(
+            path,
+            key,
+            v,
+            "a token string or {\"content\": string}",
+        )),
     }
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
+/// The token ids in `json[key]` (a config or generation_config, `path`): one id or a list;
+/// empty when absent or null. Anything else is an error: an EOS id that is silently dropped
+/// is a generation that never stops.
+fn token_ids(path: &Path, json: &Value, key: &str) -> Result<Vec<u32>> {
+    let id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    let expected = "a token id (a whole number ≥ 0) or a list of them";
+    match json.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v @ Value::Array(a)) => a
             .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|n| n as u32)
+            .map(|x| id(x).ok_or_else(|| wrong_type(path, key, v, expected)))
             .collect(),
-        _ => Vec::new(),
+        Some(v) => id(v)
+            .map(|n| vec![n])
+            .ok_or_else(|| wrong_type(path, key, v, expected)),
     }
+}
+
+fn wrong_type(path: &Path, key: &str, found: &Value, expected: &str) -> Error {
+    let mut found = found.to_string();
+    if found.chars().count() > 60 {
+        found = found.chars().take(57).collect::<String>() + "...";
+    }
+    Error::checkpoint(path, format!("{key:?} is {found}; expected {expected}"))
 }
 
 /// What generation needs from a directory's generation_config.json, config.json and
 /// tokenizer_config.json (each optional).
 pub fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
     let mut g = GenerationDefaults::default();
-    let gen_path = dir.join("generation_config.json");
-    if gen_path.is_file() {
-        let gen = read_json(&gen_path)?;
-        g.eos_token_ids = token_ids(gen.get("eos_token_id"));
-        g.bos_token_id = token_ids(gen.get("bos_token_id")).first().copied();
-    }
-    let config_path = dir.join("config.json");
-    if config_path.is_file() {
-        let config = read_json(&config_path)?;
+    // generation_config.json first, config.json where it says nothing.
+    for name in ["generation_config.json", "config.json"] {
+        let path = dir.join(name);
+        if !is_regular_file(&path)? {
+            continue;
+        }
+        let json = read_json(&path)?;
         if g.eos_token_ids.is_empty() {
-            g.eos_token_ids = token_ids(config.get("eos_token_id"));
+            g.eos_token_ids = token_ids(&path, &json, "eos_token_id")?;
         }
         if g.bos_token_id.is_none() {
-            g.bos_token_id = token_ids(config.get("bos_token_id")).first().copied();
+            g.bos_token_id = token_ids(&path, &json, "bos_token_id")?.first().copied();
         }
     }
     let tc_path = dir.join("tokenizer_config.json");
-    if tc_path.is_file() {
+    if is_regular_file(&tc_path)? {
         let tc = read_json(&tc_path)?;
-        g.bos_token = token_string(tc.get("bos_token"));
-        g.eos_token = token_string(tc.get("eos_token"));
+        g.bos_token = token_string(&tc_path, &tc, "bos_token")?;
+        g.eos_token = token_string(&tc_path, &tc, "eos_token")?;
+        let expected = "a template string, or a list of {\"name\", \"template\"}";
         g.chat_template = match tc.get("chat_template") {
+            None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
-            // A list of named templates: take "default".
+            // A list of named templates: take "default" (none: as transformers, no template
+            // to use unless named).
             Some(Value::Array(list)) => list
                 .iter()
                 .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                 .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-            _ => None,
+            Some(v) => return Err(wrong_type(&tc_path, "chat_template", v, expected)),
         };
     }
     // transformers 4.43+ may keep the template in its own file.
     let jinja = dir.join("chat_template.jinja");
-    if g.chat_template.is_none() && jinja.is_file() {
+    if g.chat_template.is_none() && is_regular_file(&jinja)? {
         g.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
     }
     Ok(g)

@@ -61,8 +61,45 @@ pub enum Storage {
     Owned { words: Vec<u64>, len: usize },
 }
 
+/// Whether `path` is there as a regular file (symlinks followed, as in the HF cache):
+/// `Ok(false)` when nothing is there, and an error naming it when something else is (a
+/// directory, a device, a pipe), which is then neither "not found" nor read as a file.
+pub(crate) fn is_regular_file(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(m) => Err(Error::checkpoint(
+            path,
+            format!(
+                "is {}; expected a regular file",
+                if m.is_dir() {
+                    "a directory"
+                } else {
+                    "a special file (a device, pipe or socket)"
+                }
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// `path` as a regular file, or an error: [`Error::NotFound`] with `expected` when nothing is
+/// there, [`is_regular_file`]'s when something else is.
+pub(crate) fn require_file(path: &Path, expected: &str) -> Result<()> {
+    if is_regular_file(path)? {
+        return Ok(());
+    }
+    Err(Error::NotFound {
+        path: path.to_path_buf(),
+        expected: expected.into(),
+    })
+}
+
 impl Storage {
     pub fn map(path: &Path) -> Result<Storage> {
+        // Checked first: opening a pipe would wait for a writer, and a directory maps as an
+        // error about devices.
+        require_file(path, "a file to map")?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only. ferry never writes the file; another process
         // truncating it while we run is outside what any mmap-based reader can guard against.
@@ -275,6 +312,25 @@ pub enum Format {
     Gguf,
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "GGUF",
+        })
+    }
+}
+
+/// How the files store the weights, before ferry converts them (GGUF's quantized blocks are
+/// dequantized at load): for `ferry info`.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    /// Bytes of the files read (0 for weights made in memory).
+    pub file_bytes: usize,
+    /// The stored element types ("Q4_1", "F32", "BF16"), each with its number of tensors.
+    pub dtypes: BTreeMap<String, usize>,
+}
+
 /// An opened checkpoint: config, tensors (views into mapped or owned host memory), and what
 /// generation needs.
 pub struct Checkpoint {
@@ -285,6 +341,7 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
     pub tokenizer: TokenizerSource,
     pub generation: GenerationDefaults,
+    pub stored: Stored,
 }
 
 impl Checkpoint {
@@ -293,8 +350,11 @@ impl Checkpoint {
     pub fn open(model: &str) -> Result<Checkpoint> {
         let path = resolve_model_path(model)?;
         if path.is_dir() {
-            hf::open_dir(&path)
-        } else if gguf::is_gguf(&path) {
+            return hf::open_dir(&path);
+        }
+        // A device or a pipe is neither: said so, before reading it waits on a pipe.
+        require_file(&path, "a model directory or a .gguf file")?;
+        if gguf::is_gguf(&path) {
             gguf::open(&path, DType::BF16)
         } else {
             Err(Error::checkpoint(

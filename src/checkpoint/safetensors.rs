@@ -48,6 +48,8 @@ pub fn read(path: &Path) -> Result<Vec<HostTensor>> {
 
     let data_len = bytes.len() - data_start;
     let mut tensors = Vec::with_capacity(header.len());
+    // Each tensor's data bytes, to refuse two tensors that share bytes (as GGUF does).
+    let mut ranges: Vec<(usize, usize, String)> = Vec::with_capacity(header.len());
     for (name, value) in header {
         if name == "__metadata__" {
             continue;
@@ -91,6 +93,9 @@ pub fn read(path: &Path) -> Result<Vec<HostTensor>> {
                 "tensor {name:?} ends at data byte {end}, but the file holds only {data_len} data bytes (truncated?)"
             )));
         }
+        if begin < end {
+            ranges.push((begin, end, name.clone()));
+        }
         tensors.push(HostTensor::new(
             name,
             dtype,
@@ -99,6 +104,15 @@ pub fn read(path: &Path) -> Result<Vec<HostTensor>> {
             data_start + begin,
             expected_len,
         ));
+    }
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((a0, a1, a), (b0, b1, b)) = (&pair[0], &pair[1]);
+        if b0 < a1 {
+            return Err(bad(format!(
+                "tensors {a:?} (data bytes {a0}..{a1}) and {b:?} ({b0}..{b1}) overlap; each tensor needs bytes of its own"
+            )));
+        }
     }
     Ok(tensors)
 }

@@ -23,7 +23,7 @@ use ferry::stream::Vram;
 use ferry::synth::random_token_ids;
 use ferry::{Error, Result};
 
-use super::HostMemoryArg;
+use super::{at_least, HostMemoryArg, JsonArg};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -47,33 +47,35 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     pub(super) caption_tokens: usize,
     /// Prompt lengths to time, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "128")]
+    #[arg(long, value_delimiter = ',', default_value = "128", value_parser = at_least(1), allow_negative_numbers = true)]
     pub(super) prompt_tokens: Vec<usize>,
     /// Sequences per pass (images per step for image models), comma-separated: each batch
     /// size is timed at each prompt length.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = at_least(1), allow_negative_numbers = true)]
     pub(super) batch: Vec<usize>,
     /// Tokens to decode after each prompt (0: prompt pass only).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value = "32", value_parser = at_least(0), allow_negative_numbers = true)]
     pub(super) decode_tokens: usize,
     /// Timed runs per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value = "5", value_parser = at_least(1), allow_negative_numbers = true)]
     pub(super) runs: usize,
     /// Untimed runs first.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = at_least(0), allow_negative_numbers = true)]
     pub(super) warmup: usize,
     /// Where to compute: auto, cpu, or cuda[:N].
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     pub(super) device: Device,
+    /// With --device cpu: threads of the CPU backend. Default: one per core.
+    #[arg(long, value_name = "N", value_parser = at_least(1), allow_negative_numbers = true)]
+    pub(super) threads: Option<usize>,
     /// GPU memory budget (6GiB, 2.6GiB, auto): stream what does not fit. The plan is made
     /// for the largest pass (longest prompt × largest batch).
-    #[arg(long, value_name = "SIZE|auto")]
+    #[arg(long, value_name = "SIZE|auto", allow_negative_numbers = true)]
     pub(super) vram: Option<String>,
     #[command(flatten)]
     pub(super) host_memory: HostMemoryArg,
-    /// Print JSON instead of the table.
-    #[arg(long)]
-    pub(super) json: bool,
+    #[command(flatten)]
+    pub(super) json: JsonArg,
     /// With --vram on a GPU: draw one streamed pass (copy and compute of each weight group on
     /// two lanes) as an SVG picture in this file: the prompt pass of the last timed run at
     /// the longest prompt × the largest batch.
@@ -124,37 +126,37 @@ struct StreamedFigures {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    for (flag, values) in [("--runs", vec![args.runs]), ("--batch", args.batch.clone())] {
-        if values.contains(&0) {
-            return Err(Error::Flag {
-                flag,
-                message: "expected at least 1".into(),
-            });
-        }
-    }
     if super::bench_dit::is_image_model(&args) {
         check_timeline(&args)?;
         return super::bench_dit::bench_dit(&args);
     }
-    if args.prompt_tokens.contains(&0) {
-        return Err(Error::Flag {
-            flag: "--prompt-tokens",
-            message: "expected lengths of at least 1".into(),
-        });
-    }
     check_timeline(&args)?;
-    let (ckpt, label) = open_checkpoint(
-        args.model.as_deref(),
-        args.synthetic.as_deref(),
-        "--synthetic",
-    )?;
+    let threads_on_gpu = || Error::Flag {
+        flag: "--threads",
+        message: "sets the CPU backend's threads, and this bench is on a GPU; give --device cpu"
+            .into(),
+    };
+    if let Some(n) = args.threads {
+        if matches!(args.device, Device::Cuda(_)) {
+            return Err(threads_on_gpu());
+        }
+        super::generation::set_threads(n)?;
+    }
+    let (ckpt, label) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref())?;
     let longest = args.prompt_tokens.iter().max().copied().unwrap_or(1) + args.decode_tokens + 1;
     let context = Some(longest.min(ckpt.config.max_position_embeddings));
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let gpu = open_device(args.device, vram)?;
+    if gpu.is_some() && args.threads.is_some() {
+        return Err(threads_on_gpu());
+    }
     let (device, rows) = match gpu {
         None => {
-            let device = format!("{} ({} threads)", cpu_name(), rayon::current_num_threads());
+            let device = format!(
+                "{} ({})",
+                cpu_name(),
+                super::plural(rayon::current_num_threads(), "thread")
+            );
             let mut gen = Generator::new(&ckpt, Cpu, context)?;
             (device, time_all(&mut gen, &args, None)?.0)
         }
@@ -388,16 +390,12 @@ fn time_one<B: Backend>(
 
 fn report(args: &BenchArgs, label: &str, device: &str, streamed: bool, rows: &[Row]) -> Result<()> {
     let date = ferry::date::today_utc();
-    if args.json {
-        let out = serde_json::json!({
-            "model": label, "device": device, "date": date, "vram": args.vram,
-            "runs": args.runs, "warmup": args.warmup, "decode_tokens": args.decode_tokens,
-            "results": rows,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("JSON serializes")
-        );
+    args.json.emit(&serde_json::json!({
+        "model": label, "device": device, "date": date, "vram": args.vram,
+        "runs": args.runs, "warmup": args.warmup, "decode_tokens": args.decode_tokens,
+        "results": rows,
+    }))?;
+    if args.json.replaces_table() {
         return Ok(());
     }
     println!("model   {label}");

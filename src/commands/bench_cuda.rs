@@ -10,47 +10,65 @@ use super::median;
 use serde_json::json;
 
 use ferry::backend::cuda::streaming::{PassStats, StreamedWeights};
-use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device, KvCache};
 use ferry::checkpoint::Checkpoint;
 use ferry::model::{Architecture, Llama, LlamaConfig, Logits, PassShape, ResidentWeights};
-use ferry::runtime::{open_checkpoint, stream_weights, StreamSetup};
+use ferry::runtime::{open_checkpoint, open_gpu, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, PassInfo};
 use ferry::stream::{human_bytes, Vram};
 use ferry::synth::random_token_ids;
 use ferry::{Error, Result};
 
-use super::HostMemoryArg;
+use super::{at_least, HostMemoryArg, JsonArg};
+
+/// `println!` where the table is shown: not when `--json` prints JSON in its place.
+macro_rules! table {
+    ($show:expr) => {
+        if $show {
+            println!();
+        }
+    };
+    ($show:expr, $($arg:tt)*) => {
+        if $show {
+            println!($($arg)*);
+        }
+    };
+}
 
 #[derive(Args)]
 pub struct BenchCudaArgs {
-    /// A checkpoint (directory, .gguf or ORG/NAME); or use --preset.
-    #[arg(long, short, conflicts_with = "preset")]
+    /// A checkpoint (directory, .gguf or ORG/NAME); or use --synthetic.
+    #[arg(
+        long,
+        short,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
     model: Option<String>,
-    /// Random weights of a real model's shape, made in memory (see `ferry synth --help`).
-    #[arg(long)]
-    preset: Option<String>,
+    /// Random weights of a preset's shape, made in memory (see `ferry synth --list`).
+    #[arg(long, value_name = "PRESET", alias = "preset")]
+    synthetic: Option<String>,
     /// Tokens in the timed prompt pass.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value = "4096", value_parser = at_least(1), allow_negative_numbers = true)]
     prompt_tokens: usize,
-    /// Tokens already in the context when decoding is timed.
-    #[arg(long, default_value_t = 1024)]
-    context: usize,
+    /// Positions already in the KV cache when decoding is timed (as `ferry plan --past`).
+    #[arg(long, default_value = "1024", value_parser = at_least(0), allow_negative_numbers = true, conflicts_with = "vram")]
+    past: usize,
     /// Tokens decoded (one per pass) in each timed decode run.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value = "32", value_parser = at_least(1), allow_negative_numbers = true, conflicts_with = "vram")]
     decode_tokens: usize,
     /// Timed runs of each measurement (after one warm-up run); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value = "5", value_parser = at_least(1), allow_negative_numbers = true)]
     runs: usize,
     /// cuda or cuda:N.
-    #[arg(long, default_value = "cuda")]
+    #[arg(long, default_value = "cuda", value_name = "cuda[:N]")]
     device: Device,
-    /// Also write the JSON result to this file.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
     /// GPU memory budget (6GiB, 2.6GiB, auto): time the prompt pass with the weights that do
-    /// not fit streamed from host memory, with per-pass streaming stats (decode is not timed).
-    #[arg(long, value_name = "SIZE|auto")]
+    /// not fit streamed from host memory, with per-pass streaming stats (decode is not
+    /// timed: --past and --decode-tokens are refused).
+    #[arg(long, value_name = "SIZE|auto", allow_negative_numbers = true)]
     vram: Option<String>,
     /// With --vram: draw one streamed pass (copy and compute of each weight group on two
     /// lanes) as an SVG picture in this file.
@@ -61,39 +79,22 @@ pub struct BenchCudaArgs {
 }
 
 pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
-    let ordinal = match args.device {
-        Device::Cuda(n) => n,
-        Device::Auto => 0,
-        Device::Cpu => {
-            return Err(Error::Flag {
-                flag: "--device",
-                message: "bench-cuda times a CUDA device; give cuda or cuda:N".into(),
-            })
-        }
-    };
-    for (flag, value) in [
-        ("--runs", args.runs),
-        ("--prompt-tokens", args.prompt_tokens),
-        ("--decode-tokens", args.decode_tokens),
-    ] {
-        if value == 0 {
-            return Err(Error::Flag {
-                flag,
-                message: "expected at least 1".into(),
-            });
-        }
+    if args.device == Device::Cpu {
+        return Err(Error::Flag {
+            flag: "--device",
+            message: "bench-cuda times a CUDA device; give cuda or cuda:N".into(),
+        });
     }
     let start = Instant::now();
     let t = Instant::now();
-    let (ckpt, source) =
-        open_checkpoint(args.model.as_deref(), args.preset.as_deref(), "--preset")?;
+    let (ckpt, source) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref())?;
     let open_secs = t.elapsed().as_secs_f64();
 
     if let Some(v) = &args.vram {
         let vram = Vram::parse(v)?;
-        return bench_streamed(&args, ordinal, vram, &ckpt, &source, start, open_secs);
+        return bench_streamed(&args, vram, &ckpt, &source, start, open_secs);
     }
-    let gpu = Cuda::new(ordinal)?;
+    let gpu = open_gpu(args.device, None)?;
     let c = ckpt.config.clone();
     let t = Instant::now();
     gpu.prepare(c.head_dim)?;
@@ -131,7 +132,7 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
     }
 
     // Decode: fill the context (untimed), then one token a pass.
-    let ctx = args.context;
+    let ctx = args.past;
     let n = args.decode_tokens;
     let mut token_secs = Vec::new();
     for run in 0..=args.runs {
@@ -174,20 +175,27 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
         }
         + kv_bytes;
     let date = ferry::date::today_utc();
+    let show = !args.json.replaces_table();
     let card = gpu.info().to_string();
 
-    println!();
-    println!("ferry bench-cuda — {card}, {date}");
-    println!("model: {source} ({:.2} GB)", weight_bytes as f64 / 1e9);
-    println!("| measurement | median of {} | rate |", args.runs);
-    println!("|---|---|---|");
-    println!(
+    table!(show);
+    table!(show, "ferry bench-cuda — {card}, {date}");
+    table!(
+        show,
+        "model: {source} ({:.2} GB)",
+        weight_bytes as f64 / 1e9
+    );
+    table!(show, "| measurement | median of {} | rate |", args.runs);
+    table!(show, "|---|---|---|");
+    table!(
+        show,
         "| prompt pass, {p} tokens | {:.4} s ({:.0} tok/s) | {:.0} TFLOP/s |",
         prompt_s,
         p as f64 / prompt_s,
         prompt_flop / prompt_s / 1e12
     );
-    println!(
+    table!(
+        show,
         "| decode, batch 1, context {ctx} | {:.2} ms/token ({:.1} tok/s) | {:.0} GB/s |",
         token_s * 1e3,
         1.0 / token_s,
@@ -212,11 +220,7 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
         "open_seconds": open_secs,
         "upload_seconds": upload_secs,
     });
-    println!("JSON: {result}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, result.to_string() + "\n").map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
+    args.json.emit(&result)
 }
 
 /// Floating-point operations of a prompt pass over `t` tokens that returns the last
@@ -239,14 +243,13 @@ fn prompt_flops(c: &LlamaConfig, t: usize) -> f64 {
 /// `bench-cuda --vram`: prompt passes with weights streamed within the budget.
 fn bench_streamed(
     args: &BenchCudaArgs,
-    ordinal: usize,
     vram: Vram,
     ckpt: &Checkpoint,
     source: &str,
     start: Instant,
     open_secs: f64,
 ) -> Result<()> {
-    let gpu = Cuda::with_vram(ordinal, Some(vram))?;
+    let gpu = open_gpu(args.device, Some(vram))?;
     let c = ckpt.config.clone();
     gpu.prepare(c.head_dim)?;
     let model = Llama::new(c.clone());
@@ -327,14 +330,16 @@ fn bench_streamed(
     let peak_device = stats.iter().map(|s| s.device_bytes).max().unwrap_or(0);
     let rss = host_peak_rss();
     let date = ferry::date::today_utc();
+    let show = !args.json.replaces_table();
     let card = gpu.info().to_string();
     let budget = gpu.memory().budget();
-    println!();
-    println!(
+    table!(show);
+    table!(
+        show,
         "ferry bench-cuda --vram {} — {card}, {date}",
         human_bytes(budget)
     );
-    println!(
+    table!(show,
         "model: {source} ({:.2} GB); {p}-token prompt pass; {} of {} groups resident, {} slots × {}",
         ckpt.bytes() as f64 / 1e9,
         plan.resident.len(),
@@ -342,45 +347,61 @@ fn bench_streamed(
         plan.slots,
         human_bytes(plan.slot_bytes)
     );
-    println!("| measurement | value |");
-    println!("|---|---|");
-    println!(
+    table!(show, "| measurement | value |");
+    table!(show, "|---|---|");
+    table!(
+        show,
         "| pass, median of {} (host clock) | {:.4} s |",
-        args.runs, pass_s
+        args.runs,
+        pass_s
     );
-    println!("| pass on the device (events) | {:.1} ms |", st.pass_ms);
-    println!(
+    table!(
+        show,
+        "| pass on the device (events) | {:.1} ms |",
+        st.pass_ms
+    );
+    table!(
+        show,
         "| streamed | {:.2} GB at {:.1} GB/s (H2D measured {:.1} GB/s) |",
         st.streamed_bytes as f64 / 1e9,
         st.achieved_gbps,
         weights.h2d_gbps()
     );
-    println!(
+    table!(
+        show,
         "| compute / stall | {:.1} ms / {:.1} ms |",
-        st.compute_ms, st.stall_ms
+        st.compute_ms,
+        st.stall_ms
     );
-    println!(
+    table!(
+        show,
         "| bound max(compute, bytes/H2D) | {:.1} ms; overlap efficiency {:.3} |",
-        st.bound_ms, st.efficiency
+        st.bound_ms,
+        st.efficiency
     );
-    println!(
+    table!(show,
         "| planner's prediction | {:.1} ms ({:+.1} % vs measured); from this pass's compute: {:.1} ms |",
         predicted.pass_ms,
         100.0 * (predicted.pass_ms - st.pass_ms) / st.pass_ms,
         again.pass_ms
     );
-    println!(
+    table!(
+        show,
         "| device memory (driver) / budget | {} / {} (ledger peak {}) |",
         human_bytes(peak_device),
         human_bytes(budget),
         human_bytes(gpu.memory().peak())
     );
-    println!(
+    table!(
+        show,
         "| host peak RSS / model | {} / {} |",
         human_bytes(rss),
         human_bytes(ckpt.bytes())
     );
-    println!("| start to first streamed pass | {start_to_first_pass:.2} s |");
+    table!(
+        show,
+        "| start to first streamed pass | {start_to_first_pass:.2} s |"
+    );
     if let Some(path) = &args.timeline {
         // One more pass, drawn.
         let (_, drawn) = pass(&mut weights, 99)?;
@@ -423,11 +444,7 @@ fn bench_streamed(
         "first_pass_seconds": first_secs,
         "first_pass_stats": first,
     });
-    println!("JSON: {result}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, result.to_string() + "\n").map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
+    args.json.emit(&result)
 }
 
 /// The title and caption of a drawn pass: what it is (`pass`), of `tokens` new tokens, with

@@ -290,16 +290,13 @@ fn report(
     rows: &[Row],
 ) -> Result<()> {
     let date = ferry::date::today_utc();
-    if args.json {
-        let out = serde_json::json!({
-            "model": label, "device": device, "date": date, "vram": args.vram,
-            "width": width, "height": height, "caption_tokens": args.caption_tokens,
-            "runs": args.runs, "warmup": args.warmup, "results": rows,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("JSON serializes")
-        );
+    let out = serde_json::json!({
+        "model": label, "device": device, "date": date, "vram": args.vram,
+        "width": width, "height": height, "caption_tokens": args.caption_tokens,
+        "runs": args.runs, "warmup": args.warmup, "results": rows,
+    });
+    args.json.emit(&out)?;
+    if args.json.replaces_table() {
         return Ok(());
     }
     println!("model   {label}");

@@ -1,11 +1,11 @@
 //! `ferry info`: what a checkpoint holds.
 
-use ferry::checkpoint::{resolve_model_path, Checkpoint, Pipeline};
+use ferry::checkpoint::{resolve_model_path, Checkpoint, Format, Pipeline};
 use ferry::model::z_image::{ZImage, ZImageConfig};
 use ferry::model::{Architecture, Llama};
 use ferry::Result;
 
-use super::ModelArg;
+use super::{human_count, plural, ModelArg};
 use ferry::stream::human_bytes;
 
 pub fn info(args: ModelArg) -> Result<()> {
@@ -19,7 +19,7 @@ pub fn info(args: ModelArg) -> Result<()> {
     dtypes.sort();
     dtypes.dedup();
     println!("model          {}", ckpt.path.display());
-    println!("format         {:?}", ckpt.format);
+    println!("format         {}", ckpt.format);
     println!("architecture   {}", c.arch.name());
     println!(
         "shape          hidden {}, {} layers, {}/{} heads × {}, ffn {}, vocab {}",
@@ -37,12 +37,29 @@ pub fn info(args: ModelArg) -> Result<()> {
         ckpt.parameters(),
         human_count(ckpt.parameters())
     );
+    // As stored (a GGUF's quantized blocks), then as ferry holds the weights.
+    let stored: Vec<String> = ckpt
+        .stored
+        .dtypes
+        .iter()
+        .map(|(dtype, n)| format!("{dtype} ({})", plural(*n, "tensor")))
+        .collect();
     println!(
-        "bytes          {} ({})",
-        ckpt.bytes(),
-        human_bytes(ckpt.bytes())
+        "file           {} ({}); stored as {}",
+        ckpt.stored.file_bytes,
+        human_bytes(ckpt.stored.file_bytes),
+        stored.join(", ")
     );
-    println!("dtype          {}", dtypes.join(", "));
+    println!(
+        "bytes          {} ({}) in memory as {}{}",
+        ckpt.bytes(),
+        human_bytes(ckpt.bytes()),
+        dtypes.join(", "),
+        match ckpt.format {
+            Format::Gguf => ", dequantized at load",
+            Format::Safetensors => ", mapped from the files",
+        }
+    );
     println!("weight groups (pass order):");
     let model = Llama::new(c.clone());
     for g in model.groups() {
@@ -86,15 +103,4 @@ fn pipeline_info(p: &Pipeline) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn human_count(n: usize) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2}B", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1}M", n / 1e6)
-    } else {
-        format!("{:.1}K", n / 1e3)
-    }
 }

@@ -3,11 +3,15 @@
 pub mod bench;
 pub mod bench_cuda;
 pub mod bench_dit;
+pub mod chat;
+pub mod generation;
 pub mod image;
 pub mod info;
 pub mod plan;
 pub mod run;
 pub mod synth;
+
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -46,6 +50,80 @@ impl From<HostMemoryFlag> for HostMemory {
             HostMemoryFlag::Registered => HostMemory::Registered,
             HostMemoryFlag::Staged => HostMemory::Staged,
         }
+    }
+}
+
+/// A value parser for counts (`--batch`, `--context`): a whole number of at least `min`. With
+/// the argument's `allow_negative_numbers`, `--batch -1` reaches this check (and its message)
+/// instead of being read as an unknown flag `-1`.
+pub fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(n) if n >= min as i128 && n <= usize::MAX as i128 => Ok(n as usize),
+        _ => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
+    }
+}
+
+/// A seed from the clock and the process id, for runs that give none (printed, so that the
+/// run can be repeated with `--seed`).
+pub fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
+}
+
+/// `"1 token"`, `"2 tokens"`, `"3 passes"`: a count and its noun, singular for one.
+pub fn plural(n: usize, noun: &str) -> String {
+    match (n, noun.ends_with('s')) {
+        (1, _) => format!("{n} {noun}"),
+        (_, true) => format!("{n} {noun}es"),
+        (_, false) => format!("{n} {noun}s"),
+    }
+}
+
+/// `--json [FILE]`, the same on every command that reports measurements: JSON on standard
+/// output instead of the table, or with FILE the table as usual and the JSON in FILE too.
+#[derive(Args)]
+pub struct JsonArg {
+    /// Print the result as JSON instead of the table; with FILE, print the table and write
+    /// the JSON to FILE (on one line).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+}
+
+impl JsonArg {
+    /// Whether the JSON takes the table's place on standard output.
+    pub fn replaces_table(&self) -> bool {
+        self.json.as_deref() == Some(Path::new("-"))
+    }
+
+    /// Hand `value` out where `--json` says: indented on standard output, on one line in a
+    /// file (so that results append into a JSON Lines file), or nowhere.
+    pub fn emit(&self, value: &serde_json::Value) -> ferry::Result<()> {
+        match self.json.as_deref() {
+            None => Ok(()),
+            Some(p) if p == Path::new("-") => {
+                let text = serde_json::to_string_pretty(value).expect("JSON serializes");
+                println!("{text}");
+                Ok(())
+            }
+            Some(path) => std::fs::write(path, value.to_string() + "\n")
+                .map_err(|e| ferry::Error::io(path, e)),
+        }
+    }
+}
+
+/// A count for people: `139.6K`, `134.5M`, `7.62B`.
+pub fn human_count(n: usize) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}K", x / 1e3)
+    } else {
+        n.to_string()
     }
 }
 

@@ -6,11 +6,12 @@ use clap::Args;
 
 use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Llama, LlamaConfig, PassShape};
-use ferry::runtime::plan_request;
+use ferry::runtime::{plan_request, synthetic_preset};
 use ferry::stream::cost::group_bytes;
 use ferry::stream::{human_bytes, parse_size, plan, CostModel, Placement, SlotSize, Vram};
-use ferry::synth::Preset;
 use ferry::{Error, Result};
+
+use super::at_least;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "synthetic"])))]
@@ -22,31 +23,31 @@ pub struct PlanArgs {
     #[arg(long, value_name = "PRESET")]
     synthetic: Option<String>,
     /// VRAM budget: a size (6GiB, 2.5GB, 512MiB) or auto (free device memory minus 512 MiB).
-    #[arg(long)]
+    #[arg(long, value_name = "SIZE|auto", allow_negative_numbers = true)]
     vram: String,
-    /// The device's free memory, for --vram auto on a machine without the GPU.
-    #[arg(long, value_name = "SIZE")]
+    /// With --vram auto: the device's free memory (this command asks no GPU).
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     free_vram: Option<String>,
     /// New tokens per sequence in the pass (the prompt length; 1 for decode).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1), allow_negative_numbers = true)]
     tokens: usize,
     /// Sequences per pass.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = at_least(1), allow_negative_numbers = true)]
     batch: usize,
     /// Positions already in each sequence's KV cache (decode after a prompt).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value = "0", value_parser = at_least(0), allow_negative_numbers = true)]
     past: usize,
     /// Host-to-device bandwidth, GB/s. Default: 25 (PCIe 4 x16).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     h2d_gbps: Option<f64>,
     /// Dense bf16 throughput, TFLOP/s. Default: 80.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     tflops: Option<f64>,
     /// Device memory bandwidth, GB/s. Default: 1000.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     hbm_gbps: Option<f64>,
     /// Slot size, if not the planner's choice (the typical block).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     slot_size: Option<String>,
 }
 
@@ -59,7 +60,7 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
             (name, ckpt.config.clone())
         }
         (None, Some(preset)) => {
-            let p = Preset::by_name(preset)?;
+            let p = synthetic_preset(preset)?;
             let name = format!("{} (synthetic {})", p.name, p.config.arch.name());
             (name, p.config)
         }
@@ -92,7 +93,17 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         .as_deref()
         .map(|s| parse_size(s, "--free-vram"))
         .transpose()?;
-    let budget = Vram::parse(&args.vram)?.resolve(free)?;
+    let vram = Vram::parse(&args.vram)?;
+    if free.is_some() && vram != Vram::Auto {
+        return Err(Error::Flag {
+            flag: "--free-vram",
+            message: format!(
+                "acts only with --vram auto (the budget is the free memory less a headroom); --vram {} is the budget itself",
+                args.vram
+            ),
+        });
+    }
+    let budget = vram.resolve(free)?;
     let slot_size = match &args.slot_size {
         Some(s) => SlotSize::Bytes(parse_size(s, "--slot-size")?),
         None => SlotSize::Auto,
@@ -108,9 +119,13 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
     let plan = plan(&request)?;
     let total: usize = bytes.iter().sum();
     println!(
-        "model        {name}: {} groups, {:.2} GB {dtype}",
+        "model        {name}: {} groups, {} {dtype}",
         bytes.len(),
-        total as f64 / 1e9
+        if total >= 100_000_000 {
+            format!("{:.2} GB", total as f64 / 1e9)
+        } else {
+            human_bytes(total)
+        }
     );
     let figure = |v: Option<f64>| if v.is_some() { "stated" } else { "assumed" };
     println!(
@@ -122,11 +137,20 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
         cost.hbm_gbps,
         figure(args.hbm_gbps),
     );
-    if [args.h2d_gbps, args.tflops, args.hbm_gbps]
-        .iter()
-        .any(Option::is_none)
-    {
-        println!("             (assumed: a PCIe 4 x16 consumer card; state yours with --h2d-gbps, --tflops, --hbm-gbps)");
+    let assumed: Vec<&str> = [
+        (args.h2d_gbps, "--h2d-gbps"),
+        (args.tflops, "--tflops"),
+        (args.hbm_gbps, "--hbm-gbps"),
+    ]
+    .iter()
+    .filter(|(v, _)| v.is_none())
+    .map(|&(_, flag)| flag)
+    .collect();
+    if !assumed.is_empty() {
+        println!(
+            "             (assumed figures are a PCIe 4 x16 consumer card's; state yours with {})",
+            assumed.join(", ")
+        );
     }
     println!(
         "pass         {} tokens × batch {} after {} positions",
@@ -155,18 +179,6 @@ pub fn plan_command(args: PlanArgs) -> Result<()> {
 }
 
 fn check_shape(args: &PlanArgs, config: &LlamaConfig) -> Result<()> {
-    if args.tokens == 0 {
-        return Err(Error::Flag {
-            flag: "--tokens",
-            message: "expected at least 1".into(),
-        });
-    }
-    if args.batch == 0 {
-        return Err(Error::Flag {
-            flag: "--batch",
-            message: "expected at least 1".into(),
-        });
-    }
     // Checked: a huge --past or --tokens must not wrap around into "everything fits".
     let positions = args.past.checked_add(args.tokens);
     if positions.is_none_or(|p| p > config.max_position_embeddings) {

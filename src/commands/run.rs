@@ -1,98 +1,85 @@
-//! `ferry run`: generate text from a prompt.
+//! `ferry run`: generate text from a prompt, or from many prompts together.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ferry::backend::cpu::Cpu;
-use std::sync::{Arc, Mutex};
-
-use ferry::backend::cuda::streaming::PassStats;
-use ferry::backend::{Backend, Device};
+use ferry::backend::Backend;
 use ferry::checkpoint::Checkpoint;
-use ferry::generate::{Generator, Message, Progress, Request, SamplingConfig, TextCodec};
-use ferry::model::{Llama, PassShape, Weights};
-use ferry::runtime::{open_device, stream_weights, StreamSetup};
-use ferry::stream::{human_bytes, Vram};
+use ferry::generate::{
+    context_length, Generator, Message, Output, Progress, Request, TextCodec, UNTIL_CONTEXT_FULL,
+};
+use ferry::model::PassShape;
 use ferry::{Error, Result};
 
-use super::{HostMemoryArg, ModelArg};
+use super::generation::{rate, with_generator, ComputeArgs, GeneratorTask, SamplingArgs, StopArgs};
+use super::{at_least, plural, ModelArg};
 
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// The prompt. Read from standard input when omitted.
-    #[arg(long, short, conflicts_with = "prompts")]
+    /// The prompt. Read from standard input when neither it nor --prompt-file is given.
+    #[arg(long, short, conflicts_with_all = ["prompts", "prompt_file"], allow_hyphen_values = true)]
     prompt: Option<String>,
-    /// Many prompts, one per line (in a .jsonl file: one JSON string or {"prompt": ...} per
-    /// line). They are generated together, --batch sequences per pass over the weights.
+    /// The prompt: the whole of this file (as --prompt, for text too long for a command line).
+    #[arg(long, value_name = "FILE", conflicts_with = "prompts")]
+    prompt_file: Option<PathBuf>,
+    /// Many prompts, one per line (in a .jsonl file: one JSON string, or an object
+    /// {"prompt": "...", "max_tokens": N} per line). They are generated together, --batch
+    /// sequences per pass over the weights, and each answer is printed as soon as it and
+    /// those before it are done.
     #[arg(long, value_name = "FILE")]
-    prompts: Option<std::path::PathBuf>,
-    /// Most sequences per pass with --prompts: one pass over the weights serves them all.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    batch: usize,
+    prompts: Option<PathBuf>,
+    /// With --prompts: most sequences per pass (one pass over the weights serves them all).
+    /// Default: 16.
+    #[arg(long, value_name = "N", value_parser = at_least(1), allow_negative_numbers = true)]
+    batch: Option<usize>,
     /// With --prompts: print one JSON object per prompt instead of text blocks.
-    #[arg(long, requires = "prompts")]
+    #[arg(long)]
     json: bool,
-    /// Wrap the prompt in the model's chat template as a user message.
+    /// Wrap the prompt in the model's chat template as a user message (for a conversation:
+    /// ferry chat).
     #[arg(long)]
     chat: bool,
     /// A system message for --chat.
-    #[arg(long, requires = "chat")]
+    #[arg(long, requires = "chat", allow_hyphen_values = true)]
     system: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 picks the most likely token every time (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the K most likely tokens.
-    #[arg(long, value_name = "K")]
-    top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities add up to P.
-    #[arg(long, value_name = "P")]
-    top_p: Option<f32>,
-    /// Penalize tokens already in the text (1.0: off; 1.1 is a common choice).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Seed for sampling; the same seed gives the same text.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when this text appears (may be given several times).
-    #[arg(long = "stop", value_name = "TEXT")]
-    stop: Vec<String>,
-    /// Keep generating past end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Context length: most tokens (prompt + generated). Default: the model's maximum.
-    #[arg(long)]
-    context: Option<usize>,
+    #[command(flatten)]
+    stop: StopArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Print only the generated text, no statistics.
     #[arg(long, short)]
     quiet: bool,
-    /// Where to compute: auto (the GPU when one is usable, else the CPU), cpu, or cuda[:N].
-    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
-    device: Device,
-    /// GPU memory budget: a size (6GiB, 2.5GB) or auto (free memory minus 512 MiB). Weights
-    /// that do not fit stream from host memory during each pass. Default: all resident.
-    #[arg(long, value_name = "SIZE|auto")]
-    vram: Option<String>,
-    /// With --vram: print per-pass streaming stats (bytes streamed, GB/s, compute, stall,
-    /// overlap efficiency, device memory).
-    #[arg(long, requires = "vram")]
-    stats: bool,
     #[command(flatten)]
-    host_memory: HostMemoryArg,
+    compute: ComputeArgs,
 }
 
-pub fn run(mut args: RunArgs) -> Result<()> {
-    check_sampling(&args)?;
-    let prompts = match (args.prompt.take(), &args.prompts) {
-        (_, Some(file)) => read_prompts(file)?,
-        (Some(p), None) => vec![p],
-        (None, None) => {
+/// Sequences per pass with --prompts when --batch is not given.
+const DEFAULT_BATCH: usize = 16;
+
+/// One prompt of `--prompts`, with what its line of a .jsonl file asks beyond the text.
+struct PromptLine {
+    text: String,
+    /// `"max_tokens"` of a .jsonl line: this prompt's own --max-tokens.
+    max_tokens: Option<usize>,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    check_flags(&args)?;
+    args.compute.start()?;
+    let prompts = match (&args.prompt, &args.prompt_file, &args.prompts) {
+        (_, _, Some(file)) => read_prompts(file)?,
+        (Some(p), _, None) => vec![PromptLine::new(p.clone())],
+        (None, Some(file), None) => {
+            let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+            vec![PromptLine::new(text)]
+        }
+        (None, None, None) => {
             if std::io::stdin().is_terminal() {
                 eprintln!("(reading the prompt from standard input; end it with Ctrl-D)");
             }
@@ -100,108 +87,61 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             std::io::stdin()
                 .read_to_string(&mut s)
                 .map_err(|e| Error::io("<stdin>", e))?;
-            vec![s]
+            vec![PromptLine::new(s)]
         }
     };
-    if args.prompts.is_none() && prompts[0].trim().is_empty() {
+    if args.prompts.is_none() && prompts[0].text.trim().is_empty() {
         return Err(Error::Flag {
-            flag: "--prompt",
+            flag: if args.prompt_file.is_some() {
+                "--prompt-file"
+            } else {
+                "--prompt"
+            },
             message: "the prompt is empty; give some text (or pipe it on standard input)".into(),
-        });
-    }
-    if args.batch == 0 {
-        return Err(Error::Flag {
-            flag: "--batch",
-            message: "expected at least 1 sequence per pass".into(),
         });
     }
 
     let ckpt = Checkpoint::open(&args.model.model)?;
     let text = TextCodec::open(&ckpt)?;
-    let requests = requests(&text, &args, &prompts, &ckpt)?;
-    let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    match open_device(args.device, vram)? {
-        Some(gpu) => {
-            gpu.prepare(ckpt.config.head_dim)?;
-            let device = gpu.info().to_string();
-            if vram.is_none() {
-                return generate_on(gpu, &device, &ckpt, text, requests, args, prompts, None);
-            }
-            let model = Llama::new(ckpt.config.clone());
-            // Plan for the largest pass these prompts make: the longest prompt in each of a
-            // full batch of sequences, with room for what they generate.
-            let shape = PassShape {
-                tokens: requests.iter().map(|r| r.prompt.len()).max().unwrap_or(1),
-                batch: args.batch.min(requests.len()),
-                past: args.max_tokens,
-            };
-            let setup = StreamSetup::new(shape, args.host_memory.host_memory.into());
-            let mut weights = stream_weights(&gpu, &ckpt, &model, setup)?;
-            if !args.quiet {
-                eprintln!("[host tier: {}]", weights.host_mode());
-                eprint!("{}", weights.plan());
-            }
-            let log = Arc::new(Mutex::new(Vec::new()));
-            if args.stats {
-                weights.log_stats(log.clone());
-            }
-            let stats = args.stats;
-            generate_on(
-                gpu,
-                &device,
-                &ckpt,
-                text,
-                requests,
-                args,
-                prompts,
-                Some(Box::new(weights)),
-            )?;
-            if stats {
-                print_stats(&log.lock().expect("stats log"));
-            }
-            Ok(())
-        }
-        None => generate_on(Cpu, "cpu", &ckpt, text, requests, args, prompts, None),
-    }
+    let context = context_length(args.stop.context, ckpt.config.max_position_embeddings)?;
+    // A seed only where something is sampled; random (and printed) when not given.
+    let seed = args.sampling.seed();
+    let requests = requests(&text, &args, &prompts, context, seed)?;
+    // Plan (with --vram) for the largest pass these prompts make: the longest prompt in each
+    // of a full batch of sequences, with room for what they generate.
+    let batch = args.batch.unwrap_or(DEFAULT_BATCH);
+    let tokens = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
+    let generated = requests.iter().map(|r| r.max_tokens).max().unwrap_or(0);
+    let shape = PassShape {
+        tokens,
+        batch: batch.min(requests.len()),
+        past: generated.min(context - tokens),
+    };
+    let job = Job {
+        texts: prompts.into_iter().map(|p| p.text).collect(),
+        requests,
+        batch,
+        seed,
+        many: args.prompts.is_some(),
+        json: args.json,
+        quiet: args.quiet,
+    };
+    with_generator(&ckpt, text, context, &args.compute, args.quiet, shape, job)
 }
 
-/// Per-pass streaming stats: the first pass (the prompt), then the mean of the others.
-fn print_stats(passes: &[PassStats]) {
-    let line = |what: &str, s: &PassStats| {
-        eprintln!(
-            "[{what}: {:.1} ms; streamed {:.2} GB at {:.1} GB/s; compute {:.1} ms, stall {:.1} ms; bound {:.1} ms, overlap efficiency {:.3}; device memory {} (driver), {} peak allocated]",
-            s.pass_ms,
-            s.streamed_bytes as f64 / 1e9,
-            s.achieved_gbps,
-            s.compute_ms,
-            s.stall_ms,
-            s.bound_ms,
-            s.efficiency,
-            human_bytes(s.device_bytes),
-            human_bytes(s.allocated_peak),
-        )
-    };
-    if let Some(first) = passes.first() {
-        line("pass 1", first);
-    }
-    if passes.len() > 1 {
-        let rest = &passes[1..];
-        let n = rest.len() as f64;
-        let mean = |f: fn(&PassStats) -> f64| rest.iter().map(f).sum::<f64>() / n;
-        let last = rest.last().expect("one pass at least");
-        let avg = PassStats {
-            pass_ms: mean(|s| s.pass_ms),
-            stall_ms: mean(|s| s.stall_ms),
-            compute_ms: mean(|s| s.compute_ms),
-            copy_ms: mean(|s| s.copy_ms),
-            achieved_gbps: mean(|s| s.achieved_gbps),
-            bound_ms: mean(|s| s.bound_ms),
-            efficiency: mean(|s| s.efficiency),
-            group_compute_ms: Vec::new(),
-            ..last.clone()
-        };
-        line(&format!("passes 2-{} (mean)", passes.len()), &avg);
-    }
+/// What to generate, settled from the flags.
+struct Job {
+    /// Each prompt's text as given, and its request (encoded, with its sampling settings).
+    texts: Vec<String>,
+    requests: Vec<Request>,
+    /// Most sequences per pass.
+    batch: usize,
+    /// The sampling seed (prompt i samples with seed + i); None when greedy.
+    seed: Option<u64>,
+    /// `--prompts`: many prompts, printed as blocks (or JSON lines).
+    many: bool,
+    json: bool,
+    quiet: bool,
 }
 
 /// One request per prompt: encoded (with the chat template under --chat) and checked
@@ -209,10 +149,10 @@ fn print_stats(passes: &[PassStats]) {
 fn requests(
     text: &TextCodec,
     args: &RunArgs,
-    prompts: &[String],
-    ckpt: &Checkpoint,
+    prompts: &[PromptLine],
+    context: usize,
+    seed: Option<u64>,
 ) -> Result<Vec<Request>> {
-    let context = args.context.unwrap_or(ckpt.config.max_position_embeddings);
     prompts
         .iter()
         .enumerate()
@@ -222,10 +162,10 @@ fn requests(
                 if let Some(system) = &args.system {
                     messages.push(Message::new("system", system));
                 }
-                messages.push(Message::new("user", prompt));
+                messages.push(Message::new("user", &prompt.text));
                 text.encode_chat(&messages)?
             } else {
-                text.encode(prompt)?
+                text.encode(&prompt.text)?
             };
             if ids.len() >= context {
                 return Err(Error::PromptTooLong {
@@ -235,122 +175,147 @@ fn requests(
             }
             Ok(Request {
                 prompt: ids,
-                max_tokens: args.max_tokens,
-                sampling: SamplingConfig {
-                    temperature: args.temperature,
-                    top_k: args.top_k,
-                    top_p: args.top_p,
-                    repetition_penalty: args.repetition_penalty,
-                    // Each prompt its own stream of random numbers.
-                    seed: args.seed.wrapping_add(i as u64),
-                },
-                stop_strings: args.stop.clone(),
-                ignore_eos: args.ignore_eos,
+                max_tokens: prompt.max_tokens.unwrap_or(args.stop.max_tokens),
+                // Each prompt its own stream of random numbers.
+                sampling: args.sampling.config(seed.map(|s| s.wrapping_add(i as u64))),
+                stop_strings: args.stop.stop.clone(),
+                ignore_eos: args.stop.ignore_eos,
             })
         })
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn generate_on<B: Backend>(
-    backend: B,
-    device: &str,
-    ckpt: &Checkpoint,
-    text: TextCodec,
-    requests: Vec<Request>,
-    args: RunArgs,
-    prompts: Vec<String>,
-    weights: Option<Box<dyn Weights<B::Weight>>>,
-) -> Result<()>
-where
-    B::Weight: 'static,
-{
-    let mut gen = Generator::with_weights(ckpt, backend, weights, text, args.context)?;
+impl GeneratorTask for Job {
+    fn run<B: Backend>(self, mut gen: Generator<B>, device: &str) -> Result<()>
+    where
+        B::Weight: 'static,
+    {
+        let seed = self.seed.map(|s| format!("seed {s}; ")).unwrap_or_default();
+        if !self.many {
+            let request = &self.requests[0];
+            let mut stdout = std::io::stdout();
+            let out = gen.generate(request, &mut |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            })?;
+            println!();
+            if !self.quiet {
+                let n = out.tokens.len();
+                eprintln!(
+                    "[{} in {:.2} s ({}); {} in {:.2} s ({}); stopped: {}; {seed}on {device}]",
+                    plural(request.prompt.len(), "prompt token"),
+                    out.prompt_secs,
+                    rate(request.prompt.len(), out.prompt_secs),
+                    plural(n, "token"),
+                    out.decode_secs,
+                    rate(n.saturating_sub(1), out.decode_secs),
+                    out.finish,
+                );
+            }
+            return Ok(());
+        }
+        self.many(gen, device, &seed)
+    }
+}
 
-    if args.prompts.is_none() {
-        let request = &requests[0];
-        let mut stdout = std::io::stdout();
-        let out = gen.generate(request, &mut |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        })?;
-        println!();
-        if !args.quiet {
-            let n = out.tokens.len();
+impl Job {
+    /// Every prompt through one generation, up to `batch` sequences a pass. Each answer is
+    /// printed once it and all before it are done (in the file's order), the progress bar
+    /// (on a terminal) kept below them.
+    fn many<B: Backend>(self, mut gen: Generator<B>, device: &str, seed: &str) -> Result<()>
+    where
+        B::Weight: 'static,
+    {
+        let bar = if !self.quiet && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(self.requests.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "generating [{wide_bar}] {pos}/{len} sequences, {msg}, {elapsed}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        // Answers that are done but wait for an earlier one.
+        let mut done: BTreeMap<usize, String> = BTreeMap::new();
+        let mut next = 0;
+        let result = gen.generate_batch_with_progress(
+            &self.requests,
+            self.batch,
+            &mut |_, _| {},
+            &mut |i, out| {
+                done.insert(i, self.render(i, out));
+                while let Some(block) = done.remove(&next) {
+                    bar.suspend(|| {
+                        let mut stdout = std::io::stdout();
+                        let _ = writeln!(stdout, "{block}");
+                        let _ = stdout.flush();
+                    });
+                    next += 1;
+                }
+            },
+            &mut |p: Progress| {
+                bar.set_position(p.finished as u64);
+                bar.set_message(format!(
+                    "{} tokens, {:.1} tok/s",
+                    p.tokens_out,
+                    p.tokens_out as f64 / bar.elapsed().as_secs_f64().max(1e-9)
+                ));
+            },
+        );
+        bar.finish_and_clear();
+        let (_, stats) = result?;
+        if !self.quiet {
+            let n = self.requests.len();
             eprintln!(
-                "[{} prompt tokens in {:.2} s ({}); {n} tokens in {:.2} s ({}); stopped: {:?}; on {device}]",
-                request.prompt.len(),
-                out.prompt_secs,
-                rate(request.prompt.len(), out.prompt_secs),
-                out.decode_secs,
-                rate(n.saturating_sub(1), out.decode_secs),
-                out.finish,
+                "[{}, {} per pass: {} in {:.2} s (first {:.3} s); {} tokens in, {} generated ({:.1} tok/s; {:.1} tok/s after the first pass); {seed}on {device}]",
+                plural(n, "sequence"),
+                self.batch.min(n),
+                plural(stats.passes, "pass"),
+                stats.seconds,
+                stats.pass_secs.first().copied().unwrap_or(0.0),
+                stats.tokens_in,
+                stats.tokens_out,
+                stats.tokens_out as f64 / stats.seconds.max(1e-9),
+                stats.decode_tok_s(),
             );
         }
-        return Ok(());
+        Ok(())
     }
 
-    // Sequences done, tokens generated and tok/s on a terminal's stderr while they run; the
-    // outputs are printed after, once the bar is gone.
-    let bar = if !args.quiet && std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(requests.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "generating [{wide_bar}] {pos}/{len} sequences, {msg}, {elapsed}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let result = gen.generate_batch_with_progress(
-        &requests,
-        args.batch,
-        &mut |_, _| {},
-        &mut |p: Progress| {
-            bar.set_position(p.finished as u64);
-            bar.set_message(format!(
-                "{} tokens, {:.1} tok/s",
-                p.tokens_out,
-                p.tokens_out as f64 / bar.elapsed().as_secs_f64().max(1e-9)
-            ));
-        },
-    );
-    bar.finish_and_clear();
-    let (outputs, stats) = result?;
-    for (i, (prompt, out)) in prompts.iter().zip(&outputs).enumerate() {
-        if args.json {
-            let line = serde_json::json!({
-                "index": i, "prompt": prompt, "text": out.text,
-                "tokens": out.tokens.len(), "finish": format!("{:?}", out.finish),
-            });
-            println!("{line}");
-        } else {
-            println!("--- {} ---\n{}", i + 1, out.text);
+    /// Prompt `i`'s answer as printed: a text block `--- N ---`, or a JSON line (numbered
+    /// from 1 in both).
+    fn render(&self, i: usize, out: &Output) -> String {
+        if !self.json {
+            return format!("--- {} ---\n{}", i + 1, out.text);
+        }
+        let mut line = serde_json::json!({
+            "number": i + 1, "prompt": self.texts[i], "text": out.text,
+            "tokens": out.tokens.len(), "finish": out.finish.as_str(),
+        });
+        if self.seed.is_some() {
+            line["seed"] = self.requests[i].sampling.seed.into();
+        }
+        line.to_string()
+    }
+}
+
+impl PromptLine {
+    fn new(text: String) -> PromptLine {
+        PromptLine {
+            text,
+            max_tokens: None,
         }
     }
-    if !args.quiet {
-        eprintln!(
-            "[{} sequences, {} per pass: {} passes in {:.2} s (first {:.3} s); {} tokens in, {} generated ({:.1} tok/s; {:.1} tok/s after the first pass); on {device}]",
-            requests.len(),
-            args.batch.min(requests.len()),
-            stats.passes,
-            stats.seconds,
-            stats.pass_secs.first().copied().unwrap_or(0.0),
-            stats.tokens_in,
-            stats.tokens_out,
-            stats.tokens_out as f64 / stats.seconds.max(1e-9),
-            stats.decode_tok_s(),
-        );
-    }
-    Ok(())
 }
 
 /// Prompts from `path`: one per non-empty line, or in a `.jsonl` file one JSON string or
-/// object with a "prompt" field per line.
-fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+/// object `{"prompt": "...", "max_tokens": N}` per line (any other key is refused, not
+/// ignored).
+fn read_prompts(path: &std::path::Path) -> Result<Vec<PromptLine>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
     let mut prompts = Vec::new();
@@ -359,24 +324,54 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
             continue;
         }
         if !jsonl {
-            prompts.push(line.to_string());
+            prompts.push(PromptLine::new(line.to_string()));
             continue;
         }
-        let bad = |what: String| Error::Json {
+        let bad = |what: String| Error::Input {
             path: path.to_path_buf(),
             message: format!("line {}: {what}", n + 1),
         };
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        let prompt = match &value {
-            serde_json::Value::String(s) => s.clone(),
-            v => v
-                .get("prompt")
-                .and_then(|p| p.as_str())
-                .ok_or_else(|| {
-                    bad("expected a JSON string or an object with a \"prompt\" string".into())
-                })?
-                .to_string(),
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: format!("line {}: {e}", n + 1),
+        })?;
+        let prompt = match value {
+            serde_json::Value::String(s) => PromptLine::new(s),
+            serde_json::Value::Object(o) => {
+                if let Some(key) = o
+                    .keys()
+                    .find(|k| !["prompt", "max_tokens"].contains(&k.as_str()))
+                {
+                    return Err(bad(format!(
+                        "unknown key {key:?}; a prompt's object takes \"prompt\" and \"max_tokens\""
+                    )));
+                }
+                let text = o
+                    .get("prompt")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| bad("expected a \"prompt\" string".into()))?;
+                let max_tokens = match o.get("max_tokens") {
+                    None => None,
+                    Some(v) => Some(match v.as_i64() {
+                        Some(-1) => UNTIL_CONTEXT_FULL,
+                        Some(n) if n >= 0 => n as usize,
+                        _ => {
+                            return Err(bad(format!(
+                                "\"max_tokens\" is {v}; expected a number of tokens ≥ 0, or -1 for until the context is full"
+                            )))
+                        }
+                    }),
+                };
+                PromptLine {
+                    text: text.to_string(),
+                    max_tokens,
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "expected a JSON string or an object with a \"prompt\" string".into(),
+                ))
+            }
         };
         prompts.push(prompt);
     }
@@ -389,35 +384,20 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn check_sampling(args: &RunArgs) -> Result<()> {
-    let bad = |flag, message: &str| {
-        Err(Error::Flag {
-            flag,
-            message: message.into(),
-        })
-    };
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return bad("--temperature", "expected a number ≥ 0");
-    }
-    if args.top_k == Some(0) {
-        return bad("--top-k", "expected at least 1");
-    }
-    if let Some(p) = args.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return bad("--top-p", "expected a number in (0, 1]");
+/// Flags that would change nothing are refused, not ignored.
+fn check_flags(args: &RunArgs) -> Result<()> {
+    if args.prompts.is_none() {
+        for (flag, given) in [("--batch", args.batch.is_some()), ("--json", args.json)] {
+            if given {
+                return Err(Error::Flag {
+                    flag,
+                    message:
+                        "acts only with --prompts FILE (many prompts); one prompt is one sequence"
+                            .into(),
+                });
+            }
         }
     }
-    if !(args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite()) {
-        return bad("--repetition-penalty", "expected a number > 0");
-    }
-    Ok(())
-}
-
-/// `n` tokens over `secs` as "12.3 tok/s", or "no pass" when nothing ran (`--max-tokens 0`).
-fn rate(n: usize, secs: f64) -> String {
-    if secs > 0.0 {
-        format!("{:.1} tok/s", n as f64 / secs)
-    } else {
-        "no pass".into()
-    }
+    args.sampling.check()?;
+    args.stop.check()
 }

@@ -12,6 +12,8 @@ use ferry::synth::{
 };
 use ferry::{Error, Result};
 
+use super::{at_least, human_count, plural};
+
 #[derive(Args)]
 pub struct SynthArgs {
     /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny, or an image
@@ -25,13 +27,13 @@ pub struct SynthArgs {
     #[arg(long)]
     arch: Option<String>,
     /// Seed; the same seed writes the same bytes.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Weight dtype: bf16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Number of decoder blocks, if not the preset's.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1), allow_negative_numbers = true)]
     layers: Option<usize>,
     /// Image pipelines: only these components, comma-separated (transformer, text_encoder,
     /// tokenizer, vae, scheduler), e.g. --only transformer for a DiT benchmark. More can be
@@ -39,7 +41,7 @@ pub struct SynthArgs {
     #[arg(long, value_name = "COMPONENTS")]
     only: Option<String>,
     /// Most bytes per safetensors shard.
-    #[arg(long, default_value = "4GiB")]
+    #[arg(long, default_value = "4GiB", allow_negative_numbers = true)]
     shard_size: String,
     /// Write into a non-empty directory, replacing what is there.
     #[arg(long)]
@@ -77,7 +79,7 @@ fn list() {
             "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
             p.name,
             p.config.arch.name(),
-            count(n),
+            human_count(n),
             human_bytes(n * 2),
             p.about
         );
@@ -92,7 +94,7 @@ fn list() {
             "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
             p.name,
             "z-image",
-            count(total),
+            human_count(total),
             human_bytes(total * 2),
             p.about
         );
@@ -102,21 +104,11 @@ fn list() {
                 let name = format!("  {}", c.name());
                 println!(
                     "  {name:<24} {:>7} params {:>10}",
-                    count(n),
+                    human_count(n),
                     human_bytes(n * 2)
                 );
             }
         }
-    }
-}
-
-/// A parameter count in K, M or B.
-fn count(n: usize) -> String {
-    let n = n as f64;
-    match n {
-        _ if n >= 1e9 => format!("{:.2}B", n / 1e9),
-        _ if n >= 1e6 => format!("{:.1}M", n / 1e6),
-        _ => format!("{:.1}K", n / 1e3),
     }
 }
 
@@ -152,13 +144,13 @@ fn language_model(args: &SynthArgs, preset: Preset, out: &Path, opts: &WriteOpti
     }
     let report = write_checkpoint(&preset, out, opts)?;
     eprintln!(
-        "wrote {} ({} {}, {} params, {} in {} shards) in {:.1} s: {:.2} GB/s",
+        "wrote {} ({} {}, {} params, {} in {}) in {:.1} s: {:.2} GB/s",
         out.display(),
         preset.name,
         preset.config.arch.name(),
         preset.parameters(),
         human_bytes(report.bytes),
-        report.shards.len(),
+        plural(report.shards.len(), "shard"),
         report.seconds,
         report.bytes as f64 / report.seconds.max(1e-9) / 1e9,
     );

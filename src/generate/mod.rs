@@ -4,6 +4,7 @@ pub mod chat;
 mod sample;
 mod text;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use chat::Message;
@@ -19,6 +20,7 @@ use crate::model::{Architecture, Llama, Logits, ResidentWeights, Segment, Weight
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
+    /// Most tokens to generate; [`UNTIL_CONTEXT_FULL`] for no limit but the context.
     pub max_tokens: usize,
     pub sampling: SamplingConfig,
     /// Stop when the text contains one of these (it is not included in the output).
@@ -26,6 +28,9 @@ pub struct Request {
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
 }
+
+/// `max_tokens` for "generate until the context is full" (`--max-tokens -1`, as in llama.cpp).
+pub const UNTIL_CONTEXT_FULL: usize = usize::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -37,6 +42,52 @@ pub enum Finish {
     MaxTokens,
     /// The context is full.
     Context,
+    /// [`Generator::interrupt`] was raised (Ctrl-C in `ferry chat`).
+    Interrupted,
+}
+
+impl Finish {
+    /// The name a program reads (`ferry run --json`'s "finish").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Eos => "eos",
+            Finish::StopString => "stop_string",
+            Finish::MaxTokens => "max_tokens",
+            Finish::Context => "context_full",
+            Finish::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Finish::Eos => "end of sequence",
+            Finish::StopString => "stop text",
+            Finish::MaxTokens => "max tokens reached",
+            Finish::Context => "context full",
+            Finish::Interrupted => "interrupted",
+        })
+    }
+}
+
+/// The context a generator holds: `requested` (`--context`), at most the model's
+/// `max_position_embeddings`; the model's maximum when none is asked for.
+pub fn context_length(requested: Option<usize>, max_position_embeddings: usize) -> Result<usize> {
+    match requested {
+        Some(0) => Err(Error::Flag {
+            flag: "--context",
+            message: "expected at least 1 position".into(),
+        }),
+        Some(c) if c > max_position_embeddings => Err(Error::Flag {
+            flag: "--context",
+            message: format!(
+                "{c} exceeds the model's max_position_embeddings {max_position_embeddings}"
+            ),
+        }),
+        Some(c) => Ok(c),
+        None => Ok(max_position_embeddings),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +112,10 @@ pub struct Generator<B: Backend> {
     pub text: TextCodec,
     /// Most positions (prompt + generated) a sequence may hold.
     pub context: usize,
+    /// When raised (from another thread or a signal handler: hence a static), every
+    /// sequence ends after the pass in flight, with [`Finish::Interrupted`]; lowered again as
+    /// the generation returns.
+    pub interrupt: Option<&'static AtomicBool>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -86,23 +141,7 @@ impl<B: Backend> Generator<B> {
         B::Weight: 'static,
     {
         let model = Llama::new(ckpt.config.clone());
-        let max = ckpt.config.max_position_embeddings;
-        let context = match context {
-            Some(0) => {
-                return Err(Error::Flag {
-                    flag: "--context",
-                    message: "must be at least 1".into(),
-                })
-            }
-            Some(c) if c > max => {
-                return Err(Error::Flag {
-                    flag: "--context",
-                    message: format!("{c} exceeds the model's max_position_embeddings {max}"),
-                })
-            }
-            Some(c) => c,
-            None => max,
-        };
+        let context = context_length(context, ckpt.config.max_position_embeddings)?;
         let weights = match weights {
             Some(w) => w,
             None => Box::new(ResidentWeights::load(ckpt, model.groups(), |t| {
@@ -115,6 +154,7 @@ impl<B: Backend> Generator<B> {
             weights,
             text,
             context,
+            interrupt: None,
         })
     }
 
@@ -162,16 +202,33 @@ impl<B: Backend> Generator<B> {
         batch: usize,
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(Vec<Output>, BatchStats)> {
-        self.generate_batch_with_progress(requests, batch, on_text, &mut |_| {})
+        self.generate_batch_with_progress(requests, batch, on_text, &mut |_, _| {}, &mut |_| {})
     }
 
-    /// [`generate_batch`](Self::generate_batch), telling `on_pass` where the generation
-    /// stands after each pass (for a progress bar).
+    /// [`generate_batch`](Self::generate_batch), handing each request's output to
+    /// `on_done(i, output)` as it ends, and telling `on_pass` where the generation stands
+    /// after each pass (for a progress bar).
     pub fn generate_batch_with_progress(
         &mut self,
         requests: &[Request],
         batch: usize,
         on_text: &mut dyn FnMut(usize, &str),
+        on_done: &mut dyn FnMut(usize, &Output),
+        on_pass: &mut dyn FnMut(Progress),
+    ) -> Result<(Vec<Output>, BatchStats)> {
+        let result = self.generate_batch_inner(requests, batch, on_text, on_done, on_pass);
+        if let Some(flag) = self.interrupt {
+            flag.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn generate_batch_inner(
+        &mut self,
+        requests: &[Request],
+        batch: usize,
+        on_text: &mut dyn FnMut(usize, &str),
+        on_done: &mut dyn FnMut(usize, &Output),
         on_pass: &mut dyn FnMut(Progress),
     ) -> Result<(Vec<Output>, BatchStats)> {
         if batch == 0 {
@@ -205,11 +262,17 @@ impl<B: Backend> Generator<B> {
                 let Some(index) = waiting.next() else { break };
                 let req = &requests[index];
                 if req.max_tokens == 0 {
-                    outputs[index] = Some(Output::empty(Finish::MaxTokens));
+                    let out = Output::empty(Finish::MaxTokens);
+                    on_done(index, &out);
+                    outputs[index] = Some(out);
                     finished += 1;
                     continue;
                 }
-                let positions = (req.prompt.len() + req.max_tokens).min(self.context);
+                let positions = req
+                    .prompt
+                    .len()
+                    .saturating_add(req.max_tokens)
+                    .min(self.context);
                 active.push(Sequence {
                     index,
                     cache: self.new_cache(positions)?,
@@ -262,6 +325,7 @@ impl<B: Backend> Generator<B> {
             stats.pass_secs.push(pass_start.elapsed().as_secs_f64());
             stats.pass_sequences.push(active.len());
 
+            let interrupted = self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
             let mut still = Vec::with_capacity(active.len());
             for (row, mut seq) in active.into_iter().enumerate() {
                 let req = &requests[seq.index];
@@ -277,21 +341,36 @@ impl<B: Backend> Generator<B> {
                 }
                 stats.tokens_out += 1;
                 let index = seq.index;
-                match self.accept(&mut seq, req, next, &mut |p| on_text(index, p))? {
+                let finish = self.accept(&mut seq, req, next, &mut |p| on_text(index, p))?;
+                match finish.or(interrupted.then_some(Finish::Interrupted)) {
                     Some(finish) => {
-                        outputs[seq.index] = Some(Output {
+                        if finish == Finish::Interrupted {
+                            // What was held back (a possible stop string's start) is text.
+                            on_text(index, &seq.text[seq.printed..]);
+                        }
+                        let out = Output {
                             tokens: std::mem::take(&mut seq.tokens),
                             text: std::mem::take(&mut seq.text),
                             finish,
                             prompt_secs: seq.first_token - seq.admitted,
                             decode_secs: now - seq.first_token,
-                        });
+                        };
+                        on_done(seq.index, &out);
+                        outputs[seq.index] = Some(out);
                         finished += 1;
                     }
                     None => still.push(seq),
                 }
             }
             active = still;
+            if interrupted {
+                for index in waiting.by_ref() {
+                    let out = Output::empty(Finish::Interrupted);
+                    on_done(index, &out);
+                    outputs[index] = Some(out);
+                    finished += 1;
+                }
+            }
             on_pass(Progress {
                 finished,
                 requests: requests.len(),

@@ -33,15 +33,10 @@ impl TextCodec {
     /// `tokenizer_config.json` (chat template, BOS/EOS) in `dir`.
     pub fn from_tokenizer_dir(dir: &std::path::Path) -> Result<TextCodec> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| match path.is_file() {
-            false => Error::NotFound {
-                path: path.clone(),
-                expected: "the pipeline's tokenizer (tokenizer.json)".into(),
-            },
-            true => Error::Tokenizer {
-                path: path.clone(),
-                message: e.to_string(),
-            },
+        crate::checkpoint::require_file(&path, "the pipeline's tokenizer (tokenizer.json)")?;
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
         })?;
         Ok(TextCodec {
             tokenizer: Some(tokenizer),

@@ -586,16 +586,13 @@ impl fmt::Display for Plan {
             .iter()
             .map(|&g| self.groups[g].label.as_str())
             .collect();
-        let device = self
-            .placement
-            .iter()
-            .filter(|p| **p != Placement::HostGather)
-            .count();
+        // Counted out of every group, as the model's header line counts them: the host
+        // group (the embedding) is neither resident nor streamed.
         writeln!(
             f,
             "resident     {} of {} groups ({}): {}",
             self.resident.len(),
-            device,
+            self.groups.len(),
             human_bytes(self.resident.bytes()),
             if labels.is_empty() {
                 "none".to_string()
@@ -617,13 +614,17 @@ impl fmt::Display for Plan {
             .iter()
             .filter(|p| matches!(p, Placement::Streamed(_)))
             .count();
-        writeln!(
-            f,
-            "streamed     {} groups in {} pieces, {} per pass",
-            streamed_groups,
-            self.pieces.len(),
-            gb(self.streamed_bytes()),
-        )?;
+        if streamed_groups == 0 {
+            writeln!(f, "streamed     nothing")?;
+        } else {
+            writeln!(
+                f,
+                "streamed     {} in {}, {} per pass",
+                count(streamed_groups, "group"),
+                count(self.pieces.len(), "piece"),
+                gb(self.streamed_bytes()),
+            )?;
+        }
         for (g, place) in self.placement.iter().enumerate() {
             if let Placement::Streamed(range) = place {
                 if range.len() > 1 {
@@ -638,9 +639,17 @@ impl fmt::Display for Plan {
                 }
             }
         }
+        if streamed_groups == 0 {
+            // No copies to wait for: a pass is its compute, and there is no PCIe bound.
+            return writeln!(
+                f,
+                "prediction   {:.1} ms per pass ({:.1} ms cold): compute {:.1} ms, nothing to stream",
+                p.pass_ms, p.cold_pass_ms, p.compute_ms,
+            );
+        }
         writeln!(
             f,
-            "prediction   {:.1} ms per pass ({:.1} ms cold): compute {:.1} ms, PCIe bound {:.1} ms ({} at {} GB/s), stall {:.1} ms, {:.0} % of the bound",
+            "prediction   {:.1} ms per pass ({:.1} ms cold): compute {:.1} ms, PCIe bound {:.1} ms ({} at {} GB/s), stall {:.1} ms{}",
             p.pass_ms,
             p.cold_pass_ms,
             p.compute_ms,
@@ -648,8 +657,22 @@ impl fmt::Display for Plan {
             gb(self.streamed_bytes()),
             self.h2d_gbps,
             p.stall_ms,
-            100.0 * p.efficiency(),
+            // A bound that rounds to 0 ms makes any share of it meaningless.
+            if p.bound_ms() >= 0.05 {
+                format!(", {:.0} % of the bound", 100.0 * p.efficiency())
+            } else {
+                String::new()
+            },
         )
+    }
+}
+
+/// `"1 group"`, `"3 groups"`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

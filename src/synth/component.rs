@@ -66,5 +66,6 @@ pub fn random_component(
         config: Some((dir.join("config.json"), config)),
         dir,
         tensors,
+        file_bytes: 0, // made in memory
     }
 }

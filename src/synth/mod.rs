@@ -31,7 +31,7 @@ pub use diffusers::{
 pub use presets::Preset;
 
 use crate::checkpoint::{
-    Checkpoint, DType, Format, GenerationDefaults, HostTensor, Storage, TokenizerSource,
+    Checkpoint, DType, Format, GenerationDefaults, HostTensor, Storage, Stored, TokenizerSource,
 };
 use crate::error::{Error, Result};
 use crate::model::Arch;
@@ -254,6 +254,7 @@ fn config_json(preset: &Preset, dtype: DType) -> Value {
 pub fn synthetic_checkpoint(preset: &Preset, seed: u64, dtype: DType) -> Result<Checkpoint> {
     check_dtype(dtype)?;
     let specs = specs(preset);
+    let specs_len = specs.len();
     let esize = dtype.size();
     let total: usize = specs.iter().map(|s| s.numel() * esize).sum();
     let mut storage = Storage::owned(total);
@@ -286,6 +287,10 @@ pub fn synthetic_checkpoint(preset: &Preset, seed: u64, dtype: DType) -> Result<
             eos_token_ids: vec![preset.eos_token_id],
             bos_token_id: preset.bos_token_id,
             ..GenerationDefaults::default()
+        },
+        stored: Stored {
+            file_bytes: 0,
+            dtypes: [(dtype.name().to_uppercase(), specs_len)].into(),
         },
     })
 }

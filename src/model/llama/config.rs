@@ -238,6 +238,20 @@ fn llama3_scale(inv_freq: f64, s: &Llama3RopeScaling) -> f64 {
 /// rope_theta and llama3 scaling from either the transformers 4 fields (`rope_theta`,
 /// `rope_scaling`) or the transformers 5 `rope_parameters`.
 fn rope(hf: &HfConfig, path: &Path) -> Result<(f64, Option<Llama3RopeScaling>)> {
+    for (key, v) in [
+        ("rope_scaling", &hf.rope_scaling),
+        ("rope_parameters", &hf.rope_parameters),
+    ] {
+        match v {
+            None | Some(Value::Null | Value::Object(_)) => {}
+            Some(other) => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("{key:?} is {other}; expected an object (such as {{\"rope_type\": \"llama3\", \"factor\": 8.0, ...}}) or null"),
+                ))
+            }
+        }
+    }
     let params = hf
         .rope_scaling
         .as_ref()
@@ -250,11 +264,16 @@ fn rope(hf: &HfConfig, path: &Path) -> Result<(f64, Option<Llama3RopeScaling>)> 
     let Some(params) = params.filter(|v| !v.is_null()) else {
         return Ok((theta, None));
     };
-    let kind = params
-        .get("rope_type")
-        .or_else(|| params.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = match params.get("rope_type").or_else(|| params.get("type")) {
+        None | Some(Value::Null) => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => {
+            return Err(Error::checkpoint(
+                path,
+                format!("the rope scaling's \"rope_type\" is {other}; expected a string such as \"default\" or \"llama3\""),
+            ))
+        }
+    };
     match kind {
         "default" => Ok((theta, None)),
         "llama3" => {
