@@ -360,7 +360,10 @@ fn output_speaks_words_not_rust() {
     let (_, err) = ok(&["synth", "--preset", "tiny", "--out", out.to_str().unwrap()]);
     assert!(err.contains("in 1 shard)"), "{err}");
     let (list, _) = ok(&["synth", "--list"]);
-    let tiny = list.lines().find(|l| l.starts_with("tiny ")).unwrap();
+    let tiny = list
+        .lines()
+        .find(|l| l.trim_start().starts_with("tiny "))
+        .unwrap();
     assert!(
         tiny.contains("139.6K params") && !tiny.contains("0.00B"),
         "{tiny}"
