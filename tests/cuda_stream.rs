@@ -9,9 +9,7 @@
 
 mod common;
 
-use std::io::Write;
-
-use common::{fixture, ARCHS};
+use common::{fixture, gpu, ARCHS};
 use ferry::backend::cuda::streaming::{HostMemory, HostMode, StreamedWeights};
 use ferry::backend::cuda::Cuda;
 use ferry::backend::cuda::{CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
@@ -20,27 +18,9 @@ use ferry::checkpoint::{Checkpoint, DType};
 use ferry::model::{Architecture, Llama, Logits, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{plan_request, stream_weights, StreamSetup, ASSUMED_COMPUTE};
 use ferry::stream::cost::{group_bytes, CostModel};
+use ferry::stream::Placement;
 use ferry::stream::PlanRequest;
-use ferry::stream::{Placement, Vram};
 use ferry::synth::{random_token_ids, synthetic_checkpoint, Preset};
-
-fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
-    match Cuda::with_vram(0, vram.map(Vram::Bytes)) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            let e = e.to_string();
-            if !e.starts_with("no usable CUDA device") {
-                panic!("{test}: {e}");
-            }
-            let why = e.trim_start_matches("no usable CUDA device: ");
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: SKIPPED: no usable CUDA device: {why}"
-            );
-            None
-        }
-    }
-}
 
 /// Logits of every position of the prompt, then `decode` greedy tokens with each step's
 /// logits: everything a run produces, to compare bit for bit.

@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ferry::backend::cuda::streaming::HostMemory;
@@ -20,28 +19,9 @@ use ferry::diffuse::pipeline::gaussian_noise;
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
 use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{stream_weights, StreamSetup};
-use ferry::stream::Vram;
 use ferry::synth::random_component;
 
-use common::{read_reference, rel_l2};
-
-fn gpu(test: &str, vram: Option<usize>) -> Option<Cuda> {
-    match Cuda::with_vram(0, vram.map(Vram::Bytes)) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            let e = e.to_string();
-            if !e.starts_with("no usable CUDA device") {
-                panic!("{test}: {e}");
-            }
-            let why = e.trim_start_matches("no usable CUDA device: ");
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: SKIPPED: no usable CUDA device: {why}"
-            );
-            None
-        }
-    }
-}
+use common::{gpu, read_reference, rel_l2};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image")

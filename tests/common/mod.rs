@@ -9,6 +9,29 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The GPU (with a `--vram`-style budget of `vram` bytes), or None after saying on the real
+/// stderr (not captured by the harness) why the test is skipped. Only a machine without a
+/// usable CUDA device skips; any other failure to open the device fails the test.
+pub fn gpu(test: &str, vram: Option<usize>) -> Option<ferry::backend::cuda::Cuda> {
+    use std::io::Write;
+    let budget = vram.map(ferry::stream::Vram::Bytes);
+    match ferry::backend::cuda::Cuda::with_vram(0, budget) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let e = e.to_string();
+            if !e.starts_with("no usable CUDA device") {
+                panic!("{test}: {e}");
+            }
+            let why = e.trim_start_matches("no usable CUDA device: ");
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: SKIPPED: no usable CUDA device: {why}"
+            );
+            None
+        }
+    }
+}
+
 pub const ARCHS: [&str; 5] = ["llama", "llama3", "mistral", "qwen2", "qwen3"];
 
 /// ‖a − b‖₂ / ‖b‖₂
