@@ -375,8 +375,8 @@ static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
     }
 });
 
-/// Σ a·b in f32, eight partial sums (vectorized; AVX2 where the CPU has it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Σ a·b in f32, sixteen partial sums (vectorized; AVX2 where the CPU has it).
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if *HAS_AVX2_FMA {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::cpu::{Cpu, CpuTensor};
+use super::cpu::{dot, Cpu, CpuTensor};
 use super::dit::{DitOps, Pointwise};
 use crate::error::Result;
 
@@ -266,23 +266,4 @@ impl DitOps for Cpu {
             data: out,
         })
     }
-}
-
-/// Σ a·b in f32 with eight partial sums (the compiler vectorizes it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
