@@ -211,7 +211,17 @@ impl ImageOps for Cuda {
             groups > 0 && s.channels % groups == 0,
             "group_norm: {groups} groups"
         );
-        let stats = self.upload(&vec![0f64; 2 * groups], Purpose::Workspace)?;
+        let stats = self.alloc(2 * groups * 8, Purpose::Workspace)?;
+        // SAFETY: `stats` holds 2·groups f64 on this stream; group_stats adds into zeros.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                self.ptr(&stats),
+                0,
+                2 * groups * 8,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(self.err("zeroing group sums"))?;
         let (xp, sp) = (self.ptr(&x.t.buf), self.ptr(&stats));
         let (n, c, g) = (s.positions() as u32, s.channels as u32, groups as u32);
         let blocks = ((s.numel() / groups).div_ceil(256 * 8) as u32).clamp(1, 1024);

@@ -484,13 +484,14 @@ impl Cuda {
         }
         let module = self.module(src, head_dim)?;
         let f = module.load_function(name).map_err(self.err(name))?;
-        if name == "attn_prefill" || name == "attn_full" {
+        // Every kernel of the prompt-attention family takes its tiles in dynamic shared memory.
+        if src.name == compile::ATTENTION_PREFILL.name {
             let bytes = prefill_smem_bytes(head_dim) as i32;
             f.set_attribute(
                 cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes,
             )
-            .map_err(self.err("shared memory for attn_prefill"))?;
+            .map_err(self.err(name))?;
         }
         self.functions
             .borrow_mut()
