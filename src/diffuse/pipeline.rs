@@ -204,7 +204,7 @@ impl ZImagePipeline {
                         })?));
                     };
                     let mut w = stream_weights(gpu, c, arch, StreamSetup::new(shape, host))?;
-                    log.plan = w.plan().to_string();
+                    log.plan = Some(w.plan().to_string());
                     w.log_stats(log.passes.clone());
                     Ok(Box::new(w))
                 };
@@ -332,7 +332,8 @@ impl ZImagePipeline {
 /// Where a phase's streaming reports go while it runs.
 #[derive(Default)]
 pub struct StreamLog {
-    plan: String,
+    /// The phase's plan, when it streamed.
+    plan: Option<String>,
     passes: Arc<Mutex<Vec<PassStats>>>,
 }
 
@@ -340,9 +341,9 @@ impl StreamLog {
     /// The phase's report, if it streamed.
     fn finish(self, phase: &'static str) -> Option<PhaseStream> {
         let passes = std::mem::take(&mut *self.passes.lock().expect("not poisoned"));
-        (!self.plan.is_empty()).then_some(PhaseStream {
+        self.plan.map(|plan| PhaseStream {
             phase,
-            plan: self.plan,
+            plan,
             passes,
         })
     }
