@@ -98,25 +98,22 @@ LABELS = {
     "group-leaf": "group offloading leaf level, use_stream",
     "accelerate": "accelerate cpu_offload",
 }
+
+# The process plumbing and formatting shared with the LLM peers (bench/peers.py, beside this
+# file: only the standard library at import).
+from peers import UsageError, human_bytes, one_line, strip_flags  # noqa: E402
+from peers import run_system as run_peer_system  # noqa: E402
+
 RESULT_PREFIX = "DIT_PEERS_RESULT "
 
 
-class UsageError(Exception):
-    """A bad flag or input: printed on one line, exit status 2."""
+def run_system(system, a, argv):
+    """Run one system in a child process of this script; its result dict."""
+    return run_peer_system(system, a, argv, script=__file__, prefix=RESULT_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------
 # Sizes and the directory: no torch needed.
-
-def human_bytes(b):
-    if b is None:
-        return "—"
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GiB"
-    if b >= 2**20:
-        return f"{b / 2**20:.1f} MiB"
-    return f"{b / 2**10:.1f} KiB"
-
 
 def human_count(n):
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
@@ -256,33 +253,6 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------
 # The parent: run each system in its own process, report.
-
-def worker_command(system, argv):
-    return [sys.executable, os.path.abspath(__file__), *argv, "--worker", system]
-
-
-def run_system(system, a, argv):
-    """Run one system in a child process; its result dict."""
-    cmd = worker_command(system, argv)
-    t = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-800:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        return dict(system=system, status="failed",
-                    reason=f"no result within --timeout {a.timeout:.0f} s", log_tail=tail)
-    sys.stderr.write(p.stderr)
-    for line in p.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            r = json.loads(line[len(RESULT_PREFIX):])
-            r["wall_seconds"] = time.perf_counter() - t
-            return r
-    return dict(system=system, status="failed",
-                reason=f"the process exited with status {p.returncode} and no result",
-                log_tail=(p.stdout + p.stderr)[-1500:])
-
 
 def card_info(a):
     """(name, total bytes, driver) of the card from nvidia-smi, so that this process never
@@ -429,10 +399,6 @@ def worker(a):
         result.update(status="failed", reason=f"{type(e).__name__}: {one_line(e)}")
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         raise
-
-
-def one_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def offload_kwargs(system, device, torch):
@@ -644,21 +610,6 @@ def main(argv=None):
     # The children get the same flags, less the parent's --json/--dry-run.
     child_argv = strip_flags(argv, {"--json": True, "--dry-run": False})
     return parent(a, child_argv)
-
-
-def strip_flags(argv, flags):
-    """argv without the given flags (flag → takes a value)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in flags:
-            skip = flags[name] and "=" not in arg
-            continue
-        out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

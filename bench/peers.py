@@ -378,13 +378,14 @@ def static_skip(system, a, card_bytes=None):
     return None
 
 
-def worker_command(system, argv):
-    return [sys.executable, os.path.abspath(__file__), *argv, "--worker", system]
+def worker_command(system, argv, script=__file__):
+    return [sys.executable, os.path.abspath(script), *argv, "--worker", system]
 
 
-def run_system(system, a, argv):
-    """Run one system in a child process; its result dict."""
-    cmd = worker_command(system, argv)
+def run_system(system, a, argv, script=__file__, prefix=RESULT_PREFIX):
+    """Run one system in a child process of `script` (this file, or bench/dit_peers.py); its
+    result dict, from the line its worker prints after `prefix`."""
+    cmd = worker_command(system, argv, script)
     t = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
@@ -396,8 +397,8 @@ def run_system(system, a, argv):
                     reason=f"no result within --timeout {a.timeout:.0f} s", log_tail=tail)
     sys.stderr.write(p.stderr)
     for line in p.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            r = json.loads(line[len(RESULT_PREFIX):])
+        if line.startswith(prefix):
+            r = json.loads(line[len(prefix):])
             r["wall_seconds"] = time.perf_counter() - t
             return r
     return dict(system=system, status="failed",
