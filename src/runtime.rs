@@ -13,7 +13,7 @@ use crate::checkpoint::{Checkpoint, DType, Tensors};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, PassShape};
 use crate::stream::cost::{planner_groups, CostModel};
-use crate::stream::{PlanRequest, SlotSize, Vram};
+use crate::stream::{GroupTensors, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
 /// Open `--model PATH` or `--synthetic PRESET` (random bf16 weights of a real shape, made
@@ -169,7 +169,8 @@ pub fn stream_weights(
     arch: &dyn Architecture,
     setup: StreamSetup<'_>,
 ) -> Result<StreamedWeights> {
-    let tier = HostTier::new(gpu, tensors, arch, setup.host)?;
+    let model = GroupTensors::of(tensors, arch)?;
+    let tier = HostTier::new(gpu, &model, setup.host)?;
     let h2d_gbps = measure_h2d(gpu, &tier)?;
     let cost = CostModel {
         h2d_gbps,
@@ -194,5 +195,5 @@ pub fn stream_weights(
         }
     }
     let plan = crate::stream::plan(&request)?;
-    StreamedWeights::new(gpu, tensors, arch, plan, tier, h2d_gbps)
+    StreamedWeights::new(gpu, &model, plan, tier, h2d_gbps)
 }

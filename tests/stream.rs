@@ -1,16 +1,19 @@
 //! The streaming engine without a GPU: the planner, the budget, the schedule on the CPU copy
 //! engine, and `ferry plan`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::checkpoint::DType;
-use ferry::model::{Llama, PassShape};
+use ferry::backend::cpu_stream::{CpuCopyEngine, EngineEvent, HostStorage};
+use ferry::checkpoint::{DType, HostTensor, Storage};
+use ferry::model::{Llama, Logits, PassShape};
 use ferry::runtime::plan_request;
 use ferry::stream::budget::{BudgetAllocator, HeapMemory, Purpose, Vram};
 use ferry::stream::cost::{group_bytes, CostModel};
 use ferry::stream::plan::{plan, simulate, Group, Placement, Plan, PlanRequest, SimUnit, SlotSize};
-use ferry::stream::schedule::{run_pass, CpuCopyEngine, EngineEvent, Step, Streamer};
+use ferry::stream::schedule::{run_pass, Step, Streamer};
 use ferry::synth::Preset;
 
 const MIB: usize = 1 << 20;
@@ -322,23 +325,40 @@ fn the_streamer_on_the_cpu_engine() {
         "{p}"
     );
 
-    // Host bytes of every group, and what a fully resident run computes: one checksum per
-    // group.
-    let host: Arc<Vec<Vec<u8>>> = Arc::new(
-        p.groups
-            .iter()
-            .enumerate()
-            .map(|(g, grp)| {
-                (0..grp.bytes)
-                    .map(|i| (i * 31 + g * 7 + i / 251) as u8)
-                    .collect()
-            })
-            .collect(),
-    );
+    // Host bytes of every group (one bf16 tensor of 1024-byte rows each), and what a fully
+    // resident run computes: one checksum per group.
+    let host: Vec<Vec<u8>> = p
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(g, grp)| {
+            (0..grp.bytes)
+                .map(|i| (i * 31 + g * 7 + i / 251) as u8)
+                .collect()
+        })
+        .collect();
     let expected: Vec<u64> = host.iter().map(|b| fnv(FNV0, b)).collect();
+    let tensors: Vec<Vec<HostTensor>> = host
+        .iter()
+        .enumerate()
+        .map(|(g, bytes)| {
+            let mut storage = Storage::owned(bytes.len());
+            storage.bytes_mut().unwrap().copy_from_slice(bytes);
+            let shape = vec![bytes.len() / 1024, 512];
+            let t = HostTensor::new(
+                format!("g{g}"),
+                DType::BF16,
+                shape,
+                Arc::new(storage),
+                0,
+                bytes.len(),
+            );
+            vec![t]
+        })
+        .collect();
 
     // Every device allocation through the budget.
-    let alloc = BudgetAllocator::new(HeapMemory, p.budget);
+    let alloc = BudgetAllocator::new(HostStorage, p.budget);
     let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
     let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
     let _cublas = alloc
@@ -352,10 +372,13 @@ fn the_streamer_on_the_cpu_engine() {
                 p.groups[g].bytes,
             )
             .unwrap();
-        a.copy_from_slice(&host[g]);
+        Arc::get_mut(&mut a)
+            .and_then(Storage::bytes_mut)
+            .unwrap()
+            .copy_from_slice(&host[g]);
         resident.push((g, a));
     }
-    let engine = CpuCopyEngine::new(&alloc, p.slots, p.slot_bytes, host.clone(), h2d_gbps).unwrap();
+    let engine = CpuCopyEngine::new(&alloc, &p, tensors, Some(h2d_gbps)).unwrap();
     let mut streamer = Streamer::new(engine, &p).unwrap();
 
     let passes = 4;
@@ -368,18 +391,23 @@ fn the_streamer_on_the_cpu_engine() {
             let ms = match step {
                 Step::Group(g) => {
                     sums[g] = match resident.iter().find(|(r, _)| *r == g) {
-                        Some((_, a)) => fnv(FNV0, a),
+                        Some((_, a)) => fnv(FNV0, Storage::bytes(a)),
                         None => fnv(FNV0, &host[g]), // gathered on the host
                     };
                     p.groups[g].compute_ms
                 }
                 Step::Piece(acquired) => {
                     let piece = &p.pieces[acquired.piece];
-                    let read = || fnv(FNV0, &engine.slot(acquired.slot)[..piece.bytes]);
+                    let read = || {
+                        fnv(
+                            FNV0,
+                            &Storage::bytes(&engine.slot(acquired.slot))[..piece.bytes],
+                        )
+                    };
                     let before = read();
                     sums[piece.group] = fnv(
                         sums[piece.group],
-                        &engine.slot(acquired.slot)[..piece.bytes],
+                        &Storage::bytes(&engine.slot(acquired.slot))[..piece.bytes],
                     );
                     sleep_until(begin + Duration::from_secs_f64(piece.compute_ms / 1e3));
                     assert_eq!(
@@ -406,38 +434,7 @@ fn the_streamer_on_the_cpu_engine() {
     assert_eq!(alloc.peak(), p.device_bytes());
 
     let log = engine.log();
-    // Per slot, strictly: copied, then used, then copied again — never written while in use,
-    // never used before its copy ended. The last copy into a slot may be the unused prefetch
-    // of the next pass.
-    for slot in 0..p.slots {
-        let events: Vec<EngineEvent> = log
-            .iter()
-            .map(|(_, e)| *e)
-            .filter(|e| match *e {
-                EngineEvent::CopyBegin { slot: s, .. }
-                | EngineEvent::CopyEnd { slot: s, .. }
-                | EngineEvent::UseBegin { slot: s }
-                | EngineEvent::UseEnd { slot: s } => s == slot,
-            })
-            .collect();
-        for (i, e) in events.iter().enumerate() {
-            let ok = match i % 4 {
-                0 => matches!(e, EngineEvent::CopyBegin { .. }),
-                1 => matches!(e, EngineEvent::CopyEnd { .. }),
-                2 => matches!(e, EngineEvent::UseBegin { .. }),
-                _ => matches!(e, EngineEvent::UseEnd { .. }),
-            };
-            assert!(
-                ok,
-                "slot {slot}, event {i}: {e:?} out of order in {events:?}"
-            );
-        }
-        assert_eq!(
-            events.len() % 4,
-            2,
-            "slot {slot} ends with its prefetch copied"
-        );
-    }
+    assert_slots_used_in_order(&log, p.slots);
     // Copies follow the pass order, wrapping into the next pass.
     let copies: Vec<(usize, usize)> = log
         .iter()
@@ -625,4 +622,208 @@ fn ferry_plan_refuses_bad_budgets_in_one_line() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("unknown preset \"gpt-5\"; expected one of tiny"));
+}
+
+/// Per slot, strictly: copied, then used, then copied again — never written while in use,
+/// never used before its copy ended, never a copy over a view still alive. The last copy
+/// into a slot may be the unused prefetch of the next pass.
+fn assert_slots_used_in_order(log: &[(Instant, EngineEvent)], slots: usize) {
+    for slot in 0..slots {
+        let events: Vec<EngineEvent> = log
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| e.slot() == slot)
+            .collect();
+        for (i, e) in events.iter().enumerate() {
+            let ok = match i % 4 {
+                0 => matches!(e, EngineEvent::CopyBegin { .. }),
+                1 => matches!(e, EngineEvent::CopyEnd { .. }),
+                2 => matches!(e, EngineEvent::UseBegin { .. }),
+                _ => matches!(e, EngineEvent::UseEnd { .. }),
+            };
+            assert!(
+                ok,
+                "slot {slot}, event {i}: {e:?} out of order in {events:?}"
+            );
+        }
+        assert_eq!(
+            events.len() % 4,
+            2,
+            "slot {slot} ends with its prefetch copied"
+        );
+    }
+}
+
+/// The model's passes through the streamed weights that ship on the GPU, here over the CPU
+/// copy engine: a prompt pass (every position's logits) and greedy decode steps; the logits
+/// of each pass, as bits.
+fn passes_of(
+    model: &Llama,
+    weights: &mut impl ferry::model::Weights<ferry::backend::cpu::CpuWeight>,
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<Vec<u32>> {
+    use ferry::backend::Backend;
+    let cpu = ferry::backend::cpu::Cpu;
+    let c = &model.config;
+    let mut cache = cpu
+        .kv_cache(c.num_layers, model.attention_shape(), prompt.len() + steps)
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mut out = Vec::new();
+    let logits = model
+        .forward(&cpu, weights, prompt, &mut cache, Logits::All)
+        .unwrap();
+    let vocab = c.vocab_size;
+    let mut next = ferry::generate::argmax(&logits[logits.len() - vocab..]);
+    out.push(bits(&logits));
+    for _ in 0..steps {
+        let logits = model
+            .forward(&cpu, weights, &[next], &mut cache, Logits::Last)
+            .unwrap();
+        next = ferry::generate::argmax(&logits);
+        out.push(bits(&logits));
+    }
+    out
+}
+
+#[test]
+fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
+    use ferry::backend::cpu::Cpu;
+    use ferry::backend::cpu_stream::cpu_streamed_weights;
+    use ferry::backend::Backend;
+    use ferry::checkpoint::Checkpoint;
+    use ferry::model::{Architecture, ResidentWeights};
+    use ferry::stream::cost::planner_groups;
+
+    // The fixtures (f32), and a bf16 Llama whose head is large enough to stream in pieces.
+    let mut cases: Vec<(String, Checkpoint, DType)> = common::ARCHS
+        .iter()
+        .map(|a| {
+            let dir = common::fixture(a);
+            let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+            (a.to_string(), ckpt, DType::F32)
+        })
+        .collect();
+    let mut wide = Preset::by_name("tiny").unwrap();
+    wide.config.vocab_size = 4096;
+    cases.push((
+        "tiny, vocab 4096 (bf16)".into(),
+        ferry::synth::synthetic_checkpoint(&wide, 7, DType::BF16).unwrap(),
+        DType::BF16,
+    ));
+
+    let mut split_heads = 0;
+    for (name, ckpt, dtype) in &cases {
+        let model = Llama::new(ckpt.config.clone());
+        let tensors = ferry::stream::GroupTensors::of(ckpt, &model).unwrap();
+        let vocab = ckpt.config.vocab_size as u32;
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % vocab).collect();
+        let steps = 3;
+        let mut resident = ResidentWeights::load(ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
+        let want = passes_of(&model, &mut resident, &prompt, steps);
+
+        let bytes: Vec<usize> = model.groups().iter().map(|g| g.bytes(ckpt)).collect();
+        let total: usize = bytes.iter().sum();
+        let shape = PassShape {
+            tokens: prompt.len(),
+            batch: 1,
+            past: 0,
+        };
+        let cost = model.pass_cost(shape);
+        let groups = planner_groups(&model, &bytes, *dtype, shape, &CostModel::ASSUMED);
+        let fixed = cost.cache + cost.workspace;
+        let request = |budget| PlanRequest {
+            groups: groups.clone(),
+            budget,
+            kv_cache: cost.cache,
+            workspace: cost.workspace,
+            cublas_workspace: 0,
+            reserve: 0,
+            h2d_gbps: 25.0,
+            slot_size: SlotSize::Auto,
+        };
+        let least = least_budget(&request(fixed)).budget;
+        let mut streamed_plans = 0;
+        // From the least that plans to all resident; without and with a copy speed (so that
+        // the compute side waits, and copies queue behind releases).
+        for (share, h2d_gbps) in [
+            (0.0, None),
+            (0.25, Some(0.5)),
+            (0.5, None),
+            (0.75, Some(0.5)),
+            (1.0, None),
+        ] {
+            let budget = least + (share * (fixed + total - least) as f64) as usize;
+            let p = plan(&request(budget))
+                .unwrap_or_else(|e| panic!("{name}: {budget} bytes do not plan: {e}"));
+            let streams = !p.pieces.is_empty();
+            streamed_plans += streams as usize;
+            let head = model.groups().len() - 1;
+            split_heads +=
+                matches!(&p.placement[head], Placement::Streamed(r) if r.len() > 1) as usize;
+
+            let alloc = BudgetAllocator::new(HostStorage, p.budget);
+            let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
+            let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
+            let slots = p.slots;
+            let pieces = p.pieces.clone();
+            let (mut weights, _residents) =
+                cpu_streamed_weights(&tensors, p, &alloc, h2d_gbps).unwrap();
+            // Two sequences, one after the other, through the same weights: passes wrap.
+            for run in 0..2 {
+                let got = passes_of(&model, &mut weights, &prompt, steps);
+                assert!(
+                    got == want,
+                    "{name}, {share} of the weights, run {run}: streamed logits differ from resident"
+                );
+            }
+            assert!(alloc.peak() <= alloc.budget(), "{name}: over the budget");
+            // The last prefetch may still be copying.
+            ferry::stream::CopyEngine::synchronize(weights.engine_mut()).unwrap();
+            let log = weights.engine().log();
+            assert_slots_used_in_order(&log, slots);
+            // Copies follow the pass order, wrapping into the next pass.
+            let copies: Vec<(usize, usize)> = log
+                .iter()
+                .filter_map(|(_, e)| match *e {
+                    EngineEvent::CopyBegin { group, index, .. } => Some((group, index)),
+                    _ => None,
+                })
+                .collect();
+            let passes = 2 * (1 + steps);
+            if streams {
+                assert_eq!(copies.len(), passes * pieces.len() + slots, "{name}");
+            }
+            for (i, c) in copies.iter().enumerate() {
+                let want = &pieces[i % pieces.len()];
+                assert_eq!(*c, (want.group, want.index), "{name}: copy {i}");
+            }
+        }
+        assert!(
+            streamed_plans >= 3,
+            "{name}: only {streamed_plans} budgets streamed"
+        );
+    }
+    assert!(split_heads > 0, "some plan streams the head in pieces");
+}
+
+/// `request` at the least budget that plans (found by bisection: the planner is a pure
+/// function of its request).
+fn least_budget(request: &PlanRequest) -> PlanRequest {
+    let at = |budget| PlanRequest {
+        budget,
+        ..request.clone()
+    };
+    let (mut lo, mut hi) = (request.budget, request.budget.max(1) * 64);
+    assert!(plan(&at(hi)).is_ok(), "plans at some budget");
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if plan(&at(mid)).is_ok() {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    at(hi)
 }

@@ -5,6 +5,8 @@
 //! - [`cost`]: an architecture's groups as the planner sees them (bytes, compute, splits).
 //! - [`budget`]: the accounting allocator every device allocation goes through.
 //! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
+//! - [`streamed`]: the model's weights group by group from a plan, over any slot engine.
+//! - [`stats`]: what a streamed pass did.
 //! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock.
 //! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
@@ -14,6 +16,8 @@ pub mod plan;
 pub mod schedule;
 mod size;
 pub mod staging;
+pub mod stats;
+pub mod streamed;
 pub mod timeline;
 
 pub use budget::{Allocation, BudgetAllocator, DeviceMemory, OverBudget, Purpose, Vram};
@@ -21,5 +25,7 @@ pub use cost::CostModel;
 pub use plan::{
     plan, Group, Piece, Placement, Plan, PlanRequest, Prediction, ResidentSet, SlotSize,
 };
-pub use schedule::{run_pass, CopyEngine, CpuCopyEngine, Streamer};
+pub use schedule::{run_pass, CopyEngine, Streamer};
 pub use size::{human_bytes, parse_size};
+pub use stats::PassStats;
+pub use streamed::{GroupTensors, SlotEngine, StreamedWeights};

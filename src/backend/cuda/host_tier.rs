@@ -14,10 +14,11 @@ use half::bf16;
 use indicatif::ProgressBar;
 
 use super::Cuda;
-use crate::checkpoint::{DType, HostTensor, Storage, Tensors};
+use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::{Error, Result};
-use crate::model::Architecture;
+use crate::stream::plan::Piece;
 use crate::stream::staging::{self, Readers, Span};
+use crate::stream::streamed::{slot_spans, GroupTensors, SlotSpan};
 use crate::stream::{human_bytes, Purpose};
 
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
@@ -127,21 +128,15 @@ impl HostTier {
     /// Gather the model's tensors and, unless `host` says staged, register their memory. Must
     /// run after the CUDA context exists (`cuMemHostRegister` needs it current: `gpu` proves
     /// that).
-    pub fn new(
-        gpu: &Cuda,
-        tensors: &dyn Tensors,
-        model: &dyn Architecture,
-        host: HostMemory,
-    ) -> Result<HostTier> {
+    pub fn new(gpu: &Cuda, model: &GroupTensors, host: HostMemory) -> Result<HostTier> {
         gpu.ctx
             .bind_to_thread()
             .map_err(gpu.err("binding the context"))?;
         // Tensors not stored as aligned bf16 are converted into one arena.
         let convert = |t: &HostTensor| t.dtype != DType::BF16 || t.as_bf16().is_none();
         let mut arena_len = 0;
-        for g in model.groups() {
-            for spec in &g.tensors {
-                let t = tensors.tensor(&spec.name)?;
+        for t in model.groups.iter().flatten() {
+            {
                 if convert(t) {
                     arena_len += t.numel().div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
                 }
@@ -159,9 +154,8 @@ impl HostTier {
         let mut arena_used = 0; // elements
         let mut placed: Vec<(String, usize)> = Vec::new(); // name → element offset in arena
         let mut storages: Vec<Arc<Storage>> = Vec::new();
-        for g in model.groups() {
-            for spec in &g.tensors {
-                let t = tensors.tensor(&spec.name)?;
+        for t in model.groups.iter().flatten() {
+            {
                 if convert(t) {
                     if !placed.iter().any(|(n, _)| *n == t.name) {
                         let words: &mut [bf16] =
@@ -179,13 +173,11 @@ impl HostTier {
             }
         }
         let groups = model
-            .groups()
+            .groups
             .iter()
             .map(|g| {
-                g.tensors
-                    .iter()
-                    .map(|spec| {
-                        let t = tensors.tensor(&spec.name)?;
+                g.iter()
+                    .map(|t| {
                         let cols = *t.shape.last().unwrap_or(&1);
                         let addr = match placed.iter().find(|(n, _)| *n == t.name) {
                             Some(&(_, at)) => {
@@ -302,6 +294,17 @@ impl HostTier {
         (r == cu::CUresult::CUDA_SUCCESS && dptr != 0).then_some(dptr)
     }
 
+    /// Where the tensors' shares of `piece` lie in a slot.
+    pub(super) fn spans(&self, piece: &Piece) -> Vec<SlotSpan> {
+        let tensors = &self.groups[piece.group];
+        slot_spans(
+            tensors.iter().map(|t| t.bytes),
+            piece.offset,
+            piece.bytes,
+            SLOT_ALIGN,
+        )
+    }
+
     pub(super) fn max_tensors(&self) -> usize {
         self.groups.iter().map(Vec::len).max().unwrap_or(0)
     }
@@ -367,36 +370,6 @@ impl Drop for HostTier {
             let _ = unsafe { cu::cuMemHostUnregister(start as *mut std::ffi::c_void) };
         }
     }
-}
-
-/// A tensor's share of a piece: bytes `src..src + len` of the tensor, at `dst` in the slot.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct SlotSpan {
-    pub(super) tensor: usize,
-    pub(super) src: usize,
-    pub(super) len: usize,
-    pub(super) dst: usize,
-}
-
-/// Where the bytes `offset..offset + bytes` of a group (its tensors concatenated) go in a
-/// slot: each tensor's share at an aligned offset.
-pub(super) fn slot_spans(tensors: &[TensorSrc], offset: usize, bytes: usize) -> Vec<SlotSpan> {
-    let (mut at, mut dst) = (0, 0);
-    let mut out = Vec::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let (lo, hi) = (at.max(offset), (at + t.bytes).min(offset + bytes));
-        if lo < hi {
-            out.push(SlotSpan {
-                tensor: i,
-                src: lo - at,
-                len: hi - lo,
-                dst,
-            });
-            dst = (dst + hi - lo).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
-        }
-        at += t.bytes;
-    }
-    out
 }
 
 /// Measure host→device bandwidth from the tier's memory: the best of 3 copies of up to

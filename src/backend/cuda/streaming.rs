@@ -1,7 +1,8 @@
-//! The CUDA half of the streaming engine: a [`CopyEngine`] over one copy stream and a ring of
-//! slots, fed from the host tier ([`super::host_tier`]), and
-//! [`StreamedWeights`], which hands the model its weights group by group — resident groups as
-//! they are, streamed ones as views into the slot their copy went to — with per-pass stats.
+//! The CUDA half of the streaming engine: [`CudaCopyEngine`], a [`SlotEngine`] over one copy
+//! stream and a ring of slots, fed from the host tier ([`super::host_tier`]), which also keeps
+//! each pass's clock (events on the compute stream) for its stats and timeline. The loop that
+//! hands the model its weights is [`crate::stream::streamed`]'s, shared with the CPU engine;
+//! here it is [`StreamedWeights`] over this engine.
 //!
 //! Nothing here blocks the host on the device inside a pass: the compute stream waits for a
 //! slot's copy event, the copy stream waits for the slot's release event, both queue-to-queue
@@ -15,18 +16,18 @@ use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 pub use super::host_tier::{measure_h2d, HostMemory, HostMode, HostTier};
-use super::host_tier::{slot_spans, PinnedBuffer, TensorSrc, SLOT_ALIGN};
+use super::host_tier::{PinnedBuffer, SLOT_ALIGN};
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
-use crate::checkpoint::Tensors;
 use crate::error::{Error, Result};
-use crate::model::{Architecture, Weights};
 use crate::stream::budget::BudgetTracker;
 use crate::stream::plan::{Piece, Placement, Plan, Prediction, Unit};
-use crate::stream::schedule::{CopyEngine, Streamer};
+use crate::stream::schedule::CopyEngine;
 use crate::stream::staging::{
     Readers, Span, StagedCopy, StagingDevice, StagingRing, STAGING_BUFFERS,
 };
+pub use crate::stream::stats::PassStats;
+use crate::stream::streamed::{GroupTensors, SlotEngine};
 use crate::stream::timeline::{Lane, TimelineCapture, TimelineEvent};
 use crate::stream::{human_bytes, Purpose};
 
@@ -50,14 +51,13 @@ impl EngineEvents {
 /// The copy engine on CUDA: a stream used only for host→device copies into a ring of slots,
 /// two events per slot made once (see [`CopyEngine`]), and timing events per piece. In
 /// staged host mode every copy goes through a [`StagingRing`] instead of reading the host
-/// tier directly.
+/// tier directly. It owns the host tier, which it drops last.
 pub struct CudaCopyEngine {
     copy: Arc<CudaStream>,
     compute: Arc<CudaStream>,
     /// Device addresses of the slots (kept allocated by `_slots`).
     slot_addr: Vec<u64>,
     events: Arc<EngineEvents>,
-    tensors: Arc<Vec<Vec<TensorSrc>>>,
     /// First index in the plan's pieces of each group's pieces.
     piece_base: Vec<usize>,
     /// Per piece, copies queued so far.
@@ -65,9 +65,27 @@ pub struct CudaCopyEngine {
     /// Staged host mode: the ring every copy goes through. Stopped (dropped) before the
     /// slots are freed.
     ring: Option<StagingRing>,
-    /// (buffers, bytes each) of the ring; (0, 0) without one.
-    staging: (usize, usize),
+    clock: PassClock,
     _slots: Vec<DevBuf>,
+    /// Dropped last: the copies above read it.
+    tier: HostTier,
+}
+
+/// Each pass's clock and where its figures go: events on the compute stream per unit (when
+/// it is asked for, and after its wait for the copy) and at the pass's end.
+struct PassClock {
+    units: Vec<(CudaEvent, CudaEvent)>,
+    pass_end: CudaEvent,
+    /// Measured host→device GB/s, for the bound.
+    h2d_gbps: f64,
+    /// For the device memory in use (cuMemGetInfo) and the ledger's peak.
+    ctx: Arc<CudaContext>,
+    baseline_used: usize,
+    tracker: BudgetTracker,
+    /// When set, every pass's stats are appended here (the host waits for each pass's end).
+    log: Option<Arc<Mutex<Vec<PassStats>>>>,
+    /// When set and armed, the next pass's timeline is read into it as the pass ends.
+    timeline: Option<TimelineCapture>,
 }
 
 /// The staging ring's device side on CUDA: copies from a pinned buffer on the copy stream,
@@ -131,7 +149,7 @@ impl StagingDevice for CudaStaging {
 }
 
 impl CudaCopyEngine {
-    fn new(gpu: &Cuda, plan: &Plan, tier: &HostTier) -> Result<CudaCopyEngine> {
+    fn new(gpu: &Cuda, plan: &Plan, mut tier: HostTier, h2d_gbps: f64) -> Result<CudaCopyEngine> {
         let slot_bytes = plan.slot_bytes + SLOT_ALIGN * tier.max_tensors();
         let slots = (0..plan.slots)
             .map(|s| gpu.alloc(slot_bytes, Purpose::Slot(s)))
@@ -170,11 +188,7 @@ impl CudaCopyEngine {
                 let bytes_each = plan
                     .pieces
                     .iter()
-                    .filter_map(|p| {
-                        slot_spans(&tier.groups[p.group], p.offset, p.bytes)
-                            .last()
-                            .map(|s| s.dst + s.len)
-                    })
+                    .filter_map(|p| tier.spans(p).last().map(|s| s.dst + s.len))
                     .max()
                     .unwrap_or(0);
                 let buffers = (0..STAGING_BUFFERS)
@@ -201,6 +215,28 @@ impl CudaCopyEngine {
             }
             _ => (None, (0, 0)),
         };
+        if let HostMode::Staged {
+            buffers,
+            bytes_each,
+            ..
+        } = &mut tier.mode
+        {
+            (*buffers, *bytes_each) = staging;
+        }
+        let clock = PassClock {
+            units: plan
+                .units()
+                .iter()
+                .map(|_| Ok((event(timing)?, event(timing)?)))
+                .collect::<Result<Vec<_>>>()?,
+            pass_end: event(timing)?,
+            h2d_gbps,
+            ctx: gpu.ctx.clone(),
+            baseline_used: gpu.baseline_used,
+            tracker: gpu.memory.tracker(),
+            log: None,
+            timeline: None,
+        };
         // The slots were allocated in stream order on the compute stream; the copy stream
         // may only use them once that allocation has happened.
         gpu.synchronize()?;
@@ -210,11 +246,11 @@ impl CudaCopyEngine {
             events,
             copy,
             compute: gpu.stream.clone(),
-            tensors: Arc::new(tier.groups.clone()),
             piece_base,
             copies_of: vec![0; plan.pieces.len()],
             ring,
-            staging,
+            clock,
+            tier,
         })
     }
 
@@ -224,10 +260,10 @@ impl CudaCopyEngine {
 
     /// Views of the tensors of `piece` in `slot`: one entry per tensor of its group, None
     /// for those not in it.
-    fn views(&self, slot: usize, piece: &Piece) -> Vec<Option<CudaWeight>> {
-        let tensors = &self.tensors[piece.group];
+    fn slot_views(&self, slot: usize, piece: &Piece) -> Vec<Option<CudaWeight>> {
+        let tensors = &self.tier.groups[piece.group];
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
-        for s in slot_spans(tensors, piece.offset, piece.bytes) {
+        for s in self.tier.spans(piece) {
             let t = &tensors[s.tensor];
             out[s.tensor] = Some(CudaWeight {
                 ptr: self.slot_addr[slot] + s.dst as u64,
@@ -259,8 +295,8 @@ impl CopyEngine for CudaCopyEngine {
         let k = self.piece_base[piece.group] + piece.index;
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
-        let tensors = &self.tensors[piece.group];
-        let placed = slot_spans(tensors, piece.offset, piece.bytes);
+        let tensors = &self.tier.groups[piece.group];
+        let placed = self.tier.spans(piece);
         if let Some(ring) = &self.ring {
             let spans = placed
                 .iter()
@@ -341,109 +377,186 @@ impl Drop for CudaCopyEngine {
         // its buffers), then let every queued copy finish before the slots are freed.
         self.ring.take();
         let _ = self.copy.synchronize();
+        // Kernels still queued may read the slots.
+        let _ = self.compute.synchronize();
     }
 }
 
-/// What one pass did, from device events (ms) and the driver.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PassStats {
-    /// From the first group's start to the end of the head, on the compute stream.
-    pub pass_ms: f64,
-    /// Time the compute stream waited for copies.
-    pub stall_ms: f64,
-    /// pass − stall.
-    pub compute_ms: f64,
-    /// Time the copy stream spent copying this pass's pieces.
-    pub copy_ms: f64,
-    pub streamed_bytes: usize,
-    /// streamed bytes / copy time.
-    pub achieved_gbps: f64,
-    /// max(compute, streamed bytes / measured H2D GB/s).
-    pub bound_ms: f64,
-    /// bound / pass.
-    pub efficiency: f64,
-    /// Device memory ferry holds per the driver (cuMemGetInfo; pooled, so the peak so far).
-    pub device_bytes: usize,
-    /// Most bytes the budget's ledger saw allocated at once.
-    pub allocated_peak: usize,
-    /// Compute time of each group of the pass, ms (pieces of a group summed).
-    pub group_compute_ms: Vec<f64>,
+impl SlotEngine for CudaCopyEngine {
+    type Weight = CudaWeight;
+
+    fn views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
+        Ok(self.slot_views(slot, piece))
+    }
+
+    fn mark(&mut self, unit: usize, ready: bool) -> Result<()> {
+        let (asked, past_wait) = &self.clock.units[unit];
+        let e = if ready { past_wait } else { asked };
+        e.record(&self.compute)
+            .map_err(|e| Self::err(e, "cuEventRecord"))
+    }
+
+    fn pass_end(&mut self, plan: &Plan, pass: u64) -> Result<()> {
+        self.clock
+            .pass_end
+            .record(&self.compute)
+            .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        if let Some(log) = &self.clock.log {
+            let stats = self.pass_stats(plan, pass)?;
+            log.lock().expect("stats log").push(stats);
+        }
+        if let Some(capture) = self.clock.timeline.as_ref().filter(|c| c.armed()) {
+            capture.fill(self.pass_timeline(plan, pass)?);
+        }
+        Ok(())
+    }
 }
 
-/// Weights for the model from a [`Plan`]: resident groups uploaded once, the embedding
-/// read from host memory (by the kernel where it is registered, else gathered by the host),
-/// every other group streamed through the slots.
-pub struct StreamedWeights {
-    plan: Plan,
-    units: Vec<Unit>,
-    /// Per group: its weights when resident or kept in host memory; empty when streamed.
-    resident: Vec<Vec<CudaWeight>>,
-    streamer: Streamer<CudaCopyEngine>,
-    /// Views into the slot of the piece acquired, one per tensor of its group.
-    current: Vec<Option<CudaWeight>>,
-    /// `current`, whole (for `group`).
-    current_whole: Vec<CudaWeight>,
-    held: bool,
-    /// The next unit of the pass.
-    cursor: usize,
-    passes: u64,
-    /// Per unit: recorded when it is asked for, and after its wait for the copy.
-    unit_events: Vec<(CudaEvent, CudaEvent)>,
-    pass_end: CudaEvent,
-    compute: Arc<CudaStream>,
-    /// Measured host→device GB/s, for the bound.
-    h2d_gbps: f64,
-    /// For the device memory in use (cuMemGetInfo) and the ledger's peak.
-    ctx: Arc<CudaContext>,
-    baseline_used: usize,
-    tracker: BudgetTracker,
-    /// When set, every pass's stats are appended here (the host waits for each pass's end).
-    log: Option<Arc<Mutex<Vec<PassStats>>>>,
-    /// When set and armed, the next pass's timeline is read into it as the pass ends.
-    timeline: Option<TimelineCapture>,
-    /// Dropped last: the copies above read it.
-    tier: HostTier,
+impl CudaCopyEngine {
+    /// The copy and compute intervals of pass `pass` (which just finished), ms from its
+    /// start (waits for it to end). Copies that start before 0 were queued during the pass
+    /// before (prefetch).
+    fn pass_timeline(&self, plan: &Plan, pass: u64) -> Result<Vec<TimelineEvent>> {
+        let err = |e| Self::err(e, "reading pass timings");
+        let clock = &self.clock;
+        clock.pass_end.synchronize().map_err(err)?;
+        let first = &clock.units[0].0;
+        let since = |e: &CudaEvent| -> Result<f64> {
+            // cuEventElapsedTime is signed: a prefetch copy may begin before the pass.
+            Ok(first.elapsed_ms(e).map_err(err)? as f64)
+        };
+        let label = |unit: &Unit| match *unit {
+            Unit::Group(g) => plan.groups[g].label.clone(),
+            Unit::Piece(k) => {
+                let p = &plan.pieces[k];
+                match &plan.placement[p.group] {
+                    Placement::Streamed(r) if r.len() > 1 => {
+                        format!("{} {}/{}", plan.groups[p.group].label, p.index + 1, r.len())
+                    }
+                    _ => plan.groups[p.group].label.clone(),
+                }
+            }
+        };
+        let units = plan.units();
+        let n = units.len();
+        let mut events = Vec::with_capacity(2 * n);
+        for (u, unit) in units.iter().enumerate() {
+            let (_, after) = &clock.units[u];
+            let end = if u + 1 < n {
+                &clock.units[u + 1].0
+            } else {
+                &clock.pass_end
+            };
+            if let Unit::Piece(k) = *unit {
+                let (b, e) = self.copy_events(pass, k);
+                events.push(TimelineEvent {
+                    group: label(unit),
+                    lane: Lane::Copy,
+                    start_ms: since(b)?,
+                    end_ms: since(e)?,
+                });
+            }
+            events.push(TimelineEvent {
+                group: label(unit),
+                lane: Lane::Compute,
+                start_ms: since(after)?,
+                end_ms: since(end)?,
+            });
+        }
+        Ok(events)
+    }
+
+    /// Stats of pass `pass` (which just finished; waits for it to end on the device).
+    fn pass_stats(&self, plan: &Plan, pass: u64) -> Result<PassStats> {
+        let err = |e| Self::err(e, "reading pass timings");
+        let clock = &self.clock;
+        clock.pass_end.synchronize().map_err(err)?;
+        let units = plan.units();
+        let n = units.len();
+        let at = |i: usize| -> &CudaEvent {
+            if i < n {
+                &clock.units[i].0
+            } else {
+                &clock.pass_end
+            }
+        };
+        let first = &clock.units[0].0;
+        let pass_ms = first.elapsed_ms(&clock.pass_end).map_err(err)? as f64;
+        let mut stall_ms = 0.0;
+        let mut group_compute_ms = vec![0.0; plan.groups.len()];
+        for (u, unit) in units.iter().enumerate() {
+            let (before, after) = &clock.units[u];
+            stall_ms += before.elapsed_ms(after).map_err(err)? as f64;
+            let compute = after.elapsed_ms(at(u + 1)).map_err(err)? as f64;
+            let g = match *unit {
+                Unit::Group(g) => g,
+                Unit::Piece(k) => plan.pieces[k].group,
+            };
+            group_compute_ms[g] += compute;
+        }
+        let streamed_bytes = plan.streamed_bytes();
+        let copy_ms = if streamed_bytes > 0 {
+            self.copy_ms(pass)?
+        } else {
+            0.0
+        };
+        let compute_ms = pass_ms - stall_ms;
+        // The PCIe bound at the measured bandwidth, or at this pass's if it did better.
+        let gbps = if copy_ms > 0.0 {
+            clock.h2d_gbps.max(streamed_bytes as f64 / (copy_ms * 1e6))
+        } else {
+            clock.h2d_gbps
+        };
+        let bound_ms = compute_ms.max(streamed_bytes as f64 / (gbps * 1e6));
+        Ok(PassStats {
+            pass_ms,
+            stall_ms,
+            compute_ms,
+            copy_ms,
+            streamed_bytes,
+            achieved_gbps: if copy_ms > 0.0 {
+                streamed_bytes as f64 / (copy_ms * 1e6)
+            } else {
+                0.0
+            },
+            bound_ms,
+            efficiency: bound_ms / pass_ms.max(1e-9),
+            device_bytes: {
+                let (free, total) = clock.ctx.mem_get_info().map_err(err)?;
+                (total - free).saturating_sub(clock.baseline_used)
+            },
+            allocated_peak: clock.tracker.peak(),
+            group_compute_ms,
+        })
+    }
 }
+
+/// The model's weights on the GPU: resident groups uploaded once, the embedding read from
+/// host memory (by the kernel where it is registered, else gathered by the host), every
+/// other group streamed through the slots.
+pub type StreamedWeights = crate::stream::StreamedWeights<CudaCopyEngine>;
 
 impl StreamedWeights {
     /// Upload the resident groups, allocate the slots and queue the first copies.
     pub fn new(
         gpu: &Cuda,
-        tensors: &dyn Tensors,
-        model: &dyn Architecture,
+        model: &GroupTensors,
         plan: Plan,
         tier: HostTier,
         h2d_gbps: f64,
     ) -> Result<StreamedWeights> {
-        for (g, place) in plan.placement.iter().enumerate() {
-            if let Placement::Streamed(r) = place {
-                // The model computes pieces only as row blocks of a group's last tensor.
-                if r.len() > 1 && !model.groups()[g].splits() {
-                    return Err(Error::Flag {
-                        flag: "--vram",
-                        message: format!(
-                            "{} would stream in {} pieces, but it cannot split (slot of {} bytes)",
-                            plan.groups[g].label,
-                            r.len(),
-                            plan.slot_bytes
-                        ),
-                    });
-                }
-            }
-        }
         let mut resident = Vec::with_capacity(plan.groups.len());
         for (g, place) in plan.placement.iter().enumerate() {
-            let specs = &model.groups()[g].tensors;
+            let tensors = &model.groups[g];
             resident.push(match place {
-                Placement::Resident => specs
+                Placement::Resident => tensors
                     .iter()
-                    .map(|s| gpu.weight(tensors.tensor(&s.name)?))
+                    .map(|t| gpu.weight(t))
                     .collect::<Result<Vec<_>>>()?,
-                Placement::HostGather => specs
+                Placement::HostGather => tensors
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| {
-                        let t = tensors.tensor(&s.name)?;
+                    .map(|(i, t)| {
                         let (rows, cols) = (t.shape[0], t.numel() / t.shape[0].max(1));
                         // Registered: the embedding kernel reads the rows it needs straight
                         // from host memory. Otherwise the host gathers them.
@@ -466,313 +579,48 @@ impl StreamedWeights {
                 Placement::Streamed(_) => Vec::new(),
             });
         }
-        let engine = CudaCopyEngine::new(gpu, &plan, &tier)?;
-        let mut tier = tier;
-        if let HostMode::Staged {
-            buffers,
-            bytes_each,
-            ..
-        } = &mut tier.mode
-        {
-            (*buffers, *bytes_each) = engine.staging;
-        }
-        let units = plan.units();
-        let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
-        let event = || gpu.ctx.new_event(timing).map_err(gpu.err("cuEventCreate"));
-        let unit_events = units
-            .iter()
-            .map(|_| Ok((event()?, event()?)))
-            .collect::<Result<Vec<_>>>()?;
-        let pass_end = event()?;
-        let streamer = Streamer::new(engine, &plan)?;
-        Ok(StreamedWeights {
-            units,
-            resident,
-            streamer,
-            current: Vec::new(),
-            current_whole: Vec::new(),
-            held: false,
-            cursor: 0,
-            passes: 0,
-            unit_events,
-            pass_end,
-            compute: gpu.stream.clone(),
-            h2d_gbps,
-            ctx: gpu.ctx.clone(),
-            baseline_used: gpu.baseline_used,
-            tracker: gpu.memory.tracker(),
-            log: None,
-            timeline: None,
-            plan,
-            tier,
-        })
-    }
-
-    pub fn plan(&self) -> &Plan {
-        &self.plan
+        let engine = CudaCopyEngine::new(gpu, &plan, tier, h2d_gbps)?;
+        StreamedWeights::start(engine, plan, &model.splits, resident)
     }
 
     /// Append every pass's stats to `log` from now on (`--stats`).
     pub fn log_stats(&mut self, log: Arc<Mutex<Vec<PassStats>>>) {
-        self.log = Some(log);
+        self.engine_mut().clock.log = Some(log);
     }
 
     /// Hand the timeline of each pass that ends while `capture` is armed to `capture`
     /// (`ferry bench --timeline`: the Generator owns these weights, so the pass is read here).
     pub fn capture_timeline(&mut self, capture: TimelineCapture) {
-        self.timeline = Some(capture);
+        self.engine_mut().clock.timeline = Some(capture);
     }
 
     pub fn host_mode(&self) -> &HostMode {
-        &self.tier.mode
+        &self.engine().tier.mode
     }
 
-    fn record(&self, e: &CudaEvent) -> Result<()> {
-        e.record(&self.compute)
-            .map_err(|e| CudaCopyEngine::err(e, "cuEventRecord"))
-    }
-
-    /// Release the piece in use (its compute is queued) and go to the next unit, which must
-    /// be `expect`.
-    fn step(&mut self, group: usize, part: usize) -> Result<Unit> {
-        if self.held {
-            self.streamer.release()?;
-            self.held = false;
-        }
-        let u = self.cursor;
-        let unit = *self.units.get(u).ok_or_else(|| {
-            Error::Device(format!(
-                "streaming: group {group} asked for after the pass ended"
-            ))
-        })?;
-        let matches = match unit {
-            Unit::Group(g) => g == group && part == 0,
-            Unit::Piece(k) => {
-                let p = &self.plan.pieces[k];
-                p.group == group && p.index == part
-            }
-        };
-        if !matches {
-            return Err(Error::Device(format!(
-                "streaming: group {group} part {part} asked for out of pass order (expected {unit:?})"
-            )));
-        }
-        self.record(&self.unit_events[u].0)?;
-        if let Unit::Piece(_) = unit {
-            let acquired = self.streamer.acquire()?;
-            self.held = true;
-            let piece = self.plan.pieces[acquired.piece].clone();
-            self.current = self.streamer.engine().views(acquired.slot, &piece);
-        }
-        self.record(&self.unit_events[u].1)?;
-        self.cursor += 1;
-        Ok(unit)
+    /// Measured host→device bandwidth, GB/s.
+    pub fn h2d_gbps(&self) -> f64 {
+        self.engine().clock.h2d_gbps
     }
 
     /// The copy and compute intervals of the pass that just finished, ms from its start, for
-    /// a timeline picture (waits for the pass to end). Copies that start before 0 were
-    /// queued during the pass before (prefetch). Call after a pass, before the next begins.
+    /// a timeline picture (waits for the pass to end). Call after a pass, before the next
+    /// begins.
     pub fn pass_timeline(&self) -> Result<Vec<TimelineEvent>> {
-        let err = |e| CudaCopyEngine::err(e, "reading pass timings");
-        self.pass_end.synchronize().map_err(err)?;
-        let first = &self.unit_events[0].0;
-        let since = |e: &CudaEvent| -> Result<f64> {
-            // cuEventElapsedTime is signed: a prefetch copy may begin before the pass.
-            Ok(first.elapsed_ms(e).map_err(err)? as f64)
-        };
-        let label = |unit: &Unit| match *unit {
-            Unit::Group(g) => self.plan.groups[g].label.clone(),
-            Unit::Piece(k) => {
-                let p = &self.plan.pieces[k];
-                match &self.plan.placement[p.group] {
-                    Placement::Streamed(r) if r.len() > 1 => {
-                        format!(
-                            "{} {}/{}",
-                            self.plan.groups[p.group].label,
-                            p.index + 1,
-                            r.len()
-                        )
-                    }
-                    _ => self.plan.groups[p.group].label.clone(),
-                }
-            }
-        };
-        let n = self.units.len();
-        let mut events = Vec::with_capacity(2 * n);
-        let pass = self.passes.saturating_sub(1);
-        for (u, unit) in self.units.iter().enumerate() {
-            let (_, after) = &self.unit_events[u];
-            let end = if u + 1 < n {
-                &self.unit_events[u + 1].0
-            } else {
-                &self.pass_end
-            };
-            if let Unit::Piece(k) = *unit {
-                let (b, e) = self.streamer.engine().copy_events(pass, k);
-                events.push(TimelineEvent {
-                    group: label(unit),
-                    lane: Lane::Copy,
-                    start_ms: since(b)?,
-                    end_ms: since(e)?,
-                });
-            }
-            events.push(TimelineEvent {
-                group: label(unit),
-                lane: Lane::Compute,
-                start_ms: since(after)?,
-                end_ms: since(end)?,
-            });
-        }
-        Ok(events)
+        self.engine()
+            .pass_timeline(self.plan(), self.passes().saturating_sub(1))
     }
 
     /// Stats of the pass that just finished (waits for it to end on the device). Call after
     /// each pass, before the next begins.
     pub fn pass_stats(&self) -> Result<PassStats> {
-        let err = |e| CudaCopyEngine::err(e, "reading pass timings");
-        self.pass_end.synchronize().map_err(err)?;
-        let n = self.units.len();
-        let at = |i: usize| -> &CudaEvent {
-            if i < n {
-                &self.unit_events[i].0
-            } else {
-                &self.pass_end
-            }
-        };
-        let first = &self.unit_events[0].0;
-        let pass_ms = first.elapsed_ms(&self.pass_end).map_err(err)? as f64;
-        let mut stall_ms = 0.0;
-        let mut group_compute_ms = vec![0.0; self.plan.groups.len()];
-        for (u, unit) in self.units.iter().enumerate() {
-            let (before, after) = &self.unit_events[u];
-            stall_ms += before.elapsed_ms(after).map_err(err)? as f64;
-            let compute = after.elapsed_ms(at(u + 1)).map_err(err)? as f64;
-            let g = match *unit {
-                Unit::Group(g) => g,
-                Unit::Piece(k) => self.plan.pieces[k].group,
-            };
-            group_compute_ms[g] += compute;
-        }
-        let streamed_bytes = self.plan.streamed_bytes();
-        let copy_ms = if streamed_bytes > 0 {
-            self.streamer
-                .engine()
-                .copy_ms(self.passes.saturating_sub(1))?
-        } else {
-            0.0
-        };
-        let compute_ms = pass_ms - stall_ms;
-        // The PCIe bound at the measured bandwidth, or at this pass's if it did better.
-        let gbps = if copy_ms > 0.0 {
-            self.h2d_gbps.max(streamed_bytes as f64 / (copy_ms * 1e6))
-        } else {
-            self.h2d_gbps
-        };
-        let bound_ms = compute_ms.max(streamed_bytes as f64 / (gbps * 1e6));
-        Ok(PassStats {
-            pass_ms,
-            stall_ms,
-            compute_ms,
-            copy_ms,
-            streamed_bytes,
-            achieved_gbps: if copy_ms > 0.0 {
-                streamed_bytes as f64 / (copy_ms * 1e6)
-            } else {
-                0.0
-            },
-            bound_ms,
-            efficiency: bound_ms / pass_ms.max(1e-9),
-            device_bytes: {
-                let (free, total) = self.ctx.mem_get_info().map_err(err)?;
-                (total - free).saturating_sub(self.baseline_used)
-            },
-            allocated_peak: self.tracker.peak(),
-            group_compute_ms,
-        })
+        self.engine()
+            .pass_stats(self.plan(), self.passes().saturating_sub(1))
     }
 
     /// The plan's schedule simulated with measured compute times per group and the measured
     /// H2D bandwidth: the prediction to hold the measurement against.
     pub fn predict_measured(&self, group_compute_ms: &[f64]) -> Prediction {
-        self.plan.predict(group_compute_ms, self.h2d_gbps)
-    }
-}
-
-impl Weights<CudaWeight> for StreamedWeights {
-    fn group(&mut self, index: usize) -> Result<&[CudaWeight]> {
-        match self.step(index, 0)? {
-            Unit::Group(g) => Ok(&self.resident[g]),
-            Unit::Piece(k) => {
-                let piece = &self.plan.pieces[k];
-                let whole = matches!(&self.plan.placement[piece.group], Placement::Streamed(r) if r.len() == 1);
-                if !whole {
-                    return Err(Error::Device(format!(
-                        "streaming: {} comes in pieces; ask for its parts",
-                        self.plan.groups[index].label
-                    )));
-                }
-                self.current_whole = self
-                    .current
-                    .drain(..)
-                    .map(|w| w.expect("a whole group"))
-                    .collect();
-                Ok(&self.current_whole)
-            }
-        }
-    }
-
-    fn parts(&mut self, index: usize) -> Result<usize> {
-        Ok(match &self.plan.placement[index] {
-            Placement::Streamed(r) => r.len(),
-            _ => 1,
-        })
-    }
-
-    fn part(&mut self, index: usize, part: usize) -> Result<Vec<Option<&CudaWeight>>> {
-        match self.step(index, part)? {
-            Unit::Group(g) => Ok(self.resident[g].iter().map(Some).collect()),
-            Unit::Piece(_) => Ok(self.current.iter().map(Option::as_ref).collect()),
-        }
-    }
-
-    fn finish_pass(&mut self) -> Result<()> {
-        if self.held {
-            self.streamer.release()?;
-            self.held = false;
-        }
-        if self.cursor != self.units.len() {
-            return Err(Error::Device(format!(
-                "streaming: pass ended after {} of {} steps",
-                self.cursor,
-                self.units.len()
-            )));
-        }
-        self.record(&self.pass_end)?;
-        self.cursor = 0;
-        self.passes += 1;
-        if let Some(log) = &self.log {
-            let stats = self.pass_stats()?;
-            log.lock().expect("stats log").push(stats);
-        }
-        if let Some(capture) = self.timeline.as_ref().filter(|c| c.armed()) {
-            capture.fill(self.pass_timeline()?);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for StreamedWeights {
-    fn drop(&mut self) {
-        // Copies still queued (the next pass's prefetch) read the host tier and write the
-        // slots: let them finish before either goes.
-        let _ = self.streamer.engine().copy.synchronize();
-        let _ = self.compute.synchronize();
-    }
-}
-
-impl StreamedWeights {
-    /// Measured host→device bandwidth, GB/s.
-    pub fn h2d_gbps(&self) -> f64 {
-        self.h2d_gbps
+        self.plan().predict(group_compute_ms, self.h2d_gbps())
     }
 }

@@ -1,0 +1,458 @@
+//! Streaming on the CPU: [`CpuCopyEngine`], a [`SlotEngine`] whose "device" is host memory
+//! counted against a budget, so that the streaming loop that ships on the GPU runs in
+//! `cargo test` on any machine. The slots are owned buffers; the copy queue is a thread that
+//! copies each piece into its slot (taking `bytes / h2d_gbps` when given a speed); the
+//! compute queue is the calling thread, and the model computes on views of the slots' own
+//! memory. A copy that finds a view of its slot still alive is a broken schedule: it is
+//! logged as [`EngineEvent::Overwrite`] (and not made), so tests can assert there were none.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::cpu::{Cpu, CpuWeight};
+use super::Backend;
+use crate::checkpoint::{HostTensor, Storage};
+use crate::error::Result;
+use crate::stream::budget::{Allocation, BudgetAllocator, DeviceMemory, Purpose};
+use crate::stream::plan::{Piece, Placement, Plan};
+use crate::stream::schedule::CopyEngine;
+use crate::stream::streamed::{slot_spans, GroupTensors, SlotEngine, SlotSpan, StreamedWeights};
+
+/// Where in a slot each tensor's share starts: a multiple of this many bytes (f32 and bf16
+/// views need 4; tensors of whole 16-byte rows then lie back to back, with no padding
+/// beyond what the plan counted).
+const SLOT_ALIGN: usize = 16;
+
+/// Host memory standing in for device memory: owned, 8-byte aligned buffers that weights can
+/// view in place.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostStorage;
+
+impl DeviceMemory for HostStorage {
+    type Buffer = Arc<Storage>;
+    fn alloc(&self, bytes: usize) -> Result<Arc<Storage>> {
+        Ok(Arc::new(Storage::owned(bytes)))
+    }
+}
+
+/// What the CPU engine did, with the time it happened; for tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// A copy of piece `index` of `group` into `slot` began (the copy queue had passed its
+    /// wait).
+    CopyBegin {
+        slot: usize,
+        group: usize,
+        index: usize,
+    },
+    CopyEnd {
+        slot: usize,
+        group: usize,
+        index: usize,
+    },
+    /// The compute queue passed `wait_copied(slot)`: the slot is in use.
+    UseBegin { slot: usize },
+    /// `release(slot)`: the slot's compute has finished.
+    UseEnd { slot: usize },
+    /// A copy into `slot` found a view of the slot still held by the compute side, and was
+    /// not made: the schedule broke its contract.
+    Overwrite { slot: usize },
+}
+
+impl EngineEvent {
+    pub fn slot(&self) -> usize {
+        match *self {
+            EngineEvent::CopyBegin { slot, .. }
+            | EngineEvent::CopyEnd { slot, .. }
+            | EngineEvent::UseBegin { slot }
+            | EngineEvent::UseEnd { slot }
+            | EngineEvent::Overwrite { slot } => slot,
+        }
+    }
+}
+
+#[derive(Default)]
+struct EngineState {
+    /// Per slot: recordings of `copied` queued, and completed.
+    copied_recorded: Vec<u64>,
+    copied_done: Vec<u64>,
+    /// Per slot: recordings of `released` (complete when recorded: the host is the compute
+    /// queue).
+    released: Vec<u64>,
+    /// Per slot: between `wait_copied` and `release`.
+    in_use: Vec<bool>,
+    copies_queued: u64,
+    copies_done: u64,
+    log: Vec<(Instant, EngineEvent)>,
+}
+
+struct Shared {
+    state: Mutex<EngineState>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, EngineState> {
+        // A panic while holding the lock is a test's assertion; the state is still readable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct CopyCommand {
+    slot: usize,
+    piece: Piece,
+    /// Wait until `released[slot]` has reached this recording.
+    after_released: u64,
+}
+
+type Slot = Mutex<Allocation<Arc<Storage>>>;
+
+/// A [`CopyEngine`] on the CPU: slots of host memory allocated through the budget, a copy
+/// queue that is a thread, and the calling thread as the compute queue.
+pub struct CpuCopyEngine {
+    shared: Arc<Shared>,
+    slots: Arc<Vec<Slot>>,
+    /// Per group (pass order), its tensors in group order: what the copies read.
+    host: Arc<Vec<Vec<HostTensor>>>,
+    queue: Option<Sender<CopyCommand>>,
+    thread: Option<JoinHandle<()>>,
+    stall: Duration,
+}
+
+impl CpuCopyEngine {
+    /// The slots of `plan` from `allocator`, each as large as its largest piece laid out in
+    /// it; copies read `host[group]` (each group's tensors, concatenated in order) at
+    /// `h2d_gbps` GB/s, or as fast as memory allows.
+    pub fn new(
+        allocator: &BudgetAllocator<HostStorage>,
+        plan: &Plan,
+        host: Vec<Vec<HostTensor>>,
+        h2d_gbps: Option<f64>,
+    ) -> Result<Self> {
+        let slot_bytes = plan
+            .pieces
+            .iter()
+            .map(|p| extent(&spans(&host, p)))
+            .max()
+            .unwrap_or(0);
+        let slots = plan.slots;
+        let buffers = (0..slots)
+            .map(|s| {
+                allocator
+                    .alloc(Purpose::Slot(s), slot_bytes)
+                    .map(Mutex::new)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let slots_mem = Arc::new(buffers);
+        let host = Arc::new(host);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(EngineState {
+                copied_recorded: vec![0; slots],
+                copied_done: vec![0; slots],
+                released: vec![0; slots],
+                in_use: vec![false; slots],
+                ..EngineState::default()
+            }),
+            changed: Condvar::new(),
+        });
+        let (tx, rx) = channel();
+        let thread = {
+            let (shared, slots_mem, host) = (shared.clone(), slots_mem.clone(), host.clone());
+            std::thread::spawn(move || copy_queue(rx, &shared, &slots_mem, &host, h2d_gbps))
+        };
+        Ok(CpuCopyEngine {
+            shared,
+            slots: slots_mem,
+            host,
+            queue: Some(tx),
+            thread: Some(thread),
+            stall: Duration::ZERO,
+        })
+    }
+
+    /// The memory of `slot` (hold only while computing on an acquired piece).
+    pub fn slot(&self, slot: usize) -> MutexGuard<'_, Allocation<Arc<Storage>>> {
+        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything the engine did so far, in order.
+    pub fn log(&self) -> Vec<(Instant, EngineEvent)> {
+        self.shared.lock().log.clone()
+    }
+
+    /// Time the compute queue (the host) waited for copies.
+    pub fn stall(&self) -> Duration {
+        self.stall
+    }
+}
+
+/// Where the tensors' shares of `piece` lie in a slot.
+fn spans(host: &[Vec<HostTensor>], piece: &Piece) -> Vec<SlotSpan> {
+    slot_spans(
+        host[piece.group].iter().map(|t| t.bytes().len()),
+        piece.offset,
+        piece.bytes,
+        SLOT_ALIGN,
+    )
+}
+
+/// Bytes a piece laid out in a slot takes.
+fn extent(spans: &[SlotSpan]) -> usize {
+    spans.last().map_or(0, |s| s.dst + s.len)
+}
+
+/// The copy queue's thread: run copies in order, each after its wait.
+fn copy_queue(
+    rx: Receiver<CopyCommand>,
+    shared: &Shared,
+    slots: &[Slot],
+    host: &[Vec<HostTensor>],
+    h2d_gbps: Option<f64>,
+) {
+    for cmd in rx {
+        {
+            let mut st = shared.lock();
+            while st.released[cmd.slot] < cmd.after_released {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let p = &cmd.piece;
+        let (slot, group, index) = (cmd.slot, p.group, p.index);
+        let duration = h2d_gbps.map(|g| Duration::from_secs_f64(p.bytes as f64 / (g * 1e9)));
+        let mut mem = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let begin = Instant::now();
+        // Only the compute side's views share the slot's memory, and they must be gone
+        // once the slot is released.
+        let Some(bytes) = Arc::get_mut(&mut mem).and_then(Storage::bytes_mut) else {
+            shared
+                .lock()
+                .log
+                .push((begin, EngineEvent::Overwrite { slot }));
+            drop(mem);
+            finish_copy(shared, slot);
+            continue;
+        };
+        shared
+            .lock()
+            .log
+            .push((begin, EngineEvent::CopyBegin { slot, group, index }));
+        for s in spans(host, p) {
+            let src = &host[group][s.tensor].bytes()[s.src..s.src + s.len];
+            bytes[s.dst..s.dst + s.len].copy_from_slice(src);
+        }
+        if let Some(d) = duration {
+            sleep_until(begin + d);
+        }
+        drop(mem);
+        shared
+            .lock()
+            .log
+            .push((Instant::now(), EngineEvent::CopyEnd { slot, group, index }));
+        finish_copy(shared, slot);
+    }
+}
+
+fn finish_copy(shared: &Shared, slot: usize) {
+    let mut st = shared.lock();
+    st.copied_done[slot] += 1;
+    st.copies_done += 1;
+    shared.changed.notify_all();
+}
+
+fn sleep_until(deadline: Instant) {
+    let now = Instant::now();
+    if deadline > now {
+        std::thread::sleep(deadline - now);
+    }
+}
+
+impl CopyEngine for CpuCopyEngine {
+    fn copy(&mut self, slot: usize, piece: &Piece) -> Result<()> {
+        let after_released = {
+            let mut st = self.shared.lock();
+            // The contract, checked: on a GPU this copy's wait would refer to the slot's
+            // previous release, and the copy could overwrite it under running kernels.
+            assert!(
+                !st.in_use[slot],
+                "copy queued into slot {slot} while it is in use (acquired, not released)"
+            );
+            st.copied_recorded[slot] += 1;
+            st.copies_queued += 1;
+            st.released[slot]
+        };
+        self.queue
+            .as_ref()
+            .expect("queue open until drop")
+            .send(CopyCommand {
+                slot,
+                piece: piece.clone(),
+                after_released,
+            })
+            .expect("the copy thread runs until drop");
+        Ok(())
+    }
+
+    fn wait_copied(&mut self, slot: usize) -> Result<()> {
+        let start = Instant::now();
+        let mut st = self.shared.lock();
+        let target = st.copied_recorded[slot];
+        assert!(
+            target > 0,
+            "slot {slot} used before any copy into it was queued"
+        );
+        while st.copied_done[slot] < target {
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        st.in_use[slot] = true;
+        st.log
+            .push((Instant::now(), EngineEvent::UseBegin { slot }));
+        drop(st);
+        self.stall += start.elapsed();
+        Ok(())
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        let mut st = self.shared.lock();
+        st.released[slot] += 1;
+        st.in_use[slot] = false;
+        st.log.push((Instant::now(), EngineEvent::UseEnd { slot }));
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        let mut st = self.shared.lock();
+        while st.copies_done < st.copies_queued {
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+}
+
+impl SlotEngine for CpuCopyEngine {
+    type Weight = CpuWeight;
+
+    /// Views of the slot's memory: the weights the model computes on are the bytes the copy
+    /// put there.
+    fn views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CpuWeight>>> {
+        let tensors = &self.host[piece.group];
+        let storage = Arc::clone(&self.slot(slot));
+        let mut out: Vec<Option<CpuWeight>> = (0..tensors.len()).map(|_| None).collect();
+        for s in spans(&self.host, piece) {
+            let t = &tensors[s.tensor];
+            let view = HostTensor::new(
+                t.name.clone(),
+                t.dtype,
+                block_shape(t, s.len),
+                storage.clone(),
+                s.dst,
+                s.len,
+            );
+            out[s.tensor] = Some(Cpu.weight(&view)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The shape of `len` bytes of `t` taken as whole rows: `t`'s own when it is all of it.
+fn block_shape(t: &HostTensor, len: usize) -> Vec<usize> {
+    if len == t.bytes().len() {
+        return t.shape.clone();
+    }
+    let row = t.shape[1..].iter().product::<usize>() * t.dtype.size();
+    let mut shape = t.shape.clone();
+    shape[0] = len / row;
+    shape
+}
+
+impl Drop for CpuCopyEngine {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has run what is queued. Copies waiting
+        // for a release that will never come are dropped unrun: release every slot first.
+        {
+            let mut st = self.shared.lock();
+            for r in st.released.iter_mut() {
+                *r = u64::MAX;
+            }
+            self.shared.changed.notify_all();
+        }
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Resident groups' memory on the CPU "device": kept alive beside the weights that view it.
+pub type ResidentMemory = Vec<Allocation<Arc<Storage>>>;
+
+/// The model's weights for the CPU backend as `plan` streams them: resident groups copied
+/// into memory from `allocator` (so that the ledger sees everything a device would hold),
+/// host-gathered groups read in place, the rest through [`CpuCopyEngine`]'s slots.
+pub fn cpu_streamed_weights(
+    model: &GroupTensors,
+    plan: Plan,
+    allocator: &BudgetAllocator<HostStorage>,
+    h2d_gbps: Option<f64>,
+) -> Result<(StreamedWeights<CpuCopyEngine>, ResidentMemory)> {
+    let host = model.groups.clone();
+    let mut allocations = Vec::new();
+    let mut resident = Vec::with_capacity(host.len());
+    for (g, place) in plan.placement.iter().enumerate() {
+        resident.push(match place {
+            Placement::HostGather => host[g]
+                .iter()
+                .map(|t| Cpu.weight(t))
+                .collect::<Result<Vec<_>>>()?,
+            Placement::Resident => {
+                let all = Piece {
+                    group: g,
+                    index: 0,
+                    offset: 0,
+                    bytes: host[g].iter().map(|t| t.bytes().len()).sum(),
+                    compute_ms: 0.0,
+                };
+                let placed = spans(&host, &all);
+                let label = plan.groups[g].label.clone();
+                let mut mem = allocator.alloc(Purpose::Resident(label), extent(&placed))?;
+                let bytes = Arc::get_mut(&mut mem)
+                    .and_then(Storage::bytes_mut)
+                    .expect("a new owned buffer");
+                for s in &placed {
+                    bytes[s.dst..s.dst + s.len].copy_from_slice(host[g][s.tensor].bytes());
+                }
+                let weights = host[g]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match placed.iter().find(|s| s.tensor == i) {
+                        Some(s) => Cpu.weight(&HostTensor::new(
+                            t.name.clone(),
+                            t.dtype,
+                            t.shape.clone(),
+                            Arc::clone(&mem),
+                            s.dst,
+                            s.len,
+                        )),
+                        None => Cpu.weight(t), // no bytes
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                allocations.push(mem);
+                weights
+            }
+            Placement::Streamed(_) => Vec::new(),
+        });
+    }
+    let engine = CpuCopyEngine::new(allocator, &plan, host, h2d_gbps)?;
+    let weights = StreamedWeights::start(engine, plan, &model.splits, resident)?;
+    Ok((weights, allocations))
+}
