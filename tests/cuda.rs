@@ -298,31 +298,46 @@ fn attention_matches_the_cpu_at_real_head_sizes() {
         let mut g_cache = cuda.kv_cache(1, shape, total).unwrap();
         let mut at = 0;
         for n in [300, 37, 1, 1, 61] {
-            let ids: Vec<u32> = (at as u32..(at + n) as u32).collect();
-            let want = Cpu
-                .attention(
-                    &Cpu.embed(&cq, &ids).unwrap(),
-                    &Cpu.embed(&ck, &ids).unwrap(),
-                    &Cpu.embed(&cv, &ids).unwrap(),
-                    &mut c_cache,
-                    0,
-                    at,
-                    shape,
-                )
-                .unwrap();
-            let got = cuda
-                .attention(
-                    &cuda.embed(&gq, &ids).unwrap(),
-                    &cuda.embed(&gk, &ids).unwrap(),
-                    &cuda.embed(&gv, &ids).unwrap(),
-                    &mut g_cache,
-                    0,
-                    at,
-                    shape,
-                )
-                .unwrap();
+            // The rows attended to lie between rows of other sequences (`pad` before, one
+            // after), as in a batch: only rows pad..pad + n are read and written.
+            let pad = 3;
+            let ids: Vec<u32> = (0..pad)
+                .map(|i| (total - 1 - i) as u32)
+                .chain(at as u32..(at + n) as u32)
+                .chain([0])
+                .collect();
+            let rows = pad..pad + n;
+            let width = heads * hd;
+            let mut want = Cpu.activation(ids.len(), width).unwrap();
+            Cpu.attention(
+                &Cpu.embed(&cq, &ids).unwrap(),
+                &Cpu.embed(&ck, &ids).unwrap(),
+                &Cpu.embed(&cv, &ids).unwrap(),
+                rows.clone(),
+                &mut c_cache,
+                0,
+                at,
+                shape,
+                &mut want,
+            )
+            .unwrap();
+            let mut got = cuda.activation(ids.len(), width).unwrap();
+            cuda.attention(
+                &cuda.embed(&gq, &ids).unwrap(),
+                &cuda.embed(&gk, &ids).unwrap(),
+                &cuda.embed(&gv, &ids).unwrap(),
+                rows.clone(),
+                &mut g_cache,
+                0,
+                at,
+                shape,
+                &mut got,
+            )
+            .unwrap();
+            let want = &want.data[rows.start * width..rows.end * width];
             let got = cuda.to_host(&got).unwrap();
-            let err = rel_l2(&got, &want.data);
+            let got = &got[rows.start * width..rows.end * width];
+            let err = rel_l2(got, want);
             let what = format!(
                 "attention {heads}/{kv_heads} heads × {hd}, window {window:?}, rows {at}..{}",
                 at + n

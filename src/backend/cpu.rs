@@ -1,6 +1,7 @@
 //! The CPU reference backend: f32 math, threads from rayon. Weights stay where the checkpoint
 //! put them (f32 or bf16 read in place from the mapping); f16 is widened to f32 once.
 
+use std::ops::Range;
 use std::sync::{Arc, LazyLock};
 
 use half::bf16;
@@ -199,6 +200,7 @@ impl Backend for Cpu {
         &self,
         q: &mut CpuTensor,
         k: &mut CpuTensor,
+        rows: Range<usize>,
         pos0: usize,
         inv_freq: &[f32],
         shape: AttentionShape,
@@ -207,7 +209,7 @@ impl Backend for Cpu {
         let half = d / 2;
         for x in [q, k] {
             let cols = x.cols;
-            x.data
+            x.data[rows.start * cols..rows.end * cols]
                 .par_chunks_mut(cols)
                 .enumerate()
                 .for_each(|(t, row)| {
@@ -236,27 +238,39 @@ impl Backend for Cpu {
         q: &CpuTensor,
         k: &CpuTensor,
         v: &CpuTensor,
+        rows: Range<usize>,
         cache: &mut CpuKvCache,
         layer: usize,
         pos0: usize,
         shape: AttentionShape,
-    ) -> Result<CpuTensor> {
+        out: &mut CpuTensor,
+    ) -> Result<()> {
         let kv_width = shape.num_kv_heads * shape.head_dim;
         assert_eq!(
             cache.k[layer].len(),
             pos0 * kv_width,
             "cache of layer {layer} not at position {pos0}"
         );
-        cache.k[layer].extend_from_slice(&k.data);
-        cache.v[layer].extend_from_slice(&v.data);
+        let kv_rows = rows.start * kv_width..rows.end * kv_width;
+        cache.k[layer].extend_from_slice(&k.data[kv_rows.clone()]);
+        cache.v[layer].extend_from_slice(&v.data[kv_rows]);
         let (keys, values) = (&cache.k[layer], &cache.v[layer]);
 
         let d = shape.head_dim;
         let group = shape.num_heads / shape.num_kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; q.rows * shape.num_heads * d];
+        let width = shape.num_heads * d;
+        assert!(
+            out.cols == width && rows.end <= out.rows.min(q.rows),
+            "attention: rows {rows:?} into [{}, {}]",
+            out.rows,
+            out.cols
+        );
+        let o_rows = &mut out.data[rows.start * width..rows.end * width];
+        o_rows.fill(0.0);
         // One task per (token, head): out[t, h*d..(h+1)*d].
-        out.par_chunks_mut(d)
+        o_rows
+            .par_chunks_mut(d)
             .enumerate()
             .for_each_init(Vec::new, |scores, (i, o)| {
                 let (t, h) = (i / shape.num_heads, i % shape.num_heads);
@@ -265,7 +279,7 @@ impl Backend for Cpu {
                     Some(w) if pos + 1 > w => pos + 1 - w,
                     _ => 0,
                 };
-                let qh = &q.data[t * q.cols + h * d..][..d];
+                let qh = &q.data[(rows.start + t) * q.cols + h * d..][..d];
                 let kv_off = (h / group) * d;
                 scores.clear();
                 scores.extend(
@@ -284,10 +298,14 @@ impl Backend for Cpu {
                     }
                 }
             });
+        Ok(())
+    }
+
+    fn activation(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
         Ok(CpuTensor {
-            rows: q.rows,
-            cols: shape.num_heads * d,
-            data: out,
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
         })
     }
 

@@ -9,6 +9,8 @@ pub mod cpu_stream;
 pub mod cuda;
 pub mod dit;
 
+use std::ops::Range;
+
 use crate::checkpoint::HostTensor;
 use crate::error::Result;
 
@@ -122,29 +124,37 @@ pub trait Backend {
         let y = self.linear(h, w, bias)?;
         self.add_assign(x, start, &y)
     }
-    /// Rotate q `[t, heads*head_dim]` and k `[t, kv_heads*head_dim]` in place (rotate-half
-    /// layout) for positions `pos0..pos0+t`.
+    /// Rotate rows `rows` of q `[t, heads*head_dim]` and k `[t, kv_heads*head_dim]` in place
+    /// (rotate-half layout) for positions `pos0..pos0+rows.len()`; other rows are left as
+    /// they are (each sequence of a batch at its own positions).
     fn rope(
         &self,
         q: &mut Self::Activation,
         k: &mut Self::Activation,
+        rows: Range<usize>,
         pos0: usize,
         inv_freq: &[f32],
         shape: AttentionShape,
     ) -> Result<()>;
-    /// Append k, v at positions `pos0..` of `layer` in `cache`, then causal attention of q over
-    /// the cache → `[t, heads*head_dim]`.
+    /// Append rows `rows` of k, v at positions `pos0..` of `layer` in `cache`, then causal
+    /// attention of those rows of q over the cache, written into the same rows of `out`
+    /// `[q's rows, heads*head_dim]` (each sequence of a batch over its own cache, with no
+    /// rows copied out or back).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Self::Activation,
         k: &Self::Activation,
         v: &Self::Activation,
+        rows: Range<usize>,
         cache: &mut Self::KvCache,
         layer: usize,
         pos0: usize,
         shape: AttentionShape,
-    ) -> Result<Self::Activation>;
+        out: &mut Self::Activation,
+    ) -> Result<()>;
+    /// An activation `[rows, cols]` to be written (its contents are unspecified until then).
+    fn activation(&self, rows: usize, cols: usize) -> Result<Self::Activation>;
     /// `gate = silu(gate) * up`, elementwise, in place.
     fn silu_mul(&self, gate: &mut Self::Activation, up: &Self::Activation) -> Result<()>;
     /// `x[start..start+t] += y` for y `[t, cols]`, elementwise.

@@ -17,6 +17,7 @@ pub mod streaming;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::sys as cu;
@@ -843,14 +844,20 @@ impl Backend for Cuda {
         &self,
         q: &mut CudaTensor,
         k: &mut CudaTensor,
+        rows: Range<usize>,
         pos0: usize,
         inv_freq: &[f32],
         shape: AttentionShape,
     ) -> Result<()> {
         let d = shape.head_dim;
-        if inv_freq.len() != d / 2 || q.cols % d != 0 || k.cols % d != 0 || q.rows != k.rows {
+        if inv_freq.len() != d / 2
+            || q.cols % d != 0
+            || k.cols % d != 0
+            || q.rows != k.rows
+            || rows.end > q.rows
+        {
             return Err(Error::Device(format!(
-                "rope: head_dim {d} with {} frequencies, q [{}, {}], k [{}, {}]",
+                "rope: head_dim {d} with {} frequencies, rows {rows:?} of q [{}, {}], k [{}, {}]",
                 inv_freq.len(),
                 q.rows,
                 q.cols,
@@ -858,9 +865,13 @@ impl Backend for Cuda {
                 k.cols
             )));
         }
+        if rows.is_empty() {
+            return Ok(());
+        }
         let fp = self.upload_inv_freq(inv_freq)?;
         let f = self.function(&compile::ROPE, "rope", 0)?;
-        let (qp, kp) = (self.ptr(&q.buf), self.ptr(&k.buf));
+        let qp = self.ptr(&q.buf) + (rows.start * q.cols * 2) as u64;
+        let kp = self.ptr(&k.buf) + (rows.start * k.cols * 2) as u64;
         let (qh, kh, hd, p0) = (
             (q.cols / d) as u32,
             (k.cols / d) as u32,
@@ -875,8 +886,8 @@ impl Backend for Cuda {
             .arg(&kh)
             .arg(&hd)
             .arg(&p0);
-        // SAFETY: arguments match `rope` in rope.cu; shapes checked above.
-        unsafe { b.launch(cfg((q.rows as u32, 1, 1), 256, 0)) }.map_err(self.err("rope"))?;
+        // SAFETY: arguments match `rope` in rope.cu; shapes and rows checked above.
+        unsafe { b.launch(cfg((rows.len() as u32, 1, 1), 256, 0)) }.map_err(self.err("rope"))?;
         Ok(())
     }
 
@@ -885,12 +896,14 @@ impl Backend for Cuda {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
+        rows: Range<usize>,
         cache: &mut CudaKvCache,
         layer: usize,
         pos0: usize,
         shape: AttentionShape,
-    ) -> Result<CudaTensor> {
-        let (t, hd) = (q.rows, shape.head_dim);
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (t, hd) = (rows.len(), shape.head_dim);
         let (heads, kv_heads) = (shape.num_heads, shape.num_kv_heads);
         let kv_width = kv_heads * hd;
         if pos0 + t > cache.capacity {
@@ -899,32 +912,41 @@ impl Backend for Cuda {
                 context: cache.capacity,
             });
         }
-        if q.cols != heads * hd || k.cols != kv_width || v.cols != kv_width || heads % kv_heads != 0
+        if q.cols != heads * hd
+            || k.cols != kv_width
+            || v.cols != kv_width
+            || heads % kv_heads != 0
+            || out.cols != heads * hd
+            || rows.end > q.rows.min(k.rows).min(v.rows).min(out.rows)
         {
             return Err(Error::Device(format!(
-                "attention: q [{t}, {}], k/v [{}, {}] for {heads}/{kv_heads} heads of {hd}",
-                q.cols, k.rows, k.cols
+                "attention: rows {rows:?} of q [{}, {}], k/v [{}, {}] into [{}, {}] for {heads}/{kv_heads} heads of {hd}",
+                q.rows, q.cols, k.rows, k.cols, out.rows, out.cols
             )));
+        }
+        if t == 0 {
+            return Ok(());
         }
         // Append this pass's keys and values at positions pos0..pos0+t.
         let (at, bytes) = (pos0 * kv_width * 2, t * kv_width * 2);
+        let from = (rows.start * kv_width * 2) as u64;
         self.copy_dtod(
             self.ptr(&cache.k[layer]) + at as u64,
-            self.ptr(&k.buf),
+            self.ptr(&k.buf) + from,
             bytes,
         )?;
         self.copy_dtod(
             self.ptr(&cache.v[layer]) + at as u64,
-            self.ptr(&v.buf),
+            self.ptr(&v.buf) + from,
             bytes,
         )?;
 
-        let out = self.tensor(t, heads * hd)?;
+        let row_bytes = (rows.start * heads * hd * 2) as u64;
         let (qp, kp, vp, op) = (
-            self.ptr(&q.buf),
+            self.ptr(&q.buf) + row_bytes,
             self.ptr(&cache.k[layer]),
             self.ptr(&cache.v[layer]),
-            self.ptr(&out.buf),
+            self.ptr(&out.buf) + row_bytes,
         );
         let window = shape.sliding_window.unwrap_or(0) as u32;
         let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
@@ -946,7 +968,7 @@ impl Backend for Cuda {
             // SAFETY: arguments match `attn_prefill`; the cache holds positions 0..pos0+t.
             unsafe { b.launch(cfg(grid, 128, prefill_smem_bytes(hd) as u32)) }
                 .map_err(self.err("attn_prefill"))?;
-            return Ok(out);
+            return Ok(());
         }
 
         // Split the keys so that the grid covers the GPU about twice.
@@ -993,7 +1015,11 @@ impl Backend for Cuda {
             unsafe { b.launch(cfg((heads as u32, t as u32, 1), 128, 0)) }
                 .map_err(self.err("attn_decode_combine"))?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    fn activation(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.tensor(rows, cols)
     }
 
     fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<()> {

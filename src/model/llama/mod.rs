@@ -225,22 +225,13 @@ impl Llama {
                 q = backend.rms_norm(&q, q_norm, eps)?;
                 k = backend.rms_norm(&k, k_norm, eps)?;
             }
-            let a = if let [seg] = segments {
-                backend.rope(&mut q, &mut k, positions[0], &self.inv_freq, shape)?;
-                backend.attention(&q, &k, &v, seg.cache, layer, positions[0], shape)?
-            } else {
-                // Each sequence at its own positions, over its own cache.
-                let mut parts = Vec::with_capacity(segments.len());
-                for (i, seg) in segments.iter_mut().enumerate() {
-                    let (start, n, pos) = (starts[i], seg.tokens.len(), positions[i]);
-                    let mut qs = backend.rows(&q, start, n)?;
-                    let mut ks = backend.rows(&k, start, n)?;
-                    let vs = backend.rows(&v, start, n)?;
-                    backend.rope(&mut qs, &mut ks, pos, &self.inv_freq, shape)?;
-                    parts.push(backend.attention(&qs, &ks, &vs, seg.cache, layer, pos, shape)?);
-                }
-                backend.concat_rows(&parts)?
-            };
+            // Each sequence at its own positions, over its own cache, on its rows.
+            let mut a = backend.activation(tokens.len(), shape.num_heads * shape.head_dim)?;
+            for (i, seg) in segments.iter_mut().enumerate() {
+                let (rows, pos) = (starts[i]..starts[i] + seg.tokens.len(), positions[i]);
+                backend.rope(&mut q, &mut k, rows.clone(), pos, &self.inv_freq, shape)?;
+                backend.attention(&q, &k, &v, rows, seg.cache, layer, pos, shape, &mut a)?;
+            }
             backend.linear_add(&mut x, 0, &a, w.o_proj, w.o_bias)?;
             drop((q, k, v, a)); // free before the MLP's larger activations
 
