@@ -9,8 +9,9 @@
 use crate::backend::cuda::streaming::{measure_h2d, HostMemory, HostTier, StreamedWeights};
 use crate::backend::cuda::{Cuda, CUBLAS_WORKSPACE, DRIVER_RESERVE, STAGING_RESERVE};
 use crate::backend::Device;
-use crate::checkpoint::{Checkpoint, DType, Tensors};
+use crate::checkpoint::{DType, Tensors};
 use crate::error::{Error, Result};
+use crate::model::Checkpoint;
 use crate::model::{Architecture, PassShape};
 use crate::stream::cost::{planner_groups, CostModel};
 use crate::stream::{GroupTensors, PlanRequest, SlotSize, Vram};

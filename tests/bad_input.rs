@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fixture;
-use ferry::checkpoint::Checkpoint;
+use ferry::model::Checkpoint;
 
 /// A scratch copy of the `llama` fixture.
 fn copy_fixture() -> (tempfile::TempDir, PathBuf) {

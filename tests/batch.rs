@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::{fixture, ARCHS};
 use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Finish, Generator, Progress, Request, SamplingConfig};
+use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama, Logits, ResidentWeights, Segment, MLP_CHUNK_ROWS};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingConfig) -> Request {

@@ -10,8 +10,8 @@ use common::{fixture, rel_l2, ARCHS};
 use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::Cuda;
 use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama, Logits, ResidentWeights, Segment};
 
 fn gpu(test: &str) -> Option<Cuda> {

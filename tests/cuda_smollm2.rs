@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::Cuda;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::model::Checkpoint;
 
 const PROMPTS: [&str; 3] = [
     "The capital of France is",

@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry::checkpoint::gguf::{self, GgmlType};
-use ferry::checkpoint::{Checkpoint, DType, Format, TokenizerSource};
+use ferry::checkpoint::gguf::{parse_header, GgmlType};
+use ferry::checkpoint::{DType, Format, TokenizerSource};
+use ferry::model::llama::gguf;
 use ferry::model::Arch;
+use ferry::model::Checkpoint;
 use ferry::Error;
 
 // ---------------------------------------------------------------------------------------
@@ -887,7 +889,7 @@ fn smollm2_matches_gguf_py() {
 
     // The header alone: tensor types as gguf-py counts them.
     let bytes = std::fs::read(&path).unwrap();
-    let header = gguf::parse_header(&bytes).unwrap();
+    let header = parse_header(&bytes).unwrap();
     assert_eq!(header.version, 3);
     let count = |ty: GgmlType| header.tensors.iter().filter(|t| t.ty == ty).count() as u64;
     for (name, n) in expected["types"].as_object().unwrap() {

@@ -13,7 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry::checkpoint::{Checkpoint, GgufTokenizerSpec, TokenizerSource};
+use ferry::checkpoint::{GgufTokenizerSpec, TokenizerSource};
+use ferry::model::Checkpoint;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 

@@ -1,6 +1,7 @@
 //! The direction of dependencies between ferry's modules, read from the `crate::…` paths in
 //! src/: the engine (`stream`) knows architectures only by their description and no CUDA
-//! internals; models know neither the engine nor CUDA; checkpoints know no model.
+//! internals; models know neither the engine nor CUDA; checkpoints and backends know no
+//! model.
 
 use std::path::{Path, PathBuf};
 
@@ -94,34 +95,11 @@ fn models_know_neither_the_engine_nor_cuda() {
 }
 
 #[test]
-fn checkpoints_know_no_model_but_the_llm_config_they_still_carry() {
+fn checkpoints_know_no_model() {
     let v = violations("checkpoint", &["model", "stream", "backend", "runtime"]);
-    // Still to move (issue 10): the LLM `Checkpoint` parses its LlamaConfig and checks its
-    // tensors against the Llama groups; GGUF maps its metadata to a LlamaConfig. Nothing
-    // else may be added.
-    let known = |s: &String| {
-        [
-            "src/checkpoint/mod.rs",
-            "src/checkpoint/hf.rs",
-            "src/checkpoint/gguf.rs",
-        ]
-        .iter()
-        .any(|f| s.starts_with(f))
-            && s.contains("model::")
-            && [
-                "LlamaConfig",
-                "Llama",
-                "Arch",
-                "Architecture",
-                "Llama3RopeScaling",
-            ]
-            .iter()
-            .any(|n| s.contains(n))
-    };
-    let new: Vec<_> = v.iter().filter(|s| !known(s)).collect();
     assert!(
-        new.is_empty(),
-        "checkpoint/ reaches into models or above: {new:#?}"
+        v.is_empty(),
+        "checkpoint/ reaches into models or above: {v:#?}"
     );
 }
 

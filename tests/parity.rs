@@ -6,8 +6,8 @@ mod common;
 
 use common::{fixture, rel_l2, ARCHS};
 use ferry::backend::cpu::Cpu;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Message, Request, SamplingConfig};
+use ferry::model::Checkpoint;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -12,8 +12,9 @@ use std::process::Command;
 
 use common::rel_l2;
 use ferry::backend::cpu::Cpu;
-use ferry::checkpoint::{gguf, DType};
+use ferry::checkpoint::DType;
 use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::model::llama::gguf;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

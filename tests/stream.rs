@@ -692,7 +692,7 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
     use ferry::backend::cpu::Cpu;
     use ferry::backend::cpu_stream::cpu_streamed_weights;
     use ferry::backend::Backend;
-    use ferry::checkpoint::Checkpoint;
+    use ferry::model::Checkpoint;
     use ferry::model::{Architecture, ResidentWeights};
     use ferry::stream::cost::planner_groups;
 

@@ -5,8 +5,9 @@ use std::path::Path;
 use std::process::Command;
 
 use ferry::backend::cpu::Cpu;
-use ferry::checkpoint::{Checkpoint, DType};
+use ferry::checkpoint::DType;
 use ferry::generate::Generator;
+use ferry::model::Checkpoint;
 use ferry::model::{Arch, LlamaConfig};
 use ferry::synth::{synthetic_checkpoint, write_checkpoint, Preset, WriteOptions};
 

@@ -5,11 +5,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::{
-    is_regular_file, require_file, Checkpoint, Component, Format, GenerationDefaults, Stored,
-    TokenizerSource,
+    is_regular_file, require_file, Component, GenerationDefaults, Stored, TokenizerSource,
 };
 use crate::error::{Error, Result};
-use crate::model::{Architecture, LlamaConfig};
 
 /// Turn `--model` into a path: an existing file or directory as given, else `ORG/NAME` looked
 /// up in the Hugging Face cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
@@ -80,16 +78,22 @@ pub(super) fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// A Hugging Face model directory as read: its tensors and config.json (one component), its
+/// tokenizer and generation defaults, and how the files store the weights.
+pub struct HfDir {
+    pub component: Component,
+    pub tokenizer: TokenizerSource,
+    pub generation: GenerationDefaults,
+    pub stored: Stored,
+}
+
 /// Open a Hugging Face model directory.
-pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
+pub fn open_dir(dir: &Path) -> Result<HfDir> {
     require_file(
         &dir.join("config.json"),
         "a Hugging Face model directory holds config.json",
     )?;
     let component = Component::open("model", dir, true)?;
-    let (path, json) = component.config()?;
-    let config = LlamaConfig::from_hf(path, json)?;
-    let tensors = component.tensors;
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if is_regular_file(&tokenizer_path)? {
@@ -102,23 +106,18 @@ pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         file_bytes: component.file_bytes,
         ..Stored::default()
     };
-    for t in tensors.values() {
+    for t in component.tensors.values() {
         *stored
             .dtypes
             .entry(t.dtype.name().to_uppercase())
             .or_default() += 1;
     }
-    let ckpt = Checkpoint {
-        path: dir.to_path_buf(),
-        format: Format::Safetensors,
-        config,
-        tensors,
+    Ok(HfDir {
+        component,
         tokenizer,
         generation: generation_defaults(dir)?,
         stored,
-    };
-    crate::model::Llama::new(ckpt.config.clone()).check_tensors(&ckpt)?;
-    Ok(ckpt)
+    })
 }
 
 /// A token given in tokenizer_config.json (`path`) under `key` as a string or as

@@ -1,10 +1,11 @@
-//! Reading checkpoints: Hugging Face directories (safetensors, one file or sharded) and GGUF
-//! files. Everything is memory-mapped; opening copies no weights. The result is a typed model
-//! config plus named tensor views over the mapped bytes.
+//! Reading checkpoints: Hugging Face directories (safetensors, one file or sharded), diffusers
+//! pipelines of components, and GGUF files. Everything is memory-mapped; opening copies no
+//! weights. The result is named tensor views over the mapped bytes with the metadata as
+//! stored (config JSON, GGUF key/values): what it means is each model's to read, so nothing
+//! here knows a model.
 
 mod component;
 pub mod gguf;
-mod gguf_tokenizer;
 mod hf;
 mod quant;
 pub mod safetensors;
@@ -17,10 +18,9 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::model::LlamaConfig;
 
 pub use component::{Component, Pipeline};
-pub use hf::{generation_defaults, resolve_model_path};
+pub use hf::{generation_defaults, open_dir, resolve_model_path, HfDir};
 
 /// Element type of a stored tensor, as ferry keeps it in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,12 +246,6 @@ pub trait Tensors {
     fn tensor(&self, name: &str) -> Result<&HostTensor>;
 }
 
-impl Tensors for Checkpoint {
-    fn tensor(&self, name: &str) -> Result<&HostTensor> {
-        Checkpoint::tensor(self, name)
-    }
-}
-
 impl Tensors for Component {
     fn tensor(&self, name: &str) -> Result<&HostTensor> {
         Component::tensor(self, name)
@@ -266,6 +260,30 @@ pub enum TokenizerSource {
     Gguf(Box<GgufTokenizerSpec>),
     /// Missing: the checkpoint has no tokenizer; running it needs one.
     Missing,
+}
+
+impl TokenizerSource {
+    /// The tokenizer, built; `checkpoint` (the model's path) is named in errors.
+    pub fn open(&self, checkpoint: &Path) -> Result<tokenizers::Tokenizer> {
+        match self {
+            TokenizerSource::HfJson(path) => {
+                tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }
+            TokenizerSource::Gguf(spec) => {
+                gguf::tokenizer::build(spec).map_err(|message| Error::Tokenizer {
+                    path: checkpoint.to_path_buf(),
+                    message,
+                })
+            }
+            TokenizerSource::Missing => Err(Error::NotFound {
+                path: checkpoint.join("tokenizer.json"),
+                expected: "a tokenizer to encode the prompt".into(),
+            }),
+        }
+    }
 }
 
 /// A tokenizer as GGUF metadata describes it (`tokenizer.ggml.*`).
@@ -329,78 +347,4 @@ pub struct Stored {
     pub file_bytes: usize,
     /// The stored element types ("Q4_1", "F32", "BF16"), each with its number of tensors.
     pub dtypes: BTreeMap<String, usize>,
-}
-
-/// An opened checkpoint: config, tensors (views into mapped or owned host memory), and what
-/// generation needs.
-pub struct Checkpoint {
-    /// The directory or file it was opened from.
-    pub path: PathBuf,
-    pub format: Format,
-    pub config: LlamaConfig,
-    pub tensors: BTreeMap<String, HostTensor>,
-    pub tokenizer: TokenizerSource,
-    pub generation: GenerationDefaults,
-    pub stored: Stored,
-}
-
-impl Checkpoint {
-    /// Open a model given as a directory, a `.gguf` file, or `ORG/NAME` in the Hugging Face
-    /// cache.
-    pub fn open(model: &str) -> Result<Checkpoint> {
-        let path = resolve_model_path(model)?;
-        if path.is_dir() {
-            return hf::open_dir(&path);
-        }
-        // A device or a pipe is neither: said so, before reading it waits on a pipe.
-        require_file(&path, "a model directory or a .gguf file")?;
-        if gguf::is_gguf(&path) {
-            gguf::open(&path, DType::BF16)
-        } else {
-            Err(Error::checkpoint(
-                &path,
-                "expected a model directory (config.json + *.safetensors) or a .gguf file",
-            ))
-        }
-    }
-
-    /// The tensor called `name`, or an error naming it.
-    pub fn tensor(&self, name: &str) -> Result<&HostTensor> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-        })
-    }
-
-    /// The tokenizer that comes with this checkpoint.
-    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
-        match &self.tokenizer {
-            TokenizerSource::HfJson(path) => {
-                tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })
-            }
-            TokenizerSource::Gguf(spec) => {
-                gguf_tokenizer::build(spec).map_err(|message| Error::Tokenizer {
-                    path: self.path.clone(),
-                    message,
-                })
-            }
-            TokenizerSource::Missing => Err(Error::NotFound {
-                path: self.path.join("tokenizer.json"),
-                expected: "a tokenizer to encode the prompt".into(),
-            }),
-        }
-    }
-
-    /// Total bytes of all tensors.
-    pub fn bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.len).sum()
-    }
-
-    /// Total number of parameters.
-    pub fn parameters(&self) -> usize {
-        self.tensors.values().map(|t| t.numel()).sum()
-    }
 }

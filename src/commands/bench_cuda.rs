@@ -11,7 +11,7 @@ use serde_json::json;
 
 use ferry::backend::cuda::streaming::{PassStats, StreamedWeights};
 use ferry::backend::{Backend, Device, KvCache};
-use ferry::checkpoint::Checkpoint;
+use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama, LlamaConfig, Logits, PassShape, ResidentWeights};
 use ferry::runtime::{open_checkpoint, open_gpu, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, PassInfo};

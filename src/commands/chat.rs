@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Args;
 
 use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{context_length, Finish, Generator, Message, Request, TextCodec};
+use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::{Error, Result};
 

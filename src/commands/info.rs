@@ -1,7 +1,8 @@
 //! `ferry info`: what a checkpoint holds.
 
-use ferry::checkpoint::{resolve_model_path, Checkpoint, Format, Pipeline};
+use ferry::checkpoint::{resolve_model_path, Format, Pipeline};
 use ferry::model::z_image::{ZImage, ZImageConfig};
+use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama};
 use ferry::Result;
 

@@ -4,7 +4,8 @@
 
 use clap::Args;
 
-use ferry::checkpoint::{Checkpoint, DType};
+use ferry::checkpoint::DType;
+use ferry::model::Checkpoint;
 use ferry::model::{Llama, LlamaConfig, PassShape};
 use ferry::runtime::{plan_request, synthetic_preset};
 use ferry::stream::cost::group_bytes;

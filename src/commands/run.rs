@@ -8,10 +8,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{
     context_length, Generator, Message, Output, Progress, Request, TextCodec, UNTIL_CONTEXT_FULL,
 };
+use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::{Error, Result};
 

@@ -12,8 +12,8 @@ pub use sample::{argmax, Sampler, SamplingConfig};
 pub use text::TextCodec;
 
 use crate::backend::{Backend, KvCache};
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::model::Checkpoint;
 use crate::model::{Architecture, Llama, Logits, ResidentWeights, Segment, Weights};
 
 /// What to generate from one prompt.

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use tokenizers::Tokenizer;
 
 use super::chat::{self, Message};
-use crate::checkpoint::{Checkpoint, GenerationDefaults, TokenizerSource};
+use crate::checkpoint::{GenerationDefaults, TokenizerSource};
 use crate::error::{Error, Result};
+use crate::model::Checkpoint;
 
 pub struct TextCodec {
     /// None where the checkpoint has none (synthetic benchmarks feed token ids).

@@ -11,10 +11,11 @@ pub mod vae;
 pub mod z_image;
 
 pub use llama::{
-    Arch, Llama, Llama3RopeScaling, LlamaConfig, Logits, Output, Segment, MLP_CHUNK_ROWS,
+    Arch, Checkpoint, Llama, Llama3RopeScaling, LlamaConfig, Logits, Output, Segment,
+    MLP_CHUNK_ROWS,
 };
 
-use crate::checkpoint::{Checkpoint, HostTensor, Tensors};
+use crate::checkpoint::{HostTensor, Tensors};
 use crate::error::Result;
 
 /// A tensor the model needs, with the shape it must have.

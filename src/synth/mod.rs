@@ -31,10 +31,11 @@ pub use diffusers::{
 pub use presets::Preset;
 
 use crate::checkpoint::{
-    Checkpoint, DType, Format, GenerationDefaults, HostTensor, Storage, Stored, TokenizerSource,
+    DType, Format, GenerationDefaults, HostTensor, Storage, Stored, TokenizerSource,
 };
 use crate::error::{Error, Result};
 use crate::model::Arch;
+use crate::model::Checkpoint;
 use shards::{write_json, write_sharded, Spec, Tables};
 use tokenizer::tokenizer_json;
 

@@ -1,9 +1,12 @@
 //! The Llama family (llama 2/3, mistral, qwen2, qwen3) in one forward pass. The differences
 //! between them are fields of [`LlamaConfig`], each used in one place below.
 
+mod checkpoint;
 mod config;
 mod cost;
+pub mod gguf;
 
+pub use checkpoint::Checkpoint;
 pub use config::{Arch, Llama3RopeScaling, LlamaConfig};
 
 use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};

@@ -30,7 +30,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use super::GgufTokenizerSpec;
+use super::Meta;
+use crate::checkpoint::{GenerationDefaults, GgufTokenizerSpec, TokenizerSource};
 
 /// `tokenizer.ggml.token_type` values that matter here (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -485,6 +486,107 @@ fn sequence_piece(name: &str, type_id: u32) -> serde_json::Value {
 /// A template piece standing for the special token `content`, as tokenizer.json writes it.
 fn special_piece(content: &str, type_id: u32) -> serde_json::Value {
     serde_json::json!({"SpecialToken": {"id": content, "type_id": type_id}})
+}
+
+/// The tokenizer and generation defaults from a GGUF file's metadata (`tokenizer.ggml.*`).
+pub fn tokenizer_and_generation(
+    meta: &Meta,
+    vocab_size: usize,
+) -> crate::error::Result<(TokenizerSource, GenerationDefaults)> {
+    let strings = |key: &str| meta.opt_array(key, "strings", |v| v.as_str().map(str::to_string));
+    let tokens = strings("tokenizer.ggml.tokens")?.unwrap_or_default();
+    let scores = meta
+        .opt_array("tokenizer.ggml.scores", "float32 scores", |v| {
+            v.as_f64().map(|x| x as f32)
+        })?
+        .unwrap_or_default();
+    let token_types = meta
+        .opt_array("tokenizer.ggml.token_type", "int32 token types", |v| {
+            v.as_i64().and_then(|x| i32::try_from(x).ok())
+        })?
+        .unwrap_or_default();
+    let merges = strings("tokenizer.ggml.merges")?.unwrap_or_default();
+    let model = meta.opt_str("tokenizer.ggml.model")?.map(str::to_string);
+
+    if !tokens.is_empty() && tokens.len() != vocab_size {
+        return Err(meta.bad(format!(
+            "tokenizer.ggml.tokens has {} entries but token_embd.weight has {vocab_size} rows",
+            tokens.len()
+        )));
+    }
+    for (key, n) in [
+        ("tokenizer.ggml.scores", scores.len()),
+        ("tokenizer.ggml.token_type", token_types.len()),
+    ] {
+        if n != 0 && n != tokens.len() {
+            return Err(meta.bad(format!(
+                "{key} has {n} entries but tokenizer.ggml.tokens has {}",
+                tokens.len()
+            )));
+        }
+    }
+
+    // llama.cpp's defaults for SentencePiece vocabularies when the ids are not given.
+    let spm = model.as_deref() == Some("llama");
+    let id = |key: &str, spm_default: u32| -> crate::error::Result<Option<u32>> {
+        let id = meta.opt_u32(key)?.or(spm.then_some(spm_default));
+        match id {
+            Some(i) if !tokens.is_empty() && i as usize >= tokens.len() => Err(meta.bad(format!(
+                "{key} is {i}, outside the vocabulary of {} tokens",
+                tokens.len()
+            ))),
+            _ => Ok(id),
+        }
+    };
+    let bos_id = id("tokenizer.ggml.bos_token_id", 1)?;
+    let eos_id = id("tokenizer.ggml.eos_token_id", 2)?;
+    let unknown_id = id("tokenizer.ggml.unknown_token_id", 0)?;
+    let padding_id = meta.opt_u32("tokenizer.ggml.padding_token_id")?;
+    let eot_id = meta.opt_u32("tokenizer.ggml.eot_token_id")?;
+    let eom_id = meta.opt_u32("tokenizer.ggml.eom_token_id")?;
+    let add_bos = meta
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(spm);
+    let add_eos = meta
+        .opt_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
+
+    let token = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+    let mut eos_token_ids = Vec::new();
+    // eot (end of turn) and eom (end of message, Llama 3.1 tool calls) end generation too,
+    // as they do in the models' generation_config.json.
+    for id in [eos_id, eot_id, eom_id].into_iter().flatten() {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
+    let generation = GenerationDefaults {
+        bos_token: token(bos_id),
+        eos_token: token(eos_id),
+        eos_token_ids,
+        chat_template: meta.opt_str("tokenizer.chat_template")?.map(str::to_string),
+        add_bos_token: add_bos,
+        bos_token_id: bos_id,
+    };
+
+    let tokenizer = match model {
+        None => TokenizerSource::Missing,
+        Some(model) => TokenizerSource::Gguf(Box::new(GgufTokenizerSpec {
+            model,
+            pre: meta.opt_str("tokenizer.ggml.pre")?.map(str::to_string),
+            tokens,
+            scores,
+            token_types,
+            merges,
+            bos_id,
+            eos_id,
+            unknown_id,
+            padding_id,
+            add_bos,
+            add_eos,
+        })),
+    };
+    Ok((tokenizer, generation))
 }
 
 #[cfg(test)]
