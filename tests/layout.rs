@@ -119,3 +119,23 @@ fn backends_know_no_model() {
         }
     }
 }
+
+#[test]
+fn the_engine_holds_no_unsafe_code() {
+    // Raw addresses and `unsafe` stay with the backends (the CUDA host tier hands the staging
+    // ring its bytes through `HostBytes`); only a test's fake DMA engine may read raw memory.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/stream");
+    for file in sources(&root) {
+        let text = std::fs::read_to_string(&file).expect("source is UTF-8");
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (i, line) in code.lines().enumerate() {
+            let line = line.trim();
+            assert!(
+                line.starts_with("//") || !line.contains("unsafe"),
+                "{}:{}: {line}",
+                file.display(),
+                i + 1
+            );
+        }
+    }
+}

@@ -4,10 +4,12 @@
 //! - [`plan`]: the planner and its simulation of the schedule (the predicted pass time).
 //! - [`cost`]: an architecture's groups as the planner sees them (bytes, compute, splits).
 //! - [`budget`]: the accounting allocator every device allocation goes through.
-//! - [`schedule`]: the streamer over a copy-engine interface, and a CPU copy engine.
+//! - [`schedule`]: the streamer over a copy-engine interface (the backends provide the
+//!   engines: `backend::cuda::streaming`, and `backend::cpu_stream` for tests without a GPU).
 //! - [`streamed`]: the model's weights group by group from a plan, over any slot engine.
 //! - [`stats`]: what a streamed pass did.
-//! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock.
+//! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock; it
+//!   reads host memory through [`staging::HostBytes`], so raw addresses stay in the backend.
 //! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
 pub mod budget;

@@ -57,10 +57,19 @@ pub fn reader_threads() -> usize {
 /// Smallest share of a fill given to one reader thread, bytes (smaller spans go whole).
 const MIN_CHUNK: usize = 1 << 20;
 
-/// `len` bytes at host address `src`, to go to offset `dst` of a slot (and of the staging
-/// buffer, which is laid out like the slot).
+/// Host memory the ring reads: numbered byte ranges (a model's tensors) that stay readable
+/// and unchanged while anything holds the source. The backend provides it over the memory
+/// it streams from.
+pub trait HostBytes: Send + Sync + 'static {
+    /// The bytes of range `index`.
+    fn bytes(&self, index: usize) -> &[u8];
+}
+
+/// `len` bytes from offset `src` of the source's range `range`, to go to offset `dst` of a
+/// slot (and of the staging buffer, which is laid out like the slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
+    pub range: usize,
     pub src: usize,
     pub len: usize,
     pub dst: usize,
@@ -116,17 +125,13 @@ impl Readers {
         Ok(Readers { pool, threads })
     }
 
-    /// Copy every span's bytes into `buffer` at its `dst`, split across the reader threads.
-    /// Bytes of `buffer` outside the spans are left as they are.
-    ///
-    /// # Safety
-    /// Every span's `src..src + len` is readable host memory that nothing writes during the
-    /// call.
-    pub unsafe fn fill(&self, buffer: &mut [u8], spans: &[Span]) {
+    /// Copy every span's bytes from `source` into `buffer` at its `dst`, split across the
+    /// reader threads. Bytes of `buffer` outside the spans are left as they are.
+    pub fn fill(&self, buffer: &mut [u8], spans: &[Span], source: &dyn HostBytes) {
         let total: usize = spans.iter().map(|s| s.len).sum();
         let chunk = total.div_ceil(self.threads).max(MIN_CHUNK);
-        // Disjoint pieces of `buffer`, each with the address it is copied from.
-        let mut work: Vec<(&mut [u8], usize)> = Vec::new();
+        // Disjoint pieces of `buffer`, each with the bytes it is copied from.
+        let mut work: Vec<(&mut [u8], &[u8])> = Vec::new();
         let mut rest: &mut [u8] = buffer;
         let mut at = 0; // offset of rest[0] in buffer
         for s in spans {
@@ -138,21 +143,19 @@ impl Readers {
             let (mut dst, tail) = tail.split_at_mut(s.len);
             rest = tail;
             at = s.dst + s.len;
-            let mut src = s.src;
+            let mut src = &source.bytes(s.range)[s.src..s.src + s.len];
             while !dst.is_empty() {
                 let n = chunk.min(dst.len());
                 let (head, tail) = std::mem::take(&mut dst).split_at_mut(n);
-                work.push((head, src));
-                src += n;
+                let (from, rest_src) = src.split_at(n);
+                work.push((head, from));
+                src = rest_src;
                 dst = tail;
             }
         }
         self.pool.install(|| {
-            work.into_par_iter().for_each(|(dst, src)| {
-                // SAFETY: the caller's contract: the source is readable and not written.
-                let src = unsafe { std::slice::from_raw_parts(src as *const u8, dst.len()) };
-                dst.copy_from_slice(src);
-            })
+            work.into_par_iter()
+                .for_each(|(dst, src)| dst.copy_from_slice(src))
         });
     }
 }
@@ -192,12 +195,13 @@ pub struct StagingRing {
 
 impl StagingRing {
     /// Start the ring's thread over `buffers` (at least one; each at least as large as the
-    /// largest copy's extent) for `slots` slots.
+    /// largest copy's extent) for `slots` slots, reading from `source`.
     pub fn new<D: StagingDevice>(
         device: D,
         buffers: Vec<D::Buffer>,
         slots: usize,
         readers: Readers,
+        source: Arc<dyn HostBytes>,
     ) -> Result<StagingRing> {
         assert!(!buffers.is_empty(), "a staging ring has buffers");
         let shared = Arc::new(Shared {
@@ -214,7 +218,7 @@ impl StagingRing {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ferry-staging".into())
-                .spawn(move || stage(device, buffers, readers, rx, &shared))
+                .spawn(move || stage(device, buffers, readers, &*source, rx, &shared))
                 .map_err(|e| Error::Device(format!("starting the staging thread: {e}")))?
         };
         Ok(StagingRing {
@@ -225,10 +229,7 @@ impl StagingRing {
     }
 
     /// Hand a copy to the ring; returns at once.
-    ///
-    /// # Safety
-    /// The spans' source bytes stay readable and unchanged until the ring is dropped.
-    pub unsafe fn submit(&self, copy: StagedCopy) {
+    pub fn submit(&self, copy: StagedCopy) {
         self.shared.lock().submitted[copy.slot] += 1;
         // A send fails only when the thread has stopped, which it records in `failed`: the
         // next wait reports it.
@@ -281,6 +282,7 @@ fn stage<D: StagingDevice>(
     mut device: D,
     mut buffers: Vec<D::Buffer>,
     readers: Readers,
+    source: &dyn HostBytes,
     jobs: Receiver<StagedCopy>,
     shared: &Shared,
 ) {
@@ -310,8 +312,7 @@ fn stage<D: StagingDevice>(
                 )));
             }
             device.wait_buffer_free(b)?;
-            // SAFETY: `submit`'s contract: the spans' sources outlive the ring.
-            unsafe { readers.fill(&mut buffer[..extent], &copy.spans) };
+            readers.fill(&mut buffer[..extent], &copy.spans, source);
             device.queue_copy(b, &buffer[..extent], &copy)?;
             shared.lock().queued[copy.slot] += 1;
             shared.changed.notify_all();
@@ -339,35 +340,38 @@ mod tests {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Ranges of host bytes, as a model's tensors.
+    struct Pieces(Vec<Vec<u8>>);
+
+    impl HostBytes for Pieces {
+        fn bytes(&self, index: usize) -> &[u8] {
+            &self.0[index]
+        }
+    }
+
     #[test]
     fn fill_puts_each_span_at_its_offset_and_leaves_the_rest() {
         let src: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
-        let at = |i: usize| src.as_ptr() as usize + i;
+        let other: Vec<u8> = (0..1000u32).map(|i| (i * 13 + 1) as u8).collect();
+        let source = Pieces(vec![other.clone(), src.clone()]);
         // Spans larger than a chunk (split across threads), small ones, padding between.
+        let span = |range, src, len, dst| Span {
+            range,
+            src,
+            len,
+            dst,
+        };
         let spans = [
-            Span {
-                src: at(10),
-                len: 3_000_000,
-                dst: 0,
-            },
-            Span {
-                src: at(4_000_000),
-                len: 17,
-                dst: 3_000_064,
-            },
-            Span {
-                src: at(100),
-                len: 1_500_000,
-                dst: 3_000_256,
-            },
+            span(1, 10, 3_000_000, 0),
+            span(0, 900, 17, 3_000_064),
+            span(1, 100, 1_500_000, 3_000_256),
         ];
         let mut buffer = vec![0xAAu8; 4_600_000];
         let readers = Readers::new(3).expect("readers");
-        // SAFETY: the spans lie in `src`, alive and unwritten.
-        unsafe { readers.fill(&mut buffer, &spans) };
+        readers.fill(&mut buffer, &spans, &source);
         for s in &spans {
-            let from = s.src - at(0);
-            assert_eq!(&buffer[s.dst..s.dst + s.len], &src[from..from + s.len]);
+            let from = &source.0[s.range][s.src..s.src + s.len];
+            assert_eq!(&buffer[s.dst..s.dst + s.len], from);
         }
         assert!(buffer[3_000_000..3_000_064].iter().all(|&b| b == 0xAA));
         assert!(buffer[3_000_081..3_000_256].iter().all(|&b| b == 0xAA));
@@ -394,10 +398,16 @@ mod tests {
     struct FakeDevice {
         state: Arc<(Mutex<DeviceState>, Condvar)>,
         queue: Sender<(usize, usize, usize, usize, Vec<u8>)>,
+        source: Arc<Pieces>,
     }
 
     impl FakeDevice {
-        fn new(slots: usize, slot_bytes: usize, buffers: usize) -> (FakeDevice, FakeHandle) {
+        fn new(
+            slots: usize,
+            slot_bytes: usize,
+            buffers: usize,
+            source: Arc<Pieces>,
+        ) -> (FakeDevice, FakeHandle) {
             let state = Arc::new((
                 Mutex::new(DeviceState {
                     slots: vec![vec![0; slot_bytes]; slots],
@@ -434,6 +444,7 @@ mod tests {
                 FakeDevice {
                     state: state.clone(),
                     queue: tx,
+                    source,
                 },
                 FakeHandle {
                     state,
@@ -476,8 +487,7 @@ mod tests {
             // What the slot must hold after this copy: the spans' bytes, read now.
             let mut expected = staged.to_vec();
             for s in &copy.spans {
-                // SAFETY: the test's sources outlive the ring.
-                let src = unsafe { std::slice::from_raw_parts(s.src as *const u8, s.len) };
+                let src = &self.source.bytes(s.range)[s.src..s.src + s.len];
                 expected[s.dst..s.dst + s.len].copy_from_slice(src);
             }
             self.queue
@@ -493,26 +503,32 @@ mod tests {
         }
     }
 
-    fn pieces(n: usize, len: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|p| (0..len).map(|i| (i * 31 + p * 101) as u8).collect())
-            .collect()
+    fn pieces(n: usize, len: usize) -> Arc<Pieces> {
+        Arc::new(Pieces(
+            (0..n)
+                .map(|p| (0..len).map(|i| (i * 31 + p * 101) as u8).collect())
+                .collect(),
+        ))
     }
 
-    fn copy_of(piece: &[u8], slot: usize) -> StagedCopy {
+    /// Range `piece` of `data` into `slot`.
+    fn copy_of(data: &Pieces, piece: usize, slot: usize) -> StagedCopy {
         // Two spans with padding between, like two tensors of a group in a slot.
-        let half = piece.len() / 2;
+        let len = data.0[piece].len();
+        let half = len / 2;
         StagedCopy {
             slot,
             spans: vec![
                 Span {
-                    src: piece.as_ptr() as usize,
+                    range: piece,
+                    src: 0,
                     len: half,
                     dst: 0,
                 },
                 Span {
-                    src: piece.as_ptr() as usize + half,
-                    len: piece.len() - half,
+                    range: piece,
+                    src: half,
+                    len: len - half,
                     dst: half.div_ceil(256) * 256,
                 },
             ],
@@ -528,20 +544,20 @@ mod tests {
         let (n, len) = (7, 300_000);
         let data = pieces(n, len);
         let slot_bytes = len + 256;
-        let (device, handle) = FakeDevice::new(slots, slot_bytes, buffers);
+        let (device, handle) = FakeDevice::new(slots, slot_bytes, buffers, data.clone());
         let ring = StagingRing::new(
             device,
             vec![vec![0u8; slot_bytes]; buffers],
             slots,
             Readers::new(2).unwrap(),
+            data.clone(),
         )
         .unwrap();
         let mut submitted = vec![0u64; slots];
         let submit = |seq: usize, submitted: &mut Vec<u64>| {
             let slot = seq % slots;
             submitted[slot] += 1;
-            // SAFETY: `data` outlives the ring.
-            unsafe { ring.submit(copy_of(&data[seq % n], slot)) };
+            ring.submit(copy_of(&data, seq % n, slot));
         };
         for seq in 0..slots {
             submit(seq, &mut submitted);
@@ -559,7 +575,7 @@ mod tests {
             while st.completed[slot] < st.recorded[slot] {
                 st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            let piece = &data[seq % n];
+            let piece = &data.0[seq % n];
             let half = len / 2;
             let at = half.div_ceil(256) * 256;
             assert_eq!(&st.slots[slot][..half], &piece[..half], "copy {seq}");
@@ -592,14 +608,14 @@ mod tests {
 
     #[test]
     fn a_device_failure_reaches_the_waiting_thread() {
-        let (device, handle) = FakeDevice::new(2, 1024, 2);
-        relock(&handle.state.0).fail_after = Some(1);
         let data = pieces(3, 512);
+        let (device, handle) = FakeDevice::new(2, 1024, 2, data.clone());
+        relock(&handle.state.0).fail_after = Some(1);
+        let readers = Readers::new(1).unwrap();
         let ring =
-            StagingRing::new(device, vec![vec![0; 1024]; 2], 2, Readers::new(1).unwrap()).unwrap();
-        for (i, piece) in data.iter().enumerate() {
-            // SAFETY: `data` outlives the ring.
-            unsafe { ring.submit(copy_of(piece, i % 2)) };
+            StagingRing::new(device, vec![vec![0; 1024]; 2], 2, readers, data.clone()).unwrap();
+        for i in 0..data.0.len() {
+            ring.submit(copy_of(&data, i, i % 2));
         }
         // Copy 0 (slot 0) is queued; copy 1 (slot 1) fails.
         let e = ring.wait_queued(1).unwrap_err().to_string();
@@ -609,12 +625,11 @@ mod tests {
 
     #[test]
     fn a_copy_larger_than_a_buffer_is_an_error_not_an_overrun() {
-        let (device, _handle) = FakeDevice::new(1, 4096, 1);
-        let piece = vec![1u8; 2048];
-        let ring =
-            StagingRing::new(device, vec![vec![0; 1024]], 1, Readers::new(1).unwrap()).unwrap();
-        // SAFETY: `piece` outlives the ring.
-        unsafe { ring.submit(copy_of(&piece, 0)) };
+        let data = Arc::new(Pieces(vec![vec![1u8; 2048]]));
+        let (device, _handle) = FakeDevice::new(1, 4096, 1, data.clone());
+        let readers = Readers::new(1).unwrap();
+        let ring = StagingRing::new(device, vec![vec![0; 1024]], 1, readers, data.clone()).unwrap();
+        ring.submit(copy_of(&data, 0, 0));
         let e = ring.wait_queued(0).unwrap_err().to_string();
         assert!(e.contains("does not fit a staging buffer"), "{e}");
     }

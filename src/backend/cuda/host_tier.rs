@@ -17,7 +17,7 @@ use super::Cuda;
 use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::{Error, Result};
 use crate::stream::plan::Piece;
-use crate::stream::staging::{self, Readers, Span};
+use crate::stream::staging::{self, HostBytes, Readers, Span};
 use crate::stream::streamed::{slot_spans, GroupTensors, SlotSpan};
 use crate::stream::{human_bytes, Purpose};
 
@@ -110,7 +110,11 @@ pub struct HostTier {
     /// Tensors that were not bf16, converted: an anonymous mapping, so that registering its
     /// pages pins no one else's memory (a heap buffer's rounded-out pages would, and a later
     /// copy from a buffer half inside a registered range fails with CUDA_ERROR_INVALID_VALUE).
-    _arena: Option<memmap2::MmapMut>,
+    _arena: Option<Arc<memmap2::MmapMut>>,
+    /// The same memory as the staging ring reads it.
+    bytes: Arc<TierBytes>,
+    /// Per group, the number of its first tensor over all groups (the ring's range index).
+    group_base: Vec<usize>,
     /// Page-aligned starts of the registered ranges (unregistered on drop).
     registered: Vec<usize>,
     pub mode: HostMode,
@@ -251,10 +255,26 @@ impl HostTier {
                 Err(why) => (Vec::new(), HostTier::staged(why)),
             },
         };
+        let arena = arena.map(Arc::new);
+        let bytes = Arc::new(TierBytes {
+            ranges: groups.iter().flatten().map(|t| (t.addr, t.bytes)).collect(),
+            _storages: storages.clone(),
+            _arena: arena.clone(),
+        });
+        let group_base = groups
+            .iter()
+            .scan(0, |n, g| {
+                let base = *n;
+                *n += g.len();
+                Some(base)
+            })
+            .collect();
         Ok(HostTier {
             groups,
             _storages: storages,
             _arena: arena,
+            bytes,
+            group_base,
             registered: registered.into_iter().map(|(start, _)| start).collect(),
             mode,
         })
@@ -305,8 +325,41 @@ impl HostTier {
         )
     }
 
+    /// What the staging ring reads.
+    pub(super) fn source(&self) -> Arc<TierBytes> {
+        self.bytes.clone()
+    }
+
+    /// The staging ring's number for tensor `i` of group `g`.
+    pub(super) fn range(&self, g: usize, i: usize) -> usize {
+        self.group_base[g] + i
+    }
+
     pub(super) fn max_tensors(&self) -> usize {
         self.groups.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// The tier's memory as the staging ring reads it: every tensor, numbered over all groups in
+/// pass order, with the storages and the arena that hold them kept alive.
+pub(super) struct TierBytes {
+    /// (address, bytes) of each tensor.
+    ranges: Vec<(usize, usize)>,
+    _storages: Vec<Arc<Storage>>,
+    _arena: Option<Arc<memmap2::MmapMut>>,
+}
+
+// SAFETY: the addresses point into memory this struct keeps alive (the storages, the arena),
+// which nothing writes once the tier is built; reading it from any thread is sound.
+unsafe impl Send for TierBytes {}
+unsafe impl Sync for TierBytes {}
+
+impl HostBytes for TierBytes {
+    fn bytes(&self, index: usize) -> &[u8] {
+        let (addr, len) = self.ranges[index];
+        // SAFETY: `addr..addr + len` lies inside a storage or the arena held by `self`, both
+        // immutable from here on (see the Send/Sync note above).
+        unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
     }
 }
 
@@ -377,11 +430,12 @@ impl Drop for HostTier {
 /// staging ring, the copies go from a pinned buffer, and the figure is the lower of that and
 /// the reader threads' fill rate (the two overlap, so the slower one sets the pace). GB/s.
 pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
-    let src = tier
+    let (index, src) = tier
         .groups
         .iter()
         .flatten()
-        .max_by_key(|t| t.bytes)
+        .enumerate()
+        .max_by_key(|(_, t)| t.bytes)
         .ok_or_else(|| Error::Device("no tensors to stream".into()))?;
     let room = gpu.memory.budget().saturating_sub(gpu.memory.in_use()) / 4;
     let bytes = src.bytes.min(256 << 20).min(room).max(1);
@@ -393,15 +447,15 @@ pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
                 .map_err(gpu.err("cuMemHostAlloc (a buffer to measure the staging ring)"))?;
             let readers = Readers::new(threads)?;
             let span = [Span {
-                src: src.addr,
+                range: index,
+                src: 0,
                 len: bytes.min(src.bytes),
                 dst: 0,
             }];
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let t = Instant::now();
-                // SAFETY: the span lies in host memory the tier keeps alive and never writes.
-                unsafe { readers.fill(&mut pinned, &span) };
+                readers.fill(&mut pinned, &span, &*tier.bytes);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             (Some(pinned), bytes as f64 / (best.max(1e-9) * 1e9))

@@ -210,7 +210,8 @@ impl CudaCopyEngine {
                         .map(|_| event(Some(cu::CUevent_flags::CU_EVENT_BLOCKING_SYNC)))
                         .collect::<Result<Vec<_>>>()?,
                 };
-                let ring = StagingRing::new(device, buffers, plan.slots, Readers::new(*threads)?)?;
+                let readers = Readers::new(*threads)?;
+                let ring = StagingRing::new(device, buffers, plan.slots, readers, tier.source())?;
                 (Some(ring), (STAGING_BUFFERS, bytes_each))
             }
             _ => (None, (0, 0)),
@@ -301,15 +302,13 @@ impl CopyEngine for CudaCopyEngine {
             let spans = placed
                 .iter()
                 .map(|s| Span {
-                    src: tensors[s.tensor].addr + s.src,
+                    range: self.tier.range(piece.group, s.tensor),
+                    src: s.src,
                     len: s.len,
                     dst: s.dst,
                 })
                 .collect();
-            // SAFETY: the spans lie in host memory the tier keeps alive and unchanged until
-            // after the engine, and with it the ring, is dropped (StreamedWeights drops its
-            // tier last).
-            unsafe { ring.submit(StagedCopy { slot, spans, tag }) };
+            ring.submit(StagedCopy { slot, spans, tag });
             return Ok(());
         }
         let (begin, end) = self.events.timing(tag);
