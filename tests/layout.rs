@@ -139,3 +139,29 @@ fn the_engine_holds_no_unsafe_code() {
         }
     }
 }
+
+#[test]
+fn commands_hold_no_set_up() {
+    // Device, budget, host tier, plan and streamed weights are set up by the front door
+    // (runtime.rs), one way for every command.
+    let set_up = [
+        "Cuda::new",
+        "Cuda::with_vram",
+        "HostTier::new",
+        "measure_h2d",
+        "PlanRequest {",
+        "StreamedWeights::new",
+        "stream::plan(",
+    ];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/commands");
+    for file in sources(&root) {
+        let text = std::fs::read_to_string(&file).expect("source is UTF-8");
+        for s in set_up {
+            assert!(
+                !text.contains(s),
+                "{} sets up by hand ({s}); use ferry::runtime",
+                file.display()
+            );
+        }
+    }
+}
