@@ -2,11 +2,13 @@
 //! put them (f32 or bf16 read in place from the mapping); f16 is widened to f32 once.
 
 use std::ops::Range;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use half::bf16;
 use rayon::prelude::*;
 
+pub(super) use super::cpu_dot::dot;
+use super::cpu_dot::{dot_block, Elem, BLOCK_ROWS, BLOCK_TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
 use crate::error::Result;
@@ -32,7 +34,41 @@ enum Row<'a> {
     Bf16(&'a [bf16]),
 }
 
+/// `dst[i * t + j] = w row (first + i) · token j` for the rows of one task, `w` row-major
+/// with `cols` columns.
+fn linear_task<E: Elem>(w: &[E], cols: usize, first: usize, tokens: &[&[f32]], dst: &mut [f32]) {
+    let t = tokens.len();
+    let rows_here = dst.len() / t.max(1);
+    let row = |i: usize| &w[(first + i) * cols..(first + i + 1) * cols];
+    for j0 in (0..t).step_by(BLOCK_TOKENS) {
+        let m = BLOCK_TOKENS.min(t - j0);
+        for pair in (0..rows_here).step_by(BLOCK_ROWS) {
+            let n = BLOCK_ROWS.min(rows_here - pair);
+            let rows: [&[E]; BLOCK_ROWS] =
+                std::array::from_fn(|k| row((pair + k).min(rows_here - 1)));
+            let mut out = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
+            dot_block(&rows[..n], &tokens[j0..j0 + m], &mut out);
+            for (k, o) in out.iter().enumerate().take(n) {
+                let at = (pair + k) * t + j0;
+                dst[at..at + m].copy_from_slice(&o[..m]);
+            }
+        }
+    }
+}
+
 impl CpuWeight {
+    /// Every row, row-major.
+    fn matrix(&self) -> Row<'_> {
+        match &self.data {
+            WeightData::Owned(v) => Row::F32(v),
+            WeightData::Mapped(t) => match (t.as_f32(), t.as_bf16()) {
+                (Some(f), _) => Row::F32(f),
+                (_, Some(b)) => Row::Bf16(b),
+                _ => unreachable!("CpuWeight::Mapped holds aligned f32 or bf16"),
+            },
+        }
+    }
+
     fn row(&self, r: usize) -> Row<'_> {
         let span = r * self.cols..(r + 1) * self.cols;
         match &self.data {
@@ -161,26 +197,22 @@ impl Backend for Cpu {
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
         assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
         let (t, out_features) = (x.rows, w.rows);
-        // Work on [out, t] so that each thread owns whole weight rows, then transpose.
+        // Work on [out, t] so that each thread owns whole weight rows, then transpose. Rows
+        // go in pairs and tokens in threes through dot_block (bf16 widened in registers),
+        // which sums each dot as a single-token pass does; the rows of a task stay in cache
+        // while every block of tokens passes them.
         const ROWS_PER_TASK: usize = 16;
         let mut out_t = vec![0f32; out_features * t];
+        let cols = x.cols;
+        let tokens: Vec<&[f32]> = x.data.chunks_exact(cols.max(1)).take(t).collect();
+        let task = |chunk: usize, dst: &mut [f32]| match w.matrix() {
+            Row::F32(m) => linear_task(m, cols, chunk * ROWS_PER_TASK, &tokens, dst),
+            Row::Bf16(m) => linear_task(m, cols, chunk * ROWS_PER_TASK, &tokens, dst),
+        };
         out_t
-            .par_chunks_mut(ROWS_PER_TASK * t)
+            .par_chunks_mut(ROWS_PER_TASK * t.max(1))
             .enumerate()
-            .for_each_init(Vec::new, |buf, (chunk, dst)| {
-                for (i, dst_row) in dst.chunks_mut(t).enumerate() {
-                    let r = chunk * ROWS_PER_TASK + i;
-                    match (w.row(r), t) {
-                        (Row::Bf16(b), 1) => dst_row[0] = dot_bf16(b, &x.data),
-                        _ => {
-                            let wr = w.row_f32(r, buf);
-                            for (tok, d) in dst_row.iter_mut().enumerate() {
-                                *d = dot(wr, &x.data[tok * x.cols..(tok + 1) * x.cols]);
-                            }
-                        }
-                    }
-                }
-            });
+            .for_each(|(chunk, dst)| task(chunk, dst));
         let bias = bias.map(CpuWeight::vector);
         let mut data = vec![0f32; t * out_features];
         for (r, col) in out_t.chunks(t.max(1)).enumerate() {
@@ -380,90 +412,4 @@ impl Backend for Cpu {
     fn cols(&self, x: &CpuTensor) -> usize {
         x.cols
     }
-}
-
-static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
-
-/// Σ a·b in f32, sixteen partial sums (vectorized; AVX2 where the CPU has it).
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX2_FMA {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-/// Σ bf16(a)·b, widening as it goes.
-fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX2_FMA {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { dot_bf16_avx2(a, b) };
-    }
-    dot_bf16_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(a: &[bf16], b: &[f32]) -> f32 {
-    dot_bf16_lanes(a, b)
-}
-
-const LANES: usize = 16;
-
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn dot_bf16_lanes(a: &[bf16], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let widen = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| widen(*x) * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += widen(x[i]) * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -5,6 +5,7 @@ pub mod conv;
 pub mod cpu;
 pub mod cpu_conv;
 pub mod cpu_dit;
+mod cpu_dot;
 pub mod cpu_stream;
 pub mod cuda;
 pub mod dit;
