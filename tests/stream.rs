@@ -694,15 +694,14 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
     use ferry::backend::Backend;
     use ferry::model::Checkpoint;
     use ferry::model::{Architecture, ResidentWeights};
-    use ferry::stream::cost::planner_groups;
 
     // The fixtures (f32), and a bf16 Llama whose head is large enough to stream in pieces.
-    let mut cases: Vec<(String, Checkpoint, DType)> = common::ARCHS
+    let mut cases: Vec<(String, Checkpoint)> = common::ARCHS
         .iter()
         .map(|a| {
             let dir = common::fixture(a);
             let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
-            (a.to_string(), ckpt, DType::F32)
+            (a.to_string(), ckpt)
         })
         .collect();
     let mut wide = Preset::by_name("tiny").unwrap();
@@ -710,11 +709,10 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
     cases.push((
         "tiny, vocab 4096 (bf16)".into(),
         ferry::synth::synthetic_checkpoint(&wide, 7, DType::BF16).unwrap(),
-        DType::BF16,
     ));
 
     let mut split_heads = 0;
-    for (name, ckpt, dtype) in &cases {
+    for (name, ckpt) in &cases {
         let model = Llama::new(ckpt.config.clone());
         let tensors = ferry::stream::GroupTensors::of(ckpt, &model).unwrap();
         let vocab = ckpt.config.vocab_size as u32;
@@ -731,19 +729,9 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
             past: 0,
         };
         let cost = model.pass_cost(shape);
-        let groups = planner_groups(&model, &bytes, *dtype, shape, &CostModel::ASSUMED);
         let fixed = cost.cache + cost.workspace;
-        let request = |budget| PlanRequest {
-            groups: groups.clone(),
-            budget,
-            kv_cache: cost.cache,
-            workspace: cost.workspace,
-            cublas_workspace: 0,
-            reserve: 0,
-            h2d_gbps: 25.0,
-            slot_size: SlotSize::Auto,
-        };
-        let least = least_budget(&request(fixed)).budget;
+        let request = |budget| common::cpu_request(&model, ckpt, shape, budget);
+        let least = common::least_budget(&request(fixed)).budget;
         let mut streamed_plans = 0;
         // From the least that plans to all resident; without and with a copy speed (so that
         // the compute side waits, and copies queue behind releases).
@@ -806,24 +794,4 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
         );
     }
     assert!(split_heads > 0, "some plan streams the head in pieces");
-}
-
-/// `request` at the least budget that plans (found by bisection: the planner is a pure
-/// function of its request).
-fn least_budget(request: &PlanRequest) -> PlanRequest {
-    let at = |budget| PlanRequest {
-        budget,
-        ..request.clone()
-    };
-    let (mut lo, mut hi) = (request.budget, request.budget.max(1) * 64);
-    assert!(plan(&at(hi)).is_ok(), "plans at some budget");
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if plan(&at(mid)).is_ok() {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    at(hi)
 }

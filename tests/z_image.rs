@@ -617,3 +617,75 @@ fn bad_inputs_are_typed_errors() {
     );
     assert!(e.contains("axes_lens"), "{e}");
 }
+
+#[test]
+fn the_dit_streamed_on_the_cpu_equals_resident_bit_for_bit() {
+    use ferry::backend::cpu_stream::{cpu_streamed_weights, HostStorage};
+    use ferry::diffuse::pipeline::gaussian_noise;
+    use ferry::model::z_image::padded;
+    use ferry::model::PassShape;
+    use ferry::stream::{plan, BudgetAllocator, GroupTensors, Purpose};
+
+    // Blocks larger than the embedders (width 128), random bf16 weights: the streaming loop
+    // that ships on the GPU, over the CPU copy engine.
+    let json = serde_json::json!({
+        "_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
+        "axes_dims": [8, 12, 12], "axes_lens": [1024, 512, 512], "cap_feat_dim": 32, "dim": 128,
+        "in_channels": 16, "n_heads": 4, "n_kv_heads": 4, "n_layers": 3, "n_refiner_layers": 1,
+        "norm_eps": 1e-5, "qk_norm": true, "rope_theta": 256.0, "t_scale": 1000.0,
+    });
+    let dit = ZImage::new(ZImageConfig::from_json(Path::new("test/config.json"), &json).unwrap());
+    let tr = ferry::synth::random_component(
+        "transformer",
+        "ZImageTransformer2DModel",
+        json,
+        dit.groups(),
+        9,
+    );
+    // Two samples with captions of different lengths, 8×8 latents.
+    let (h, w) = (8, 8);
+    let latents = gaussian_noise(5, 2 * 16 * h * w);
+    let captions = [gaussian_noise(6, 20 * 32), gaussian_noise(7, 45 * 32)];
+    let caps: Vec<&[f32]> = captions.iter().map(Vec::as_slice).collect();
+    let input = DitInput {
+        latents: &latents,
+        height: h,
+        width: w,
+        t: &[0.25, 0.75],
+        captions: &caps,
+    };
+    let mut rw = ResidentWeights::load(&tr, dit.groups(), |t| Cpu.weight(t)).unwrap();
+    let want = dit.forward(&Cpu, &mut rw, &input).unwrap();
+
+    let shape = PassShape {
+        tokens: padded(16) + padded(45),
+        batch: 2,
+        past: 0,
+    };
+    let cost = dit.pass_cost(shape);
+    let fixed = cost.cache + cost.workspace;
+    let least = common::least_budget(&common::cpu_request(&dit, &tr, shape, fixed)).budget;
+    let all = fixed + tr.bytes();
+    let model = GroupTensors::of(&tr, &dit).unwrap();
+    let mut streamed = 0;
+    for share in [0.0, 0.3, 0.7, 1.0] {
+        let budget = least + (share * (all - least) as f64) as usize;
+        let p = plan(&common::cpu_request(&dit, &tr, shape, budget)).unwrap();
+        streamed += !p.pieces.is_empty() as usize;
+        let alloc = BudgetAllocator::new(HostStorage, p.budget);
+        let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
+        let (mut weights, _residents) = cpu_streamed_weights(&model, p, &alloc, Some(0.2)).unwrap();
+        // Two steps: the second starts from the prefetch that wrapped around.
+        for step in 0..2 {
+            let got = dit.forward(&Cpu, &mut weights, &input).unwrap();
+            assert!(
+                got.iter()
+                    .map(|v| v.to_bits())
+                    .eq(want.iter().map(|v| v.to_bits())),
+                "{share} of the way from the least budget, step {step}: streamed differs"
+            );
+        }
+        assert!(alloc.peak() <= alloc.budget(), "over the budget");
+    }
+    assert!(streamed >= 2, "only {streamed} budgets streamed");
+}

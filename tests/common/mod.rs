@@ -84,3 +84,60 @@ pub fn read_reference(path: &std::path::Path) -> std::collections::BTreeMap<Stri
     }
     out
 }
+
+/// `request` at the least budget that plans (found by bisection: the planner is a pure
+/// function of its request, and more budget never plans worse).
+pub fn least_budget(request: &ferry::stream::PlanRequest) -> ferry::stream::PlanRequest {
+    use ferry::stream::{plan, PlanRequest};
+    let at = |budget| PlanRequest {
+        budget,
+        ..request.clone()
+    };
+    let (mut lo, mut hi) = (request.budget, request.budget.max(1) * 64);
+    assert!(plan(&at(hi)).is_ok(), "plans at some budget");
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if plan(&at(mid)).is_ok() {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    at(hi)
+}
+
+/// The planner's request for passes of `shape` of `arch` within `budget` on the CPU copy
+/// engine: bytes as stored, the architecture's cache and workspace, no CUDA reserves.
+pub fn cpu_request(
+    arch: &dyn ferry::model::Architecture,
+    tensors: &dyn ferry::checkpoint::Tensors,
+    shape: ferry::model::PassShape,
+    budget: usize,
+) -> ferry::stream::PlanRequest {
+    use ferry::stream::cost::{planner_groups, CostModel};
+    let bytes: Vec<usize> = arch
+        .groups()
+        .iter()
+        .map(|g| {
+            g.tensors
+                .iter()
+                .map(|t| tensors.tensor(&t.name).unwrap().bytes().len())
+                .sum()
+        })
+        .collect();
+    let dtype = tensors
+        .tensor(&arch.groups()[0].tensors[0].name)
+        .unwrap()
+        .dtype;
+    let cost = arch.pass_cost(shape);
+    ferry::stream::PlanRequest {
+        groups: planner_groups(arch, &bytes, dtype, shape, &CostModel::ASSUMED),
+        budget,
+        kv_cache: cost.cache,
+        workspace: cost.workspace,
+        cublas_workspace: 0,
+        reserve: 0,
+        h2d_gbps: 25.0,
+        slot_size: ferry::stream::SlotSize::Auto,
+    }
+}
