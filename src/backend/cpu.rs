@@ -34,6 +34,9 @@ enum Row<'a> {
     Bf16(&'a [bf16]),
 }
 
+/// Tokens in a pass from which [`Cpu::linear`] widens bf16 rows once per task.
+const WIDEN_FROM_TOKENS: usize = 8;
+
 /// `dst[i * t + j] = w row (first + i) · token j` for the rows of one task, `w` row-major
 /// with `cols` columns.
 fn linear_task<E: Elem>(w: &[E], cols: usize, first: usize, tokens: &[&[f32]], dst: &mut [f32]) {
@@ -205,14 +208,25 @@ impl Backend for Cpu {
         let mut out_t = vec![0f32; out_features * t];
         let cols = x.cols;
         let tokens: Vec<&[f32]> = x.data.chunks_exact(cols.max(1)).take(t).collect();
-        let task = |chunk: usize, dst: &mut [f32]| match w.matrix() {
-            Row::F32(m) => linear_task(m, cols, chunk * ROWS_PER_TASK, &tokens, dst),
-            Row::Bf16(m) => linear_task(m, cols, chunk * ROWS_PER_TASK, &tokens, dst),
-        };
+        // A long pass widens a task's bf16 rows to f32 once, for every block of tokens to
+        // read; a short one (decode) widens in registers and reads each weight once.
+        let widen_once = t >= WIDEN_FROM_TOKENS;
         out_t
             .par_chunks_mut(ROWS_PER_TASK * t.max(1))
             .enumerate()
-            .for_each(|(chunk, dst)| task(chunk, dst));
+            .for_each_init(Vec::new, |wide, (chunk, dst)| {
+                let first = chunk * ROWS_PER_TASK;
+                match w.matrix() {
+                    Row::F32(m) => linear_task(m, cols, first, &tokens, dst),
+                    Row::Bf16(m) if widen_once => {
+                        let rows = m[first * cols..(first + dst.len() / t) * cols].iter();
+                        wide.clear();
+                        wide.extend(rows.map(|v| v.to_f32()));
+                        linear_task(wide, cols, 0, &tokens, dst);
+                    }
+                    Row::Bf16(m) => linear_task(m, cols, first, &tokens, dst),
+                }
+            });
         let bias = bias.map(CpuWeight::vector);
         let mut data = vec![0f32; t * out_features];
         for (r, col) in out_t.chunks(t.max(1)).enumerate() {
