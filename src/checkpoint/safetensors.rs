@@ -150,3 +150,21 @@ pub fn write(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> R
     }
     file.flush().map_err(|e| Error::io(path, e))
 }
+
+/// Every tensor of `path` by name.
+pub fn read_map(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    Ok(read(path)?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
+}
+
+/// What comes before `anchor` in the shortest tensor name of `tensors` that ends with it
+/// (`""`, or a wrapper's prefix such as `model.diffusion_model.`), or None when no name does.
+pub fn prefix_before(tensors: &BTreeMap<String, HostTensor>, anchor: &str) -> Option<String> {
+    tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(anchor))
+        .min_by_key(|p| p.len())
+        .map(str::to_string)
+}

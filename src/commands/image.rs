@@ -1,7 +1,7 @@
 //! `ferry image`: text to image with a diffusers Z-Image pipeline.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,7 +10,7 @@ use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
 use ferry::diffuse::guidance::Guidance;
 use ferry::diffuse::pipeline::{
-    gaussian_noise, Compute, ImageRequest, ZImagePipeline, SIZE_MULTIPLE,
+    gaussian_noise, Compute, ImageRequest, SplitFiles, ZImagePipeline, SIZE_MULTIPLE,
 };
 use ferry::diffuse::png::{self, Parameters};
 use ferry::runtime::open_device;
@@ -23,8 +23,23 @@ use super::HostMemoryArg;
 pub struct ImageArgs {
     /// A diffusers Z-Image directory (model_index.json, transformer/, text_encoder/,
     /// tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
-    #[arg(long, short)]
-    model: String,
+    #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
+    model: Option<String>,
+    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's original
+    /// names or diffusers'), with --text-encoder and --vae.
+    #[arg(long, value_name = "FILE.safetensors", requires_all = ["text_encoder", "vae"])]
+    dit: Option<PathBuf>,
+    /// The Qwen3 text encoder file of the split files (qwen_3_4b.safetensors).
+    #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
+    text_encoder: Option<PathBuf>,
+    /// The VAE file of the split files (Flux's ae.safetensors).
+    #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
+    vae: Option<PathBuf>,
+    /// The tokenizer for split files: a tokenizer.json, or a folder with one (a Z-Image
+    /// pipeline's tokenizer/ or the pipeline itself). Default: Tongyi-MAI/Z-Image-Turbo's in
+    /// the Hugging Face cache.
+    #[arg(long, value_name = "DIR|tokenizer.json", requires = "dit")]
+    tokenizer: Option<PathBuf>,
     #[arg(long, short)]
     prompt: String,
     /// What the image should not show (with --guidance > 0).
@@ -104,8 +119,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
     }
     check_writable(&args.out)?;
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    let dir = resolve_model_path(&args.model)?;
-    let pipe = ZImagePipeline::open(&dir)?;
+    let (pipe, model) = open_pipeline(&args)?;
     let gpu = open_device(args.device, vram)?;
     let compute = match &gpu {
         None => Compute::Cpu,
@@ -148,10 +162,6 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let images = pipe.generate(&compute, &request, |_| bar.inc(1))?;
     bar.finish_and_clear();
 
-    let model = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| args.model.clone());
     let params = Parameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -214,6 +224,61 @@ pub fn image(args: ImageArgs) -> Result<()> {
         eprintln!("[wrote {}]", p.display());
     }
     Ok(())
+}
+
+/// The pipeline of `--model`, or of the split files `--dit`, `--text-encoder`, `--vae` (clap
+/// makes sure that one or the other is given whole), and the model's name for the PNG.
+fn open_pipeline(args: &ImageArgs) -> Result<(ZImagePipeline, String)> {
+    let name = |p: &Path, fallback: &str| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| fallback.to_string())
+    };
+    if let Some(model) = &args.model {
+        let dir = resolve_model_path(model)?;
+        return Ok((ZImagePipeline::open(&dir)?, name(&dir, model)));
+    }
+    let (Some(dit), Some(text_encoder), Some(vae)) = (&args.dit, &args.text_encoder, &args.vae)
+    else {
+        return Err(Error::Flag {
+            flag: "--dit",
+            message: "expected --model DIR, or --dit, --text-encoder and --vae together".into(),
+        });
+    };
+    let tokenizer = tokenizer_file(args.tokenizer.as_deref())?;
+    let files = SplitFiles {
+        dit,
+        text_encoder,
+        vae,
+        tokenizer: &tokenizer,
+    };
+    Ok((ZImagePipeline::open_split(&files)?, name(dit, "dit")))
+}
+
+/// The tokenizer.json of `--tokenizer` (a file, a folder holding one, or a pipeline's folder
+/// holding tokenizer/), or of Z-Image-Turbo in the Hugging Face cache.
+fn tokenizer_file(given: Option<&Path>) -> Result<PathBuf> {
+    const FILE: &str = "tokenizer.json";
+    let Some(given) = given else {
+        let cached = resolve_model_path("Tongyi-MAI/Z-Image-Turbo")
+            .ok()
+            .map(|dir| dir.join("tokenizer").join(FILE))
+            .filter(|f| f.is_file());
+        return cached.ok_or_else(|| Error::Flag {
+            flag: "--tokenizer",
+            message: "split files carry no tokenizer; give --tokenizer DIR|tokenizer.json (Z-Image-Turbo's tokenizer/ folder); Tongyi-MAI/Z-Image-Turbo is not in the Hugging Face cache".into(),
+        });
+    };
+    if !given.is_dir() {
+        return Ok(given.to_path_buf());
+    }
+    [given.join(FILE), given.join("tokenizer").join(FILE)]
+        .into_iter()
+        .find(|f| f.is_file())
+        .ok_or_else(|| Error::NotFound {
+            path: given.join(FILE),
+            expected: "--tokenizer: a tokenizer.json, or a folder with one (or with tokenizer/tokenizer.json)".into(),
+        })
 }
 
 /// `--size WxH`, or `--width`/`--height` (each defaulting to 1024), multiples of 16.

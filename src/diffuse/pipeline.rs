@@ -2,7 +2,7 @@
 //! prompt (and the negative prompt when guiding), the DiT denoises the latents step by step,
 //! the VAE decodes them, and the images come out as 8-bit RGB.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,8 +17,9 @@ use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
-use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae, VaeWeights};
-use crate::model::z_image::{padded, ZImage, ZImageConfig};
+use crate::generate::TextCodec;
+use crate::model::vae::{open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights};
+use crate::model::z_image::{open_dit_file, padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
 use crate::runtime::{stream_weights, StreamSetup};
 
@@ -93,7 +94,8 @@ impl Compute<'_> {
 /// CPU); the text encoder's and the DiT's weights are placed per generation, one phase at a
 /// time, on the device the generation runs on.
 pub struct ZImagePipeline {
-    pub pipeline: Pipeline,
+    text_encoder: Component,
+    transformer: Component,
     encoder: TextEncoder,
     dit: ZImage,
     vae: Vae<Cpu>,
@@ -101,6 +103,30 @@ pub struct ZImagePipeline {
     vae_weights: VaeWeights,
     scheduler: FlowMatchConfig,
     pub load_seconds: f64,
+}
+
+/// A Z-Image model as ComfyUI's split files: one file each for the DiT, the text encoder and
+/// the VAE (their names mapped to diffusers'), and a tokenizer from elsewhere.
+pub struct SplitFiles<'a> {
+    pub dit: &'a Path,
+    pub text_encoder: &'a Path,
+    pub vae: &'a Path,
+    /// A `tokenizer.json`, with its `tokenizer_config.json` beside it if there is one.
+    pub tokenizer: &'a Path,
+}
+
+/// The parts of a pipeline before they are checked against each other.
+struct Parts {
+    text_encoder: Component,
+    encoder: TextEncoder,
+    transformer: Component,
+    dit: ZImage,
+    /// Named when the DiT disagrees with the text encoder or the VAE.
+    dit_source: PathBuf,
+    vae_weights: VaeWeights,
+    /// Named when the VAE disagrees with the DiT.
+    vae_source: PathBuf,
+    scheduler: FlowMatchConfig,
 }
 
 impl ZImagePipeline {
@@ -113,7 +139,7 @@ impl ZImagePipeline {
                 expected: "a diffusers pipeline directory (model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/)".into(),
             });
         }
-        let pipeline = Pipeline::open(dir)?;
+        let mut pipeline = Pipeline::open(dir)?;
         if pipeline.class_name != "ZImagePipeline" {
             return Err(Error::checkpoint(
                 dir.join("model_index.json"),
@@ -127,40 +153,83 @@ impl ZImagePipeline {
         let tr = pipeline.component("transformer")?;
         let (path, json) = tr.config()?;
         let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
-        if dit.config.cap_feat_dim != encoder.model.config.hidden_size {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "cap_feat_dim {} does not match the text encoder's hidden_size {}",
-                    dit.config.cap_feat_dim, encoder.model.config.hidden_size
-                ),
-            ));
-        }
-        dit.check_tensors(tr)?;
-
-        let vae_dir = &pipeline.component("vae")?.dir;
-        let vae_weights = open_vae(vae_dir)?;
-        let vae = Vae::load(&Cpu, &vae_weights)?;
-        if vae.config().latent_channels != dit.config.in_channels {
-            return Err(Error::checkpoint(
-                vae_dir.join("config.json"),
-                format!(
-                    "latent_channels {} does not match the transformer's in_channels {}",
-                    vae.config().latent_channels,
-                    dit.config.in_channels
-                ),
-            ));
-        }
+        let dit_source = path.to_path_buf();
+        let vae_dir = pipeline.component("vae")?.dir.clone();
+        let vae_weights = open_vae(&vae_dir)?;
         let sc = pipeline.component("scheduler")?;
         let (path, json) = sc.config()?;
         let scheduler = FlowMatchConfig::from_json(path, json)?;
-        Ok(ZImagePipeline {
-            pipeline,
+        let mut take = |name: &str| {
+            pipeline
+                .components
+                .remove(name)
+                .expect("the component was found above")
+        };
+        let parts = Parts {
+            text_encoder: take("text_encoder"),
             encoder,
+            transformer: take("transformer"),
             dit,
-            vae,
+            dit_source,
             vae_weights,
+            vae_source: vae_dir.join("config.json"),
             scheduler,
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Open ComfyUI's split files of Z-Image, each file's layout found from its tensor
+    /// names; the scheduler is Z-Image-Turbo's ([`FlowMatchConfig::z_image_turbo`]).
+    pub fn open_split(files: &SplitFiles<'_>) -> Result<ZImagePipeline> {
+        let start = Instant::now();
+        let text = TextCodec::from_tokenizer_file(files.tokenizer)?;
+        let (encoder, text_encoder) = TextEncoder::open_file(files.text_encoder, text)?;
+        let (config, transformer) = open_dit_file(files.dit)?;
+        let parts = Parts {
+            text_encoder,
+            encoder,
+            transformer,
+            dit: ZImage::new(config),
+            dit_source: files.dit.to_path_buf(),
+            vae_weights: open_flux_vae_file(files.vae)?,
+            vae_source: files.vae.to_path_buf(),
+            scheduler: FlowMatchConfig::z_image_turbo(),
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Check the parts against each other (widths, latent channels, the DiT's tensors) and
+    /// load the VAE.
+    fn assemble(p: Parts, start: Instant) -> Result<ZImagePipeline> {
+        if p.dit.config.cap_feat_dim != p.encoder.model.config.hidden_size {
+            return Err(Error::checkpoint(
+                &p.dit_source,
+                format!(
+                    "cap_feat_dim {} does not match the text encoder's hidden_size {}",
+                    p.dit.config.cap_feat_dim, p.encoder.model.config.hidden_size
+                ),
+            ));
+        }
+        p.dit.check_tensors(&p.transformer)?;
+        let vae = Vae::load(&Cpu, &p.vae_weights)?;
+        if vae.config().latent_channels != p.dit.config.in_channels {
+            return Err(Error::checkpoint(
+                &p.vae_source,
+                format!(
+                    "latent_channels {} does not match the transformer's in_channels {}",
+                    vae.config().latent_channels,
+                    p.dit.config.in_channels
+                ),
+            ));
+        }
+        Ok(ZImagePipeline {
+            text_encoder: p.text_encoder,
+            transformer: p.transformer,
+            encoder: p.encoder,
+            dit: p.dit,
+            vae,
+            vae_weights: p.vae_weights,
+            scheduler: p.scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -265,7 +334,7 @@ impl ZImagePipeline {
                 past: 0,
             };
             let mut log = StreamLog::default();
-            let te = self.pipeline.component("text_encoder")?;
+            let te = &self.text_encoder;
             let mut weights = place(te, &self.encoder.model, shape, &mut log)?;
             let prompt = self.encoder.encode(backend, &mut weights, &ids)?;
             let negative = match &negative_ids {
@@ -293,8 +362,7 @@ impl ZImagePipeline {
             past: 0,
         };
         let mut log = StreamLog::default();
-        let tr = self.pipeline.component("transformer")?;
-        let mut weights = place(tr, &self.dit, shape, &mut log)?;
+        let mut weights = place(&self.transformer, &self.dit, shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,

@@ -336,6 +336,109 @@ pub fn open_vae_file(path: &Path, config: VaeConfig) -> Result<VaeWeights> {
     })
 }
 
+/// Open a single-file VAE of Flux's kind, as ComfyUI loads one (`split_files/vae/
+/// ae.safetensors`: BFL's names, [`bfl_name`]; or diffusers' names in one file), whose config
+/// is not in the file: the channel counts, levels and resnets per level come from the
+/// decoder's shapes; the GroupNorm's 32 groups, the latent scale and shift are Flux's
+/// ([`VaeConfig::flux`], as ComfyUI fixes them too). An unknown layout is refused naming a
+/// tensor each layout has.
+pub fn open_flux_vae_file(path: &Path) -> Result<VaeWeights> {
+    let tensors = safetensors::read_map(path)?;
+    const ANCHOR: &str = "decoder.conv_in.weight";
+    let prefix = safetensors::prefix_before(&tensors, ANCHOR).ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor {ANCHOR} (a VAE decoder)"),
+        )
+    })?;
+    let has = |name: &str| tensors.contains_key(&format!("{prefix}{name}"));
+    let count = |stem: &dyn Fn(usize) -> String| (0..).take_while(|&i| has(&stem(i))).count();
+    let (naming, levels) = if has("decoder.mid.block_1.conv1.weight") {
+        let levels = count(&|i| format!("decoder.up.{i}.block.0.conv1.weight"));
+        (
+            Naming::Bfl {
+                prefix: prefix.clone(),
+            },
+            levels,
+        )
+    } else if has("decoder.mid_block.resnets.0.conv1.weight") {
+        let levels = count(&|i| format!("decoder.up_blocks.{i}.resnets.0.conv1.weight"));
+        (Naming::Diffusers, levels)
+    } else {
+        return Err(Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor {prefix}decoder.mid.block_1.conv1.weight (BFL / ComfyUI names) or {prefix}decoder.mid_block.resnets.0.conv1.weight (diffusers names)"),
+        ));
+    };
+    // The stored name of a diffusers decoder tensor.
+    let stored = |name: &str| match &naming {
+        Naming::Diffusers => format!("{prefix}{name}"),
+        Naming::Bfl { .. } => format!("{prefix}{}", bfl_name(name, levels)),
+    };
+    let dims = |name: &str| -> Result<Vec<usize>> {
+        let name = stored(name);
+        let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+        })?;
+        match t.shape.len() == 4 && !t.shape.contains(&0) {
+            true => Ok(t.shape.clone()),
+            false => Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?} is {:?}; expected a conv weight [out, in, k, k]",
+                    t.shape
+                ),
+            )),
+        }
+    };
+    if levels == 0 {
+        return Err(Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: stored("decoder.up_blocks.0.resnets.0.conv1.weight"),
+        });
+    }
+    // diffusers' up block i runs at level levels-1-i; its resnets' out channels are that
+    // level's block_out_channels.
+    let mut block_out_channels = vec![0; levels];
+    for (i, c) in block_out_channels.iter_mut().rev().enumerate() {
+        *c = dims(&format!("decoder.up_blocks.{i}.resnets.0.conv1.weight"))?[0];
+    }
+    let resnets = (0..)
+        .take_while(|j| {
+            tensors.contains_key(&stored(&format!(
+                "decoder.up_blocks.0.resnets.{j}.conv1.weight"
+            )))
+        })
+        .count();
+    let config = VaeConfig {
+        latent_channels: dims("decoder.conv_in.weight")?[1],
+        out_channels: dims("decoder.conv_out.weight")?[0],
+        block_out_channels,
+        layers_per_block: resnets - 1, // the encoder's count; the decoder has one more
+        up_block_types: vec![UP_BLOCK.into(); levels],
+        use_post_quant_conv: tensors.contains_key(&format!("{prefix}post_quant_conv.weight")),
+        mid_block_add_attention: tensors
+            .contains_key(&stored("decoder.mid_block.attentions.0.to_q.weight")),
+        ..VaeConfig::flux()
+    };
+    config.check(path)?;
+    // diffusers names are bound as they are: drop a wrapper's prefix.
+    let tensors = match naming {
+        Naming::Diffusers if !prefix.is_empty() => tensors
+            .into_iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+            .collect(),
+        _ => tensors,
+    };
+    Ok(VaeWeights {
+        path: path.to_path_buf(),
+        config,
+        tensors,
+        naming,
+    })
+}
+
 /// `diffusion_pytorch_model.safetensors`, or the shards its index names.
 fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     const SINGLE: &str = "diffusion_pytorch_model.safetensors";
