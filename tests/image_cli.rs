@@ -125,6 +125,40 @@ fn images_match_diffusers_to_one_level_per_pixel() {
     }
 }
 
+/// `--stats` and `--json` say where and how the VAE decoded (on the CPU: whole).
+#[test]
+fn the_vae_decode_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let m = fixture();
+    let args = [
+        "image",
+        "--device",
+        "cpu",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--size",
+        "64x48",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--stats",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = ferry(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("[VAE decode: cpu, whole]"), "{err}");
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["vae"]["device"], "cpu");
+    assert_eq!(summary["vae"]["tiling"], "whole");
+}
+
 #[test]
 fn bad_inputs_get_one_line_errors_and_leave_no_png() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,6 +175,10 @@ fn bad_inputs_get_one_line_errors_and_leave_no_png() {
         (vec!["--batch", "0"], "--batch"),
         (vec!["--guidance", "-1"], "--guidance"),
         (vec!["--device", "cpu", "--vram", "1GiB"], "--vram"),
+        (
+            vec!["--device", "cpu", "--vae-device", "cuda"],
+            "--vae-device",
+        ),
         (
             vec!["--size", "64x48", "--noise", wrong_noise.to_str().unwrap()],
             "expected shape [1, 16, 6, 8]",

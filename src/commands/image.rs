@@ -3,18 +3,20 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
 use ferry::diffuse::guidance::Guidance;
 use ferry::diffuse::pipeline::{
-    gaussian_noise, Compute, ImageRequest, SplitFiles, ZImagePipeline, SIZE_MULTIPLE,
+    gaussian_noise, Compute, ImageRequest, SplitFiles, VaeDecode, VaeDevice, ZImagePipeline,
+    SIZE_MULTIPLE,
 };
 use ferry::diffuse::png::{self, Parameters};
+use ferry::model::vae::Tiling;
 use ferry::runtime::open_device;
-use ferry::stream::Vram;
+use ferry::stream::{human_bytes, Vram};
 use ferry::{Error, Result};
 
 use super::HostMemoryArg;
@@ -81,6 +83,11 @@ pub struct ImageArgs {
     /// DiT). Default: each phase's weights uploaded whole.
     #[arg(long, value_name = "SIZE|auto")]
     vram: Option<String>,
+    /// Where the VAE decodes: auto (where the other phases run), cpu (f32, leaving the GPU's
+    /// memory to the DiT), or cuda (the GPU the other phases use). On the GPU it decodes whole
+    /// when the image's activations fit what the budget leaves, else in tiles.
+    #[arg(long, value_enum, default_value_t = VaeDeviceFlag::Auto)]
+    vae_device: VaeDeviceFlag,
     #[command(flatten)]
     host_memory: HostMemoryArg,
     /// Print each phase's time, and with --vram each streamed phase's plan and passes.
@@ -89,6 +96,13 @@ pub struct ImageArgs {
     /// Print a JSON summary on standard output.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum VaeDeviceFlag {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 pub fn image(args: ImageArgs) -> Result<()> {
@@ -121,11 +135,22 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let (pipe, model) = open_pipeline(&args)?;
     let gpu = open_device(args.device, vram)?;
-    let compute = match &gpu {
-        None => Compute::Cpu,
-        Some(gpu) => Compute::Cuda {
+    let compute = match (&gpu, args.vae_device) {
+        (None, VaeDeviceFlag::Cuda) => {
+            return Err(Error::Flag {
+                flag: "--vae-device",
+                message: "cuda: the other phases run on the CPU; expected --device cuda with it"
+                    .into(),
+            })
+        }
+        (None, _) => Compute::Cpu,
+        (Some(gpu), flag) => Compute::Cuda {
             gpu,
             stream: vram.map(|_| args.host_memory.host_memory.into()),
+            vae: match flag {
+                VaeDeviceFlag::Cpu => VaeDevice::Cpu,
+                VaeDeviceFlag::Auto | VaeDeviceFlag::Cuda => VaeDevice::Gpu,
+            },
         },
     };
     let device = compute.name();
@@ -187,6 +212,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
             t.load, share(t.load), t.text_encoder, share(t.text_encoder), images.prompt_tokens,
             args.steps, t.denoise, share(t.denoise), t.denoise / args.steps as f64, t.vae, share(t.vae)
         );
+        eprintln!("[VAE decode: {}]", vae_summary(&images.vae));
         for s in &images.streamed {
             eprintln!("[{}: {}]", s.phase, s.plan.trim_end().replace('\n', "\n  "));
             for (i, p) in s.passes.iter().enumerate() {
@@ -214,6 +240,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
             "guidance": args.guidance, "device": device,
             "prompt_tokens": images.prompt_tokens, "negative_tokens": images.negative_tokens,
             "seconds": {"load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise, "vae": t.vae},
+            "vae": vae_json(&images.vae),
             "streamed": images.streamed.iter().map(|s| serde_json::json!({
                 "phase": s.phase, "plan": s.plan, "passes": s.passes,
             })).collect::<Vec<_>>(),
@@ -224,6 +251,43 @@ pub fn image(args: ImageArgs) -> Result<()> {
         eprintln!("[wrote {}]", p.display());
     }
     Ok(())
+}
+
+/// How the VAE decoded, for `--stats`: `cuda, 3×3 tiles …` or `cpu, whole`.
+fn vae_summary(v: &VaeDecode) -> String {
+    let how = match v.tiling {
+        Tiling::Whole => "whole".to_string(),
+        Tiling::Tiles(t) => format!(
+            "tiles of {0}×{0} latent pixels overlapping by {1}",
+            t.tile(),
+            t.overlap()
+        ),
+    };
+    match (v.weight_bytes, v.activation_bytes) {
+        (Some(w), Some(a)) => format!(
+            "{}, {how}; {} of weights, {} of activations (estimated peak{})",
+            v.device,
+            human_bytes(w),
+            human_bytes(a),
+            if v.tiling == Tiling::Whole {
+                ""
+            } else {
+                " a tile"
+            }
+        ),
+        _ => format!("{}, {how}", v.device),
+    }
+}
+
+fn vae_json(v: &VaeDecode) -> serde_json::Value {
+    let tiling = match v.tiling {
+        Tiling::Whole => serde_json::json!("whole"),
+        Tiling::Tiles(t) => serde_json::json!({"tile": t.tile(), "overlap": t.overlap()}),
+    };
+    serde_json::json!({
+        "device": v.device, "tiling": tiling,
+        "weight_bytes": v.weight_bytes, "activation_bytes": v.activation_bytes,
+    })
 }
 
 /// The pipeline of `--model`, or of the split files `--dit`, `--text-encoder`, `--vae` (clap

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::streaming::{HostMemory, PassStats};
 use crate::backend::cuda::{Cuda, CudaWeight};
+use crate::backend::cuda::{DRIVER_RESERVE, IMAGE_MEMORY};
 use crate::backend::dit::DitOps;
 use crate::backend::Backend;
 use crate::checkpoint::{Component, Pipeline};
@@ -18,10 +19,13 @@ use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
 use crate::generate::TextCodec;
-use crate::model::vae::{open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights};
+use crate::model::vae::{
+    choose_tiling, open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights, MIN_TILE,
+};
 use crate::model::z_image::{open_dit_file, padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
 use crate::runtime::{stream_weights, StreamSetup};
+use crate::stream::human_bytes;
 
 /// Latent pixels per image pixel along each side (the VAE's 8) times the DiT's patch (2):
 /// sizes must be multiples of this.
@@ -59,6 +63,39 @@ pub struct Images {
     pub negative_tokens: usize,
     /// What streaming did in each phase that streamed (`--vram`).
     pub streamed: Vec<PhaseStream>,
+    pub vae: VaeDecode,
+}
+
+/// How the VAE decoded: where, whole or in tiles, and on the GPU the memory it was planned
+/// with.
+#[derive(Clone, Copy, Debug)]
+pub struct VaeDecode {
+    /// "cpu" or "cuda".
+    pub device: &'static str,
+    pub tiling: Tiling,
+    /// On the GPU: the decoder's weights, and the estimated peak of activations of the whole
+    /// image or of one tile ([`VaeConfig::decode_peak_bytes`](crate::model::vae::VaeConfig::decode_peak_bytes)), bytes.
+    pub weight_bytes: Option<usize>,
+    pub activation_bytes: Option<usize>,
+}
+
+impl VaeDecode {
+    const CPU: VaeDecode = VaeDecode {
+        device: "cpu",
+        tiling: Tiling::Whole,
+        weight_bytes: None,
+        activation_bytes: None,
+    };
+}
+
+/// Where the VAE decodes when the other phases run on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaeDevice {
+    /// On the GPU too, within what the budget leaves: whole, or in tiles when the whole
+    /// image's activations would not fit.
+    Gpu,
+    /// On the CPU (f32), leaving the GPU's memory to the other phases.
+    Cpu,
 }
 
 /// One streamed phase: its plan, and every pass's statistics (a denoising step is a pass).
@@ -78,6 +115,7 @@ pub enum Compute<'a> {
     Cuda {
         gpu: &'a Cuda,
         stream: Option<HostMemory>,
+        vae: VaeDevice,
     },
 }
 
@@ -257,9 +295,9 @@ impl ZImagePipeline {
                         Cpu.weight(t)
                     })?))
                 },
-                |latents, shape| self.vae.decode(&Cpu, latents, shape, Tiling::Whole),
+                |latents, shape| self.decode_on_cpu(latents, shape),
             ),
-            Compute::Cuda { gpu, stream } => {
+            Compute::Cuda { gpu, stream, vae } => {
                 gpu.prepare(self.encoder.model.config.head_dim)?;
                 gpu.prepare_dit(self.dit.config.head_dim())?;
                 let place = |c: &Component,
@@ -277,9 +315,9 @@ impl ZImagePipeline {
                     w.log_stats(log.passes.clone());
                     Ok(Box::new(w))
                 };
-                // The decoder's weights (160 MB in bf16) stay resident for the phase.
-                let decode = |latents: &[f32], shape| {
-                    Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, Tiling::Whole)
+                let decode = |latents: &[f32], shape| match vae {
+                    VaeDevice::Gpu => self.decode_on_gpu(gpu, latents, shape),
+                    VaeDevice::Cpu => self.decode_on_cpu(latents, shape),
                 };
                 self.generate_on(gpu, request, on_step, place, decode)
             }
@@ -300,7 +338,7 @@ impl ZImagePipeline {
             PassShape,
             &mut StreamLog,
         ) -> Result<Box<dyn Weights<B::Weight>>>,
-        decode: impl FnOnce(&[f32], [usize; 4]) -> Result<Vec<f32>>,
+        decode: impl FnOnce(&[f32], [usize; 4]) -> Result<(Vec<f32>, VaeDecode)>,
     ) -> Result<Images> {
         let r = request;
         let (h, w) = (r.height / 8, r.width / 8);
@@ -381,7 +419,7 @@ impl ZImagePipeline {
 
         let t = Instant::now();
         let shape = [r.batch, self.latent_channels(), h, w];
-        let image = decode(&latents, shape)?;
+        let (image, vae) = decode(&latents, shape)?;
         let rgb = to_rgb8(&image, [r.batch, 3, r.height, r.width]);
         times.vae = t.elapsed().as_secs_f64();
         Ok(Images {
@@ -393,7 +431,62 @@ impl ZImagePipeline {
             prompt_tokens: ids.len(),
             negative_tokens: negative_ids.map_or(0, |n| n.len()),
             streamed,
+            vae,
         })
+    }
+
+    fn decode_on_cpu(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, VaeDecode)> {
+        let image = self.vae.decode(&Cpu, latents, shape, Tiling::Whole)?;
+        Ok((image, VaeDecode::CPU))
+    }
+
+    /// Decode on the GPU within what the budget leaves once the decoder's weights are
+    /// uploaded (they stay for the phase): whole, or in the largest tiles that fit
+    /// ([`choose_tiling`]); a budget too small for the smallest tile is refused, naming the
+    /// least that would do.
+    fn decode_on_gpu(
+        &self,
+        gpu: &Cuda,
+        latents: &[f32],
+        shape: [usize; 4],
+    ) -> Result<(Vec<f32>, VaeDecode)> {
+        let [_, _, h, w] = shape;
+        let m = IMAGE_MEMORY;
+        let config = &self.vae_weights.config;
+        let weights = self.vae_weights.decoder_bytes(m.element_bytes);
+        let memory = gpu.memory();
+        // What the ledger holds now (the DiT is gone), and the driver's share that it does
+        // not count, as the streaming planner leaves it aside.
+        let held = memory.in_use() + DRIVER_RESERVE;
+        let available = memory.budget().saturating_sub(held + weights);
+        let tiling = choose_tiling(config, h, w, available, m).map_err(|tile| {
+            let f = config.scale_factor();
+            Error::Flag {
+                flag: "--vram",
+                message: format!(
+                    "{} is too small to decode a {}×{} image on the GPU: the VAE needs at least {} ({} held or reserved for the driver, {} of decoder weights, {} for a tile of {MIN_TILE}×{MIN_TILE} latent pixels); give more, or --vae-device cpu",
+                    human_bytes(memory.budget()),
+                    w * f,
+                    h * f,
+                    human_bytes(held + weights + tile),
+                    human_bytes(held),
+                    human_bytes(weights),
+                    human_bytes(tile),
+                ),
+            }
+        })?;
+        let activation = match tiling {
+            Tiling::Whole => config.decode_peak_bytes(h, w, m),
+            Tiling::Tiles(t) => config.decode_peak_bytes(t.tile().min(h), t.tile().min(w), m),
+        };
+        let image = Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, tiling)?;
+        let report = VaeDecode {
+            device: "cuda",
+            tiling,
+            weight_bytes: Some(weights),
+            activation_bytes: Some(activation),
+        };
+        Ok((image, report))
     }
 }
 

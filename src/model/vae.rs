@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backend::conv::{ImageOps, ImageShape};
+use crate::backend::conv::{ImageMemory, ImageOps, ImageShape};
 use crate::checkpoint::{safetensors, HostTensor};
 use crate::error::{Error, Result};
 
@@ -977,48 +977,188 @@ impl<B: ImageOps> Vae<B> {
         }
         Ok(sum)
     }
+}
 
-    /// Bytes of the largest set of activations alive at once when decoding one `h × w`
-    /// latent whole (f32 on the device), an estimate from the decoder's shapes: in a resnet,
-    /// its input, the normed input and the conv output, or the input and two outputs; at an
-    /// upsampler, its input and two upsampled images.
-    pub fn activation_bytes(&self, h: usize, w: usize) -> usize {
-        let rev: Vec<usize> = self
-            .config
-            .block_out_channels
-            .iter()
-            .rev()
-            .copied()
-            .collect();
-        let mut positions = h * w;
-        let resnet = |cin: usize, cout: usize| cin + cin.max(cout) + cout.max(cin);
-        let mut peak = resnet(rev[0], rev[0]) * positions;
-        for (i, &cout) in rev.iter().enumerate() {
-            let cin = if i == 0 { rev[0] } else { rev[i - 1] };
-            peak = peak.max(resnet(cin, cout) * positions);
-            if i + 1 < rev.len() {
-                peak = peak.max(cout * positions * 9); // x, upsampled, conv output (4 + 4)
-                positions *= 4;
-            }
+/// The smallest tile [`choose_tiling`] uses, in latent pixels (128 image pixels): smaller
+/// tiles see too little of the image for the mid-block attention and the GroupNorms.
+pub const MIN_TILE: usize = 16;
+
+impl VaeConfig {
+    /// Bytes of activations alive at once, at most, while one `h × w` latent is decoded whole
+    /// by a backend whose image ops spend memory as `m` says: the decoder's allocations and
+    /// frees replayed in the order of its forward pass (what each op returns, the im2col and
+    /// score blocks while an op runs, the images a block keeps alive until it returns). The
+    /// weights are not included.
+    pub fn decode_peak_bytes(&self, h: usize, w: usize, m: ImageMemory) -> usize {
+        let rev: Vec<usize> = self.block_out_channels.iter().rev().copied().collect();
+        let (top, first) = (rev[0], self.block_out_channels[0]);
+        let mut r = Replay {
+            m,
+            groups: self.norm_num_groups,
+            live: 0,
+            peak: 0,
+        };
+        let mut n = h * w;
+        let z = r.alloc(self.latent_channels * n);
+        if self.use_post_quant_conv {
+            r.alloc(self.latent_channels * n); // a 1×1 conv: a GEMM, no blocks
+            r.free(z);
         }
-        4 * peak
+        let _conv_in = r.conv3(self.latent_channels, top, n); // alive to the end
+        let r0 = r.resnet(top, top, n);
+        let h0 = match self.mid_block_add_attention {
+            true => {
+                let a = r.attention(top, n);
+                r.free(r0);
+                a
+            }
+            false => r0,
+        };
+        let mut h_in = r.resnet(top, top, n);
+        r.free(h0);
+        for (i, &cout) in rev.iter().enumerate() {
+            let cin = if i == 0 { top } else { rev[i - 1] };
+            let mut x = r.resnet(cin, cout, n); // the block's input stays alive
+            for _ in 0..self.layers_per_block {
+                let y = r.resnet(cout, cout, n);
+                r.free(x);
+                x = y;
+            }
+            if i + 1 < rev.len() {
+                let up = r.alloc(cout * 4 * n);
+                let y = r.conv3(cout, cout, 4 * n);
+                r.free(x + up);
+                x = y;
+                n *= 4;
+            }
+            r.free(h_in);
+            h_in = x;
+        }
+        let _norm = r.norm(first, n);
+        let _out = r.conv3(first, self.out_channels, n);
+        r.peak
+    }
+}
+
+/// Allocations and frees in bytes, and the most alive at once (see
+/// [`VaeConfig::decode_peak_bytes`]); each op returns the bytes of the image it made.
+struct Replay {
+    m: ImageMemory,
+    groups: usize,
+    live: usize,
+    peak: usize,
+}
+
+impl Replay {
+    fn alloc_bytes(&mut self, bytes: usize) -> usize {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+        bytes
     }
 
-    /// [`Tiling::Whole`] when decoding an `h × w` latent whole fits `budget` bytes of
-    /// activations ([`activation_bytes`](Self::activation_bytes)), else square tiles as large
-    /// as fit (at least 8 latent pixels), overlapping by a quarter.
-    pub fn tiling_for_budget(&self, h: usize, w: usize, budget: usize) -> Tiling {
-        if self.activation_bytes(h, w) <= budget {
-            return Tiling::Whole;
-        }
-        let tile = (8..h.max(w))
-            .rev()
-            .find(|&t| self.activation_bytes(t.min(h), t.min(w)) <= budget)
-            .unwrap_or(8);
-        Tiling::Tiles(TileConfig {
-            tile,
-            overlap: tile / 4,
+    fn alloc(&mut self, elements: usize) -> usize {
+        self.alloc_bytes(elements * self.m.element_bytes)
+    }
+
+    fn free(&mut self, bytes: usize) {
+        self.live -= bytes;
+    }
+
+    /// A 3×3 conv over `n` positions: its output, and im2col rows in blocks while it runs.
+    fn conv3(&mut self, cin: usize, cout: usize, n: usize) -> usize {
+        let out = self.alloc(cout * n);
+        let row = 9 * cin * self.m.element_bytes;
+        let cols = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
+        self.free(cols);
+        out
+    }
+
+    /// GroupNorm: its sums (two f64 a group) while it runs, then its output.
+    fn norm(&mut self, c: usize, n: usize) -> usize {
+        let sums = self.alloc_bytes(2 * self.groups * 8);
+        let out = self.alloc(c * n);
+        self.free(sums);
+        out
+    }
+
+    /// [`ResnetBlock::forward`]: both norms and convs alive until it returns.
+    fn resnet(&mut self, cin: usize, cout: usize, n: usize) -> usize {
+        let h1n = self.norm(cin, n);
+        let h1 = self.conv3(cin, cout, n);
+        let h2n = self.norm(cout, n);
+        let h2 = self.conv3(cout, cout, n);
+        let out = match cin != cout {
+            true => {
+                let shortcut = self.alloc(cout * n);
+                self.free(h2);
+                shortcut
+            }
+            false => h2,
+        };
+        self.free(h1n + h1 + h2n);
+        out
+    }
+
+    /// [`Attention::forward`]: the norm, q, k, v, vᵀ, the output and a block of scores.
+    fn attention(&mut self, c: usize, n: usize) -> usize {
+        let normed = self.norm(c, n);
+        let qkv = self.alloc(3 * c * n);
+        let vt = self.alloc(c * n);
+        let a = self.alloc(c * n);
+        let row = n * self.m.element_bytes;
+        let scores = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
+        self.free(scores + vt);
+        let out = self.alloc(c * n);
+        self.free(normed + qkv + a);
+        out
+    }
+}
+
+/// How to decode `h × w` latents with `available` bytes of device memory for activations
+/// ([`VaeConfig::decode_peak_bytes`]): whole when that fits, else square tiles, the largest
+/// that fit but at least [`MIN_TILE`], overlapping by a quarter. `Err(bytes)`: not even the
+/// smallest tile fits; it needs `bytes`.
+pub fn choose_tiling(
+    config: &VaeConfig,
+    h: usize,
+    w: usize,
+    available: usize,
+    m: ImageMemory,
+) -> std::result::Result<Tiling, usize> {
+    if config.decode_peak_bytes(h, w, m) <= available {
+        return Ok(Tiling::Whole);
+    }
+    let need = |t: usize| config.decode_peak_bytes(t.min(h), t.min(w), m);
+    let longest = h.max(w);
+    let smallest = MIN_TILE.min(longest);
+    (smallest..longest)
+        .rev()
+        .find(|&t| need(t) <= available)
+        .map(|tile| {
+            Tiling::Tiles(TileConfig {
+                tile,
+                overlap: tile / 4,
+            })
         })
+        .ok_or_else(|| need(smallest))
+}
+
+impl VaeWeights {
+    /// Bytes of the decoder's weights (the tensors under `decoder.` and `post_quant_conv.`)
+    /// at `element_bytes` each, as a backend holds them.
+    pub fn decoder_bytes(&self, element_bytes: usize) -> usize {
+        let prefix = match &self.naming {
+            Naming::Diffusers => "",
+            Naming::Bfl { prefix } => prefix.as_str(),
+        };
+        self.tensors
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(prefix)
+                    .is_some_and(|k| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+            })
+            .map(|(_, t)| t.numel() * element_bytes)
+            .sum()
     }
 }
 
