@@ -200,7 +200,12 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let mut written = Vec::new();
     for (i, rgb) in images.rgb.iter().enumerate() {
         let path = png::numbered(&args.out, i, args.batch);
-        png::write(&path, rgb, width, height, &params)?;
+        // Each file appears whole or not at all (png::write renames a finished file); a
+        // batch appears whole or not at all too.
+        if let Err(e) = png::write(&path, rgb, width, height, &params) {
+            written.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            return Err(e);
+        }
         written.push(path);
     }
     let t = images.times;
