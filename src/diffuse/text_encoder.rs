@@ -1,6 +1,7 @@
 //! The text encoder of an image pipeline: a Llama-family model (Qwen3 for Z-Image) that
 //! returns the hidden state of a layer for the prompt in the tokenizer's chat template.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -53,59 +54,7 @@ impl TextEncoder {
             .take()
             .or(Some(QWEN3_TEMPLATE.into()));
         let tensors = safetensors::read_map(path)?;
-        const EMBED: &str = "embed_tokens.weight";
-        let prefix = safetensors::prefix_before(&tensors, EMBED).ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                format!("unknown layout: expected tensor model.{EMBED} (a Qwen3 text encoder's token embedding)"),
-            )
-        })?;
-        let q_norm = format!("{prefix}layers.0.self_attn.q_norm.weight");
-        let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
-            let t = tensors.get(name).ok_or_else(|| {
-                Error::checkpoint(
-                    path,
-                    format!("unknown layout: expected tensor {name} (a Qwen3 text encoder)"),
-                )
-            })?;
-            match t.shape.len() == rank && !t.shape.contains(&0) {
-                true => Ok(t.shape.clone()),
-                false => Err(Error::checkpoint(
-                    path,
-                    format!(
-                        "tensor {name:?} is {:?}; expected {rank} positive dimensions",
-                        t.shape
-                    ),
-                )),
-            }
-        };
-        let layer = |s: &str| format!("{prefix}layers.0.{s}");
-        let embed = dims(&format!("{prefix}{EMBED}"), 2)?; // [vocab, hidden]
-        let head_dim = dims(&q_norm, 1)?[0];
-        let q = dims(&layer("self_attn.q_proj.weight"), 2)?[0]; // [heads·head_dim, hidden]
-        let kv = dims(&layer("self_attn.k_proj.weight"), 2)?[0];
-        let mlp = dims(&layer("mlp.gate_proj.weight"), 2)?[0]; // [intermediate, hidden]
-        let layers = (0..)
-            .take_while(|i| {
-                tensors.contains_key(&format!("{prefix}layers.{i}.input_layernorm.weight"))
-            })
-            .count();
-        let config = json!({
-            "model_type": "qwen3",
-            "hidden_act": "silu",
-            "vocab_size": embed[0],
-            "hidden_size": embed[1],
-            "intermediate_size": mlp,
-            "num_hidden_layers": layers,
-            "head_dim": head_dim,
-            "num_attention_heads": q / head_dim,
-            "num_key_value_heads": kv / head_dim,
-            "attention_bias": tensors.contains_key(&layer("self_attn.q_proj.bias")),
-            "max_position_embeddings": 40960,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1_000_000.0,
-            "tie_word_embeddings": !tensors.contains_key("lm_head.weight"),
-        });
+        let config = qwen3_config(path, &safetensors::shapes(&tensors))?;
         let component = Component::from_file("text_encoder", path, tensors);
         let model = Self::model_with(&component, path, &config)?;
         Ok((TextEncoder { model, text }, component))
@@ -166,5 +115,83 @@ impl TextEncoder {
             crate::model::Logits::All,
         )?;
         backend.to_host(&hidden)
+    }
+}
+
+/// The config.json of a Qwen3 text encoder whose tensors (transformers' names, with or
+/// without `model.`) have the shapes `tensors`: the widths and counts from the shapes, the
+/// rest Qwen3-4B's.
+fn qwen3_config(path: &Path, tensors: &BTreeMap<String, Vec<usize>>) -> Result<Value> {
+    const EMBED: &str = "embed_tokens.weight";
+    let prefix = safetensors::prefix_before(tensors, EMBED).ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor model.{EMBED} (a Qwen3 text encoder's token embedding)"),
+        )
+    })?;
+    let q_norm = format!("{prefix}layers.0.self_attn.q_norm.weight");
+    let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
+        let shape = tensors.get(name).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("unknown layout: expected tensor {name} (a Qwen3 text encoder)"),
+            )
+        })?;
+        match shape.len() == rank && !shape.contains(&0) {
+            true => Ok(shape.clone()),
+            false => Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?} is {shape:?}; expected {rank} positive dimensions"),
+            )),
+        }
+    };
+    let layer = |s: &str| format!("{prefix}layers.0.{s}");
+    let embed = dims(&format!("{prefix}{EMBED}"), 2)?; // [vocab, hidden]
+    let head_dim = dims(&q_norm, 1)?[0];
+    let q = dims(&layer("self_attn.q_proj.weight"), 2)?[0]; // [heads·head_dim, hidden]
+    let kv = dims(&layer("self_attn.k_proj.weight"), 2)?[0];
+    let mlp = dims(&layer("mlp.gate_proj.weight"), 2)?[0]; // [intermediate, hidden]
+    let layers = (0..)
+        .take_while(|i| tensors.contains_key(&format!("{prefix}layers.{i}.input_layernorm.weight")))
+        .count();
+    Ok(json!({
+        "model_type": "qwen3",
+        "hidden_act": "silu",
+        "vocab_size": embed[0],
+        "hidden_size": embed[1],
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "head_dim": head_dim,
+        "num_attention_heads": q / head_dim,
+        "num_key_value_heads": kv / head_dim,
+        "attention_bias": tensors.contains_key(&layer("self_attn.q_proj.bias")),
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": !tensors.contains_key("lm_head.weight"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen3-4B's shapes (Z-Image-Turbo's text encoder as `ferry synth` writes it) give its
+    /// config.
+    #[test]
+    fn qwen3_4b_shapes_give_its_config() {
+        use crate::checkpoint::DType;
+        use crate::synth::{PipelineComponent, PipelinePreset};
+        let turbo = PipelinePreset::by_name("z-image-turbo").unwrap();
+        let c = PipelineComponent::TextEncoder;
+        let shapes: BTreeMap<String, Vec<usize>> = turbo
+            .tensors(c)
+            .into_iter()
+            .map(|(n, s)| (format!("model.{n}"), s))
+            .collect();
+        let p = Path::new("qwen_3_4b.safetensors");
+        let got = LlamaConfig::from_hf(p, &qwen3_config(p, &shapes).unwrap()).unwrap();
+        let want = LlamaConfig::from_hf(p, &turbo.config(c, DType::BF16)).unwrap();
+        assert_eq!(got, want);
     }
 }

@@ -344,8 +344,31 @@ pub fn open_vae_file(path: &Path, config: VaeConfig) -> Result<VaeWeights> {
 /// tensor each layout has.
 pub fn open_flux_vae_file(path: &Path) -> Result<VaeWeights> {
     let tensors = safetensors::read_map(path)?;
+    let (prefix, naming, config) = flux_vae_layout(path, &safetensors::shapes(&tensors))?;
+    // diffusers names are bound as they are: drop a wrapper's prefix.
+    let tensors = match naming {
+        Naming::Diffusers if !prefix.is_empty() => tensors
+            .into_iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+            .collect(),
+        _ => tensors,
+    };
+    Ok(VaeWeights {
+        path: path.to_path_buf(),
+        config,
+        tensors,
+        naming,
+    })
+}
+
+/// The prefix, naming and config of a single-file VAE whose tensors have the shapes
+/// `tensors` (see [`open_flux_vae_file`]).
+fn flux_vae_layout(
+    path: &Path,
+    tensors: &BTreeMap<String, Vec<usize>>,
+) -> Result<(String, Naming, VaeConfig)> {
     const ANCHOR: &str = "decoder.conv_in.weight";
-    let prefix = safetensors::prefix_before(&tensors, ANCHOR).ok_or_else(|| {
+    let prefix = safetensors::prefix_before(tensors, ANCHOR).ok_or_else(|| {
         Error::checkpoint(
             path,
             format!("unknown layout: expected tensor {ANCHOR} (a VAE decoder)"),
@@ -377,18 +400,15 @@ pub fn open_flux_vae_file(path: &Path) -> Result<VaeWeights> {
     };
     let dims = |name: &str| -> Result<Vec<usize>> {
         let name = stored(name);
-        let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+        let shape = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
         })?;
-        match t.shape.len() == 4 && !t.shape.contains(&0) {
-            true => Ok(t.shape.clone()),
+        match shape.len() == 4 && !shape.contains(&0) {
+            true => Ok(shape.clone()),
             false => Err(Error::checkpoint(
                 path,
-                format!(
-                    "tensor {name:?} is {:?}; expected a conv weight [out, in, k, k]",
-                    t.shape
-                ),
+                format!("tensor {name:?} is {shape:?}; expected a conv weight [out, in, k, k]"),
             )),
         }
     };
@@ -423,20 +443,7 @@ pub fn open_flux_vae_file(path: &Path) -> Result<VaeWeights> {
         ..VaeConfig::flux()
     };
     config.check(path)?;
-    // diffusers names are bound as they are: drop a wrapper's prefix.
-    let tensors = match naming {
-        Naming::Diffusers if !prefix.is_empty() => tensors
-            .into_iter()
-            .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
-            .collect(),
-        _ => tensors,
-    };
-    Ok(VaeWeights {
-        path: path.to_path_buf(),
-        config,
-        tensors,
-        naming,
-    })
+    Ok((prefix, naming, config))
 }
 
 /// `diffusion_pytorch_model.safetensors`, or the shards its index names.
@@ -1283,6 +1290,43 @@ mod tests {
         ] {
             assert_eq!(bfl_name(diffusers, n), bfl, "{diffusers}");
         }
+    }
+
+    /// Flux's VAE as `ferry synth` writes it (diffusers' names, which diffusers loads), and
+    /// renamed as in BFL's ae.safetensors behind a prefix: both give Flux's config.
+    #[test]
+    fn flux_shapes_give_flux_config() {
+        use crate::synth::{PipelineComponent, PipelinePreset};
+        let turbo = PipelinePreset::by_name("z-image-turbo").unwrap();
+        let diffusers: BTreeMap<String, Vec<usize>> =
+            turbo.tensors(PipelineComponent::Vae).into_iter().collect();
+        let bfl: BTreeMap<String, Vec<usize>> = diffusers
+            .iter()
+            .map(|(n, s)| {
+                let name = bfl_name(n, 4);
+                let mut s = s.clone();
+                if name.starts_with("decoder.mid.attn_1.") && s.len() == 2 {
+                    s.extend([1, 1]); // BFL's attention projections are 1×1 convs
+                }
+                (format!("vae.{name}"), s)
+            })
+            .collect();
+        let p = Path::new("ae.safetensors");
+        let flux = format!("{:?}", VaeConfig::flux());
+        let (prefix, naming, config) = flux_vae_layout(p, &bfl).unwrap();
+        assert_eq!(
+            (prefix.as_str(), &naming),
+            (
+                "vae.",
+                &Naming::Bfl {
+                    prefix: "vae.".into()
+                }
+            )
+        );
+        assert_eq!(format!("{config:?}"), flux);
+        let (prefix, naming, config) = flux_vae_layout(p, &diffusers).unwrap();
+        assert_eq!((prefix.as_str(), naming), ("", Naming::Diffusers));
+        assert_eq!(format!("{config:?}"), flux);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub fn open_dit_file(path: &Path) -> Result<(ZImageConfig, Component)> {
             tensors.insert(t.name.clone(), t);
         }
     }
-    let config = infer_config(path, &tensors)?;
+    let config = infer_config(path, &safetensors::shapes(&tensors))?;
     Ok((config, Component::from_file("transformer", path, tensors)))
 }
 
@@ -114,13 +114,13 @@ fn diffusers_tensors(path: &Path, name: &str, t: &HostTensor) -> Result<Vec<Host
     Ok(vec![t.renamed(name)])
 }
 
-/// The config of a Z-Image DiT whose tensors (diffusers names) are `tensors`: widths and
+/// The config of a Z-Image DiT whose tensors (diffusers names) have the shapes `tensors`: widths and
 /// block counts from the shapes; RoPE, timestep scale and norm epsilon are Z-Image's.
-fn infer_config(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<ZImageConfig> {
+fn infer_config(path: &Path, tensors: &BTreeMap<String, Vec<usize>>) -> Result<ZImageConfig> {
     let shape = |name: &str| -> Result<&[usize]> {
         tensors
             .get(name)
-            .map(|t| t.shape.as_slice())
+            .map(Vec::as_slice)
             .ok_or_else(|| Error::MissingTensor {
                 path: path.to_path_buf(),
                 tensor: name.to_string(),
@@ -218,6 +218,22 @@ mod tests {
             ["context_refiner.1.feed_forward.w2.weight"]
         );
         assert!(one("norm_final.weight").is_empty());
+    }
+
+    /// Z-Image-Turbo's shapes (as `ferry synth` writes them, which diffusers loads) give
+    /// its config.json.
+    #[test]
+    fn turbo_shapes_give_turbo_config() {
+        use crate::synth::{PipelineComponent, PipelinePreset};
+        let turbo = PipelinePreset::by_name("z-image-turbo").unwrap();
+        let shapes = turbo
+            .tensors(PipelineComponent::Transformer)
+            .into_iter()
+            .collect();
+        let p = Path::new("dit.safetensors");
+        let json = turbo.config(PipelineComponent::Transformer, DType::BF16);
+        let want = ZImageConfig::from_json(p, &json).unwrap();
+        assert_eq!(infer_config(p, &shapes).unwrap(), want);
     }
 
     #[test]
