@@ -354,7 +354,13 @@ fn broken_vae(
 fn load_error(dir: &Path) -> Error {
     match open_vae(dir) {
         Err(e) => e,
-        Ok(w) => Vae::load(&Cpu, &w).err().expect("loading should fail"),
+        Ok(w) => {
+            let e = Vae::load(&Cpu, &w).err().expect("loading should fail");
+            // The check at open (no weight converted) finds the same.
+            let checked = w.check().err().expect("the check should fail");
+            assert_eq!(checked.to_string(), e.to_string());
+            e
+        }
     }
 }
 

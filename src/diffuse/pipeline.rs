@@ -128,16 +128,15 @@ impl Compute<'_> {
     }
 }
 
-/// An opened Z-Image pipeline: every component checked, the VAE's weights loaded (on the
-/// CPU); the text encoder's and the DiT's weights are placed per generation, one phase at a
-/// time, on the device the generation runs on.
+/// An opened Z-Image pipeline: every component checked; each phase's weights (the text
+/// encoder's, the DiT's, the VAE decoder's) are placed per generation, one phase at a time,
+/// on the device the phase runs on.
 pub struct ZImagePipeline {
     text_encoder: Component,
     transformer: Component,
     encoder: TextEncoder,
     dit: ZImage,
-    vae: Vae<Cpu>,
-    /// The VAE's tensors as stored, for a decoder on the GPU.
+    /// The VAE's tensors as stored (checked at open, loaded where it decodes).
     vae_weights: VaeWeights,
     scheduler: FlowMatchConfig,
     pub load_seconds: f64,
@@ -236,8 +235,7 @@ impl ZImagePipeline {
         Self::assemble(parts, start)
     }
 
-    /// Check the parts against each other (widths, latent channels, the DiT's tensors) and
-    /// load the VAE.
+    /// Check the parts against each other (widths, latent channels) and their tensors.
     fn assemble(p: Parts, start: Instant) -> Result<ZImagePipeline> {
         if p.dit.config.cap_feat_dim != p.encoder.model.config.hidden_size {
             return Err(Error::checkpoint(
@@ -249,13 +247,13 @@ impl ZImagePipeline {
             ));
         }
         p.dit.check_tensors(&p.transformer)?;
-        let vae = Vae::load(&Cpu, &p.vae_weights)?;
-        if vae.config().latent_channels != p.dit.config.in_channels {
+        p.vae_weights.check()?;
+        let latent_channels = p.vae_weights.config.latent_channels;
+        if latent_channels != p.dit.config.in_channels {
             return Err(Error::checkpoint(
                 &p.vae_source,
                 format!(
-                    "latent_channels {} does not match the transformer's in_channels {}",
-                    vae.config().latent_channels,
+                    "latent_channels {latent_channels} does not match the transformer's in_channels {}",
                     p.dit.config.in_channels
                 ),
             ));
@@ -265,7 +263,6 @@ impl ZImagePipeline {
             transformer: p.transformer,
             encoder: p.encoder,
             dit: p.dit,
-            vae,
             vae_weights: p.vae_weights,
             scheduler: p.scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
@@ -436,7 +433,8 @@ impl ZImagePipeline {
     }
 
     fn decode_on_cpu(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, VaeDecode)> {
-        let image = self.vae.decode(&Cpu, latents, shape, Tiling::Whole)?;
+        let image =
+            Vae::load(&Cpu, &self.vae_weights)?.decode(&Cpu, latents, shape, Tiling::Whole)?;
         Ok((image, VaeDecode::CPU))
     }
 
@@ -465,7 +463,10 @@ impl ZImagePipeline {
                 flag: "--vram",
                 message: format!(
                     "{} is too small to decode a {}×{} image on the GPU: the VAE needs at least {} ({} held or reserved for the driver, {} of decoder weights, {} for a tile of {MIN_TILE}×{MIN_TILE} latent pixels); give more, or --vae-device cpu",
-                    human_bytes(memory.budget()),
+                    match gpu.budgeted() {
+                        true => human_bytes(memory.budget()),
+                        false => format!("the device's free {}", human_bytes(memory.budget())),
+                    },
                     w * f,
                     h * f,
                     human_bytes(held + weights + tile),

@@ -481,14 +481,14 @@ fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Finds the tensors of a [`VaeWeights`] by their diffusers names and makes them backend
-/// weights, checking shapes.
-struct Binder<'a, B: ImageOps> {
-    backend: &'a B,
+/// Finds the tensors of a [`VaeWeights`] by their diffusers names, checking shapes, and
+/// makes them weights `W` with `make` (a backend's image weights; `()` to check only).
+struct Binder<'a, W> {
+    make: &'a dyn Fn(&HostTensor) -> Result<W>,
     weights: &'a VaeWeights,
 }
 
-impl<B: ImageOps> Binder<'_, B> {
+impl<W> Binder<'_, W> {
     fn stored_name(&self, name: &str) -> String {
         match &self.weights.naming {
             Naming::Diffusers => name.to_string(),
@@ -501,7 +501,7 @@ impl<B: ImageOps> Binder<'_, B> {
 
     /// Tensor `name` (diffusers spelling) with one of the `shapes` (the first is the one
     /// named in the error).
-    fn tensor(&self, name: &str, shapes: &[&[usize]]) -> Result<B::ImageWeight> {
+    fn tensor(&self, name: &str, shapes: &[&[usize]]) -> Result<W> {
         let stored = self.stored_name(name);
         let t = self
             .weights
@@ -518,11 +518,11 @@ impl<B: ImageOps> Binder<'_, B> {
                 found: t.shape.clone(),
             });
         }
-        self.backend.image_weight(t)
+        (self.make)(t)
     }
 
     /// A conv `prefix.{weight,bias}`: `[out, in, k, k]`, `[out]`.
-    fn conv(&self, prefix: &str, cin: usize, cout: usize, k: usize) -> Result<Conv<B>> {
+    fn conv(&self, prefix: &str, cin: usize, cout: usize, k: usize) -> Result<Conv<W>> {
         Ok(Conv {
             weight: self.tensor(&format!("{prefix}.weight"), &[&[cout, cin, k, k]])?,
             bias: self.tensor(&format!("{prefix}.bias"), &[&[cout]])?,
@@ -531,7 +531,7 @@ impl<B: ImageOps> Binder<'_, B> {
 
     /// An attention projection: a linear `[c, c]` in diffusers, a 1×1 conv `[c, c, 1, 1]` in
     /// BFL files; either is accepted (same bytes).
-    fn projection(&self, prefix: &str, c: usize) -> Result<Conv<B>> {
+    fn projection(&self, prefix: &str, c: usize) -> Result<Conv<W>> {
         let (linear, conv): (&[usize], &[usize]) = (&[c, c], &[c, c, 1, 1]);
         let shapes = match self.weights.naming {
             Naming::Diffusers => [linear, conv],
@@ -543,7 +543,7 @@ impl<B: ImageOps> Binder<'_, B> {
         })
     }
 
-    fn norm(&self, prefix: &str, c: usize) -> Result<GroupNorm<B>> {
+    fn norm(&self, prefix: &str, c: usize) -> Result<GroupNorm<W>> {
         Ok(GroupNorm {
             weight: self.tensor(&format!("{prefix}.weight"), &[&[c]])?,
             bias: self.tensor(&format!("{prefix}.bias"), &[&[c]])?,
@@ -552,41 +552,41 @@ impl<B: ImageOps> Binder<'_, B> {
     }
 }
 
-struct Conv<B: ImageOps> {
-    weight: B::ImageWeight,
-    bias: B::ImageWeight,
+struct Conv<W> {
+    weight: W,
+    bias: W,
 }
 
-impl<B: ImageOps> Conv<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> Conv<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         b.conv2d(x, &self.weight, &self.bias)
     }
 }
 
-struct GroupNorm<B: ImageOps> {
-    weight: B::ImageWeight,
-    bias: B::ImageWeight,
+struct GroupNorm<W> {
+    weight: W,
+    bias: W,
     groups: usize,
 }
 
-impl<B: ImageOps> GroupNorm<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> GroupNorm<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         b.group_norm(x, self.groups, NORM_EPS, &self.weight, &self.bias)
     }
 }
 
 /// diffusers' `ResnetBlock2D` without a time embedding.
-struct ResnetBlock<B: ImageOps> {
-    norm1: GroupNorm<B>,
-    conv1: Conv<B>,
-    norm2: GroupNorm<B>,
-    conv2: Conv<B>,
+struct ResnetBlock<W> {
+    norm1: GroupNorm<W>,
+    conv1: Conv<W>,
+    norm2: GroupNorm<W>,
+    conv2: Conv<W>,
     /// 1×1 conv when the block changes the channel count.
-    conv_shortcut: Option<Conv<B>>,
+    conv_shortcut: Option<Conv<W>>,
 }
 
-impl<B: ImageOps> ResnetBlock<B> {
-    fn bind(w: &Binder<B>, prefix: &str, cin: usize, cout: usize) -> Result<Self> {
+impl<W> ResnetBlock<W> {
+    fn bind(w: &Binder<W>, prefix: &str, cin: usize, cout: usize) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: w.norm(&format!("{prefix}.norm1"), cin)?,
             conv1: w.conv(&format!("{prefix}.conv1"), cin, cout, 3)?,
@@ -599,7 +599,7 @@ impl<B: ImageOps> ResnetBlock<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.norm1.forward(b, x)?;
         b.silu(&mut h)?;
         let h = self.conv1.forward(b, &h)?;
@@ -622,16 +622,16 @@ impl<B: ImageOps> ResnetBlock<B> {
 
 /// The mid block's attention (diffusers `Attention` with `_from_deprecated_attn_block`):
 /// one head over all positions, channels as features, residual added.
-struct Attention<B: ImageOps> {
-    group_norm: GroupNorm<B>,
-    to_q: Conv<B>,
-    to_k: Conv<B>,
-    to_v: Conv<B>,
-    to_out: Conv<B>,
+struct Attention<W> {
+    group_norm: GroupNorm<W>,
+    to_q: Conv<W>,
+    to_k: Conv<W>,
+    to_v: Conv<W>,
+    to_out: Conv<W>,
 }
 
-impl<B: ImageOps> Attention<B> {
-    fn bind(w: &Binder<B>, prefix: &str, c: usize) -> Result<Self> {
+impl<W> Attention<W> {
+    fn bind(w: &Binder<W>, prefix: &str, c: usize) -> Result<Self> {
         Ok(Attention {
             group_norm: w.norm(&format!("{prefix}.group_norm"), c)?,
             to_q: w.projection(&format!("{prefix}.to_q"), c)?,
@@ -641,7 +641,7 @@ impl<B: ImageOps> Attention<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let h = self.group_norm.forward(b, x)?;
         // The linears act per position on the channel vector: 1×1 convs.
         let q = self.to_q.forward(b, &h)?;
@@ -655,14 +655,14 @@ impl<B: ImageOps> Attention<B> {
 }
 
 /// diffusers' `UNetMidBlock2D`: resnet, then (attention, resnet).
-struct MidBlock<B: ImageOps> {
-    resnets: [ResnetBlock<B>; 2],
+struct MidBlock<W> {
+    resnets: [ResnetBlock<W>; 2],
     /// None when `mid_block_add_attention` is false.
-    attention: Option<Attention<B>>,
+    attention: Option<Attention<W>>,
 }
 
-impl<B: ImageOps> MidBlock<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> MidBlock<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.resnets[0].forward(b, x)?;
         if let Some(attention) = &self.attention {
             h = attention.forward(b, &h)?;
@@ -672,13 +672,13 @@ impl<B: ImageOps> MidBlock<B> {
 }
 
 /// diffusers' `UpDecoderBlock2D`: resnets, then `Upsample2D` (nearest 2× + 3×3 conv).
-struct UpBlock<B: ImageOps> {
-    resnets: Vec<ResnetBlock<B>>,
-    upsampler: Option<Conv<B>>,
+struct UpBlock<W> {
+    resnets: Vec<ResnetBlock<W>>,
+    upsampler: Option<Conv<W>>,
 }
 
-impl<B: ImageOps> UpBlock<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> UpBlock<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.resnets[0].forward(b, x)?;
         for r in &self.resnets[1..] {
             h = r.forward(b, &h)?;
@@ -691,16 +691,16 @@ impl<B: ImageOps> UpBlock<B> {
 }
 
 /// diffusers' `Decoder`.
-struct Decoder<B: ImageOps> {
-    conv_in: Conv<B>,
-    mid_block: MidBlock<B>,
-    up_blocks: Vec<UpBlock<B>>,
-    conv_norm_out: GroupNorm<B>,
-    conv_out: Conv<B>,
+struct Decoder<W> {
+    conv_in: Conv<W>,
+    mid_block: MidBlock<W>,
+    up_blocks: Vec<UpBlock<W>>,
+    conv_norm_out: GroupNorm<W>,
+    conv_out: Conv<W>,
 }
 
-impl<B: ImageOps> Decoder<B> {
-    fn bind(w: &Binder<B>, c: &VaeConfig) -> Result<Self> {
+impl<W> Decoder<W> {
+    fn bind(w: &Binder<W>, c: &VaeConfig) -> Result<Self> {
         // Bound in the order of the forward pass, so the first bad tensor is reported.
         // Up blocks run from the deepest channel count to the first.
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
@@ -744,7 +744,7 @@ impl<B: ImageOps> Decoder<B> {
     /// `z` `[latent_channels, h, w]` → `[out_channels, 8h, 8w]`; `observe` sees the output of
     /// each stage, named as in diffusers (`conv_in`, `mid_block`, `up_blocks.{i}`,
     /// `conv_norm_out` = the norm before SiLU).
-    fn forward(
+    fn forward<B: ImageOps<ImageWeight = W>>(
         &self,
         b: &B,
         z: &B::Image,
@@ -815,26 +815,46 @@ pub enum Tiling {
 }
 
 /// A loaded VAE decoder.
+/// The post-quant conv (if the config has one) and the decoder of `weights`, each weight
+/// made by `make`.
+fn bind<W>(
+    weights: &VaeWeights,
+    make: &dyn Fn(&HostTensor) -> Result<W>,
+) -> Result<(Option<Conv<W>>, Decoder<W>)> {
+    let w = Binder { make, weights };
+    let c = &weights.config;
+    let lc = c.latent_channels;
+    let post_quant_conv = match c.use_post_quant_conv {
+        true => Some(w.conv("post_quant_conv", lc, lc, 1)?),
+        false => None,
+    };
+    Ok((post_quant_conv, Decoder::bind(&w, c)?))
+}
+
+impl VaeWeights {
+    /// Check every tensor the decoder binds, as [`Vae::load`] would (the first missing one or
+    /// wrong shape is an error naming it), without converting any.
+    pub fn check(&self) -> Result<()> {
+        bind(self, &|_| Ok(())).map(drop)
+    }
+}
+
 pub struct Vae<B: ImageOps> {
     config: VaeConfig,
-    post_quant_conv: Option<Conv<B>>,
-    decoder: Decoder<B>,
+    post_quant_conv: Option<Conv<B::ImageWeight>>,
+    decoder: Decoder<B::ImageWeight>,
 }
 
 impl<B: ImageOps> Vae<B> {
     /// Bind every decoder weight of `weights` (a missing tensor or a wrong shape is an error
     /// naming it, as the file spells it).
     pub fn load(backend: &B, weights: &VaeWeights) -> Result<Vae<B>> {
-        let w = Binder { backend, weights };
-        let c = &weights.config;
-        let lc = c.latent_channels;
+        let make = |t: &HostTensor| backend.image_weight(t);
+        let (post_quant_conv, decoder) = bind(weights, &make)?;
         Ok(Vae {
-            config: c.clone(),
-            post_quant_conv: match c.use_post_quant_conv {
-                true => Some(w.conv("post_quant_conv", lc, lc, 1)?),
-                false => None,
-            },
-            decoder: Decoder::bind(&w, c)?,
+            config: weights.config.clone(),
+            post_quant_conv,
+            decoder,
         })
     }
 
