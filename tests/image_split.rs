@@ -358,3 +358,22 @@ fn split_files_of_unknown_layout_are_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--model"), "{err}");
 }
+
+/// A DiT saved by diffusers as one file (its own names) opens as it is, with the config its
+/// directory has (but `axes_lens`, which the file cannot say: Z-Image's are taken).
+#[test]
+fn a_diffusers_dit_file_opens_as_it_is() {
+    use ferry::model::z_image::{open_dit_file, ZImageConfig};
+    let dir = fixture().join("transformer");
+    let (config, component) =
+        open_dit_file(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let path = dir.join("config.json");
+    let json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut want = ZImageConfig::from_json(&path, &json).unwrap();
+    assert_eq!(config.axes_lens, [1536, 512, 512]);
+    want.axes_lens = config.axes_lens.clone();
+    assert_eq!(config, want);
+    assert!(component
+        .tensors
+        .contains_key("layers.0.attention.to_q.weight"));
+}
