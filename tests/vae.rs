@@ -357,7 +357,7 @@ fn load_error(dir: &Path) -> Error {
         Ok(w) => {
             let e = Vae::load(&Cpu, &w).err().expect("loading should fail");
             // The check at open (no weight converted) finds the same.
-            let checked = w.check().err().expect("the check should fail");
+            let checked = w.check().expect_err("the check should fail");
             assert_eq!(checked.to_string(), e.to_string());
             e
         }
