@@ -71,8 +71,8 @@ timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OU
 step "streaming: streamed = resident bit for bit on every fixture, too-small budget, staged = registered host memory (tests/cuda_stream.rs)"
 timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
 
-step "Z-Image DiT on the GPU: bf16 vs diffusers, streamed = resident, ferry image streamed = resident (tests/cuda_z_image.rs)"
-timeout 300 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/z_image_tests.log" || status=1
+step "Z-Image on the GPU: DiT bf16 vs diffusers, streamed = resident, ferry image streamed = resident, VAE peak memory estimate and tiles within the budget (tests/cuda_z_image.rs)"
+timeout 600 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/z_image_tests.log" || status=1
 
 step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
 timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" || status=1

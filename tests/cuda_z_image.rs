@@ -357,3 +357,157 @@ fn vae_decodes_on_the_gpu_within_bf16_noise() {
     eprintln!("512x512 decode: CUDA bf16 vs CPU f32 relative L2 {err:.3e}");
     assert!(err <= 2e-2, "512x512 decode: relative L2 {err:.3e}");
 }
+
+/// The decoder's memory on the GPU as `VaeConfig::decode_peak_bytes` estimates it: no less
+/// than the ledger's peak over a whole 512×512 decode, and not far above; then a budget that
+/// holds the weights and only the tiles `choose_tiling` picks for half the whole decode's
+/// activations: the tiled decode runs within it and is within bf16 noise of the CPU's f32
+/// decode in the same tiles (tiles differ from the whole image by nature: see
+/// tests/vae.rs).
+#[test]
+fn vae_tiles_within_a_small_budget_on_the_gpu() {
+    use ferry::backend::cpu::Cpu;
+    use ferry::backend::cuda::IMAGE_MEMORY;
+    use ferry::model::vae::{choose_tiling, open_vae, Tiling, Vae};
+    let test = "vae_tiles_within_a_small_budget_on_the_gpu";
+    let Some(gpu) = gpu(test, None) else { return };
+    let weights = open_vae(&dir().join("vae")).unwrap();
+    let config = weights.config.clone();
+    let (h, w) = (64, 64);
+    let z = gaussian_noise(12, 16 * h * w);
+    let shape = [1, 16, h, w];
+
+    let fixed = gpu.memory().in_use(); // what a fresh device holds (cuBLASLt's workspace)
+    let on_gpu = Vae::load(&gpu, &weights).unwrap();
+    let loaded = gpu.memory().in_use();
+    assert_eq!(
+        loaded - fixed,
+        weights.decoder_bytes(2),
+        "the decoder's weights in bf16"
+    );
+    let whole = on_gpu.decode(&gpu, &z, shape, Tiling::Whole).unwrap();
+    let measured = gpu.memory().peak() - loaded;
+    let estimate = config.decode_peak_bytes(h, w, IMAGE_MEMORY);
+    eprintln!(
+        "whole {h}×{w} decode: ledger peak {measured} B of activations, estimated {estimate} B"
+    );
+    assert!(
+        measured <= estimate,
+        "the estimate {estimate} B is below the peak {measured} B"
+    );
+    assert!(
+        estimate <= measured + measured / 10,
+        "the estimate {estimate} B is far above the peak {measured} B"
+    );
+    drop(on_gpu);
+
+    let Ok(Tiling::Tiles(t)) = choose_tiling(&config, h, w, estimate / 2, IMAGE_MEMORY) else {
+        panic!("half the whole decode's activations should tile");
+    };
+    let tile_bytes = config.decode_peak_bytes(t.tile(), t.tile(), IMAGE_MEMORY);
+    let budget = fixed + weights.decoder_bytes(2) + tile_bytes;
+    let small = common::gpu(test, Some(budget)).expect("the GPU was there a moment ago");
+    let tiled = Vae::load(&small, &weights)
+        .unwrap()
+        .decode(&small, &z, shape, Tiling::Tiles(t))
+        .unwrap_or_else(|e| panic!("tiles of {} within {budget} B: {e}", t.tile()));
+    let cpu = Vae::load(&Cpu, &weights)
+        .unwrap()
+        .decode(&Cpu, &z, shape, Tiling::Tiles(t))
+        .unwrap();
+    let err = rel_l2(&tiled, &cpu);
+    let seams = rel_l2(&tiled, &whole);
+    eprintln!(
+        "tiles of {} (overlap {}) in {budget} B: relative L2 to the CPU's tiles {err:.3e}, to the whole decode {seams:.3}",
+        t.tile(),
+        t.overlap()
+    );
+    assert!(
+        err <= 2e-2,
+        "tiled on the GPU vs the CPU: relative L2 {err:.3e}"
+    );
+    assert!(seams < 0.25, "tiled vs whole: relative L2 {seams:.3}");
+}
+
+/// `ferry image` on the GPU under budgets from the least that plans the DiT upwards: the VAE
+/// decodes 512×512 in tiles where its whole activations do not fit what is left (reported in
+/// `--json` and `--stats`), whole where they do; a budget too small even for the smallest tile
+/// is refused naming `--vram` and the least that would do, leaving no PNG.
+#[test]
+fn ferry_image_tiles_the_vae_within_the_budget() {
+    let test = "ferry_image_tiles_the_vae_within_the_budget";
+    if gpu(test, None).is_none() {
+        return;
+    }
+    let bin = std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").into());
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("fox.png");
+    let m = dir();
+    let run = |vram: &str| {
+        let args = [
+            "image",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "a red fox in the snow",
+            "--size",
+            "512x512",
+            "--steps",
+            "1",
+            "--seed",
+            "7",
+            "--device",
+            "cuda",
+            "--stats",
+            "--json",
+            "--vram",
+            vram,
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (mut refused, mut tiled, mut whole) = (false, false, false);
+    // The tiny VAE's whole 512×512 decode needs about 85 MiB (64 MiB of it im2col rows).
+    for step in 0..48usize {
+        let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (1 << 20) + step * (4 << 20);
+        let o = run(&format!("{budget}B"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !o.status.success() {
+            if err.contains("is below the minimum") {
+                continue; // the DiT's plan does not fit yet
+            }
+            assert!(
+                err.contains("--vram") && err.contains("the VAE needs at least"),
+                "{budget} B: {err}"
+            );
+            assert!(!png.exists(), "a PNG after an error");
+            refused = true;
+            continue;
+        }
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let tiling = &summary["vae"]["tiling"];
+        eprintln!("{budget} B: VAE {tiling}");
+        assert_eq!(summary["vae"]["device"], "cuda");
+        match tiling.as_str() {
+            Some("whole") => {
+                assert!(err.contains("[VAE decode: cuda, whole;"), "{err}");
+                whole = true;
+                break;
+            }
+            _ => {
+                assert!(tiling["tile"].as_u64().unwrap() < 64, "{tiling}");
+                assert!(err.contains("tiles of"), "{err}");
+                tiled = true;
+            }
+        }
+        std::fs::remove_file(&png).unwrap();
+    }
+    assert!(
+        tiled && whole,
+        "tiled {tiled}, whole {whole}, refused {refused}"
+    );
+}

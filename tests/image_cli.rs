@@ -125,6 +125,83 @@ fn images_match_diffusers_to_one_level_per_pixel() {
     }
 }
 
+/// `--stats` and `--json` say where and how the VAE decoded (on the CPU: whole).
+#[test]
+fn the_vae_decode_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let m = fixture();
+    let args = [
+        "image",
+        "--device",
+        "cpu",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--size",
+        "64x48",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--stats",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = ferry(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("[VAE decode: cpu, whole]"), "{err}");
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["vae"]["device"], "cpu");
+    assert_eq!(summary["vae"]["tiling"], "whole");
+}
+
+/// A batch whose second file cannot be written (a directory is in its place) fails with one
+/// line naming it and leaves no PNG: not the first image either.
+#[test]
+fn a_batch_that_cannot_be_written_leaves_no_png() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("fox-1.png")).unwrap();
+    let out = dir.path().join("fox.png");
+    let m = fixture();
+    let args = [
+        "image",
+        "--device",
+        "cpu",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--size",
+        "64x48",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--batch",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = ferry(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("fox-1.png"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["fox-1.png"], "only the directory is left");
+}
+
 #[test]
 fn bad_inputs_get_one_line_errors_and_leave_no_png() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,6 +218,10 @@ fn bad_inputs_get_one_line_errors_and_leave_no_png() {
         (vec!["--batch", "0"], "--batch"),
         (vec!["--guidance", "-1"], "--guidance"),
         (vec!["--device", "cpu", "--vram", "1GiB"], "--vram"),
+        (
+            vec!["--device", "cpu", "--vae-device", "cuda"],
+            "--vae-device",
+        ),
         (
             vec!["--size", "64x48", "--noise", wrong_noise.to_str().unwrap()],
             "expected shape [1, 16, 6, 8]",

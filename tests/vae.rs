@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use common::{fixture, rel_l2};
 use ferry::backend::conv::ImageShape;
 use ferry::backend::cpu::Cpu;
+use ferry::backend::cuda::IMAGE_MEMORY;
 use ferry::checkpoint::{safetensors, DType};
 use ferry::model::vae::{
-    bfl_name, open_vae, open_vae_file, to_rgb8, TileConfig, Tiling, Vae, VaeConfig,
+    bfl_name, choose_tiling, open_vae, open_vae_file, to_rgb8, TileConfig, Tiling, Vae, VaeConfig,
+    MIN_TILE,
 };
 use ferry::Error;
 
@@ -221,17 +223,49 @@ fn tiled_decode_is_close_to_whole() {
         / a.len() as f64;
     eprintln!("tiled vs whole: mean |Δ| {mean:.2} of 255");
     assert!(mean < 8.0, "mean pixel difference {mean}");
+}
 
-    // A budget that the whole decode fits gives Whole; a smaller one, tiles that fit it.
-    let need = vae.activation_bytes(14, 10);
-    assert_eq!(vae.tiling_for_budget(14, 10, need), Tiling::Whole);
-    match vae.tiling_for_budget(14, 10, need / 2) {
-        Tiling::Tiles(t) => {
-            assert!(t.tile() < 14 && t.overlap() == t.tile() / 4);
-            assert!(vae.activation_bytes(t.tile().min(14), t.tile().min(10)) <= need / 2);
-        }
-        Tiling::Whole => panic!("half the budget should tile"),
+/// The decoder's peak memory on the GPU (bf16, 64 MiB blocks) as the replay of its forward
+/// pass estimates it, checked by hand at 1024² for Flux's VAE, and the tiling chosen from it
+/// for a budget: whole when it fits, else the largest tiles that fit, else the bytes of the
+/// smallest.
+#[test]
+fn tiling_follows_the_decoders_peak_memory() {
+    let flux = VaeConfig::flux();
+    let m = IMAGE_MEMORY;
+    const MIB: usize = 1 << 20;
+    // At 1024² the peak is the last up block's first resnet (256 → 128 channels over 1024²
+    // positions) at its shortcut: the block's input and the resnet's normed input (256
+    // channels, 512 MiB each), its two convs' outputs, the second norm's and the shortcut's
+    // (128 channels, 256 MiB each); beside them the conv_in output (512 channels over 128²,
+    // 16 MiB) and the latent (16 channels, 0.5 MiB).
+    let whole = flux.decode_peak_bytes(128, 128, m);
+    assert_eq!(whole, (512 + 512 + 4 * 256 + 16) * MIB + MIB / 2);
+    // More pixels, more memory.
+    assert!(flux.decode_peak_bytes(64, 64, m) < whole);
+    assert!(flux.decode_peak_bytes(128, 96, m) < whole);
+    assert_eq!(choose_tiling(&flux, 128, 128, whole, m), Ok(Tiling::Whole));
+    let tiles = |available| match choose_tiling(&flux, 128, 128, available, m) {
+        Ok(Tiling::Tiles(t)) => t,
+        other => panic!("{available} bytes: {other:?}"),
+    };
+    for available in [whole - 1, whole / 4, 300 * MIB] {
+        let t = tiles(available);
+        assert!(t.tile() < 128 && t.tile() >= MIN_TILE && t.overlap() == t.tile() / 4);
+        assert!(flux.decode_peak_bytes(t.tile(), t.tile(), m) <= available);
+        assert!(flux.decode_peak_bytes(t.tile() + 1, t.tile() + 1, m) > available);
     }
+    assert!(tiles(whole / 4).tile() < tiles(whole - 1).tile());
+    // Too little for the smallest tile: the bytes it needs.
+    let smallest = flux.decode_peak_bytes(MIN_TILE, MIN_TILE, m);
+    assert_eq!(
+        choose_tiling(&flux, 128, 128, smallest - 1, m),
+        Err(smallest)
+    );
+    assert!(choose_tiling(&flux, 128, 128, smallest, m).is_ok());
+    // A latent no larger than the smallest tile decodes whole or not at all.
+    let small = flux.decode_peak_bytes(12, 8, m);
+    assert_eq!(choose_tiling(&flux, 12, 8, small - 1, m), Err(small));
 }
 
 /// Write `tensors` as a safetensors file.
@@ -320,7 +354,13 @@ fn broken_vae(
 fn load_error(dir: &Path) -> Error {
     match open_vae(dir) {
         Err(e) => e,
-        Ok(w) => Vae::load(&Cpu, &w).err().expect("loading should fail"),
+        Ok(w) => {
+            let e = Vae::load(&Cpu, &w).err().expect("loading should fail");
+            // The check at open (no weight converted) finds the same.
+            let checked = w.check().expect_err("the check should fail");
+            assert_eq!(checked.to_string(), e.to_string());
+            e
+        }
     }
 }
 

@@ -39,6 +39,17 @@ impl ImageShape {
     }
 }
 
+/// How a backend's image ops spend device memory, for estimating a decode's peak before it
+/// runs ([`crate::model::vae::VaeConfig::decode_peak_bytes`]): every op returns a new image
+/// of `element_bytes` per value, a 3×3 convolution makes its im2col rows and attention its
+/// scores in blocks of at most `block_bytes` (one row or query at least), freed when it
+/// returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageMemory {
+    pub element_bytes: usize,
+    pub block_bytes: usize,
+}
+
 /// Convolutions, norms and attention over images. Shapes are checked by the model when it
 /// binds its weights; a mismatch inside an op is a bug and panics.
 pub trait ImageOps: Backend {

@@ -85,6 +85,19 @@ impl Component {
         })
     }
 
+    /// A component read from one single file (a ComfyUI split file), its tensors already
+    /// renamed to what the model binds; it has no config. Errors name `path`.
+    pub fn from_file(name: &str, path: &Path, tensors: BTreeMap<String, HostTensor>) -> Component {
+        Component {
+            name: name.to_string(),
+            dir: path.to_path_buf(),
+            class_name: None,
+            config: None,
+            file_bytes: std::fs::metadata(path).map_or(0, |m| m.len() as usize),
+            tensors,
+        }
+    }
+
     /// The config, or an error saying which file is missing.
     pub fn config(&self) -> Result<(&Path, &Value)> {
         self.config

@@ -187,6 +187,41 @@ impl HostTensor {
         &self.storage
     }
 
+    /// The same bytes under another name (no copy).
+    pub fn renamed(&self, name: impl Into<String>) -> HostTensor {
+        HostTensor {
+            name: name.into(),
+            ..self.clone()
+        }
+    }
+
+    /// Rows `start..start + count` of the outermost dimension, as a tensor called `name`
+    /// viewing the same bytes (no copy): how a fused projection (`qkv`) is split. The range
+    /// must lie within the tensor.
+    pub fn rows(&self, name: impl Into<String>, start: usize, count: usize) -> HostTensor {
+        let outer = self.shape.first().copied().unwrap_or(1);
+        assert!(
+            start + count <= outer,
+            "rows {start}..{} of {} {:?}",
+            start + count,
+            self.name,
+            self.shape
+        );
+        let row_bytes = self.len / outer.max(1);
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = count;
+        }
+        HostTensor {
+            name: name.into(),
+            dtype: self.dtype,
+            shape,
+            storage: self.storage.clone(),
+            offset: self.offset + start * row_bytes,
+            len: count * row_bytes,
+        }
+    }
+
     /// The raw little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.storage.bytes()[self.offset..self.offset + self.len]

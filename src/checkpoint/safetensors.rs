@@ -150,3 +150,29 @@ pub fn write(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> R
     }
     file.flush().map_err(|e| Error::io(path, e))
 }
+
+/// Every tensor of `path` by name.
+pub fn read_map(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    Ok(read(path)?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
+}
+
+/// What comes before `anchor` in the shortest tensor name of `tensors` that ends with it
+/// (`""`, or a wrapper's prefix such as `model.diffusion_model.`), or None when no name does.
+pub fn prefix_before<T>(tensors: &BTreeMap<String, T>, anchor: &str) -> Option<String> {
+    tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(anchor))
+        .min_by_key(|p| p.len())
+        .map(str::to_string)
+}
+
+/// The shape of every tensor by name: what a single file's config is inferred from.
+pub fn shapes(tensors: &BTreeMap<String, HostTensor>) -> BTreeMap<String, Vec<usize>> {
+    tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .collect()
+}

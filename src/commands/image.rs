@@ -1,20 +1,22 @@
 //! `ferry image`: text to image with a diffusers Z-Image pipeline.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
 use ferry::diffuse::guidance::Guidance;
 use ferry::diffuse::pipeline::{
-    gaussian_noise, Compute, ImageRequest, ZImagePipeline, SIZE_MULTIPLE,
+    gaussian_noise, Compute, ImageRequest, SplitFiles, VaeDecode, VaeDevice, ZImagePipeline,
+    SIZE_MULTIPLE,
 };
 use ferry::diffuse::png::{self, Parameters};
+use ferry::model::vae::Tiling;
 use ferry::runtime::open_device;
-use ferry::stream::Vram;
+use ferry::stream::{human_bytes, Vram};
 use ferry::{Error, Result};
 
 use super::HostMemoryArg;
@@ -23,8 +25,23 @@ use super::HostMemoryArg;
 pub struct ImageArgs {
     /// A diffusers Z-Image directory (model_index.json, transformer/, text_encoder/,
     /// tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
-    #[arg(long, short)]
-    model: String,
+    #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
+    model: Option<String>,
+    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's original
+    /// names or diffusers'), with --text-encoder and --vae.
+    #[arg(long, value_name = "FILE.safetensors", requires_all = ["text_encoder", "vae"])]
+    dit: Option<PathBuf>,
+    /// The Qwen3 text encoder file of the split files (qwen_3_4b.safetensors).
+    #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
+    text_encoder: Option<PathBuf>,
+    /// The VAE file of the split files (Flux's ae.safetensors).
+    #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
+    vae: Option<PathBuf>,
+    /// The tokenizer for split files: a tokenizer.json, or a folder with one (a Z-Image
+    /// pipeline's tokenizer/ or the pipeline itself). Default: Tongyi-MAI/Z-Image-Turbo's in
+    /// the Hugging Face cache.
+    #[arg(long, value_name = "DIR|tokenizer.json", requires = "dit")]
+    tokenizer: Option<PathBuf>,
     #[arg(long, short)]
     prompt: String,
     /// What the image should not show (with --guidance > 0).
@@ -66,6 +83,11 @@ pub struct ImageArgs {
     /// DiT). Default: each phase's weights uploaded whole.
     #[arg(long, value_name = "SIZE|auto")]
     vram: Option<String>,
+    /// Where the VAE decodes: auto (where the other phases run), cpu (f32, leaving the GPU's
+    /// memory to the DiT), or cuda (the GPU the other phases use). On the GPU it decodes whole
+    /// when the image's activations fit what the budget leaves, else in tiles.
+    #[arg(long, value_enum, default_value_t = VaeDeviceFlag::Auto)]
+    vae_device: VaeDeviceFlag,
     #[command(flatten)]
     host_memory: HostMemoryArg,
     /// Print each phase's time, and with --vram each streamed phase's plan and passes.
@@ -74,6 +96,13 @@ pub struct ImageArgs {
     /// Print a JSON summary on standard output.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum VaeDeviceFlag {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 pub fn image(args: ImageArgs) -> Result<()> {
@@ -104,14 +133,24 @@ pub fn image(args: ImageArgs) -> Result<()> {
     }
     check_writable(&args.out)?;
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    let dir = resolve_model_path(&args.model)?;
-    let pipe = ZImagePipeline::open(&dir)?;
+    let (pipe, model) = open_pipeline(&args)?;
     let gpu = open_device(args.device, vram)?;
-    let compute = match &gpu {
-        None => Compute::Cpu,
-        Some(gpu) => Compute::Cuda {
+    let compute = match (&gpu, args.vae_device) {
+        (None, VaeDeviceFlag::Cuda) => {
+            return Err(Error::Flag {
+                flag: "--vae-device",
+                message: "cuda: the other phases run on the CPU; expected --device cuda with it"
+                    .into(),
+            })
+        }
+        (None, _) => Compute::Cpu,
+        (Some(gpu), flag) => Compute::Cuda {
             gpu,
             stream: vram.map(|_| args.host_memory.host_memory.into()),
+            vae: match flag {
+                VaeDeviceFlag::Cpu => VaeDevice::Cpu,
+                VaeDeviceFlag::Auto | VaeDeviceFlag::Cuda => VaeDevice::Gpu,
+            },
         },
     };
     let device = compute.name();
@@ -148,10 +187,6 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let images = pipe.generate(&compute, &request, |_| bar.inc(1))?;
     bar.finish_and_clear();
 
-    let model = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| args.model.clone());
     let params = Parameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -165,7 +200,12 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let mut written = Vec::new();
     for (i, rgb) in images.rgb.iter().enumerate() {
         let path = png::numbered(&args.out, i, args.batch);
-        png::write(&path, rgb, width, height, &params)?;
+        // Each file appears whole or not at all (png::write renames a finished file); a
+        // batch appears whole or not at all too.
+        if let Err(e) = png::write(&path, rgb, width, height, &params) {
+            written.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            return Err(e);
+        }
         written.push(path);
     }
     let t = images.times;
@@ -177,6 +217,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
             t.load, share(t.load), t.text_encoder, share(t.text_encoder), images.prompt_tokens,
             args.steps, t.denoise, share(t.denoise), t.denoise / args.steps as f64, t.vae, share(t.vae)
         );
+        eprintln!("[VAE decode: {}]", vae_summary(&images.vae));
         for s in &images.streamed {
             eprintln!("[{}: {}]", s.phase, s.plan.trim_end().replace('\n', "\n  "));
             for (i, p) in s.passes.iter().enumerate() {
@@ -204,6 +245,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
             "guidance": args.guidance, "device": device,
             "prompt_tokens": images.prompt_tokens, "negative_tokens": images.negative_tokens,
             "seconds": {"load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise, "vae": t.vae},
+            "vae": vae_json(&images.vae),
             "streamed": images.streamed.iter().map(|s| serde_json::json!({
                 "phase": s.phase, "plan": s.plan, "passes": s.passes,
             })).collect::<Vec<_>>(),
@@ -214,6 +256,98 @@ pub fn image(args: ImageArgs) -> Result<()> {
         eprintln!("[wrote {}]", p.display());
     }
     Ok(())
+}
+
+/// How the VAE decoded, for `--stats`: `cuda, 3×3 tiles …` or `cpu, whole`.
+fn vae_summary(v: &VaeDecode) -> String {
+    let how = match v.tiling {
+        Tiling::Whole => "whole".to_string(),
+        Tiling::Tiles(t) => format!(
+            "tiles of {0}×{0} latent pixels overlapping by {1}",
+            t.tile(),
+            t.overlap()
+        ),
+    };
+    match (v.weight_bytes, v.activation_bytes) {
+        (Some(w), Some(a)) => format!(
+            "{}, {how}; {} of weights, {} of activations (estimated peak{})",
+            v.device,
+            human_bytes(w),
+            human_bytes(a),
+            if v.tiling == Tiling::Whole {
+                ""
+            } else {
+                " a tile"
+            }
+        ),
+        _ => format!("{}, {how}", v.device),
+    }
+}
+
+fn vae_json(v: &VaeDecode) -> serde_json::Value {
+    let tiling = match v.tiling {
+        Tiling::Whole => serde_json::json!("whole"),
+        Tiling::Tiles(t) => serde_json::json!({"tile": t.tile(), "overlap": t.overlap()}),
+    };
+    serde_json::json!({
+        "device": v.device, "tiling": tiling,
+        "weight_bytes": v.weight_bytes, "activation_bytes": v.activation_bytes,
+    })
+}
+
+/// The pipeline of `--model`, or of the split files `--dit`, `--text-encoder`, `--vae` (clap
+/// makes sure that one or the other is given whole), and the model's name for the PNG.
+fn open_pipeline(args: &ImageArgs) -> Result<(ZImagePipeline, String)> {
+    let name = |p: &Path, fallback: &str| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| fallback.to_string())
+    };
+    if let Some(model) = &args.model {
+        let dir = resolve_model_path(model)?;
+        return Ok((ZImagePipeline::open(&dir)?, name(&dir, model)));
+    }
+    let (Some(dit), Some(text_encoder), Some(vae)) = (&args.dit, &args.text_encoder, &args.vae)
+    else {
+        return Err(Error::Flag {
+            flag: "--dit",
+            message: "expected --model DIR, or --dit, --text-encoder and --vae together".into(),
+        });
+    };
+    let tokenizer = tokenizer_file(args.tokenizer.as_deref())?;
+    let files = SplitFiles {
+        dit,
+        text_encoder,
+        vae,
+        tokenizer: &tokenizer,
+    };
+    Ok((ZImagePipeline::open_split(&files)?, name(dit, "dit")))
+}
+
+/// The tokenizer.json of `--tokenizer` (a file, a folder holding one, or a pipeline's folder
+/// holding tokenizer/), or of Z-Image-Turbo in the Hugging Face cache.
+fn tokenizer_file(given: Option<&Path>) -> Result<PathBuf> {
+    const FILE: &str = "tokenizer.json";
+    let Some(given) = given else {
+        let cached = resolve_model_path("Tongyi-MAI/Z-Image-Turbo")
+            .ok()
+            .map(|dir| dir.join("tokenizer").join(FILE))
+            .filter(|f| f.is_file());
+        return cached.ok_or_else(|| Error::Flag {
+            flag: "--tokenizer",
+            message: "split files carry no tokenizer; give --tokenizer DIR|tokenizer.json (Z-Image-Turbo's tokenizer/ folder); Tongyi-MAI/Z-Image-Turbo is not in the Hugging Face cache".into(),
+        });
+    };
+    if !given.is_dir() {
+        return Ok(given.to_path_buf());
+    }
+    [given.join(FILE), given.join("tokenizer").join(FILE)]
+        .into_iter()
+        .find(|f| f.is_file())
+        .ok_or_else(|| Error::NotFound {
+            path: given.join(FILE),
+            expected: "--tokenizer: a tokenizer.json, or a folder with one (or with tokenizer/tokenizer.json)".into(),
+        })
 }
 
 /// `--size WxH`, or `--width`/`--height` (each defaulting to 1024), multiples of 16.

@@ -2,13 +2,14 @@
 //! prompt (and the negative prompt when guiding), the DiT denoises the latents step by step,
 //! the VAE decodes them, and the images come out as 8-bit RGB.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::streaming::{HostMemory, PassStats};
 use crate::backend::cuda::{Cuda, CudaWeight};
+use crate::backend::cuda::{DRIVER_RESERVE, IMAGE_MEMORY};
 use crate::backend::dit::DitOps;
 use crate::backend::Backend;
 use crate::checkpoint::{Component, Pipeline};
@@ -17,10 +18,14 @@ use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
-use crate::model::vae::{open_vae, to_rgb8, Tiling, Vae, VaeWeights};
-use crate::model::z_image::{padded, ZImage, ZImageConfig};
+use crate::generate::TextCodec;
+use crate::model::vae::{
+    choose_tiling, open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights, MIN_TILE,
+};
+use crate::model::z_image::{open_dit_file, padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
 use crate::runtime::{stream_weights, StreamSetup};
+use crate::stream::human_bytes;
 
 /// Latent pixels per image pixel along each side (the VAE's 8) times the DiT's patch (2):
 /// sizes must be multiples of this.
@@ -58,6 +63,39 @@ pub struct Images {
     pub negative_tokens: usize,
     /// What streaming did in each phase that streamed (`--vram`).
     pub streamed: Vec<PhaseStream>,
+    pub vae: VaeDecode,
+}
+
+/// How the VAE decoded: where, whole or in tiles, and on the GPU the memory it was planned
+/// with.
+#[derive(Clone, Copy, Debug)]
+pub struct VaeDecode {
+    /// "cpu" or "cuda".
+    pub device: &'static str,
+    pub tiling: Tiling,
+    /// On the GPU: the decoder's weights, and the estimated peak of activations of the whole
+    /// image or of one tile ([`VaeConfig::decode_peak_bytes`](crate::model::vae::VaeConfig::decode_peak_bytes)), bytes.
+    pub weight_bytes: Option<usize>,
+    pub activation_bytes: Option<usize>,
+}
+
+impl VaeDecode {
+    const CPU: VaeDecode = VaeDecode {
+        device: "cpu",
+        tiling: Tiling::Whole,
+        weight_bytes: None,
+        activation_bytes: None,
+    };
+}
+
+/// Where the VAE decodes when the other phases run on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaeDevice {
+    /// On the GPU too, within what the budget leaves: whole, or in tiles when the whole
+    /// image's activations would not fit.
+    Gpu,
+    /// On the CPU (f32), leaving the GPU's memory to the other phases.
+    Cpu,
 }
 
 /// One streamed phase: its plan, and every pass's statistics (a denoising step is a pass).
@@ -77,6 +115,7 @@ pub enum Compute<'a> {
     Cuda {
         gpu: &'a Cuda,
         stream: Option<HostMemory>,
+        vae: VaeDevice,
     },
 }
 
@@ -89,18 +128,42 @@ impl Compute<'_> {
     }
 }
 
-/// An opened Z-Image pipeline: every component checked, the VAE's weights loaded (on the
-/// CPU); the text encoder's and the DiT's weights are placed per generation, one phase at a
-/// time, on the device the generation runs on.
+/// An opened Z-Image pipeline: every component checked; each phase's weights (the text
+/// encoder's, the DiT's, the VAE decoder's) are placed per generation, one phase at a time,
+/// on the device the phase runs on.
 pub struct ZImagePipeline {
-    pub pipeline: Pipeline,
+    text_encoder: Component,
+    transformer: Component,
     encoder: TextEncoder,
     dit: ZImage,
-    vae: Vae<Cpu>,
-    /// The VAE's tensors as stored, for a decoder on the GPU.
+    /// The VAE's tensors as stored (checked at open, loaded where it decodes).
     vae_weights: VaeWeights,
     scheduler: FlowMatchConfig,
     pub load_seconds: f64,
+}
+
+/// A Z-Image model as ComfyUI's split files: one file each for the DiT, the text encoder and
+/// the VAE (their names mapped to diffusers'), and a tokenizer from elsewhere.
+pub struct SplitFiles<'a> {
+    pub dit: &'a Path,
+    pub text_encoder: &'a Path,
+    pub vae: &'a Path,
+    /// A `tokenizer.json`, with its `tokenizer_config.json` beside it if there is one.
+    pub tokenizer: &'a Path,
+}
+
+/// The parts of a pipeline before they are checked against each other.
+struct Parts {
+    text_encoder: Component,
+    encoder: TextEncoder,
+    transformer: Component,
+    dit: ZImage,
+    /// Named when the DiT disagrees with the text encoder or the VAE.
+    dit_source: PathBuf,
+    vae_weights: VaeWeights,
+    /// Named when the VAE disagrees with the DiT.
+    vae_source: PathBuf,
+    scheduler: FlowMatchConfig,
 }
 
 impl ZImagePipeline {
@@ -113,7 +176,7 @@ impl ZImagePipeline {
                 expected: "a diffusers pipeline directory (model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/)".into(),
             });
         }
-        let pipeline = Pipeline::open(dir)?;
+        let mut pipeline = Pipeline::open(dir)?;
         if pipeline.class_name != "ZImagePipeline" {
             return Err(Error::checkpoint(
                 dir.join("model_index.json"),
@@ -127,40 +190,81 @@ impl ZImagePipeline {
         let tr = pipeline.component("transformer")?;
         let (path, json) = tr.config()?;
         let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
-        if dit.config.cap_feat_dim != encoder.model.config.hidden_size {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "cap_feat_dim {} does not match the text encoder's hidden_size {}",
-                    dit.config.cap_feat_dim, encoder.model.config.hidden_size
-                ),
-            ));
-        }
-        dit.check_tensors(tr)?;
-
-        let vae_dir = &pipeline.component("vae")?.dir;
-        let vae_weights = open_vae(vae_dir)?;
-        let vae = Vae::load(&Cpu, &vae_weights)?;
-        if vae.config().latent_channels != dit.config.in_channels {
-            return Err(Error::checkpoint(
-                vae_dir.join("config.json"),
-                format!(
-                    "latent_channels {} does not match the transformer's in_channels {}",
-                    vae.config().latent_channels,
-                    dit.config.in_channels
-                ),
-            ));
-        }
+        let dit_source = path.to_path_buf();
+        let vae_dir = pipeline.component("vae")?.dir.clone();
+        let vae_weights = open_vae(&vae_dir)?;
         let sc = pipeline.component("scheduler")?;
         let (path, json) = sc.config()?;
         let scheduler = FlowMatchConfig::from_json(path, json)?;
-        Ok(ZImagePipeline {
-            pipeline,
+        let mut take = |name: &str| {
+            pipeline
+                .components
+                .remove(name)
+                .expect("the component was found above")
+        };
+        let parts = Parts {
+            text_encoder: take("text_encoder"),
             encoder,
+            transformer: take("transformer"),
             dit,
-            vae,
+            dit_source,
             vae_weights,
+            vae_source: vae_dir.join("config.json"),
             scheduler,
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Open ComfyUI's split files of Z-Image, each file's layout found from its tensor
+    /// names; the scheduler is Z-Image-Turbo's ([`FlowMatchConfig::z_image_turbo`]).
+    pub fn open_split(files: &SplitFiles<'_>) -> Result<ZImagePipeline> {
+        let start = Instant::now();
+        let text = TextCodec::from_tokenizer_file(files.tokenizer)?;
+        let (encoder, text_encoder) = TextEncoder::open_file(files.text_encoder, text)?;
+        let (config, transformer) = open_dit_file(files.dit)?;
+        let parts = Parts {
+            text_encoder,
+            encoder,
+            transformer,
+            dit: ZImage::new(config),
+            dit_source: files.dit.to_path_buf(),
+            vae_weights: open_flux_vae_file(files.vae)?,
+            vae_source: files.vae.to_path_buf(),
+            scheduler: FlowMatchConfig::z_image_turbo(),
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Check the parts against each other (widths, latent channels) and their tensors.
+    fn assemble(p: Parts, start: Instant) -> Result<ZImagePipeline> {
+        if p.dit.config.cap_feat_dim != p.encoder.model.config.hidden_size {
+            return Err(Error::checkpoint(
+                &p.dit_source,
+                format!(
+                    "cap_feat_dim {} does not match the text encoder's hidden_size {}",
+                    p.dit.config.cap_feat_dim, p.encoder.model.config.hidden_size
+                ),
+            ));
+        }
+        p.dit.check_tensors(&p.transformer)?;
+        p.vae_weights.check()?;
+        let latent_channels = p.vae_weights.config.latent_channels;
+        if latent_channels != p.dit.config.in_channels {
+            return Err(Error::checkpoint(
+                &p.vae_source,
+                format!(
+                    "latent_channels {latent_channels} does not match the transformer's in_channels {}",
+                    p.dit.config.in_channels
+                ),
+            ));
+        }
+        Ok(ZImagePipeline {
+            text_encoder: p.text_encoder,
+            transformer: p.transformer,
+            encoder: p.encoder,
+            dit: p.dit,
+            vae_weights: p.vae_weights,
+            scheduler: p.scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -188,9 +292,9 @@ impl ZImagePipeline {
                         Cpu.weight(t)
                     })?))
                 },
-                |latents, shape| self.vae.decode(&Cpu, latents, shape, Tiling::Whole),
+                |latents, shape| self.decode_on_cpu(latents, shape),
             ),
-            Compute::Cuda { gpu, stream } => {
+            Compute::Cuda { gpu, stream, vae } => {
                 gpu.prepare(self.encoder.model.config.head_dim)?;
                 gpu.prepare_dit(self.dit.config.head_dim())?;
                 let place = |c: &Component,
@@ -208,9 +312,9 @@ impl ZImagePipeline {
                     w.log_stats(log.passes.clone());
                     Ok(Box::new(w))
                 };
-                // The decoder's weights (160 MB in bf16) stay resident for the phase.
-                let decode = |latents: &[f32], shape| {
-                    Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, Tiling::Whole)
+                let decode = |latents: &[f32], shape| match vae {
+                    VaeDevice::Gpu => self.decode_on_gpu(gpu, latents, shape),
+                    VaeDevice::Cpu => self.decode_on_cpu(latents, shape),
                 };
                 self.generate_on(gpu, request, on_step, place, decode)
             }
@@ -231,7 +335,7 @@ impl ZImagePipeline {
             PassShape,
             &mut StreamLog,
         ) -> Result<Box<dyn Weights<B::Weight>>>,
-        decode: impl FnOnce(&[f32], [usize; 4]) -> Result<Vec<f32>>,
+        decode: impl FnOnce(&[f32], [usize; 4]) -> Result<(Vec<f32>, VaeDecode)>,
     ) -> Result<Images> {
         let r = request;
         let (h, w) = (r.height / 8, r.width / 8);
@@ -265,7 +369,7 @@ impl ZImagePipeline {
                 past: 0,
             };
             let mut log = StreamLog::default();
-            let te = self.pipeline.component("text_encoder")?;
+            let te = &self.text_encoder;
             let mut weights = place(te, &self.encoder.model, shape, &mut log)?;
             let prompt = self.encoder.encode(backend, &mut weights, &ids)?;
             let negative = match &negative_ids {
@@ -293,8 +397,7 @@ impl ZImagePipeline {
             past: 0,
         };
         let mut log = StreamLog::default();
-        let tr = self.pipeline.component("transformer")?;
-        let mut weights = place(tr, &self.dit, shape, &mut log)?;
+        let mut weights = place(&self.transformer, &self.dit, shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,
@@ -313,7 +416,7 @@ impl ZImagePipeline {
 
         let t = Instant::now();
         let shape = [r.batch, self.latent_channels(), h, w];
-        let image = decode(&latents, shape)?;
+        let (image, vae) = decode(&latents, shape)?;
         let rgb = to_rgb8(&image, [r.batch, 3, r.height, r.width]);
         times.vae = t.elapsed().as_secs_f64();
         Ok(Images {
@@ -325,7 +428,66 @@ impl ZImagePipeline {
             prompt_tokens: ids.len(),
             negative_tokens: negative_ids.map_or(0, |n| n.len()),
             streamed,
+            vae,
         })
+    }
+
+    fn decode_on_cpu(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, VaeDecode)> {
+        let image =
+            Vae::load(&Cpu, &self.vae_weights)?.decode(&Cpu, latents, shape, Tiling::Whole)?;
+        Ok((image, VaeDecode::CPU))
+    }
+
+    /// Decode on the GPU within what the budget leaves once the decoder's weights are
+    /// uploaded (they stay for the phase): whole, or in the largest tiles that fit
+    /// ([`choose_tiling`]); a budget too small for the smallest tile is refused, naming the
+    /// least that would do.
+    fn decode_on_gpu(
+        &self,
+        gpu: &Cuda,
+        latents: &[f32],
+        shape: [usize; 4],
+    ) -> Result<(Vec<f32>, VaeDecode)> {
+        let [_, _, h, w] = shape;
+        let m = IMAGE_MEMORY;
+        let config = &self.vae_weights.config;
+        let weights = self.vae_weights.decoder_bytes(m.element_bytes);
+        let memory = gpu.memory();
+        // What the ledger holds now (the DiT is gone), and the driver's share that it does
+        // not count, as the streaming planner leaves it aside.
+        let held = memory.in_use() + DRIVER_RESERVE;
+        let available = memory.budget().saturating_sub(held + weights);
+        let tiling = choose_tiling(config, h, w, available, m).map_err(|tile| {
+            let f = config.scale_factor();
+            Error::Flag {
+                flag: "--vram",
+                message: format!(
+                    "{} is too small to decode a {}×{} image on the GPU: the VAE needs at least {} ({} held or reserved for the driver, {} of decoder weights, {} for a tile of {MIN_TILE}×{MIN_TILE} latent pixels); give more, or --vae-device cpu",
+                    match gpu.budgeted() {
+                        true => human_bytes(memory.budget()),
+                        false => format!("the device's free {}", human_bytes(memory.budget())),
+                    },
+                    w * f,
+                    h * f,
+                    human_bytes(held + weights + tile),
+                    human_bytes(held),
+                    human_bytes(weights),
+                    human_bytes(tile),
+                ),
+            }
+        })?;
+        let activation = match tiling {
+            Tiling::Whole => config.decode_peak_bytes(h, w, m),
+            Tiling::Tiles(t) => config.decode_peak_bytes(t.tile().min(h), t.tile().min(w), m),
+        };
+        let image = Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, tiling)?;
+        let report = VaeDecode {
+            device: "cuda",
+            tiling,
+            weight_bytes: Some(weights),
+            activation_bytes: Some(activation),
+        };
+        Ok((image, report))
     }
 }
 

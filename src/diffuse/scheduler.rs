@@ -56,6 +56,22 @@ fn exponential() -> String {
 }
 
 impl FlowMatchConfig {
+    /// Tongyi-MAI/Z-Image-Turbo's scheduler_config.json (static shift 3 over 1000 training
+    /// steps), for split files that carry none.
+    pub fn z_image_turbo() -> FlowMatchConfig {
+        FlowMatchConfig {
+            num_train_timesteps: 1000,
+            shift: 3.0,
+            use_dynamic_shifting: false,
+            base_shift: half(),
+            max_shift: max_shift(),
+            base_image_seq_len: base_len(),
+            max_image_seq_len: max_len(),
+            shift_terminal: None,
+            time_shift_type: exponential(),
+        }
+    }
+
     /// Parse `json` (read from `path`), refusing the options ferry does not implement.
     pub fn from_json(path: &Path, json: &Value) -> Result<FlowMatchConfig> {
         for flag in [
@@ -205,6 +221,13 @@ mod tests {
             &serde_json::from_str(json).unwrap(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn z_image_turbo_is_its_scheduler_config() {
+        let turbo = r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": 3.0, "use_dynamic_shifting": false}"#;
+        assert_eq!(FlowMatchConfig::z_image_turbo(), config(turbo));
     }
 
     #[test]

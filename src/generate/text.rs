@@ -33,15 +33,20 @@ impl TextCodec {
     /// The tokenizer component of a diffusers pipeline: `tokenizer.json` and
     /// `tokenizer_config.json` (chat template, BOS/EOS) in `dir`.
     pub fn from_tokenizer_dir(dir: &std::path::Path) -> Result<TextCodec> {
-        let path = dir.join("tokenizer.json");
-        crate::checkpoint::require_file(&path, "the pipeline's tokenizer (tokenizer.json)")?;
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
+        Self::from_tokenizer_file(&dir.join("tokenizer.json"))
+    }
+
+    /// A `tokenizer.json` file, with `tokenizer_config.json` beside it if there is one.
+    pub fn from_tokenizer_file(path: &std::path::Path) -> Result<TextCodec> {
+        crate::checkpoint::require_file(path, "the pipeline's tokenizer (tokenizer.json)")?;
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
         Ok(TextCodec {
             tokenizer: Some(tokenizer),
-            missing_tokenizer: path,
+            missing_tokenizer: path.to_path_buf(),
             defaults: crate::checkpoint::generation_defaults(dir)?,
         })
     }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backend::conv::{ImageOps, ImageShape};
+use crate::backend::conv::{ImageMemory, ImageOps, ImageShape};
 use crate::checkpoint::{safetensors, HostTensor};
 use crate::error::{Error, Result};
 
@@ -336,6 +336,116 @@ pub fn open_vae_file(path: &Path, config: VaeConfig) -> Result<VaeWeights> {
     })
 }
 
+/// Open a single-file VAE of Flux's kind, as ComfyUI loads one (`split_files/vae/
+/// ae.safetensors`: BFL's names, [`bfl_name`]; or diffusers' names in one file), whose config
+/// is not in the file: the channel counts, levels and resnets per level come from the
+/// decoder's shapes; the GroupNorm's 32 groups, the latent scale and shift are Flux's
+/// ([`VaeConfig::flux`], as ComfyUI fixes them too). An unknown layout is refused naming a
+/// tensor each layout has.
+pub fn open_flux_vae_file(path: &Path) -> Result<VaeWeights> {
+    let tensors = safetensors::read_map(path)?;
+    let (prefix, naming, config) = flux_vae_layout(path, &safetensors::shapes(&tensors))?;
+    // diffusers names are bound as they are: drop a wrapper's prefix.
+    let tensors = match naming {
+        Naming::Diffusers if !prefix.is_empty() => tensors
+            .into_iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+            .collect(),
+        _ => tensors,
+    };
+    Ok(VaeWeights {
+        path: path.to_path_buf(),
+        config,
+        tensors,
+        naming,
+    })
+}
+
+/// The prefix, naming and config of a single-file VAE whose tensors have the shapes
+/// `tensors` (see [`open_flux_vae_file`]).
+fn flux_vae_layout(
+    path: &Path,
+    tensors: &BTreeMap<String, Vec<usize>>,
+) -> Result<(String, Naming, VaeConfig)> {
+    const ANCHOR: &str = "decoder.conv_in.weight";
+    let prefix = safetensors::prefix_before(tensors, ANCHOR).ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor {ANCHOR} (a VAE decoder)"),
+        )
+    })?;
+    let has = |name: &str| tensors.contains_key(&format!("{prefix}{name}"));
+    let count = |stem: &dyn Fn(usize) -> String| (0..).take_while(|&i| has(&stem(i))).count();
+    let (naming, levels) = if has("decoder.mid.block_1.conv1.weight") {
+        let levels = count(&|i| format!("decoder.up.{i}.block.0.conv1.weight"));
+        (
+            Naming::Bfl {
+                prefix: prefix.clone(),
+            },
+            levels,
+        )
+    } else if has("decoder.mid_block.resnets.0.conv1.weight") {
+        let levels = count(&|i| format!("decoder.up_blocks.{i}.resnets.0.conv1.weight"));
+        (Naming::Diffusers, levels)
+    } else {
+        return Err(Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor {prefix}decoder.mid.block_1.conv1.weight (BFL / ComfyUI names) or {prefix}decoder.mid_block.resnets.0.conv1.weight (diffusers names)"),
+        ));
+    };
+    // The stored name of a diffusers decoder tensor.
+    let stored = |name: &str| match &naming {
+        Naming::Diffusers => format!("{prefix}{name}"),
+        Naming::Bfl { .. } => format!("{prefix}{}", bfl_name(name, levels)),
+    };
+    let dims = |name: &str| -> Result<Vec<usize>> {
+        let name = stored(name);
+        let shape = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+        })?;
+        match shape.len() == 4 && !shape.contains(&0) {
+            true => Ok(shape.clone()),
+            false => Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?} is {shape:?}; expected a conv weight [out, in, k, k]"),
+            )),
+        }
+    };
+    if levels == 0 {
+        return Err(Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: stored("decoder.up_blocks.0.resnets.0.conv1.weight"),
+        });
+    }
+    // diffusers' up block i runs at level levels-1-i; its resnets' out channels are that
+    // level's block_out_channels.
+    let mut block_out_channels = vec![0; levels];
+    for (i, c) in block_out_channels.iter_mut().rev().enumerate() {
+        *c = dims(&format!("decoder.up_blocks.{i}.resnets.0.conv1.weight"))?[0];
+    }
+    let resnets = (0..)
+        .take_while(|j| {
+            tensors.contains_key(&stored(&format!(
+                "decoder.up_blocks.0.resnets.{j}.conv1.weight"
+            )))
+        })
+        .count();
+    let config = VaeConfig {
+        latent_channels: dims("decoder.conv_in.weight")?[1],
+        out_channels: dims("decoder.conv_out.weight")?[0],
+        block_out_channels,
+        layers_per_block: resnets - 1, // the encoder's count; the decoder has one more
+        up_block_types: vec![UP_BLOCK.into(); levels],
+        use_post_quant_conv: tensors.contains_key(&format!("{prefix}post_quant_conv.weight")),
+        mid_block_add_attention: tensors
+            .contains_key(&stored("decoder.mid_block.attentions.0.to_q.weight")),
+        ..VaeConfig::flux()
+    };
+    config.check(path)?;
+    Ok((prefix, naming, config))
+}
+
 /// `diffusion_pytorch_model.safetensors`, or the shards its index names.
 fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     const SINGLE: &str = "diffusion_pytorch_model.safetensors";
@@ -371,14 +481,14 @@ fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Finds the tensors of a [`VaeWeights`] by their diffusers names and makes them backend
-/// weights, checking shapes.
-struct Binder<'a, B: ImageOps> {
-    backend: &'a B,
+/// Finds the tensors of a [`VaeWeights`] by their diffusers names, checking shapes, and
+/// makes them weights `W` with `make` (a backend's image weights; `()` to check only).
+struct Binder<'a, W> {
+    make: &'a dyn Fn(&HostTensor) -> Result<W>,
     weights: &'a VaeWeights,
 }
 
-impl<B: ImageOps> Binder<'_, B> {
+impl<W> Binder<'_, W> {
     fn stored_name(&self, name: &str) -> String {
         match &self.weights.naming {
             Naming::Diffusers => name.to_string(),
@@ -391,7 +501,7 @@ impl<B: ImageOps> Binder<'_, B> {
 
     /// Tensor `name` (diffusers spelling) with one of the `shapes` (the first is the one
     /// named in the error).
-    fn tensor(&self, name: &str, shapes: &[&[usize]]) -> Result<B::ImageWeight> {
+    fn tensor(&self, name: &str, shapes: &[&[usize]]) -> Result<W> {
         let stored = self.stored_name(name);
         let t = self
             .weights
@@ -408,11 +518,11 @@ impl<B: ImageOps> Binder<'_, B> {
                 found: t.shape.clone(),
             });
         }
-        self.backend.image_weight(t)
+        (self.make)(t)
     }
 
     /// A conv `prefix.{weight,bias}`: `[out, in, k, k]`, `[out]`.
-    fn conv(&self, prefix: &str, cin: usize, cout: usize, k: usize) -> Result<Conv<B>> {
+    fn conv(&self, prefix: &str, cin: usize, cout: usize, k: usize) -> Result<Conv<W>> {
         Ok(Conv {
             weight: self.tensor(&format!("{prefix}.weight"), &[&[cout, cin, k, k]])?,
             bias: self.tensor(&format!("{prefix}.bias"), &[&[cout]])?,
@@ -421,7 +531,7 @@ impl<B: ImageOps> Binder<'_, B> {
 
     /// An attention projection: a linear `[c, c]` in diffusers, a 1×1 conv `[c, c, 1, 1]` in
     /// BFL files; either is accepted (same bytes).
-    fn projection(&self, prefix: &str, c: usize) -> Result<Conv<B>> {
+    fn projection(&self, prefix: &str, c: usize) -> Result<Conv<W>> {
         let (linear, conv): (&[usize], &[usize]) = (&[c, c], &[c, c, 1, 1]);
         let shapes = match self.weights.naming {
             Naming::Diffusers => [linear, conv],
@@ -433,7 +543,7 @@ impl<B: ImageOps> Binder<'_, B> {
         })
     }
 
-    fn norm(&self, prefix: &str, c: usize) -> Result<GroupNorm<B>> {
+    fn norm(&self, prefix: &str, c: usize) -> Result<GroupNorm<W>> {
         Ok(GroupNorm {
             weight: self.tensor(&format!("{prefix}.weight"), &[&[c]])?,
             bias: self.tensor(&format!("{prefix}.bias"), &[&[c]])?,
@@ -442,41 +552,41 @@ impl<B: ImageOps> Binder<'_, B> {
     }
 }
 
-struct Conv<B: ImageOps> {
-    weight: B::ImageWeight,
-    bias: B::ImageWeight,
+struct Conv<W> {
+    weight: W,
+    bias: W,
 }
 
-impl<B: ImageOps> Conv<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> Conv<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         b.conv2d(x, &self.weight, &self.bias)
     }
 }
 
-struct GroupNorm<B: ImageOps> {
-    weight: B::ImageWeight,
-    bias: B::ImageWeight,
+struct GroupNorm<W> {
+    weight: W,
+    bias: W,
     groups: usize,
 }
 
-impl<B: ImageOps> GroupNorm<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> GroupNorm<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         b.group_norm(x, self.groups, NORM_EPS, &self.weight, &self.bias)
     }
 }
 
 /// diffusers' `ResnetBlock2D` without a time embedding.
-struct ResnetBlock<B: ImageOps> {
-    norm1: GroupNorm<B>,
-    conv1: Conv<B>,
-    norm2: GroupNorm<B>,
-    conv2: Conv<B>,
+struct ResnetBlock<W> {
+    norm1: GroupNorm<W>,
+    conv1: Conv<W>,
+    norm2: GroupNorm<W>,
+    conv2: Conv<W>,
     /// 1×1 conv when the block changes the channel count.
-    conv_shortcut: Option<Conv<B>>,
+    conv_shortcut: Option<Conv<W>>,
 }
 
-impl<B: ImageOps> ResnetBlock<B> {
-    fn bind(w: &Binder<B>, prefix: &str, cin: usize, cout: usize) -> Result<Self> {
+impl<W> ResnetBlock<W> {
+    fn bind(w: &Binder<W>, prefix: &str, cin: usize, cout: usize) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: w.norm(&format!("{prefix}.norm1"), cin)?,
             conv1: w.conv(&format!("{prefix}.conv1"), cin, cout, 3)?,
@@ -489,7 +599,7 @@ impl<B: ImageOps> ResnetBlock<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.norm1.forward(b, x)?;
         b.silu(&mut h)?;
         let h = self.conv1.forward(b, &h)?;
@@ -512,16 +622,16 @@ impl<B: ImageOps> ResnetBlock<B> {
 
 /// The mid block's attention (diffusers `Attention` with `_from_deprecated_attn_block`):
 /// one head over all positions, channels as features, residual added.
-struct Attention<B: ImageOps> {
-    group_norm: GroupNorm<B>,
-    to_q: Conv<B>,
-    to_k: Conv<B>,
-    to_v: Conv<B>,
-    to_out: Conv<B>,
+struct Attention<W> {
+    group_norm: GroupNorm<W>,
+    to_q: Conv<W>,
+    to_k: Conv<W>,
+    to_v: Conv<W>,
+    to_out: Conv<W>,
 }
 
-impl<B: ImageOps> Attention<B> {
-    fn bind(w: &Binder<B>, prefix: &str, c: usize) -> Result<Self> {
+impl<W> Attention<W> {
+    fn bind(w: &Binder<W>, prefix: &str, c: usize) -> Result<Self> {
         Ok(Attention {
             group_norm: w.norm(&format!("{prefix}.group_norm"), c)?,
             to_q: w.projection(&format!("{prefix}.to_q"), c)?,
@@ -531,7 +641,7 @@ impl<B: ImageOps> Attention<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let h = self.group_norm.forward(b, x)?;
         // The linears act per position on the channel vector: 1×1 convs.
         let q = self.to_q.forward(b, &h)?;
@@ -545,14 +655,14 @@ impl<B: ImageOps> Attention<B> {
 }
 
 /// diffusers' `UNetMidBlock2D`: resnet, then (attention, resnet).
-struct MidBlock<B: ImageOps> {
-    resnets: [ResnetBlock<B>; 2],
+struct MidBlock<W> {
+    resnets: [ResnetBlock<W>; 2],
     /// None when `mid_block_add_attention` is false.
-    attention: Option<Attention<B>>,
+    attention: Option<Attention<W>>,
 }
 
-impl<B: ImageOps> MidBlock<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> MidBlock<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.resnets[0].forward(b, x)?;
         if let Some(attention) = &self.attention {
             h = attention.forward(b, &h)?;
@@ -562,13 +672,13 @@ impl<B: ImageOps> MidBlock<B> {
 }
 
 /// diffusers' `UpDecoderBlock2D`: resnets, then `Upsample2D` (nearest 2× + 3×3 conv).
-struct UpBlock<B: ImageOps> {
-    resnets: Vec<ResnetBlock<B>>,
-    upsampler: Option<Conv<B>>,
+struct UpBlock<W> {
+    resnets: Vec<ResnetBlock<W>>,
+    upsampler: Option<Conv<W>>,
 }
 
-impl<B: ImageOps> UpBlock<B> {
-    fn forward(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+impl<W> UpBlock<W> {
+    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
         let mut h = self.resnets[0].forward(b, x)?;
         for r in &self.resnets[1..] {
             h = r.forward(b, &h)?;
@@ -581,16 +691,16 @@ impl<B: ImageOps> UpBlock<B> {
 }
 
 /// diffusers' `Decoder`.
-struct Decoder<B: ImageOps> {
-    conv_in: Conv<B>,
-    mid_block: MidBlock<B>,
-    up_blocks: Vec<UpBlock<B>>,
-    conv_norm_out: GroupNorm<B>,
-    conv_out: Conv<B>,
+struct Decoder<W> {
+    conv_in: Conv<W>,
+    mid_block: MidBlock<W>,
+    up_blocks: Vec<UpBlock<W>>,
+    conv_norm_out: GroupNorm<W>,
+    conv_out: Conv<W>,
 }
 
-impl<B: ImageOps> Decoder<B> {
-    fn bind(w: &Binder<B>, c: &VaeConfig) -> Result<Self> {
+impl<W> Decoder<W> {
+    fn bind(w: &Binder<W>, c: &VaeConfig) -> Result<Self> {
         // Bound in the order of the forward pass, so the first bad tensor is reported.
         // Up blocks run from the deepest channel count to the first.
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
@@ -634,7 +744,7 @@ impl<B: ImageOps> Decoder<B> {
     /// `z` `[latent_channels, h, w]` → `[out_channels, 8h, 8w]`; `observe` sees the output of
     /// each stage, named as in diffusers (`conv_in`, `mid_block`, `up_blocks.{i}`,
     /// `conv_norm_out` = the norm before SiLU).
-    fn forward(
+    fn forward<B: ImageOps<ImageWeight = W>>(
         &self,
         b: &B,
         z: &B::Image,
@@ -705,26 +815,46 @@ pub enum Tiling {
 }
 
 /// A loaded VAE decoder.
+/// The post-quant conv (if the config has one) and the decoder of `weights`, each weight
+/// made by `make`.
+fn bind<W>(
+    weights: &VaeWeights,
+    make: &dyn Fn(&HostTensor) -> Result<W>,
+) -> Result<(Option<Conv<W>>, Decoder<W>)> {
+    let w = Binder { make, weights };
+    let c = &weights.config;
+    let lc = c.latent_channels;
+    let post_quant_conv = match c.use_post_quant_conv {
+        true => Some(w.conv("post_quant_conv", lc, lc, 1)?),
+        false => None,
+    };
+    Ok((post_quant_conv, Decoder::bind(&w, c)?))
+}
+
+impl VaeWeights {
+    /// Check every tensor the decoder binds, as [`Vae::load`] would (the first missing one or
+    /// wrong shape is an error naming it), without converting any.
+    pub fn check(&self) -> Result<()> {
+        bind(self, &|_| Ok(())).map(drop)
+    }
+}
+
 pub struct Vae<B: ImageOps> {
     config: VaeConfig,
-    post_quant_conv: Option<Conv<B>>,
-    decoder: Decoder<B>,
+    post_quant_conv: Option<Conv<B::ImageWeight>>,
+    decoder: Decoder<B::ImageWeight>,
 }
 
 impl<B: ImageOps> Vae<B> {
     /// Bind every decoder weight of `weights` (a missing tensor or a wrong shape is an error
     /// naming it, as the file spells it).
     pub fn load(backend: &B, weights: &VaeWeights) -> Result<Vae<B>> {
-        let w = Binder { backend, weights };
-        let c = &weights.config;
-        let lc = c.latent_channels;
+        let make = |t: &HostTensor| backend.image_weight(t);
+        let (post_quant_conv, decoder) = bind(weights, &make)?;
         Ok(Vae {
-            config: c.clone(),
-            post_quant_conv: match c.use_post_quant_conv {
-                true => Some(w.conv("post_quant_conv", lc, lc, 1)?),
-                false => None,
-            },
-            decoder: Decoder::bind(&w, c)?,
+            config: weights.config.clone(),
+            post_quant_conv,
+            decoder,
         })
     }
 
@@ -874,48 +1004,188 @@ impl<B: ImageOps> Vae<B> {
         }
         Ok(sum)
     }
+}
 
-    /// Bytes of the largest set of activations alive at once when decoding one `h × w`
-    /// latent whole (f32 on the device), an estimate from the decoder's shapes: in a resnet,
-    /// its input, the normed input and the conv output, or the input and two outputs; at an
-    /// upsampler, its input and two upsampled images.
-    pub fn activation_bytes(&self, h: usize, w: usize) -> usize {
-        let rev: Vec<usize> = self
-            .config
-            .block_out_channels
-            .iter()
-            .rev()
-            .copied()
-            .collect();
-        let mut positions = h * w;
-        let resnet = |cin: usize, cout: usize| cin + cin.max(cout) + cout.max(cin);
-        let mut peak = resnet(rev[0], rev[0]) * positions;
-        for (i, &cout) in rev.iter().enumerate() {
-            let cin = if i == 0 { rev[0] } else { rev[i - 1] };
-            peak = peak.max(resnet(cin, cout) * positions);
-            if i + 1 < rev.len() {
-                peak = peak.max(cout * positions * 9); // x, upsampled, conv output (4 + 4)
-                positions *= 4;
-            }
+/// The smallest tile [`choose_tiling`] uses, in latent pixels (128 image pixels): smaller
+/// tiles see too little of the image for the mid-block attention and the GroupNorms.
+pub const MIN_TILE: usize = 16;
+
+impl VaeConfig {
+    /// Bytes of activations alive at once, at most, while one `h × w` latent is decoded whole
+    /// by a backend whose image ops spend memory as `m` says: the decoder's allocations and
+    /// frees replayed in the order of its forward pass (what each op returns, the im2col and
+    /// score blocks while an op runs, the images a block keeps alive until it returns). The
+    /// weights are not included.
+    pub fn decode_peak_bytes(&self, h: usize, w: usize, m: ImageMemory) -> usize {
+        let rev: Vec<usize> = self.block_out_channels.iter().rev().copied().collect();
+        let (top, first) = (rev[0], self.block_out_channels[0]);
+        let mut r = Replay {
+            m,
+            groups: self.norm_num_groups,
+            live: 0,
+            peak: 0,
+        };
+        let mut n = h * w;
+        let z = r.alloc(self.latent_channels * n);
+        if self.use_post_quant_conv {
+            r.alloc(self.latent_channels * n); // a 1×1 conv: a GEMM, no blocks
+            r.free(z);
         }
-        4 * peak
+        let _conv_in = r.conv3(self.latent_channels, top, n); // alive to the end
+        let r0 = r.resnet(top, top, n);
+        let h0 = match self.mid_block_add_attention {
+            true => {
+                let a = r.attention(top, n);
+                r.free(r0);
+                a
+            }
+            false => r0,
+        };
+        let mut h_in = r.resnet(top, top, n);
+        r.free(h0);
+        for (i, &cout) in rev.iter().enumerate() {
+            let cin = if i == 0 { top } else { rev[i - 1] };
+            let mut x = r.resnet(cin, cout, n); // the block's input stays alive
+            for _ in 0..self.layers_per_block {
+                let y = r.resnet(cout, cout, n);
+                r.free(x);
+                x = y;
+            }
+            if i + 1 < rev.len() {
+                let up = r.alloc(cout * 4 * n);
+                let y = r.conv3(cout, cout, 4 * n);
+                r.free(x + up);
+                x = y;
+                n *= 4;
+            }
+            r.free(h_in);
+            h_in = x;
+        }
+        let _norm = r.norm(first, n);
+        let _out = r.conv3(first, self.out_channels, n);
+        r.peak
+    }
+}
+
+/// Allocations and frees in bytes, and the most alive at once (see
+/// [`VaeConfig::decode_peak_bytes`]); each op returns the bytes of the image it made.
+struct Replay {
+    m: ImageMemory,
+    groups: usize,
+    live: usize,
+    peak: usize,
+}
+
+impl Replay {
+    fn alloc_bytes(&mut self, bytes: usize) -> usize {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+        bytes
     }
 
-    /// [`Tiling::Whole`] when decoding an `h × w` latent whole fits `budget` bytes of
-    /// activations ([`activation_bytes`](Self::activation_bytes)), else square tiles as large
-    /// as fit (at least 8 latent pixels), overlapping by a quarter.
-    pub fn tiling_for_budget(&self, h: usize, w: usize, budget: usize) -> Tiling {
-        if self.activation_bytes(h, w) <= budget {
-            return Tiling::Whole;
-        }
-        let tile = (8..h.max(w))
-            .rev()
-            .find(|&t| self.activation_bytes(t.min(h), t.min(w)) <= budget)
-            .unwrap_or(8);
-        Tiling::Tiles(TileConfig {
-            tile,
-            overlap: tile / 4,
+    fn alloc(&mut self, elements: usize) -> usize {
+        self.alloc_bytes(elements * self.m.element_bytes)
+    }
+
+    fn free(&mut self, bytes: usize) {
+        self.live -= bytes;
+    }
+
+    /// A 3×3 conv over `n` positions: its output, and im2col rows in blocks while it runs.
+    fn conv3(&mut self, cin: usize, cout: usize, n: usize) -> usize {
+        let out = self.alloc(cout * n);
+        let row = 9 * cin * self.m.element_bytes;
+        let cols = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
+        self.free(cols);
+        out
+    }
+
+    /// GroupNorm: its sums (two f64 a group) while it runs, then its output.
+    fn norm(&mut self, c: usize, n: usize) -> usize {
+        let sums = self.alloc_bytes(2 * self.groups * 8);
+        let out = self.alloc(c * n);
+        self.free(sums);
+        out
+    }
+
+    /// [`ResnetBlock::forward`]: both norms and convs alive until it returns.
+    fn resnet(&mut self, cin: usize, cout: usize, n: usize) -> usize {
+        let h1n = self.norm(cin, n);
+        let h1 = self.conv3(cin, cout, n);
+        let h2n = self.norm(cout, n);
+        let h2 = self.conv3(cout, cout, n);
+        let out = match cin != cout {
+            true => {
+                let shortcut = self.alloc(cout * n);
+                self.free(h2);
+                shortcut
+            }
+            false => h2,
+        };
+        self.free(h1n + h1 + h2n);
+        out
+    }
+
+    /// [`Attention::forward`]: the norm, q, k, v, vᵀ, the output and a block of scores.
+    fn attention(&mut self, c: usize, n: usize) -> usize {
+        let normed = self.norm(c, n);
+        let qkv = self.alloc(3 * c * n);
+        let vt = self.alloc(c * n);
+        let a = self.alloc(c * n);
+        let row = n * self.m.element_bytes;
+        let scores = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
+        self.free(scores + vt);
+        let out = self.alloc(c * n);
+        self.free(normed + qkv + a);
+        out
+    }
+}
+
+/// How to decode `h × w` latents with `available` bytes of device memory for activations
+/// ([`VaeConfig::decode_peak_bytes`]): whole when that fits, else square tiles, the largest
+/// that fit but at least [`MIN_TILE`], overlapping by a quarter. `Err(bytes)`: not even the
+/// smallest tile fits; it needs `bytes`.
+pub fn choose_tiling(
+    config: &VaeConfig,
+    h: usize,
+    w: usize,
+    available: usize,
+    m: ImageMemory,
+) -> std::result::Result<Tiling, usize> {
+    if config.decode_peak_bytes(h, w, m) <= available {
+        return Ok(Tiling::Whole);
+    }
+    let need = |t: usize| config.decode_peak_bytes(t.min(h), t.min(w), m);
+    let longest = h.max(w);
+    let smallest = MIN_TILE.min(longest);
+    (smallest..longest)
+        .rev()
+        .find(|&t| need(t) <= available)
+        .map(|tile| {
+            Tiling::Tiles(TileConfig {
+                tile,
+                overlap: tile / 4,
+            })
         })
+        .ok_or_else(|| need(smallest))
+}
+
+impl VaeWeights {
+    /// Bytes of the decoder's weights (the tensors under `decoder.` and `post_quant_conv.`)
+    /// at `element_bytes` each, as a backend holds them.
+    pub fn decoder_bytes(&self, element_bytes: usize) -> usize {
+        let prefix = match &self.naming {
+            Naming::Diffusers => "",
+            Naming::Bfl { prefix } => prefix.as_str(),
+        };
+        self.tensors
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(prefix)
+                    .is_some_and(|k| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+            })
+            .map(|(_, t)| t.numel() * element_bytes)
+            .sum()
     }
 }
 
@@ -1040,6 +1310,43 @@ mod tests {
         ] {
             assert_eq!(bfl_name(diffusers, n), bfl, "{diffusers}");
         }
+    }
+
+    /// Flux's VAE as `ferry synth` writes it (diffusers' names, which diffusers loads), and
+    /// renamed as in BFL's ae.safetensors behind a prefix: both give Flux's config.
+    #[test]
+    fn flux_shapes_give_flux_config() {
+        use crate::synth::{PipelineComponent, PipelinePreset};
+        let turbo = PipelinePreset::by_name("z-image-turbo").unwrap();
+        let diffusers: BTreeMap<String, Vec<usize>> =
+            turbo.tensors(PipelineComponent::Vae).into_iter().collect();
+        let bfl: BTreeMap<String, Vec<usize>> = diffusers
+            .iter()
+            .map(|(n, s)| {
+                let name = bfl_name(n, 4);
+                let mut s = s.clone();
+                if name.starts_with("decoder.mid.attn_1.") && s.len() == 2 {
+                    s.extend([1, 1]); // BFL's attention projections are 1×1 convs
+                }
+                (format!("vae.{name}"), s)
+            })
+            .collect();
+        let p = Path::new("ae.safetensors");
+        let flux = format!("{:?}", VaeConfig::flux());
+        let (prefix, naming, config) = flux_vae_layout(p, &bfl).unwrap();
+        assert_eq!(
+            (prefix.as_str(), &naming),
+            (
+                "vae.",
+                &Naming::Bfl {
+                    prefix: "vae.".into()
+                }
+            )
+        );
+        assert_eq!(format!("{config:?}"), flux);
+        let (prefix, naming, config) = flux_vae_layout(p, &diffusers).unwrap();
+        assert_eq!((prefix.as_str(), naming), ("", Naming::Diffusers));
+        assert_eq!(format!("{config:?}"), flux);
     }
 
     #[test]

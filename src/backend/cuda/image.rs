@@ -7,7 +7,7 @@
 use half::bf16;
 
 use super::{cfg, compile, gemm, Cuda, CudaTensor, CudaWeight, Purpose, WeightStorage};
-use crate::backend::conv::{ImageOps, ImageShape};
+use crate::backend::conv::{ImageMemory, ImageOps, ImageShape};
 use crate::backend::Backend;
 use crate::checkpoint::HostTensor;
 use crate::error::{Error, Result};
@@ -16,6 +16,13 @@ use cudarc::driver::PushKernelArg;
 /// Most bytes of im2col rows (or attention scores) made at once: a convolution at 1024² with
 /// 128 channels would need 2.4 GB of rows in one piece.
 const BLOCK_BYTES: usize = 64 << 20;
+
+/// How these ops spend device memory: bf16 images, im2col and score blocks of
+/// [`BLOCK_BYTES`].
+pub const IMAGE_MEMORY: ImageMemory = ImageMemory {
+    element_bytes: 2,
+    block_bytes: BLOCK_BYTES,
+};
 
 /// One image's activations, `[h·w, c]` bf16 on the device.
 pub struct CudaImage {

@@ -11,6 +11,7 @@ mod dit;
 mod gemm;
 mod host_tier;
 mod image;
+pub use image::IMAGE_MEMORY;
 pub mod loader;
 pub mod streaming;
 

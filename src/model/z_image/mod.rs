@@ -22,9 +22,11 @@
 mod config;
 mod cost;
 mod rope;
+mod single_file;
 
 pub use config::ZImageConfig;
 pub use rope::AxesRope;
+pub use single_file::open_dit_file;
 
 use std::ops::Range;
 
