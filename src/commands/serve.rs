@@ -76,11 +76,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         flag: "--port",
         message: format!("cannot listen on {addr}: {e}"),
     })?;
-    // With --vram: planned for a pass of a full batch taking in a prompt piece each.
+    // With --vram: planned for a full batch of sequences that fill the context, taking in a
+    // prompt piece each (the engine takes in at most one piece's tokens a pass, all together).
+    let piece = args.prompt_chunk.min(context);
     let shape = PassShape {
-        tokens: args.prompt_chunk.min(context),
-        batch: 1,
-        past: context - args.prompt_chunk.min(context),
+        tokens: piece,
+        batch: args.max_batch,
+        past: context - piece,
     };
     let model_id = std::path::Path::new(&args.model.model)
         .file_name()
