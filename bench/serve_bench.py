@@ -117,13 +117,15 @@ def main():
     ok = [r for r in results if "error" not in r and r["times"]]
     ttft = [r["times"][0] - r["start"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
-    tokens = sum((r["usage"] or {}).get("completion_tokens", len(r["times"])) for r in ok)
-    # Decode: tokens after each client's first, over the time from the first first token to
-    # the last token.
+    counts = [(r["usage"] or {}).get("completion_tokens", len(r["times"])) for r in ok]
+    tokens = sum(counts)
+    # Decode: tokens after each client's first (by the usage counts: a text event may carry
+    # several tokens, or wait for a character's last byte), over the time from the first
+    # first token to the last token.
     if ok:
         first = min(r["times"][0] for r in ok)
         last = max(r["times"][-1] for r in ok)
-        decode_tok_s = sum(len(r["times"]) - 1 for r in ok) / max(last - first, 1e-9)
+        decode_tok_s = sum(n - 1 for n in counts) / max(last - first, 1e-9)
     else:
         decode_tok_s = 0.0
     report = {
@@ -139,7 +141,7 @@ def main():
     print(f"{a.clients} clients, ~{a.prompt_tokens} prompt words, {a.max_tokens} tokens each: "
           f"{len(ok)} completed, {len(failed)} failed, {wall:.2f} s")
     print(f"{'':24}{'p50':>10}{'p90':>10}{'p99':>10}")
-    for name, key in (("time to first token, s", "ttft_s"), ("inter-token latency, s", "itl_s")):
+    for name, key in (("time to first token, s", "ttft_s"), ("between text events, s", "itl_s")):
         v = report[key]
         print(f"{name:24}{v['p50']:>10.4f}{v['p90']:>10.4f}{v['p99']:>10.4f}")
     print(f"aggregate: {report['aggregate_tok_s']:.1f} tok/s (wall); "
