@@ -11,6 +11,7 @@ pub mod generate;
 pub mod model;
 pub mod progress;
 pub mod runtime;
+pub mod serve;
 pub mod stream;
 pub mod synth;
 

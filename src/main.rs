@@ -60,6 +60,11 @@ enum Command {
     ///
     /// Example: ferry bench-cuda --synthetic qwen2.5-7b --prompt-tokens 4096 --past 1024
     BenchCuda(commands::bench_cuda::BenchCudaArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat completions, completions, models),
+    /// every waiting request batched into each pass; /health and /metrics too.
+    ///
+    /// Example: ferry serve --model ./SmolLM2-135M-Instruct.Q4_1.gguf --port 8080
+    Serve(commands::serve::ServeArgs),
     /// Generate images from a prompt with a diffusers Z-Image pipeline (CPU in this version).
     ///
     /// Example: ferry image --model ./Z-Image-Turbo --prompt "a red fox in the snow" --size 512x512 --seed 42 --out fox.png
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan_command(args),
         Command::Bench(args) => commands::bench::bench(args),
         Command::BenchCuda(args) => bench_cuda(args),
+        Command::Serve(args) => commands::serve::serve(args),
         Command::Image(args) => commands::image::image(args),
     };
     match result {

@@ -197,6 +197,12 @@ pub trait GeneratorTask {
     fn run<B: Backend>(self, gen: Generator<B>, device: &str) -> Result<()>
     where
         B::Weight: 'static;
+
+    /// Where streamed weights log their passes for the task to read (`ferry serve`'s
+    /// metrics); None: only with --stats.
+    fn pass_log(&self) -> Option<Arc<Mutex<Vec<PassStats>>>> {
+        None
+    }
 }
 
 /// Open the device `compute` names and a generator of `context` positions on it, its weights
@@ -236,8 +242,9 @@ pub fn with_generator(
         eprintln!("[host tier: {}]", weights.host_mode());
         eprint!("{}", weights.plan());
     }
-    let log = Arc::new(Mutex::new(Vec::new()));
-    if compute.stats {
+    let log = task.pass_log();
+    let log = log.unwrap_or_else(|| Arc::new(Mutex::new(Vec::new())));
+    if compute.stats || task.pass_log().is_some() {
         weights.log_stats(log.clone());
     }
     let gen = Generator::with_weights(ckpt, gpu, Some(Box::new(weights)), text, Some(context))?;

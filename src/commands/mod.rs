@@ -9,6 +9,7 @@ pub mod image;
 pub mod info;
 pub mod plan;
 pub mod run;
+pub mod serve;
 pub mod synth;
 
 use std::path::{Path, PathBuf};

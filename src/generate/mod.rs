@@ -1,6 +1,7 @@
 //! Generation: prompt → tokens → model passes → sampled tokens → text, printed as it comes.
 
 pub mod chat;
+mod running;
 mod sample;
 mod text;
 
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use chat::Message;
+pub use running::{PassReport, Running};
 pub use sample::{argmax, Sampler, SamplingConfig};
 pub use text::TextCodec;
 

@@ -1,0 +1,506 @@
+//! `ferry serve`: an OpenAI-compatible HTTP server (axum on tokio) in front of the engine
+//! loop ([`engine`]), which batches every waiting request into each pass.
+//!
+//! The HTTP side parses and checks requests ([`api`]), encodes prompts, and hands each to
+//! the engine over a bounded queue (429 when full); the engine thread owns the model.
+
+pub mod api;
+pub mod engine;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::generate::{Finish, Message, Request, SamplingConfig, TextCodec};
+use api::{ApiError, Ask, Endpoint};
+use engine::{Event, Job, Metrics};
+
+/// What the HTTP side needs to know and share.
+pub struct ServerConfig {
+    /// The id /v1/models lists and requests name.
+    pub model_id: String,
+    pub api_key: Option<String>,
+    pub context: usize,
+    /// max_tokens when a request gives none.
+    pub default_max_tokens: usize,
+    pub max_body_bytes: usize,
+    /// Longest a request may take, queue included.
+    pub request_timeout: Duration,
+    /// After SIGINT/SIGTERM: how long in-flight requests may go on before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+struct Shared {
+    config: ServerConfig,
+    text: TextCodec,
+    jobs: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    created: u64,
+}
+
+type Ctx = Arc<Shared>;
+
+/// Serve on `listener` until SIGINT or SIGTERM, then stop accepting, let in-flight requests
+/// finish for `shutdown_grace` and raise `cancel` to end the rest. Returns when every
+/// connection is closed (the engine ends when `jobs` is dropped).
+pub fn serve(
+    listener: std::net::TcpListener,
+    config: ServerConfig,
+    text: TextCodec,
+    jobs: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    cancel: &'static AtomicBool,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let grace = config.shutdown_grace;
+    let limit = config.max_body_bytes;
+    let ctx = Arc::new(Shared {
+        config,
+        text,
+        jobs,
+        metrics,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics_text))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(limit))
+            .with_state(ctx);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                eprintln!(
+                    "[ferry serve: stopping; in-flight requests have {:.0} s to finish]",
+                    grace.as_secs_f64()
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    cancel.store(true, Ordering::SeqCst);
+                });
+            })
+            .await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn error(e: ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = (status, json_body(&e.body())).into_response();
+    if e.status == 429 {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn json_body(v: &Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+fn authorize(ctx: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &ctx.config.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: 401,
+        message: "missing or wrong API key: send the header \"Authorization: Bearer KEY\" with the key given to ferry serve --api-key".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_api_key"),
+    })
+}
+
+async fn not_found() -> Response {
+    error(ApiError::new(
+        404,
+        "invalid_request_error",
+        "no such endpoint; ferry serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health and /metrics",
+    ))
+}
+
+async fn health() -> Response {
+    json_body(&json!({"status": "ok"}))
+}
+
+async fn models(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&ctx, &headers) {
+        return error(e);
+    }
+    json_body(&json!({"object": "list", "data": [{
+        "id": ctx.config.model_id, "object": "model", "created": ctx.created, "owned_by": "ferry",
+    }]}))
+}
+
+async fn metrics_text(State(ctx): State<Ctx>) -> Response {
+    let m = &ctx.metrics;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let text = format!(
+        "# HELP ferry_requests_total Requests accepted into the queue.\n# TYPE ferry_requests_total counter\nferry_requests_total {}\n\
+# HELP ferry_requests_rejected_total Requests refused.\n# TYPE ferry_requests_rejected_total counter\nferry_requests_rejected_total{{reason=\"queue_full\"}} {}\nferry_requests_rejected_total{{reason=\"bad_request\"}} {}\n\
+# HELP ferry_prompt_tokens_total Prompt tokens run through the model.\n# TYPE ferry_prompt_tokens_total counter\nferry_prompt_tokens_total {}\n\
+# HELP ferry_generated_tokens_total Tokens generated.\n# TYPE ferry_generated_tokens_total counter\nferry_generated_tokens_total {}\n\
+# HELP ferry_queue_depth Requests waiting for a place in the batch.\n# TYPE ferry_queue_depth gauge\nferry_queue_depth {}\n\
+# HELP ferry_active_sequences Sequences in the running batch.\n# TYPE ferry_active_sequences gauge\nferry_active_sequences {}\n\
+# HELP ferry_pass_seconds Passes over the weights.\n# TYPE ferry_pass_seconds summary\nferry_pass_seconds_sum {:.6}\nferry_pass_seconds_count {}\n\
+# HELP ferry_streamed_bytes_total Weight bytes streamed to the GPU.\n# TYPE ferry_streamed_bytes_total counter\nferry_streamed_bytes_total {}\n\
+# HELP ferry_pass_efficiency The last streamed pass's bound / time.\n# TYPE ferry_pass_efficiency gauge\nferry_pass_efficiency {:.6}\n",
+        l(&m.requests),
+        l(&m.rejected_queue_full),
+        l(&m.rejected_bad_request),
+        l(&m.prompt_tokens),
+        l(&m.generated_tokens),
+        m.queued.load(Ordering::SeqCst),
+        m.active.load(Ordering::SeqCst),
+        l(&m.pass_us) as f64 / 1e6,
+        l(&m.passes),
+        l(&m.streamed_bytes),
+        l(&m.efficiency_ppm) as f64 / 1e6,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn chat(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+    complete(ctx, headers, body, Endpoint::Chat).await
+}
+
+async fn completions(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+    complete(ctx, headers, body, Endpoint::Completions).await
+}
+
+async fn complete(ctx: Ctx, headers: HeaderMap, body: Bytes, endpoint: Endpoint) -> Response {
+    let prepared = authorize(&ctx, &headers)
+        .and_then(|()| api::parse(endpoint, &body))
+        .and_then(|ask| request(&ctx, ask, endpoint));
+    let (ask, request) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if e.status == 400 {
+                ctx.metrics
+                    .rejected_bad_request
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return error(e);
+        }
+    };
+    let (tx, mut rx) = unbounded_channel();
+    ctx.metrics.queued.fetch_add(1, Ordering::SeqCst);
+    match ctx.jobs.try_send(Job {
+        request,
+        events: tx,
+    }) {
+        Ok(()) => {
+            ctx.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            ctx.metrics.queued.fetch_sub(1, Ordering::SeqCst);
+            let busy = matches!(e, TrySendError::Full(_));
+            if busy {
+                ctx.metrics
+                    .rejected_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return error(ApiError::new(
+                if busy { 429 } else { 503 },
+                "server_error",
+                if busy {
+                    "the queue of waiting requests is full (ferry serve --max-queue); try again shortly"
+                } else {
+                    "the server is shutting down"
+                },
+            ));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + ctx.config.request_timeout;
+    let id = format!(
+        "{}-{:x}",
+        match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        },
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let reply = Reply {
+        id,
+        endpoint,
+        model: ctx.config.model_id.clone(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    if !ask.stream {
+        let mut text = String::new();
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Text(t))) => text.push_str(&t),
+                Ok(Some(Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    return json_body(&reply.whole(&text, finish, prompt_tokens, completion_tokens))
+                }
+                Ok(Some(Event::Failed(m))) => {
+                    return error(ApiError::new(500, "server_error", m));
+                }
+                Ok(None) => {
+                    return error(ApiError::new(
+                        503,
+                        "server_error",
+                        "the request was dropped (the server is shutting down)",
+                    ))
+                }
+                Err(_) => {
+                    return error(ApiError::new(
+                        504,
+                        "server_error",
+                        format!(
+                            "the request took longer than {} s (ferry serve --request-timeout)",
+                            ctx.config.request_timeout.as_secs()
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    // Server-sent events: a chunk per piece of text, the finish, usage if asked, [DONE].
+    let include_usage = ask.include_usage;
+    let first = reply.chunk(Some(""), None, true);
+    let stream = futures_util::stream::unfold(
+        (rx, reply, Some(first), false),
+        move |(mut rx, reply, pending, done)| async move {
+            if let Some(line) = pending {
+                return Some((Ok::<_, Infallible>(line), (rx, reply, None, done)));
+            }
+            if done {
+                return None;
+            }
+            let event = tokio::time::timeout_at(deadline, rx.recv()).await;
+            let line = match event {
+                Ok(Some(Event::Text(t))) => reply.chunk(Some(&t), None, false),
+                Ok(Some(Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    let mut s = reply.chunk(None, Some(finish), false);
+                    if include_usage {
+                        s.push_str(&reply.usage_chunk(prompt_tokens, completion_tokens));
+                    }
+                    s.push_str("data: [DONE]\n\n");
+                    return Some((Ok(s), (rx, reply, None, true)));
+                }
+                Ok(Some(Event::Failed(m))) => {
+                    let e = ApiError::new(500, "server_error", m);
+                    format!("data: {}\n\ndata: [DONE]\n\n", e.body())
+                }
+                Ok(None) | Err(_) => {
+                    let e = ApiError::new(
+                        504,
+                        "server_error",
+                        "the request ended before its answer was complete (timeout or shutdown)",
+                    );
+                    format!("data: {}\n\ndata: [DONE]\n\n", e.body())
+                }
+            };
+            let end = line.ends_with("[DONE]\n\n");
+            Some((Ok(line), (rx, reply, None, end)))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
+}
+
+/// The engine's request for `ask`: the prompt encoded (chat template for chat), the sampling,
+/// and the context checked.
+fn request(ctx: &Shared, ask: Ask, endpoint: Endpoint) -> Result<(Ask, Request), ApiError> {
+    let c = &ctx.config;
+    if ask.model != c.model_id {
+        return Err(ApiError {
+            status: 404,
+            message: format!(
+                "model: {:?} is not served here; this server serves {:?} (GET /v1/models)",
+                ask.model, c.model_id
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        });
+    }
+    let (prompt, field) = match endpoint {
+        Endpoint::Chat => {
+            let messages: Vec<Message> = ask
+                .messages
+                .iter()
+                .map(|(r, c)| Message::new(r, c))
+                .collect();
+            (ctx.text.encode_chat(&messages), "messages")
+        }
+        Endpoint::Completions => {
+            if ask.prompt.is_empty() {
+                return Err(ApiError::field("prompt", "is empty; give some text"));
+            }
+            (ctx.text.encode(&ask.prompt), "prompt")
+        }
+    };
+    let prompt = prompt.map_err(|e| ApiError::field(field, e.to_string()))?;
+    if prompt.len() >= c.context {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "the prompt is {} tokens, and the context holds {} (ferry serve --context)",
+                prompt.len(),
+                c.context
+            ),
+        ));
+    }
+    let max_tokens = match ask.max_tokens {
+        Some((n, name)) => {
+            if prompt.len() + n > c.context {
+                return Err(ApiError::field(
+                    name,
+                    format!(
+                        "the prompt is {} tokens and {name} is {n}: {} in all, and the context holds {} (ferry serve --context)",
+                        prompt.len(),
+                        prompt.len() + n,
+                        c.context
+                    ),
+                ));
+            }
+            n
+        }
+        None => c.default_max_tokens.min(c.context - prompt.len()),
+    };
+    let seed = ask.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let request = Request {
+        prompt,
+        max_tokens,
+        sampling: SamplingConfig {
+            temperature: ask.temperature,
+            top_k: ask.top_k,
+            top_p: ask.top_p,
+            repetition_penalty: 1.0,
+            seed,
+        },
+        stop_strings: ask.stop.clone(),
+        ignore_eos: false,
+    };
+    Ok((ask, request))
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Eos | Finish::StopString => "stop",
+        Finish::MaxTokens | Finish::Context => "length",
+        Finish::Interrupted => "cancelled",
+    }
+}
+
+fn usage_json(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// What every response of one request carries.
+struct Reply {
+    id: String,
+    endpoint: Endpoint,
+    model: String,
+    created: u64,
+}
+
+impl Reply {
+    fn whole(&self, text: &str, finish: Finish, prompt: usize, completion: usize) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason(finish), "logprobs": null}),
+            Endpoint::Completions => json!({"index": 0, "text": text,
+                "finish_reason": finish_reason(finish), "logprobs": null}),
+        };
+        json!({"id": self.id, "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion",
+                Endpoint::Completions => "text_completion",
+            }, "created": self.created, "model": self.model, "choices": [choice],
+            "usage": usage_json(prompt, completion)})
+    }
+
+    /// The last event when `stream_options.include_usage`: no choices, the usage.
+    fn usage_chunk(&self, prompt: usize, completion: usize) -> String {
+        let v = json!({"id": self.id, "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completions => "text_completion",
+            }, "created": self.created, "model": self.model, "choices": [],
+            "usage": usage_json(prompt, completion)});
+        format!("data: {v}\n\n")
+    }
+
+    /// One server-sent event: a piece of text, or the finish.
+    fn chunk(&self, text: Option<&str>, finish: Option<Finish>, first: bool) -> String {
+        let finish = finish.map(finish_reason);
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = "assistant".into();
+                }
+                if let Some(t) = text {
+                    delta["content"] = t.into();
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            Endpoint::Completions => {
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            }
+        };
+        let v = json!({"id": self.id, "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completions => "text_completion",
+            }, "created": self.created, "model": self.model, "choices": [choice]});
+        format!("data: {v}\n\n")
+    }
+}

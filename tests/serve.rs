@@ -1,0 +1,501 @@
+//! `ferry serve` on loopback, over plain HTTP/1.1: many concurrent streaming clients get
+//! exactly their solo greedy answers, clients that leave free their sequences, a full queue
+//! answers 429, bad requests name their field, the API key is checked, memory stays flat
+//! over 1000 requests, and SIGTERM ends the server with status 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use common::fixture;
+use ferry::backend::cpu::Cpu;
+use ferry::checkpoint::Checkpoint;
+use ferry::generate::{Generator, Request, SamplingConfig};
+use serde_json::{json, Value};
+
+/// A server on a free port, ended (SIGTERM, then waited for) when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let model = fixture("llama");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .args(["--port", "0", "--threads", "1"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server says where it listens")
+                .unwrap();
+            if let Some(at) = line.find("http://") {
+                break line[at + 7..].trim_end_matches(']').to_string();
+            }
+        };
+        // Keep reading its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    /// SIGTERM; the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request, `Connection: close`: (status, headers, body with chunked encoding undone).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[&str],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, head.to_string(), body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+/// The text and finish_reason of a streamed completion's events, checking they end in [DONE].
+fn read_events(body: &str) -> (String, String) {
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("an SSE data line"))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let mut text = String::new();
+    let mut finish = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        text.push_str(c["text"].as_str().unwrap_or(""));
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish)
+}
+
+fn prompt(i: usize) -> String {
+    let words = [
+        "hello", "there", "flat", "is", "better", "than", "nested", "abc",
+    ];
+    (0..1 + i % 7 * 3)
+        .map(|k| words[(i + k) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn concurrent_streams_equal_their_solo_greedy_answers() {
+    let ckpt = Checkpoint::open(fixture("llama").to_str().unwrap()).unwrap();
+    let mut gen = Generator::new(&ckpt, Cpu, Some(256)).unwrap();
+    let solo: Vec<(String, &str)> = (0..32)
+        .map(|i| {
+            let req = Request {
+                prompt: gen.text.encode(&prompt(i)).unwrap(),
+                max_tokens: 4 + i % 5 * 6,
+                sampling: SamplingConfig::default(),
+                stop_strings: vec![],
+                ignore_eos: false,
+            };
+            let out = gen.generate(&req, &mut |_| {}).unwrap();
+            let finish = match out.finish.as_str() {
+                "max_tokens" => "length",
+                _ => "stop",
+            };
+            (out.text, finish)
+        })
+        .collect();
+    // Prompt pieces of 8 tokens: longer prompts go in over several passes.
+    let server = Server::start(&[
+        "--max-batch",
+        "8",
+        "--max-queue",
+        "64",
+        "--prompt-chunk",
+        "8",
+    ]);
+    let addr = server.addr.clone();
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": "llama", "prompt": prompt(i), "temperature": 0,
+                    "max_tokens": 4 + i % 5 * 6, "stream": true});
+                http(&addr, "POST", "/v1/completions", &body.to_string(), &[])
+            })
+        })
+        .collect();
+    // Clients that leave after the first bytes of their answer.
+    let leavers: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": "llama", "prompt": prompt(i), "max_tokens": 200,
+                    "stream": true})
+                .to_string();
+                let mut s = TcpStream::connect(&addr).unwrap();
+                write!(
+                    s,
+                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut first = [0u8; 64];
+                s.read_exact(&mut first).unwrap();
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let (status, _, body) = c.join().unwrap();
+        assert_eq!(status, 200, "client {i}: {body}");
+        let (text, finish) = read_events(&body);
+        assert_eq!(text, solo[i].0, "client {i}");
+        assert_eq!(finish, solo[i].1, "client {i}");
+    }
+    for l in leavers {
+        l.join().unwrap();
+    }
+    // The leavers' sequences are freed at a pass soon after (bounded: at most 200 looks).
+    let mut active = None;
+    for _ in 0..200 {
+        let (_, _, m) = http(&addr, "GET", "/metrics", "", &[]);
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("ferry_active_sequences "))
+            .unwrap();
+        active = Some(line.split(' ').nth(1).unwrap().to_string());
+        if active.as_deref() == Some("0") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        active.as_deref(),
+        Some("0"),
+        "every sequence ended or freed"
+    );
+    assert!(
+        server.stop().success(),
+        "SIGTERM ends the server with status 0"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let server = Server::start(&["--max-batch", "1", "--max-queue", "1"]);
+    let addr = server.addr.clone();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": "llama", "prompt": "hello there", "max_tokens": 60});
+                http(&addr, "POST", "/v1/completions", &body.to_string(), &[])
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let busy: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert!(!busy.is_empty(), "16 at once into room for 2");
+    for (_, head, body) in &busy {
+        assert!(
+            head.to_ascii_lowercase().contains("retry-after: 1"),
+            "{head}"
+        );
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-queue"));
+    }
+    assert!(results.iter().all(|r| r.0 == 200 || r.0 == 429));
+    assert!(results.iter().any(|r| r.0 == 200));
+}
+
+#[test]
+fn bad_requests_name_their_field() {
+    let server = Server::start(&[
+        "--api-key",
+        "sekrit",
+        "--context",
+        "64",
+        "--max-body",
+        "4096",
+    ]);
+    let auth = "Authorization: Bearer sekrit";
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("/v1/chat/completions", "{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", "[1]", 400, "JSON object"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            400,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#,
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama"}"#,
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama","messages":[{"role":"robot","content":"hi"}]}"#,
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama","messages":[{"role":"user","content":5}]}"#,
+            400,
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama","messages":[{"role":"user","content":"hi"}],"n":2}"#,
+            400,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama","messages":[{"role":"user","content":"hi"}],"max_tokens":"9"}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":60}"#,
+            400,
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","max_tokens":0}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","temperature":7}"#,
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","top_p":"x"}"#,
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","top_k":1.5}"#,
+            400,
+            "top_k",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","seed":"x"}"#,
+            400,
+            "seed",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","stop":[1]}"#,
+            400,
+            "stop",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","stream":"yes"}"#,
+            400,
+            "stream",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":"hi","stream_options":{"include_usage":1}}"#,
+            400,
+            "stream_options.include_usage",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":["a","b"]}"#,
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"llama","prompt":""}"#,
+            400,
+            "prompt",
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let (got, _, answer) = http(&server.addr, "POST", path, body, &[auth]);
+        assert_eq!(got, *status, "{body}: {answer}");
+        let v: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{body}: {e}: {answer}"));
+        let e = &v["error"];
+        assert!(
+            e["message"].as_str().unwrap().contains(field),
+            "{body}: {answer}"
+        );
+        assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some());
+    }
+    // A prompt longer than the context names the prompt.
+    let long = "hello there ".repeat(40);
+    let (got, _, answer) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        &json!({"model": "llama", "prompt": long}).to_string(),
+        &[auth],
+    );
+    assert_eq!(got, 400, "{answer}");
+    assert!(
+        answer.contains("\"param\":\"prompt\"") && answer.contains("context"),
+        "{answer}"
+    );
+    // Too large a body.
+    let (got, _, _) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        &json!({"model": "llama", "prompt": "x".repeat(8000)}).to_string(),
+        &[auth],
+    );
+    assert_eq!(got, 413);
+    // The key: missing or wrong is 401; right is served.
+    for headers in [&[][..], &["Authorization: Bearer wrong"][..]] {
+        let (got, _, answer) = http(&server.addr, "GET", "/v1/models", "", headers);
+        assert_eq!(got, 401, "{answer}");
+        assert!(answer.contains("invalid_api_key"), "{answer}");
+    }
+    let (got, _, answer) = http(&server.addr, "GET", "/v1/models", "", &[auth]);
+    assert_eq!(got, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap()["data"][0]["id"],
+        "llama"
+    );
+    let (got, _, answer) = http(&server.addr, "GET", "/health", "", &[]);
+    assert_eq!((got, answer.as_str()), (200, r#"{"status":"ok"}"#));
+    // After all that the server still answers.
+    let (got, _, answer) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"llama","prompt":"hi","max_tokens":3,"temperature":0}"#,
+        &[auth],
+    );
+    assert_eq!(got, 200, "{answer}");
+    let v: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+            + v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["total_tokens"].as_u64().unwrap()
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn memory_stays_flat_over_1000_requests() {
+    let server = Server::start(&[]);
+    let body = |i: usize| {
+        json!({"model": "llama", "prompt": prompt(i), "max_tokens": 2, "temperature": 0,
+        "stream": i % 2 == 0})
+        .to_string()
+    };
+    let mut after_warmup = 0;
+    for i in 0..1000 {
+        let path = if i % 3 == 0 {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let b = if i % 3 == 0 {
+            json!({"model": "llama", "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": 2}).to_string()
+        } else {
+            body(i)
+        };
+        let (status, _, answer) = http(&server.addr, "POST", path, &b, &[]);
+        assert_eq!(status, 200, "request {i}: {answer}");
+        if i == 199 {
+            after_warmup = rss_kib(server.child.id());
+        }
+    }
+    let end = rss_kib(server.child.id());
+    assert!(
+        end < after_warmup + 8 * 1024,
+        "RSS {after_warmup} KiB after 200 requests, {end} KiB after 1000"
+    );
+}
