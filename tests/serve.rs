@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 
 use common::fixture;
 use ferry::backend::cpu::Cpu;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{Generator, Request, SamplingConfig};
+use ferry::model::Checkpoint;
 use serde_json::{json, Value};
 
 /// A server on a free port, ended (SIGTERM, then waited for) when dropped.

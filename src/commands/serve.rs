@@ -9,8 +9,8 @@ use clap::Args;
 
 use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::Backend;
-use ferry::checkpoint::Checkpoint;
 use ferry::generate::{context_length, Generator, TextCodec};
+use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::serve::engine::{self, EngineConfig, Metrics};
 use ferry::serve::ServerConfig;
