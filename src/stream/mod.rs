@@ -7,12 +7,14 @@
 //! - [`schedule`]: the streamer over a copy-engine interface (the backends provide the
 //!   engines: `backend::cuda::streaming`, and `backend::cpu_stream` for tests without a GPU).
 //! - [`streamed`]: the model's weights group by group from a plan, over any slot engine.
+//! - [`compress`]: lossless bf16 compression of streamed weights (decoded on the device).
 //! - [`stats`]: what a streamed pass did.
 //! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock; it
 //!   reads host memory through [`staging::HostBytes`], so raw addresses stay in the backend.
 //! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
 pub mod budget;
+pub mod compress;
 pub mod cost;
 pub mod plan;
 pub mod schedule;
