@@ -13,8 +13,12 @@ use crate::checkpoint::{DType, Tensors};
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
 use crate::model::{Architecture, PassShape};
+use std::sync::Arc;
+
+use crate::backend::cuda::streaming::SLOT_ALIGN;
+use crate::stream::compress::{Compress, Compressed};
 use crate::stream::cost::{planner_groups, CostModel};
-use crate::stream::{GroupTensors, PlanRequest, SlotSize, Vram};
+use crate::stream::{GroupTensors, Placement, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
 /// Open `--model PATH` or `--synthetic PRESET` (random bf16 weights of a real shape, made
@@ -126,8 +130,13 @@ pub fn plan_request(
         reserve: driver_reserve(staged),
         h2d_gbps: cost.h2d_gbps,
         slot_size: SlotSize::Auto,
+        compressed: None,
     }
 }
+
+/// Decoding speed of compressed weights the planner assumes, GB/s of bf16 written
+/// (`decompress.cu`; bench/NOTES.md has the measured figure).
+pub const ASSUMED_DECODE_GBPS: f64 = 500.0;
 
 /// Compute figures the first plan assumes before a pass has been measured: an H100-class
 /// card (DESIGN.md). The prediction printed after a measured pass uses measured times.
@@ -136,6 +145,23 @@ pub const ASSUMED_COMPUTE: CostModel = CostModel {
     tflops: 600.0,
     hbm_gbps: 3000.0,
 };
+
+/// How streamed weights reach the device: `--host-memory` and `--compress`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    pub host: HostMemory,
+    pub compress: Compress,
+}
+
+impl From<HostMemory> for StreamOptions {
+    /// `host`, compressed where the engine can.
+    fn from(host: HostMemory) -> StreamOptions {
+        StreamOptions {
+            host,
+            compress: Compress::Auto,
+        }
+    }
+}
 
 /// How a streamed run is set up beyond the model: the pass to plan for and how host memory
 /// reaches the device.
@@ -148,16 +174,20 @@ pub struct StreamSetup<'a> {
     /// Per-group compute, ms, measured on this card; else from the assumed figures.
     pub measured_ms: Option<&'a [f64]>,
     pub host: HostMemory,
+    /// Whether streamed weights cross the link compressed (`--compress`).
+    pub compress: Compress,
 }
 
 impl StreamSetup<'static> {
     /// Passes of `shape`, the architecture's own workspace, compute from the assumed figures.
-    pub fn new(shape: PassShape, host: HostMemory) -> StreamSetup<'static> {
+    pub fn new(shape: PassShape, options: impl Into<StreamOptions>) -> StreamSetup<'static> {
+        let options = options.into();
         StreamSetup {
             shape,
             workspace: None,
             measured_ms: None,
-            host,
+            host: options.host,
+            compress: options.compress,
         }
     }
 }
@@ -195,6 +225,34 @@ pub fn stream_weights(
             g.compute_ms = m;
         }
     }
-    let plan = crate::stream::plan(&request)?;
-    StreamedWeights::new(gpu, &model, plan, tier, h2d_gbps)
+    let mut plan = crate::stream::plan(&request)?;
+    let mut tier = tier;
+    let mut compressed = None;
+    let streams =
+        |plan: &crate::stream::Plan, g: usize| matches!(plan.placement[g], Placement::Streamed(_));
+    let wanted = match setup.compress {
+        Compress::Off => false,
+        Compress::On => true,
+        Compress::Auto => !tier.is_staged(),
+    };
+    if wanted && !plan.pieces.is_empty() {
+        // Encode what streams at this budget, then plan again with the encoded sizes (a
+        // group the second plan streams beyond those streams as it is).
+        let encoded = Compressed::encode(
+            &model.groups,
+            &model.splits,
+            |g| streams(&plan, g),
+            true,
+            SLOT_ALIGN,
+            ASSUMED_DECODE_GBPS,
+        )?;
+        request.compressed = Some(Arc::new(encoded));
+        plan = crate::stream::plan(&request)?;
+        let mut encoded = Arc::try_unwrap(request.compressed.take().expect("set above"))
+            .expect("the planner keeps no encodings");
+        encoded.retain(|g| streams(&plan, g));
+        tier.register_compressed(&encoded)?;
+        compressed = Some(Arc::new(encoded));
+    }
+    StreamedWeights::new(gpu, &model, plan, tier, compressed, h2d_gbps)
 }

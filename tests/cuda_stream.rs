@@ -18,6 +18,7 @@ use ferry::checkpoint::DType;
 use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama, Logits, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{plan_request, stream_weights, StreamSetup, ASSUMED_COMPUTE};
+use ferry::stream::compress::Compress;
 use ferry::stream::cost::{group_bytes, CostModel};
 use ferry::stream::Placement;
 use ferry::stream::PlanRequest;
@@ -72,7 +73,19 @@ fn setup(shape: PassShape, workspace: usize, host: HostMemory) -> StreamSetup<'s
         workspace: Some(workspace),
         measured_ms: None,
         host,
+        compress: Compress::Off,
     }
+}
+
+/// A bf16 Llama whose tensors are large enough to compress (hidden 256, 8 blocks).
+fn wide_bf16() -> Checkpoint {
+    let mut p = Preset::by_name("tiny").expect("preset");
+    p.config.hidden_size = 256;
+    p.config.intermediate_size = 768;
+    p.config.num_layers = 8;
+    p.config.head_dim = 64;
+    p.config.vocab_size = 8192;
+    synthetic_checkpoint(&p, 3, DType::BF16).expect("synthetic model")
 }
 
 /// Resident, then streamed at budgets from the least that plans up to everything resident:
@@ -108,7 +121,11 @@ fn check_budgets(
     let weights: usize = ckpt.bytes();
     let fixed = CUBLAS_WORKSPACE + DRIVER_RESERVE + model.pass_cost(shape).cache + workspace;
     let mut streamed_some = false;
-    for fraction in [0.2, 0.35, 0.5, 0.65, 0.8, 1.5] {
+    let mut compressed_some = false;
+    let cases = [0.2, 0.35, 0.5, 0.65, 0.8, 1.5]
+        .into_iter()
+        .flat_map(|f| [(f, Compress::Off), (f, Compress::On)]);
+    for (fraction, compress) in cases {
         let budget = fixed + (weights as f64 * fraction) as usize;
         let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
         gpu.prepare(c.head_dim).expect("kernels");
@@ -116,13 +133,32 @@ fn check_budgets(
             &gpu,
             ckpt,
             &model,
-            setup(shape, workspace, HostMemory::Auto),
+            StreamSetup {
+                compress,
+                ..setup(shape, workspace, HostMemory::Auto)
+            },
         ) {
             Ok(w) => w,
             Err(e) if e.to_string().contains("below the minimum") => continue,
             Err(e) => panic!("{test}: budget {budget}: {e}"),
         };
         let plan = w.plan().clone();
+        if compress == Compress::On {
+            compressed_some |= plan.compressed();
+            let (tokens, logits) = run(&gpu, &model, &mut w, &prompt, decode, all);
+            eprintln!(
+                "{test}: budget {budget} B, compressed: {} of {} bf16 bytes cross the link per pass",
+                plan.streamed_bytes(),
+                plan.streamed_bf16_bytes()
+            );
+            assert_eq!(tokens, want_tokens, "{test}: compressed, budget {budget}");
+            assert!(
+                bits(&logits) == bits(&want_logits),
+                "{test}: compressed streaming changed the logits at budget {budget}"
+            );
+            assert!(gpu.memory().peak() <= budget, "{test}: ledger over budget");
+            continue;
+        }
         // `ferry plan` with the figures this run measured plans the same pass.
         let cost = CostModel {
             h2d_gbps: w.h2d_gbps(),
@@ -175,7 +211,23 @@ fn check_budgets(
         drop(w);
     }
     assert!(streamed_some, "{test}: no budget streamed anything");
+    if compress_expected(ckpt) {
+        assert!(
+            compressed_some,
+            "{test}: no budget streamed compressed weights"
+        );
+    }
     true
+}
+
+/// Whether the model's blocks are large enough to compress.
+fn compress_expected(ckpt: &Checkpoint) -> bool {
+    ckpt.config.hidden_size >= 256
+}
+
+#[test]
+fn compressed_streaming_is_bit_identical_to_resident() {
+    check_budgets("wide bf16 llama", &wide_bf16(), 24, 6, true);
 }
 
 #[test]

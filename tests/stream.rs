@@ -52,6 +52,7 @@ fn request(groups: Vec<Group>, budget: usize, h2d_gbps: f64) -> PlanRequest {
         reserve: 0,
         h2d_gbps,
         slot_size: SlotSize::Auto,
+        compressed: None,
     }
 }
 
@@ -378,7 +379,7 @@ fn the_streamer_on_the_cpu_engine() {
             .copy_from_slice(&host[g]);
         resident.push((g, a));
     }
-    let engine = CpuCopyEngine::new(&alloc, &p, tensors, Some(h2d_gbps)).unwrap();
+    let engine = CpuCopyEngine::new(&alloc, &p, tensors, None, Some(h2d_gbps)).unwrap();
     let mut streamer = Streamer::new(engine, &p).unwrap();
 
     let passes = 4;
@@ -757,7 +758,7 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
             let slots = p.slots;
             let pieces = p.pieces.clone();
             let (mut weights, _residents) =
-                cpu_streamed_weights(&tensors, p, &alloc, h2d_gbps).unwrap();
+                cpu_streamed_weights(&tensors, p, &alloc, None, h2d_gbps).unwrap();
             // Two sequences, one after the other, through the same weights: passes wrap.
             for run in 0..2 {
                 let got = passes_of(&model, &mut weights, &prompt, steps);
@@ -794,4 +795,86 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
         );
     }
     assert!(split_heads > 0, "some plan streams the head in pieces");
+}
+
+#[test]
+fn compressed_streaming_on_the_cpu_equals_resident_bit_for_bit() {
+    use ferry::backend::cpu::Cpu;
+    use ferry::backend::cpu_stream::{cpu_streamed_weights, SLOT_ALIGN};
+    use ferry::backend::Backend;
+    use ferry::model::{Architecture, ResidentWeights};
+    use ferry::stream::compress::Compressed;
+
+    // bf16 weights large enough to compress: hidden 256, 8 blocks, vocab 8192 (the head
+    // compresses in rows, so that it can stream in pieces).
+    let mut p = Preset::by_name("tiny").unwrap();
+    p.config.hidden_size = 256;
+    p.config.intermediate_size = 768;
+    p.config.num_layers = 8;
+    p.config.head_dim = 64;
+    p.config.vocab_size = 8192;
+    let ckpt = ferry::synth::synthetic_checkpoint(&p, 3, DType::BF16).unwrap();
+    let model = Llama::new(ckpt.config.clone());
+    let tensors = ferry::stream::GroupTensors::of(&ckpt, &model).unwrap();
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 131 + 3) % 8192).collect();
+    let steps = 2;
+    let mut resident = ResidentWeights::load(&ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
+    let want = passes_of(&model, &mut resident, &prompt, steps);
+
+    let host_gather: Vec<bool> = model.groups().iter().map(|g| g.host_gather).collect();
+    let encoded = Compressed::encode(
+        &tensors.groups,
+        &tensors.splits,
+        |g| !host_gather[g],
+        false,
+        SLOT_ALIGN,
+        500.0,
+    )
+    .unwrap();
+    let (enc, raw) = encoded.sizes();
+    assert!(
+        (enc as f64) < 0.8 * raw as f64,
+        "{enc} encoded of {raw} bf16 bytes"
+    );
+    let encoded = Arc::new(encoded);
+    let shape = PassShape {
+        tokens: prompt.len(),
+        batch: 1,
+        past: 0,
+    };
+    let request = |budget| PlanRequest {
+        compressed: Some(encoded.clone()),
+        ..common::cpu_request(&model, &ckpt, shape, budget)
+    };
+    let cost = model.pass_cost(shape);
+    let least = common::least_budget(&request(cost.cache + cost.workspace)).budget;
+    let total: usize = model.groups().iter().map(|g| g.bytes(&ckpt)).sum();
+    let mut split_pieces = 0;
+    for (share, h2d_gbps) in [(0.0, None), (0.3, Some(0.5)), (0.6, None)] {
+        let budget = least + (share * total as f64) as usize;
+        let p = plan(&request(budget)).unwrap();
+        assert!(p.compressed(), "{budget} bytes: nothing streams compressed");
+        assert!(
+            (p.streamed_bytes() as f64) < 0.85 * p.streamed_bf16_bytes() as f64,
+            "{budget} bytes: {} cross the link for {} of bf16",
+            p.streamed_bytes(),
+            p.streamed_bf16_bytes()
+        );
+        assert!(p.device_bytes() <= budget);
+        split_pieces += p.pieces.iter().filter(|q| q.index > 0).count();
+        let alloc = BudgetAllocator::new(HostStorage, p.budget);
+        let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
+        let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
+        let (mut weights, _residents) =
+            cpu_streamed_weights(&tensors, p, &alloc, Some(encoded.clone()), h2d_gbps).unwrap();
+        for run in 0..2 {
+            let got = passes_of(&model, &mut weights, &prompt, steps);
+            assert!(
+                got == want,
+                "{budget} bytes, run {run}: compressed streaming changed the logits"
+            );
+        }
+        assert!(alloc.peak() <= alloc.budget(), "over the budget");
+    }
+    assert!(split_pieces > 0, "no plan streamed a group in pieces");
 }

@@ -674,7 +674,8 @@ fn the_dit_streamed_on_the_cpu_equals_resident_bit_for_bit() {
         streamed += !p.pieces.is_empty() as usize;
         let alloc = BudgetAllocator::new(HostStorage, p.budget);
         let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
-        let (mut weights, _residents) = cpu_streamed_weights(&model, p, &alloc, Some(0.2)).unwrap();
+        let (mut weights, _residents) =
+            cpu_streamed_weights(&model, p, &alloc, None, Some(0.2)).unwrap();
         // Two steps: the second starts from the prefetch that wrapped around.
         for step in 0..2 {
             let got = dit.forward(&Cpu, &mut weights, &input).unwrap();

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use super::cpu::{Cpu, CpuWeight};
 use super::Backend;
 use crate::checkpoint::{HostTensor, Storage};
+use crate::error::Error;
 use crate::error::Result;
 use crate::stream::budget::{Allocation, BudgetAllocator, DeviceMemory, Purpose};
+use crate::stream::compress::{self, piece_layout, Compressed, PieceLayout, Share};
 use crate::stream::plan::{Piece, Placement, Plan};
 use crate::stream::schedule::CopyEngine;
 use crate::stream::streamed::{slot_spans, GroupTensors, SlotEngine, SlotSpan, StreamedWeights};
@@ -23,7 +25,7 @@ use crate::stream::streamed::{slot_spans, GroupTensors, SlotEngine, SlotSpan, St
 /// Where in a slot each tensor's share starts: a multiple of this many bytes (f32 and bf16
 /// views need 4; tensors of whole 16-byte rows then lie back to back, with no padding
 /// beyond what the plan counted).
-const SLOT_ALIGN: usize = 16;
+pub const SLOT_ALIGN: usize = 16;
 
 /// Host memory standing in for device memory: owned, 8-byte aligned buffers that weights can
 /// view in place.
@@ -116,6 +118,10 @@ pub struct CpuCopyEngine {
     slots: Arc<Vec<Slot>>,
     /// Per group (pass order), its tensors in group order: what the copies read.
     host: Arc<Vec<Vec<HostTensor>>>,
+    /// Per group, per piece: how it lies in a slot.
+    layouts: Arc<Vec<Vec<PieceLayout>>>,
+    /// Where encoded pieces are decoded (none when nothing streams encoded).
+    decoded: Option<Slot>,
     queue: Option<Sender<CopyCommand>>,
     thread: Option<JoinHandle<()>>,
     stall: Duration,
@@ -123,20 +129,34 @@ pub struct CpuCopyEngine {
 
 impl CpuCopyEngine {
     /// The slots of `plan` from `allocator`, each as large as its largest piece laid out in
-    /// it; copies read `host[group]` (each group's tensors, concatenated in order) at
-    /// `h2d_gbps` GB/s, or as fast as memory allows.
+    /// it; copies read `host[group]` (each group's tensors, concatenated in order), or their
+    /// encodings in `compressed`, at `h2d_gbps` GB/s, or as fast as memory allows.
     pub fn new(
         allocator: &BudgetAllocator<HostStorage>,
         plan: &Plan,
         host: Vec<Vec<HostTensor>>,
+        compressed: Option<Arc<Compressed>>,
         h2d_gbps: Option<f64>,
     ) -> Result<Self> {
-        let slot_bytes = plan
-            .pieces
+        let mut layouts: Vec<Vec<PieceLayout>> = vec![Vec::new(); host.len()];
+        for p in &plan.pieces {
+            let bytes: Vec<usize> = host[p.group].iter().map(|t| t.bytes().len()).collect();
+            let encoded = compressed.as_ref().map(|c| &c.groups[p.group][..]);
+            layouts[p.group].push(piece_layout(&bytes, encoded, p.offset, p.bytes, SLOT_ALIGN));
+        }
+        let slot_bytes = layouts
             .iter()
-            .map(|p| extent(&spans(&host, p)))
+            .flatten()
+            .map(|l| l.extent)
             .max()
             .unwrap_or(0);
+        let decoded = match layouts.iter().flatten().map(|l| l.decoded).max() {
+            Some(n) if n > 0 => Some(Mutex::new(
+                allocator.alloc(Purpose::Other("decode buffer".into()), n)?,
+            )),
+            _ => None,
+        };
+        let layouts = Arc::new(layouts);
         let slots = plan.slots;
         let buffers = (0..slots)
             .map(|s| {
@@ -159,13 +179,20 @@ impl CpuCopyEngine {
         });
         let (tx, rx) = channel();
         let thread = {
-            let (shared, slots_mem, host) = (shared.clone(), slots_mem.clone(), host.clone());
-            std::thread::spawn(move || copy_queue(rx, &shared, &slots_mem, &host, h2d_gbps))
+            let source = Source {
+                host: host.clone(),
+                compressed,
+                layouts: layouts.clone(),
+            };
+            let (shared, slots_mem) = (shared.clone(), slots_mem.clone());
+            std::thread::spawn(move || copy_queue(rx, &shared, &slots_mem, &source, h2d_gbps))
         };
         Ok(CpuCopyEngine {
             shared,
             slots: slots_mem,
             host,
+            layouts,
+            decoded,
             queue: Some(tx),
             thread: Some(thread),
             stall: Duration::ZERO,
@@ -203,12 +230,39 @@ fn extent(spans: &[SlotSpan]) -> usize {
     spans.last().map_or(0, |s| s.dst + s.len)
 }
 
+/// What the copy queue reads: the tensors, their encodings, and where each piece goes.
+struct Source {
+    host: Arc<Vec<Vec<HostTensor>>>,
+    compressed: Option<Arc<Compressed>>,
+    layouts: Arc<Vec<Vec<PieceLayout>>>,
+}
+
+impl Source {
+    /// The bytes a copy reads.
+    fn bytes(&self, group: usize, c: &compress::SlotCopy) -> &[u8] {
+        let all = if c.encoded {
+            let encoded = self
+                .compressed
+                .as_ref()
+                .expect("encoded copies have encodings");
+            encoded.groups[group][c.tensor]
+                .as_ref()
+                .expect("an encoded share's tensor is encoded")
+                .storage
+                .bytes()
+        } else {
+            self.host[group][c.tensor].bytes()
+        };
+        &all[c.src..c.src + c.len]
+    }
+}
+
 /// The copy queue's thread: run copies in order, each after its wait.
 fn copy_queue(
     rx: Receiver<CopyCommand>,
     shared: &Shared,
     slots: &[Slot],
-    host: &[Vec<HostTensor>],
+    source: &Source,
     h2d_gbps: Option<f64>,
 ) {
     for cmd in rx {
@@ -220,7 +274,9 @@ fn copy_queue(
         }
         let p = &cmd.piece;
         let (slot, group, index) = (cmd.slot, p.group, p.index);
-        let duration = h2d_gbps.map(|g| Duration::from_secs_f64(p.bytes as f64 / (g * 1e9)));
+        let layout = &source.layouts[group][index];
+        let duration =
+            h2d_gbps.map(|g| Duration::from_secs_f64(layout.copy_bytes() as f64 / (g * 1e9)));
         let mut mem = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
         let begin = Instant::now();
         // Only the compute side's views share the slot's memory, and they must be gone
@@ -238,9 +294,8 @@ fn copy_queue(
             .lock()
             .log
             .push((begin, EngineEvent::CopyBegin { slot, group, index }));
-        for s in spans(host, p) {
-            let src = &host[group][s.tensor].bytes()[s.src..s.src + s.len];
-            bytes[s.dst..s.dst + s.len].copy_from_slice(src);
+        for c in &layout.copies {
+            bytes[c.dst..c.dst + c.len].copy_from_slice(source.bytes(group, c));
         }
         if let Some(d) = duration {
             sleep_until(begin + d);
@@ -343,24 +398,63 @@ impl SlotEngine for CpuCopyEngine {
     type Weight = CpuWeight;
 
     /// Views of the slot's memory: the weights the model computes on are the bytes the copy
-    /// put there.
+    /// put there, or, for encoded shares, what they decode to in the decode buffer.
     fn views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CpuWeight>>> {
         let tensors = &self.host[piece.group];
+        let layout = &self.layouts[piece.group][piece.index];
         let storage = Arc::clone(&self.slot(slot));
+        let decoded = self.decode(&storage, layout)?;
         let mut out: Vec<Option<CpuWeight>> = (0..tensors.len()).map(|_| None).collect();
-        for s in spans(&self.host, piece) {
-            let t = &tensors[s.tensor];
+        for (i, share) in layout.shares.iter().enumerate() {
+            let t = &tensors[i];
+            let (memory, dst, len) = match *share {
+                None => continue,
+                Some(Share::Raw { dst, len }) => (&storage, dst, len),
+                Some(Share::Encoded { dst, len, .. }) => {
+                    (decoded.as_ref().expect("decoded above"), dst, len)
+                }
+            };
             let view = HostTensor::new(
                 t.name.clone(),
                 t.dtype,
-                block_shape(t, s.len),
-                storage.clone(),
-                s.dst,
-                s.len,
+                block_shape(t, len),
+                memory.clone(),
+                dst,
+                len,
             );
-            out[s.tensor] = Some(Cpu.weight(&view)?);
+            out[i] = Some(Cpu.weight(&view)?);
         }
         Ok(out)
+    }
+}
+
+impl CpuCopyEngine {
+    /// Decode the encoded shares of `layout` from `slot` into the decode buffer, and hand it
+    /// out for views (`None` when nothing in the piece is encoded).
+    fn decode(&self, slot: &Storage, layout: &PieceLayout) -> Result<Option<Arc<Storage>>> {
+        if layout.decoded == 0 {
+            return Ok(None);
+        }
+        let mut buffer = self
+            .decoded
+            .as_ref()
+            .expect("a decode buffer where pieces are encoded")
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let out = Arc::get_mut(&mut buffer)
+            .and_then(Storage::bytes_mut)
+            .ok_or_else(|| {
+                Error::Device(
+                    "streaming: the decode buffer is still viewed by the piece before".into(),
+                )
+            })?;
+        for share in layout.shares.iter().flatten() {
+            if let Share::Encoded { decode, dst, len } = *share {
+                let words: &mut [u16] = bytemuck::cast_slice_mut(&mut out[dst..dst + len]);
+                compress::decode(slot.bytes(), &decode, words);
+            }
+        }
+        Ok(Some(Arc::clone(&buffer)))
     }
 }
 
@@ -398,11 +492,13 @@ pub type ResidentMemory = Vec<Allocation<Arc<Storage>>>;
 
 /// The model's weights for the CPU backend as `plan` streams them: resident groups copied
 /// into memory from `allocator` (so that the ledger sees everything a device would hold),
-/// host-gathered groups read in place, the rest through [`CpuCopyEngine`]'s slots.
+/// host-gathered groups read in place, the rest through [`CpuCopyEngine`]'s slots (encoded
+/// where `compressed` holds encodings).
 pub fn cpu_streamed_weights(
     model: &GroupTensors,
     plan: Plan,
     allocator: &BudgetAllocator<HostStorage>,
+    compressed: Option<Arc<Compressed>>,
     h2d_gbps: Option<f64>,
 ) -> Result<(StreamedWeights<CpuCopyEngine>, ResidentMemory)> {
     let host = model.groups.clone();
@@ -415,12 +511,15 @@ pub fn cpu_streamed_weights(
                 .map(|t| Cpu.weight(t))
                 .collect::<Result<Vec<_>>>()?,
             Placement::Resident => {
+                let bytes = host[g].iter().map(|t| t.bytes().len()).sum();
                 let all = Piece {
                     group: g,
                     index: 0,
                     offset: 0,
-                    bytes: host[g].iter().map(|t| t.bytes().len()).sum(),
+                    bytes,
                     compute_ms: 0.0,
+                    copy_bytes: bytes,
+                    decode_ms: 0.0,
                 };
                 let placed = spans(&host, &all);
                 let label = plan.groups[g].label.clone();
@@ -452,7 +551,7 @@ pub fn cpu_streamed_weights(
             Placement::Streamed(_) => Vec::new(),
         });
     }
-    let engine = CpuCopyEngine::new(allocator, &plan, host, h2d_gbps)?;
+    let engine = CpuCopyEngine::new(allocator, &plan, host, compressed, h2d_gbps)?;
     let weights = StreamedWeights::start(engine, plan, &model.splits, resident)?;
     Ok((weights, allocations))
 }

@@ -173,7 +173,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     batch: args.batch.iter().max().copied().unwrap_or(1),
                     past: args.decode_tokens,
                 };
-                let setup = StreamSetup::new(shape, args.host_memory.host_memory.into());
+                let setup = StreamSetup::new(shape, args.host_memory.options());
                 let mut weights = stream_weights(&gpu, &ckpt, &model, setup)?;
                 eprintln!("[host tier: {}]", weights.host_mode());
                 eprint!("{}", weights.plan());

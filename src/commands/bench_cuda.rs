@@ -276,7 +276,7 @@ fn bench_streamed(
     // First plan from the measured H2D bandwidth and assumed compute; a warm pass measures
     // each group's compute, and the plan is made again from those (what is reported).
     let t = Instant::now();
-    let host = args.host_memory.host_memory.into();
+    let host = args.host_memory.options();
     let setup = StreamSetup::new(shape, host);
     let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     let setup_secs = t.elapsed().as_secs_f64();

@@ -148,7 +148,7 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
                     (device, time_all(gpu, &dit, &mut weights, args, h, w, None)?)
                 }
                 Some(_) => {
-                    let setup = StreamSetup::new(shape, args.host_memory.host_memory.into());
+                    let setup = StreamSetup::new(shape, args.host_memory.options());
                     let mut weights = stream_weights(gpu, &component, &dit, setup)?;
                     eprintln!("[host tier: {}]", weights.host_mode());
                     eprint!("{}", weights.plan());

@@ -236,7 +236,7 @@ pub fn with_generator(
         return task.run(gen, &device);
     }
     let model = Llama::new(ckpt.config.clone());
-    let setup = StreamSetup::new(shape, compute.host_memory.host_memory.into());
+    let setup = StreamSetup::new(shape, compute.host_memory.options());
     let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     if !quiet {
         eprintln!("[host tier: {}]", weights.host_mode());

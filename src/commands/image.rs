@@ -146,7 +146,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
         (None, _) => Compute::Cpu,
         (Some(gpu), flag) => Compute::Cuda {
             gpu,
-            stream: vram.map(|_| args.host_memory.host_memory.into()),
+            stream: vram.map(|_| args.host_memory.options()),
             vae: match flag {
                 VaeDeviceFlag::Cpu => VaeDevice::Cpu,
                 VaeDeviceFlag::Auto | VaeDeviceFlag::Cuda => VaeDevice::Gpu,

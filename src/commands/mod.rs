@@ -35,6 +35,33 @@ pub struct HostMemoryArg {
     /// staging ring (for a low memlock limit).
     #[arg(long, value_enum, default_value_t = HostMemoryFlag::Auto, requires = "vram")]
     pub host_memory: HostMemoryFlag,
+    /// With --vram: send streamed weights over the link losslessly compressed (about 0.68 of
+    /// their bf16 bytes) and decode them on the GPU; the output is bit for bit the same.
+    /// auto: compress what streams (not what stays resident) where weights are page-locked;
+    /// on: that, or fail saying why; off: stream bf16 as stored.
+    #[arg(long, value_enum, default_value_t = CompressFlag::Auto, requires = "vram")]
+    pub compress: CompressFlag,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressFlag {
+    Auto,
+    On,
+    Off,
+}
+
+impl HostMemoryArg {
+    /// The streaming options these flags ask for.
+    pub fn options(&self) -> ferry::runtime::StreamOptions {
+        ferry::runtime::StreamOptions {
+            host: self.host_memory.into(),
+            compress: match self.compress {
+                CompressFlag::Auto => ferry::stream::compress::Compress::Auto,
+                CompressFlag::On => ferry::stream::compress::Compress::On,
+                CompressFlag::Off => ferry::stream::compress::Compress::Off,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

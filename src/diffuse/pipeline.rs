@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
-use crate::backend::cuda::streaming::{HostMemory, PassStats};
+use crate::backend::cuda::streaming::PassStats;
 use crate::backend::cuda::{Cuda, CudaWeight};
 use crate::backend::cuda::{DRIVER_RESERVE, IMAGE_MEMORY};
 use crate::backend::dit::DitOps;
@@ -24,7 +24,7 @@ use crate::model::vae::{
 };
 use crate::model::z_image::{open_dit_file, padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
-use crate::runtime::{stream_weights, StreamSetup};
+use crate::runtime::{stream_weights, StreamOptions, StreamSetup};
 use crate::stream::human_bytes;
 
 /// Latent pixels per image pixel along each side (the VAE's 8) times the DiT's patch (2):
@@ -114,7 +114,7 @@ pub enum Compute<'a> {
     /// are freed before the DiT's are placed. Without, each phase is uploaded whole.
     Cuda {
         gpu: &'a Cuda,
-        stream: Option<HostMemory>,
+        stream: Option<StreamOptions>,
         vae: VaeDevice,
     },
 }

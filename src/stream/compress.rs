@@ -466,18 +466,274 @@ pub fn bf16_bits(t: &HostTensor) -> Vec<u16> {
     }
 }
 
-/// Whether a tensor is worth compressing: bf16 on the device, and large enough that its
-/// table and lane starts are a small part of it.
-pub fn compressible(t: &HostTensor) -> bool {
-    t.dtype == DType::BF16 && t.numel() >= 4 * BLOCK
+/// Whether a tensor may be compressed: bf16 on the device (any dtype where the device
+/// `converts` every weight to bf16, else only weights stored as bf16), and large enough for
+/// its table (8 KiB) to be a small part of it.
+pub fn compressible(t: &HostTensor, converts: bool) -> bool {
+    (converts || t.dtype == DType::BF16) && t.numel() >= 2 * BLOCK
 }
 
-/// Encode each of `tensors` (with its segment length) on every core.
-pub fn encode_all(tensors: &[(&HostTensor, usize)]) -> Result<Vec<EncodedTensor>> {
-    tensors
-        .par_iter()
-        .map(|(t, segment)| EncodedTensor::encode(&t.name, &bf16_bits(t), *segment))
-        .collect()
+/// `--compress`: whether streamed weights cross the link compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compress {
+    /// Compress what streams where the engine can (not what stays resident).
+    #[default]
+    Auto,
+    /// Compress what streams, or fail saying why not.
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Compress::Auto),
+            "on" => Ok(Compress::On),
+            "off" => Ok(Compress::Off),
+            _ => Err(format!("expected auto, on or off, got {s:?}")),
+        }
+    }
+}
+
+/// The encoded tensors of a model's groups, and how a piece of a group lies in a slot when
+/// its tensors come encoded.
+pub struct Compressed {
+    /// Per group, per tensor: its encoding, or `None` where it streams as it is.
+    pub groups: Vec<Vec<Option<EncodedTensor>>>,
+    /// Per group, per tensor: its bytes as the device holds them (bf16).
+    tensor_bytes: Vec<Vec<usize>>,
+    /// Where each tensor's share starts in a slot: a multiple of this.
+    pub align: usize,
+    /// Decoding speed assumed by the planner, GB/s of bf16 written.
+    pub decode_gbps: f64,
+}
+
+/// One copy of a piece into its slot: `len` bytes from `src` of tensor `tensor` of the group
+/// (its bytes, or its encoding's when `encoded`), to `dst` in the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotCopy {
+    pub tensor: usize,
+    pub encoded: bool,
+    pub src: usize,
+    pub len: usize,
+    pub dst: usize,
+}
+
+/// Where a tensor's share of a piece is for the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// As it is, `len` bytes at `dst` in the slot.
+    Raw { dst: usize, len: usize },
+    /// Encoded in the slot; decoded into the decode buffer at `dst` (`len` bf16 bytes).
+    Encoded {
+        decode: Decode,
+        dst: usize,
+        len: usize,
+    },
+}
+
+/// How a piece lies in a slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PieceLayout {
+    pub copies: Vec<SlotCopy>,
+    /// Per tensor of the group; `None` for those in other pieces.
+    pub shares: Vec<Option<Share>>,
+    /// Bytes of the slot the piece takes.
+    pub extent: usize,
+    /// Bytes of the decode buffer the piece takes (0 when nothing in it is encoded).
+    pub decoded: usize,
+}
+
+impl PieceLayout {
+    /// Bytes that cross the link.
+    pub fn copy_bytes(&self) -> usize {
+        self.copies.iter().map(|c| c.len).sum()
+    }
+
+    /// bf16 bytes the device decodes.
+    pub fn decoded_bytes(&self) -> usize {
+        self.shares
+            .iter()
+            .map(|s| match s {
+                Some(Share::Encoded { len, .. }) => *len,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// How the bytes `offset..offset + bytes` of a group whose tensors hold `tensor_bytes` lie
+/// in a slot, every share at a multiple of `align`: as they are, or, for a tensor in
+/// `encoded` whose share is whole segments, encoded (its bf16 form then lies in the decode
+/// buffer where it would have lain in the slot).
+pub fn piece_layout(
+    tensor_bytes: &[usize],
+    encoded: Option<&[Option<EncodedTensor>]>,
+    offset: usize,
+    bytes: usize,
+    align: usize,
+) -> PieceLayout {
+    let raw = super::streamed::slot_spans(tensor_bytes.iter().copied(), offset, bytes, align);
+    let mut out = PieceLayout {
+        shares: vec![None; tensor_bytes.len()],
+        ..PieceLayout::default()
+    };
+    let mut at = 0;
+    for s in raw {
+        let enc = encoded.and_then(|e| e[s.tensor].as_ref());
+        let placed = enc.and_then(|e| e.place(s.src / 2..(s.src + s.len) / 2, at, align));
+        match placed {
+            Some(p) => {
+                out.copies.extend(p.copies.iter().map(|c| SlotCopy {
+                    tensor: s.tensor,
+                    encoded: true,
+                    src: c.src,
+                    len: c.len,
+                    dst: c.dst,
+                }));
+                out.shares[s.tensor] = Some(Share::Encoded {
+                    decode: p.decode,
+                    dst: s.dst,
+                    len: s.len,
+                });
+                out.decoded = out.decoded.max(s.dst + s.len);
+                at = p.end;
+            }
+            None => {
+                let dst = align_up(at, align);
+                out.copies.push(SlotCopy {
+                    tensor: s.tensor,
+                    encoded: false,
+                    src: s.src,
+                    len: s.len,
+                    dst,
+                });
+                out.shares[s.tensor] = Some(Share::Raw { dst, len: s.len });
+                at = align_up(dst + s.len, align);
+            }
+        }
+    }
+    out.extent = at;
+    out
+}
+
+impl Compressed {
+    /// Encode the compressible tensors of `groups` (each group's tensors) for which `keep`
+    /// holds of their group, on every core: the last tensor of a group that may stream in
+    /// blocks of rows (`splits`) is cut into rows. `converts`: the device holds every weight
+    /// as bf16 (CUDA), rather than as stored (the CPU). An encoding no smaller than the
+    /// tensor (short rows: each lane's start costs 4 bytes) is dropped.
+    pub fn encode(
+        groups: &[Vec<HostTensor>],
+        splits: &[bool],
+        keep: impl Fn(usize) -> bool,
+        converts: bool,
+        align: usize,
+        decode_gbps: f64,
+    ) -> Result<Compressed> {
+        let mut jobs: Vec<(usize, usize, &HostTensor, usize)> = Vec::new();
+        for (g, tensors) in groups.iter().enumerate() {
+            if !keep(g) {
+                continue;
+            }
+            for (i, t) in tensors.iter().enumerate() {
+                if !compressible(t, converts) {
+                    continue;
+                }
+                let rows = i + 1 == tensors.len() && splits[g] && t.shape.len() > 1;
+                let segment = if rows {
+                    t.numel() / t.shape[0]
+                } else {
+                    t.numel()
+                };
+                jobs.push((g, i, t, segment));
+            }
+        }
+        let encoded: Vec<EncodedTensor> = jobs
+            .par_iter()
+            .map(|&(_, _, t, segment)| EncodedTensor::encode(&t.name, &bf16_bits(t), segment))
+            .collect::<Result<_>>()?;
+        let mut out: Vec<Vec<Option<EncodedTensor>>> = groups
+            .iter()
+            .map(|t| (0..t.len()).map(|_| None).collect())
+            .collect();
+        for ((g, i, t, _), e) in jobs.into_iter().zip(encoded) {
+            if e.encoded_bytes() < t.numel() * 2 {
+                out[g][i] = Some(e);
+            }
+        }
+        Ok(Compressed {
+            groups: out,
+            tensor_bytes: groups
+                .iter()
+                .map(|t| {
+                    t.iter()
+                        .map(|t| {
+                            if converts {
+                                t.numel() * 2
+                            } else {
+                                t.bytes().len()
+                            }
+                        })
+                        .collect()
+                })
+                .collect(),
+            align,
+            decode_gbps,
+        })
+    }
+
+    /// How `bytes` at `offset` of group `g` lie in a slot.
+    pub fn layout(&self, g: usize, offset: usize, bytes: usize) -> PieceLayout {
+        piece_layout(
+            &self.tensor_bytes[g],
+            Some(&self.groups[g]),
+            offset,
+            bytes,
+            self.align,
+        )
+    }
+
+    /// Drop the encodings of the groups `keep` refuses (those that will not stream).
+    pub fn retain(&mut self, keep: impl Fn(usize) -> bool) {
+        for (g, tensors) in self.groups.iter_mut().enumerate() {
+            if !keep(g) {
+                tensors.iter_mut().for_each(|t| *t = None);
+            }
+        }
+    }
+
+    /// Encoded and bf16 bytes of everything encoded.
+    pub fn sizes(&self) -> (usize, usize) {
+        let mut sizes = (0, 0);
+        for (g, tensors) in self.groups.iter().enumerate() {
+            for (i, t) in tensors.iter().enumerate() {
+                if let Some(t) = t {
+                    sizes.0 += t.encoded_bytes();
+                    sizes.1 += self.tensor_bytes[g][i];
+                }
+            }
+        }
+        sizes
+    }
+
+    /// The mappings holding the encodings (to register with a driver).
+    pub fn storages(&self) -> Vec<Arc<Storage>> {
+        self.groups
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|t| t.storage.clone())
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Compressed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (enc, raw) = self.sizes();
+        write!(f, "Compressed({enc} of {raw} bytes)")
+    }
 }
 
 #[cfg(test)]

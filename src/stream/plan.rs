@@ -18,7 +18,9 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
+use super::compress::Compressed;
 use super::size::human_bytes;
 use crate::error::{Error, Result};
 
@@ -64,6 +66,9 @@ pub struct PlanRequest {
     /// Host-to-device bandwidth, GB/s = 1e9 bytes/s.
     pub h2d_gbps: f64,
     pub slot_size: SlotSize,
+    /// The groups' tensors encoded for streaming (`--compress`): a streamed piece then
+    /// copies its encoded bytes and is decoded on the device before it computes.
+    pub compressed: Option<Arc<Compressed>>,
 }
 
 /// Where a group lives during a pass.
@@ -86,6 +91,10 @@ pub struct Piece {
     pub bytes: usize,
     /// Its share of the group's compute, ms.
     pub compute_ms: f64,
+    /// Bytes its copy moves: `bytes`, or fewer where its tensors come encoded.
+    pub copy_bytes: usize,
+    /// Time the device takes to decode it, ms (0 when nothing in it is encoded).
+    pub decode_ms: f64,
 }
 
 /// The groups kept on the device, in pass order.
@@ -153,7 +162,13 @@ pub struct Plan {
     /// Streamed pieces in pass order.
     pub pieces: Vec<Piece>,
     pub slots: usize,
+    /// The most bf16 bytes of a piece.
     pub slot_bytes: usize,
+    /// Device bytes of each slot: `slot_bytes`, or the largest encoded piece's layout when
+    /// compressed.
+    pub slot_device_bytes: usize,
+    /// Device bytes of the buffer encoded pieces are decoded into (0 when none are).
+    pub decode_bytes: usize,
     pub budget: usize,
     pub kv_cache: usize,
     pub workspace: usize,
@@ -175,12 +190,26 @@ impl Plan {
     /// Bytes copied host → device per pass (weights; the gathered embedding rows are
     /// activations and not counted).
     pub fn streamed_bytes(&self) -> usize {
+        self.pieces.iter().map(|p| p.copy_bytes).sum()
+    }
+
+    /// bf16 bytes of the streamed pieces (as computed on; more than cross the link when
+    /// compressed).
+    pub fn streamed_bf16_bytes(&self) -> usize {
         self.pieces.iter().map(|p| p.bytes).sum()
+    }
+
+    /// Whether any streamed piece comes encoded.
+    pub fn compressed(&self) -> bool {
+        self.decode_bytes > 0
     }
 
     /// Everything the plan allocates on the device; never more than `budget`.
     pub fn device_bytes(&self) -> usize {
-        self.resident.bytes() + self.slots * self.slot_bytes + self.fixed_bytes()
+        self.resident.bytes()
+            + self.slots * self.slot_device_bytes
+            + self.decode_bytes
+            + self.fixed_bytes()
     }
 
     fn fixed_bytes(&self) -> usize {
@@ -224,8 +253,8 @@ impl Plan {
                         _ => p.bytes as f64 / group as f64,
                     };
                     SimUnit {
-                        compute_ms: group_compute_ms[p.group] * share,
-                        copy_ms: Some(copy_ms(p.bytes, h2d_gbps)),
+                        compute_ms: group_compute_ms[p.group] * share + p.decode_ms,
+                        copy_ms: Some(copy_ms(p.copy_bytes, h2d_gbps)),
                     }
                 }
             })
@@ -349,10 +378,33 @@ fn split(g: usize, group: &Group, slot_bytes: usize) -> Result<Vec<Piece>> {
             } else {
                 group.compute_ms * bytes as f64 / group.bytes as f64
             },
+            copy_bytes: bytes,
+            decode_ms: 0.0,
         });
         offset += bytes;
     }
     Ok(pieces)
+}
+
+/// Device bytes of one slot and of the decode buffer when pieces are at most `slot_bytes`:
+/// `slot_bytes` and none uncompressed; compressed, the largest layout of any device group's
+/// pieces (whichever end up streaming) and the largest bf16 piece decoded.
+fn slot_memory(req: &PlanRequest, slot_bytes: usize) -> Result<(usize, usize)> {
+    let Some(c) = &req.compressed else {
+        return Ok((slot_bytes, 0));
+    };
+    let (mut slot, mut decode) = (0, 0);
+    for (g, group) in req.groups.iter().enumerate() {
+        if group.host_gather {
+            continue;
+        }
+        for p in split(g, group, slot_bytes)? {
+            let layout = c.layout(g, p.offset, p.bytes);
+            slot = slot.max(layout.extent);
+            decode = decode.max(layout.decoded);
+        }
+    }
+    Ok((slot, decode))
 }
 
 /// `k` of the `m` positions `0..m`, spread evenly: one in the middle of each of `k` equal
@@ -414,6 +466,17 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 *range = first..pieces.len();
             }
         }
+        if let Some(c) = &req.compressed {
+            for p in &mut pieces {
+                let layout = c.layout(p.group, p.offset, p.bytes);
+                p.copy_bytes = layout.copy_bytes();
+                p.decode_ms = layout.decoded_bytes() as f64 / (c.decode_gbps * 1e6);
+            }
+        }
+        let (slot_device_bytes, decode_bytes) = match slots {
+            0 => (0, 0),
+            _ => slot_memory(req, slot_bytes)?,
+        };
         let mut plan = Plan {
             groups: req.groups.clone(),
             placement,
@@ -421,6 +484,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             pieces,
             slots,
             slot_bytes: if slots == 0 { 0 } else { slot_bytes },
+            slot_device_bytes,
+            decode_bytes,
             budget: req.budget,
             kv_cache: req.kv_cache,
             workspace: req.workspace,
@@ -458,16 +523,21 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             auto_slot_bytes(&sizes).max(whole.unwrap_or(0))
         }
     };
+    let (slot_mem, decode) = slot_memory(req, slot_bytes)?;
     // Two slots, unless everything resident takes less (then that is the minimum).
-    let minimum = (fixed + 2 * slot_bytes).min(fixed + all_bytes);
+    let minimum = (fixed + 2 * slot_mem + decode).min(fixed + all_bytes);
     if req.budget < minimum {
         return Err(Error::Flag {
             flag: "--vram",
             message: format!(
-                "{} is below the minimum of {} for this model and pass: 2 slots × {} + KV cache {} + activation workspace {} + cuBLAS workspace {}{} (everything resident would need {})",
+                "{} is below the minimum of {} for this model and pass: 2 slots × {}{} + KV cache {} + activation workspace {} + cuBLAS workspace {}{} (everything resident would need {})",
                 human_bytes(req.budget),
                 human_bytes(minimum),
-                human_bytes(slot_bytes),
+                human_bytes(slot_mem),
+                match decode {
+                    0 => String::new(),
+                    d => format!(" + decode buffer {}", human_bytes(d)),
+                },
                 human_bytes(req.kv_cache),
                 human_bytes(req.workspace),
                 human_bytes(req.cublas_workspace),
@@ -498,10 +568,10 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
 
     let mut best: Option<Plan> = None;
     for slots in 2..=MAX_SLOTS {
-        if slots * slot_bytes > available {
+        if slots * slot_mem + decode > available {
             break;
         }
-        let capacity = available - slots * slot_bytes;
+        let capacity = available - slots * slot_mem - decode;
         for chosen in &outlier_sets {
             let outlier_bytes: usize = chosen.iter().map(|&g| req.groups[g].bytes).sum();
             if outlier_bytes > capacity {
@@ -567,7 +637,15 @@ impl fmt::Display for Plan {
         let slots = if self.slots == 0 {
             "no slots".to_string()
         } else {
-            format!("{} slots × {}", self.slots, human_bytes(self.slot_bytes))
+            format!(
+                "{} slots × {}{}",
+                self.slots,
+                human_bytes(self.slot_device_bytes),
+                match self.decode_bytes {
+                    0 => String::new(),
+                    d => format!(" + decode buffer {}", human_bytes(d)),
+                }
+            )
         };
         writeln!(
             f,
@@ -619,10 +697,19 @@ impl fmt::Display for Plan {
         } else {
             writeln!(
                 f,
-                "streamed     {} in {}, {} per pass",
+                "streamed     {} in {}, {} per pass{}",
                 count(streamed_groups, "group"),
                 count(self.pieces.len(), "piece"),
                 gb(self.streamed_bytes()),
+                if self.compressed() {
+                    format!(
+                        " (compressed: {:.3} of its {} in bf16)",
+                        self.streamed_bytes() as f64 / self.streamed_bf16_bytes().max(1) as f64,
+                        gb(self.streamed_bf16_bytes())
+                    )
+                } else {
+                    String::new()
+                },
             )?;
         }
         for (g, place) in self.placement.iter().enumerate() {

@@ -139,5 +139,6 @@ pub fn cpu_request(
         reserve: 0,
         h2d_gbps: 25.0,
         slot_size: ferry::stream::SlotSize::Auto,
+        compressed: None,
     }
 }

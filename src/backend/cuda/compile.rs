@@ -36,10 +36,11 @@ pub const ATTENTION_DECODE: Source = kernel_source!("attention_decode");
 pub const ATTENTION_PREFILL: Source = kernel_source!("attention_prefill");
 pub const DIT: Source = kernel_source!("dit");
 pub const IMAGE: Source = kernel_source!("image");
+pub const DECOMPRESS: Source = kernel_source!("decompress");
 
 /// Every kernel family.
 #[cfg(test)]
-pub const ALL: [Source; 10] = [
+pub const ALL: [Source; 11] = [
     EMBED,
     GEMV,
     NORM,
@@ -50,6 +51,7 @@ pub const ALL: [Source; 10] = [
     ATTENTION_PREFILL,
     DIT,
     IMAGE,
+    DECOMPRESS,
 ];
 
 /// What the machine code is built for.

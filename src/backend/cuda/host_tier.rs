@@ -16,6 +16,7 @@ use indicatif::ProgressBar;
 use super::Cuda;
 use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::{Error, Result};
+use crate::stream::compress::Compressed;
 use crate::stream::plan::Piece;
 use crate::stream::staging::{self, HostBytes, Readers, Span};
 use crate::stream::streamed::{slot_spans, GroupTensors, SlotSpan};
@@ -24,7 +25,7 @@ use crate::stream::{human_bytes, Purpose};
 /// Where in a slot each tensor's share of a piece starts: a multiple of this many bytes, so
 /// that a weight in a slot is as aligned as one in its own allocation (cuBLASLt picks the
 /// same algorithm for both, and results stay bit-identical).
-pub(super) const SLOT_ALIGN: usize = 256;
+pub const SLOT_ALIGN: usize = 256;
 
 /// How the host tier should make streamed bytes readable by the copy engine
 /// (`--host-memory`).
@@ -337,6 +338,37 @@ impl HostTier {
 
     pub(super) fn max_tensors(&self) -> usize {
         self.groups.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Page-lock the mappings holding the compressed weights, which the copy engine reads
+    /// directly (registered mode only: the staging ring reads the tensors themselves).
+    pub fn register_compressed(&mut self, compressed: &Compressed) -> Result<()> {
+        if !matches!(self.mode, HostMode::Registered { .. }) {
+            return Err(Error::Flag {
+                flag: "--compress",
+                message: format!("compressed streaming reads page-locked host memory, and this run copies through the staging ring ({}); use --compress off", self.mode),
+            });
+        }
+        let storages = compressed.storages();
+        let ranges: Vec<_> = storages
+            .iter()
+            .map(|s| {
+                let b = s.bytes();
+                (
+                    b.as_ptr() as usize,
+                    b.len(),
+                    cu::CU_MEMHOSTREGISTER_READ_ONLY,
+                    "the compressed weights".to_string(),
+                )
+            })
+            .collect();
+        let done = register(&ranges).map_err(Error::Device)?;
+        self.registered.extend(done.iter().map(|&(start, _)| start));
+        if let HostMode::Registered { bytes } = &mut self.mode {
+            *bytes += done.iter().map(|&(_, len)| len).sum::<usize>();
+        }
+        self._storages.extend(storages);
+        Ok(())
     }
 }
 

@@ -13,14 +13,18 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 
+use super::host_tier::PinnedBuffer;
+pub use super::host_tier::SLOT_ALIGN;
 pub use super::host_tier::{measure_h2d, HostMemory, HostMode, HostTier};
-use super::host_tier::{PinnedBuffer, SLOT_ALIGN};
 use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::stream::budget::BudgetTracker;
+use crate::stream::compress::{piece_layout, Compressed, PieceLayout, Share};
 use crate::stream::plan::{Piece, Placement, Plan, Prediction, Unit};
 use crate::stream::schedule::CopyEngine;
 use crate::stream::staging::{
@@ -66,6 +70,12 @@ pub struct CudaCopyEngine {
     /// slots are freed.
     ring: Option<StagingRing>,
     clock: PassClock,
+    /// Per group, per piece: how it lies in a slot (encoded shares decoded before use).
+    layouts: Vec<Vec<PieceLayout>>,
+    /// The encodings the copies read; `None` when nothing streams compressed.
+    compressed: Option<Arc<Compressed>>,
+    /// Where encoded pieces are decoded, and the kernel that does it.
+    decoder: Option<(DevBuf, u64, CudaFunction)>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
@@ -149,8 +159,35 @@ impl StagingDevice for CudaStaging {
 }
 
 impl CudaCopyEngine {
-    fn new(gpu: &Cuda, plan: &Plan, mut tier: HostTier, h2d_gbps: f64) -> Result<CudaCopyEngine> {
-        let slot_bytes = plan.slot_bytes + SLOT_ALIGN * tier.max_tensors();
+    fn new(
+        gpu: &Cuda,
+        plan: &Plan,
+        mut tier: HostTier,
+        compressed: Option<Arc<Compressed>>,
+        h2d_gbps: f64,
+    ) -> Result<CudaCopyEngine> {
+        let mut layouts: Vec<Vec<PieceLayout>> = vec![Vec::new(); plan.groups.len()];
+        for p in &plan.pieces {
+            let bytes: Vec<usize> = tier.groups[p.group].iter().map(|t| t.bytes).collect();
+            let encoded = compressed.as_ref().map(|c| &c.groups[p.group][..]);
+            layouts[p.group].push(piece_layout(&bytes, encoded, p.offset, p.bytes, SLOT_ALIGN));
+        }
+        let slot_bytes = layouts
+            .iter()
+            .flatten()
+            .map(|l| l.extent)
+            .max()
+            .unwrap_or(0)
+            .max(plan.slot_bytes + SLOT_ALIGN * tier.max_tensors());
+        let decoder = match layouts.iter().flatten().map(|l| l.decoded).max() {
+            Some(n) if n > 0 => {
+                let buf = gpu.alloc(n, Purpose::Other("decode buffer".into()))?;
+                let ptr = gpu.ptr(&buf);
+                let f = gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?;
+                Some((buf, ptr, f))
+            }
+            _ => None,
+        };
         let slots = (0..plan.slots)
             .map(|s| gpu.alloc(slot_bytes, Purpose::Slot(s)))
             .collect::<Result<Vec<_>>>()?;
@@ -251,6 +288,9 @@ impl CudaCopyEngine {
             copies_of: vec![0; plan.pieces.len()],
             ring,
             clock,
+            layouts,
+            compressed,
+            decoder,
             tier,
         })
     }
@@ -260,20 +300,67 @@ impl CudaCopyEngine {
     }
 
     /// Views of the tensors of `piece` in `slot`: one entry per tensor of its group, None
-    /// for those not in it.
-    fn slot_views(&self, slot: usize, piece: &Piece) -> Vec<Option<CudaWeight>> {
+    /// for those not in it. Encoded shares are decoded first, on the compute stream (which
+    /// has waited for the copy), into the decode buffer; the views of them point there.
+    fn slot_views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
         let tensors = &self.tier.groups[piece.group];
+        let layout = &self.layouts[piece.group][piece.index];
+        let base = self.slot_addr[slot];
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
-        for s in self.tier.spans(piece) {
-            let t = &tensors[s.tensor];
-            out[s.tensor] = Some(CudaWeight {
-                ptr: self.slot_addr[slot] + s.dst as u64,
-                rows: s.len / (t.cols * 2),
+        for (i, share) in layout.shares.iter().enumerate() {
+            let t = &tensors[i];
+            let (ptr, len) = match *share {
+                None => continue,
+                Some(Share::Raw { dst, len }) => (base + dst as u64, len),
+                Some(Share::Encoded { decode, dst, len }) => {
+                    let (_, out_base, f) = self
+                        .decoder
+                        .as_ref()
+                        .expect("a decoder where pieces are encoded");
+                    let out_ptr = out_base + dst as u64;
+                    let (lut, starts, sm, words) = (
+                        base + decode.lut as u64,
+                        base + decode.starts as u64,
+                        base + decode.sm as u64,
+                        base + decode.words as u64,
+                    );
+                    let (numel, segment, blocks) = (
+                        decode.numel as u64,
+                        decode.segment as u64,
+                        decode.blocks() as u64,
+                    );
+                    let mut b = self.compute.launch_builder(f);
+                    b.arg(&lut)
+                        .arg(&starts)
+                        .arg(&sm)
+                        .arg(&words)
+                        .arg(&out_ptr)
+                        .arg(&numel)
+                        .arg(&segment)
+                        .arg(&decode.base_bit)
+                        .arg(&blocks);
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: arguments match `decompress_bf16` in decompress.cu; the parts lie
+                    // in the slot as `place` laid them out (the copy put them there and the
+                    // compute stream waited for it), and the decode buffer holds `len` bytes
+                    // at `dst` (sized from the largest layout).
+                    unsafe { b.launch(cfg) }
+                        .map_err(|e| Self::err(e, &format!("decompressing {}", t.name)))?;
+                    (out_ptr, len)
+                }
+            };
+            out[i] = Some(CudaWeight {
+                ptr,
+                rows: len / (t.cols * 2),
                 cols: t.cols,
                 storage: WeightStorage::Slot,
             });
         }
-        out
+        Ok(out)
     }
 
     /// The begin and end events of copy number `n` of piece `k` (in the plan's pieces).
@@ -297,8 +384,8 @@ impl CopyEngine for CudaCopyEngine {
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
         let tensors = &self.tier.groups[piece.group];
-        let placed = self.tier.spans(piece);
         if let Some(ring) = &self.ring {
+            let placed = self.tier.spans(piece);
             let spans = placed
                 .iter()
                 .map(|s| Span {
@@ -318,16 +405,26 @@ impl CopyEngine for CudaCopyEngine {
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        for s in placed {
-            let t = &tensors[s.tensor];
-            // SAFETY: the slot holds the piece's bytes plus alignment padding (slot_spans stay
-            // inside it); the source lies in host memory the tier keeps alive until the engine
-            // has synchronized; the copy stream waited above for the slot's last reader.
+        for c in &self.layouts[piece.group][piece.index].copies {
+            let t = &tensors[c.tensor];
+            let src = match (&self.compressed, c.encoded) {
+                (Some(enc), true) => {
+                    let e = enc.groups[piece.group][c.tensor]
+                        .as_ref()
+                        .expect("an encoded share's tensor is encoded");
+                    e.storage.bytes().as_ptr() as usize + c.src
+                }
+                _ => t.addr + c.src,
+            };
+            // SAFETY: the slot holds the piece's layout (sized from the largest); the source
+            // lies in host memory the tier keeps alive until the engine has synchronized (the
+            // encodings are registered and held by the tier too); the copy stream waited above
+            // for the slot's last reader.
             unsafe {
                 cu::cuMemcpyHtoDAsync_v2(
-                    self.slot_addr[slot] + s.dst as u64,
-                    (t.addr + s.src) as *const std::ffi::c_void,
-                    s.len,
+                    self.slot_addr[slot] + c.dst as u64,
+                    src as *const std::ffi::c_void,
+                    c.len,
                     self.copy.cu_stream(),
                 )
             }
@@ -385,7 +482,7 @@ impl SlotEngine for CudaCopyEngine {
     type Weight = CudaWeight;
 
     fn views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
-        Ok(self.slot_views(slot, piece))
+        self.slot_views(slot, piece)
     }
 
     fn mark(&mut self, unit: usize, ready: bool) -> Result<()> {
@@ -542,6 +639,7 @@ impl StreamedWeights {
         model: &GroupTensors,
         plan: Plan,
         tier: HostTier,
+        compressed: Option<Arc<Compressed>>,
         h2d_gbps: f64,
     ) -> Result<StreamedWeights> {
         let mut resident = Vec::with_capacity(plan.groups.len());
@@ -578,7 +676,7 @@ impl StreamedWeights {
                 Placement::Streamed(_) => Vec::new(),
             });
         }
-        let engine = CudaCopyEngine::new(gpu, &plan, tier, h2d_gbps)?;
+        let engine = CudaCopyEngine::new(gpu, &plan, tier, compressed, h2d_gbps)?;
         StreamedWeights::start(engine, plan, &model.splits, resident)
     }
 
