@@ -69,7 +69,7 @@ step "batched passes on the GPU (tests/cuda_batch.rs)"
 timeout 120 "$BIN/cuda-batch-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/batch_tests.log" || status=1
 
 step "streaming: streamed = resident bit for bit on every fixture, too-small budget, staged = registered host memory (tests/cuda_stream.rs)"
-timeout 120 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
+timeout 240 "$BIN/cuda-stream-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/stream_tests.log" || status=1
 
 step "Z-Image on the GPU: DiT bf16 vs diffusers, streamed = resident, ferry image streamed = resident, VAE peak memory estimate and tiles within the budget (tests/cuda_z_image.rs)"
 timeout 600 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/z_image_tests.log" || status=1
@@ -100,6 +100,10 @@ if [ -z "${SKIP_DIT:-}" ]; then
         timeout 300 "$BIN/ferry" bench "${flags[@]}" > "$OUT/dit_$vram.json" 2> "$OUT/dit_$vram.log" || { status=1; tail -5 "$OUT/dit_$vram.log"; }
         cat "$OUT/dit_$vram.json"
     done
+    echo "-- --vram 3GiB --compress off"
+    timeout 300 "$BIN/ferry" bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB --compress off \
+        > "$OUT/dit_3GiB_off.json" 2> "$OUT/dit_3GiB_off.log" || { status=1; tail -5 "$OUT/dit_3GiB_off.log"; }
+    cat "$OUT/dit_3GiB_off.json"
 fi
 
 if [ -z "${SKIP_7B:-}" ]; then
@@ -107,10 +111,16 @@ if [ -z "${SKIP_7B:-}" ]; then
     step "synth qwen2.5-7b → $SYNTH"
     [ -f "$SYNTH/config.json" ] || timeout 300 "$BIN/ferry" synth --arch qwen2 --preset qwen2.5-7b --out "$SYNTH" 2>&1 | tail -3
     step "streaming on the 7B-shaped model: bit-identity at several budgets"
-    FERRY_STREAM_7B="$SYNTH" timeout 300 "$BIN/cuda-stream-tests" qwen7b --nocapture 2>&1 | tee "$OUT/stream_7b.log" || status=1
+    FERRY_STREAM_7B="$SYNTH" timeout 400 "$BIN/cuda-stream-tests" qwen7b --nocapture 2>&1 | tee "$OUT/stream_7b.log" || status=1
     step "streaming: 4096-token prompt pass at --vram 2.6GiB, then the grid (tokens × budgets)"
     timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 \
         --json "$OUT/stream_4096_2.6GiB.json" 2>&1 | tee "$OUT/stream_bench.log" || status=1
+    step "compression (--compress off vs on): the 4096-token pass and batch-1 decode at --vram 2.6GiB, side by side"
+    for c in off on; do
+        timeout 300 "$BIN/ferry" bench --model "$SYNTH" --device cuda --vram 2.6GiB --prompt-tokens 4096 --batch 1 \
+            --decode-tokens 32 --runs 3 --compress "$c" --json > "$OUT/compress_$c.json" 2> "$OUT/compress_$c.log" || status=1
+        grep -E "^\|" "$OUT/compress_$c.log" | tail -4
+    done
     step "streaming through the pinned staging ring: the same pass with --host-memory staged"
     timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 --host-memory staged \
         --json "$OUT/stream_4096_2.6GiB_staged.json" 2>&1 | tee "$OUT/stream_bench_staged.log" || status=1

@@ -247,7 +247,15 @@ pub fn stream_weights(
             ASSUMED_DECODE_GBPS,
         )?;
         request.compressed = Some(Arc::new(encoded));
-        plan = crate::stream::plan(&request)?;
+        match crate::stream::plan(&request) {
+            Ok(p) => plan = p,
+            // The decode buffer can put a budget that streams uncompressed below the
+            // minimum: auto then streams as stored.
+            Err(_) if setup.compress == Compress::Auto => {
+                return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
+            }
+            Err(e) => return Err(e),
+        }
         let mut encoded = Arc::try_unwrap(request.compressed.take().expect("set above"))
             .expect("the planner keeps no encodings");
         encoded.retain(|g| streams(&plan, g));

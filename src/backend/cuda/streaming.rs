@@ -24,7 +24,9 @@ use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::stream::budget::BudgetTracker;
-use crate::stream::compress::{piece_layout, Compressed, PieceLayout, Share};
+use crate::stream::compress::{
+    piece_layout, Compressed, Decode, EncodedTensor, PieceLayout, Share,
+};
 use crate::stream::plan::{Piece, Placement, Plan, Prediction, Unit};
 use crate::stream::schedule::CopyEngine;
 use crate::stream::staging::{
@@ -76,6 +78,9 @@ pub struct CudaCopyEngine {
     compressed: Option<Arc<Compressed>>,
     /// Where encoded pieces are decoded, and the kernel that does it.
     decoder: Option<(DevBuf, u64, CudaFunction)>,
+    /// Per slot: its release was recorded after the decoding of the piece in it (nothing
+    /// reads the slot after that), so `release` has nothing left to record.
+    released_early: Vec<std::cell::Cell<bool>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
@@ -172,13 +177,13 @@ impl CudaCopyEngine {
             let encoded = compressed.as_ref().map(|c| &c.groups[p.group][..]);
             layouts[p.group].push(piece_layout(&bytes, encoded, p.offset, p.bytes, SLOT_ALIGN));
         }
-        let slot_bytes = layouts
-            .iter()
-            .flatten()
-            .map(|l| l.extent)
-            .max()
-            .unwrap_or(0)
-            .max(plan.slot_bytes + SLOT_ALIGN * tier.max_tensors());
+        // Compressed, the planner counted each slot as the largest layout; uncompressed, as
+        // its bf16 bytes (the alignment padding is within the driver's reserve).
+        let largest = layouts.iter().flatten().map(|l| l.extent).max();
+        let slot_bytes = match &compressed {
+            Some(_) => largest.unwrap_or(0),
+            None => (plan.slot_bytes + SLOT_ALIGN * tier.max_tensors()).max(largest.unwrap_or(0)),
+        };
         let decoder = match layouts.iter().flatten().map(|l| l.decoded).max() {
             Some(n) if n > 0 => {
                 let buf = gpu.alloc(n, Purpose::Other("decode buffer".into()))?;
@@ -291,6 +296,7 @@ impl CudaCopyEngine {
             layouts,
             compressed,
             decoder,
+            released_early: (0..plan.slots).map(|_| Default::default()).collect(),
             tier,
         })
     }
@@ -318,37 +324,10 @@ impl CudaCopyEngine {
                         .as_ref()
                         .expect("a decoder where pieces are encoded");
                     let out_ptr = out_base + dst as u64;
-                    let (lut, starts, sm, words) = (
-                        base + decode.lut as u64,
-                        base + decode.starts as u64,
-                        base + decode.sm as u64,
-                        base + decode.words as u64,
-                    );
-                    let (numel, segment, blocks) = (
-                        decode.numel as u64,
-                        decode.segment as u64,
-                        decode.blocks() as u64,
-                    );
-                    let mut b = self.compute.launch_builder(f);
-                    b.arg(&lut)
-                        .arg(&starts)
-                        .arg(&sm)
-                        .arg(&words)
-                        .arg(&out_ptr)
-                        .arg(&numel)
-                        .arg(&segment)
-                        .arg(&decode.base_bit)
-                        .arg(&blocks);
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    // SAFETY: arguments match `decompress_bf16` in decompress.cu; the parts lie
-                    // in the slot as `place` laid them out (the copy put them there and the
-                    // compute stream waited for it), and the decode buffer holds `len` bytes
-                    // at `dst` (sized from the largest layout).
-                    unsafe { b.launch(cfg) }
+                    // SAFETY: the parts lie in the slot as `place` laid them out (the copy put
+                    // them there and the compute stream waited for it), and the decode buffer
+                    // holds `len` bytes at `dst` (sized from the largest layout).
+                    unsafe { launch_decode(&self.compute, f, base, &decode, out_ptr) }
                         .map_err(|e| Self::err(e, &format!("decompressing {}", t.name)))?;
                     (out_ptr, len)
                 }
@@ -359,6 +338,19 @@ impl CudaCopyEngine {
                 cols: t.cols,
                 storage: WeightStorage::Slot,
             });
+        }
+        // A piece all decoded is read from the decode buffer only: its slot is free for the
+        // next copy once the decoding has run, not the group's compute.
+        let decoded_all = layout
+            .shares
+            .iter()
+            .flatten()
+            .all(|s| matches!(s, Share::Encoded { .. }));
+        if decoded_all && layout.decoded > 0 {
+            self.events.released[slot]
+                .record(&self.compute)
+                .map_err(|e| Self::err(e, "cuEventRecord"))?;
+            self.released_early[slot].set(true);
         }
         Ok(out)
     }
@@ -452,6 +444,9 @@ impl CopyEngine for CudaCopyEngine {
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
+        if self.released_early[slot].replace(false) {
+            return Ok(());
+        }
         self.events.released[slot]
             .record(&self.compute)
             .map_err(|e| Self::err(e, "cuEventRecord"))
@@ -625,6 +620,80 @@ impl CudaCopyEngine {
             group_compute_ms,
         })
     }
+}
+
+/// Queue on `stream` the decoding of the share `d` laid out from device address `base` into
+/// bf16 at `out`.
+///
+/// # Safety
+/// `base` must hold the share as [`crate::stream::compress::EncodedTensor::place`] laid it
+/// out, `out` room for `d.numel` bf16 values, both alive until the kernel has run; `f` is
+/// `decompress_bf16`.
+unsafe fn launch_decode(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    base: u64,
+    d: &Decode,
+    out: u64,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let (lut, starts, sm, words) = (
+        base + d.lut as u64,
+        base + d.starts as u64,
+        base + d.sm as u64,
+        base + d.words as u64,
+    );
+    let (numel, segment, blocks) = (d.numel as u64, d.segment as u64, d.blocks() as u64);
+    let mut b = stream.launch_builder(f);
+    b.arg(&lut)
+        .arg(&starts)
+        .arg(&sm)
+        .arg(&words)
+        .arg(&out)
+        .arg(&numel)
+        .arg(&segment)
+        .arg(&d.base_bit)
+        .arg(&blocks);
+    // One warp per block of the share, 8 warps per thread block (decompress.cu).
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match `decompress_bf16`; the caller vouches for the memory.
+    unsafe { b.launch(cfg) }.map(|_| ())
+}
+
+/// Decode `encoded` on the GPU `runs` times: its bf16 bits as decoded, and the median
+/// decoding speed, GB/s of bf16 written (for tests and bench notes).
+pub fn decode_on_gpu(gpu: &Cuda, encoded: &EncodedTensor, runs: usize) -> Result<(Vec<u16>, f64)> {
+    let n = encoded.geometry.numel;
+    let placed = encoded
+        .place(0..n, 0, SLOT_ALIGN)
+        .expect("a whole tensor is whole segments");
+    let mut host = vec![0u8; placed.end];
+    for c in &placed.copies {
+        host[c.dst..c.dst + c.len].copy_from_slice(&encoded.storage.bytes()[c.src..c.src + c.len]);
+    }
+    let slot = gpu.upload(&host, Purpose::Other("decode test".into()))?;
+    let out = gpu.alloc(2 * n, Purpose::Other("decode test".into()))?;
+    let f = gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?;
+    let (base, out_ptr) = (gpu.ptr(&slot), gpu.ptr(&out));
+    let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+    let event = || gpu.ctx.new_event(timing).map_err(gpu.err("cuEventCreate"));
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let (b, e) = (event()?, event()?);
+        b.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
+        // SAFETY: `slot` holds the share as placed from address 0, `out` 2 n bytes.
+        unsafe { launch_decode(&gpu.stream, &f, base, &placed.decode, out_ptr) }
+            .map_err(gpu.err("decompress_bf16"))?;
+        e.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
+        e.synchronize().map_err(gpu.err("decode timing"))?;
+        ms.push(b.elapsed_ms(&e).map_err(gpu.err("decode timing"))? as f64);
+    }
+    ms.sort_by(f64::total_cmp);
+    let gbps = 2.0 * n as f64 / (ms[ms.len() / 2] * 1e6);
+    Ok((gpu.download::<u16>(out_ptr, n)?, gbps))
 }
 
 /// The model's weights on the GPU: resident groups uploaded once, the embedding read from
