@@ -248,6 +248,14 @@ pub fn stream_weights(
         )?;
         request.compressed = Some(Arc::new(encoded));
         match crate::stream::plan(&request) {
+            // Auto keeps the faster of the two plans: where a pass is compute-bound, decoding
+            // only adds to it.
+            Ok(p)
+                if setup.compress == Compress::Auto
+                    && p.prediction.pass_ms > plan.prediction.pass_ms =>
+            {
+                return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
+            }
             Ok(p) => plan = p,
             // The decode buffer can put a budget that streams uncompressed below the
             // minimum: auto then streams as stored.

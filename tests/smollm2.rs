@@ -136,3 +136,37 @@ fn smollm2_chat_answers_in_english_with_bf16_weights() {
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("Paris"), "answer: {answer}");
 }
+
+#[test]
+fn smollm2_weights_compress_losslessly() {
+    use ferry::model::{Architecture, Llama};
+    use ferry::stream::compress::{bf16_bits, Compressed};
+    let Some(path) = smollm2() else { return };
+    let ckpt = gguf::open(&path, DType::BF16).unwrap();
+    let model = Llama::new(ckpt.config.clone());
+    let groups = ferry::stream::GroupTensors::of(&ckpt, &model).unwrap();
+    let encoded =
+        Compressed::encode(&groups.groups, &groups.splits, |_| true, true, 256, 500.0).unwrap();
+    let (enc, raw) = encoded.sizes();
+    let ratio = enc as f64 / raw as f64;
+    eprintln!("SmolLM2-135M (Q4_1 dequantized to bf16): {enc} of {raw} bytes, {ratio:.3} of bf16");
+    // Dequantized 4-bit blocks hold few distinct values per block: well under bf16's size.
+    assert!(ratio < 0.75, "ratio {ratio}");
+    // Every encoded tensor decodes back to its bits.
+    for (g, tensors) in encoded.groups.iter().enumerate() {
+        for (i, e) in tensors.iter().enumerate() {
+            let Some(e) = e else { continue };
+            let want = bf16_bits(&groups.groups[g][i]);
+            let placed = e.place(0..want.len(), 0, 16).unwrap();
+            let mut slot = vec![0u8; placed.end];
+            for c in &placed.copies {
+                slot[c.dst..c.dst + c.len]
+                    .copy_from_slice(&e.storage.bytes()[c.src..c.src + c.len]);
+            }
+            let mut got = vec![0u16; want.len()];
+            ferry::stream::compress::decode(&slot, &placed.decode, &mut got);
+            assert!(got == want, "{} changed", e.name);
+        }
+    }
+    let _ = model.groups();
+}
