@@ -170,3 +170,38 @@ fn smollm2_weights_compress_losslessly() {
     }
     let _ = model.groups();
 }
+
+#[test]
+fn ferry_run_on_the_cpu_continues_as_transformers() {
+    // `ferry run --device cpu` dequantizes the GGUF to f32, the values transformers computes
+    // with: its greedy text is transformers' greedy text (bf16 dequantization had one of
+    // these prompts leave it after 15 tokens).
+    let Some(path) = smollm2() else { return };
+    let expected: Expected = serde_json::from_str(
+        &std::fs::read_to_string(reference_dir().join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let ckpt = gguf::open(&path, DType::F32).unwrap();
+    let gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
+    for case in &expected.prompts {
+        let n = case.greedy.len().min(32);
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "--model", path.to_str().unwrap(), "--device", "cpu"])
+            .args(["--prompt", &case.text, "--max-tokens", &n.to_string()])
+            .args(["--ignore-eos", "--quiet"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = gen.text.decode(&case.greedy[..n]).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            want.trim_end(),
+            "ferry run's greedy continuation of {:?}",
+            case.text
+        );
+    }
+}

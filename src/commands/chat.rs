@@ -9,11 +9,13 @@ use clap::Args;
 
 use ferry::backend::Backend;
 use ferry::generate::{context_length, Finish, Generator, Message, Request, TextCodec};
-use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::{Error, Result};
 
-use super::generation::{rate, with_generator, ComputeArgs, GeneratorTask, SamplingArgs, StopArgs};
+use super::generation::{
+    open_compute, open_model, rate, with_generator, ComputeArgs, GeneratorTask, SamplingArgs,
+    StopArgs,
+};
 use super::{plural, ModelArg};
 
 #[derive(Args)]
@@ -40,7 +42,8 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     args.sampling.check()?;
     args.stop.check()?;
     args.compute.start()?;
-    let ckpt = Checkpoint::open(&args.model.model)?;
+    let gpu = open_compute(&args.compute)?;
+    let ckpt = open_model(&args.model.model, &gpu)?;
     let text = TextCodec::open(&ckpt)?;
     if text.defaults.chat_template.is_none() {
         return Err(Error::checkpoint(
@@ -63,7 +66,16 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         args: &args,
         context,
     };
-    with_generator(&ckpt, text, context, compute, quiet, shape, conversation)
+    with_generator(
+        &ckpt,
+        gpu,
+        text,
+        context,
+        compute,
+        quiet,
+        shape,
+        conversation,
+    )
 }
 
 struct Conversation<'a> {

@@ -7,7 +7,9 @@ use clap::Args;
 
 use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::streaming::PassStats;
+use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
+use ferry::checkpoint::DType;
 use ferry::generate::{Generator, SamplingConfig, TextCodec, UNTIL_CONTEXT_FULL};
 use ferry::model::Checkpoint;
 use ferry::model::{Llama, PassShape};
@@ -205,12 +207,34 @@ pub trait GeneratorTask {
     }
 }
 
-/// Open the device `compute` names and a generator of `context` positions on it, its weights
-/// resident or (with --vram) streamed and planned for passes of `shape`; hand it to `task`.
-/// Prints the host tier and the plan unless `quiet`, and with --stats the streaming stats
-/// after the task.
+/// The GPU `compute` names (`None`: the CPU computes).
+pub fn open_compute(compute: &ComputeArgs) -> Result<Option<Cuda>> {
+    let vram = compute.vram.as_deref().map(Vram::parse).transpose()?;
+    open_device(compute.device, vram)
+}
+
+/// The checkpoint `model` names, for computing on `gpu`: a GGUF dequantized to bf16 for the
+/// GPU, to f32 for the CPU (the values the file encodes, which the CPU's f32 math then uses
+/// as they are).
+pub fn open_model(model: &str, gpu: &Option<Cuda>) -> Result<Checkpoint> {
+    Checkpoint::open_as(
+        model,
+        if gpu.is_some() {
+            DType::BF16
+        } else {
+            DType::F32
+        },
+    )
+}
+
+/// On `gpu` (from [`open_compute`]; the CPU when `None`), a generator of `context` positions,
+/// its weights resident or (with --vram) streamed and planned for passes of `shape`; hand it
+/// to `task`. Prints the host tier and the plan unless `quiet`, and with --stats the
+/// streaming stats after the task.
+#[allow(clippy::too_many_arguments)]
 pub fn with_generator(
     ckpt: &Checkpoint,
+    gpu: Option<Cuda>,
     text: TextCodec,
     context: usize,
     compute: &ComputeArgs,
@@ -219,7 +243,7 @@ pub fn with_generator(
     task: impl GeneratorTask,
 ) -> Result<()> {
     let vram = compute.vram.as_deref().map(Vram::parse).transpose()?;
-    let Some(gpu) = open_device(compute.device, vram)? else {
+    let Some(gpu) = gpu else {
         let gen = Generator::with_weights(ckpt, Cpu, None, text, Some(context))?;
         return task.run(gen, "cpu");
     };

@@ -11,11 +11,13 @@ use ferry::backend::Backend;
 use ferry::generate::{
     context_length, Generator, Message, Output, Progress, Request, TextCodec, UNTIL_CONTEXT_FULL,
 };
-use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::{Error, Result};
 
-use super::generation::{rate, with_generator, ComputeArgs, GeneratorTask, SamplingArgs, StopArgs};
+use super::generation::{
+    open_compute, open_model, rate, with_generator, ComputeArgs, GeneratorTask, SamplingArgs,
+    StopArgs,
+};
 use super::{at_least, plural, ModelArg};
 
 #[derive(Args)]
@@ -101,7 +103,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         });
     }
 
-    let ckpt = Checkpoint::open(&args.model.model)?;
+    let gpu = open_compute(&args.compute)?;
+    let ckpt = open_model(&args.model.model, &gpu)?;
     let text = TextCodec::open(&ckpt)?;
     let context = context_length(args.stop.context, ckpt.config.max_position_embeddings)?;
     // A seed only where something is sampled; random (and printed) when not given.
@@ -126,7 +129,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         json: args.json,
         quiet: args.quiet,
     };
-    with_generator(&ckpt, text, context, &args.compute, args.quiet, shape, job)
+    with_generator(
+        &ckpt,
+        gpu,
+        text,
+        context,
+        &args.compute,
+        args.quiet,
+        shape,
+        job,
+    )
 }
 
 /// What to generate, settled from the flags.

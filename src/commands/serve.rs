@@ -10,13 +10,12 @@ use clap::Args;
 use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::Backend;
 use ferry::generate::{context_length, Generator, TextCodec};
-use ferry::model::Checkpoint;
 use ferry::model::PassShape;
 use ferry::serve::engine::{self, EngineConfig, Metrics};
 use ferry::serve::ServerConfig;
 use ferry::{Error, Result};
 
-use super::generation::{with_generator, ComputeArgs, GeneratorTask};
+use super::generation::{open_compute, open_model, with_generator, ComputeArgs, GeneratorTask};
 use super::{at_least, ModelArg};
 
 #[derive(Args)]
@@ -67,7 +66,8 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     args.compute.start()?;
-    let ckpt = Checkpoint::open(&args.model.model)?;
+    let gpu = open_compute(&args.compute)?;
+    let ckpt = open_model(&args.model.model, &gpu)?;
     let text = TextCodec::open(&ckpt)?;
     let max = ckpt.config.max_position_embeddings;
     let context = context_length(args.context.or(Some(max.min(8192))), max)?;
@@ -97,7 +97,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         http_text: TextCodec::open(&ckpt)?,
         log: Arc::new(Mutex::new(Vec::new())),
     };
-    with_generator(&ckpt, text, context, &args.compute, false, shape, task)
+    with_generator(&ckpt, gpu, text, context, &args.compute, false, shape, task)
 }
 
 struct Server<'a> {

@@ -28,8 +28,15 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Open a model given as a directory, a `.gguf` file, or `ORG/NAME` in the Hugging Face
-    /// cache.
+    /// cache; a GGUF's tensors dequantized to bf16 (what the GPU computes with).
     pub fn open(model: &str) -> Result<Checkpoint> {
+        Checkpoint::open_as(model, DType::BF16)
+    }
+
+    /// [`Checkpoint::open`], a GGUF's quantized tensors dequantized to `gguf` (f32 for the
+    /// CPU, which computes in f32: exactly the values the file's blocks encode, where bf16
+    /// would round them).
+    pub fn open_as(model: &str, gguf: DType) -> Result<Checkpoint> {
         let path = resolve_model_path(model)?;
         if path.is_dir() {
             let dir = open_dir(&path)?;
@@ -50,7 +57,7 @@ impl Checkpoint {
         // A device or a pipe is neither: said so, before reading it waits on a pipe.
         require_file(&path, "a model directory or a .gguf file")?;
         if crate::checkpoint::gguf::is_gguf(&path) {
-            gguf::open(&path, DType::BF16)
+            gguf::open(&path, gguf)
         } else {
             Err(Error::checkpoint(
                 &path,
