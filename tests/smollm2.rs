@@ -63,13 +63,16 @@ fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// transformers' reference figures (tests/reference/smollm2/expected.json).
+fn expected() -> Expected {
+    serde_json::from_str(&std::fs::read_to_string(reference_dir().join("expected.json")).unwrap())
+        .unwrap()
+}
+
 #[test]
 fn smollm2_matches_transformers() {
     let Some(path) = smollm2() else { return };
-    let expected: Expected = serde_json::from_str(
-        &std::fs::read_to_string(reference_dir().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     // f32 dequantization: the exact values transformers computes with.
     let ckpt = gguf::open(&path, DType::F32).unwrap();
     let mut gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
@@ -139,7 +142,7 @@ fn smollm2_chat_answers_in_english_with_bf16_weights() {
 
 #[test]
 fn smollm2_weights_compress_losslessly() {
-    use ferry::model::{Architecture, Llama};
+    use ferry::model::Llama;
     use ferry::stream::compress::{bf16_bits, Compressed};
     let Some(path) = smollm2() else { return };
     let ckpt = gguf::open(&path, DType::BF16).unwrap();
@@ -168,7 +171,6 @@ fn smollm2_weights_compress_losslessly() {
             assert!(got == want, "{} changed", e.name);
         }
     }
-    let _ = model.groups();
 }
 
 #[test]
@@ -177,10 +179,7 @@ fn ferry_run_on_the_cpu_continues_as_transformers() {
     // with: its greedy text is transformers' greedy text (bf16 dequantization had one of
     // these prompts leave it after 15 tokens).
     let Some(path) = smollm2() else { return };
-    let expected: Expected = serde_json::from_str(
-        &std::fs::read_to_string(reference_dir().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     let ckpt = gguf::open(&path, DType::F32).unwrap();
     let gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
     for case in &expected.prompts {

@@ -369,8 +369,9 @@ fn bench_streamed(
     );
     table!(
         show,
-        "| compute / stall | {:.1} ms / {:.1} ms |",
+        "| compute (of which decoding) / stall | {:.1} ms ({:.1} ms) / {:.1} ms |",
         st.compute_ms,
+        st.decode_ms,
         st.stall_ms
     );
     table!(

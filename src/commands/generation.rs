@@ -283,11 +283,15 @@ pub fn with_generator(
 fn print_stats(passes: &[PassStats]) {
     let line = |what: &str, s: &PassStats| {
         eprintln!(
-            "[{what}: {:.1} ms; streamed {:.2} GB at {:.1} GB/s; compute {:.1} ms, stall {:.1} ms; bound {:.1} ms, overlap efficiency {:.3}; device memory {} (driver), {} peak allocated]",
+            "[{what}: {:.1} ms; streamed {:.2} GB at {:.1} GB/s; compute {:.1} ms{}, stall {:.1} ms; bound {:.1} ms, overlap efficiency {:.3}; device memory {} (driver), {} peak allocated]",
             s.pass_ms,
             s.streamed_bytes as f64 / 1e9,
             s.achieved_gbps,
             s.compute_ms,
+            match s.decode_ms {
+                0.0 => String::new(),
+                d => format!(" (decoding {d:.1} ms)"),
+            },
             s.stall_ms,
             s.bound_ms,
             s.efficiency,
@@ -307,6 +311,7 @@ fn print_stats(passes: &[PassStats]) {
             pass_ms: mean(|s| s.pass_ms),
             stall_ms: mean(|s| s.stall_ms),
             compute_ms: mean(|s| s.compute_ms),
+            decode_ms: mean(|s| s.decode_ms),
             copy_ms: mean(|s| s.copy_ms),
             achieved_gbps: mean(|s| s.achieved_gbps),
             bound_ms: mean(|s| s.bound_ms),

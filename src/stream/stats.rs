@@ -8,8 +8,10 @@ pub struct PassStats {
     pub pass_ms: f64,
     /// Time the compute stream waited for copies.
     pub stall_ms: f64,
-    /// pass − stall.
+    /// pass − stall (decoding included; `group_compute_ms` leaves it out).
     pub compute_ms: f64,
+    /// Time the compute stream spent decoding compressed pieces.
+    pub decode_ms: f64,
     /// Time the copy stream spent copying this pass's pieces.
     pub copy_ms: f64,
     pub streamed_bytes: usize,

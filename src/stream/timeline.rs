@@ -19,6 +19,8 @@ pub enum Lane {
     Copy,
     /// Kernels on the GPU (the compute stream).
     Compute,
+    /// Decoding of a compressed piece, on the compute stream just before its compute.
+    Decode,
 }
 
 /// One interval of one weight group.
@@ -142,6 +144,7 @@ const CHAR_W: f64 = 6.0;
 const COPY_FILL: [&str; 2] = ["#3b6ea8", "#5b8cc4"];
 const STREAMED_FILL: [&str; 2] = ["#3f8f3a", "#5aa854"];
 const RESIDENT_FILL: [&str; 2] = ["#7a7a7a", "#969696"];
+const DECODE_FILL: [&str; 2] = ["#8a4fb0", "#a56ccb"];
 const STALL_COLOR: &str = "#d62728";
 
 /// The ms → px mapping of the plot.
@@ -246,6 +249,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
             Lane::Copy => (COPY_Y, COPY_FILL[shade[i]], "copy"),
             Lane::Compute if resident => (COMPUTE_Y, RESIDENT_FILL[shade[i]], "compute resident"),
             Lane::Compute => (COMPUTE_Y, STREAMED_FILL[shade[i]], "compute"),
+            Lane::Decode => (COMPUTE_Y, DECODE_FILL[shade[i]], "decode"),
         };
         let x = scale.x(e.start_ms);
         let width = (e.end_ms - e.start_ms).max(0.0) * scale.px_per_ms;
@@ -295,7 +299,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
         );
     }
 
-    legend(w);
+    legend(w, events.iter().any(|e| e.lane == Lane::Decode));
     s.push_str("</svg>\n");
     s
 }
@@ -387,13 +391,16 @@ fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64) {
     );
 }
 
-fn legend(w: &mut String) {
-    let items: [(&str, &str); 4] = [
-        (COPY_FILL[0], "copy of a streamed group"),
-        (STREAMED_FILL[0], "compute on a streamed group"),
-        (RESIDENT_FILL[0], "compute on a resident group"),
+fn legend(w: &mut String, decoding: bool) {
+    let mut items: Vec<(&str, &str)> = vec![
+        (COPY_FILL[0], "copy"),
+        (STREAMED_FILL[0], "compute, streamed group"),
+        (RESIDENT_FILL[0], "compute, resident group"),
         ("url(#stall)", "stall: compute waits for a copy"),
     ];
+    if decoding {
+        items.insert(1, (DECODE_FILL[0], "decoding"));
+    }
     let mut x = PLOT_LEFT;
     for (fill, text) in items {
         let _ = writeln!(
@@ -429,7 +436,7 @@ fn stalls(events: &[&TimelineEvent]) -> Vec<(f64, f64)> {
     let mut compute: Vec<&TimelineEvent> = events
         .iter()
         .copied()
-        .filter(|e| e.lane == Lane::Compute)
+        .filter(|e| e.lane != Lane::Copy)
         .collect();
     compute.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
     let pass_start = events
@@ -460,7 +467,7 @@ fn stalls(events: &[&TimelineEvent]) -> Vec<(f64, f64)> {
 /// For each event, 0 or 1: its place in time order within its lane, mod 2.
 fn alternation(events: &[&TimelineEvent]) -> Vec<usize> {
     let mut shade = vec![0; events.len()];
-    for lane in [Lane::Copy, Lane::Compute] {
+    for lane in [Lane::Copy, Lane::Compute, Lane::Decode] {
         let mut order: Vec<usize> = (0..events.len())
             .filter(|&i| events[i].lane == lane)
             .collect();
@@ -665,6 +672,28 @@ mod tests {
         }
         // 40 ms (the last end) is the right edge.
         assert!((x[3] + width[3] - (WIDTH - PLOT_RIGHT)).abs() < 0.02);
+    }
+
+    #[test]
+    fn decoding_is_drawn_on_the_compute_lane_and_is_no_stall() {
+        let events = vec![
+            ev("block 0", Lane::Copy, 0.0, 10.0),
+            ev("block 0", Lane::Decode, 10.0, 12.0),
+            ev("block 0", Lane::Compute, 12.0, 20.0),
+            ev("block 1", Lane::Copy, 10.0, 25.0),
+            ev("block 1", Lane::Decode, 25.0, 27.0),
+            ev("block 1", Lane::Compute, 27.0, 35.0),
+        ];
+        let refs: Vec<&TimelineEvent> = events.iter().collect();
+        // The compute stream waits for the copies (0–10, 20–25), not for its own decoding.
+        assert_eq!(stalls(&refs), vec![(0.0, 10.0), (20.0, 25.0)]);
+        let svg = render_svg(&events, &info());
+        check_xml(&svg);
+        let decode = rects(&svg, "ev decode");
+        assert_eq!(decode.len(), 2);
+        assert!(decode.iter().all(|r| attr(r, "y") == COMPUTE_Y + 2.0));
+        assert!(svg.contains(">decoding<"), "the legend names decoding");
+        assert!(!render_svg(&streamed_pass(), &info()).contains(">decoding<"));
     }
 
     #[test]

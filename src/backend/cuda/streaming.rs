@@ -78,6 +78,9 @@ pub struct CudaCopyEngine {
     compressed: Option<Arc<Compressed>>,
     /// Where encoded pieces are decoded, and the kernel that does it.
     decoder: Option<(DevBuf, u64, CudaFunction)>,
+    /// Per piece of the plan with encoded shares: events around its decoding (on the
+    /// compute stream, once a pass), for the stats and the timeline.
+    decode_times: Vec<Option<(CudaEvent, CudaEvent)>>,
     /// Per slot: its release was recorded after the decoding of the piece in it (nothing
     /// reads the slot after that), so `release` has nothing left to record.
     released_early: Vec<std::cell::Cell<bool>>,
@@ -280,6 +283,16 @@ impl CudaCopyEngine {
             log: None,
             timeline: None,
         };
+        let decode_times = plan
+            .pieces
+            .iter()
+            .map(|p| {
+                let decoded = layouts[p.group][p.index].decoded > 0;
+                decoded
+                    .then(|| Ok((event(timing)?, event(timing)?)))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         // The slots were allocated in stream order on the compute stream; the copy stream
         // may only use them once that allocation has happened.
         gpu.synchronize()?;
@@ -295,6 +308,7 @@ impl CudaCopyEngine {
             clock,
             layouts,
             compressed,
+            decode_times,
             decoder,
             released_early: (0..plan.slots).map(|_| Default::default()).collect(),
             tier,
@@ -312,6 +326,12 @@ impl CudaCopyEngine {
         let tensors = &self.tier.groups[piece.group];
         let layout = &self.layouts[piece.group][piece.index];
         let base = self.slot_addr[slot];
+        let timed = &self.decode_times[self.piece_base[piece.group] + piece.index];
+        if let Some((begin, _)) = timed {
+            begin
+                .record(&self.compute)
+                .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        }
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
         for (i, share) in layout.shares.iter().enumerate() {
             let t = &tensors[i];
@@ -338,6 +358,10 @@ impl CudaCopyEngine {
                 cols: t.cols,
                 storage: WeightStorage::Slot,
             });
+        }
+        if let Some((_, end)) = timed {
+            end.record(&self.compute)
+                .map_err(|e| Self::err(e, "cuEventRecord"))?;
         }
         // A piece all decoded is read from the decode buffer only: its slot is free for the
         // next copy once the decoding has run, not the group's compute.
@@ -538,6 +562,7 @@ impl CudaCopyEngine {
             } else {
                 &clock.pass_end
             };
+            let mut start = after;
             if let Unit::Piece(k) = *unit {
                 let (b, e) = self.copy_events(pass, k);
                 events.push(TimelineEvent {
@@ -546,11 +571,20 @@ impl CudaCopyEngine {
                     start_ms: since(b)?,
                     end_ms: since(e)?,
                 });
+                if let Some((b, e)) = &self.decode_times[k] {
+                    events.push(TimelineEvent {
+                        group: label(unit),
+                        lane: Lane::Decode,
+                        start_ms: since(b)?,
+                        end_ms: since(e)?,
+                    });
+                    start = e;
+                }
             }
             events.push(TimelineEvent {
                 group: label(unit),
                 lane: Lane::Compute,
-                start_ms: since(after)?,
+                start_ms: since(start)?,
                 end_ms: since(end)?,
             });
         }
@@ -577,7 +611,13 @@ impl CudaCopyEngine {
         let mut group_compute_ms = vec![0.0; plan.groups.len()];
         for (u, unit) in units.iter().enumerate() {
             let (before, after) = &clock.units[u];
-            stall_ms += before.elapsed_ms(after).map_err(err)? as f64;
+            // A decoded piece's wait ends where its decoding begins (`after` follows the
+            // decoding, which is compute-stream work, not a stall).
+            let waited = match *unit {
+                Unit::Piece(k) => self.decode_times[k].as_ref().map(|(begin, _)| begin),
+                Unit::Group(_) => None,
+            };
+            stall_ms += before.elapsed_ms(waited.unwrap_or(after)).map_err(err)? as f64;
             let compute = after.elapsed_ms(at(u + 1)).map_err(err)? as f64;
             let g = match *unit {
                 Unit::Group(g) => g,
@@ -592,6 +632,10 @@ impl CudaCopyEngine {
             0.0
         };
         let compute_ms = pass_ms - stall_ms;
+        let mut decode_ms = 0.0;
+        for (b, e) in self.decode_times.iter().flatten() {
+            decode_ms += b.elapsed_ms(e).map_err(err)? as f64;
+        }
         // The PCIe bound at the measured bandwidth, or at this pass's if it did better.
         let gbps = if copy_ms > 0.0 {
             clock.h2d_gbps.max(streamed_bytes as f64 / (copy_ms * 1e6))
@@ -603,6 +647,7 @@ impl CudaCopyEngine {
             pass_ms,
             stall_ms,
             compute_ms,
+            decode_ms,
             copy_ms,
             streamed_bytes,
             achieved_gbps: if copy_ms > 0.0 {
