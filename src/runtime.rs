@@ -256,19 +256,28 @@ pub fn stream_weights(
             {
                 return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
             }
-            Ok(p) => plan = p,
             // The decode buffer can put a budget that streams uncompressed below the
             // minimum: auto then streams as stored.
             Err(_) if setup.compress == Compress::Auto => {
                 return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
             }
             Err(e) => return Err(e),
+            Ok(p) => {
+                let mut encoded = Arc::try_unwrap(request.compressed.take().expect("set above"))
+                    .expect("the planner keeps no encodings");
+                encoded.retain(|g| streams(&p, g));
+                match tier.register_compressed(&encoded) {
+                    Ok(()) => {
+                        plan = p;
+                        compressed = Some(Arc::new(encoded));
+                    }
+                    // The driver may page-lock the file and refuse more (a memlock limit):
+                    // auto then streams as stored, as planned first.
+                    Err(_) if setup.compress == Compress::Auto => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        let mut encoded = Arc::try_unwrap(request.compressed.take().expect("set above"))
-            .expect("the planner keeps no encodings");
-        encoded.retain(|g| streams(&plan, g));
-        tier.register_compressed(&encoded)?;
-        compressed = Some(Arc::new(encoded));
     }
     StreamedWeights::new(gpu, &model, plan, tier, compressed, h2d_gbps)
 }
