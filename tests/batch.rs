@@ -466,3 +466,49 @@ fn bench_timeline_needs_a_streamed_gpu_pass() {
     assert!(err.contains(".svg"), "{err}");
     assert!(!tmp.path().join("pass.svg").exists(), "nothing written");
 }
+
+/// A prompt taken in pieces (as `ferry serve` admits prompts, `--prompt-chunk`) leaves the
+/// same cache and gives the same logits as the whole prompt in one pass, bit for bit.
+#[test]
+fn a_prompt_in_pieces_equals_the_whole_prompt_bit_for_bit() {
+    for arch in ARCHS {
+        let ckpt = Checkpoint::open(fixture(arch).to_str().unwrap()).unwrap();
+        let model = Llama::new(ckpt.config.clone());
+        let mut weights = ResidentWeights::load(&ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
+        let vocab = ckpt.config.vocab_size as u32;
+        let prompt: Vec<u32> = (0..23).map(|i| (i * 31 + 7) % vocab).collect();
+        let cache = || {
+            Cpu.kv_cache(ckpt.config.num_layers, model.attention_shape(), 32)
+                .unwrap()
+        };
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let mut whole = cache();
+        let want = bits(
+            model
+                .forward(&Cpu, &mut weights, &prompt, &mut whole, Logits::Last)
+                .unwrap(),
+        );
+        let next_whole = bits(
+            model
+                .forward(&Cpu, &mut weights, &[3], &mut whole, Logits::Last)
+                .unwrap(),
+        );
+        for chunk in [1, 5, 8, 22] {
+            let mut pieces = cache();
+            let mut last = Vec::new();
+            for part in prompt.chunks(chunk) {
+                last = model
+                    .forward(&Cpu, &mut weights, part, &mut pieces, Logits::Last)
+                    .unwrap();
+            }
+            assert!(bits(last) == want, "{arch}: prompt in pieces of {chunk}");
+            let next = model
+                .forward(&Cpu, &mut weights, &[3], &mut pieces, Logits::Last)
+                .unwrap();
+            assert!(
+                bits(next) == next_whole,
+                "{arch}: the cache after pieces of {chunk} differs"
+            );
+        }
+    }
+}
