@@ -201,7 +201,7 @@ pub struct EncodedTensor {
 /// One range of bytes to copy into a slot: `len` bytes at `src` of the encoded tensor's
 /// storage, to `dst` in the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Copy {
+pub struct PartCopy {
     pub src: usize,
     pub len: usize,
     pub dst: usize,
@@ -242,7 +242,7 @@ impl Decode {
 /// there and how to decode it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlacedShare {
-    pub copies: Vec<Copy>,
+    pub copies: Vec<PartCopy>,
     pub decode: Decode,
     /// First byte past the share in the slot.
     pub end: usize,
@@ -357,7 +357,7 @@ impl EncodedTensor {
         let mut at = align_up(dst, align);
         let mut put = |src: usize, len: usize| {
             let here = at;
-            copies.push(Copy {
+            copies.push(PartCopy {
                 src,
                 len,
                 dst: here,

@@ -456,7 +456,13 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             .collect()
     };
 
-    let make = |resident: ResidentSet, slots: usize, slot_bytes: usize| -> Result<Plan> {
+    // `memory`: device bytes of a slot and of the decode buffer (`slot_memory`), the same for
+    // every candidate of one slot size.
+    let make = |resident: ResidentSet,
+                slots: usize,
+                slot_bytes: usize,
+                memory: (usize, usize)|
+     -> Result<Plan> {
         let mut placement = base_placement(&resident);
         let mut pieces = Vec::new();
         for (g, place) in placement.iter_mut().enumerate() {
@@ -473,10 +479,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 p.decode_ms = layout.decoded_bytes() as f64 / (c.decode_gbps * 1e6);
             }
         }
-        let (slot_device_bytes, decode_bytes) = match slots {
-            0 => (0, 0),
-            _ => slot_memory(req, slot_bytes)?,
-        };
+        let (slot_device_bytes, decode_bytes) = if slots == 0 { (0, 0) } else { memory };
         let mut plan = Plan {
             groups: req.groups.clone(),
             placement,
@@ -505,7 +508,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             groups: device.clone(),
             bytes: all_bytes,
         };
-        return make(resident, 0, 0);
+        return make(resident, 0, 0, (0, 0));
     }
 
     let slot_bytes = match req.slot_size {
@@ -594,7 +597,12 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             let mut groups: Vec<usize> = chosen.iter().chain(&picked).copied().collect();
             groups.sort_unstable();
             let bytes = groups.iter().map(|&g| req.groups[g].bytes).sum();
-            let candidate = make(ResidentSet { groups, bytes }, slots, slot_bytes)?;
+            let candidate = make(
+                ResidentSet { groups, bytes },
+                slots,
+                slot_bytes,
+                (slot_mem, decode),
+            )?;
             // More slots than pieces hold nothing.
             if slots > 2 && slots > candidate.pieces.len() {
                 continue;
