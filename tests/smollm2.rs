@@ -115,20 +115,11 @@ fn smollm2_matches_transformers() {
     }
 }
 
-#[test]
-fn smollm2_chat_answers_in_english_with_bf16_weights() {
-    let Some(path) = smollm2() else { return };
+/// `ferry run --model MODEL --quiet ARGS…`'s standard output; it must succeed.
+fn ferry_run(model: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "run",
-            "--model",
-            path.to_str().unwrap(),
-            "--chat",
-            "--max-tokens",
-            "24",
-            "--quiet",
-        ])
-        .args(["--prompt", "What is the capital of France?"])
+        .args(["run", "--model", model.to_str().unwrap(), "--quiet"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -136,7 +127,22 @@ fn smollm2_chat_answers_in_english_with_bf16_weights() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let answer = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn smollm2_chat_answers_in_english_with_bf16_weights() {
+    let Some(path) = smollm2() else { return };
+    let answer = ferry_run(
+        &path,
+        &[
+            "--chat",
+            "--max-tokens",
+            "24",
+            "--prompt",
+            "What is the capital of France?",
+        ],
+    );
     assert!(answer.contains("Paris"), "answer: {answer}");
 }
 
@@ -184,20 +190,22 @@ fn ferry_run_on_the_cpu_continues_as_transformers() {
     let gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
     for case in &expected.prompts {
         let n = case.greedy.len().min(32);
-        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["run", "--model", path.to_str().unwrap(), "--device", "cpu"])
-            .args(["--prompt", &case.text, "--max-tokens", &n.to_string()])
-            .args(["--ignore-eos", "--quiet"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let max = n.to_string();
+        let out = ferry_run(
+            &path,
+            &[
+                "--device",
+                "cpu",
+                "--ignore-eos",
+                "--prompt",
+                &case.text,
+                "--max-tokens",
+                &max,
+            ],
         );
         let want = gen.text.decode(&case.greedy[..n]).unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim_end(),
+            out.trim_end(),
             want.trim_end(),
             "ferry run's greedy continuation of {:?}",
             case.text
