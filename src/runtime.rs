@@ -16,7 +16,7 @@ use crate::model::{Architecture, PassShape};
 use std::sync::Arc;
 
 use crate::backend::cuda::streaming::SLOT_ALIGN;
-use crate::stream::compress::{Compress, Compressed};
+use crate::stream::compress::{Compress, Compressed, DecodeSpeeds};
 use crate::stream::cost::{planner_groups, CostModel};
 use crate::stream::{GroupTensors, Placement, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
@@ -134,9 +134,13 @@ pub fn plan_request(
     }
 }
 
-/// Decoding speed of compressed weights the planner assumes, GB/s of bf16 written
-/// (`decompress.cu`; bench/NOTES.md has the measured figure).
-pub const ASSUMED_DECODE_GBPS: f64 = 500.0;
+/// Decoding speeds the planner assumes, GB/s of bf16 written: exponent-coded weights
+/// (`decompress.cu`) and ggml blocks (`dequantize.cu`); bench/NOTES.md has the measured
+/// figures.
+pub const ASSUMED_DECODE: DecodeSpeeds = DecodeSpeeds {
+    exponents_gbps: 500.0,
+    blocks_gbps: 1500.0,
+};
 
 /// Compute figures the first plan assumes before a pass has been measured: an H100-class
 /// card (DESIGN.md). The prediction printed after a measured pass uses measured times.
@@ -217,6 +221,7 @@ pub fn stream_weights(
         .budget()
         .saturating_sub(in_use.saturating_sub(CUBLAS_WORKSPACE));
     let mut request = plan_request(arch, &bytes, budget, setup.shape, &cost, tier.is_staged());
+    let mut tier = tier;
     if let Some(w) = setup.workspace {
         request.workspace = w;
     }
@@ -225,9 +230,21 @@ pub fn stream_weights(
             g.compute_ms = m;
         }
     }
+    // Tensors held as ggml blocks stream as their blocks, whatever --compress says: the
+    // host holds nothing else of them.
+    let blocks = Compressed::blocks(&model.groups, true, SLOT_ALIGN, ASSUMED_DECODE);
+    if !blocks.is_empty() && tier.is_staged() {
+        return Err(Error::Device(format!(
+            "a GGUF's quantized blocks stream only from host memory the driver page-locks, \
+             and this run uses the {}; allow more locked memory (ulimit -l) and leave \
+             --host-memory at auto or registered",
+            tier.mode
+        )));
+    }
+    let blocks = (!blocks.is_empty()).then(|| Arc::new(blocks));
+    request.compressed = blocks.clone();
     let mut plan = crate::stream::plan(&request)?;
-    let mut tier = tier;
-    let mut compressed = None;
+    let mut compressed = blocks.clone();
     let streams =
         |plan: &crate::stream::Plan, g: usize| matches!(plan.placement[g], Placement::Streamed(_));
     let wanted = match setup.compress {
@@ -236,48 +253,50 @@ pub fn stream_weights(
         Compress::Auto => !tier.is_staged(),
     };
     if wanted && !plan.pieces.is_empty() {
-        // Encode what streams at this budget, then plan again with the encoded sizes (a
-        // group the second plan streams beyond those streams as it is).
-        let encoded = Compressed::encode(
-            &model.groups,
-            &model.splits,
-            |g| streams(&plan, g),
-            true,
-            SLOT_ALIGN,
-            ASSUMED_DECODE_GBPS,
-        )?;
+        // Exponent-code what streams at this budget, then plan again with the encoded sizes
+        // (a group the second plan streams beyond those streams as it is).
+        let mut encoded = match &blocks {
+            Some(b) => Compressed::clone(b),
+            None => Compressed::blocks(&model.groups, true, SLOT_ALIGN, ASSUMED_DECODE),
+        };
+        encoded.encode_exponents(&model.groups, &model.splits, |g| streams(&plan, g), true)?;
         request.compressed = Some(Arc::new(encoded));
         match crate::stream::plan(&request) {
             // Auto keeps the faster of the two plans: where a pass is compute-bound, decoding
-            // only adds to it.
+            // only adds to it; and where the decode buffer puts the budget below the minimum,
+            // it streams as stored.
             Ok(p)
                 if setup.compress == Compress::Auto
-                    && p.prediction.pass_ms > plan.prediction.pass_ms =>
-            {
-                return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
-            }
-            // The decode buffer can put a budget that streams uncompressed below the
-            // minimum: auto then streams as stored.
-            Err(_) if setup.compress == Compress::Auto => {
-                return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
-            }
+                    && p.prediction.pass_ms > plan.prediction.pass_ms => {}
+            Err(_) if setup.compress == Compress::Auto => {}
             Err(e) => return Err(e),
             Ok(p) => {
-                let mut encoded = Arc::try_unwrap(request.compressed.take().expect("set above"))
-                    .expect("the planner keeps no encodings");
-                encoded.retain(|g| streams(&p, g));
-                match tier.register_compressed(&encoded) {
-                    Ok(()) => {
-                        plan = p;
-                        compressed = Some(Arc::new(encoded));
-                    }
-                    // The driver may page-lock the file and refuse more (a memlock limit):
-                    // auto then streams as stored, as planned first.
-                    Err(_) if setup.compress == Compress::Auto => {}
-                    Err(e) => return Err(e),
-                }
+                plan = p;
+                compressed = request.compressed.take();
             }
         }
     }
+    let Some(chosen) = compressed else {
+        return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
+    };
+    let mut chosen = Arc::try_unwrap(chosen).unwrap_or_else(|shared| Compressed::clone(&shared));
+    chosen.retain(|g| streams(&plan, g));
+    match tier.register_compressed(&chosen) {
+        Ok(()) => {}
+        // The driver may page-lock the file and refuse more (a memlock limit): auto then
+        // streams what it can as stored, planned for that.
+        Err(_) if setup.compress == Compress::Auto && chosen.has_exponents() => {
+            request.compressed = blocks;
+            plan = crate::stream::plan(&request)?;
+            let Some(blocks) = request.compressed.take() else {
+                return StreamedWeights::new(gpu, &model, plan, tier, None, h2d_gbps);
+            };
+            chosen = Compressed::clone(&blocks);
+            chosen.retain(|g| streams(&plan, g));
+            tier.register_compressed(&chosen)?;
+        }
+        Err(e) => return Err(e),
+    }
+    let compressed = (!chosen.is_empty()).then(|| Arc::new(chosen));
     StreamedWeights::new(gpu, &model, plan, tier, compressed, h2d_gbps)
 }

@@ -368,7 +368,7 @@ fn qwen7b_shaped_streamed_is_bit_identical() {
 #[test]
 fn decompression_on_the_gpu_is_exact() {
     use ferry::backend::cuda::streaming::decode_on_gpu;
-    use ferry::stream::compress::EncodedTensor;
+    use ferry::stream::compress::{EncodedTensor, Encoding};
     let Some(gpu) = gpu("decompression_on_the_gpu_is_exact", None) else {
         return;
     };
@@ -399,11 +399,105 @@ fn decompression_on_the_gpu_is_exact() {
         ("every pattern", &patterns, 1024),
     ] {
         let enc = EncodedTensor::encode(name, values, segment).expect("encode");
+        let enc = Encoding::Exponents(enc);
         let (out, gbps) = decode_on_gpu(&gpu, &enc, 5).expect("decode on the GPU");
         eprintln!(
             "decompression ({name}): {:.4} of bf16, {gbps:.0} GB/s of bf16 out on the GPU",
             enc.encoded_bytes() as f64 / (2 * values.len()) as f64
         );
         assert!(out == *values, "{name}: the GPU's decoding changed bits");
+    }
+}
+
+/// Random bytes as ggml blocks of `ty`, each block's f16 scales replaced by finite values
+/// (random bits would make some NaN or Inf, which no quantizer writes).
+fn random_blocks(ty: ferry::checkpoint::GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
+    use ferry::checkpoint::GgmlType as T;
+    let mut s = seed | 1;
+    let mut bytes: Vec<u8> = (0..blocks * ty.type_size())
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect();
+    // Where each type keeps its f16 scales.
+    let halves: &[usize] = match ty {
+        T::Q8_0 | T::Q4_0 | T::Q5_0 => &[0],
+        T::Q4_1 | T::Q5_1 | T::Q4_K | T::Q5_K => &[0, 2],
+        T::Q6_K => &[208],
+        _ => &[],
+    };
+    for (k, block) in bytes.chunks_exact_mut(ty.type_size()).enumerate() {
+        for (j, &at) in halves.iter().enumerate() {
+            // Scales from 2^-12 to about 2^-3, either sign, varying by block.
+            let v = half::f16::from_f32(
+                (if (k + j) % 3 == 0 { -1.0 } else { 1.0 }) * (1.0 + (k % 7) as f32 / 7.0)
+                    / (1u32 << (3 + (k + j) % 10)) as f32,
+            );
+            block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+#[test]
+fn dequantization_on_the_gpu_is_exact() {
+    use ferry::backend::cuda::streaming::decode_on_gpu;
+    use ferry::checkpoint::{dequantize, DType, GgmlType, HostTensor, Storage};
+    use ferry::stream::blocks::BlockTensor;
+    use ferry::stream::compress::Encoding;
+    let Some(gpu) = gpu("dequantization_on_the_gpu_is_exact", None) else {
+        return;
+    };
+    // Every block type: random blocks (finite scales), 64 Mi elements of the K types (the
+    // size of a 7B's largest matrices) and 1 Mi of the others, against the CPU's ggml
+    // dequantization rounded to bf16.
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        let numel: usize = if ty.block_size() == 256 {
+            64 << 20
+        } else {
+            1 << 20
+        };
+        let row = 4096;
+        let blocks = random_blocks(ty, numel / ty.block_size(), ty.id() as u64 * 7919);
+        let mut values = vec![0f32; numel];
+        dequantize(ty, &blocks, &mut values);
+        let want: Vec<u16> = values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let mut storage = Storage::owned(blocks.len());
+        storage.bytes_mut().unwrap().copy_from_slice(&blocks);
+        let t = HostTensor::new(
+            format!("{ty} blocks"),
+            DType::Ggml(ty),
+            vec![numel / row, row],
+            std::sync::Arc::new(storage),
+            0,
+            blocks.len(),
+        );
+        let enc = Encoding::Blocks(BlockTensor::of(&t).expect("blocks"));
+        let (out, gbps) = decode_on_gpu(&gpu, &enc, 5).expect("dequantize on the GPU");
+        eprintln!(
+            "dequantization ({ty}): {:.3} of bf16, {gbps:.0} GB/s of bf16 out on the GPU",
+            blocks.len() as f64 / (2 * numel) as f64
+        );
+        let wrong = out.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert!(
+            wrong == 0,
+            "{ty}: {wrong} of {numel} values differ from the CPU's (first at {:?})",
+            out.iter().zip(&want).position(|(a, b)| a != b)
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry::checkpoint::gguf::{parse_header, GgmlType};
+use ferry::checkpoint::gguf::{parse_header, GgmlType, Weights};
 use ferry::checkpoint::{DType, Format, TokenizerSource};
 use ferry::model::llama::gguf;
 use ferry::model::Arch;
@@ -356,7 +356,7 @@ fn assert_mentions(message: &str, words: &[&str]) {
 fn tiny_llama_config_tensors_and_unpermuted_qk() {
     let path = write("tiny-llama", &tiny_llama().bytes());
     for target in [DType::F32, DType::BF16] {
-        let ckpt = gguf::open(&path, target).unwrap();
+        let ckpt = gguf::open(&path, Weights::Dequantized(target)).unwrap();
         assert_eq!(ckpt.format, Format::Gguf);
         let c = &ckpt.config;
         assert_eq!(c.arch, Arch::Llama);
@@ -392,6 +392,49 @@ fn tiny_llama_config_tensors_and_unpermuted_qk() {
             assert_eq!(t.to_f32(), want, "{gguf_name} → {hf} ({target})");
         }
     }
+}
+
+/// Blocks kept as stored (for the GPU) are the blocks the f32 path dequantizes: every tensor
+/// gives the same values, Q/K rows back in Hugging Face order, and the quantized matrices
+/// keep their type and bytes (nothing converted on the host).
+fn blocks_equal_dequantized(path: &Path) {
+    let blocks = gguf::open(path, Weights::Blocks).unwrap();
+    let f32s = gguf::open(path, Weights::Dequantized(DType::F32)).unwrap();
+    assert_eq!(blocks.tensors.len(), f32s.tensors.len());
+    let mut kept = 0;
+    for (name, t) in &f32s.tensors {
+        let b = blocks.tensor(name).unwrap();
+        assert_eq!(b.shape, t.shape, "{name}");
+        match b.dtype {
+            DType::Ggml(ty) => {
+                kept += 1;
+                assert_eq!(b.bytes().len(), DType::Ggml(ty).bytes(b.numel()), "{name}");
+                assert!(b.to_f32() == t.to_f32(), "{name}: blocks ≠ dequantized");
+            }
+            // Everything else is bf16 rounded from the same f32 values.
+            d => {
+                assert_eq!(d, DType::BF16, "{name}");
+                let want: Vec<f32> = t
+                    .to_f32()
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect();
+                assert!(b.to_f32() == want, "{name}");
+            }
+        }
+    }
+    assert!(kept > 0, "no tensor kept as blocks");
+}
+
+#[test]
+fn tiny_llama_blocks_as_stored_equal_the_dequantized_tensors() {
+    blocks_equal_dequantized(&write("tiny-llama-blocks", &tiny_llama().bytes()));
+}
+
+#[test]
+fn smollm2_blocks_as_stored_equal_the_dequantized_tensors() {
+    let Some(path) = smollm2_path() else { return };
+    blocks_equal_dequantized(&path);
 }
 
 #[test]
@@ -902,7 +945,7 @@ fn smollm2_matches_gguf_py() {
         assert_eq!(count(ty), n.as_u64().unwrap(), "{name}");
     }
 
-    let ckpt = gguf::open(&path, DType::F32).unwrap();
+    let ckpt = gguf::open(&path, Weights::Dequantized(DType::F32)).unwrap();
     let c = &ckpt.config;
     assert_eq!(c.arch, Arch::Llama);
     assert_eq!(
@@ -924,7 +967,7 @@ fn smollm2_matches_gguf_py() {
         .unwrap()
         .contains("<|im_start|>"));
 
-    let bf16 = gguf::open(&path, DType::BF16).unwrap();
+    let bf16 = gguf::open(&path, Weights::Dequantized(DType::BF16)).unwrap();
     for (hf, e) in expected["tensors"].as_object().unwrap() {
         let t = ckpt.tensor(hf).unwrap();
         let shape: Vec<usize> = e["shape"]
@@ -987,7 +1030,7 @@ fn files_written_by_gguf_py_open() {
         ("seed-qwen2-f16.gguf", Arch::Qwen2),
         ("seed-qwen3-q8_0.gguf", Arch::Qwen3),
     ] {
-        let ckpt = gguf::open(&dir.join(file), DType::F32).unwrap();
+        let ckpt = gguf::open(&dir.join(file), Weights::Dequantized(DType::F32)).unwrap();
         assert_eq!(ckpt.config.arch, arch, "{file}");
         assert_eq!(ckpt.config.num_layers, 1, "{file}");
         assert_eq!(ckpt.config.qkv_bias, arch == Arch::Qwen2, "{file}");

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use common::rel_l2;
 use ferry::backend::cpu::Cpu;
+use ferry::checkpoint::gguf::Weights;
 use ferry::checkpoint::DType;
 use ferry::generate::{Generator, Request, SamplingConfig};
 use ferry::model::llama::gguf;
@@ -74,7 +75,7 @@ fn smollm2_matches_transformers() {
     let Some(path) = smollm2() else { return };
     let expected = expected();
     // f32 dequantization: the exact values transformers computes with.
-    let ckpt = gguf::open(&path, DType::F32).unwrap();
+    let ckpt = gguf::open(&path, Weights::Dequantized(DType::F32)).unwrap();
     let mut gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
     assert!(expected.prompts.len() >= 3);
     for case in &expected.prompts {
@@ -149,13 +150,20 @@ fn smollm2_chat_answers_in_english_with_bf16_weights() {
 #[test]
 fn smollm2_weights_compress_losslessly() {
     use ferry::model::Llama;
-    use ferry::stream::compress::{bf16_bits, Compressed};
+    use ferry::stream::compress::{bf16_bits, Compressed, Decode};
     let Some(path) = smollm2() else { return };
-    let ckpt = gguf::open(&path, DType::BF16).unwrap();
+    let ckpt = gguf::open(&path, Weights::Dequantized(DType::BF16)).unwrap();
     let model = Llama::new(ckpt.config.clone());
     let groups = ferry::stream::GroupTensors::of(&ckpt, &model).unwrap();
-    let encoded =
-        Compressed::encode(&groups.groups, &groups.splits, |_| true, true, 256, 500.0).unwrap();
+    let encoded = Compressed::encode(
+        &groups.groups,
+        &groups.splits,
+        |_| true,
+        true,
+        256,
+        ferry::runtime::ASSUMED_DECODE,
+    )
+    .unwrap();
     let (enc, raw) = encoded.sizes();
     let ratio = enc as f64 / raw as f64;
     eprintln!("SmolLM2-135M (Q4_1 dequantized to bf16): {enc} of {raw} bytes, {ratio:.3} of bf16");
@@ -170,11 +178,14 @@ fn smollm2_weights_compress_losslessly() {
             let mut slot = vec![0u8; placed.end];
             for c in &placed.copies {
                 slot[c.dst..c.dst + c.len]
-                    .copy_from_slice(&e.storage.bytes()[c.src..c.src + c.len]);
+                    .copy_from_slice(&e.storage().bytes()[c.src..c.src + c.len]);
             }
             let mut got = vec![0u16; want.len()];
-            ferry::stream::compress::decode(&slot, &placed.decode, &mut got);
-            assert!(got == want, "{} changed", e.name);
+            let Decode::Exponents(d) = placed.decode else {
+                panic!("{}: bf16 tensors are exponent-coded", e.name())
+            };
+            ferry::stream::compress::decode(&slot, &d, &mut got);
+            assert!(got == want, "{} changed", e.name());
         }
     }
 }
@@ -186,7 +197,7 @@ fn ferry_run_on_the_cpu_continues_as_transformers() {
     // these prompts leave it after 15 tokens).
     let Some(path) = smollm2() else { return };
     let expected = expected();
-    let ckpt = gguf::open(&path, DType::F32).unwrap();
+    let ckpt = gguf::open(&path, Weights::Dequantized(DType::F32)).unwrap();
     let gen = Generator::new(&ckpt, Cpu, Some(512)).unwrap();
     for case in &expected.prompts {
         let n = case.greedy.len().min(32);
@@ -210,5 +221,98 @@ fn ferry_run_on_the_cpu_continues_as_transformers() {
             "ferry run's greedy continuation of {:?}",
             case.text
         );
+    }
+}
+
+#[test]
+fn smollm2_blocks_streamed_on_the_cpu_equal_resident_bit_for_bit() {
+    // The GGUF's Q4_1 blocks kept as stored, streamed through the CPU engine's slots as
+    // blocks at three budgets and dequantized there: the logits of a prompt pass and two
+    // decode steps are the resident f32 model's, bit for bit.
+    use ferry::backend::cpu_stream::{cpu_streamed_weights, HostStorage, SLOT_ALIGN};
+    use ferry::backend::Backend;
+    use ferry::model::{Architecture, Llama, PassShape, ResidentWeights};
+    use ferry::stream::compress::{device_bytes, Compressed};
+    use ferry::stream::cost::{planner_groups, CostModel};
+    use ferry::stream::{plan, BudgetAllocator, PlanRequest, Purpose, SlotSize};
+    use std::sync::Arc;
+    let Some(path) = smollm2() else { return };
+    let f32s = gguf::open(&path, Weights::Dequantized(DType::F32)).unwrap();
+    let blocks = gguf::open(&path, Weights::Blocks).unwrap();
+    let model = Llama::new(f32s.config.clone());
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 977 + 11) % 49152).collect();
+    let mut resident = ResidentWeights::load(&f32s, model.groups(), |t| Cpu.weight(t)).unwrap();
+    let want = common::passes_of(&model, &mut resident, &prompt, 2);
+
+    let tensors = ferry::stream::GroupTensors::of(&blocks, &model).unwrap();
+    let encoded = Arc::new(Compressed::blocks(
+        &tensors.groups,
+        false,
+        SLOT_ALIGN,
+        ferry::runtime::ASSUMED_DECODE,
+    ));
+    let (enc, f32_bytes) = encoded.sizes();
+    assert!(
+        (enc as f64) < 0.2 * f32_bytes as f64,
+        "{enc} bytes of blocks for {f32_bytes} of f32"
+    );
+    // The device (host memory here) holds f32: the planner sees f32 bytes, copies of blocks.
+    let bytes: Vec<usize> = tensors
+        .groups
+        .iter()
+        .map(|g| g.iter().map(|t| device_bytes(t, false)).sum())
+        .collect();
+    let shape = PassShape {
+        tokens: prompt.len(),
+        batch: 1,
+        past: 0,
+    };
+    let cost = model.pass_cost(shape);
+    // Blocks become f32 there and the rest stays bf16: a split group's pieces are rows of
+    // its last tensor when the tensors before it fill whole f32 rows.
+    let mut groups = planner_groups(&model, &bytes, DType::F32, shape, &CostModel::ASSUMED);
+    for (g, group) in groups.iter_mut().enumerate() {
+        let t = &tensors.groups[g];
+        if tensors.splits[g] {
+            let (last, before) = t.split_last().unwrap();
+            let row = device_bytes(last, false) / last.shape[0];
+            let before: usize = before.iter().map(|t| device_bytes(t, false)).sum();
+            group.granule = if before % row == 0 { row } else { group.bytes };
+        }
+    }
+    let request = |budget| PlanRequest {
+        groups: groups.clone(),
+        budget,
+        kv_cache: cost.cache,
+        workspace: cost.workspace,
+        cublas_workspace: 0,
+        reserve: 0,
+        h2d_gbps: 25.0,
+        slot_size: SlotSize::Auto,
+        compressed: Some(encoded.clone()),
+    };
+    let least = common::least_budget(&request(cost.cache + cost.workspace)).budget;
+    let total: usize = bytes.iter().sum();
+    for share in [0.0, 0.1, 0.5] {
+        let budget = least + (share * total as f64) as usize;
+        let p = plan(&request(budget)).unwrap();
+        assert!(p.compressed(), "{budget} bytes: nothing streams as blocks");
+        assert!(
+            (p.streamed_bytes() as f64) < 0.2 * p.streamed_bf16_bytes() as f64,
+            "{budget} bytes: {} cross the link for {} of f32",
+            p.streamed_bytes(),
+            p.streamed_bf16_bytes()
+        );
+        let alloc = BudgetAllocator::new(HostStorage, p.budget);
+        let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
+        let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
+        let (mut weights, _residents) =
+            cpu_streamed_weights(&tensors, p, &alloc, Some(encoded.clone()), None).unwrap();
+        let got = common::passes_of(&model, &mut weights, &prompt, 2);
+        assert!(
+            got == want,
+            "{budget} bytes: streamed blocks changed the logits"
+        );
+        assert!(alloc.peak() <= alloc.budget(), "over the budget");
     }
 }

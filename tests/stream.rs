@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry::backend::cpu_stream::{CpuCopyEngine, EngineEvent, HostStorage};
 use ferry::checkpoint::{DType, HostTensor, Storage};
-use ferry::model::{Llama, Logits, PassShape};
+use ferry::model::{Llama, PassShape};
 use ferry::runtime::plan_request;
 use ferry::stream::budget::{BudgetAllocator, HeapMemory, Purpose, Vram};
 use ferry::stream::cost::{group_bytes, CostModel};
@@ -658,36 +658,6 @@ fn assert_slots_used_in_order(log: &[(Instant, EngineEvent)], slots: usize) {
 /// The model's passes through the streamed weights that ship on the GPU, here over the CPU
 /// copy engine: a prompt pass (every position's logits) and greedy decode steps; the logits
 /// of each pass, as bits.
-fn passes_of(
-    model: &Llama,
-    weights: &mut impl ferry::model::Weights<ferry::backend::cpu::CpuWeight>,
-    prompt: &[u32],
-    steps: usize,
-) -> Vec<Vec<u32>> {
-    use ferry::backend::Backend;
-    let cpu = ferry::backend::cpu::Cpu;
-    let c = &model.config;
-    let mut cache = cpu
-        .kv_cache(c.num_layers, model.attention_shape(), prompt.len() + steps)
-        .unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    let mut out = Vec::new();
-    let logits = model
-        .forward(&cpu, weights, prompt, &mut cache, Logits::All)
-        .unwrap();
-    let vocab = c.vocab_size;
-    let mut next = ferry::generate::argmax(&logits[logits.len() - vocab..]);
-    out.push(bits(&logits));
-    for _ in 0..steps {
-        let logits = model
-            .forward(&cpu, weights, &[next], &mut cache, Logits::Last)
-            .unwrap();
-        next = ferry::generate::argmax(&logits);
-        out.push(bits(&logits));
-    }
-    out
-}
-
 #[test]
 fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
     use ferry::backend::cpu::Cpu;
@@ -720,7 +690,7 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % vocab).collect();
         let steps = 3;
         let mut resident = ResidentWeights::load(ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
-        let want = passes_of(&model, &mut resident, &prompt, steps);
+        let want = common::passes_of(&model, &mut resident, &prompt, steps);
 
         let bytes: Vec<usize> = model.groups().iter().map(|g| g.bytes(ckpt)).collect();
         let total: usize = bytes.iter().sum();
@@ -761,7 +731,7 @@ fn streamed_on_the_cpu_equals_resident_bit_for_bit() {
                 cpu_streamed_weights(&tensors, p, &alloc, None, h2d_gbps).unwrap();
             // Two sequences, one after the other, through the same weights: passes wrap.
             for run in 0..2 {
-                let got = passes_of(&model, &mut weights, &prompt, steps);
+                let got = common::passes_of(&model, &mut weights, &prompt, steps);
                 assert!(
                     got == want,
                     "{name}, {share} of the weights, run {run}: streamed logits differ from resident"
@@ -819,7 +789,7 @@ fn compressed_streaming_on_the_cpu_equals_resident_bit_for_bit() {
     let prompt: Vec<u32> = (0..7).map(|i| (i * 131 + 3) % 8192).collect();
     let steps = 2;
     let mut resident = ResidentWeights::load(&ckpt, model.groups(), |t| Cpu.weight(t)).unwrap();
-    let want = passes_of(&model, &mut resident, &prompt, steps);
+    let want = common::passes_of(&model, &mut resident, &prompt, steps);
 
     let host_gather: Vec<bool> = model.groups().iter().map(|g| g.host_gather).collect();
     let encoded = Compressed::encode(
@@ -828,7 +798,7 @@ fn compressed_streaming_on_the_cpu_equals_resident_bit_for_bit() {
         |g| !host_gather[g],
         false,
         SLOT_ALIGN,
-        500.0,
+        ferry::runtime::ASSUMED_DECODE,
     )
     .unwrap();
     let (enc, raw) = encoded.sizes();
@@ -868,7 +838,7 @@ fn compressed_streaming_on_the_cpu_equals_resident_bit_for_bit() {
         let (mut weights, _residents) =
             cpu_streamed_weights(&tensors, p, &alloc, Some(encoded.clone()), h2d_gbps).unwrap();
         for run in 0..2 {
-            let got = passes_of(&model, &mut weights, &prompt, steps);
+            let got = common::passes_of(&model, &mut weights, &prompt, steps);
             assert!(
                 got == want,
                 "{budget} bytes, run {run}: compressed streaming changed the logits"

@@ -147,7 +147,7 @@ impl Backend for Cpu {
         let in_place = match t.dtype {
             DType::F32 => t.as_f32().is_some(),
             DType::BF16 => t.as_bf16().is_some(),
-            DType::F16 => false,
+            DType::F16 | DType::Ggml(_) => false,
         };
         let data = if in_place {
             WeightData::Mapped(t.clone())

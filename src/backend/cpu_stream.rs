@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use super::cpu::{Cpu, CpuWeight};
 use super::Backend;
-use crate::checkpoint::{HostTensor, Storage};
+use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::Error;
 use crate::error::Result;
+use crate::stream::blocks;
 use crate::stream::budget::{Allocation, BudgetAllocator, DeviceMemory, Purpose};
-use crate::stream::compress::{self, piece_layout, Compressed, PieceLayout, Share};
+use crate::stream::compress::{self, piece_layout, Compressed, Decode, PieceLayout, Share};
 use crate::stream::plan::{Piece, Placement, Plan};
 use crate::stream::schedule::CopyEngine;
 use crate::stream::streamed::{slot_spans, GroupTensors, SlotEngine, SlotSpan, StreamedWeights};
@@ -140,7 +141,10 @@ impl CpuCopyEngine {
     ) -> Result<Self> {
         let mut layouts: Vec<Vec<PieceLayout>> = vec![Vec::new(); host.len()];
         for p in &plan.pieces {
-            let bytes: Vec<usize> = host[p.group].iter().map(|t| t.bytes().len()).collect();
+            let bytes: Vec<usize> = host[p.group]
+                .iter()
+                .map(|t| compress::device_bytes(t, false))
+                .collect();
             let encoded = compressed.as_ref().map(|c| &c.groups[p.group][..]);
             layouts[p.group].push(piece_layout(&bytes, encoded, p.offset, p.bytes, SLOT_ALIGN));
         }
@@ -248,7 +252,7 @@ impl Source {
             encoded.groups[group][c.tensor]
                 .as_ref()
                 .expect("an encoded share's tensor is encoded")
-                .storage
+                .storage()
                 .bytes()
         } else {
             self.host[group][c.tensor].bytes()
@@ -407,17 +411,21 @@ impl SlotEngine for CpuCopyEngine {
         let mut out: Vec<Option<CpuWeight>> = (0..tensors.len()).map(|_| None).collect();
         for (i, share) in layout.shares.iter().enumerate() {
             let t = &tensors[i];
-            let (memory, dst, len) = match *share {
+            let (memory, dst, len, dtype) = match *share {
                 None => continue,
-                Some(Share::Raw { dst, len }) => (&storage, dst, len),
-                Some(Share::Encoded { dst, len, .. }) => {
-                    (decoded.as_ref().expect("decoded above"), dst, len)
+                Some(Share::Raw { dst, len }) => (&storage, dst, len, t.dtype),
+                Some(Share::Encoded { decode, dst, len }) => {
+                    let dtype = match decode {
+                        Decode::Exponents(_) => t.dtype,
+                        Decode::Blocks(_) => DType::F32,
+                    };
+                    (decoded.as_ref().expect("decoded above"), dst, len, dtype)
                 }
             };
             let view = HostTensor::new(
                 t.name.clone(),
-                t.dtype,
-                block_shape(t, len),
+                dtype,
+                block_shape(t, len, dtype),
                 memory.clone(),
                 dst,
                 len,
@@ -450,20 +458,27 @@ impl CpuCopyEngine {
             })?;
         for share in layout.shares.iter().flatten() {
             if let Share::Encoded { decode, dst, len } = *share {
-                let words: &mut [u16] = bytemuck::cast_slice_mut(&mut out[dst..dst + len]);
-                compress::decode(slot.bytes(), &decode, words);
+                let out = &mut out[dst..dst + len];
+                match decode {
+                    Decode::Exponents(d) => {
+                        compress::decode(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
+                    }
+                    Decode::Blocks(d) => {
+                        blocks::decode_f32(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
+                    }
+                }
             }
         }
         Ok(Some(Arc::clone(&buffer)))
     }
 }
 
-/// The shape of `len` bytes of `t` taken as whole rows: `t`'s own when it is all of it.
-fn block_shape(t: &HostTensor, len: usize) -> Vec<usize> {
-    if len == t.bytes().len() {
+/// The shape of `len` bytes of `t`, held as `dtype`, taken as whole rows.
+fn block_shape(t: &HostTensor, len: usize, dtype: DType) -> Vec<usize> {
+    let row = dtype.bytes(t.shape[1..].iter().product::<usize>());
+    if t.shape.len() < 2 || len == dtype.bytes(t.numel()) {
         return t.shape.clone();
     }
-    let row = t.shape[1..].iter().product::<usize>() * t.dtype.size();
     let mut shape = t.shape.clone();
     shape[0] = len / row;
     shape

@@ -16,11 +16,13 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
 pub use component::{Component, Pipeline};
 pub use hf::{generation_defaults, open_dir, resolve_model_path, HfDir};
+pub use quant::{dequantize, GgmlType};
 
 /// Element type of a stored tensor, as ferry keeps it in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,14 +30,34 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// ggml's quantized blocks, as a GGUF file stores them (a block type: Q8_0, Q4_K, …):
+    /// rows are whole blocks, dequantized where they are used.
+    Ggml(GgmlType),
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element of an element type. Block types have none: [`DType::bytes`].
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Ggml(t) => panic!("{t} stores blocks, not elements of a size"),
+        }
+    }
+
+    /// Bytes of `numel` elements (whole blocks for a block type).
+    pub fn bytes(self, numel: usize) -> usize {
+        match self {
+            DType::Ggml(t) => numel / t.block_size() * t.type_size(),
+            d => numel * d.size(),
+        }
+    }
+
+    /// Whether rows of `len` elements are whole units of this type.
+    pub fn fits_row(self, len: usize) -> bool {
+        match self {
+            DType::Ggml(t) => len % t.block_size() == 0,
+            _ => true,
         }
     }
 
@@ -44,6 +66,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Ggml(t) => t.name(),
         }
     }
 }
@@ -150,7 +173,8 @@ impl std::fmt::Debug for HostTensor {
 
 impl HostTensor {
     /// `offset..offset+len` must lie inside `storage` and `len` must equal
-    /// `numel * dtype.size()`; readers check this against the file before calling.
+    /// `dtype.bytes(numel)` (rows of whole blocks for a block type); readers check this
+    /// against the file before calling.
     pub fn new(
         name: String,
         dtype: DType,
@@ -163,11 +187,12 @@ impl HostTensor {
             offset + len <= storage.bytes().len(),
             "tensor {name} outside its storage"
         );
-        assert_eq!(
-            len,
-            shape.iter().product::<usize>() * dtype.size(),
-            "tensor {name} size"
+        let numel: usize = shape.iter().product();
+        assert!(
+            dtype.fits_row(*shape.last().unwrap_or(&1)),
+            "tensor {name}: rows of {dtype} blocks"
         );
+        assert_eq!(len, dtype.bytes(numel), "tensor {name} size");
         HostTensor {
             name,
             dtype,
@@ -227,10 +252,19 @@ impl HostTensor {
         &self.storage.bytes()[self.offset..self.offset + self.len]
     }
 
-    /// The elements converted to f32 (exact for every supported dtype).
+    /// The elements converted to f32 (exact for every supported dtype; blocks dequantized as
+    /// ggml does, on every core for a large tensor).
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes();
         match self.dtype {
+            DType::Ggml(t) => {
+                let mut out = vec![0f32; self.numel()];
+                let per_task = t.block_size() * 1024;
+                out.par_chunks_mut(per_task)
+                    .zip(b.par_chunks(per_task / t.block_size() * t.type_size()))
+                    .for_each(|(y, x)| quant::dequantize(t, x, y));
+                out
+            }
             DType::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

@@ -128,6 +128,12 @@ pub fn write(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> R
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::Ggml(t) => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("{name}: safetensors holds no {t} blocks"),
+                ))
+            }
         };
         header.insert(
             name.clone(),

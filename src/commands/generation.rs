@@ -9,6 +9,7 @@ use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::streaming::PassStats;
 use ferry::backend::cuda::Cuda;
 use ferry::backend::{Backend, Device};
+use ferry::checkpoint::gguf::Weights;
 use ferry::checkpoint::DType;
 use ferry::generate::{Generator, SamplingConfig, TextCodec, UNTIL_CONTEXT_FULL};
 use ferry::model::Checkpoint;
@@ -213,16 +214,16 @@ pub fn open_compute(compute: &ComputeArgs) -> Result<Option<Cuda>> {
     open_device(compute.device, vram)
 }
 
-/// The checkpoint `model` names, for computing on `gpu`: a GGUF dequantized to bf16 for the
-/// GPU, to f32 for the CPU (the values the file encodes, which the CPU's f32 math then uses
-/// as they are).
+/// The checkpoint `model` names, for computing on `gpu`: a GGUF's blocks kept as stored for
+/// the GPU (streamed as they are, dequantized on the device), dequantized to f32 for the CPU
+/// (the values the file encodes, which the CPU's f32 math then uses as they are).
 pub fn open_model(model: &str, gpu: &Option<Cuda>) -> Result<Checkpoint> {
     Checkpoint::open_as(
         model,
         if gpu.is_some() {
-            DType::BF16
+            Weights::Blocks
         } else {
-            DType::F32
+            Weights::Dequantized(DType::F32)
         },
     )
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::blocks::{BlockDecode, BlockTensor};
 use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::{Error, Result};
 
@@ -186,6 +187,7 @@ impl Geometry {
 }
 
 /// A tensor's bf16 values, encoded (layout in the module's doc).
+#[derive(Clone)]
 pub struct EncodedTensor {
     pub name: String,
     pub geometry: Geometry,
@@ -207,10 +209,10 @@ pub struct PartCopy {
     pub dst: usize,
 }
 
-/// What a decoder needs to turn an encoded share, laid out in a slot, back into bf16: byte
-/// offsets into the slot of each part, and the elements' geometry.
+/// What a decoder needs to turn an exponent-coded share, laid out in a slot, back into bf16:
+/// byte offsets into the slot of each part, and the elements' geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decode {
+pub struct ExponentDecode {
     pub lut: usize,
     /// One u32 bit offset per lane of each block, counted from `words`'s first bit.
     pub starts: usize,
@@ -224,7 +226,7 @@ pub struct Decode {
     pub base_bit: u32,
 }
 
-impl Decode {
+impl ExponentDecode {
     /// Blocks of the share.
     pub fn blocks(&self) -> usize {
         self.geometry().blocks()
@@ -248,7 +250,83 @@ pub struct PlacedShare {
     pub end: usize,
 }
 
-fn align_up(x: usize, align: usize) -> usize {
+/// How a share is decoded on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decode {
+    /// Exponent-coded bf16 (this module's codec).
+    Exponents(ExponentDecode),
+    /// ggml blocks ([`super::blocks`]).
+    Blocks(BlockDecode),
+}
+
+impl Decode {
+    /// Elements it writes.
+    pub fn numel(&self) -> usize {
+        match self {
+            Decode::Exponents(d) => d.numel,
+            Decode::Blocks(d) => d.numel,
+        }
+    }
+}
+
+/// A tensor as it crosses the link when not as the device holds it.
+#[derive(Clone)]
+pub enum Encoding {
+    /// bf16 with its exponents coded ([`EncodedTensor`]).
+    Exponents(EncodedTensor),
+    /// ggml blocks as the file stores them.
+    Blocks(BlockTensor),
+}
+
+impl Encoding {
+    pub fn name(&self) -> &str {
+        match self {
+            Encoding::Exponents(e) => &e.name,
+            Encoding::Blocks(b) => &b.name,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        match self {
+            Encoding::Exponents(e) => e.geometry.numel,
+            Encoding::Blocks(b) => b.numel,
+        }
+    }
+
+    /// Bytes of the whole encoding.
+    pub fn encoded_bytes(&self) -> usize {
+        match self {
+            Encoding::Exponents(e) => e.encoded_bytes(),
+            Encoding::Blocks(b) => b.encoded_bytes(),
+        }
+    }
+
+    /// The host memory the encoding lies in.
+    pub fn storage(&self) -> &Arc<Storage> {
+        match self {
+            Encoding::Exponents(e) => &e.storage,
+            Encoding::Blocks(b) => &b.storage,
+        }
+    }
+
+    /// Lay the elements `elements` out in a slot from byte `dst`, each part at a multiple of
+    /// `align`; `None` when the codec cannot cut the tensor there.
+    pub fn place(&self, elements: Range<usize>, dst: usize, align: usize) -> Option<PlacedShare> {
+        match self {
+            Encoding::Exponents(e) => e.place(elements, dst, align),
+            Encoding::Blocks(b) => {
+                b.place(elements, dst, align)
+                    .map(|(copy, decode, end)| PlacedShare {
+                        copies: vec![copy],
+                        decode: Decode::Blocks(decode),
+                        end,
+                    })
+            }
+        }
+    }
+}
+
+pub(super) fn align_up(x: usize, align: usize) -> usize {
     x.div_ceil(align) * align
 }
 
@@ -371,7 +449,7 @@ impl EncodedTensor {
         let words = put(self.words_at + 4 * w0, 4 * (w1 - w0));
         Some(PlacedShare {
             copies,
-            decode: Decode {
+            decode: Decode::Exponents(ExponentDecode {
                 lut,
                 starts: starts_dst,
                 sm,
@@ -379,7 +457,7 @@ impl EncodedTensor {
                 numel: elements.len(),
                 segment: g.segment,
                 base_bit: (w0 * 32) as u32,
-            },
+            }),
             end: at,
         })
     }
@@ -428,7 +506,7 @@ impl<'a> BitWriter<'a> {
 /// Decode a share laid out in `slot` (as [`EncodedTensor::place`] put it) into `out` (bf16
 /// bits, `decode.numel` of them): the CPU's decoder, the same steps as the GPU kernel's
 /// (`backend/cuda/kernels/decompress.cu`).
-pub fn decode(slot: &[u8], d: &Decode, out: &mut [u16]) {
+pub fn decode(slot: &[u8], d: &ExponentDecode, out: &mut [u16]) {
     let lut: &[u16] = bytemuck::cast_slice(&slot[d.lut..d.lut + LUT_BYTES]);
     let g = d.geometry();
     let starts: &[u32] = bytemuck::cast_slice(&slot[d.starts..d.starts + 4 * g.blocks() * LANES]);
@@ -466,11 +544,26 @@ pub fn bf16_bits(t: &HostTensor) -> Vec<u16> {
     }
 }
 
-/// Whether a tensor may be compressed: bf16 on the device (any dtype where the device
-/// `converts` every weight to bf16, else only weights stored as bf16), and large enough for
-/// its table (8 KiB) to be a small part of it.
+/// Whether a tensor may be exponent-coded: bf16 on the device (any element dtype where the
+/// device `converts` every weight to bf16, else only weights stored as bf16; blocks stream
+/// as blocks), and large enough for its table (8 KiB) to be a small part of it.
 pub fn compressible(t: &HostTensor, converts: bool) -> bool {
-    (converts || t.dtype == DType::BF16) && t.numel() >= 2 * BLOCK
+    let on_device_bf16 = match t.dtype {
+        DType::Ggml(_) => false,
+        DType::BF16 => true,
+        _ => converts,
+    };
+    on_device_bf16 && t.numel() >= 2 * BLOCK
+}
+
+/// Bytes of `t` as the device holds it: bf16 where the device `converts` every weight; else
+/// as stored, blocks dequantized to f32.
+pub fn device_bytes(t: &HostTensor, converts: bool) -> usize {
+    match t.dtype {
+        _ if converts => t.numel() * 2,
+        DType::Ggml(_) => t.numel() * 4,
+        _ => t.bytes().len(),
+    }
 }
 
 /// `--compress`: whether streamed weights cross the link compressed.
@@ -498,15 +591,23 @@ impl std::str::FromStr for Compress {
 
 /// The encoded tensors of a model's groups, and how a piece of a group lies in a slot when
 /// its tensors come encoded.
+#[derive(Clone)]
 pub struct Compressed {
     /// Per group, per tensor: its encoding, or `None` where it streams as it is.
-    pub groups: Vec<Vec<Option<EncodedTensor>>>,
-    /// Per group, per tensor: its bytes as the device holds them (bf16).
+    pub groups: Vec<Vec<Option<Encoding>>>,
+    /// Per group, per tensor: its bytes as the device holds them.
     tensor_bytes: Vec<Vec<usize>>,
     /// Where each tensor's share starts in a slot: a multiple of this.
     pub align: usize,
-    /// Decoding speed assumed by the planner, GB/s of bf16 written.
-    pub decode_gbps: f64,
+    /// Decoding speeds assumed by the planner, GB/s of the device's dtype written.
+    pub speeds: DecodeSpeeds,
+}
+
+/// How fast the device decodes each encoding, GB/s written (the planner's assumption).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeSpeeds {
+    pub exponents_gbps: f64,
+    pub blocks_gbps: f64,
 }
 
 /// One copy of a piece into its slot: `len` bytes from `src` of tensor `tensor` of the group
@@ -551,13 +652,30 @@ impl PieceLayout {
         self.copies.iter().map(|c| c.len).sum()
     }
 
-    /// bf16 bytes the device decodes.
+    /// Bytes the device decodes.
     pub fn decoded_bytes(&self) -> usize {
         self.shares
             .iter()
             .map(|s| match s {
                 Some(Share::Encoded { len, .. }) => *len,
                 _ => 0,
+            })
+            .sum()
+    }
+
+    /// Time the device takes to decode the piece at `speeds`, ms.
+    pub fn decode_ms(&self, speeds: DecodeSpeeds) -> f64 {
+        self.shares
+            .iter()
+            .map(|s| match s {
+                Some(Share::Encoded { decode, len, .. }) => {
+                    let gbps = match decode {
+                        Decode::Exponents(_) => speeds.exponents_gbps,
+                        Decode::Blocks(_) => speeds.blocks_gbps,
+                    };
+                    *len as f64 / (gbps * 1e6)
+                }
+                _ => 0.0,
             })
             .sum()
     }
@@ -569,7 +687,7 @@ impl PieceLayout {
 /// buffer where it would have lain in the slot).
 pub fn piece_layout(
     tensor_bytes: &[usize],
-    encoded: Option<&[Option<EncodedTensor>]>,
+    encoded: Option<&[Option<Encoding>]>,
     offset: usize,
     bytes: usize,
     align: usize,
@@ -582,7 +700,16 @@ pub fn piece_layout(
     let mut at = 0;
     for s in raw {
         let enc = encoded.and_then(|e| e[s.tensor].as_ref());
-        let placed = enc.and_then(|e| e.place(s.src / 2..(s.src + s.len) / 2, at, align));
+        let placed = enc.and_then(|e| {
+            // The device's bytes per element of this tensor.
+            let size = tensor_bytes[s.tensor] / e.numel().max(1);
+            e.place(s.src / size..(s.src + s.len) / size, at, align)
+        });
+        assert!(
+            placed.is_some() || !matches!(enc, Some(Encoding::Blocks(_))),
+            "{}: a share of blocks that is not whole rows",
+            enc.map_or("", |e| e.name())
+        );
         match placed {
             Some(p) => {
                 out.copies.extend(p.copies.iter().map(|c| SlotCopy {
@@ -619,26 +746,58 @@ pub fn piece_layout(
 }
 
 impl Compressed {
-    /// Encode the compressible tensors of `groups` (each group's tensors) for which `keep`
-    /// holds of their group, on every core: the last tensor of a group that may stream in
-    /// blocks of rows (`splits`) is cut into rows. `converts`: the device holds every weight
-    /// as bf16 (CUDA), rather than as stored (the CPU). An encoding no smaller than the
-    /// tensor (short rows: each lane's start costs 4 bytes) is dropped.
-    pub fn encode(
+    /// The groups' tensors held as ggml blocks, each to stream as its blocks; nothing else
+    /// encoded yet. `converts`: the device holds every weight as bf16 (CUDA), rather than as
+    /// stored with blocks dequantized to f32 (the CPU).
+    pub fn blocks(
+        groups: &[Vec<HostTensor>],
+        converts: bool,
+        align: usize,
+        speeds: DecodeSpeeds,
+    ) -> Compressed {
+        Compressed {
+            groups: groups
+                .iter()
+                .map(|g| {
+                    g.iter()
+                        .map(|t| BlockTensor::of(t).map(Encoding::Blocks))
+                        .collect()
+                })
+                .collect(),
+            tensor_bytes: groups
+                .iter()
+                .map(|g| g.iter().map(|t| device_bytes(t, converts)).collect())
+                .collect(),
+            align,
+            speeds,
+        }
+    }
+
+    /// Whether anything is encoded.
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().flatten().all(Option::is_none)
+    }
+
+    /// Exponent-code the compressible tensors of `groups` (each group's tensors; those
+    /// [`Compressed::blocks`] was made from) for which `keep` holds of their group, on every
+    /// core: the last tensor of a group that may stream in blocks of rows (`splits`) is cut
+    /// into rows. `converts`: the device holds every weight as bf16 (CUDA), rather than as
+    /// stored (the CPU). An encoding no smaller than the tensor (short rows: each lane's start
+    /// costs 4 bytes) is dropped.
+    pub fn encode_exponents(
+        &mut self,
         groups: &[Vec<HostTensor>],
         splits: &[bool],
         keep: impl Fn(usize) -> bool,
         converts: bool,
-        align: usize,
-        decode_gbps: f64,
-    ) -> Result<Compressed> {
+    ) -> Result<()> {
         let mut jobs: Vec<(usize, usize, &HostTensor, usize)> = Vec::new();
         for (g, tensors) in groups.iter().enumerate() {
             if !keep(g) {
                 continue;
             }
             for (i, t) in tensors.iter().enumerate() {
-                if !compressible(t, converts) {
+                if self.groups[g][i].is_some() || !compressible(t, converts) {
                     continue;
                 }
                 let rows = i + 1 == tensors.len() && splits[g] && t.shape.len() > 1;
@@ -654,34 +813,34 @@ impl Compressed {
             .par_iter()
             .map(|&(_, _, t, segment)| EncodedTensor::encode(&t.name, &bf16_bits(t), segment))
             .collect::<Result<_>>()?;
-        let mut out: Vec<Vec<Option<EncodedTensor>>> = groups
-            .iter()
-            .map(|t| (0..t.len()).map(|_| None).collect())
-            .collect();
         for ((g, i, t, _), e) in jobs.into_iter().zip(encoded) {
             if e.encoded_bytes() < t.numel() * 2 {
-                out[g][i] = Some(e);
+                self.groups[g][i] = Some(Encoding::Exponents(e));
             }
         }
-        Ok(Compressed {
-            groups: out,
-            tensor_bytes: groups
-                .iter()
-                .map(|t| {
-                    t.iter()
-                        .map(|t| {
-                            if converts {
-                                t.numel() * 2
-                            } else {
-                                t.bytes().len()
-                            }
-                        })
-                        .collect()
-                })
-                .collect(),
-            align,
-            decode_gbps,
-        })
+        Ok(())
+    }
+
+    /// [`Compressed::blocks`], then [`Compressed::encode_exponents`].
+    pub fn encode(
+        groups: &[Vec<HostTensor>],
+        splits: &[bool],
+        keep: impl Fn(usize) -> bool,
+        converts: bool,
+        align: usize,
+        speeds: DecodeSpeeds,
+    ) -> Result<Compressed> {
+        let mut c = Compressed::blocks(groups, converts, align, speeds);
+        c.encode_exponents(groups, splits, keep, converts)?;
+        Ok(c)
+    }
+
+    /// Whether any tensor is exponent-coded.
+    pub fn has_exponents(&self) -> bool {
+        self.groups
+            .iter()
+            .flatten()
+            .any(|e| matches!(e, Some(Encoding::Exponents(_))))
     }
 
     /// How `bytes` at `offset` of group `g` lie in a slot.
@@ -718,14 +877,15 @@ impl Compressed {
         sizes
     }
 
-    /// The mappings holding the encodings (to register with a driver).
+    /// The memory holding the encodings, each once (to register with a driver).
     pub fn storages(&self) -> Vec<Arc<Storage>> {
-        self.groups
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|t| t.storage.clone())
-            .collect()
+        let mut out: Vec<Arc<Storage>> = Vec::new();
+        for e in self.groups.iter().flatten().flatten() {
+            if !out.iter().any(|s| Arc::ptr_eq(s, e.storage())) {
+                out.push(e.storage().clone());
+            }
+        }
+        out
     }
 }
 
@@ -739,6 +899,13 @@ impl std::fmt::Debug for Compressed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exponents(d: &Decode) -> &ExponentDecode {
+        match d {
+            Decode::Exponents(d) => d,
+            Decode::Blocks(_) => panic!("an exponent-coded share"),
+        }
+    }
 
     /// A small deterministic generator (xorshift).
     fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -773,7 +940,7 @@ mod tests {
             slot[c.dst..c.dst + c.len].copy_from_slice(&enc.storage.bytes()[c.src..c.src + c.len]);
         }
         let mut out = vec![0u16; values.len()];
-        decode(&slot, &placed.decode, &mut out);
+        decode(&slot, exponents(&placed.decode), &mut out);
         assert!(out == values, "round trip changed bits");
         enc
     }
@@ -846,7 +1013,7 @@ mod tests {
                     .copy_from_slice(&enc.storage.bytes()[c.src..c.src + c.len]);
             }
             let mut out = vec![0u16; (r1 - r0) * cols];
-            decode(&slot, &placed.decode, &mut out);
+            decode(&slot, exponents(&placed.decode), &mut out);
             assert!(out[..] == values[r0 * cols..r1 * cols], "rows {r0}..{r1}");
         }
         assert!(enc.place(1..cols, 0, 16).is_none(), "not whole rows");

@@ -13,6 +13,7 @@
 //!   reads host memory through [`staging::HostBytes`], so raw addresses stay in the backend.
 //! - [`timeline`]: one pass's copy and compute intervals drawn as an SVG.
 
+pub mod blocks;
 pub mod budget;
 pub mod compress;
 pub mod cost;

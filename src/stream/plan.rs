@@ -476,7 +476,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             for p in &mut pieces {
                 let layout = c.layout(p.group, p.offset, p.bytes);
                 p.copy_bytes = layout.copy_bytes();
-                p.decode_ms = layout.decoded_bytes() as f64 / (c.decode_gbps * 1e6);
+                p.decode_ms = layout.decode_ms(c.speeds);
             }
         }
         let (slot_device_bytes, decode_bytes) = if slots == 0 { (0, 0) } else { memory };

@@ -299,6 +299,7 @@ fn dtype_name(dtype: DType) -> &'static str {
         DType::BF16 => "bfloat16",
         DType::F32 => "float32",
         DType::F16 => "float16",
+        DType::Ggml(t) => t.name(),
     }
 }
 

@@ -108,7 +108,7 @@ fn specs(preset: &Preset) -> Vec<Spec> {
 fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::BF16 | DType::F32 => Ok(()),
-        DType::F16 => Err(Error::Flag {
+        DType::F16 | DType::Ggml(_) => Err(Error::Flag {
             flag: "--dtype",
             message: "synthetic checkpoints are bf16 or f32".into(),
         }),

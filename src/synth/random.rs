@@ -66,7 +66,7 @@ impl Table {
                     .enumerate()
                     .for_each(|(i, o)| fill_from(&self.f32, key, first + i * TASK, o));
             }
-            DType::F16 => unreachable!("synth writes bf16 or f32"),
+            DType::F16 | DType::Ggml(_) => unreachable!("synth writes bf16 or f32"),
         }
     }
 }

@@ -93,8 +93,11 @@ pub fn least_budget(request: &ferry::stream::PlanRequest) -> ferry::stream::Plan
         budget,
         ..request.clone()
     };
-    let (mut lo, mut hi) = (request.budget, request.budget.max(1) * 64);
-    assert!(plan(&at(hi)).is_ok(), "plans at some budget");
+    let (mut lo, mut hi) = (request.budget, request.budget.max(1) * 2);
+    while plan(&at(hi)).is_err() {
+        assert!(hi < 1 << 44, "plans at no budget");
+        (lo, hi) = (hi, hi * 2);
+    }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         if plan(&at(mid)).is_ok() {
@@ -141,4 +144,42 @@ pub fn cpu_request(
         slot_size: ferry::stream::SlotSize::Auto,
         compressed: None,
     }
+}
+
+/// The logits of a prompt pass (every position) and `steps` greedy decode steps on the CPU,
+/// as bits.
+pub fn passes_of(
+    model: &ferry::model::Llama,
+    weights: &mut impl ferry::model::Weights<ferry::backend::cpu::CpuWeight>,
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<Vec<u32>> {
+    use ferry::backend::Backend;
+    let cpu = ferry::backend::cpu::Cpu;
+    let c = &model.config;
+    let mut cache = cpu
+        .kv_cache(c.num_layers, model.attention_shape(), prompt.len() + steps)
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mut out = Vec::new();
+    let logits = model
+        .forward(&cpu, weights, prompt, &mut cache, ferry::model::Logits::All)
+        .unwrap();
+    let vocab = c.vocab_size;
+    let mut next = ferry::generate::argmax(&logits[logits.len() - vocab..]);
+    out.push(bits(&logits));
+    for _ in 0..steps {
+        let logits = model
+            .forward(
+                &cpu,
+                weights,
+                &[next],
+                &mut cache,
+                ferry::model::Logits::Last,
+            )
+            .unwrap();
+        next = ferry::generate::argmax(&logits);
+        out.push(bits(&logits));
+    }
+    out
 }

@@ -37,10 +37,11 @@ pub const ATTENTION_PREFILL: Source = kernel_source!("attention_prefill");
 pub const DIT: Source = kernel_source!("dit");
 pub const IMAGE: Source = kernel_source!("image");
 pub const DECOMPRESS: Source = kernel_source!("decompress");
+pub const DEQUANTIZE: Source = kernel_source!("dequantize");
 
 /// Every kernel family.
 #[cfg(test)]
-pub const ALL: [Source; 11] = [
+pub const ALL: [Source; 12] = [
     EMBED,
     GEMV,
     NORM,
@@ -52,6 +53,7 @@ pub const ALL: [Source; 11] = [
     DIT,
     IMAGE,
     DECOMPRESS,
+    DEQUANTIZE,
 ];
 
 /// What the machine code is built for.

@@ -137,8 +137,12 @@ impl HostTier {
         gpu.ctx
             .bind_to_thread()
             .map_err(gpu.err("binding the context"))?;
-        // Tensors not stored as aligned bf16 are converted into one arena.
-        let convert = |t: &HostTensor| t.dtype != DType::BF16 || t.as_bf16().is_none();
+        // Tensors not stored as aligned bf16 are converted into one arena; ggml blocks are
+        // not here at all: they stream from their encodings (`register_compressed`), and
+        // the host gathers a table's rows from them.
+        let blocks = |t: &HostTensor| matches!(t.dtype, DType::Ggml(_));
+        let convert =
+            |t: &HostTensor| !blocks(t) && (t.dtype != DType::BF16 || t.as_bf16().is_none());
         let mut arena_len = 0;
         for t in model.groups.iter().flatten() {
             {
@@ -172,7 +176,7 @@ impl HostTier {
                         placed.push((t.name.clone(), arena_used));
                         arena_used += values.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
                     }
-                } else if !storages.iter().any(|s| Arc::ptr_eq(s, t.storage())) {
+                } else if !blocks(t) && !storages.iter().any(|s| Arc::ptr_eq(s, t.storage())) {
                     storages.push(t.storage().clone());
                 }
             }
@@ -185,6 +189,7 @@ impl HostTier {
                     .map(|t| {
                         let cols = *t.shape.last().unwrap_or(&1);
                         let addr = match placed.iter().find(|(n, _)| *n == t.name) {
+                            None if blocks(t) => 0,
                             Some(&(_, at)) => {
                                 arena.as_ref().expect("placed in the arena").as_ptr() as usize
                                     + at * 2
@@ -258,7 +263,11 @@ impl HostTier {
         };
         let arena = arena.map(Arc::new);
         let bytes = Arc::new(TierBytes {
-            ranges: groups.iter().flatten().map(|t| (t.addr, t.bytes)).collect(),
+            ranges: groups
+                .iter()
+                .flatten()
+                .map(|t| (t.addr, if t.addr == 0 { 0 } else { t.bytes }))
+                .collect(),
             _storages: storages.clone(),
             _arena: arena.clone(),
         });
@@ -307,6 +316,9 @@ impl HostTier {
             return None;
         }
         let t = &self.groups[g][i];
+        if t.addr == 0 {
+            return None; // ggml blocks
+        }
         let mut dptr: cu::CUdeviceptr = 0;
         // SAFETY: `t.addr` lies in a range registered by `new` and alive as long as `self`.
         let r = unsafe {
@@ -349,7 +361,13 @@ impl HostTier {
                 message: format!("compressed streaming reads page-locked host memory, and this run copies through the staging ring ({}); use --compress off", self.mode),
             });
         }
-        let storages = compressed.storages();
+        // Each storage once: one the tier registered already (a file holding blocks and
+        // tensors read in place) is not registered again.
+        let storages: Vec<Arc<Storage>> = compressed
+            .storages()
+            .into_iter()
+            .filter(|s| !self._storages.iter().any(|t| Arc::ptr_eq(s, t)))
+            .collect();
         let ranges: Vec<_> = storages
             .iter()
             .map(|s| {
@@ -389,6 +407,9 @@ unsafe impl Sync for TierBytes {}
 impl HostBytes for TierBytes {
     fn bytes(&self, index: usize) -> &[u8] {
         let (addr, len) = self.ranges[index];
+        if addr == 0 {
+            return &[]; // ggml blocks: never read through the tier
+        }
         // SAFETY: `addr..addr + len` lies inside a storage or the arena held by `self`, both
         // immutable from here on (see the Send/Sync note above).
         unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
@@ -462,17 +483,26 @@ impl Drop for HostTier {
 /// staging ring, the copies go from a pinned buffer, and the figure is the lower of that and
 /// the reader threads' fill rate (the two overlap, so the slower one sets the pace). GB/s.
 pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
+    // The largest tensor the tier holds (ggml blocks it does not: address 0).
     let (index, src) = tier
         .groups
         .iter()
         .flatten()
         .enumerate()
+        .filter(|(_, t)| t.addr != 0)
         .max_by_key(|(_, t)| t.bytes)
         .ok_or_else(|| Error::Device("no tensors to stream".into()))?;
     let room = gpu.memory.budget().saturating_sub(gpu.memory.in_use()) / 4;
-    let bytes = src.bytes.min(256 << 20).min(room).max(1);
-    let buf = gpu.alloc(bytes, Purpose::Other("H2D measurement".into()))?;
+    let wanted = (256usize << 20).min(room).max(1);
+    let bytes = src.bytes.min(wanted);
     let (staging, fill_gbps) = match tier.mode {
+        // Too small a tensor to time the link by (a model whose matrices are all blocks):
+        // a pinned buffer of the size wanted is as fast as registered memory.
+        HostMode::Registered { .. } if bytes < wanted.min(64 << 20) => {
+            let pinned = PinnedBuffer::new(&gpu.ctx, wanted)
+                .map_err(gpu.err("cuMemHostAlloc (a buffer to measure the link)"))?;
+            (Some(pinned), f64::INFINITY)
+        }
         HostMode::Registered { .. } => (None, f64::INFINITY),
         HostMode::Staged { threads, .. } => {
             let mut pinned = PinnedBuffer::new(&gpu.ctx, bytes)
@@ -493,6 +523,8 @@ pub fn measure_h2d(gpu: &Cuda, tier: &HostTier) -> Result<f64> {
             (Some(pinned), bytes as f64 / (best.max(1e-9) * 1e9))
         }
     };
+    let bytes = staging.as_ref().map_or(bytes, |p| p.len.min(wanted)).max(1);
+    let buf = gpu.alloc(bytes, Purpose::Other("H2D measurement".into()))?;
     let host_src = staging.as_ref().map_or(src.addr, |p| p.as_ptr() as usize);
     let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (

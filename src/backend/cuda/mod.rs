@@ -709,8 +709,9 @@ impl Backend for Cuda {
         }
         if let WeightStorage::Host(host) = &table.storage {
             // Gathered on the host: only the rows of these tokens go to the device.
-            let row_bytes = table.cols * host.dtype.size();
+            let row_bytes = host.dtype.bytes(table.cols);
             let mut rows: Vec<bf16> = Vec::with_capacity(ids.len() * table.cols);
+            let mut values = vec![0f32; table.cols];
             for &id in ids {
                 let row = &host.bytes()[id as usize * row_bytes..(id as usize + 1) * row_bytes];
                 match host.dtype {
@@ -729,6 +730,10 @@ impl Backend for Cuda {
                         rows.extend(row.chunks_exact(2).map(|c| {
                             bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                         }))
+                    }
+                    crate::checkpoint::DType::Ggml(ty) => {
+                        crate::checkpoint::dequantize(ty, row, &mut values);
+                        rows.extend(values.iter().map(|&v| bf16::from_f32(v)));
                     }
                 }
             }

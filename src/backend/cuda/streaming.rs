@@ -24,9 +24,7 @@ use super::{Cuda, CudaWeight, DevBuf, WeightStorage};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::stream::budget::BudgetTracker;
-use crate::stream::compress::{
-    piece_layout, Compressed, Decode, EncodedTensor, PieceLayout, Share,
-};
+use crate::stream::compress::{piece_layout, Compressed, Decode, Encoding, PieceLayout, Share};
 use crate::stream::plan::{Piece, Placement, Plan, Prediction, Unit};
 use crate::stream::schedule::CopyEngine;
 use crate::stream::staging::{
@@ -76,8 +74,8 @@ pub struct CudaCopyEngine {
     layouts: Vec<Vec<PieceLayout>>,
     /// The encodings the copies read; `None` when nothing streams compressed.
     compressed: Option<Arc<Compressed>>,
-    /// Where encoded pieces are decoded, and the kernel that does it.
-    decoder: Option<(DevBuf, u64, CudaFunction)>,
+    /// Where encoded pieces are decoded, and the kernels that do it.
+    decoder: Option<(DevBuf, u64, Decoders)>,
     /// Per piece of the plan with encoded shares: events around its decoding (on the
     /// compute stream, once a pass), for the stats and the timeline.
     decode_times: Vec<Option<(CudaEvent, CudaEvent)>>,
@@ -191,8 +189,7 @@ impl CudaCopyEngine {
             Some(n) if n > 0 => {
                 let buf = gpu.alloc(n, Purpose::Other("decode buffer".into()))?;
                 let ptr = gpu.ptr(&buf);
-                let f = gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?;
-                Some((buf, ptr, f))
+                Some((buf, ptr, Decoders::load(gpu)?))
             }
             _ => None,
         };
@@ -339,7 +336,7 @@ impl CudaCopyEngine {
                 None => continue,
                 Some(Share::Raw { dst, len }) => (base + dst as u64, len),
                 Some(Share::Encoded { decode, dst, len }) => {
-                    let (_, out_base, f) = self
+                    let (_, out_base, decoders) = self
                         .decoder
                         .as_ref()
                         .expect("a decoder where pieces are encoded");
@@ -347,8 +344,8 @@ impl CudaCopyEngine {
                     // SAFETY: the parts lie in the slot as `place` laid them out (the copy put
                     // them there and the compute stream waited for it), and the decode buffer
                     // holds `len` bytes at `dst` (sized from the largest layout).
-                    unsafe { launch_decode(&self.compute, f, base, &decode, out_ptr) }
-                        .map_err(|e| Self::err(e, &format!("decompressing {}", t.name)))?;
+                    unsafe { decoders.launch(&self.compute, base, &decode, out_ptr) }
+                        .map_err(|e| Self::err(e, &format!("decoding {}", t.name)))?;
                     (out_ptr, len)
                 }
             };
@@ -428,7 +425,7 @@ impl CopyEngine for CudaCopyEngine {
                     let e = enc.groups[piece.group][c.tensor]
                         .as_ref()
                         .expect("an encoded share's tensor is encoded");
-                    e.storage.bytes().as_ptr() as usize + c.src
+                    e.storage().bytes().as_ptr() as usize + c.src
                 }
                 _ => t.addr + c.src,
             };
@@ -667,61 +664,105 @@ impl CudaCopyEngine {
     }
 }
 
-/// Queue on `stream` the decoding of the share `d` laid out from device address `base` into
-/// bf16 at `out`.
-///
-/// # Safety
-/// `base` must hold the share as [`crate::stream::compress::EncodedTensor::place`] laid it
-/// out, `out` room for `d.numel` bf16 values, both alive until the kernel has run; `f` is
-/// `decompress_bf16`.
-unsafe fn launch_decode(
-    stream: &CudaStream,
-    f: &CudaFunction,
-    base: u64,
-    d: &Decode,
-    out: u64,
-) -> std::result::Result<(), cudarc::driver::DriverError> {
-    let (lut, starts, sm, words) = (
-        base + d.lut as u64,
-        base + d.starts as u64,
-        base + d.sm as u64,
-        base + d.words as u64,
-    );
-    let (numel, segment, blocks) = (d.numel as u64, d.segment as u64, d.blocks() as u64);
-    let mut b = stream.launch_builder(f);
-    b.arg(&lut)
-        .arg(&starts)
-        .arg(&sm)
-        .arg(&words)
-        .arg(&out)
-        .arg(&numel)
-        .arg(&segment)
-        .arg(&d.base_bit)
-        .arg(&blocks);
-    // One warp per block of the share, 8 warps per thread block (decompress.cu).
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match `decompress_bf16`; the caller vouches for the memory.
-    unsafe { b.launch(cfg) }.map(|_| ())
+/// The device's decoders: exponent-coded bf16 (`decompress.cu`) and ggml blocks
+/// (`dequantize.cu`).
+pub struct Decoders {
+    exponents: CudaFunction,
+    blocks: CudaFunction,
 }
 
-/// Decode `encoded` on the GPU `runs` times: its bf16 bits as decoded, and the median
+impl Decoders {
+    pub fn load(gpu: &Cuda) -> Result<Decoders> {
+        Ok(Decoders {
+            exponents: gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?,
+            blocks: gpu.function(&super::compile::DEQUANTIZE, "dequantize_bf16", 0)?,
+        })
+    }
+
+    /// Queue on `stream` the decoding of the share `d` laid out from device address `base`
+    /// into bf16 at `out`.
+    ///
+    /// # Safety
+    /// `base` must hold the share as [`crate::stream::compress::Encoding::place`] laid it
+    /// out, `out` room for `d.numel()` bf16 values (16-byte aligned), both alive until the
+    /// kernel has run.
+    pub unsafe fn launch(
+        &self,
+        stream: &CudaStream,
+        base: u64,
+        d: &Decode,
+        out: u64,
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
+        match d {
+            Decode::Exponents(d) => {
+                let (lut, starts, sm, words) = (
+                    base + d.lut as u64,
+                    base + d.starts as u64,
+                    base + d.sm as u64,
+                    base + d.words as u64,
+                );
+                let (numel, segment, blocks) =
+                    (d.numel as u64, d.segment as u64, d.blocks() as u64);
+                let mut b = stream.launch_builder(&self.exponents);
+                b.arg(&lut)
+                    .arg(&starts)
+                    .arg(&sm)
+                    .arg(&words)
+                    .arg(&out)
+                    .arg(&numel)
+                    .arg(&segment)
+                    .arg(&d.base_bit)
+                    .arg(&blocks);
+                // One warp per block of the share, 8 warps per thread block (decompress.cu).
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments match `decompress_bf16`; the caller vouches for the
+                // memory.
+                unsafe { b.launch(cfg) }.map(|_| ())
+            }
+            Decode::Blocks(d) => {
+                let (src, numel) = (base + d.src as u64, d.numel as u64);
+                let (ty, per, bytes) =
+                    (d.ty.id(), d.ty.block_size() as u32, d.ty.type_size() as u32);
+                let mut b = stream.launch_builder(&self.blocks);
+                b.arg(&src)
+                    .arg(&out)
+                    .arg(&numel)
+                    .arg(&ty)
+                    .arg(&per)
+                    .arg(&bytes);
+                // 8 elements a thread, 256 threads a block (dequantize.cu).
+                let cfg = LaunchConfig {
+                    grid_dim: (numel.div_ceil(8 * 256).max(1) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments match `dequantize_bf16`; the caller vouches for the
+                // memory.
+                unsafe { b.launch(cfg) }.map(|_| ())
+            }
+        }
+    }
+}
+
+/// Decode all of `encoded` on the GPU `runs` times: its bf16 bits as decoded, and the median
 /// decoding speed, GB/s of bf16 written (for tests and bench notes).
-pub fn decode_on_gpu(gpu: &Cuda, encoded: &EncodedTensor, runs: usize) -> Result<(Vec<u16>, f64)> {
-    let n = encoded.geometry.numel;
+pub fn decode_on_gpu(gpu: &Cuda, encoded: &Encoding, runs: usize) -> Result<(Vec<u16>, f64)> {
+    let n = encoded.numel();
     let placed = encoded
         .place(0..n, 0, SLOT_ALIGN)
         .expect("a whole tensor is whole segments");
     let mut host = vec![0u8; placed.end];
+    let source = encoded.storage().bytes();
     for c in &placed.copies {
-        host[c.dst..c.dst + c.len].copy_from_slice(&encoded.storage.bytes()[c.src..c.src + c.len]);
+        host[c.dst..c.dst + c.len].copy_from_slice(&source[c.src..c.src + c.len]);
     }
     let slot = gpu.upload(&host, Purpose::Other("decode test".into()))?;
     let out = gpu.alloc(2 * n, Purpose::Other("decode test".into()))?;
-    let f = gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?;
+    let decoders = Decoders::load(gpu)?;
     let (base, out_ptr) = (gpu.ptr(&slot), gpu.ptr(&out));
     let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
     let event = || gpu.ctx.new_event(timing).map_err(gpu.err("cuEventCreate"));
@@ -730,8 +771,8 @@ pub fn decode_on_gpu(gpu: &Cuda, encoded: &EncodedTensor, runs: usize) -> Result
         let (b, e) = (event()?, event()?);
         b.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
         // SAFETY: `slot` holds the share as placed from address 0, `out` 2 n bytes.
-        unsafe { launch_decode(&gpu.stream, &f, base, &placed.decode, out_ptr) }
-            .map_err(gpu.err("decompress_bf16"))?;
+        unsafe { decoders.launch(&gpu.stream, base, &placed.decode, out_ptr) }
+            .map_err(gpu.err("decoding on the GPU"))?;
         e.record(&gpu.stream).map_err(gpu.err("cuEventRecord"))?;
         e.synchronize().map_err(gpu.err("decode timing"))?;
         ms.push(b.elapsed_ms(&e).map_err(gpu.err("decode timing"))? as f64);

@@ -206,6 +206,101 @@ pub fn permuted_source(r: usize, head_dim: usize) -> usize {
     head * head_dim + 2 * j + i
 }
 
+/// How a GGUF's tensors are held in host memory once opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// Every tensor dequantized at load into owned memory of this dtype.
+    Dequantized(DType),
+    /// Quantized matrices kept as the file's blocks ([`DType::Ggml`]): views of the mapping,
+    /// or, where Q/K rows must be put back in order, the same blocks with their rows
+    /// reordered; the other tensors (norms, biases, float matrices) dequantized to bf16.
+    Blocks,
+}
+
+/// The planned tensors as `weights` says, from `storage` (the mapped file).
+pub fn load_all(
+    path: &Path,
+    storage: &Arc<Storage>,
+    plan: &[Load],
+    weights: Weights,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let bytes = storage.bytes();
+    let target = match weights {
+        Weights::Dequantized(d) => return Ok(dequantize_all(path, bytes, plan, d)),
+        Weights::Blocks => DType::BF16,
+    };
+    let kept = |p: &Load| p.info.ty.block_size() > 1 && p.info.dims.len() == 2;
+    let (blocks, rest): (Vec<&Load>, Vec<&Load>) = plan.iter().partition(|p| kept(p));
+    let rest: Vec<Load> = rest
+        .into_iter()
+        .map(|p| Load {
+            info: p.info,
+            name: p.name.clone(),
+            unpermute_heads: p.unpermute_heads,
+        })
+        .collect();
+    let mut out = dequantize_all(path, bytes, &rest, target);
+    // Q/K rows put back in order go into one anonymous mapping: page-aligned memory of its
+    // own, which the driver can page-lock without touching anyone else's pages.
+    let permuted: Vec<&Load> = blocks
+        .iter()
+        .copied()
+        .filter(|p| p.unpermute_heads.is_some())
+        .collect();
+    let total: usize = permuted.iter().map(|p| p.info.len).sum();
+    let reordered = match total {
+        0 => None,
+        n => {
+            let mut map = memmap2::MmapMut::map_anon(n).map_err(|e| Error::io(path, e))?;
+            let mut rest: &mut [u8] = &mut map;
+            let mut jobs = Vec::with_capacity(permuted.len());
+            for p in &permuted {
+                let (mine, r) = std::mem::take(&mut rest).split_at_mut(p.info.len);
+                rest = r;
+                jobs.push((*p, mine));
+            }
+            jobs.into_par_iter()
+                .for_each(|(p, out)| unpermute_blocks(p, bytes, out));
+            let map = map.make_read_only().map_err(|e| Error::io(path, e))?;
+            Some(Arc::new(Storage::Mapped(map)))
+        }
+    };
+    let mut at = 0;
+    for p in &blocks {
+        let (info, dtype) = (p.info, DType::Ggml(p.info.ty));
+        let (storage, start) = match (&reordered, p.unpermute_heads) {
+            (Some(r), Some(_)) => {
+                at += info.len;
+                (r.clone(), at - info.len)
+            }
+            _ => (storage.clone(), info.start),
+        };
+        let t = HostTensor::new(
+            p.name.clone(),
+            dtype,
+            info.shape(),
+            storage,
+            start,
+            info.len,
+        );
+        out.insert(p.name.clone(), t);
+    }
+    Ok(out)
+}
+
+/// A Q/K matrix's blocks into `out` with llama.cpp's rotary permutation of its rows undone.
+fn unpermute_blocks(p: &Load, bytes: &[u8], out: &mut [u8]) {
+    let info = p.info;
+    let heads = p.unpermute_heads.expect("a permuted tensor");
+    let rows = info.dims[1];
+    let row_bytes = info.len / rows.max(1);
+    let data = &bytes[info.start..info.start + info.len];
+    for (r, row) in out.chunks_exact_mut(row_bytes).enumerate() {
+        let src = permuted_source(r, rows / heads);
+        row.copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+    }
+}
+
 /// Dequantize every planned tensor into one owned buffer of `target` dtype.
 pub fn dequantize_all(
     path: &Path,
@@ -340,6 +435,7 @@ fn write_as(target: DType, values: &[f32], out: &mut [u8]) {
                 o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
             }
         }
+        DType::Ggml(t) => unreachable!("dequantizing to {t} blocks"),
     }
 }
 

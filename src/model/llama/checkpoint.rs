@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::{gguf, Llama, LlamaConfig};
+pub use crate::checkpoint::gguf::Weights;
 use crate::checkpoint::{
     open_dir, require_file, resolve_model_path, DType, Format, GenerationDefaults, HostTensor,
     Stored, Tensors, TokenizerSource,
@@ -30,13 +31,14 @@ impl Checkpoint {
     /// Open a model given as a directory, a `.gguf` file, or `ORG/NAME` in the Hugging Face
     /// cache; a GGUF's tensors dequantized to bf16 (what the GPU computes with).
     pub fn open(model: &str) -> Result<Checkpoint> {
-        Checkpoint::open_as(model, DType::BF16)
+        Checkpoint::open_as(model, Weights::Dequantized(DType::BF16))
     }
 
-    /// [`Checkpoint::open`], a GGUF's quantized tensors dequantized to `gguf` (f32 for the
-    /// CPU, which computes in f32: exactly the values the file's blocks encode, where bf16
-    /// would round them).
-    pub fn open_as(model: &str, gguf: DType) -> Result<Checkpoint> {
+    /// [`Checkpoint::open`], a GGUF's quantized tensors held as `gguf` says: dequantized to
+    /// f32 for the CPU, which computes in f32 (exactly the values the file's blocks encode,
+    /// where bf16 would round them), or kept as blocks for the GPU, which streams them as
+    /// stored and dequantizes them on the device.
+    pub fn open_as(model: &str, gguf: Weights) -> Result<Checkpoint> {
         let path = resolve_model_path(model)?;
         if path.is_dir() {
             let dir = open_dir(&path)?;

@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{Arch, Llama, Llama3RopeScaling, LlamaConfig};
 use crate::checkpoint::gguf::tokenizer::tokenizer_and_generation;
-use crate::checkpoint::gguf::{self, parse_header, Header, Load, Meta, TensorInfo};
+use crate::checkpoint::gguf::{self, parse_header, Header, Load, Meta, TensorInfo, Weights};
 use crate::checkpoint::{DType, Format, Storage};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, Checkpoint};
@@ -15,15 +16,25 @@ use crate::model::{Architecture, Checkpoint};
 /// Architectures this reader turns into a [`LlamaConfig`].
 const SUPPORTED_ARCHS: &str = "llama (incl. mistral converted as llama), qwen2, qwen3";
 
-/// Open a GGUF file: map it, read its config and tokenizer, and dequantize every tensor into
-/// one owned buffer of `target` dtype under Hugging Face names and shapes.
-pub fn open(path: &Path, target: DType) -> Result<Checkpoint> {
-    let map = Storage::map(path)?;
-    from_bytes(path, map.bytes(), target)
+/// Open a GGUF file: map it, read its config and tokenizer, and hold its tensors as `weights`
+/// says under Hugging Face names and shapes.
+pub fn open(path: &Path, weights: Weights) -> Result<Checkpoint> {
+    from_storage(path, Arc::new(Storage::map(path)?), weights)
 }
 
-/// [`open`] on a file already in memory; `path` is only named in messages.
+/// [`open`] on a file already in memory, every tensor dequantized to `target`; `path` is
+/// only named in messages.
 pub fn from_bytes(path: &Path, bytes: &[u8], target: DType) -> Result<Checkpoint> {
+    let mut storage = Storage::owned(bytes.len());
+    storage
+        .bytes_mut()
+        .expect("owned storage is writable")
+        .copy_from_slice(bytes);
+    from_storage(path, Arc::new(storage), Weights::Dequantized(target))
+}
+
+fn from_storage(path: &Path, storage: Arc<Storage>, weights: Weights) -> Result<Checkpoint> {
+    let bytes = storage.bytes();
     let header = parse_header(bytes).map_err(|e| Error::checkpoint(path, format!("GGUF: {e}")))?;
     let meta = Meta {
         path,
@@ -35,7 +46,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8], target: DType) -> Result<Checkpoint
     let (tokenizer, generation) = tokenizer_and_generation(&meta, config.vocab_size)?;
 
     let stored = gguf::stored(bytes.len(), &plan);
-    let tensors = gguf::dequantize_all(path, bytes, &plan, target);
+    let tensors = gguf::load_all(path, &storage, &plan, weights)?;
     let ckpt = Checkpoint {
         path: path.to_path_buf(),
         format: Format::Gguf,
