@@ -441,6 +441,13 @@ fn inverse(step: f32) -> f32 {
     }
 }
 
+/// `v` rounded to the nearest integer (halves up) for `v` ≥ -½, which is all that is asked of
+/// it: every level is offset to start at 0 and clamped after. Truncating `v + ½` is one
+/// instruction, where `f32::round` is a library call on x86-64.
+fn level(v: f32) -> i32 {
+    (v + 0.5) as i32
+}
+
 fn abs_max(x: &[f32]) -> f32 {
     x.iter().fold(0f32, |m, v| m.max(v.abs()))
 }
@@ -458,7 +465,7 @@ fn symmetric(x: &[f32], zero: i32, q: &mut [u8]) -> f16 {
     let d = f16_up(abs_max(x) / (zero as f32 - 0.5));
     let id = inverse(d.to_f32());
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((v * id).round() as i32 + zero).clamp(0, 2 * zero - 1) as u8;
+        *q = level(v * id + zero as f32).clamp(0, 2 * zero - 1) as u8;
     }
     d
 }
@@ -470,7 +477,7 @@ fn from_min(x: &[f32], top: i32, q: &mut [u8]) -> (f16, f16) {
     let d = f16_up((hi - m.to_f32()) / top as f32);
     let (id, m) = (inverse(d.to_f32()), m.to_f32());
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (((v - m) * id).round() as i32).clamp(0, top) as u8;
+        *q = level((v - m) * id).clamp(0, top) as u8;
     }
     (d, f16::from_f32(m))
 }
@@ -493,7 +500,7 @@ pub fn quantize_q8_0(x: &[f32], b: &mut [u8]) {
     let id = inverse(d.to_f32());
     put_half(b, 0, d);
     for (q, &v) in b[2..34].iter_mut().zip(x) {
-        *q = ((v * id).round() as i32).clamp(-127, 127) as i8 as u8;
+        *q = (level(v * id + 128.0) - 128).clamp(-127, 127) as i8 as u8;
     }
 }
 
@@ -540,25 +547,20 @@ fn units_up(v: f32, unit: f32, top: u8) -> u8 {
 /// minimum (or 0, whichever is lower) is on the grid; then the scales, rounded up so that
 /// the grid reaches its maximum. Returns d, dmin, the 12 packed scale bytes and the levels.
 fn k_quants(x: &[f32], top: u8, q: &mut [u8; 256]) -> (f16, f16, [u8; 12]) {
-    let ranges: Vec<(f32, f32)> = x.chunks_exact(32).map(min_max).collect();
-    let offsets: Vec<f32> = ranges.iter().map(|&(lo, _)| -lo.min(0.0)).collect();
+    let ranges: [(f32, f32); 8] = std::array::from_fn(|j| min_max(&x[32 * j..32 * j + 32]));
+    let offsets = ranges.map(|(lo, _)| -lo.min(0.0));
     let dmin = f16_up(offsets.iter().fold(0f32, |a, &b| a.max(b)) / 63.0);
-    let mins: Vec<u8> = offsets
-        .iter()
-        .map(|&m| units_up(m, dmin.to_f32(), 63))
-        .collect();
-    let steps: Vec<f32> = ranges
-        .iter()
-        .zip(&mins)
-        .map(|(&(_, hi), &m)| ((hi + dmin.to_f32() * m as f32) / top as f32).max(0.0))
-        .collect();
+    let mins = offsets.map(|m| units_up(m, dmin.to_f32(), 63));
+    let steps: [f32; 8] = std::array::from_fn(|j| {
+        ((ranges[j].1 + dmin.to_f32() * mins[j] as f32) / top as f32).max(0.0)
+    });
     let d = f16_up(steps.iter().fold(0f32, |a, &b| a.max(b)) / 63.0);
-    let scales: Vec<u8> = steps.iter().map(|&s| units_up(s, d.to_f32(), 63)).collect();
+    let scales = steps.map(|s| units_up(s, d.to_f32(), 63));
     for j in 0..8 {
         let step = d.to_f32() * scales[j] as f32;
         let (id, offset) = (inverse(step), dmin.to_f32() * mins[j] as f32);
         for (q, &v) in q[32 * j..32 * j + 32].iter_mut().zip(&x[32 * j..]) {
-            *q = (((v + offset) * id).round() as i32).clamp(0, top as i32) as u8;
+            *q = level((v + offset) * id).clamp(0, top as i32) as u8;
         }
     }
     let mut packed = [0u8; 12];
@@ -605,17 +607,14 @@ pub fn quantize_q5_k(x: &[f32], b: &mut [u8]) {
 /// Q6_K: 16 sub-blocks of 16, each with step d·sc (sc an i8, here ≥ 0) = max|x| / 31.5 rounded
 /// up, levels q − 32 in -32..=31.
 pub fn quantize_q6_k(x: &[f32], b: &mut [u8]) {
-    let steps: Vec<f32> = x.chunks_exact(16).map(|s| abs_max(s) / 31.5).collect();
+    let steps: [f32; 16] = std::array::from_fn(|j| abs_max(&x[16 * j..16 * j + 16]) / 31.5);
     let d = f16_up(steps.iter().fold(0f32, |a, &b| a.max(b)) / 127.0);
-    let scales: Vec<u8> = steps
-        .iter()
-        .map(|&s| units_up(s, d.to_f32(), 127))
-        .collect();
+    let scales = steps.map(|s| units_up(s, d.to_f32(), 127));
     let mut q = [0u8; 256];
     for (j, &sc) in scales.iter().enumerate() {
         let id = inverse(d.to_f32() * sc as f32);
         for (q, &v) in q[16 * j..16 * j + 16].iter_mut().zip(&x[16 * j..]) {
-            *q = ((v * id).round() as i32 + 32).clamp(0, 63) as u8;
+            *q = level(v * id + 32.0).clamp(0, 63) as u8;
         }
     }
     // Two halves of 128 elements, each in 64 bytes of ql and 32 of qh (as `q6_k` reads them).
