@@ -244,3 +244,215 @@ fn bad_flags_are_clear_errors() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
 }
+
+// ---------------------------------------------------------------------------------------
+// GGUF (`ferry synth --gguf`)
+// ---------------------------------------------------------------------------------------
+
+use ferry::checkpoint::gguf::{parse_header, GgmlType};
+use ferry::model::llama::gguf::gguf_name;
+use ferry::synth::{write_gguf, GgufFileType, GgufOptions};
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let err: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (err / norm).sqrt()
+}
+
+/// `tiny` widened so that every row is a multiple of 256 (Q4_K's block): hidden 256, ffn 512,
+/// 4 heads of 64, 2 kv heads.
+fn tiny_256(arch: Arch) -> Preset {
+    let mut p = Preset::by_name("tiny").unwrap().with_arch(arch);
+    let c = &mut p.config;
+    (c.hidden_size, c.intermediate_size, c.head_dim) = (256, 512, 64);
+    p
+}
+
+/// Open the GGUF file `path` and compare it with the safetensors weights of `preset` and
+/// `seed`: the config (float fields as f32), and every tensor within a relative L2 error that
+/// fits the type it is stored as. Returns the worst error per type.
+fn check_gguf(path: &Path, preset: &Preset, seed: u64) -> Vec<(GgmlType, f64)> {
+    let gguf = Checkpoint::open_as(
+        path.to_str().unwrap(),
+        ferry::checkpoint::gguf::Weights::Dequantized(DType::F32),
+    )
+    .unwrap();
+    let want = synthetic_checkpoint(preset, seed, DType::F32).unwrap();
+    let mut expected = preset.config.clone();
+    if expected.arch == Arch::Mistral {
+        expected.arch = Arch::Llama; // llama.cpp writes Mistral as llama
+    }
+    expected.rms_norm_eps = expected.rms_norm_eps as f32 as f64;
+    let mut got = gguf.config.clone();
+    if let (Some(g), Some(e)) = (&got.rope_scaling, &expected.rope_scaling) {
+        // Recovered from the frequency factors: close, not bit for bit.
+        assert_eq!(g.factor, e.factor);
+        assert!(
+            (g.low_freq_factor - e.low_freq_factor).abs() < 1e-3,
+            "{g:?}"
+        );
+        assert!(
+            (g.high_freq_factor - e.high_freq_factor).abs() < 1e-3,
+            "{g:?}"
+        );
+        got.rope_scaling = expected.rope_scaling.clone();
+    }
+    assert_eq!(got, expected, "{}", path.display());
+    assert_eq!(gguf.tensors.len(), want.tensors.len());
+
+    let bytes = std::fs::read(path).unwrap();
+    let header = parse_header(&bytes).unwrap();
+    let stored = |hf: &str| {
+        let name = gguf_name(hf);
+        header.tensors.iter().find(|t| t.name == name).unwrap().ty
+    };
+    let mut worst: Vec<(GgmlType, f64)> = Vec::new();
+    for (name, t) in &want.tensors {
+        let (got, want) = (gguf.tensor(name).unwrap().to_f32(), t.to_f32());
+        let ty = stored(name);
+        let err = rel_l2(&got, &want);
+        // A Q/K permutation left in place would give ~1.4 (two independent draws).
+        let bound = match ty {
+            GgmlType::F32 => 0.0,
+            GgmlType::Q8_0 => 0.01,
+            GgmlType::Q6_K => 0.03,
+            GgmlType::Q4_K => 0.11,
+            other => panic!("{name}: unexpected type {other}"),
+        };
+        assert!(err <= bound, "{name} ({ty}): relative L2 error {err}");
+        match worst.iter_mut().find(|(t, _)| *t == ty) {
+            Some(w) => w.1 = w.1.max(err),
+            None => worst.push((ty, err)),
+        }
+    }
+    worst
+}
+
+#[test]
+fn gguf_q4_k_m_holds_the_synthetic_weights_of_every_arch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut llama3 = tiny_256(Arch::Llama);
+    llama3.config.rope_scaling = Some(ferry::model::Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    });
+    let mut tied = tiny_256(Arch::Qwen3);
+    tied.config.tie_word_embeddings = true;
+    let presets = [
+        tiny_256(Arch::Qwen2),
+        tiny_256(Arch::Llama),
+        tiny_256(Arch::Mistral),
+        llama3,
+        tied,
+    ];
+    for (k, preset) in presets.iter().enumerate() {
+        let path = tmp.path().join(format!("{k}.gguf"));
+        let opts = GgufOptions {
+            seed: 5,
+            file_type: GgufFileType::Q4_K_M,
+            progress: false,
+        };
+        let report = write_gguf(preset, &path, &opts).unwrap();
+        assert_eq!(
+            report.file_bytes as u64,
+            std::fs::metadata(&path).unwrap().len()
+        );
+        let worst = check_gguf(&path, preset, 5);
+        eprintln!(
+            "{} {:?}: worst relative L2 error {worst:?}",
+            k, preset.config.arch
+        );
+
+        // llama.cpp's mix over 2 layers: layer 1 (≥ 7/8 of 2) gets Q6_K for V and down, as
+        // does the head (the embedding, when tied); everything else 2-D is Q4_K.
+        let bytes = std::fs::read(&path).unwrap();
+        let header = parse_header(&bytes).unwrap();
+        let ty = |name: &str| header.tensors.iter().find(|t| t.name == name).unwrap().ty;
+        assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.1.attn_v.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.1.ffn_down.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("blk.1.attn_q.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.1.attn_norm.weight"), GgmlType::F32);
+        match preset.config.tie_word_embeddings {
+            true => assert_eq!(ty("token_embd.weight"), GgmlType::Q6_K),
+            false => {
+                assert_eq!(ty("token_embd.weight"), GgmlType::Q4_K);
+                assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_tiny_from_the_cli_runs_and_tokenizes_as_the_directory_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny.gguf");
+    let p = path.to_str().unwrap();
+    let synth = |extra: &[&str]| {
+        let mut args = vec![
+            "synth", "--preset", "tiny", "--seed", "3", "--gguf", "Q4_K_M",
+        ];
+        args.extend(["--out", p]);
+        args.extend(extra);
+        ferry(&args)
+    };
+    let out = synth(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("bytes/weight"), "{stderr}");
+    // tiny's rows (64, 128) are not multiples of 256: every matrix falls back to Q8_0.
+    let worst = check_gguf(&path, &Preset::by_name("tiny").unwrap(), 3);
+    assert!(worst
+        .iter()
+        .all(|(ty, _)| matches!(ty, GgmlType::Q8_0 | GgmlType::F32)));
+
+    // An existing file is kept without --force, replaced with it.
+    let again = synth(&[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert!(synth(&["--force"]).status.success());
+    let bad = ferry(&["synth", "--preset", "tiny", "--gguf", "Q3_K", "--out", p]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && !stderr.contains("panicked"));
+    assert!(
+        stderr.contains("--gguf: unknown GGUF type \"Q3_K\"; expected one of Q4_K_M"),
+        "{stderr}"
+    );
+
+    // The GGUF tokenizer encodes and decodes as the directory's tokenizer.json.
+    let dir = tmp.path().join("dir");
+    write(&Preset::by_name("tiny").unwrap(), &dir, 3, 4 << 30);
+    let from_dir = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let from_gguf =
+        Checkpoint::open_as(p, ferry::checkpoint::gguf::Weights::Dequantized(DType::F32)).unwrap();
+    let dir_gen = Generator::new(&from_dir, Cpu, None).unwrap();
+    let mut gguf_gen = Generator::new(&from_gguf, Cpu, None).unwrap();
+    let text = "hello, world <|endoftext|> 42";
+    let ids = gguf_gen.text.encode(text).unwrap();
+    assert_eq!(ids, dir_gen.text.encode(text).unwrap());
+    let decoded = gguf_gen.text.decode(&ids).unwrap();
+    assert_eq!(decoded, dir_gen.text.decode(&ids).unwrap());
+    assert_eq!(decoded, "hello, world  42", "special tokens are skipped");
+    assert!(ids.contains(&256), "the special token is one token");
+    let logits = gguf_gen.score(&ids).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+
+    let run = ferry(&[
+        "run",
+        "--model",
+        p,
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

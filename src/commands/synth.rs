@@ -7,8 +7,9 @@ use clap::Args;
 
 use ferry::stream::{human_bytes, parse_size};
 use ferry::synth::{
-    check_destination, parse_arch, parse_dtype, write_checkpoint, write_pipeline,
-    PipelineComponent, PipelinePreset, Preset, SynthPreset, WriteOptions,
+    check_destination, parse_arch, parse_dtype, write_checkpoint, write_gguf, write_pipeline,
+    GgufFileType, GgufOptions, PipelineComponent, PipelinePreset, Preset, SynthPreset,
+    WriteOptions,
 };
 use ferry::{Error, Result};
 
@@ -20,7 +21,8 @@ pub struct SynthArgs {
     /// pipeline: z-image-turbo, z-image-tiny.
     #[arg(long, required_unless_present = "list")]
     preset: Option<String>,
-    /// Output directory (created; must be empty or missing unless --force).
+    /// Output directory (created; must be empty or missing unless --force); with --gguf, the
+    /// file (must not exist unless --force).
     #[arg(long, required_unless_present = "list")]
     out: Option<PathBuf>,
     /// Architecture, if not the preset's own: llama, qwen2, qwen3 or mistral.
@@ -43,7 +45,11 @@ pub struct SynthArgs {
     /// Most bytes per safetensors shard.
     #[arg(long, default_value = "4GiB", allow_negative_numbers = true)]
     shard_size: String,
-    /// Write into a non-empty directory, replacing what is there.
+    /// Language models: write one GGUF file of this type instead of a directory: Q4_K_M
+    /// (llama.cpp's mix of Q4_K and Q6_K), Q8_0, Q4_0, F16 or BF16.
+    #[arg(long, value_name = "TYPE")]
+    gguf: Option<String>,
+    /// Write into a non-empty directory, replacing what is there (or over an existing file).
     #[arg(long)]
     force: bool,
     /// List the presets and exit.
@@ -130,6 +136,9 @@ fn language_model(args: &SynthArgs, preset: Preset, out: &Path, opts: &WriteOpti
     if let Some(layers) = args.layers {
         preset = preset.with_layers(layers)?;
     }
+    if let Some(file_type) = &args.gguf {
+        return gguf_file(args, &preset, out, GgufFileType::parse(file_type)?);
+    }
     let occupied = std::fs::read_dir(out)
         .map(|mut d| d.next().is_some())
         .unwrap_or(false);
@@ -157,6 +166,54 @@ fn language_model(args: &SynthArgs, preset: Preset, out: &Path, opts: &WriteOpti
     Ok(())
 }
 
+/// `--gguf`: the model as one GGUF file at `out`.
+fn gguf_file(args: &SynthArgs, preset: &Preset, out: &Path, file_type: GgufFileType) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Flag {
+            flag: "--out",
+            message: format!(
+                "{} is a directory; with --gguf, --out names the file to write",
+                out.display()
+            ),
+        });
+    }
+    if out.exists() && !args.force {
+        return Err(Error::Flag {
+            flag: "--out",
+            message: format!(
+                "{} exists; choose a new file or pass --force to overwrite it",
+                out.display()
+            ),
+        });
+    }
+    let opts = GgufOptions {
+        seed: args.seed,
+        file_type,
+        progress: true,
+    };
+    let report = write_gguf(preset, out, &opts)?;
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(ty, n)| format!("{n} {ty}"))
+        .collect();
+    let per_weight = report.file_bytes as f64 / report.parameters as f64;
+    eprintln!(
+        "wrote {} ({} {} {}, {} params, tensors {}) in {:.1} s: {} ({} bytes), {per_weight:.4} bytes/weight ({:.2} bits)",
+        out.display(),
+        preset.name,
+        preset.config.arch.name(),
+        file_type.name(),
+        preset.parameters(),
+        types.join(", "),
+        report.seconds,
+        human_bytes(report.file_bytes),
+        report.file_bytes,
+        per_weight * 8.0,
+    );
+    Ok(())
+}
+
 fn pipeline(
     args: &SynthArgs,
     preset: &PipelinePreset,
@@ -166,6 +223,7 @@ fn pipeline(
     for (flag, given) in [
         ("--arch", args.arch.is_some()),
         ("--layers", args.layers.is_some()),
+        ("--gguf", args.gguf.is_some()),
     ] {
         if given {
             return Err(Error::Flag {

@@ -2,7 +2,8 @@
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
 //! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
-//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`).
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`); a language model
+//! also as one quantized GGUF file ([`write_gguf`], `ferry synth --gguf Q4_K_M`).
 //!
 //! Weights are deterministic for a seed and scaled like a trained model's: linear weights,
 //! biases and embeddings ~ N(0, 0.02²), norm weights ~ N(1, 0.02²), so activations stay finite
@@ -10,6 +11,7 @@
 
 mod component;
 mod diffusers;
+mod gguf;
 mod presets;
 mod random;
 mod shards;
@@ -28,6 +30,7 @@ pub use diffusers::{
     check_destination, write_pipeline, DitShape, PipelineComponent, PipelinePreset, VaeShape,
     DIFFUSERS_VERSION,
 };
+pub use gguf::{use_more_bits, write_gguf, GgufFileType, GgufOptions, GgufReport};
 pub use presets::Preset;
 
 use crate::checkpoint::{

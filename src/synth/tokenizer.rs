@@ -19,13 +19,24 @@ fn byte_char(b: u8) -> char {
     char::from_u32(256 + rank).expect("a valid char")
 }
 
-/// A byte-level BPE tokenizer with one token per id of the model's vocabulary: the special
-/// tokens at the preset's bos/eos ids, the 256 bytes at the lowest free ids, and placeholder
-/// tokens `<|synth_ID|>` for the rest (they decode to that text; no merges, so encoding makes
-/// one token per byte). Returns (tokenizer.json, tokenizer_config.json).
-pub(super) fn tokenizer_json(preset: &Preset) -> (Value, Value) {
+/// The vocabulary of [`tokenizer_json`]: one token per id of the model's vocabulary, the
+/// special tokens at the preset's bos/eos ids, the 256 bytes (in GPT-2's byte alphabet) at
+/// the lowest free ids, and placeholder tokens `<|synth_ID|>` for the rest.
+pub(super) struct Vocabulary {
+    /// By id.
+    pub tokens: Vec<String>,
+    /// (id, text) of each special token (an id outside the vocabulary has no token).
+    pub specials: Vec<(u32, &'static str)>,
+}
+
+/// The placeholder token of `id`.
+pub(super) fn placeholder(id: usize) -> String {
+    format!("<|synth_{id}|>")
+}
+
+pub(super) fn vocabulary(preset: &Preset) -> Vocabulary {
     let vocab_size = preset.config.vocab_size;
-    let mut specials: Vec<(u32, &str)> = Vec::new();
+    let mut specials: Vec<(u32, &'static str)> = Vec::new();
     match preset.bos_token_id {
         Some(bos) if bos == preset.eos_token_id => specials.push((bos, "<|endoftext|>")),
         Some(bos) => {
@@ -45,14 +56,28 @@ pub(super) fn tokenizer_json(preset: &Preset) -> (Value, Value) {
     for (b, &id) in byte_ids.iter().enumerate() {
         tokens[id] = Some(byte_char(b as u8).to_string());
     }
+    let tokens = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| t.unwrap_or_else(|| placeholder(id)))
+        .collect();
+    Vocabulary { tokens, specials }
+}
+
+/// A byte-level BPE tokenizer over [`vocabulary`] (placeholders decode to their text; no
+/// merges, so encoding makes one token per byte). Returns (tokenizer.json,
+/// tokenizer_config.json).
+pub(super) fn tokenizer_json(preset: &Preset) -> (Value, Value) {
+    let Vocabulary { tokens, specials } = vocabulary(preset);
+    let tokens_len = tokens.len();
     let vocab: serde_json::Map<String, Value> = tokens
         .into_iter()
         .enumerate()
-        .map(|(id, t)| (t.unwrap_or_else(|| format!("<|synth_{id}|>")), json!(id)))
+        .map(|(id, t)| (t, json!(id)))
         .collect();
     let added: Vec<Value> = specials
         .iter()
-        .filter(|(id, _)| (*id as usize) < vocab_size)
+        .filter(|(id, _)| (*id as usize) < tokens_len)
         .map(|(id, text)| {
             json!({"id": id, "content": text, "single_word": false, "lstrip": false,
                    "rstrip": false, "normalized": false, "special": true})

@@ -11,6 +11,7 @@
 
 mod header;
 pub mod tokenizer;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
@@ -20,11 +21,12 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-pub use super::quant::{GgmlType, SUPPORTED_TYPES};
+pub use super::quant::{dequantize, quantize, quantize_into, GgmlType, SUPPORTED_TYPES};
 use super::{DType, HostTensor, Storage, Stored};
 use crate::error::{Error, Result};
 use header::MAGIC;
 pub use header::{parse_header, Header, HeaderError, TensorInfo, Value};
+pub use writer::{GgufWriter, TensorDesc};
 
 /// Output bytes above which a progress bar is shown (when stderr is a terminal).
 const PROGRESS_BYTES: usize = 256 << 20;
@@ -301,6 +303,15 @@ fn unpermute_blocks(p: &Load, bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// The inverse of [`permuted_source`]: row `g` of llama.cpp's permuted Q/K weight holds this
+/// row of the Hugging Face one (what a writer of the `llama` architecture stores there).
+pub fn permuted_row(g: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (head, within) = (g / head_dim, g % head_dim);
+    let (j, i) = (within / 2, within % 2);
+    head * head_dim + i * half + j
+}
+
 /// Dequantize every planned tensor into one owned buffer of `target` dtype.
 pub fn dequantize_all(
     path: &Path,
@@ -459,6 +470,7 @@ mod tests {
         }
         for (r, &g) in gguf_of_hf.iter().enumerate() {
             assert_eq!(permuted_source(r, head_dim), g);
+            assert_eq!(permuted_row(g, head_dim), r);
         }
     }
 

@@ -473,11 +473,7 @@ fn plan_tensors<'a>(
             .remove(&spec.name)
             .ok_or_else(|| Error::MissingTensor {
                 path: path.to_path_buf(),
-                tensor: format!(
-                    "{} (GGUF name of {})",
-                    gguf_name_hint(&spec.name),
-                    spec.name
-                ),
+                tensor: format!("{} (GGUF name of {})", gguf_name(&spec.name), spec.name),
             })?;
         if p.info.shape() != spec.shape {
             return Err(bad(format!(
@@ -501,8 +497,9 @@ fn plan_tensors<'a>(
     Ok(plan)
 }
 
-/// The GGUF name for an HF name (for messages about missing tensors).
-fn gguf_name_hint(hf: &str) -> String {
+/// The GGUF name of a Hugging Face tensor name (the inverse of `hf_name`): for messages about
+/// missing tensors, and for writing GGUF files (`ferry synth --gguf`).
+pub fn gguf_name(hf: &str) -> String {
     let pairs = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
@@ -543,7 +540,7 @@ mod tests {
         assert_eq!(hf_name("blk.01.attn_q.weight", 12), None);
         assert_eq!(hf_name("blk.0.attn_qkv.weight", 12), None);
         assert_eq!(
-            gguf_name_hint("model.layers.3.mlp.down_proj.weight"),
+            gguf_name("model.layers.3.mlp.down_proj.weight"),
             "blk.3.ffn_down.weight"
         );
     }
