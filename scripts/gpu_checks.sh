@@ -121,6 +121,14 @@ if [ -z "${SKIP_7B:-}" ]; then
             --decode-tokens 32 --runs 3 --compress "$c" --json > "$OUT/compress_$c.json" 2> "$OUT/compress_$c.log" || status=1
         grep -E "^\|" "$OUT/compress_$c.log" | tail -4
     done
+    GGUF=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b-q4_k_m.gguf
+    step "GGUF blocks streamed as stored: a Q4_K_M file of the same shape vs the bf16 checkpoint, 512-token pass at --vram 2.6GiB"
+    [ -f "$GGUF" ] || timeout 300 "$BIN/ferry" synth --arch qwen2 --preset qwen2.5-7b --gguf Q4_K_M --out "$GGUF" 2>&1 | tail -2
+    for m in "$SYNTH" "$GGUF"; do
+        timeout 300 "$BIN/ferry" bench --model "$m" --device cuda --vram 2.6GiB --prompt-tokens 512 --batch 1 \
+            --decode-tokens 8 --runs 3 --stats --json > "$OUT/gguf_$(basename "$m").json" 2> "$OUT/gguf_$(basename "$m").log" || status=1
+        grep -E "^\||error" "$OUT/gguf_$(basename "$m").log" | tail -4
+    done
     step "streaming through the pinned staging ring: the same pass with --host-memory staged"
     timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 --host-memory staged \
         --json "$OUT/stream_4096_2.6GiB_staged.json" 2>&1 | tee "$OUT/stream_bench_staged.log" || status=1

@@ -16,19 +16,21 @@ use crate::model::{Architecture, PassShape};
 use std::sync::Arc;
 
 use crate::backend::cuda::streaming::SLOT_ALIGN;
+use crate::checkpoint::gguf::Weights;
 use crate::stream::compress::{Compress, Compressed, DecodeSpeeds};
 use crate::stream::cost::{planner_groups, CostModel};
 use crate::stream::{GroupTensors, Placement, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
-/// Open `--model PATH` or `--synthetic PRESET` (random bf16 weights of a real shape, made
-/// in memory), with a label for reports.
+/// Open `--model PATH` (a GGUF's tensors held as `gguf` says) or `--synthetic PRESET`
+/// (random bf16 weights of a real shape, made in memory), with a label for reports.
 pub fn open_checkpoint(
     model: Option<&str>,
     synthetic: Option<&str>,
+    gguf: Weights,
 ) -> Result<(Checkpoint, String)> {
     match (model, synthetic) {
-        (Some(m), _) => Ok((Checkpoint::open(m)?, m.to_string())),
+        (Some(m), _) => Ok((Checkpoint::open_as(m, gguf)?, m.to_string())),
         (None, Some(p)) => {
             let preset = synthetic_preset(p)?;
             Ok((

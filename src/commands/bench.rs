@@ -142,7 +142,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         super::generation::set_threads(n)?;
     }
-    let (ckpt, label) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref())?;
+    // On the GPU a GGUF's blocks stream as stored; the CPU computes from f32.
+    let gguf = match args.device {
+        Device::Cuda(_) => ferry::checkpoint::gguf::Weights::Blocks,
+        _ => ferry::checkpoint::gguf::Weights::Dequantized(ferry::checkpoint::DType::F32),
+    };
+    let (ckpt, label) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref(), gguf)?;
     let longest = args.prompt_tokens.iter().max().copied().unwrap_or(1) + args.decode_tokens + 1;
     let context = Some(longest.min(ckpt.config.max_position_embeddings));
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;

@@ -87,7 +87,11 @@ pub fn bench_cuda(args: BenchCudaArgs) -> Result<()> {
     }
     let start = Instant::now();
     let t = Instant::now();
-    let (ckpt, source) = open_checkpoint(args.model.as_deref(), args.synthetic.as_deref())?;
+    let (ckpt, source) = open_checkpoint(
+        args.model.as_deref(),
+        args.synthetic.as_deref(),
+        ferry::checkpoint::gguf::Weights::Blocks,
+    )?;
     let open_secs = t.elapsed().as_secs_f64();
 
     if let Some(v) = &args.vram {
