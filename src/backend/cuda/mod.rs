@@ -661,7 +661,11 @@ impl Backend for Cuda {
         };
         let host: Cow<[bf16]> = match t.as_bf16() {
             Some(b) => Cow::Borrowed(b),
-            None => Cow::Owned(t.to_f32().into_iter().map(bf16::from_f32).collect()),
+            // Converted on every core: a GGUF's blocks held resident are a whole model's worth.
+            None => Cow::Owned({
+                use rayon::prelude::*;
+                t.to_f32().into_par_iter().map(bf16::from_f32).collect()
+            }),
         };
         let buf = self.upload(host.as_ref(), Purpose::Resident(t.name.clone()))?;
         Ok(CudaWeight {
