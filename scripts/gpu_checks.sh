@@ -100,10 +100,14 @@ if [ -z "${SKIP_DIT:-}" ]; then
         timeout 300 "$BIN/ferry" bench "${flags[@]}" > "$OUT/dit_$vram.json" 2> "$OUT/dit_$vram.log" || { status=1; tail -5 "$OUT/dit_$vram.log"; }
         cat "$OUT/dit_$vram.json"
     done
-    echo "-- --vram 3GiB --compress off"
-    timeout 300 "$BIN/ferry" bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB --compress off \
-        > "$OUT/dit_3GiB_off.json" 2> "$OUT/dit_3GiB_off.log" || { status=1; tail -5 "$OUT/dit_3GiB_off.log"; }
-    cat "$OUT/dit_3GiB_off.json"
+    # Batch 1 alone, compressed and not, side by side: with --batch 1,4 the plan is made for
+    # batch 4's compute-bound pass, where auto keeps the weights uncompressed.
+    for c in on off; do
+        echo "-- --vram 3GiB --batch 1 --compress $c"
+        timeout 300 "$BIN/ferry" bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB --compress "$c" \
+            > "$OUT/dit_3GiB_$c.json" 2> "$OUT/dit_3GiB_$c.log" || { status=1; tail -5 "$OUT/dit_3GiB_$c.log"; }
+        cat "$OUT/dit_3GiB_$c.json"
+    done
 fi
 
 if [ -z "${SKIP_7B:-}" ]; then
@@ -124,10 +128,12 @@ if [ -z "${SKIP_7B:-}" ]; then
     GGUF=${SYNTH_DIR:-/tmp}/ferry-qwen2.5-7b-q4_k_m.gguf
     step "GGUF blocks streamed as stored: a Q4_K_M file of the same shape vs the bf16 checkpoint, 512-token pass at --vram 2.6GiB"
     [ -f "$GGUF" ] || timeout 300 "$BIN/ferry" synth --arch qwen2 --preset qwen2.5-7b --gguf Q4_K_M --out "$GGUF" 2>&1 | tail -2
-    for m in "$SYNTH" "$GGUF"; do
-        timeout 300 "$BIN/ferry" bench --model "$m" --device cuda --vram 2.6GiB --prompt-tokens 512 --batch 1 \
-            --decode-tokens 8 --runs 3 --stats --json > "$OUT/gguf_$(basename "$m").json" 2> "$OUT/gguf_$(basename "$m").log" || status=1
-        grep -E "^\||error" "$OUT/gguf_$(basename "$m").log" | tail -4
+    for run in "$SYNTH off" "$SYNTH on" "$GGUF auto"; do
+        set -- $run
+        name="gguf_$(basename "$1")_$2"
+        timeout 300 "$BIN/ferry" bench --model "$1" --device cuda --vram 2.6GiB --prompt-tokens 512 --batch 1 \
+            --decode-tokens 8 --runs 3 --compress "$2" --json > "$OUT/$name.json" 2> "$OUT/$name.log" || { status=1; tail -3 "$OUT/$name.log"; }
+        echo "-- $1 --compress $2: $(cat "$OUT/$name.json")"
     done
     step "streaming through the pinned staging ring: the same pass with --host-memory staged"
     timeout 120 "$BIN/ferry" bench-cuda --model "$SYNTH" --vram 2.6GiB --prompt-tokens 4096 --runs 5 --host-memory staged \
