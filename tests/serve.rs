@@ -409,3 +409,35 @@ fn memory_stays_flat_over_1000_requests() {
         "RSS {after_warmup} KiB after 200 requests, {end} KiB after 1000"
     );
 }
+
+/// A connection that sends nothing, or half a request head, is closed after
+/// `--header-timeout` (here 1 s; the test waits up to 20); others are served meanwhile, and
+/// one left open does not keep SIGTERM from ending the server.
+#[test]
+fn connections_that_send_no_whole_request_head_are_closed() {
+    let server = start(&["--header-timeout", "1"]);
+    let silent = TcpStream::connect(&server.addr).unwrap();
+    let mut half = TcpStream::connect(&server.addr).unwrap();
+    half.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+        .unwrap();
+    let (status, _, answer) = http(&server.addr, "GET", "/health", "", &[]);
+    assert_eq!((status, answer.as_str()), (200, r#"{"status":"ok"}"#));
+    for (what, mut s) in [("silent", silent), ("half a head", half)] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{what}: {rest:?}"),
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{what}: still open after 20 s"
+            ),
+        }
+    }
+    let _open = TcpStream::connect(&server.addr).unwrap();
+    assert!(
+        server.stop().success(),
+        "SIGTERM ends the server with status 0"
+    );
+}

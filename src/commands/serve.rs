@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// Seconds a request may take, waiting in the queue included.
     #[arg(long, default_value_t = 600, value_parser = at_least(1), allow_negative_numbers = true)]
     request_timeout: usize,
+    /// Seconds a connection may take to send a request's head (method, path, headers), from
+    /// when it opens or its last answer went out; then it is closed.
+    #[arg(long, default_value_t = 30, value_parser = at_least(1), allow_negative_numbers = true)]
+    header_timeout: usize,
     /// On SIGINT/SIGTERM: seconds in-flight requests may go on before they are cancelled.
     #[arg(long, default_value_t = 10, value_parser = at_least(0), allow_negative_numbers = true)]
     shutdown_grace: usize,
@@ -203,6 +207,7 @@ fn server_config(a: &ServeArgs) -> ServerConfig {
         api_key: a.api_key.clone(),
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.request_timeout as u64),
+        header_timeout: Duration::from_secs(a.header_timeout as u64),
         shutdown_grace: Duration::from_secs(a.shutdown_grace as u64),
     }
 }

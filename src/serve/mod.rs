@@ -22,6 +22,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::unbounded_channel;
 use tokio::sync::oneshot;
@@ -37,6 +40,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Longest a request may take, queue included.
     pub request_timeout: Duration,
+    /// Longest a connection may take to send a request's head (method, path, headers), from
+    /// when it opens or its previous answer went out; then it is closed.
+    pub header_timeout: Duration,
     /// After SIGINT/SIGTERM: how long in-flight requests may go on before they are cancelled.
     pub shutdown_grace: Duration,
 }
@@ -91,6 +97,7 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let grace = config.shutdown_grace;
     let limit = config.max_body_bytes;
+    let header_timeout = config.header_timeout;
     let ctx = Arc::new(Shared {
         config,
         text,
@@ -111,19 +118,44 @@ pub fn serve(
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(limit))
             .with_state(ctx);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                eprintln!(
-                    "[ferry serve: stopping; in-flight requests have {:.0} s to finish]",
-                    grace.as_secs_f64()
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    cancel.store(true, Ordering::SeqCst);
-                });
-            })
-            .await
+        // hyper's HTTP/1 connections, each on a task of its own. The header read timeout
+        // (it needs a timer) bounds how long a connection may hold its task without sending a
+        // whole request head: a new one, or one idle between requests.
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let connections = GracefulShutdown::new();
+        let mut stop = std::pin::pin!(shutdown_signal());
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors, say: wait for some to be freed.
+                            eprintln!("[ferry serve: accepting a connection failed: {e}]");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let service = TowerToHyperService::new(app.clone());
+                    let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(conn);
+                }
+                _ = &mut stop => break,
+            }
+        }
+        drop(listener);
+        eprintln!(
+            "[ferry serve: stopping; in-flight requests have {:.0} s to finish]",
+            grace.as_secs_f64()
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            cancel.store(true, Ordering::SeqCst);
+        });
+        connections.shutdown().await;
+        Ok(())
     })
 }
 
