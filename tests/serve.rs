@@ -5,113 +5,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 
 use common::fixture;
+use common::server::{http, Server};
 use ferry::backend::cpu::Cpu;
 use ferry::generate::{Generator, Request, SamplingConfig};
 use ferry::model::Checkpoint;
 use serde_json::{json, Value};
 
-/// A server on a free port, ended (SIGTERM, then waited for) when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let model = fixture("llama");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "serve",
-                "--model",
-                model.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ])
-            .args(["--port", "0", "--threads", "1"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server says where it listens")
-                .unwrap();
-            if let Some(at) = line.find("http://") {
-                break line[at + 7..].trim_end_matches(']').to_string();
-            }
-        };
-        // Keep reading its stderr so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
-    }
-
-    /// SIGTERM; the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = self.child.wait().unwrap();
-        std::mem::forget(self);
-        status
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request, `Connection: close`: (status, headers, body with chunked encoding undone).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-    headers: &[&str],
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, head.to_string(), body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(size.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
+/// A server of the tiny llama on the CPU, one thread, with `extra` flags.
+fn start(extra: &[&str]) -> Server {
+    let model = fixture("llama");
+    let mut args = vec!["--model", model.to_str().unwrap(), "--device", "cpu"];
+    args.extend(["--threads", "1"]);
+    args.extend(extra);
+    Server::start(&args)
 }
 
 /// The text and finish_reason of a streamed completion's events, checking they end in [DONE].
@@ -167,7 +77,7 @@ fn concurrent_streams_equal_their_solo_greedy_answers() {
         })
         .collect();
     // Prompt pieces of 8 tokens: longer prompts go in over several passes.
-    let server = Server::start(&[
+    let server = start(&[
         "--max-batch",
         "8",
         "--max-queue",
@@ -243,7 +153,7 @@ fn concurrent_streams_equal_their_solo_greedy_answers() {
 
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
-    let server = Server::start(&["--max-batch", "1", "--max-queue", "1"]);
+    let server = start(&["--max-batch", "1", "--max-queue", "1"]);
     let addr = server.addr.clone();
     let clients: Vec<_> = (0..16)
         .map(|_| {
@@ -274,7 +184,7 @@ fn a_full_queue_answers_429_with_retry_after() {
 
 #[test]
 fn bad_requests_name_their_field() {
-    let server = Server::start(&[
+    let server = start(&[
         "--api-key",
         "sekrit",
         "--context",
@@ -469,7 +379,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn memory_stays_flat_over_1000_requests() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let body = |i: usize| {
         json!({"model": "llama", "prompt": prompt(i), "max_tokens": 2, "temperature": 0,
         "stream": i % 2 == 0})
@@ -497,5 +407,37 @@ fn memory_stays_flat_over_1000_requests() {
     assert!(
         end < after_warmup + 8 * 1024,
         "RSS {after_warmup} KiB after 200 requests, {end} KiB after 1000"
+    );
+}
+
+/// A connection that sends nothing, or half a request head, is closed after
+/// `--header-timeout` (here 1 s; the test waits up to 20); others are served meanwhile, and
+/// one left open does not keep SIGTERM from ending the server.
+#[test]
+fn connections_that_send_no_whole_request_head_are_closed() {
+    let server = start(&["--header-timeout", "1"]);
+    let silent = TcpStream::connect(&server.addr).unwrap();
+    let mut half = TcpStream::connect(&server.addr).unwrap();
+    half.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+        .unwrap();
+    let (status, _, answer) = http(&server.addr, "GET", "/health", "", &[]);
+    assert_eq!((status, answer.as_str()), (200, r#"{"status":"ok"}"#));
+    for (what, mut s) in [("silent", silent), ("half a head", half)] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{what}: {rest:?}"),
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{what}: still open after 20 s"
+            ),
+        }
+    }
+    let _open = TcpStream::connect(&server.addr).unwrap();
+    assert!(
+        server.stop().success(),
+        "SIGTERM ends the server with status 0"
     );
 }

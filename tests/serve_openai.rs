@@ -1,7 +1,8 @@
 //! The official `openai` Python client (installed from PyPI into a virtual environment under
 //! target/) against `ferry serve` on SmolLM2: chat completion, streamed chat completion,
-//! completion and models, the text equal to `ferry run`'s greedy output. Without python3,
-//! the registry or the model the test skips and says why.
+//! completion and models, the text equal to `ferry run`'s greedy output; and
+//! `images.generate` on the tiny Z-Image beside it, the PNGs equal to `ferry image`'s byte
+//! for byte. Without python3, the registry or the model the test skips and says why.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -91,9 +92,9 @@ fn ferry_run(model: &Path, args: &[&str]) -> String {
 }
 
 const CLIENT: &str = r#"
-import json, sys
-from openai import OpenAI
-base, question, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+import base64, json, sys
+from openai import OpenAI, BadRequestError
+base, question, prompt, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 c = OpenAI(base_url=base + "/v1", api_key="k")
 model = c.models.list().data[0].id
 chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
@@ -109,14 +110,24 @@ for ch in stream:
         pieces.append(choice.delta.content or "")
         finish = choice.finish_reason or finish
 comp = c.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=16)
-print(json.dumps({"model": model, "chat": chat.choices[0].message.content,
+images = c.images.generate(model="z-image", prompt="a red fox", size="64x48", n=2,
+                           response_format="b64_json", extra_body={"seed": 7, "steps": 2})
+for i, d in enumerate(images.data):
+    open("%s/%d.png" % (out, i), "wb").write(base64.b64decode(d.b64_json))
+try:
+    c.images.generate(model="z-image", prompt="a red fox", response_format="url")
+    url = None
+except BadRequestError as e:
+    url = [e.status_code, e.param]
+print(json.dumps({"model": model, "models": [m.id for m in c.models.list().data],
+    "images": len(images.data), "url": url, "chat": chat.choices[0].message.content,
     "chat_finish": chat.choices[0].finish_reason, "chat_usage": chat.usage.completion_tokens,
     "stream": "".join(pieces), "stream_finish": finish, "stream_usage": usage,
     "completion": comp.choices[0].text}))
 "#;
 
 #[test]
-fn the_openai_client_gets_ferry_runs_greedy_text() {
+fn the_openai_client_gets_ferry_runs_text_and_ferry_images_pngs() {
     let python = match python_with_openai() {
         Ok(p) => p,
         Err(why) => return skip(&why),
@@ -132,12 +143,43 @@ fn the_openai_client_gets_ferry_runs_greedy_text() {
         &["--chat", "--prompt", question, "--max-tokens", "24"],
     );
     let completion = ferry_run(&model, &["--prompt", prompt, "--max-tokens", "16"]);
+    let dir = tempfile::tempdir().unwrap();
+    let z_image = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image");
+    let cli = dir.path().join("cli.png");
+    let made = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "image",
+            "--device",
+            "cpu",
+            "--model",
+            z_image.to_str().unwrap(),
+        ])
+        .args([
+            "--prompt",
+            "a red fox",
+            "--size",
+            "64x48",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+        ])
+        .args(["--batch", "2", "--out", cli.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
 
     let mut server = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([
             "serve",
             "--model",
             model.to_str().unwrap(),
+            "--image-model",
+            z_image.to_str().unwrap(),
             "--device",
             "cpu",
             "--port",
@@ -159,6 +201,7 @@ fn the_openai_client_gets_ferry_runs_greedy_text() {
     std::thread::spawn(move || for _ in lines {});
     let out = Command::new(&python)
         .args(["-c", CLIENT, &addr, question, prompt])
+        .arg(dir.path())
         .output()
         .unwrap();
     let _ = server.kill();
@@ -170,6 +213,17 @@ fn the_openai_client_gets_ferry_runs_greedy_text() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(
+        v["models"],
+        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1", "z-image"])
+    );
+    assert_eq!(v["images"], 2);
+    for i in 0..2 {
+        let served = std::fs::read(dir.path().join(format!("{i}.png"))).unwrap();
+        let written = std::fs::read(dir.path().join(format!("cli-{i}.png"))).unwrap();
+        assert_eq!(served, written, "image {i}: the PNG ferry image writes");
+    }
+    assert_eq!(v["url"], serde_json::json!([400, "response_format"]));
     assert_eq!(v["chat"], chat.as_str());
     assert_eq!(v["stream"], chat.as_str());
     assert_eq!(v["completion"], completion.as_str());

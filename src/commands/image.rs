@@ -133,7 +133,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
     }
     check_writable(&args.out)?;
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
-    let (pipe, model) = open_pipeline(&args)?;
+    let (pipe, model) = open_pipeline(&ImageSource::of(&args)?)?;
     let gpu = open_device(args.device, vram)?;
     let compute = match (&gpu, args.vae_device) {
         (None, VaeDeviceFlag::Cuda) => {
@@ -295,33 +295,71 @@ fn vae_json(v: &VaeDecode) -> serde_json::Value {
     })
 }
 
-/// The pipeline of `--model`, or of the split files `--dit`, `--text-encoder`, `--vae` (clap
-/// makes sure that one or the other is given whole), and the model's name for the PNG.
-fn open_pipeline(args: &ImageArgs) -> Result<(ZImagePipeline, String)> {
+/// Where a Z-Image pipeline comes from: a diffusers directory (or ORG/NAME in the Hugging
+/// Face cache), or ComfyUI's split files.
+pub enum ImageSource<'a> {
+    Dir(&'a str),
+    Split {
+        dit: &'a Path,
+        text_encoder: &'a Path,
+        vae: &'a Path,
+        /// Default: Z-Image-Turbo's in the Hugging Face cache.
+        tokenizer: Option<&'a Path>,
+    },
+}
+
+impl ImageSource<'_> {
+    /// `--model`, or the split files `--dit`, `--text-encoder`, `--vae` (clap makes sure that
+    /// one or the other is given whole).
+    fn of(args: &ImageArgs) -> Result<ImageSource<'_>> {
+        if let Some(model) = &args.model {
+            return Ok(ImageSource::Dir(model));
+        }
+        let (Some(dit), Some(text_encoder), Some(vae)) = (&args.dit, &args.text_encoder, &args.vae)
+        else {
+            return Err(Error::Flag {
+                flag: "--dit",
+                message: "expected --model DIR, or --dit, --text-encoder and --vae together".into(),
+            });
+        };
+        Ok(ImageSource::Split {
+            dit,
+            text_encoder,
+            vae,
+            tokenizer: args.tokenizer.as_deref(),
+        })
+    }
+}
+
+/// The pipeline `source` names, and the model's name for the PNG (the directory's or the
+/// DiT file's name).
+pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ZImagePipeline, String)> {
     let name = |p: &Path, fallback: &str| {
         p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| fallback.to_string())
     };
-    if let Some(model) = &args.model {
-        let dir = resolve_model_path(model)?;
-        return Ok((ZImagePipeline::open(&dir)?, name(&dir, model)));
+    match *source {
+        ImageSource::Dir(model) => {
+            let dir = resolve_model_path(model)?;
+            Ok((ZImagePipeline::open(&dir)?, name(&dir, model)))
+        }
+        ImageSource::Split {
+            dit,
+            text_encoder,
+            vae,
+            tokenizer,
+        } => {
+            let tokenizer = tokenizer_file(tokenizer)?;
+            let files = SplitFiles {
+                dit,
+                text_encoder,
+                vae,
+                tokenizer: &tokenizer,
+            };
+            Ok((ZImagePipeline::open_split(&files)?, name(dit, "dit")))
+        }
     }
-    let (Some(dit), Some(text_encoder), Some(vae)) = (&args.dit, &args.text_encoder, &args.vae)
-    else {
-        return Err(Error::Flag {
-            flag: "--dit",
-            message: "expected --model DIR, or --dit, --text-encoder and --vae together".into(),
-        });
-    };
-    let tokenizer = tokenizer_file(args.tokenizer.as_deref())?;
-    let files = SplitFiles {
-        dit,
-        text_encoder,
-        vae,
-        tokenizer: &tokenizer,
-    };
-    Ok((ZImagePipeline::open_split(&files)?, name(dit, "dit")))
 }
 
 /// The tokenizer.json of `--tokenizer` (a file, a folder holding one, or a pipeline's folder

@@ -1,27 +1,41 @@
 //! `ferry serve`: an OpenAI-compatible server; every pass over the weights serves every
-//! request in the running batch (see ferry::serve).
+//! request in the running batch (see ferry::serve). Beside the text model (or instead of
+//! it), a Z-Image pipeline answers image requests on a thread of its own.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 
 use ferry::backend::cuda::streaming::PassStats;
-use ferry::backend::Backend;
+use ferry::backend::{Backend, Device};
+use ferry::diffuse::pipeline::{Compute, VaeDevice};
 use ferry::generate::{context_length, Generator, TextCodec};
 use ferry::model::PassShape;
+use ferry::runtime::{open_device, StreamOptions};
 use ferry::serve::engine::{self, EngineConfig, Metrics};
-use ferry::serve::ServerConfig;
+use ferry::serve::images::{self, ImageJob};
+use ferry::serve::{ImageModel, ServerConfig, TextModel};
+use ferry::stream::Vram;
 use ferry::{Error, Result};
 
+use super::at_least;
 use super::generation::{open_compute, open_model, with_generator, ComputeArgs, GeneratorTask};
-use super::{at_least, ModelArg};
+use super::image::{open_pipeline, ImageSource};
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("models").required(true).multiple(true).args(["model", "image_model", "image_dit"])))]
 pub struct ServeArgs {
+    /// The text model: a model directory, a .gguf file, or ORG/NAME from the Hugging Face
+    /// cache ($HF_HOME/hub, default ~/.cache/huggingface/hub). Nothing is downloaded. May be
+    /// left out when --image-model (or --image-dit) is given.
+    #[arg(long, short)]
+    pub model: Option<String>,
     #[command(flatten)]
-    pub model: ModelArg,
+    image: ImageModelArgs,
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -54,6 +68,10 @@ pub struct ServeArgs {
     /// Seconds a request may take, waiting in the queue included.
     #[arg(long, default_value_t = 600, value_parser = at_least(1), allow_negative_numbers = true)]
     request_timeout: usize,
+    /// Seconds a connection may take to send a request's head (method, path, headers), from
+    /// when it opens or its last answer went out; then it is closed.
+    #[arg(long, default_value_t = 30, value_parser = at_least(1), allow_negative_numbers = true)]
+    header_timeout: usize,
     /// On SIGINT/SIGTERM: seconds in-flight requests may go on before they are cancelled.
     #[arg(long, default_value_t = 10, value_parser = at_least(0), allow_negative_numbers = true)]
     shutdown_grace: usize,
@@ -61,21 +79,103 @@ pub struct ServeArgs {
     compute: ComputeArgs,
 }
 
+/// The image model of `POST /v1/images/generations`.
+#[derive(Args, Clone)]
+struct ImageModelArgs {
+    /// A diffusers Z-Image directory (or ORG/NAME in the Hugging Face cache) for
+    /// POST /v1/images/generations, beside --model or alone.
+    #[arg(long, value_name = "DIR|ORG/NAME", conflicts_with = "image_dit")]
+    image_model: Option<String>,
+    /// Instead of --image-model, ComfyUI's split files: the diffusion model, with
+    /// --image-text-encoder and --image-vae (as ferry image --dit).
+    #[arg(long, value_name = "FILE.safetensors", requires_all = ["image_text_encoder", "image_vae"])]
+    image_dit: Option<PathBuf>,
+    /// The Qwen3 text encoder file of the split files.
+    #[arg(long, value_name = "FILE.safetensors", requires = "image_dit")]
+    image_text_encoder: Option<PathBuf>,
+    /// The VAE file of the split files.
+    #[arg(long, value_name = "FILE.safetensors", requires = "image_dit")]
+    image_vae: Option<PathBuf>,
+    /// The tokenizer of the split files (as ferry image --tokenizer).
+    #[arg(long, value_name = "DIR|tokenizer.json", requires = "image_dit")]
+    image_tokenizer: Option<PathBuf>,
+    /// GPU memory budget of the image model's phases (as ferry image --vram; apart from
+    /// --vram, the text model's). Default: each phase's weights uploaded whole.
+    #[arg(long, value_name = "SIZE|auto")]
+    image_vram: Option<String>,
+    /// Most images one request may ask for (n); they are denoised together, one pass over
+    /// the DiT's weights per step for all of them.
+    #[arg(long, default_value_t = 4, value_parser = at_least(1), allow_negative_numbers = true)]
+    max_images: usize,
+    /// Most image requests waiting while one generates; more are answered 429.
+    #[arg(long, default_value_t = 4, value_parser = at_least(1), allow_negative_numbers = true)]
+    max_image_queue: usize,
+}
+
+impl ImageModelArgs {
+    /// The pipeline asked for, if any (clap makes sure the split files come whole).
+    fn source(&self) -> Option<ImageSource<'_>> {
+        if let Some(m) = &self.image_model {
+            return Some(ImageSource::Dir(m));
+        }
+        let (Some(dit), Some(text_encoder), Some(vae)) =
+            (&self.image_dit, &self.image_text_encoder, &self.image_vae)
+        else {
+            return None;
+        };
+        Some(ImageSource::Split {
+            dit,
+            text_encoder,
+            vae,
+            tokenizer: self.image_tokenizer.as_deref(),
+        })
+    }
+}
+
 /// Raised at the shutdown deadline: the engine ends every sequence after the pass in flight.
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     args.compute.start()?;
-    let gpu = open_compute(&args.compute)?;
-    let ckpt = open_model(&args.model.model, &gpu)?;
-    let text = TextCodec::open(&ckpt)?;
-    let max = ckpt.config.max_position_embeddings;
-    let context = context_length(args.context.or(Some(max.min(8192))), max)?;
+    if args.model.is_none() && args.compute.vram.is_some() {
+        return Err(Error::Flag {
+            flag: "--vram",
+            message: "is the text model's budget, and no --model is given; the image model's is --image-vram".into(),
+        });
+    }
+    let metrics = Arc::new(Metrics::default());
+    // The image worker opens its pipeline and device first, on its own thread, so that a bad
+    // --image-model fails before anything listens.
+    let image = match args.image.source() {
+        Some(_) => Some(start_image_worker(
+            args.image.clone(),
+            args.compute.device,
+            metrics.clone(),
+        )?),
+        None => None,
+    };
     let addr = format!("{}:{}", args.host, args.port);
     let listener = std::net::TcpListener::bind(&addr).map_err(|e| Error::Flag {
         flag: "--port",
         message: format!("cannot listen on {addr}: {e}"),
     })?;
+    let Some(model) = &args.model else {
+        // Images only: the HTTP side runs on this thread.
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("listener", e))?;
+        eprintln!("[ferry serve: no text model; listening on http://{local}]");
+        let config = server_config(&args);
+        ferry::serve::serve(listener, config, None, image, metrics, &CANCEL)
+            .map_err(|e| Error::io(local.to_string(), e))?;
+        eprintln!("[ferry serve: stopped]");
+        return Ok(());
+    };
+    let gpu = open_compute(&args.compute)?;
+    let ckpt = open_model(model, &gpu)?;
+    let text = TextCodec::open(&ckpt)?;
+    let max = ckpt.config.max_position_embeddings;
+    let context = context_length(args.context.or(Some(max.min(8192))), max)?;
     // With --vram: planned for a full batch of sequences that fill the context, taking in a
     // prompt piece each (the engine takes in at most one piece's tokens a pass, all together).
     let piece = args.prompt_chunk.min(context);
@@ -84,20 +184,130 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         batch: args.max_batch,
         past: context - piece,
     };
-    let model_id = std::path::Path::new(&args.model.model)
+    let model_id = std::path::Path::new(model)
         .file_name()
-        .filter(|_| std::path::Path::new(&args.model.model).exists())
+        .filter(|_| std::path::Path::new(model).exists())
         .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
-        .unwrap_or_else(|| args.model.model.clone());
+        .unwrap_or_else(|| model.clone());
     let task = Server {
         args: &args,
         listener,
         context,
         model_id,
         http_text: TextCodec::open(&ckpt)?,
+        image,
+        metrics,
         log: Arc::new(Mutex::new(Vec::new())),
     };
     with_generator(&ckpt, gpu, text, context, &args.compute, false, shape, task)
+}
+
+fn server_config(a: &ServeArgs) -> ServerConfig {
+    ServerConfig {
+        api_key: a.api_key.clone(),
+        max_body_bytes: a.max_body,
+        request_timeout: Duration::from_secs(a.request_timeout as u64),
+        header_timeout: Duration::from_secs(a.header_timeout as u64),
+        shutdown_grace: Duration::from_secs(a.shutdown_grace as u64),
+    }
+}
+
+/// Start the image worker's thread: it opens the pipeline and its device (`device`, with
+/// `--image-vram`), says so (or fails, and so does this), then generates what its queue
+/// brings until the queue is dropped. It is not joined: at shutdown the process may end
+/// while it finishes a job whose client is gone.
+fn start_image_worker(
+    args: ImageModelArgs,
+    device: Device,
+    metrics: Arc<Metrics>,
+) -> Result<ImageModel> {
+    let vram = args
+        .image_vram
+        .as_deref()
+        .map(Vram::parse)
+        .transpose()
+        .map_err(|e| renamed(e, "--image-vram"))?;
+    if device == Device::Cpu && vram.is_some() {
+        return Err(Error::Flag {
+            flag: "--image-vram",
+            message: "a GPU memory budget needs --device cuda (or auto with a GPU)".into(),
+        });
+    }
+    let (jobs, queue) = std::sync::mpsc::sync_channel(args.max_image_queue);
+    let (ready, started) = std::sync::mpsc::channel();
+    let max_images = args.max_images;
+    std::thread::Builder::new()
+        .name("ferry-images".into())
+        .spawn(move || image_worker(&args, device, vram, queue, &metrics, ready))
+        .map_err(|e| Error::io("the image worker's thread", e))?;
+    let id = started.recv().unwrap_or_else(|_| {
+        Err(Error::Device(
+            "the image worker ended while starting".into(),
+        ))
+    })?;
+    Ok(ImageModel {
+        id,
+        jobs,
+        max_images,
+    })
+}
+
+/// The image worker's thread: open, report `ready` (the model's id, or why not), serve.
+fn image_worker(
+    args: &ImageModelArgs,
+    device: Device,
+    vram: Option<Vram>,
+    queue: Receiver<ImageJob>,
+    metrics: &Metrics,
+    ready: std::sync::mpsc::Sender<Result<String>>,
+) {
+    let source = args
+        .source()
+        .expect("the worker starts only with an image model");
+    let opened = open_pipeline(&source)
+        .map_err(|e| renamed(e, "--image-tokenizer"))
+        .and_then(|p| {
+            Ok((
+                p,
+                open_device(device, vram).map_err(|e| renamed(e, "--image-vram"))?,
+            ))
+        });
+    let ((pipe, png_model), gpu) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let compute = match &gpu {
+        None => Compute::Cpu,
+        Some(gpu) => Compute::Cuda {
+            gpu,
+            stream: vram.map(|_| StreamOptions::default()),
+            vae: VaeDevice::Gpu,
+        },
+    };
+    // The id requests name: the directory's name, or the DiT file's without .safetensors.
+    let id = png_model.trim_end_matches(".safetensors").to_string();
+    eprintln!(
+        "[ferry serve: image model {id} on {}, up to {} images a request, {} waiting]",
+        compute.name(),
+        args.max_images,
+        args.max_image_queue
+    );
+    if ready.send(Ok(id)).is_err() {
+        return;
+    }
+    images::run(&pipe, &compute, &png_model, queue, metrics);
+}
+
+/// `e` naming `flag` where it named the `ferry image` flag that `flag` stands for here
+/// (`--vram` → `--image-vram`, `--tokenizer` → `--image-tokenizer`).
+fn renamed(e: Error, flag: &'static str) -> Error {
+    match e {
+        Error::Flag { message, .. } => Error::Flag { flag, message },
+        e => e,
+    }
 }
 
 struct Server<'a> {
@@ -107,6 +317,8 @@ struct Server<'a> {
     model_id: String,
     /// The HTTP side's own codec, to encode prompts while the engine runs.
     http_text: TextCodec,
+    image: Option<ImageModel>,
+    metrics: Arc<Metrics>,
     log: Arc<Mutex<Vec<PassStats>>>,
 }
 
@@ -120,30 +332,29 @@ impl GeneratorTask for Server<'_> {
         B::Weight: 'static,
     {
         let a = self.args;
-        let (jobs, queue) = std::sync::mpsc::sync_channel(a.max_queue);
-        let metrics = Arc::new(Metrics::default());
+        let (jobs, queue): (SyncSender<_>, _) = std::sync::mpsc::sync_channel(a.max_queue);
+        let metrics = self.metrics;
         let addr = self
             .listener
             .local_addr()
             .map_err(|e| Error::io("listener", e))?;
-        let config = ServerConfig {
-            model_id: self.model_id,
-            api_key: a.api_key.clone(),
-            context: self.context,
-            default_max_tokens: a.max_tokens,
-            max_body_bytes: a.max_body,
-            request_timeout: Duration::from_secs(a.request_timeout as u64),
-            shutdown_grace: Duration::from_secs(a.shutdown_grace as u64),
-        };
         eprintln!(
             "[ferry serve: {} on {device}, context {}, up to {} sequences a pass; listening on http://{addr}]",
-            config.model_id, self.context, a.max_batch
+            self.model_id, self.context, a.max_batch
         );
+        let text = TextModel {
+            id: self.model_id,
+            codec: self.http_text,
+            jobs,
+            context: self.context,
+            default_max_tokens: a.max_tokens,
+        };
+        let config = server_config(a);
         let http_metrics = metrics.clone();
         let listener = self.listener;
-        let text = self.http_text;
+        let image = self.image;
         let http = std::thread::spawn(move || {
-            ferry::serve::serve(listener, config, text, jobs, http_metrics, &CANCEL)
+            ferry::serve::serve(listener, config, Some(text), image, http_metrics, &CANCEL)
         });
         let engine_config = EngineConfig {
             max_batch: a.max_batch,

@@ -42,7 +42,7 @@ impl Parameters {
 }
 
 /// Write `rgb` (`[height, width, 3]`, row-major) to `path` as an 8-bit PNG carrying
-/// `params`.
+/// `params`: the bytes of [`encode`].
 pub fn write(
     path: &Path,
     rgb: &[u8],
@@ -50,37 +50,60 @@ pub fn write(
     height: usize,
     params: &Parameters,
 ) -> Result<()> {
-    assert_eq!(
-        rgb.len(),
-        width * height * 3,
-        "an RGB image of {width}x{height}"
-    );
     let tmp = temporary_beside(path);
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let png_err = |e: png::EncodingError| Error::Io {
+        encode_into(BufWriter::new(file), rgb, width, height, params).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
-        };
-        enc.add_text_chunk("parameters".into(), params.text())
-            .map_err(png_err)?;
-        enc.add_text_chunk(
-            "Software".into(),
-            format!("ferry {}", env!("CARGO_PKG_VERSION")),
-        )
-        .map_err(png_err)?;
-        let mut w = enc.write_header().map_err(png_err)?;
-        w.write_image_data(rgb).map_err(png_err)?;
-        w.finish().map_err(png_err)?;
+        })?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The PNG file [`write`] writes, in memory (`ferry serve`'s images).
+pub fn encode(rgb: &[u8], width: usize, height: usize, params: &Parameters) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode_into(&mut bytes, rgb, width, height, params)
+        .expect("a PNG encodes into memory: the text chunks are representable by construction");
+    bytes
+}
+
+/// One encoder for files and memory, so that both hold the same bytes. The parameters go in a
+/// Latin-1 `tEXt` chunk when they fit one (what image tools read most widely), else in a
+/// UTF-8 `iTXt` chunk (a prompt in Chinese, say).
+fn encode_into(
+    out: impl std::io::Write,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    params: &Parameters,
+) -> std::result::Result<(), png::EncodingError> {
+    assert_eq!(
+        rgb.len(),
+        width * height * 3,
+        "an RGB image of {width}x{height}"
+    );
+    let mut enc = png::Encoder::new(out, width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let text = params.text();
+    if text.chars().all(|c| (c as u32) < 256) {
+        enc.add_text_chunk("parameters".into(), text)?;
+    } else {
+        enc.add_itxt_chunk("parameters".into(), text)?;
+    }
+    enc.add_text_chunk(
+        "Software".into(),
+        format!("ferry {}", env!("CARGO_PKG_VERSION")),
+    )?;
+    let mut w = enc.write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()
 }
 
 /// `DIR/.NAME.ferry-tmp` for `DIR/NAME`: on the same file system, so the rename is atomic.
@@ -152,6 +175,38 @@ mod tests {
             p.text
         );
         assert!(!dir.path().join(".x.png.ferry-tmp").exists());
+    }
+
+    #[test]
+    fn a_prompt_beyond_latin1_goes_in_utf8_and_memory_holds_the_file_s_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fox.png");
+        let params = Parameters {
+            prompt: "一只狐狸 in the snow".into(),
+            negative_prompt: None,
+            steps: 2,
+            seed: 7,
+            width: 2,
+            height: 1,
+            guidance: 0.0,
+            model: "tiny".into(),
+        };
+        let rgb = [1, 2, 3, 4, 5, 6];
+        write(&path, &rgb, 2, 1, &params).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes, encode(&rgb, 2, 1, &params));
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(&buf[..6], &rgb);
+        let utf8 = &reader.info().utf8_text;
+        let p = utf8.iter().find(|t| t.keyword == "parameters").unwrap();
+        assert!(p
+            .get_text()
+            .unwrap()
+            .starts_with("一只狐狸 in the snow\nSteps: 2,"));
     }
 
     #[test]

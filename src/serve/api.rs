@@ -3,6 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::diffuse::pipeline::SIZE_MULTIPLE;
+
 /// An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -69,20 +71,7 @@ pub struct Ask {
 
 /// The request body `bytes` for `endpoint`, parsed and checked.
 pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Ask, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            400,
-            "invalid_request_error",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    let Value::Object(o) = value else {
-        return Err(ApiError::new(
-            400,
-            "invalid_request_error",
-            "the body must be a JSON object",
-        ));
-    };
+    let o = object(bytes)?;
     let model = string(&o, "model")?.ok_or_else(|| ApiError::field("model", "is required"))?;
     let mut ask = Ask {
         model,
@@ -296,4 +285,145 @@ fn stop(o: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::field("stop", "a stop text is empty"));
     }
     Ok(list)
+}
+
+/// Most denoising steps one image request may ask for.
+pub const MAX_STEPS: usize = 100;
+
+/// Longest side of an image a request may ask for, pixels (as `ferry image`).
+pub const MAX_SIDE: usize = 4096;
+
+/// What an image request asks, its fields checked: OpenAI's `prompt`, `n`, `size`,
+/// `response_format` (b64_json only), `model`, and `ferry image`'s `seed`, `steps`,
+/// `guidance`, `negative_prompt`.
+#[derive(Debug, Clone)]
+pub struct ImageAsk {
+    /// None: the image model served.
+    pub model: Option<String>,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// Images, denoised together as one batch.
+    pub n: usize,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// None: drawn by the server (and returned).
+    pub seed: Option<u64>,
+    pub guidance: f32,
+}
+
+/// The image request body `bytes`, parsed and checked; at most `max_n` images a request.
+pub fn parse_image(bytes: &[u8], max_n: usize) -> Result<ImageAsk, ApiError> {
+    let o = object(bytes)?;
+    let prompt = string(&o, "prompt")?.ok_or_else(|| ApiError::field("prompt", "is required"))?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::field("prompt", "is empty; describe the image"));
+    }
+    match string(&o, "response_format")?.as_deref() {
+        None | Some("b64_json") => {}
+        Some("url") => {
+            return Err(ApiError::field(
+                "response_format",
+                "\"url\" is not served: ferry keeps no images to link to; ask for \"b64_json\" (the PNG's bytes in base64)",
+            ))
+        }
+        Some(other) => {
+            return Err(ApiError::field(
+                "response_format",
+                format!("expected \"b64_json\", found {other:?}"),
+            ))
+        }
+    }
+    match string(&o, "output_format")?.as_deref() {
+        None | Some("png") => {}
+        Some(other) => {
+            return Err(ApiError::field(
+                "output_format",
+                format!("ferry writes PNG; expected \"png\", found {other:?}"),
+            ))
+        }
+    }
+    let n = whole(&o, "n")?.unwrap_or(1);
+    if n < 1 || n as u64 > max_n as u64 {
+        return Err(ApiError::field(
+            "n",
+            format!("expected 1 to {max_n} images (ferry serve --max-images), found {n}"),
+        ));
+    }
+    let (width, height) = match string(&o, "size")?.as_deref() {
+        None | Some("auto") => (1024, 1024),
+        Some(s) => image_size(s)?,
+    };
+    let steps = whole(&o, "steps")?.unwrap_or(8);
+    if !(1..=MAX_STEPS as i64).contains(&steps) {
+        return Err(ApiError::field(
+            "steps",
+            format!("expected 1 to {MAX_STEPS} denoising steps, found {steps}"),
+        ));
+    }
+    let seed = match o.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ApiError::field("seed", format!("expected a whole number ≥ 0, found {v}"))
+        })?),
+    };
+    let guidance = number(&o, "guidance", 0.0, 100.0)?.unwrap_or(0.0);
+    let negative_prompt = string(&o, "negative_prompt")?;
+    if negative_prompt.is_some() && guidance == 0.0 {
+        return Err(ApiError::field(
+            "negative_prompt",
+            "acts only with guidance > 0 (classifier-free guidance); give \"guidance\" too",
+        ));
+    }
+    Ok(ImageAsk {
+        model: string(&o, "model")?,
+        prompt,
+        negative_prompt,
+        n: n as usize,
+        width,
+        height,
+        steps: steps as usize,
+        seed,
+        guidance,
+    })
+}
+
+/// `"WIDTHxHEIGHT"`: positive multiples of [`SIZE_MULTIPLE`], at most [`MAX_SIDE`] a side.
+fn image_size(s: &str) -> Result<(usize, usize), ApiError> {
+    let parsed = s
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)));
+    let Some((w, h)) = parsed else {
+        return Err(ApiError::field(
+            "size",
+            format!("expected \"WIDTHxHEIGHT\" (e.g. \"1024x768\"), found {s:?}"),
+        ));
+    };
+    let m = SIZE_MULTIPLE;
+    if w == 0 || h == 0 || w % m != 0 || h % m != 0 || w > MAX_SIDE || h > MAX_SIDE {
+        return Err(ApiError::field(
+            "size",
+            format!("{s}: width and height must be multiples of {m} (the VAE's 8 times the DiT's patch of 2), from {m} to {MAX_SIDE}"),
+        ));
+    }
+    Ok((w, h))
+}
+
+/// The body as a JSON object.
+fn object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_request_error",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(o) => Ok(o),
+        _ => Err(ApiError::new(
+            400,
+            "invalid_request_error",
+            "the body must be a JSON object",
+        )),
+    }
 }

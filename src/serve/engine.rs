@@ -48,6 +48,17 @@ pub struct Metrics {
     pub streamed_bytes: AtomicU64,
     /// The last streamed pass's overlap efficiency, × 1e6.
     pub efficiency_ppm: AtomicU64,
+    /// Image requests accepted into the image queue, and refused because it was full.
+    pub image_requests: AtomicU64,
+    pub rejected_image_queue_full: AtomicU64,
+    /// Image requests waiting, and generating (0 or 1).
+    pub image_queued: AtomicUsize,
+    pub image_running: AtomicUsize,
+    /// Image jobs finished (each one batch of images), the images they made, and their time
+    /// in microseconds.
+    pub image_jobs: AtomicU64,
+    pub images_generated: AtomicU64,
+    pub image_us: AtomicU64,
 }
 
 pub struct EngineConfig {

@@ -2,10 +2,13 @@
 //! loop ([`engine`]), which batches every waiting request into each pass.
 //!
 //! The HTTP side parses and checks requests ([`api`]), encodes prompts, and hands each to
-//! the engine over a bounded queue (429 when full); the engine thread owns the model.
+//! the engine over a bounded queue (429 when full); the engine thread owns the model. Image
+//! requests go to the image worker ([`images`]) over a queue of their own: one image job at a
+//! time, on its own thread, beside the text batch. A server may have either model or both.
 
 pub mod api;
 pub mod engine;
+pub mod images;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,46 +22,72 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::oneshot;
 
 use crate::generate::{Finish, Message, Request, SamplingConfig, TextCodec};
 use api::{ApiError, Ask, Endpoint};
 use engine::{Event, Job, Metrics};
+use images::ImageJob;
 
 /// What the HTTP side needs to know and share.
 pub struct ServerConfig {
-    /// The id /v1/models lists and requests name.
-    pub model_id: String,
     pub api_key: Option<String>,
-    pub context: usize,
-    /// max_tokens when a request gives none.
-    pub default_max_tokens: usize,
     pub max_body_bytes: usize,
     /// Longest a request may take, queue included.
     pub request_timeout: Duration,
+    /// Longest a connection may take to send a request's head (method, path, headers), from
+    /// when it opens or its previous answer went out; then it is closed.
+    pub header_timeout: Duration,
     /// After SIGINT/SIGTERM: how long in-flight requests may go on before they are cancelled.
     pub shutdown_grace: Duration,
 }
 
+/// The text model the server fronts: its id, a codec to encode prompts while the engine
+/// runs, and the engine's queue.
+pub struct TextModel {
+    /// The id /v1/models lists and requests name.
+    pub id: String,
+    pub codec: TextCodec,
+    pub jobs: SyncSender<Job>,
+    pub context: usize,
+    /// max_tokens when a request gives none.
+    pub default_max_tokens: usize,
+}
+
+/// The image model the server fronts: its id and the image worker's queue.
+pub struct ImageModel {
+    pub id: String,
+    pub jobs: SyncSender<ImageJob>,
+    /// Most images one request may ask for (`n`).
+    pub max_images: usize,
+}
+
 struct Shared {
     config: ServerConfig,
-    text: TextCodec,
-    jobs: SyncSender<Job>,
+    text: Option<TextModel>,
+    image: Option<ImageModel>,
     metrics: Arc<Metrics>,
     created: u64,
+    /// Raised at the shutdown deadline: requests still waiting are answered 503.
+    cancel: &'static AtomicBool,
 }
 
 type Ctx = Arc<Shared>;
 
-/// Serve on `listener` until SIGINT or SIGTERM, then stop accepting, let in-flight requests
-/// finish for `shutdown_grace` and raise `cancel` to end the rest. Returns when every
-/// connection is closed (the engine ends when `jobs` is dropped).
+/// Serve `text` and `image` (one at least) on `listener` until SIGINT or SIGTERM, then stop
+/// accepting, let in-flight requests finish for `shutdown_grace` and raise `cancel` to end
+/// the rest. Returns when every connection is closed (the engine and the image worker end
+/// when their queues are dropped).
 pub fn serve(
     listener: std::net::TcpListener,
     config: ServerConfig,
-    text: TextCodec,
-    jobs: SyncSender<Job>,
+    text: Option<TextModel>,
+    image: Option<ImageModel>,
     metrics: Arc<Metrics>,
     cancel: &'static AtomicBool,
 ) -> std::io::Result<()> {
@@ -68,39 +97,65 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let grace = config.shutdown_grace;
     let limit = config.max_body_bytes;
+    let header_timeout = config.header_timeout;
     let ctx = Arc::new(Shared {
         config,
         text,
-        jobs,
+        image,
         metrics,
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: unix_now(),
+        cancel,
     });
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
+            .route("/v1/images/generations", post(images_generations))
             .route("/v1/models", get(models))
             .route("/health", get(health))
             .route("/metrics", get(metrics_text))
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(limit))
             .with_state(ctx);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                eprintln!(
-                    "[ferry serve: stopping; in-flight requests have {:.0} s to finish]",
-                    grace.as_secs_f64()
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    cancel.store(true, Ordering::SeqCst);
-                });
-            })
-            .await
+        // hyper's HTTP/1 connections, each on a task of its own. The header read timeout
+        // (it needs a timer) bounds how long a connection may hold its task without sending a
+        // whole request head: a new one, or one idle between requests.
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let connections = GracefulShutdown::new();
+        let mut stop = std::pin::pin!(shutdown_signal());
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors, say: wait for some to be freed.
+                            eprintln!("[ferry serve: accepting a connection failed: {e}]");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let service = TowerToHyperService::new(app.clone());
+                    let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(conn);
+                }
+                _ = &mut stop => break,
+            }
+        }
+        drop(listener);
+        eprintln!(
+            "[ferry serve: stopping; in-flight requests have {:.0} s to finish]",
+            grace.as_secs_f64()
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            cancel.store(true, Ordering::SeqCst);
+        });
+        connections.shutdown().await;
+        Ok(())
     })
 }
 
@@ -152,7 +207,7 @@ async fn not_found() -> Response {
     error(ApiError::new(
         404,
         "invalid_request_error",
-        "no such endpoint; ferry serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health and /metrics",
+        "no such endpoint; ferry serves POST /v1/chat/completions, POST /v1/completions, POST /v1/images/generations, GET /v1/models, /health and /metrics",
     ))
 }
 
@@ -164,9 +219,15 @@ async fn models(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&ctx, &headers) {
         return error(e);
     }
-    json_body(&json!({"object": "list", "data": [{
-        "id": ctx.config.model_id, "object": "model", "created": ctx.created, "owned_by": "ferry",
-    }]}))
+    let ids = ctx
+        .text
+        .iter()
+        .map(|t| &t.id)
+        .chain(ctx.image.iter().map(|i| &i.id));
+    let data: Vec<Value> = ids
+        .map(|id| json!({"id": id, "object": "model", "created": ctx.created, "owned_by": "ferry"}))
+        .collect();
+    json_body(&json!({"object": "list", "data": data}))
 }
 
 async fn metrics_text(State(ctx): State<Ctx>) -> Response {
@@ -181,7 +242,13 @@ async fn metrics_text(State(ctx): State<Ctx>) -> Response {
 # HELP ferry_active_sequences Sequences in the running batch.\n# TYPE ferry_active_sequences gauge\nferry_active_sequences {}\n\
 # HELP ferry_pass_seconds Passes over the weights.\n# TYPE ferry_pass_seconds summary\nferry_pass_seconds_sum {:.6}\nferry_pass_seconds_count {}\n\
 # HELP ferry_streamed_bytes_total Weight bytes streamed to the GPU.\n# TYPE ferry_streamed_bytes_total counter\nferry_streamed_bytes_total {}\n\
-# HELP ferry_pass_efficiency The last streamed pass's bound / time.\n# TYPE ferry_pass_efficiency gauge\nferry_pass_efficiency {:.6}\n",
+# HELP ferry_pass_efficiency The last streamed pass's bound / time.\n# TYPE ferry_pass_efficiency gauge\nferry_pass_efficiency {:.6}\n\
+# HELP ferry_image_requests_total Image requests accepted into the image queue.\n# TYPE ferry_image_requests_total counter\nferry_image_requests_total {}\n\
+# HELP ferry_image_requests_rejected_total Image requests refused because the image queue was full.\n# TYPE ferry_image_requests_rejected_total counter\nferry_image_requests_rejected_total{{reason=\"queue_full\"}} {}\n\
+# HELP ferry_image_queue_depth Image requests waiting for the image worker.\n# TYPE ferry_image_queue_depth gauge\nferry_image_queue_depth {}\n\
+# HELP ferry_image_jobs_running Image requests generating now (0 or 1).\n# TYPE ferry_image_jobs_running gauge\nferry_image_jobs_running {}\n\
+# HELP ferry_images_generated_total Images generated.\n# TYPE ferry_images_generated_total counter\nferry_images_generated_total {}\n\
+# HELP ferry_image_job_seconds Image jobs (one request's images, denoised together).\n# TYPE ferry_image_job_seconds summary\nferry_image_job_seconds_sum {:.6}\nferry_image_job_seconds_count {}\n",
         l(&m.requests),
         l(&m.rejected_queue_full),
         l(&m.rejected_bad_request),
@@ -193,6 +260,13 @@ async fn metrics_text(State(ctx): State<Ctx>) -> Response {
         l(&m.passes),
         l(&m.streamed_bytes),
         l(&m.efficiency_ppm) as f64 / 1e6,
+        l(&m.image_requests),
+        l(&m.rejected_image_queue_full),
+        m.image_queued.load(Ordering::SeqCst),
+        m.image_running.load(Ordering::SeqCst),
+        l(&m.images_generated),
+        l(&m.image_us) as f64 / 1e6,
+        l(&m.image_jobs),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -206,9 +280,18 @@ async fn completions(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) ->
 }
 
 async fn complete(ctx: Ctx, headers: HeaderMap, body: Bytes, endpoint: Endpoint) -> Response {
-    let prepared = authorize(&ctx, &headers)
-        .and_then(|()| api::parse(endpoint, &body))
-        .and_then(|ask| request(&ctx, ask, endpoint));
+    if let Err(e) = authorize(&ctx, &headers) {
+        return error(e);
+    }
+    let Some(text) = &ctx.text else {
+        return error(no_model(
+            "text",
+            "ferry serve --model",
+            ctx.image.as_ref().map(|i| &i.id),
+            "POST /v1/images/generations",
+        ));
+    };
+    let prepared = api::parse(endpoint, &body).and_then(|ask| request(text, ask, endpoint));
     let (ask, request) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -222,7 +305,7 @@ async fn complete(ctx: Ctx, headers: HeaderMap, body: Bytes, endpoint: Endpoint)
     };
     let (tx, mut rx) = unbounded_channel();
     ctx.metrics.queued.fetch_add(1, Ordering::SeqCst);
-    match ctx.jobs.try_send(Job {
+    match text.jobs.try_send(Job {
         request,
         events: tx,
     }) {
@@ -262,10 +345,8 @@ async fn complete(ctx: Ctx, headers: HeaderMap, body: Bytes, endpoint: Endpoint)
     let reply = Reply {
         id,
         endpoint,
-        model: ctx.config.model_id.clone(),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        model: text.id.clone(),
+        created: unix_now(),
     };
     if !ask.stream {
         let mut text = String::new();
@@ -355,19 +436,9 @@ async fn complete(ctx: Ctx, headers: HeaderMap, body: Bytes, endpoint: Endpoint)
 
 /// The engine's request for `ask`: the prompt encoded (chat template for chat), the sampling,
 /// and the context checked.
-fn request(ctx: &Shared, ask: Ask, endpoint: Endpoint) -> Result<(Ask, Request), ApiError> {
-    let c = &ctx.config;
-    if ask.model != c.model_id {
-        return Err(ApiError {
-            status: 404,
-            message: format!(
-                "model: {:?} is not served here; this server serves {:?} (GET /v1/models)",
-                ask.model, c.model_id
-            ),
-            kind: "invalid_request_error",
-            param: Some("model".into()),
-            code: Some("model_not_found"),
-        });
+fn request(c: &TextModel, ask: Ask, endpoint: Endpoint) -> Result<(Ask, Request), ApiError> {
+    if ask.model != c.id {
+        return Err(unknown_model(&ask.model, &c.id));
     }
     let (prompt, field) = match endpoint {
         Endpoint::Chat => {
@@ -376,13 +447,13 @@ fn request(ctx: &Shared, ask: Ask, endpoint: Endpoint) -> Result<(Ask, Request),
                 .iter()
                 .map(|(r, c)| Message::new(r, c))
                 .collect();
-            (ctx.text.encode_chat(&messages), "messages")
+            (c.codec.encode_chat(&messages), "messages")
         }
         Endpoint::Completions => {
             if ask.prompt.is_empty() {
                 return Err(ApiError::field("prompt", "is empty; give some text"));
             }
-            (ctx.text.encode(&ask.prompt), "prompt")
+            (c.codec.encode(&ask.prompt), "prompt")
         }
     };
     let prompt = prompt.map_err(|e| ApiError::field(field, e.to_string()))?;
@@ -432,6 +503,150 @@ fn request(ctx: &Shared, ask: Ask, endpoint: Endpoint) -> Result<(Ask, Request),
         ignore_eos: false,
     };
     Ok((ask, request))
+}
+
+/// POST /v1/images/generations: the request checked, queued for the image worker (429 when
+/// its queue is full), and answered with the PNGs in base64 when they are made.
+async fn images_generations(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = authorize(&ctx, &headers) {
+        return error(e);
+    }
+    let Some(image) = &ctx.image else {
+        return error(no_model(
+            "image",
+            "ferry serve --image-model",
+            ctx.text.as_ref().map(|t| &t.id),
+            "POST /v1/chat/completions and /v1/completions",
+        ));
+    };
+    let ask = api::parse_image(&body, image.max_images).and_then(|ask| match &ask.model {
+        Some(m) if *m != image.id => Err(unknown_model(m, &image.id)),
+        _ => Ok(ask),
+    });
+    let ask = match ask {
+        Ok(a) => a,
+        Err(e) => {
+            if e.status == 400 {
+                ctx.metrics
+                    .rejected_bad_request
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return error(e);
+        }
+    };
+    let seed = ask.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64 % 1_000_000_000)
+    });
+    let (reply, mut answer) = oneshot::channel();
+    ctx.metrics.image_queued.fetch_add(1, Ordering::SeqCst);
+    if let Err(e) = image.jobs.try_send(ImageJob { ask, seed, reply }) {
+        ctx.metrics.image_queued.fetch_sub(1, Ordering::SeqCst);
+        let busy = matches!(e, TrySendError::Full(_));
+        if busy {
+            ctx.metrics
+                .rejected_image_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        return error(ApiError::new(
+            if busy { 429 } else { 503 },
+            "server_error",
+            if busy {
+                "the queue of waiting image requests is full (ferry serve --max-image-queue); try again shortly"
+            } else {
+                "the image worker has stopped (the server is shutting down)"
+            },
+        ));
+    }
+    ctx.metrics.image_requests.fetch_add(1, Ordering::Relaxed);
+    // Wait for the images, the request's deadline, or the shutdown deadline (looked at a few
+    // times a second: an image job cannot be cut short, its client can stop waiting).
+    let deadline = tokio::time::Instant::now() + ctx.config.request_timeout;
+    let mut looks = tokio::time::interval(Duration::from_millis(200));
+    let generated = loop {
+        tokio::select! {
+            done = &mut answer => break done,
+            _ = tokio::time::sleep_until(deadline) => {
+                return error(ApiError::new(
+                    504,
+                    "server_error",
+                    format!(
+                        "the request took longer than {} s (ferry serve --request-timeout)",
+                        ctx.config.request_timeout.as_secs()
+                    ),
+                ));
+            }
+            _ = looks.tick() => {
+                if ctx.cancel.load(Ordering::SeqCst) {
+                    return error(ApiError::new(503, "server_error", "the request was cancelled: the server is shutting down"));
+                }
+            }
+        }
+    };
+    let g = match generated {
+        Ok(Ok(g)) => g,
+        Ok(Err(m)) => return error(ApiError::new(500, "server_error", m)),
+        Err(_) => {
+            return error(ApiError::new(
+                503,
+                "server_error",
+                "the request was dropped (the server is shutting down)",
+            ))
+        }
+    };
+    let data: Vec<Value> = g
+        .pngs
+        .iter()
+        .map(|p| json!({"b64_json": images::base64(p)}))
+        .collect();
+    json_body(&json!({
+        "created": unix_now(),
+        "data": data,
+        "output_format": "png",
+        "seed": seed,
+        "usage": {
+            "input_tokens": g.text_tokens,
+            "input_tokens_details": {"text_tokens": g.text_tokens, "image_tokens": 0},
+            "output_tokens": g.image_tokens,
+            "total_tokens": g.text_tokens + g.image_tokens,
+        },
+    }))
+}
+
+/// 404 for an endpoint whose kind of model (`kind`, loaded by `flag`) this server lacks,
+/// saying what it serves instead (`other`, at `endpoints`).
+fn no_model(kind: &str, flag: &str, other: Option<&String>, endpoints: &str) -> ApiError {
+    ApiError {
+        status: 404,
+        message: format!(
+            "no {kind} model is loaded on this server (start it with {flag}){}",
+            other.map_or(String::new(), |id| format!(
+                "; it serves {id:?} at {endpoints}"
+            ))
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    }
+}
+
+fn unknown_model(asked: &str, served: &str) -> ApiError {
+    ApiError {
+        status: 404,
+        message: format!(
+            "model: {asked:?} is not served here; this server serves {served:?} (GET /v1/models)"
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn finish_reason(f: Finish) -> &'static str {
