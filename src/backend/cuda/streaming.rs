@@ -713,10 +713,10 @@ impl Decoders {
                     .arg(&segment)
                     .arg(&d.base_bit)
                     .arg(&blocks);
-                // One warp per block of the share, 4 warps per thread block (decompress.cu).
+                // One warp per block of the share, 8 warps per thread block (decompress.cu).
                 let cfg = LaunchConfig {
-                    grid_dim: (blocks.div_ceil(4).max(1) as u32, 1, 1),
-                    block_dim: (128, 1, 1),
+                    grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 // SAFETY: the arguments match `decompress_bf16`; the caller vouches for the
