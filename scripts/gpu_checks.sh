@@ -105,7 +105,7 @@ if [ -z "${SKIP_DIT:-}" ]; then
     for c in on off; do
         echo "-- --vram 3GiB --batch 1 --compress $c"
         timeout 300 "$BIN/ferry" bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB --compress "$c" \
-            > "$OUT/dit_3GiB_$c.json" 2> "$OUT/dit_3GiB_$c.log" || { status=1; tail -5 "$OUT/dit_3GiB_$c.log"; }
+            --timeline "$OUT/dit_timeline_3GiB_b1_$c.svg" > "$OUT/dit_3GiB_$c.json" 2> "$OUT/dit_3GiB_$c.log" || { status=1; tail -5 "$OUT/dit_3GiB_$c.log"; }
         cat "$OUT/dit_3GiB_$c.json"
     done
 fi

@@ -140,7 +140,7 @@ pub fn plan_request(
 /// (`decompress.cu`) and ggml blocks (`dequantize.cu`); bench/NOTES.md has the measured
 /// figures.
 pub const ASSUMED_DECODE: DecodeSpeeds = DecodeSpeeds {
-    exponents_gbps: 500.0,
+    exponents_gbps: 700.0,
     blocks_gbps: 1500.0,
 };
 
@@ -255,15 +255,34 @@ pub fn stream_weights(
         Compress::Auto => !tier.is_staged(),
     };
     if wanted && !plan.pieces.is_empty() {
-        // Exponent-code what streams at this budget, then plan again with the encoded sizes
-        // (a group the second plan streams beyond those streams as it is).
+        // Exponent-code what streams at this budget, then plan again with the encoded sizes;
+        // the new plan may keep other groups resident and stream some not yet encoded: code
+        // those too and plan again, until it streams only coded groups (a few rounds: the
+        // resident set only moves while coded groups are cheaper to stream).
         let mut encoded = match &blocks {
             Some(b) => Compressed::clone(b),
             None => Compressed::blocks(&model.groups, true, SLOT_ALIGN, ASSUMED_DECODE),
         };
-        encoded.encode_exponents(&model.groups, &model.splits, |g| streams(&plan, g), true)?;
-        request.compressed = Some(Arc::new(encoded));
-        match crate::stream::plan(&request) {
+        let mut coded = vec![false; model.groups.len()];
+        let mut next = plan.clone();
+        let planned = loop {
+            let fresh: Vec<bool> = (0..coded.len())
+                .map(|g| streams(&next, g) && !coded[g])
+                .collect();
+            if !fresh.contains(&true) {
+                break Ok(next);
+            }
+            encoded.encode_exponents(&model.groups, &model.splits, |g| fresh[g], true)?;
+            for (c, f) in coded.iter_mut().zip(&fresh) {
+                *c |= f;
+            }
+            request.compressed = Some(Arc::new(encoded.clone()));
+            match crate::stream::plan(&request) {
+                Ok(p) => next = p,
+                Err(e) => break Err(e),
+            }
+        };
+        match planned {
             // Auto keeps the faster of the two plans: where a pass is compute-bound, decoding
             // only adds to it; and where the decode buffer puts the budget below the minimum,
             // it streams as stored.

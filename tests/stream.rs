@@ -190,25 +190,53 @@ fn the_simulation_plays_the_cyclic_schedule() {
     // fill both slots (to 35). Then each pass takes 5 + 5 + 20 = 30 ms, no stall: the copies
     // hide behind the resident's compute.
     let units = [
-        SimUnit {
-            compute_ms: 5.0,
-            copy_ms: Some(10.0),
-        },
-        SimUnit {
-            compute_ms: 5.0,
-            copy_ms: Some(10.0),
-        },
-        SimUnit {
-            compute_ms: 20.0,
-            copy_ms: None,
-        },
+        unit(5.0, Some(10.0), 0.0),
+        unit(5.0, Some(10.0), 0.0),
+        unit(20.0, None, 0.0),
     ];
-    let ends = simulate(&units, 2, 3);
+    let ends = simulate(&units, 2, 0, 3);
     assert_eq!(ends[0], (45.0, 15.0));
     assert_eq!(ends[1], (75.0, 0.0));
     assert_eq!(ends[2].0 - ends[1].0, 30.0);
     // With one slot the copy of unit 1 waits for the compute of unit 0: 10 + 5 + 10 + 5 + 20.
-    assert_eq!(simulate(&units, 1, 1)[0].0, 50.0);
+    assert_eq!(simulate(&units, 1, 0, 1)[0].0, 50.0);
+}
+
+fn unit(compute_ms: f64, copy_ms: Option<f64>, decode_ms: f64) -> SimUnit {
+    SimUnit {
+        compute_ms,
+        copy_ms,
+        decode_ms,
+        decoded_whole: decode_ms > 0.0,
+    }
+}
+
+#[test]
+fn decoding_overlaps_the_compute_before_with_two_decode_buffers() {
+    // Four streamed units, each copied in 4 ms, decoded in 3 and computed in 5, 4 slots (the
+    // copies never wait for a slot). One decode buffer: a unit decodes once the one before
+    // has computed, so a pass costs 4 × (3 + 5) = 32 ms in steady state. Two: unit j decodes
+    // while unit j - 1 computes, and the pass is compute-bound, 4 × 5 = 20 ms.
+    let units = [unit(5.0, Some(4.0), 3.0); 4];
+    let steady = |buffers| {
+        let ends = simulate(&units, 4, buffers, 6);
+        ends[5].0 - ends[4].0
+    };
+    assert_eq!(steady(1), 32.0);
+    assert_eq!(steady(2), 20.0);
+    // Cold, with two buffers: copy 0 ends at 4, its decoding at 7 (stall 7); unit 1 is
+    // copied by 8, decoded by 11 while unit 0 computes to 12; then 5 ms a unit: 27.
+    assert_eq!(simulate(&units, 4, 2, 1)[0], (27.0, 7.0));
+    // A unit decoded whole frees its slot when its decoding ends. With 2 slots and two
+    // buffers, copy 2 starts at 8 (unit 0 decoded at 7) and the cold pass still ends at 27;
+    // were the slots freed by compute, copy 2 would wait for unit 0's compute (12), copy 3
+    // for unit 1's (17), and unit 3 would decode 21–24 and compute 24–29.
+    assert_eq!(simulate(&units, 2, 2, 1)[0].0, 27.0);
+    let mut late = units;
+    for u in &mut late {
+        u.decoded_whole = false;
+    }
+    assert_eq!(simulate(&late, 2, 2, 1)[0].0, 29.0);
 }
 
 #[test]
@@ -847,4 +875,39 @@ fn compressed_streaming_on_the_cpu_equals_resident_bit_for_bit() {
         assert!(alloc.peak() <= alloc.budget(), "over the budget");
     }
     assert!(split_pieces > 0, "no plan streamed a group in pieces");
+
+    // Decoding as slow as the compute: one decode buffer serializes the two, a second lets a
+    // piece decode while the one before computes, and the planner takes it where it fits.
+    let mut slow = (*encoded).clone();
+    slow.speeds = ferry::stream::compress::DecodeSpeeds {
+        exponents_gbps: 1.0,
+        blocks_gbps: 1.0,
+    };
+    let slow = Arc::new(slow);
+    let request = |budget| {
+        let mut r = PlanRequest {
+            compressed: Some(slow.clone()),
+            h2d_gbps: 1e4,
+            ..common::cpu_request(&model, &ckpt, shape, budget)
+        };
+        for g in &mut r.groups {
+            // About a block's decoding at 1 GB/s.
+            g.compute_ms = g.bytes as f64 / 1e6;
+        }
+        r
+    };
+    let least = plan(&request(least)).unwrap();
+    assert_eq!(least.decode_buffers, 1, "at the least budget only one fits");
+    let roomy = least.budget + total / 2;
+    let p = plan(&request(roomy)).unwrap();
+    assert_eq!(p.decode_buffers, 2, "{p}");
+    assert!(p.device_bytes() <= roomy);
+    assert!(p.to_string().contains("2 decode buffers ×"), "{p}");
+    // Compute and decoding one after the other.
+    let serial = p.prediction.compute_ms + p.prediction.decode_ms;
+    assert!(
+        p.prediction.pass_ms < 0.8 * serial && p.prediction.pass_ms >= p.prediction.bound_ms(),
+        "predicted {} ms with decoding overlapped, {serial} ms serial",
+        p.prediction.pass_ms
+    );
 }

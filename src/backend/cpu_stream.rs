@@ -414,6 +414,9 @@ impl SlotEngine for CpuCopyEngine {
             let (memory, dst, len, dtype) = match *share {
                 None => continue,
                 Some(Share::Raw { dst, len }) => (&storage, dst, len, t.dtype),
+                Some(Share::Moved { dst, len, .. }) => {
+                    (decoded.as_ref().expect("decoded above"), dst, len, t.dtype)
+                }
                 Some(Share::Encoded { decode, dst, len }) => {
                     let dtype = match decode {
                         Decode::Exponents(_) => t.dtype,
@@ -457,16 +460,22 @@ impl CpuCopyEngine {
                 )
             })?;
         for share in layout.shares.iter().flatten() {
-            if let Share::Encoded { decode, dst, len } = *share {
-                let out = &mut out[dst..dst + len];
-                match decode {
-                    Decode::Exponents(d) => {
-                        compress::decode(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
-                    }
-                    Decode::Blocks(d) => {
-                        blocks::decode_f32(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
+            match *share {
+                Share::Encoded { decode, dst, len } => {
+                    let out = &mut out[dst..dst + len];
+                    match decode {
+                        Decode::Exponents(d) => {
+                            compress::decode(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
+                        }
+                        Decode::Blocks(d) => {
+                            blocks::decode_f32(slot.bytes(), &d, bytemuck::cast_slice_mut(out))
+                        }
                     }
                 }
+                Share::Moved { src, dst, len } => {
+                    out[dst..dst + len].copy_from_slice(&slot.bytes()[src..src + len])
+                }
+                Share::Raw { .. } => {}
             }
         }
         Ok(Some(Arc::clone(&buffer)))
@@ -535,6 +544,7 @@ pub fn cpu_streamed_weights(
                     compute_ms: 0.0,
                     copy_bytes: bytes,
                     decode_ms: 0.0,
+                    decoded_whole: false,
                 };
                 let placed = spans(&host, &all);
                 let label = plan.groups[g].label.clone();

@@ -632,6 +632,10 @@ pub enum Share {
         dst: usize,
         len: usize,
     },
+    /// As it is, `len` bytes at `src` in the slot, moved with the piece's decoding into the
+    /// decode buffer at `dst` (a norm's weight beside encoded matrices, say): the piece then
+    /// reads the decode buffer only, and its slot is free once decoding has run.
+    Moved { src: usize, dst: usize, len: usize },
 }
 
 /// How a piece lies in a slot.
@@ -663,6 +667,17 @@ impl PieceLayout {
             .sum()
     }
 
+    /// Every share is decoded or moved (and one is decoded): the piece's compute reads the
+    /// decode buffer only, never the slot.
+    pub fn decoded_whole(&self) -> bool {
+        self.decoded > 0
+            && self
+                .shares
+                .iter()
+                .flatten()
+                .all(|s| !matches!(s, Share::Raw { .. }))
+    }
+
     /// Time the device takes to decode the piece at `speeds`, ms.
     pub fn decode_ms(&self, speeds: DecodeSpeeds) -> f64 {
         self.shares
@@ -684,7 +699,8 @@ impl PieceLayout {
 /// How the bytes `offset..offset + bytes` of a group whose tensors hold `tensor_bytes` lie
 /// in a slot, every share at a multiple of `align`: as they are, or, for a tensor in
 /// `encoded` whose share is whole segments, encoded (its bf16 form then lies in the decode
-/// buffer where it would have lain in the slot).
+/// buffer where it would have lain in the slot). Where any share is encoded, the others are
+/// moved into the decode buffer beside them, also where they would have lain in the slot.
 pub fn piece_layout(
     tensor_bytes: &[usize],
     encoded: Option<&[Option<Encoding>]>,
@@ -698,6 +714,8 @@ pub fn piece_layout(
         ..PieceLayout::default()
     };
     let mut at = 0;
+    // Shares copied as they are, with where they lie in an uncompressed slot.
+    let mut unencoded = Vec::new();
     for s in raw {
         let enc = encoded.and_then(|e| e[s.tensor].as_ref());
         let placed = enc.and_then(|e| {
@@ -737,7 +755,20 @@ pub fn piece_layout(
                     dst,
                 });
                 out.shares[s.tensor] = Some(Share::Raw { dst, len: s.len });
+                unencoded.push((s.tensor, s.dst));
                 at = align_up(dst + s.len, align);
+            }
+        }
+    }
+    if out.decoded > 0 {
+        for (tensor, slot_dst) in unencoded {
+            if let Some(Share::Raw { dst, len }) = out.shares[tensor] {
+                out.shares[tensor] = Some(Share::Moved {
+                    src: dst,
+                    dst: slot_dst,
+                    len,
+                });
+                out.decoded = out.decoded.max(slot_dst + len);
             }
         }
     }
@@ -1017,6 +1048,48 @@ mod tests {
             assert!(out[..] == values[r0 * cols..r1 * cols], "rows {r0}..{r1}");
         }
         assert!(enc.place(1..cols, 0, 16).is_none(), "not whole rows");
+    }
+
+    #[test]
+    fn beside_encoded_shares_the_others_move_into_the_decode_buffer() {
+        // A group of a norm (1000 bf16, not encoded), a matrix (encoded) and a bias (100).
+        let matrix = normal_bf16(64 * 1024, 0.02, 9);
+        let enc = Encoding::Exponents(EncodedTensor::encode("w", &matrix, matrix.len()).unwrap());
+        let bytes = [2000, 2 * matrix.len(), 200];
+        let encoded = [None, Some(enc), None];
+        let layout = piece_layout(&bytes, Some(&encoded), 0, bytes.iter().sum(), 256);
+        // Where each share lies in an uncompressed slot of the same piece.
+        let plain = piece_layout(&bytes, None, 0, bytes.iter().sum(), 256);
+        let at = |l: &PieceLayout, i: usize| match l.shares[i] {
+            Some(Share::Raw { dst, len }) => (dst, len),
+            other => panic!("share {i}: {other:?}"),
+        };
+        for i in [0, 2] {
+            let (slot_dst, len) = at(&plain, i);
+            match layout.shares[i] {
+                Some(Share::Moved { src, dst, len: n }) => {
+                    assert_eq!(
+                        (dst, n),
+                        (slot_dst, len),
+                        "share {i} moves where it would lie"
+                    );
+                    // Its bytes were copied as they are to `src` in the slot.
+                    let copy = layout.copies.iter().find(|c| c.tensor == i).unwrap();
+                    assert_eq!((copy.dst, copy.len, copy.encoded), (src, len, false));
+                }
+                other => panic!("share {i}: {other:?}"),
+            }
+        }
+        match layout.shares[1] {
+            Some(Share::Encoded { dst, len, .. }) => assert_eq!((dst, len), at(&plain, 1)),
+            other => panic!("share 1: {other:?}"),
+        }
+        assert!(layout.decoded_whole());
+        assert_eq!(layout.decoded, plain.extent.min(at(&plain, 2).0 + 200));
+        assert!(layout.copy_bytes() < plain.copy_bytes());
+        // Nothing encoded: nothing moves.
+        assert!(!plain.decoded_whole());
+        assert_eq!(plain.decoded, 0);
     }
 
     #[test]

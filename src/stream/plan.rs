@@ -95,6 +95,9 @@ pub struct Piece {
     pub copy_bytes: usize,
     /// Time the device takes to decode it, ms (0 when nothing in it is encoded).
     pub decode_ms: f64,
+    /// Every share of it is decoded: its compute reads the decode buffer only, so its slot
+    /// is free once the decoding has run.
+    pub decoded_whole: bool,
 }
 
 /// The groups kept on the device, in pass order.
@@ -133,14 +136,16 @@ pub struct Prediction {
     pub compute_ms: f64,
     /// Streamed bytes / h2d bandwidth: the PCIe bound.
     pub copy_ms: f64,
-    /// Time compute waits for copies in a steady pass.
+    /// Time compute waits for copies (and their decoding) in a steady pass.
     pub stall_ms: f64,
+    /// Decoding of the pass's encoded pieces, on its own lane.
+    pub decode_ms: f64,
 }
 
 impl Prediction {
-    /// The physical bound: max(compute, copy).
+    /// The physical bound: max(compute, copy, decode), each lane's work alone.
     pub fn bound_ms(&self) -> f64 {
-        self.compute_ms.max(self.copy_ms)
+        self.compute_ms.max(self.copy_ms).max(self.decode_ms)
     }
     /// bound / predicted (1.0 = at the bound).
     pub fn efficiency(&self) -> f64 {
@@ -167,8 +172,11 @@ pub struct Plan {
     /// Device bytes of each slot: `slot_bytes`, or the largest encoded piece's layout when
     /// compressed.
     pub slot_device_bytes: usize,
-    /// Device bytes of the buffer encoded pieces are decoded into (0 when none are).
+    /// Device bytes of each buffer encoded pieces are decoded into (0 when none are).
     pub decode_bytes: usize,
+    /// Decode buffers, used in turn: with two, a piece decodes while the one before it
+    /// computes; with one, after it (0 when nothing is encoded).
+    pub decode_buffers: usize,
     pub budget: usize,
     pub kv_cache: usize,
     pub workspace: usize,
@@ -208,7 +216,7 @@ impl Plan {
     pub fn device_bytes(&self) -> usize {
         self.resident.bytes()
             + self.slots * self.slot_device_bytes
-            + self.decode_bytes
+            + self.decode_buffers * self.decode_bytes
             + self.fixed_bytes()
     }
 
@@ -244,6 +252,8 @@ impl Plan {
                 Unit::Group(g) => SimUnit {
                     compute_ms: group_compute_ms[g],
                     copy_ms: None,
+                    decode_ms: 0.0,
+                    decoded_whole: false,
                 },
                 Unit::Piece(k) => {
                     let p = &self.pieces[k];
@@ -253,13 +263,15 @@ impl Plan {
                         _ => p.bytes as f64 / group as f64,
                     };
                     SimUnit {
-                        compute_ms: group_compute_ms[p.group] * share + p.decode_ms,
+                        compute_ms: group_compute_ms[p.group] * share,
                         copy_ms: Some(copy_ms(p.copy_bytes, h2d_gbps)),
+                        decode_ms: p.decode_ms,
+                        decoded_whole: p.decoded_whole,
                     }
                 }
             })
             .collect();
-        let ends = simulate(&units, self.slots, SIM_PASSES);
+        let ends = simulate(&units, self.slots, self.decode_buffers, SIM_PASSES);
         let (last, stall) = ends[SIM_PASSES - 1];
         Prediction {
             pass_ms: last - ends[SIM_PASSES - 2].0,
@@ -267,6 +279,7 @@ impl Plan {
             compute_ms: group_compute_ms.iter().sum(),
             copy_ms: copy_ms(self.streamed_bytes(), h2d_gbps),
             stall_ms: stall,
+            decode_ms: self.pieces.iter().map(|p| p.decode_ms).sum(),
         }
     }
 }
@@ -275,50 +288,92 @@ fn copy_ms(bytes: usize, h2d_gbps: f64) -> f64 {
     bytes as f64 / (h2d_gbps * 1e6)
 }
 
-/// One step for [`simulate`]: compute time, and copy time if it streams through a slot.
+/// One step for [`simulate`]: compute time, and copy time if it streams through a slot, and
+/// decode time if it comes encoded.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SimUnit {
     pub compute_ms: f64,
     pub copy_ms: Option<f64>,
+    /// 0 when nothing in it is encoded.
+    pub decode_ms: f64,
+    /// Its slot is free when its decoding ends (else when its compute ends).
+    pub decoded_whole: bool,
 }
 
 /// Play the cyclic schedule for `passes` passes and return the end time of each pass and the
 /// stall of each, ms.
 ///
 /// Streamed units are copied in order, wrapping into the next pass, into `slots` slots used
-/// round robin: copy `j` starts when copy `j-1` has ended and the compute of streamed unit
-/// `j - slots` (the slot's previous user) has ended. The compute of a streamed unit starts when
-/// the previous compute has ended and its copy has ended; the difference is stall. The next
-/// pass's compute follows the last of this one directly.
-pub fn simulate(units: &[SimUnit], slots: usize, passes: usize) -> Vec<(f64, f64)> {
-    let copies: Vec<f64> = units.iter().filter_map(|u| u.copy_ms).collect();
+/// round robin: copy `j` starts when copy `j-1` has ended and the slot's previous user
+/// (streamed unit `j - slots`) has released it — when its compute ended, or its decoding
+/// if it was decoded whole. Encoded units decode in order on a lane of their own into
+/// `decode_buffers` buffers used round robin: decoding starts when the unit's copy, the
+/// decoding before and the compute of the buffer's previous user have ended. The compute of
+/// a streamed unit starts when the previous compute has ended and its copy (or decoding)
+/// has; the difference is stall. The next pass's compute follows the last of this one
+/// directly.
+pub fn simulate(
+    units: &[SimUnit],
+    slots: usize,
+    decode_buffers: usize,
+    passes: usize,
+) -> Vec<(f64, f64)> {
+    let streamed: Vec<&SimUnit> = units.iter().filter(|u| u.copy_ms.is_some()).collect();
     assert!(
-        copies.is_empty() || slots > 0,
+        streamed.is_empty() || slots > 0,
         "streamed units need at least one slot"
     );
+    let decoding = streamed.iter().any(|u| u.decode_ms > 0.0);
+    assert!(
+        !decoding || decode_buffers > 0,
+        "decoded units need at least one decode buffer"
+    );
     let mut copy_end: Vec<f64> = Vec::new();
-    let mut release: Vec<f64> = Vec::new(); // compute end of streamed unit j
+    // Per streamed unit j: when its slot is free again.
+    let mut release: Vec<f64> = Vec::new();
+    // Per decoded unit, in order: the compute end of the unit that read its buffer.
+    let mut buffer_users: Vec<f64> = Vec::new();
+    let mut decode_lane = 0.0f64;
     let mut t = 0.0;
     let mut out = Vec::with_capacity(passes);
     for _ in 0..passes {
         let mut stall = 0.0;
         for u in units {
-            match u.copy_ms {
-                None => t += u.compute_ms,
-                Some(_) => {
-                    let j = release.len();
-                    while copy_end.len() <= j {
-                        let c = copy_end.len();
-                        let slot_free = if c >= slots { release[c - slots] } else { 0.0 };
-                        let engine_free = copy_end.last().copied().unwrap_or(0.0);
-                        copy_end.push(engine_free.max(slot_free) + copies[c % copies.len()]);
-                    }
-                    let start = t.max(copy_end[j]);
-                    stall += start - t;
-                    t = start + u.compute_ms;
-                    release.push(t);
-                }
+            let Some(_) = u.copy_ms else {
+                t += u.compute_ms;
+                continue;
+            };
+            let j = release.len();
+            while copy_end.len() <= j {
+                let c = copy_end.len();
+                let slot_free = if c >= slots { release[c - slots] } else { 0.0 };
+                let engine_free = copy_end.last().copied().unwrap_or(0.0);
+                let ms = streamed[c % streamed.len()].copy_ms.unwrap_or(0.0);
+                copy_end.push(engine_free.max(slot_free) + ms);
             }
+            let mut ready = copy_end[j];
+            let mut decoded_at = None;
+            if u.decode_ms > 0.0 {
+                let k = buffer_users.len();
+                let buffer_free = if k >= decode_buffers {
+                    buffer_users[k - decode_buffers]
+                } else {
+                    0.0
+                };
+                decode_lane = ready.max(decode_lane).max(buffer_free) + u.decode_ms;
+                ready = decode_lane;
+                decoded_at = Some(decode_lane);
+            }
+            let start = t.max(ready);
+            stall += start - t;
+            t = start + u.compute_ms;
+            if decoded_at.is_some() {
+                buffer_users.push(t);
+            }
+            release.push(match decoded_at {
+                Some(d) if u.decoded_whole => d,
+                _ => t,
+            });
         }
         out.push((t, stall));
     }
@@ -380,6 +435,7 @@ fn split(g: usize, group: &Group, slot_bytes: usize) -> Result<Vec<Piece>> {
             },
             copy_bytes: bytes,
             decode_ms: 0.0,
+            decoded_whole: false,
         });
         offset += bytes;
     }
@@ -456,12 +512,13 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             .collect()
     };
 
-    // `memory`: device bytes of a slot and of the decode buffer (`slot_memory`), the same for
-    // every candidate of one slot size.
+    // `memory`: device bytes of a slot and of a decode buffer (`slot_memory`), the same for
+    // every candidate of one slot size; `decode_buffers` of them when anything decodes.
     let make = |resident: ResidentSet,
                 slots: usize,
                 slot_bytes: usize,
-                memory: (usize, usize)|
+                memory: (usize, usize),
+                decode_buffers: usize|
      -> Result<Plan> {
         let mut placement = base_placement(&resident);
         let mut pieces = Vec::new();
@@ -477,9 +534,11 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 let layout = c.layout(p.group, p.offset, p.bytes);
                 p.copy_bytes = layout.copy_bytes();
                 p.decode_ms = layout.decode_ms(c.speeds);
+                p.decoded_whole = layout.decoded_whole();
             }
         }
         let (slot_device_bytes, decode_bytes) = if slots == 0 { (0, 0) } else { memory };
+        let decode_buffers = if decode_bytes == 0 { 0 } else { decode_buffers };
         let mut plan = Plan {
             groups: req.groups.clone(),
             placement,
@@ -489,6 +548,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             slot_bytes: if slots == 0 { 0 } else { slot_bytes },
             slot_device_bytes,
             decode_bytes,
+            decode_buffers,
             budget: req.budget,
             kv_cache: req.kv_cache,
             workspace: req.workspace,
@@ -508,7 +568,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             groups: device.clone(),
             bytes: all_bytes,
         };
-        return make(resident, 0, 0, (0, 0));
+        return make(resident, 0, 0, (0, 0), 0);
     }
 
     let slot_bytes = match req.slot_size {
@@ -569,12 +629,16 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
         vec![Vec::new()]
     };
 
+    // A second decode buffer lets a piece decode while the one before computes; it costs
+    // its bytes of residency, so both are tried.
+    let buffer_counts: &[usize] = if decode > 0 { &[1, 2] } else { &[0] };
     let mut best: Option<Plan> = None;
-    for slots in 2..=MAX_SLOTS {
-        if slots * slot_mem + decode > available {
-            break;
+    for (slots, &buffers) in (2..=MAX_SLOTS).flat_map(|s| buffer_counts.iter().map(move |b| (s, b)))
+    {
+        if slots * slot_mem + buffers * decode > available {
+            continue;
         }
-        let capacity = available - slots * slot_mem - decode;
+        let capacity = available - slots * slot_mem - buffers * decode;
         for chosen in &outlier_sets {
             let outlier_bytes: usize = chosen.iter().map(|&g| req.groups[g].bytes).sum();
             if outlier_bytes > capacity {
@@ -602,6 +666,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 slots,
                 slot_bytes,
                 (slot_mem, decode),
+                buffers,
             )?;
             // More slots than pieces hold nothing.
             if slots > 2 && slots > candidate.pieces.len() {
@@ -614,8 +679,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                     if c < o * (1.0 - 1e-3) {
                         true
                     } else if c <= o * (1.0 + 1e-3) {
-                        (candidate.streamed_bytes(), candidate.slots)
-                            < (b.streamed_bytes(), b.slots)
+                        let key = |p: &Plan| (p.streamed_bytes(), p.slots, p.decode_buffers);
+                        key(&candidate) < key(b)
                     } else {
                         false
                     }
@@ -649,9 +714,10 @@ impl fmt::Display for Plan {
                 "{} slots × {}{}",
                 self.slots,
                 human_bytes(self.slot_device_bytes),
-                match self.decode_bytes {
-                    0 => String::new(),
-                    d => format!(" + decode buffer {}", human_bytes(d)),
+                match (self.decode_buffers, self.decode_bytes) {
+                    (0, _) | (_, 0) => String::new(),
+                    (1, d) => format!(" + decode buffer {}", human_bytes(d)),
+                    (n, d) => format!(" + {n} decode buffers × {}", human_bytes(d)),
                 }
             )
         };
@@ -744,13 +810,18 @@ impl fmt::Display for Plan {
         }
         writeln!(
             f,
-            "prediction   {:.1} ms per pass ({:.1} ms cold): compute {:.1} ms, PCIe bound {:.1} ms ({} at {} GB/s), stall {:.1} ms{}",
+            "prediction   {:.1} ms per pass ({:.1} ms cold): compute {:.1} ms, PCIe bound {:.1} ms ({} at {} GB/s){}, stall {:.1} ms{}",
             p.pass_ms,
             p.cold_pass_ms,
             p.compute_ms,
             p.copy_ms,
             gb(self.streamed_bytes()),
             self.h2d_gbps,
+            if p.decode_ms > 0.0 {
+                format!(", decoding {:.1} ms", p.decode_ms)
+            } else {
+                String::new()
+            },
             p.stall_ms,
             // A bound that rounds to 0 ms makes any share of it meaningless.
             if p.bound_ms() >= 0.05 {

@@ -1,5 +1,6 @@
 //! A picture of one streamed pass: the copy and the compute intervals of each weight group on
-//! two lanes along a time axis, so that a stall (the GPU waiting for a copy) can be seen.
+//! two lanes along a time axis (three when pieces are decoded), so that a stall (the GPU
+//! waiting for a copy or its decoding) can be seen.
 //!
 //! [`render_svg`] is a pure function from measured intervals to an SVG document: no
 //! dependencies, the same bytes for the same input. Times are ms from the start of the pass;
@@ -19,7 +20,8 @@ pub enum Lane {
     Copy,
     /// Kernels on the GPU (the compute stream).
     Compute,
-    /// Decoding of a compressed piece, on the compute stream just before its compute.
+    /// Decoding of a compressed piece, on a stream of its own between its copy and its
+    /// compute.
     Decode,
 }
 
@@ -131,11 +133,9 @@ const WIDTH: f64 = 1200.0;
 const PLOT_LEFT: f64 = 130.0;
 const PLOT_RIGHT: f64 = 30.0;
 const COPY_Y: f64 = 100.0;
-const COMPUTE_Y: f64 = 156.0;
 const LANE_H: f64 = 44.0;
-const AXIS_Y: f64 = 208.0;
-const LEGEND_Y: f64 = 262.0;
-const HEIGHT: f64 = 290.0;
+/// From the top of one lane to the next.
+const LANE_STEP: f64 = 56.0;
 /// Labels are 10 px sans-serif; about 6 px a character.
 const LABEL_FONT: f64 = 10.0;
 const CHAR_W: f64 = 6.0;
@@ -146,6 +146,31 @@ const STREAMED_FILL: [&str; 2] = ["#3f8f3a", "#5aa854"];
 const RESIDENT_FILL: [&str; 2] = ["#7a7a7a", "#969696"];
 const DECODE_FILL: [&str; 2] = ["#8a4fb0", "#a56ccb"];
 const STALL_COLOR: &str = "#d62728";
+
+/// Where the lanes lie: the decode lane, when there is one, between copy and compute.
+#[derive(Clone, Copy)]
+struct Rows {
+    decode: Option<f64>,
+    compute: f64,
+    axis: f64,
+    legend: f64,
+    height: f64,
+}
+
+impl Rows {
+    fn new(decoding: bool) -> Rows {
+        let decode = decoding.then_some(COPY_Y + LANE_STEP);
+        let compute = decode.unwrap_or(COPY_Y) + LANE_STEP;
+        let axis = compute + LANE_H + 8.0;
+        Rows {
+            decode,
+            compute,
+            axis,
+            legend: axis + 54.0,
+            height: axis + 82.0,
+        }
+    }
+}
 
 /// The ms → px mapping of the plot.
 struct Scale {
@@ -168,6 +193,8 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
         .collect();
     let stalls = stalls(&events);
     let stall_ms: f64 = stalls.iter().map(|(a, b)| b - a).sum();
+    let rows = Rows::new(events.iter().any(|e| e.lane == Lane::Decode));
+    let height = rows.height;
 
     // Time domain: every event, the pass start (0) and the bound.
     let mut t0: f64 = 0.0;
@@ -191,7 +218,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
     let w = &mut s;
     let _ = writeln!(
         w,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
     );
     let _ = writeln!(
         w,
@@ -199,15 +226,18 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
     );
     let _ = writeln!(
         w,
-        r##"<rect width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>"##
+        r##"<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>"##
     );
     header(w, info, stall_ms, stalls.len());
 
     // Lanes, with their names on the left.
-    for (y, name, what) in [
-        (COPY_Y, "copy", "host → GPU (PCIe)"),
-        (COMPUTE_Y, "compute", "GPU kernels"),
-    ] {
+    let decode_lane = rows.decode.map(|y| (y, "decode", "GPU, its own stream"));
+    let lanes = [
+        Some((COPY_Y, "copy", "host → GPU (PCIe)")),
+        decode_lane,
+        Some((rows.compute, "compute", "GPU kernels")),
+    ];
+    for (y, name, what) in lanes.into_iter().flatten() {
         let _ = writeln!(
             w,
             r##"<rect x="{PLOT_LEFT}" y="{y}" width="{:.2}" height="{LANE_H}" fill="#f4f4f4"/>"##,
@@ -227,14 +257,15 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
             escape(what)
         );
     }
-    axis(w, &scale, t0, t1);
+    axis(w, &scale, t0, t1, rows.axis);
 
     // Stalls under the intervals, so that an interval's edge stays sharp.
     for &(a, b) in &stalls {
         let _ = writeln!(
             w,
-            r##"<rect class="stall" x="{:.2}" y="{COMPUTE_Y}" width="{:.2}" height="{LANE_H}" fill="url(#stall)"><title>stall {:.3} ms: compute waits for a copy</title></rect>"##,
+            r##"<rect class="stall" x="{:.2}" y="{}" width="{:.2}" height="{LANE_H}" fill="url(#stall)"><title>stall {:.3} ms: compute waits for a copy</title></rect>"##,
             scale.x(a),
+            rows.compute,
             // At least 2 px: a short stall is still a stall to see.
             ((b - a) * scale.px_per_ms).max(2.0),
             b - a
@@ -247,9 +278,15 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
         let resident = e.lane == Lane::Compute && !has_copy(&events, &e.group);
         let (y, fill, kind) = match e.lane {
             Lane::Copy => (COPY_Y, COPY_FILL[shade[i]], "copy"),
-            Lane::Compute if resident => (COMPUTE_Y, RESIDENT_FILL[shade[i]], "compute resident"),
-            Lane::Compute => (COMPUTE_Y, STREAMED_FILL[shade[i]], "compute"),
-            Lane::Decode => (COMPUTE_Y, DECODE_FILL[shade[i]], "decode"),
+            Lane::Compute if resident => {
+                (rows.compute, RESIDENT_FILL[shade[i]], "compute resident")
+            }
+            Lane::Compute => (rows.compute, STREAMED_FILL[shade[i]], "compute"),
+            Lane::Decode => (
+                rows.decode.expect("a decode lane where there is decoding"),
+                DECODE_FILL[shade[i]],
+                "decode",
+            ),
         };
         let x = scale.x(e.start_ms);
         let width = (e.end_ms - e.start_ms).max(0.0) * scale.px_per_ms;
@@ -279,7 +316,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
             w,
             r##"<text x="{:.2}" y="{:.2}" font-size="14" text-anchor="middle" fill="#888">no events</text>"##,
             (PLOT_LEFT + WIDTH - PLOT_RIGHT) / 2.0,
-            (COPY_Y + COMPUTE_Y + LANE_H) / 2.0 + 5.0
+            (COPY_Y + rows.compute + LANE_H) / 2.0 + 5.0
         );
     }
 
@@ -290,7 +327,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
             w,
             r##"<line class="bound" x1="{x:.2}" y1="{:.2}" x2="{x:.2}" y2="{:.2}" stroke="#111" stroke-width="1.5" stroke-dasharray="5,3"/>"##,
             COPY_Y - 8.0,
-            COMPUTE_Y + LANE_H + 4.0
+            rows.compute + LANE_H + 4.0
         );
         let _ = writeln!(
             w,
@@ -299,7 +336,7 @@ pub fn render_svg(events: &[TimelineEvent], info: &PassInfo) -> String {
         );
     }
 
-    legend(w, events.iter().any(|e| e.lane == Lane::Decode));
+    legend(w, rows);
     s.push_str("</svg>\n");
     s
 }
@@ -346,7 +383,7 @@ fn header(w: &mut String, info: &PassInfo, stall_ms: f64, stall_count: usize) {
 }
 
 /// Ticks every 1, 2 or 5 × 10^k ms (about ten of them), grid lines across the lanes.
-fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64) {
+fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64, axis_y: f64) {
     let step = tick_step(t1 - t0);
     let decimals = if step >= 1.0 {
         0
@@ -356,7 +393,7 @@ fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64) {
     let (left, right) = (PLOT_LEFT, WIDTH - PLOT_RIGHT);
     let _ = writeln!(
         w,
-        r##"<line x1="{left}" y1="{AXIS_Y}" x2="{right}" y2="{AXIS_Y}" stroke="#333" stroke-width="1"/>"##
+        r##"<line x1="{left}" y1="{axis_y}" x2="{right}" y2="{axis_y}" stroke="#333" stroke-width="1"/>"##
     );
     let first = (t0 / step).ceil() as i64;
     let last = (t1 / step + 1e-9).floor() as i64;
@@ -367,18 +404,18 @@ fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64) {
             w,
             r##"<line x1="{x:.2}" y1="{:.2}" x2="{x:.2}" y2="{:.2}" stroke="#dddddd" stroke-width="1"/>"##,
             COPY_Y - 4.0,
-            AXIS_Y
+            axis_y
         );
         let _ = writeln!(
             w,
-            r##"<line x1="{x:.2}" y1="{AXIS_Y}" x2="{x:.2}" y2="{:.2}" stroke="#333" stroke-width="1"/>"##,
-            AXIS_Y + 5.0
+            r##"<line x1="{x:.2}" y1="{axis_y}" x2="{x:.2}" y2="{:.2}" stroke="#333" stroke-width="1"/>"##,
+            axis_y + 5.0
         );
         // `+ 0.0` turns -0 into 0.
         let _ = writeln!(
             w,
             r##"<text x="{x:.2}" y="{:.2}" font-size="10" text-anchor="middle" fill="#333">{:.*}</text>"##,
-            AXIS_Y + 17.0,
+            axis_y + 17.0,
             decimals,
             t + 0.0
         );
@@ -387,30 +424,32 @@ fn axis(w: &mut String, scale: &Scale, t0: f64, t1: f64) {
         w,
         r##"<text x="{:.2}" y="{:.2}" font-size="11" text-anchor="middle" fill="#333">ms from the start of the pass</text>"##,
         (left + right) / 2.0,
-        AXIS_Y + 33.0
+        axis_y + 33.0
     );
 }
 
-fn legend(w: &mut String, decoding: bool) {
+fn legend(w: &mut String, rows: Rows) {
+    let legend_y = rows.legend;
     let mut items: Vec<(&str, &str)> = vec![
         (COPY_FILL[0], "copy"),
         (STREAMED_FILL[0], "compute, streamed group"),
         (RESIDENT_FILL[0], "compute, resident group"),
         ("url(#stall)", "stall: compute waits for a copy"),
     ];
-    if decoding {
+    if rows.decode.is_some() {
         items.insert(1, (DECODE_FILL[0], "decoding"));
+        items[4].1 = "stall: compute waits for a copy or its decoding";
     }
     let mut x = PLOT_LEFT;
     for (fill, text) in items {
         let _ = writeln!(
             w,
             r##"<rect x="{x:.2}" y="{:.2}" width="14" height="12" fill="{fill}"/>"##,
-            LEGEND_Y - 10.0
+            legend_y - 10.0
         );
         let _ = writeln!(
             w,
-            r##"<text x="{:.2}" y="{LEGEND_Y}" font-size="11" fill="#333">{text}</text>"##,
+            r##"<text x="{:.2}" y="{legend_y}" font-size="11" fill="#333">{text}</text>"##,
             x + 19.0
         );
         x += 19.0 + text.len() as f64 * 6.3 + 22.0;
@@ -418,25 +457,30 @@ fn legend(w: &mut String, decoding: bool) {
     let _ = writeln!(
         w,
         r##"<line x1="{x:.2}" y1="{:.2}" x2="{x:.2}" y2="{:.2}" stroke="#111" stroke-width="1.5" stroke-dasharray="5,3"/>"##,
-        LEGEND_Y - 11.0,
-        LEGEND_Y + 3.0
+        legend_y - 11.0,
+        legend_y + 3.0
     );
     let _ = writeln!(
         w,
-        r##"<text x="{:.2}" y="{LEGEND_Y}" font-size="11" fill="#333">bound: max(compute, copy)</text>"##,
-        x + 7.0
+        r##"<text x="{:.2}" y="{legend_y}" font-size="11" fill="#333">{}</text>"##,
+        x + 7.0,
+        if rows.decode.is_some() {
+            "bound: max(compute, copy, decoding)"
+        } else {
+            "bound: max(compute, copy)"
+        }
     );
 }
 
-/// The gaps in the compute lane during which it waited for a copy: before each compute
-/// interval, from the end of the previous one (or the start of the pass) until the copy of
-/// its group ended, if that copy was still running. Gaps the copy does not explain (the host
-/// queueing work late, say) are not stalls.
+/// The gaps in the compute lane during which it waited for a copy or its decoding: before
+/// each compute interval, from the end of the previous one (or the start of the pass) until
+/// the copy of its group ended (its decoding, where it was decoded), if that was still
+/// running. Gaps they do not explain (the host queueing work late, say) are not stalls.
 fn stalls(events: &[&TimelineEvent]) -> Vec<(f64, f64)> {
     let mut compute: Vec<&TimelineEvent> = events
         .iter()
         .copied()
-        .filter(|e| e.lane != Lane::Copy)
+        .filter(|e| e.lane == Lane::Compute)
         .collect();
     compute.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
     let pass_start = events
@@ -447,14 +491,21 @@ fn stalls(events: &[&TimelineEvent]) -> Vec<(f64, f64)> {
     let mut previous_end = pass_start;
     let mut out = Vec::new();
     for c in compute {
-        // The copy this compute waited for: the latest of its group that began before it.
-        let copy_end = events
-            .iter()
-            .filter(|e| e.lane == Lane::Copy && e.group == c.group && e.start_ms <= c.start_ms)
-            .max_by(|a, b| a.start_ms.total_cmp(&b.start_ms))
-            .map(|e| e.end_ms);
-        if let Some(copy_end) = copy_end {
-            let end = c.start_ms.min(copy_end);
+        // What this compute waited for: the latest copy and decoding of its group that began
+        // before it.
+        let ready = |lane| {
+            events
+                .iter()
+                .filter(|e| e.lane == lane && e.group == c.group && e.start_ms <= c.start_ms)
+                .max_by(|a, b| a.start_ms.total_cmp(&b.start_ms))
+                .map(|e| e.end_ms)
+        };
+        let ready = match (ready(Lane::Copy), ready(Lane::Decode)) {
+            (Some(copy), Some(decode)) => Some(copy.max(decode)),
+            (copy, decode) => copy.or(decode),
+        };
+        if let Some(ready) = ready {
+            let end = c.start_ms.min(ready);
             if end > previous_end + 1e-9 {
                 out.push((previous_end, end));
             }
@@ -675,25 +726,39 @@ mod tests {
     }
 
     #[test]
-    fn decoding_is_drawn_on_the_compute_lane_and_is_no_stall() {
+    fn decoding_is_drawn_on_its_own_lane_and_waiting_for_it_is_stall() {
+        // Block 1 decodes (20–23) while block 0 computes (12–22); block 2's decoding ends
+        // after block 1's compute, so compute waits 30–32 for it.
         let events = vec![
             ev("block 0", Lane::Copy, 0.0, 10.0),
             ev("block 0", Lane::Decode, 10.0, 12.0),
-            ev("block 0", Lane::Compute, 12.0, 20.0),
-            ev("block 1", Lane::Copy, 10.0, 25.0),
-            ev("block 1", Lane::Decode, 25.0, 27.0),
-            ev("block 1", Lane::Compute, 27.0, 35.0),
+            ev("block 0", Lane::Compute, 12.0, 22.0),
+            ev("block 1", Lane::Copy, 10.0, 20.0),
+            ev("block 1", Lane::Decode, 20.0, 23.0),
+            ev("block 1", Lane::Compute, 23.0, 30.0),
+            ev("block 2", Lane::Copy, 20.0, 29.0),
+            ev("block 2", Lane::Decode, 29.0, 32.0),
+            ev("block 2", Lane::Compute, 32.0, 40.0),
         ];
         let refs: Vec<&TimelineEvent> = events.iter().collect();
-        // The compute stream waits for the copies (0–10, 20–25), not for its own decoding.
-        assert_eq!(stalls(&refs), vec![(0.0, 10.0), (20.0, 25.0)]);
+        assert_eq!(stalls(&refs), vec![(0.0, 12.0), (22.0, 23.0), (30.0, 32.0)]);
         let svg = render_svg(&events, &info());
         check_xml(&svg);
+        let rows = Rows::new(true);
         let decode = rects(&svg, "ev decode");
-        assert_eq!(decode.len(), 2);
-        assert!(decode.iter().all(|r| attr(r, "y") == COMPUTE_Y + 2.0));
+        assert_eq!(decode.len(), 3);
+        let decode_y = rows.decode.unwrap();
+        assert!(decode.iter().all(|r| attr(r, "y") == decode_y + 2.0));
+        assert!(decode_y > COPY_Y && rows.compute > decode_y);
+        let compute = rects(&svg, "ev compute");
+        assert!(compute.iter().all(|r| attr(r, "y") == rows.compute + 2.0));
         assert!(svg.contains(">decoding<"), "the legend names decoding");
-        assert!(!render_svg(&streamed_pass(), &info()).contains(">decoding<"));
+        assert!(svg.contains(&format!(r#"height="{}""#, rows.height)));
+        // Without decoding: two lanes, a shorter picture.
+        let plain = render_svg(&streamed_pass(), &info());
+        assert!(!plain.contains(">decoding<"));
+        assert!(plain.contains(&format!(r#"height="{}""#, Rows::new(false).height)));
+        assert!(Rows::new(false).height < rows.height);
     }
 
     #[test]
@@ -717,7 +782,7 @@ mod tests {
         let px_per_ms = (WIDTH - PLOT_LEFT - PLOT_RIGHT) / 40.0;
         assert!((attr(drawn[1], "x") - (PLOT_LEFT + 15.0 * px_per_ms)).abs() < 0.02);
         assert!((attr(drawn[1], "width") - 10.0 * px_per_ms).abs() < 0.02);
-        assert_eq!(attr(drawn[1], "y"), COMPUTE_Y);
+        assert_eq!(attr(drawn[1], "y"), Rows::new(false).compute);
         assert!(svg.contains("stalls 20.0 ms in 2 gaps"));
 
         // Copies far ahead: no stall.

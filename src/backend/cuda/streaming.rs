@@ -10,6 +10,7 @@
 //! may wait for the ring's thread to have *queued* a copy (the fill of a staging buffer: host
 //! work), never for a copy to complete (see [`crate::stream::staging`]).
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
@@ -74,17 +75,37 @@ pub struct CudaCopyEngine {
     layouts: Vec<Vec<PieceLayout>>,
     /// The encodings the copies read; `None` when nothing streams compressed.
     compressed: Option<Arc<Compressed>>,
-    /// Where encoded pieces are decoded, and the kernels that do it.
-    decoder: Option<(DevBuf, u64, Decoders)>,
+    /// Where and how encoded pieces are decoded; `None` when nothing is encoded.
+    decoding: Option<Decoding>,
     /// Per piece of the plan with encoded shares: events around its decoding (on the
-    /// compute stream, once a pass), for the stats and the timeline.
+    /// decode stream, once a pass), for the stats and the timeline.
     decode_times: Vec<Option<(CudaEvent, CudaEvent)>>,
     /// Per slot: its release was recorded after the decoding of the piece in it (nothing
     /// reads the slot after that), so `release` has nothing left to record.
-    released_early: Vec<std::cell::Cell<bool>>,
+    released_early: Vec<Cell<bool>>,
+    /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
+    /// compute has been queued.
+    slot_buffer: Vec<Cell<Option<usize>>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
+}
+
+/// The decoding of encoded pieces: a stream of its own, so that a piece decodes while the
+/// one before it computes, into decode buffers used in turn. Per buffer two events, made
+/// once: `decoded[b]`, recorded on the decode stream after a piece's decoding into `b` (the
+/// compute stream waits for it), and `free[b]`, recorded on the compute stream after the
+/// compute that read `b` (the next decoding into `b` waits for it). With one buffer a piece
+/// decodes only once the one before has computed, as if on the compute stream.
+struct Decoding {
+    stream: Arc<CudaStream>,
+    kernels: Decoders,
+    /// The buffers and their device addresses.
+    buffers: Vec<(DevBuf, u64)>,
+    decoded: Vec<CudaEvent>,
+    free: Vec<CudaEvent>,
+    /// Decodings queued so far: the next goes into buffer `next % buffers`.
+    next: Cell<u64>,
 }
 
 /// Each pass's clock and where its figures go: events on the compute stream per unit (when
@@ -185,11 +206,31 @@ impl CudaCopyEngine {
             Some(_) => largest.unwrap_or(0),
             None => (plan.slot_bytes + SLOT_ALIGN * tier.max_tensors()).max(largest.unwrap_or(0)),
         };
-        let decoder = match layouts.iter().flatten().map(|l| l.decoded).max() {
+        let event = |flags| gpu.ctx.new_event(flags).map_err(gpu.err("cuEventCreate"));
+        let decoding = match layouts.iter().flatten().map(|l| l.decoded).max() {
             Some(n) if n > 0 => {
-                let buf = gpu.alloc(n, Purpose::Other("decode buffer".into()))?;
-                let ptr = gpu.ptr(&buf);
-                Some((buf, ptr, Decoders::load(gpu)?))
+                // The planner sized the budget for `decode_buffers` buffers of its largest
+                // decoded piece; the layouts here are the same.
+                let count = plan.decode_buffers.max(1);
+                let buffers = (0..count)
+                    .map(|b| {
+                        let buf = gpu.alloc(n, Purpose::Other(format!("decode buffer {b}")))?;
+                        let ptr = gpu.ptr(&buf);
+                        Ok((buf, ptr))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let events = || (0..count).map(|_| event(None)).collect::<Result<Vec<_>>>();
+                Some(Decoding {
+                    stream: gpu
+                        .ctx
+                        .new_stream()
+                        .map_err(gpu.err("creating the decode stream"))?,
+                    kernels: Decoders::load(gpu)?,
+                    buffers,
+                    decoded: events()?,
+                    free: events()?,
+                    next: Cell::new(0),
+                })
             }
             _ => None,
         };
@@ -200,7 +241,6 @@ impl CudaCopyEngine {
             .ctx
             .new_stream()
             .map_err(gpu.err("creating the copy stream"))?;
-        let event = |flags| gpu.ctx.new_event(flags).map_err(gpu.err("cuEventCreate"));
         let sync_events = || {
             (0..plan.slots)
                 .map(|_| event(None))
@@ -306,8 +346,9 @@ impl CudaCopyEngine {
             layouts,
             compressed,
             decode_times,
-            decoder,
+            decoding,
             released_early: (0..plan.slots).map(|_| Default::default()).collect(),
+            slot_buffer: (0..plan.slots).map(|_| Default::default()).collect(),
             tier,
         })
     }
@@ -317,17 +358,33 @@ impl CudaCopyEngine {
     }
 
     /// Views of the tensors of `piece` in `slot`: one entry per tensor of its group, None
-    /// for those not in it. Encoded shares are decoded first, on the compute stream (which
-    /// has waited for the copy), into the decode buffer; the views of them point there.
+    /// for those not in it. Encoded shares are first decoded on the decode stream (once the
+    /// copy is in and the decode buffer's last reader has computed) into the next decode
+    /// buffer, and the compute stream waits for that; the views of them point there.
     fn slot_views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
+        let err = Self::err;
         let tensors = &self.tier.groups[piece.group];
         let layout = &self.layouts[piece.group][piece.index];
         let base = self.slot_addr[slot];
+        let decoding = match &self.decoding {
+            Some(d) if layout.decoded > 0 => {
+                let b = (d.next.get() % d.buffers.len() as u64) as usize;
+                d.next.set(d.next.get() + 1);
+                d.stream
+                    .wait(&self.events.copied[slot])
+                    .map_err(|e| err(e, "waiting for a copy to decode"))?;
+                d.stream
+                    .wait(&d.free[b])
+                    .map_err(|e| err(e, "waiting for a decode buffer"))?;
+                Some((d, b))
+            }
+            _ => None,
+        };
         let timed = &self.decode_times[self.piece_base[piece.group] + piece.index];
-        if let Some((begin, _)) = timed {
+        if let (Some((d, _)), Some((begin, _))) = (decoding, timed) {
             begin
-                .record(&self.compute)
-                .map_err(|e| Self::err(e, "cuEventRecord"))?;
+                .record(&d.stream)
+                .map_err(|e| err(e, "cuEventRecord"))?;
         }
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
         for (i, share) in layout.shares.iter().enumerate() {
@@ -336,16 +393,31 @@ impl CudaCopyEngine {
                 None => continue,
                 Some(Share::Raw { dst, len }) => (base + dst as u64, len),
                 Some(Share::Encoded { decode, dst, len }) => {
-                    let (_, out_base, decoders) = self
-                        .decoder
-                        .as_ref()
-                        .expect("a decoder where pieces are encoded");
-                    let out_ptr = out_base + dst as u64;
+                    let (d, b) = decoding.expect("a decode buffer where pieces are encoded");
+                    let out_ptr = d.buffers[b].1 + dst as u64;
                     // SAFETY: the parts lie in the slot as `place` laid them out (the copy put
-                    // them there and the compute stream waited for it), and the decode buffer
-                    // holds `len` bytes at `dst` (sized from the largest layout).
-                    unsafe { decoders.launch(&self.compute, base, &decode, out_ptr) }
-                        .map_err(|e| Self::err(e, &format!("decoding {}", t.name)))?;
+                    // them there and the decode stream waited for it); the decode buffer holds
+                    // `len` bytes at `dst` (sized from the largest layout), and its last reader
+                    // has computed (the decode stream waited for that too).
+                    unsafe { d.kernels.launch(&d.stream, base, &decode, out_ptr) }
+                        .map_err(|e| err(e, &format!("decoding {}", t.name)))?;
+                    (out_ptr, len)
+                }
+                Some(Share::Moved { src, dst, len }) => {
+                    let (d, b) = decoding.expect("a decode buffer where pieces are encoded");
+                    let out_ptr = d.buffers[b].1 + dst as u64;
+                    // SAFETY: as for a decoding: `len` bytes at `src` in the slot, copied in
+                    // before this on the stream's order, to room in the decode buffer.
+                    unsafe {
+                        cu::cuMemcpyDtoDAsync_v2(
+                            out_ptr,
+                            base + src as u64,
+                            len,
+                            d.stream.cu_stream(),
+                        )
+                    }
+                    .result()
+                    .map_err(|e| err(e, &format!("moving {} into the decode buffer", t.name)))?;
                     (out_ptr, len)
                 }
             };
@@ -356,22 +428,25 @@ impl CudaCopyEngine {
                 storage: WeightStorage::Slot,
             });
         }
-        if let Some((_, end)) = timed {
-            end.record(&self.compute)
-                .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        }
-        // A piece all decoded is read from the decode buffer only: its slot is free for the
-        // next copy once the decoding has run, not the group's compute.
-        let decoded_all = layout
-            .shares
-            .iter()
-            .flatten()
-            .all(|s| matches!(s, Share::Encoded { .. }));
-        if decoded_all && layout.decoded > 0 {
-            self.events.released[slot]
-                .record(&self.compute)
-                .map_err(|e| Self::err(e, "cuEventRecord"))?;
-            self.released_early[slot].set(true);
+        if let Some((d, b)) = decoding {
+            if let Some((_, end)) = timed {
+                end.record(&d.stream).map_err(|e| err(e, "cuEventRecord"))?;
+            }
+            d.decoded[b]
+                .record(&d.stream)
+                .map_err(|e| err(e, "cuEventRecord"))?;
+            // A piece all decoded is read from the decode buffer only: its slot is free for
+            // the next copy once the decoding has run.
+            if layout.decoded_whole() {
+                self.events.released[slot]
+                    .record(&d.stream)
+                    .map_err(|e| err(e, "cuEventRecord"))?;
+                self.released_early[slot].set(true);
+            }
+            self.compute
+                .wait(&d.decoded[b])
+                .map_err(|e| err(e, "waiting for a decoding"))?;
+            self.slot_buffer[slot].set(Some(b));
         }
         Ok(out)
     }
@@ -465,6 +540,11 @@ impl CopyEngine for CudaCopyEngine {
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
+        if let (Some(d), Some(b)) = (&self.decoding, self.slot_buffer[slot].take()) {
+            d.free[b]
+                .record(&self.compute)
+                .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        }
         if self.released_early[slot].replace(false) {
             return Ok(());
         }
@@ -489,7 +569,10 @@ impl Drop for CudaCopyEngine {
         // its buffers), then let every queued copy finish before the slots are freed.
         self.ring.take();
         let _ = self.copy.synchronize();
-        // Kernels still queued may read the slots.
+        // Kernels still queued may read the slots and the decode buffers.
+        if let Some(d) = &self.decoding {
+            let _ = d.stream.synchronize();
+        }
         let _ = self.compute.synchronize();
     }
 }
@@ -559,7 +642,6 @@ impl CudaCopyEngine {
             } else {
                 &clock.pass_end
             };
-            let mut start = after;
             if let Unit::Piece(k) = *unit {
                 let (b, e) = self.copy_events(pass, k);
                 events.push(TimelineEvent {
@@ -575,13 +657,13 @@ impl CudaCopyEngine {
                         start_ms: since(b)?,
                         end_ms: since(e)?,
                     });
-                    start = e;
                 }
             }
+            // Compute starts past its wait for the copy and the decoding.
             events.push(TimelineEvent {
                 group: label(unit),
                 lane: Lane::Compute,
-                start_ms: since(start)?,
+                start_ms: since(after)?,
                 end_ms: since(end)?,
             });
         }
@@ -608,13 +690,8 @@ impl CudaCopyEngine {
         let mut group_compute_ms = vec![0.0; plan.groups.len()];
         for (u, unit) in units.iter().enumerate() {
             let (before, after) = &clock.units[u];
-            // A decoded piece's wait ends where its decoding begins (`after` follows the
-            // decoding, which is compute-stream work, not a stall).
-            let waited = match *unit {
-                Unit::Piece(k) => self.decode_times[k].as_ref().map(|(begin, _)| begin),
-                Unit::Group(_) => None,
-            };
-            stall_ms += before.elapsed_ms(waited.unwrap_or(after)).map_err(err)? as f64;
+            // Waiting for a copy or for its decoding (on its own stream) is stall.
+            stall_ms += before.elapsed_ms(after).map_err(err)? as f64;
             let compute = after.elapsed_ms(at(u + 1)).map_err(err)? as f64;
             let g = match *unit {
                 Unit::Group(g) => g,
