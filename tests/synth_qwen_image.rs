@@ -1,7 +1,7 @@
-//! `ferry synth` and `ferry bench` for the Qwen-Image DiT alone: the tiny preset writes the
-//! tensors diffusers wrote for the fixture, in a directory that `ferry bench` times; the
-//! qwen-image preset has the real shapes (checked without writing its 41 GB); bad input is a
-//! one-line error.
+//! `ferry synth`, `ferry info` and `ferry bench` for the Qwen-Image DiT alone: the tiny preset
+//! writes the tensors diffusers wrote for the fixture, in a directory that `ferry info`
+//! describes and `ferry bench` times; the qwen-image preset has the real shapes (checked
+//! without writing its 41 GB); bad input is a one-line error.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -92,6 +92,16 @@ fn tiny_preset_is_the_fixtures_shape_and_benches() {
             assert_eq!(&config[k], v, "{k}");
         }
     }
+
+    // Described with the DiT's groups.
+    let info = ok(&ferry(&["info", "--model", d]));
+    assert!(
+        info.contains("QwenImagePipeline")
+            && info.contains("embedders")
+            && info.contains("block 1")
+            && info.contains("final layer"),
+        "{info}"
+    );
 
     // Timed from the directory and from memory, on the CPU, at a non-square size.
     for source in [vec!["--model", d], vec!["--synthetic", "qwen-image-tiny"]] {
