@@ -455,12 +455,13 @@ impl QwenImage {
         let head_dim = self.config.head_dim();
         let mut h = backend.layer_norm(&s.x, EPS)?;
         backend.modulate(&mut h, &s.rows, &m.scale1, Some(&m.shift1))?;
-        let q = w.to_q.forward(backend, &h)?;
-        let k = w.to_k.forward(backend, &h)?;
+        let normed = |proj: &Linear<'_, B::Weight>, norm| -> Result<B::Activation> {
+            backend.rms_norm(&proj.forward(backend, &h)?, norm, EPS)
+        };
+        let mut q = normed(&w.to_q, w.norm_q)?;
+        let mut k = normed(&w.to_k, w.norm_k)?;
         let v = w.to_v.forward(backend, &h)?;
         drop(h);
-        let mut q = backend.rms_norm(&q, w.norm_q, EPS)?;
-        let mut k = backend.rms_norm(&k, w.norm_k, EPS)?;
         backend.rope_interleaved(&mut q, &s.rope, head_dim)?;
         backend.rope_interleaved(&mut k, &s.rope, head_dim)?;
         Ok(Qkv { q, k, v })
