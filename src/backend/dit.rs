@@ -19,13 +19,23 @@ pub enum Pointwise {
     /// `x · sigmoid(x)`
     Silu,
     Tanh,
+    /// GELU with the tanh approximation (torch's `gelu(approximate="tanh")`):
+    /// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
+    GeluTanh,
 }
+
+/// √(2/π), as torch spells it (`M_SQRT2 · M_2_SQRTPI · 0.5`).
+const GELU_SQRT_2_OVER_PI: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
 
 impl Pointwise {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Pointwise::Silu => x / (1.0 + (-x).exp()),
             Pointwise::Tanh => x.tanh(),
+            Pointwise::GeluTanh => {
+                let inner = GELU_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + inner.tanh())
+            }
         }
     }
 }

@@ -28,7 +28,8 @@ use super::{at_least, HostMemoryArg, JsonArg};
 #[derive(Args)]
 pub struct BenchArgs {
     /// A model directory, a .gguf file, or ORG/NAME from the Hugging Face cache; a diffusers
-    /// Z-Image directory (or its transformer/) times denoising steps of the DiT instead.
+    /// Z-Image or Qwen-Image directory (or its transformer/) times denoising steps of the DiT
+    /// instead.
     #[arg(
         long,
         short,
@@ -37,7 +38,7 @@ pub struct BenchArgs {
     )]
     pub(super) model: Option<String>,
     /// Random weights of a preset's shape, made in memory (see `ferry synth --list`;
-    /// z-image-turbo: the Z-Image-Turbo DiT).
+    /// z-image-turbo: the Z-Image-Turbo DiT; qwen-image: the Qwen-Image DiT).
     #[arg(long, value_name = "PRESET")]
     pub(super) synthetic: Option<String>,
     /// Image models: the image's WIDTHxHEIGHT.

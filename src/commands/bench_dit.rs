@@ -4,9 +4,9 @@
 //! bound and the overlap efficiency beside each streamed figure, as a table or JSON;
 //! `--timeline` draws one streamed step.
 //!
-//! The model is the `transformer/` of a diffusers Z-Image directory (`--model`), or Z-Image
-//! Turbo's real shape with random weights made in memory (`--synthetic z-image-turbo`, or any
-//! image preset of `ferry synth --list`).
+//! The model is the `transformer/` of a diffusers Z-Image or Qwen-Image directory (`--model`),
+//! or a real shape with random weights made in memory (`--synthetic z-image-turbo`,
+//! `--synthetic qwen-image`, or any image or DiT preset of `ferry synth --list`).
 //! Inputs are random latents and caption features: the step's cost does not depend on them.
 
 use std::sync::{Arc, Mutex};
@@ -19,12 +19,13 @@ use ferry::backend::dit::DitOps;
 use ferry::backend::Backend;
 use ferry::checkpoint::{resolve_model_path, Component, DType, Pipeline};
 use ferry::diffuse::pipeline::gaussian_noise;
+use ferry::model::qwen_image::{self, QwenImage, QwenImageConfig};
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
 use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
 use ferry::runtime::{open_device, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, TimelineCapture};
 use ferry::stream::Vram;
-use ferry::synth::{random_component, PipelineComponent, PipelinePreset};
+use ferry::synth::{random_component, DitPreset, PipelineComponent, PipelinePreset};
 use ferry::{Error, Result};
 
 use super::bench::BenchArgs;
@@ -34,7 +35,7 @@ use super::median;
 /// image preset.
 pub fn is_image_model(args: &BenchArgs) -> bool {
     if let Some(p) = &args.synthetic {
-        return PipelinePreset::by_name(p).is_some();
+        return PipelinePreset::by_name(p).is_some() || DitPreset::by_name(p).is_some();
     }
     args.model
         .as_deref()
@@ -43,22 +44,132 @@ pub fn is_image_model(args: &BenchArgs) -> bool {
 }
 
 fn is_dit_dir(dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .is_ok_and(|s| s.contains("\"ZImageTransformer2DModel\""))
+    std::fs::read_to_string(dir.join("config.json")).is_ok_and(|s| {
+        s.contains("\"ZImageTransformer2DModel\"")
+            || s.contains(&format!("\"{}\"", qwen_image::CLASS_NAME))
+    })
+}
+
+/// The diffusion transformers `ferry bench` times.
+enum Dit {
+    ZImage(ZImage),
+    QwenImage(QwenImage),
+}
+
+impl Dit {
+    /// The DiT a transformer config.json describes, by its `_class_name`.
+    fn from_json(path: &std::path::Path, json: &serde_json::Value) -> Result<Dit> {
+        match json.get("_class_name").and_then(|c| c.as_str()) {
+            Some(qwen_image::CLASS_NAME) => Ok(Dit::QwenImage(QwenImage::new(
+                QwenImageConfig::from_json(path, json)?,
+            ))),
+            _ => Ok(Dit::ZImage(ZImage::new(ZImageConfig::from_json(
+                path, json,
+            )?))),
+        }
+    }
+
+    fn arch(&self) -> &dyn Architecture {
+        match self {
+            Dit::ZImage(d) => d,
+            Dit::QwenImage(d) => d,
+        }
+    }
+
+    fn class_name(&self) -> &'static str {
+        match self {
+            Dit::ZImage(_) => "ZImageTransformer2DModel",
+            Dit::QwenImage(_) => qwen_image::CLASS_NAME,
+        }
+    }
+
+    fn head_dim(&self) -> usize {
+        match self {
+            Dit::ZImage(d) => d.config.head_dim(),
+            Dit::QwenImage(d) => d.config.head_dim(),
+        }
+    }
+
+    /// Tokens of one sample's pass over an `h × w` latent with `caption` caption tokens (Z-Image
+    /// pads both to its sequence multiple).
+    fn tokens(&self, h: usize, w: usize, caption: usize) -> usize {
+        match self {
+            Dit::ZImage(d) => padded(d.image_tokens(h, w)) + padded(caption),
+            Dit::QwenImage(d) => d.image_tokens(h, w) + caption,
+        }
+    }
+
+    /// Random latents of `batch` samples of an `h × w` latent (Z-Image's `[batch, C, h, w]`,
+    /// Qwen-Image's packed `[batch, tokens, 4·C]`: the same count) and one caption's
+    /// features.
+    fn inputs(&self, batch: usize, h: usize, w: usize, caption: usize) -> (Vec<f32>, Vec<f32>) {
+        let (channels, width) = match self {
+            Dit::ZImage(d) => (d.config.in_channels, d.config.cap_feat_dim),
+            Dit::QwenImage(d) => (d.config.out_channels, d.config.joint_attention_dim),
+        };
+        (
+            gaussian_noise(1, batch * channels * h * w),
+            gaussian_noise(2, caption * width),
+        )
+    }
+
+    /// One step over `batch` samples at t = 0.5, each with `caption`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        latents: &[f32],
+        caption: &[f32],
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()> {
+        let captions = vec![caption; batch];
+        let t = vec![0.5; batch];
+        match self {
+            Dit::ZImage(d) => d.forward(
+                backend,
+                weights,
+                &DitInput {
+                    latents,
+                    height: h,
+                    width: w,
+                    t: &t,
+                    captions: &captions,
+                },
+            )?,
+            Dit::QwenImage(d) => d.forward(
+                backend,
+                weights,
+                &qwen_image::DitInput {
+                    latents,
+                    height: h,
+                    width: w,
+                    timestep: &t,
+                    texts: &captions,
+                },
+            )?,
+        };
+        Ok(())
+    }
 }
 
 /// The DiT to time and its tensors, with a label for reports.
-fn open_dit(args: &BenchArgs) -> Result<(ZImage, Component, String)> {
+fn open_dit(args: &BenchArgs) -> Result<(Dit, Component, String)> {
     if let Some(p) = &args.synthetic {
-        let preset = PipelinePreset::by_name(p).expect("is_image_model checked the name");
-        let json = preset.config(PipelineComponent::Transformer, DType::BF16);
+        let json = match (PipelinePreset::by_name(p), DitPreset::by_name(p)) {
+            (Some(preset), _) => preset.config(PipelineComponent::Transformer, DType::BF16),
+            (None, Some(preset)) => preset.config(),
+            (None, None) => unreachable!("is_image_model checked the name"),
+        };
         let path = std::path::PathBuf::from(format!("synthetic:{p}/config.json"));
-        let dit = ZImage::new(ZImageConfig::from_json(&path, &json)?);
+        let dit = Dit::from_json(&path, &json)?;
         let component = random_component(
             "transformer",
-            "ZImageTransformer2DModel",
+            dit.class_name(),
             json,
-            dit.groups(),
+            dit.arch().groups(),
             0,
         );
         return Ok((
@@ -83,8 +194,8 @@ fn open_dit(args: &BenchArgs) -> Result<(ZImage, Component, String)> {
         Component::open("transformer", &dir, true)?
     };
     let (path, json) = component.config()?;
-    let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
-    dit.check_tensors(&component)?;
+    let dit = Dit::from_json(path, json)?;
+    dit.arch().check_tensors(&component)?;
     Ok((dit, component, format!("{m} (transformer)")))
 }
 
@@ -125,31 +236,32 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
     let gpu = open_device(args.device, vram)?;
     let largest = args.batch.iter().max().copied().unwrap_or(1);
     let shape = PassShape {
-        tokens: padded(dit.image_tokens(h, w)) + padded(args.caption_tokens),
+        tokens: dit.tokens(h, w, args.caption_tokens),
         batch: largest,
         past: 0,
     };
     let (device, rows) = match &gpu {
         None => {
             let device = format!("CPU ({} threads)", rayon::current_num_threads());
-            let mut weights = ResidentWeights::load(&component, dit.groups(), |t| Cpu.weight(t))?;
+            let mut weights =
+                ResidentWeights::load(&component, dit.arch().groups(), |t| Cpu.weight(t))?;
             (
                 device,
                 time_all(&Cpu, &dit, &mut weights, args, h, w, None)?,
             )
         }
         Some(gpu) => {
-            gpu.prepare_dit(dit.config.head_dim())?;
+            gpu.prepare_dit(dit.head_dim())?;
             let device = gpu.info().to_string();
             match vram {
                 None => {
                     let mut weights =
-                        ResidentWeights::load(&component, dit.groups(), |t| gpu.weight(t))?;
+                        ResidentWeights::load(&component, dit.arch().groups(), |t| gpu.weight(t))?;
                     (device, time_all(gpu, &dit, &mut weights, args, h, w, None)?)
                 }
                 Some(_) => {
                     let setup = StreamSetup::new(shape, args.host_memory.options());
-                    let mut weights = stream_weights(gpu, &component, &dit, setup)?;
+                    let mut weights = stream_weights(gpu, &component, dit.arch(), setup)?;
                     eprintln!("[host tier: {}]", weights.host_mode());
                     eprint!("{}", weights.plan());
                     let log = Arc::new(Mutex::new(Vec::new()));
@@ -176,28 +288,17 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
 /// captured for `--timeline`.
 fn time_all<B: DitOps>(
     backend: &B,
-    dit: &ZImage,
+    dit: &Dit,
     weights: &mut impl Weights<B::Weight>,
     args: &BenchArgs,
     h: usize,
     w: usize,
     streamed: Option<(&Arc<Mutex<Vec<PassStats>>>, &TimelineCapture)>,
 ) -> Result<Vec<Row>> {
-    let c = &dit.config;
     let largest = args.batch.iter().max().copied().unwrap_or(1);
     let mut rows = Vec::new();
     for &batch in &args.batch {
-        let latents = gaussian_noise(1, batch * c.in_channels * h * w);
-        let caption = gaussian_noise(2, args.caption_tokens * c.cap_feat_dim);
-        let captions = vec![caption.as_slice(); batch];
-        let t = vec![0.5; batch];
-        let input = DitInput {
-            latents: &latents,
-            height: h,
-            width: w,
-            t: &t,
-            captions: &captions,
-        };
+        let (latents, caption) = dit.inputs(batch, h, w, args.caption_tokens);
         let (mut step_s, mut passes) = (Vec::new(), Vec::new());
         for run in 0..args.warmup + args.runs {
             let last = run + 1 == args.warmup + args.runs;
@@ -208,7 +309,7 @@ fn time_all<B: DitOps>(
                 }
             }
             let start = Instant::now();
-            dit.forward(backend, weights, &input)?;
+            dit.forward(backend, weights, &latents, &caption, batch, h, w)?;
             let secs = start.elapsed().as_secs_f64();
             if run < args.warmup {
                 continue;

@@ -1,6 +1,7 @@
 //! `ferry info`: what a checkpoint holds.
 
 use ferry::checkpoint::{resolve_model_path, Format, Pipeline};
+use ferry::model::qwen_image::{self, QwenImage, QwenImageConfig};
 use ferry::model::z_image::{ZImage, ZImageConfig};
 use ferry::model::Checkpoint;
 use ferry::model::{Architecture, Llama};
@@ -88,9 +89,20 @@ fn pipeline_info(p: &Pipeline) -> Result<()> {
         }
     }
     if let Some(tr) = p.components.get("transformer") {
-        if tr.class_name.as_deref() == Some("ZImageTransformer2DModel") {
-            let (path, json) = tr.config()?;
-            let dit = ZImage::new(ZImageConfig::from_json(path, json)?);
+        let dit: Option<Box<dyn Architecture>> = match tr.class_name.as_deref() {
+            Some("ZImageTransformer2DModel") => {
+                let (path, json) = tr.config()?;
+                Some(Box::new(ZImage::new(ZImageConfig::from_json(path, json)?)))
+            }
+            Some(qwen_image::CLASS_NAME) => {
+                let (path, json) = tr.config()?;
+                Some(Box::new(QwenImage::new(QwenImageConfig::from_json(
+                    path, json,
+                )?)))
+            }
+            _ => None,
+        };
+        if let Some(dit) = dit {
             println!("transformer weight groups (pass order):");
             for g in dit.groups() {
                 let bytes = g

@@ -7,9 +7,9 @@ use clap::Args;
 
 use ferry::stream::{human_bytes, parse_size};
 use ferry::synth::{
-    check_destination, parse_arch, parse_dtype, write_checkpoint, write_gguf, write_pipeline,
-    GgufFileType, GgufOptions, PipelineComponent, PipelinePreset, Preset, SynthPreset,
-    WriteOptions,
+    check_destination, parse_arch, parse_dtype, write_checkpoint, write_dit, write_gguf,
+    write_pipeline, DitPreset, GgufFileType, GgufOptions, PipelineComponent, PipelinePreset,
+    Preset, SynthPreset, WriteOptions,
 };
 use ferry::{Error, Result};
 
@@ -18,7 +18,8 @@ use super::{at_least, human_count, plural};
 #[derive(Args)]
 pub struct SynthArgs {
     /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny, or an image
-    /// pipeline: z-image-turbo, z-image-tiny.
+    /// pipeline: z-image-turbo, z-image-tiny; or a diffusion transformer alone: qwen-image,
+    /// qwen-image-tiny.
     #[arg(long, required_unless_present = "list")]
     preset: Option<String>,
     /// Output directory (created; must be empty or missing unless --force); with --gguf, the
@@ -74,6 +75,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     match SynthPreset::by_name(name)? {
         SynthPreset::Llm(preset) => language_model(&args, preset, out, &opts),
         SynthPreset::Pipeline(preset) => pipeline(&args, &preset, out, &opts),
+        SynthPreset::Dit(preset) => dit(&args, &preset, out, &opts),
     }
 }
 
@@ -115,6 +117,18 @@ fn list() {
                 );
             }
         }
+    }
+    println!("diffusion transformers alone (a diffusers directory with transformer/ only):");
+    for p in DitPreset::list() {
+        let n = p.parameters();
+        println!(
+            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            p.name,
+            "qwen-image",
+            human_count(n),
+            human_bytes(n * 2),
+            p.about
+        );
     }
 }
 
@@ -210,6 +224,49 @@ fn gguf_file(args: &SynthArgs, preset: &Preset, out: &Path, file_type: GgufFileT
         human_bytes(report.file_bytes),
         report.file_bytes,
         per_weight * 8.0,
+    );
+    Ok(())
+}
+
+/// A diffusion transformer alone: the transformer of a diffusers directory.
+fn dit(args: &SynthArgs, preset: &DitPreset, out: &Path, opts: &WriteOptions) -> Result<()> {
+    for (flag, given) in [
+        ("--arch", args.arch.is_some()),
+        ("--layers", args.layers.is_some()),
+        ("--gguf", args.gguf.is_some()),
+    ] {
+        if given {
+            return Err(Error::Flag {
+                flag,
+                message: format!(
+                    "{} is a diffusion transformer of a fixed shape; {flag} applies to language-model presets",
+                    preset.name
+                ),
+            });
+        }
+    }
+    if let Some(list) = &args.only {
+        let components = PipelineComponent::parse_list(list)?;
+        if components != [PipelineComponent::Transformer] {
+            return Err(Error::Flag {
+                flag: "--only",
+                message: format!(
+                    "{}: only the transformer can be written (ferry has not got its text encoder and VAE yet)",
+                    preset.name
+                ),
+            });
+        }
+    }
+    let r = write_dit(preset, out, opts, args.force)?;
+    eprintln!(
+        "wrote {} ({}: the transformer alone, {} params, {} in {} shards) in {:.1} s: {:.2} GB/s",
+        out.display(),
+        preset.name,
+        preset.parameters(),
+        human_bytes(r.bytes),
+        r.shards.len(),
+        r.seconds,
+        r.bytes as f64 / r.seconds.max(1e-9) / 1e9,
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! slot, in host memory) is not its business.
 
 pub mod llama;
+pub mod qwen_image;
 pub mod vae;
 pub mod z_image;
 

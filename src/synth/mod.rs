@@ -2,7 +2,8 @@
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
 //! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
-//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`); a language model
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`), a diffusion
+//! transformer alone ([`write_dit`], `ferry synth --preset qwen-image`); a language model
 //! also as one quantized GGUF file ([`write_gguf`], `ferry synth --gguf Q4_K_M`).
 //!
 //! Weights are deterministic for a seed and scaled like a trained model's: linear weights,
@@ -11,6 +12,7 @@
 
 mod component;
 mod diffusers;
+mod dit;
 mod gguf;
 mod presets;
 mod random;
@@ -30,6 +32,7 @@ pub use diffusers::{
     check_destination, write_pipeline, DitShape, PipelineComponent, PipelinePreset, VaeShape,
     DIFFUSERS_VERSION,
 };
+pub use dit::{write_dit, DitPreset};
 pub use gguf::{use_more_bits, write_gguf, GgufFileType, GgufOptions, GgufReport};
 pub use presets::Preset;
 
@@ -49,6 +52,8 @@ pub enum SynthPreset {
     Llm(Preset),
     /// Boxed: a pipeline holds three models' shapes.
     Pipeline(Box<PipelinePreset>),
+    /// A diffusion transformer alone (its pipeline's other models are not in ferry yet).
+    Dit(DitPreset),
 }
 
 impl SynthPreset {
@@ -57,12 +62,16 @@ impl SynthPreset {
         if let Some(p) = PipelinePreset::by_name(name) {
             return Ok(SynthPreset::Pipeline(Box::new(p)));
         }
+        if let Some(p) = DitPreset::by_name(name) {
+            return Ok(SynthPreset::Dit(p));
+        }
         Preset::by_name(name).map(SynthPreset::Llm).map_err(|_| Error::Flag {
             flag: "--preset",
             message: format!(
-                "unknown preset {name:?}; expected one of {} (language models) or {} (image pipelines)",
+                "unknown preset {name:?}; expected one of {} (language models), {} (image pipelines) or {} (diffusion transformers alone)",
                 Preset::names(),
-                PipelinePreset::names()
+                PipelinePreset::names(),
+                DitPreset::names()
             ),
         })
     }

@@ -96,6 +96,7 @@ impl DitOps for Cuda {
             match f {
                 Pointwise::Silu => 0u32,
                 Pointwise::Tanh => 1,
+                Pointwise::GeluTanh => 2,
             },
         );
         let f = self.function(&compile::DIT, "pointwise", 0)?;

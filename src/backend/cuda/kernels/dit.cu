@@ -4,10 +4,13 @@
 // Grid-stride loops: enough blocks of 256 threads to cover the items (capped by the caller).
 
 __device__ __forceinline__ float act(float v, u32 op) {
-    return op == 0 ? v / (1.f + __expf(-v)) : tanhf(v);
+    if (op == 0) return v / (1.f + __expf(-v));
+    if (op == 1) return tanhf(v);
+    // GELU, tanh approximation: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
+    return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
-// x = f(x) over n values; op 0: SiLU, 1: tanh.
+// x = f(x) over n values; op 0: SiLU, 1: tanh, 2: GELU (tanh approximation).
 extern "C" __global__ void pointwise(bf16* __restrict__ x, u64 n, u32 op) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         x[i] = f2bf(act(bf2f(x[i]), op));

@@ -1,0 +1,772 @@
+//! Qwen-Image's diffusion transformer (diffusers `QwenImageTransformer2DModel`, 20.4 B
+//! parameters): a double-stream MMDiT. The image and the text keep streams of their own
+//! through every block (their own modulation, LayerNorms, q/k/v, output projections and
+//! MLPs) and meet only in attention, which runs over each sample's `[text, image]` tokens.
+//!
+//! One pass is one denoising step for every sample of a batch (several images; the two
+//! branches of guidance are two samples): each group's weights are asked for once and serve
+//! all samples. Samples are stacked row-wise in each stream with no padding between them and
+//! never attend to each other. A sample's text is its valid tokens only: diffusers pads the
+//! batch's texts to the longest and masks the pads as keys, which gives the valid tokens and
+//! the image the same values (pads sit after the valid tokens, as the pipeline lays them out,
+//! so the valid tokens keep their RoPE positions).
+//!
+//! Inputs and output are the pipeline's packed latents (`_pack_latents`): `[batch,
+//! (h/2)·(w/2), 4·C]` for `[batch, C, h, w]` latents, token (row, col) row-major, features in
+//! (channel, patch row, patch col) order; see [`pack_latents`]. RoPE positions: see [`rope`].
+//!
+//! A block, per stream (diffusers' `QwenImageTransformerBlock`):
+//! ```text
+//! shift1, scale1, gate1, shift2, scale2, gate2 = linear(silu(temb))     // [batch, dim] each
+//! h = LayerNorm(x) · (1 + scale1) + shift1
+//! q, k, v = linear(h) (bias), RMSNorm per head on q and k, RoPE on q and k
+//! a = joint attention over [text, image] of each sample, then the stream's output linear
+//! x = x + gate1 · a
+//! x = x + gate2 · MLP(LayerNorm(x) · (1 + scale2) + shift2)        // GELU-tanh, 4·dim hidden
+//! ```
+
+mod config;
+mod cost;
+pub mod rope;
+
+pub use config::{QwenImageConfig, CLASS_NAME, PATCH};
+pub use rope::QwenRope;
+
+use std::ops::Range;
+
+use super::z_image::Trace;
+use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
+use crate::backend::dit::{DitOps, Pointwise};
+use crate::error::{Error, Result};
+
+/// Width of the sinusoidal timestep features.
+const T_FREQ_DIM: usize = 256;
+/// The sinusoid's longest period.
+const T_MAX_PERIOD: f64 = 10000.0;
+/// The timestep projection's `scale` (diffusers' `Timesteps(…, scale=1000)`).
+const T_SCALE: f32 = 1000.0;
+/// Epsilon of every norm: the blocks' LayerNorms and q/k RMSNorms (the block's `eps=1e-6`),
+/// `txt_norm`, `norm_out`.
+const EPS: f32 = 1e-6;
+
+/// The inputs of one pass.
+pub struct DitInput<'a> {
+    /// `[batch, (height/2)·(width/2), in_channels]` f32: the packed latents being denoised
+    /// (see [`pack_latents`]).
+    pub latents: &'a [f32],
+    /// Latent pixels (the image's pixels / 8); even.
+    pub height: usize,
+    pub width: usize,
+    /// `[batch]`: each sample's σ, the pipeline's `timestep / 1000` (1 at the first step).
+    pub timestep: &'a [f32],
+    /// One per sample, `[tokens, joint_attention_dim]` f32: the text encoder's features of the
+    /// prompt's valid tokens (the lengths may differ).
+    pub texts: &'a [&'a [f32]],
+}
+
+pub struct QwenImage {
+    pub config: QwenImageConfig,
+    groups: Vec<WeightGroup>,
+    rope: QwenRope,
+}
+
+/// Where each part sits among the groups, in pass order.
+const EMBEDDERS: usize = 0;
+
+/// `x @ weightᵀ + bias`.
+struct Linear<'a, W> {
+    weight: &'a W,
+    bias: &'a W,
+}
+
+impl<W> Linear<'_, W> {
+    fn forward<B: DitOps<Weight = W>>(
+        &self,
+        backend: &B,
+        x: &B::Activation,
+    ) -> Result<B::Activation> {
+        backend.linear(x, self.weight, Some(self.bias))
+    }
+}
+
+/// The embedders' group.
+struct Embedders<'a, W> {
+    /// `time_text_embed.timestep_embedder.linear_1`, `.linear_2` (SiLU between them).
+    t_linear_1: Linear<'a, W>,
+    t_linear_2: Linear<'a, W>,
+    /// RMSNorm over the text features, before `txt_in`.
+    txt_norm: &'a W,
+    img_in: Linear<'a, W>,
+    txt_in: Linear<'a, W>,
+}
+
+/// One stream's weights in a block, under the image's names (`img_mod.1`, `attn.to_q`,
+/// `attn.norm_q`, `attn.to_out.0`, `img_mlp.net.0.proj`, `img_mlp.net.2`) or the text's
+/// (`txt_mod.1`, `attn.add_q_proj`, `attn.norm_added_q`, `attn.to_add_out`, `txt_mlp.…`).
+struct StreamWeights<'a, W> {
+    /// `silu(temb)` → `[shift1, scale1, gate1, shift2, scale2, gate2]`.
+    modulation: Linear<'a, W>,
+    to_q: Linear<'a, W>,
+    to_k: Linear<'a, W>,
+    to_v: Linear<'a, W>,
+    norm_q: &'a W,
+    norm_k: &'a W,
+    to_out: Linear<'a, W>,
+    mlp_in: Linear<'a, W>,
+    mlp_out: Linear<'a, W>,
+}
+
+/// One double-stream block (`transformer_blocks.N`).
+struct Block<'a, W> {
+    img: StreamWeights<'a, W>,
+    txt: StreamWeights<'a, W>,
+}
+
+/// `norm_out` (AdaLayerNormContinuous: `silu(temb)` → scale, shift) and `proj_out`.
+struct FinalLayer<'a, W> {
+    norm_out: Linear<'a, W>,
+    proj_out: Linear<'a, W>,
+}
+
+/// The tensor names of one stream in a block, relative to `transformer_blocks.N.`.
+struct StreamNames {
+    modulation: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    norm_q: &'static str,
+    norm_k: &'static str,
+    out: &'static str,
+    mlp: &'static str,
+}
+
+const IMAGE_NAMES: StreamNames = StreamNames {
+    modulation: "img_mod.1",
+    q: "attn.to_q",
+    k: "attn.to_k",
+    v: "attn.to_v",
+    norm_q: "attn.norm_q",
+    norm_k: "attn.norm_k",
+    out: "attn.to_out.0",
+    mlp: "img_mlp",
+};
+
+const TEXT_NAMES: StreamNames = StreamNames {
+    modulation: "txt_mod.1",
+    q: "attn.add_q_proj",
+    k: "attn.add_k_proj",
+    v: "attn.add_v_proj",
+    norm_q: "attn.norm_added_q",
+    norm_k: "attn.norm_added_k",
+    out: "attn.to_add_out",
+    mlp: "txt_mlp",
+};
+
+/// One stream's activations in a pass: `x` `[rows, dim]`, the rows of each sample, and the
+/// RoPE table `[rows, head_dim]`.
+struct Stream<A, R> {
+    x: A,
+    rows: Vec<Range<usize>>,
+    rope: R,
+}
+
+/// Both streams' q, k, v after norms and RoPE, `[rows, dim]` each.
+struct Qkv<A> {
+    q: A,
+    k: A,
+    v: A,
+}
+
+/// A stream's modulation for one block: `[batch, dim]` each.
+struct Modulation<A> {
+    shift1: A,
+    scale1: A,
+    gate1: A,
+    shift2: A,
+    scale2: A,
+    gate2: A,
+}
+
+/// The token grid and each sample's text length.
+struct Layout {
+    /// Image tokens per side and per sample.
+    rows: usize,
+    cols: usize,
+    image_tokens: usize,
+    text_tokens: Vec<usize>,
+}
+
+impl Layout {
+    fn batch(&self) -> usize {
+        self.text_tokens.len()
+    }
+
+    /// Sample `s`'s rows in the image stream.
+    fn image(&self) -> Vec<Range<usize>> {
+        let n = self.image_tokens;
+        (0..self.batch()).map(|s| s * n..(s + 1) * n).collect()
+    }
+
+    /// Sample `s`'s rows in the text stream.
+    fn text(&self) -> Vec<Range<usize>> {
+        let mut start = 0;
+        self.text_tokens
+            .iter()
+            .map(|&l| {
+                start += l;
+                start - l..start
+            })
+            .collect()
+    }
+
+    /// Sample `s`'s rows in the joint sequence: its text, then its image.
+    fn joint(&self) -> Vec<Range<usize>> {
+        let mut start = 0;
+        self.text_tokens
+            .iter()
+            .map(|&l| {
+                start += l + self.image_tokens;
+                start - l - self.image_tokens..start
+            })
+            .collect()
+    }
+}
+
+impl QwenImage {
+    pub fn new(config: QwenImageConfig) -> QwenImage {
+        let groups = weight_groups(&config);
+        let rope = QwenRope::new(&config.axes_dims_rope);
+        QwenImage {
+            config,
+            groups,
+            rope,
+        }
+    }
+
+    fn block_group(&self, i: usize) -> usize {
+        1 + i
+    }
+    fn final_group(&self) -> usize {
+        1 + self.config.num_layers
+    }
+
+    /// Image tokens of a `height × width` latent.
+    pub fn image_tokens(&self, height: usize, width: usize) -> usize {
+        (height / PATCH) * (width / PATCH)
+    }
+
+    /// One denoising step for every sample: the transformer's output, `[batch, tokens,
+    /// patch features]` f32 packed as its input, in sample order, as diffusers' transformer
+    /// returns it (the velocity the pipeline's scheduler steps along).
+    pub fn forward<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+    ) -> Result<Vec<f32>> {
+        self.forward_traced(backend, weights, input, None)
+    }
+
+    /// [`forward`](Self::forward), handing `trace` the intermediates on the host (for tests
+    /// against diffusers' hooks): `temb` `[batch, dim]`; `img_in` `[batch·n, dim]`; `txt_in`
+    /// `[Σ L, dim]` (valid tokens only); `img_freqs` `[batch·n, head_dim]` and `txt_freqs`
+    /// `[Σ L, head_dim]` (the RoPE tables); per block `blocks.{i}.attn.img`,
+    /// `blocks.{i}.attn.txt` (attention after the output linears, before the gates),
+    /// `blocks.{i}.img`, `blocks.{i}.txt` (the block's outputs); `norm_out` `[batch·n, dim]`.
+    pub fn forward_traced<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        mut trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let layout = self.check_input(input)?;
+        let batch = layout.batch();
+        let head_dim = c.head_dim();
+        // RoPE tables (host f32, then the backend's): every sample's image at the same
+        // positions, each sample's text from the same start.
+        let image_pos = rope::image_positions(layout.rows, layout.cols);
+        let image_table: Vec<f32> = self.rope.table(&image_pos).repeat(batch);
+        let text_table: Vec<f32> = layout
+            .text_tokens
+            .iter()
+            .flat_map(|&l| {
+                self.rope
+                    .table(&rope::text_positions(layout.rows, layout.cols, l))
+            })
+            .collect();
+        let total_text: usize = layout.text_tokens.iter().sum();
+        if let Some(t) = trace.as_deref_mut() {
+            t("img_freqs", image_table.clone());
+            t("txt_freqs", text_table.clone());
+        }
+        let mut tap = |name: &str, x: &B::Activation| -> Result<()> {
+            if let Some(t) = trace.as_deref_mut() {
+                t(name, backend.to_host(x)?);
+            }
+            Ok(())
+        };
+
+        // The embedders: timestep, image tokens, text features.
+        let (silu_temb, img, txt) = {
+            let w = self.embedders(weights.group(EMBEDDERS)?);
+            // [batch, dim]: linear_2(silu(linear_1(sinusoids(σ))))
+            let freqs = backend.upload(&timestep_features(input.timestep), batch, T_FREQ_DIM)?;
+            let mut h = w.t_linear_1.forward(backend, &freqs)?;
+            backend.pointwise(&mut h, Pointwise::Silu)?;
+            let mut temb = w.t_linear_2.forward(backend, &h)?;
+            tap("temb", &temb)?;
+            // Every modulation linear takes silu(temb).
+            backend.pointwise(&mut temb, Pointwise::Silu)?;
+
+            // [batch·n, in_channels] → [batch·n, dim]
+            let latents =
+                backend.upload(input.latents, batch * layout.image_tokens, c.in_channels)?;
+            let img = w.img_in.forward(backend, &latents)?;
+            drop(latents);
+            tap("img_in", &img)?;
+
+            // [Σ L, joint_attention_dim] → RMSNorm → [Σ L, dim]
+            let feats = backend.upload(&input.texts.concat(), total_text, c.joint_attention_dim)?;
+            let normed = backend.rms_norm(&feats, w.txt_norm, EPS)?;
+            drop(feats);
+            let txt = w.txt_in.forward(backend, &normed)?;
+            tap("txt_in", &txt)?;
+            (temb, img, txt)
+        };
+
+        let mut img = Stream {
+            x: img,
+            rows: layout.image(),
+            rope: backend.rope_table(&image_table, batch * layout.image_tokens, head_dim)?,
+        };
+        let mut txt = Stream {
+            x: txt,
+            rows: layout.text(),
+            rope: backend.rope_table(&text_table, total_text, head_dim)?,
+        };
+        drop((image_table, text_table));
+        let joint = layout.joint();
+
+        for i in 0..c.num_layers {
+            let g = self.block_group(i);
+            let w = self.block(g, i, weights.group(g)?);
+            self.block_forward(
+                backend, &w, &mut img, &mut txt, &joint, &silu_temb, i, &mut tap,
+            )?;
+        }
+        drop(txt);
+
+        // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
+        let out = {
+            let w = self.final_weights(weights.group(self.final_group())?);
+            let emb = w.norm_out.forward(backend, &silu_temb)?; // [batch, 2·dim]
+            let m = backend.split_cols(&emb, 2)?;
+            let mut h = backend.layer_norm(&img.x, EPS)?;
+            backend.modulate(&mut h, &img.rows, &m[0], Some(&m[1]))?;
+            tap("norm_out", &h)?;
+            let out = w.proj_out.forward(backend, &h)?; // [batch·n, patch features]
+            backend.to_host(&out)?
+        };
+        weights.finish_pass()?;
+        Ok(out)
+    }
+
+    /// Block `index` over both streams in place.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &Block<'_, B::Weight>,
+        img: &mut Stream<B::Activation, B::RopeTable>,
+        txt: &mut Stream<B::Activation, B::RopeTable>,
+        joint: &[Range<usize>],
+        silu_temb: &B::Activation,
+        index: usize,
+        tap: &mut dyn FnMut(&str, &B::Activation) -> Result<()>,
+    ) -> Result<()> {
+        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
+        let img_mod = modulation(backend, &w.img.modulation, silu_temb)?;
+        let txt_mod = modulation(backend, &w.txt.modulation, silu_temb)?;
+
+        // Attention: each stream's q, k, v, then each sample's [text, image] together.
+        let img_qkv = self.qkv(backend, &w.img, img, &img_mod)?;
+        let txt_qkv = self.qkv(backend, &w.txt, txt, &txt_mod)?;
+        let interleave = |t: &B::Activation, i: &B::Activation| -> Result<B::Activation> {
+            let mut parts = Vec::with_capacity(2 * joint.len());
+            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
+                parts.push(backend.rows(t, tr.start, tr.len())?);
+                parts.push(backend.rows(i, ir.start, ir.len())?);
+            }
+            backend.concat_rows(&parts)
+        };
+        let q = interleave(&txt_qkv.q, &img_qkv.q)?;
+        let k = interleave(&txt_qkv.k, &img_qkv.k)?;
+        let v = interleave(&txt_qkv.v, &img_qkv.v)?;
+        drop((img_qkv, txt_qkv));
+        let a = backend.attention_within(&q, &k, &v, joint, heads, head_dim)?;
+        drop((q, k, v));
+        // Back to the streams: each sample's first rows are its text.
+        let (mut img_a, mut txt_a) = (Vec::new(), Vec::new());
+        for ((j, tr), ir) in joint.iter().zip(&txt.rows).zip(&img.rows) {
+            txt_a.push(backend.rows(&a, j.start, tr.len())?);
+            img_a.push(backend.rows(&a, j.start + tr.len(), ir.len())?);
+        }
+        drop(a);
+        let img_a = w
+            .img
+            .to_out
+            .forward(backend, &backend.concat_rows(&img_a)?)?;
+        let txt_a = w
+            .txt
+            .to_out
+            .forward(backend, &backend.concat_rows(&txt_a)?)?;
+        tap(&format!("blocks.{index}.attn.img"), &img_a)?;
+        tap(&format!("blocks.{index}.attn.txt"), &txt_a)?;
+        backend.add_gated(&mut img.x, &img.rows, &img_mod.gate1, &img_a)?;
+        backend.add_gated(&mut txt.x, &txt.rows, &txt_mod.gate1, &txt_a)?;
+        drop((img_a, txt_a));
+
+        // Each stream's MLP.
+        for (s, sw, m) in [(&mut *img, &w.img, &img_mod), (&mut *txt, &w.txt, &txt_mod)] {
+            let mut h = backend.layer_norm(&s.x, EPS)?;
+            backend.modulate(&mut h, &s.rows, &m.scale2, Some(&m.shift2))?;
+            let mut hidden = sw.mlp_in.forward(backend, &h)?; // [rows, 4·dim]
+            drop(h);
+            backend.pointwise(&mut hidden, Pointwise::GeluTanh)?;
+            let y = sw.mlp_out.forward(backend, &hidden)?;
+            drop(hidden);
+            backend.add_gated(&mut s.x, &s.rows, &m.gate2, &y)?;
+        }
+        tap(&format!("blocks.{index}.img"), &img.x)?;
+        tap(&format!("blocks.{index}.txt"), &txt.x)
+    }
+
+    /// One stream's attention inputs: `LayerNorm(x) · (1 + scale1) + shift1`, its q, k, v
+    /// (bias), RMSNorm per head on q and k, RoPE on q and k.
+    fn qkv<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &StreamWeights<'_, B::Weight>,
+        s: &Stream<B::Activation, B::RopeTable>,
+        m: &Modulation<B::Activation>,
+    ) -> Result<Qkv<B::Activation>> {
+        let head_dim = self.config.head_dim();
+        let mut h = backend.layer_norm(&s.x, EPS)?;
+        backend.modulate(&mut h, &s.rows, &m.scale1, Some(&m.shift1))?;
+        let normed = |proj: &Linear<'_, B::Weight>, norm| -> Result<B::Activation> {
+            backend.rms_norm(&proj.forward(backend, &h)?, norm, EPS)
+        };
+        let mut q = normed(&w.to_q, w.norm_q)?;
+        let mut k = normed(&w.to_k, w.norm_k)?;
+        let v = w.to_v.forward(backend, &h)?;
+        drop(h);
+        backend.rope_interleaved(&mut q, &s.rope, head_dim)?;
+        backend.rope_interleaved(&mut k, &s.rope, head_dim)?;
+        Ok(Qkv { q, k, v })
+    }
+
+    /// Check a pass's inputs and lay out its rows.
+    fn check_input(&self, input: &DitInput<'_>) -> Result<Layout> {
+        let c = &self.config;
+        let batch = input.timestep.len();
+        let bad = |flag: &'static str, message: String| Error::Flag { flag, message };
+        if batch == 0 || input.texts.len() != batch {
+            return Err(bad(
+                "DiT input",
+                format!(
+                    "{batch} timesteps and {} texts; expected one of each per sample, at least one sample",
+                    input.texts.len()
+                ),
+            ));
+        }
+        let (h, w) = (input.height, input.width);
+        if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 {
+            return Err(bad(
+                "latent size",
+                format!(
+                    "{h}×{w} latent pixels ({}×{} image pixels); expected positive multiples of {PATCH} (images in multiples of {})",
+                    8 * h,
+                    8 * w,
+                    8 * PATCH
+                ),
+            ));
+        }
+        let (rows, cols) = (h / PATCH, w / PATCH);
+        let n = rows * cols;
+        if input.latents.len() != batch * n * c.in_channels {
+            return Err(Error::Shape {
+                tensor: "packed latents".into(),
+                expected: vec![batch, n, c.in_channels],
+                found: vec![input.latents.len()],
+            });
+        }
+        let mut text_tokens = Vec::with_capacity(batch);
+        for t in input.texts {
+            if t.is_empty() || t.len() % c.joint_attention_dim != 0 {
+                return Err(Error::Shape {
+                    tensor: "text features".into(),
+                    expected: vec![0, c.joint_attention_dim],
+                    found: vec![t.len()],
+                });
+            }
+            text_tokens.push(t.len() / c.joint_attention_dim);
+        }
+        // diffusers' RoPE tables hold positions −4096..4095.
+        let longest = text_tokens.iter().max().copied().unwrap_or(0);
+        let last_text = rope::text_start(rows, cols) as usize + longest;
+        if last_text > rope::MAX_POSITIONS || rows.max(cols) > rope::MAX_POSITIONS {
+            return Err(bad(
+                "DiT input",
+                format!(
+                    "a text of {longest} tokens beside {rows}×{cols} image tokens needs RoPE positions up to {last_text}; the model has {}",
+                    rope::MAX_POSITIONS
+                ),
+            ));
+        }
+        Ok(Layout {
+            rows,
+            cols,
+            image_tokens: n,
+            text_tokens,
+        })
+    }
+
+    fn embedders<'a, W>(&'a self, ws: &'a [W]) -> Embedders<'a, W> {
+        let w = Bound::new(&self.groups[EMBEDDERS], ws);
+        let linear = |s: &str| Linear {
+            weight: w.get(&format!("{s}.weight")),
+            bias: w.get(&format!("{s}.bias")),
+        };
+        Embedders {
+            t_linear_1: linear("time_text_embed.timestep_embedder.linear_1"),
+            t_linear_2: linear("time_text_embed.timestep_embedder.linear_2"),
+            txt_norm: w.get("txt_norm.weight"),
+            img_in: linear("img_in"),
+            txt_in: linear("txt_in"),
+        }
+    }
+
+    fn block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> Block<'a, W> {
+        let w = Bound::new(&self.groups[g], ws);
+        let p = |s: &str| w.get(&format!("transformer_blocks.{index}.{s}"));
+        let linear = |s: &str| Linear {
+            weight: p(&format!("{s}.weight")),
+            bias: p(&format!("{s}.bias")),
+        };
+        let stream = |n: &StreamNames| StreamWeights {
+            modulation: linear(n.modulation),
+            to_q: linear(n.q),
+            to_k: linear(n.k),
+            to_v: linear(n.v),
+            norm_q: p(&format!("{}.weight", n.norm_q)),
+            norm_k: p(&format!("{}.weight", n.norm_k)),
+            to_out: linear(n.out),
+            mlp_in: linear(&format!("{}.net.0.proj", n.mlp)),
+            mlp_out: linear(&format!("{}.net.2", n.mlp)),
+        };
+        Block {
+            img: stream(&IMAGE_NAMES),
+            txt: stream(&TEXT_NAMES),
+        }
+    }
+
+    fn final_weights<'a, W>(&'a self, ws: &'a [W]) -> FinalLayer<'a, W> {
+        let w = Bound::new(&self.groups[self.final_group()], ws);
+        let linear = |s: &str| Linear {
+            weight: w.get(&format!("{s}.weight")),
+            bias: w.get(&format!("{s}.bias")),
+        };
+        FinalLayer {
+            norm_out: linear("norm_out.linear"),
+            proj_out: linear("proj_out"),
+        }
+    }
+
+    /// [`Architecture::pass_cost`] for a pass whose samples each hold `image_tokens` image
+    /// tokens and `text_tokens` text tokens.
+    pub fn step_cost(&self, image_tokens: usize, text_tokens: usize, batch: usize) -> PassCost {
+        cost::pass_cost(&self.config, image_tokens, text_tokens, batch)
+    }
+}
+
+impl Architecture for QwenImage {
+    /// Embedders, the double-stream blocks, the final layer.
+    fn groups(&self) -> &[WeightGroup] {
+        &self.groups
+    }
+
+    /// `shape.tokens` is each sample's image + text tokens, of which the text is taken to be
+    /// [`cost::ASSUMED_TEXT_TOKENS`] (at most half); use [`step_cost`](QwenImage::step_cost)
+    /// when the split is known.
+    fn pass_cost(&self, shape: PassShape) -> PassCost {
+        let text = cost::ASSUMED_TEXT_TOKENS.min(shape.tokens / 2);
+        self.step_cost(shape.tokens - text, text, shape.batch)
+    }
+}
+
+/// A stream's six modulation vectors for one block: `linear(silu(temb))` in diffusers'
+/// chunk order.
+fn modulation<B: DitOps>(
+    backend: &B,
+    w: &Linear<'_, B::Weight>,
+    silu_temb: &B::Activation,
+) -> Result<Modulation<B::Activation>> {
+    let m = w.forward(backend, silu_temb)?; // [batch, 6·dim]
+    let mut m = backend.split_cols(&m, 6)?.into_iter();
+    let mut next = || m.next().expect("six chunks");
+    Ok(Modulation {
+        shift1: next(),
+        scale1: next(),
+        gate1: next(),
+        shift2: next(),
+        scale2: next(),
+        gate2: next(),
+    })
+}
+
+/// `[batch, 256]`: the sinusoidal features of `σ · 1000`, cosines first, in f32 as diffusers'
+/// `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)` computes them:
+/// frequencies `exp(−ln(10000) · j / 128)`, the angle `1000 · (σ · freq)`.
+fn timestep_features(sigma: &[f32]) -> Vec<f32> {
+    let half = T_FREQ_DIM / 2;
+    let neg_log = -(T_MAX_PERIOD.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| (neg_log * j as f32 / half as f32).exp())
+        .collect();
+    let mut out = Vec::with_capacity(sigma.len() * T_FREQ_DIM);
+    for &s in sigma {
+        let angles: Vec<f32> = freqs.iter().map(|f| T_SCALE * (s * f)).collect();
+        out.extend(angles.iter().map(|a| a.cos()));
+        out.extend(angles.iter().map(|a| a.sin()));
+    }
+    out
+}
+
+/// The pipeline's `_pack_latents`: `[batch, c, h, w]` → `[batch, (h/2)·(w/2), 4·c]`, token
+/// (row, col) row-major, features in (channel, patch row, patch col) order.
+pub fn pack_latents(x: &[f32], batch: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        batch * c * h * w,
+        "pack_latents: [{batch}, {c}, {h}, {w}]"
+    );
+    let (p, rows, cols) = (PATCH, h / PATCH, w / PATCH);
+    let mut out = Vec::with_capacity(x.len());
+    for b in 0..batch {
+        let img = &x[b * c * h * w..(b + 1) * c * h * w];
+        for ty in 0..rows {
+            for tx in 0..cols {
+                for ch in 0..c {
+                    for py in 0..p {
+                        for px in 0..p {
+                            out.push(img[(ch * h + ty * p + py) * w + tx * p + px]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`pack_latents`] (the pipeline's `_unpack_latents`, without its frame
+/// axis of 1): `[batch, (h/2)·(w/2), 4·c]` → `[batch, c, h, w]`.
+pub fn unpack_latents(x: &[f32], batch: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        batch * c * h * w,
+        "unpack_latents: [{batch}, {c}, {h}, {w}]"
+    );
+    let (p, rows, cols) = (PATCH, h / PATCH, w / PATCH);
+    let mut out = vec![0f32; x.len()];
+    let mut it = x.iter();
+    for b in 0..batch {
+        for ty in 0..rows {
+            for tx in 0..cols {
+                for ch in 0..c {
+                    for py in 0..p {
+                        for px in 0..p {
+                            let v = *it.next().expect("sized above");
+                            out[((b * c + ch) * h + ty * p + py) * w + tx * p + px] = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The groups with the tensors (diffusers' names) and shapes each holds. A block's
+/// modulation linears come first: they act on the timestep alone.
+fn weight_groups(c: &QwenImageConfig) -> Vec<WeightGroup> {
+    let (dim, hd, ffn) = (c.dim(), c.head_dim(), c.ffn_dim());
+    let linear = |out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
+        out.push(TensorSpec::new(format!("{name}.weight"), &[rows, cols]));
+        out.push(TensorSpec::new(format!("{name}.bias"), &[rows]));
+    };
+    let mut embedders = Vec::new();
+    let te = "time_text_embed.timestep_embedder";
+    linear(&mut embedders, format!("{te}.linear_1"), dim, T_FREQ_DIM);
+    linear(&mut embedders, format!("{te}.linear_2"), dim, dim);
+    embedders.push(TensorSpec::new("txt_norm.weight", &[c.joint_attention_dim]));
+    linear(&mut embedders, "img_in".into(), dim, c.in_channels);
+    linear(&mut embedders, "txt_in".into(), dim, c.joint_attention_dim);
+    let mut groups = vec![WeightGroup::new("embedders", embedders)];
+    for i in 0..c.num_layers {
+        let p = |s: &str| format!("transformer_blocks.{i}.{s}");
+        let mut t = Vec::new();
+        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+            linear(&mut t, p(n.modulation), 6 * dim, dim);
+        }
+        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+            for proj in [n.q, n.k, n.v] {
+                linear(&mut t, p(proj), dim, dim);
+            }
+            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_q)), &[hd]));
+            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_k)), &[hd]));
+            linear(&mut t, p(n.out), dim, dim);
+        }
+        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+            linear(&mut t, p(&format!("{}.net.0.proj", n.mlp)), ffn, dim);
+            linear(&mut t, p(&format!("{}.net.2", n.mlp)), dim, ffn);
+        }
+        groups.push(WeightGroup::new(format!("block {i}"), t));
+    }
+    let mut last = Vec::new();
+    linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
+    linear(&mut last, "proj_out".into(), c.patch_features(), dim);
+    groups.push(WeightGroup::new("final layer", last));
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_round_trips_in_channel_then_patch_order() {
+        let (b, c, h, w) = (2, 3, 4, 6);
+        let x: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
+        let t = pack_latents(&x, b, c, h, w);
+        // Token (1, 2) of sample 1, channel 2, patch pixel (1, 0): x[1, 2, 3, 4].
+        let token = 6 + 3 + 2;
+        assert_eq!(t[token * 4 * c + 2 * 4 + 2], x[((c + 2) * h + 3) * w + 4]);
+        assert_eq!(unpack_latents(&t, b, c, h, w), x);
+    }
+
+    #[test]
+    fn joint_rows_put_each_text_before_its_image() {
+        let l = Layout {
+            rows: 3,
+            cols: 5,
+            image_tokens: 15,
+            text_tokens: vec![7, 12],
+        };
+        assert_eq!(l.image(), vec![0..15, 15..30]);
+        assert_eq!(l.text(), vec![0..7, 7..19]);
+        assert_eq!(l.joint(), vec![0..22, 22..49]);
+    }
+}
