@@ -17,8 +17,9 @@ use std::sync::Arc;
 
 use crate::backend::cuda::streaming::SLOT_ALIGN;
 use crate::checkpoint::gguf::Weights;
-use crate::stream::compress::{Compress, Compressed, DecodeSpeeds};
+use crate::stream::compress::{encode_jobs, Compress, Compressed, DecodeSpeeds};
 use crate::stream::cost::{planner_groups, CostModel};
+use crate::stream::encoding_cache::{CacheMode, EncodingCache};
 use crate::stream::{GroupTensors, Placement, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
@@ -152,19 +153,22 @@ pub const ASSUMED_COMPUTE: CostModel = CostModel {
     hbm_gbps: 3000.0,
 };
 
-/// How streamed weights reach the device: `--host-memory` and `--compress`.
+/// How streamed weights reach the device: `--host-memory`, `--compress` and
+/// `--encoding-cache`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamOptions {
     pub host: HostMemory,
     pub compress: Compress,
+    pub encoding_cache: CacheMode,
 }
 
 impl From<HostMemory> for StreamOptions {
-    /// `host`, compressed where the engine can.
+    /// `host`, compressed where the engine can, the encodings cached.
     fn from(host: HostMemory) -> StreamOptions {
         StreamOptions {
             host,
             compress: Compress::Auto,
+            encoding_cache: CacheMode::On,
         }
     }
 }
@@ -182,6 +186,8 @@ pub struct StreamSetup<'a> {
     pub host: HostMemory,
     /// Whether streamed weights cross the link compressed (`--compress`).
     pub compress: Compress,
+    /// Whether their encodings are kept in a file between loads (`--encoding-cache`).
+    pub encoding_cache: CacheMode,
 }
 
 impl StreamSetup<'static> {
@@ -194,6 +200,7 @@ impl StreamSetup<'static> {
             measured_ms: None,
             host: options.host,
             compress: options.compress,
+            encoding_cache: options.encoding_cache,
         }
     }
 }
@@ -263,6 +270,10 @@ pub fn stream_weights(
             Some(b) => Compressed::clone(b),
             None => Compressed::blocks(&model.groups, true, SLOT_ALIGN, ASSUMED_DECODE),
         };
+        let cache = match setup.encoding_cache {
+            CacheMode::On => EncodingCache::for_files(tensors.files()),
+            CacheMode::Off => None,
+        };
         let mut coded = vec![false; model.groups.len()];
         let mut next = plan.clone();
         let planned = loop {
@@ -272,7 +283,18 @@ pub fn stream_weights(
             if !fresh.contains(&true) {
                 break Ok(next);
             }
-            encoded.encode_exponents(&model.groups, &model.splits, |g| fresh[g], true)?;
+            let jobs = encoded.exponent_jobs(&model.groups, &model.splits, |g| fresh[g], true);
+            let encodings = match &cache {
+                Some(cache) => {
+                    let (encodings, used) = cache.encodings(&jobs)?;
+                    for line in used.messages() {
+                        eprintln!("{line}");
+                    }
+                    encodings
+                }
+                None => encode_jobs(&jobs)?,
+            };
+            encoded.put_exponents(&jobs, encodings);
             for (c, f) in coded.iter_mut().zip(&fresh) {
                 *c |= f;
             }

@@ -74,6 +74,7 @@ fn setup(shape: PassShape, workspace: usize, host: HostMemory) -> StreamSetup<'s
         measured_ms: None,
         host,
         compress: Compress::Off,
+        encoding_cache: ferry::stream::encoding_cache::CacheMode::On,
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Component {
     pub tensors: BTreeMap<String, HostTensor>,
     /// Bytes of the weight files read.
     pub file_bytes: usize,
+    /// The weight files read, in order (none for weights made in memory).
+    pub files: Vec<PathBuf>,
 }
 
 impl Component {
@@ -51,8 +53,9 @@ impl Component {
         let config = config.map(|(v, p)| (p, v));
         let mut tensors = BTreeMap::new();
         let mut file_bytes = 0;
+        let mut files = Vec::new();
         if weights {
-            let files = safetensors_files(dir)?;
+            files = safetensors_files(dir)?;
             // Which file each tensor came from: one name in two shards is refused, not
             // resolved by whichever was read last.
             let mut from: BTreeMap<String, usize> = BTreeMap::new();
@@ -82,6 +85,7 @@ impl Component {
             config,
             tensors,
             file_bytes,
+            files,
         })
     }
 
@@ -94,6 +98,7 @@ impl Component {
             class_name: None,
             config: None,
             file_bytes: std::fs::metadata(path).map_or(0, |m| m.len() as usize),
+            files: vec![path.to_path_buf()],
             tensors,
         }
     }

@@ -104,6 +104,7 @@ pub fn open_dir(dir: &Path) -> Result<HfDir> {
 
     let mut stored = Stored {
         file_bytes: component.file_bytes,
+        files: component.files.clone(),
         ..Stored::default()
     };
     for t in component.tensors.values() {

@@ -313,11 +313,21 @@ impl HostTensor {
 pub trait Tensors {
     /// The tensor called `name`, or an error naming it and where it was looked for.
     fn tensor(&self, name: &str) -> Result<&HostTensor>;
+
+    /// The weight files the tensors were read from, for what is cached beside them (and
+    /// must know when they change); none for weights made or read in memory.
+    fn files(&self) -> &[PathBuf] {
+        &[]
+    }
 }
 
 impl Tensors for Component {
     fn tensor(&self, name: &str) -> Result<&HostTensor> {
         Component::tensor(self, name)
+    }
+
+    fn files(&self) -> &[PathBuf] {
+        &self.files
     }
 }
 
@@ -414,6 +424,8 @@ impl std::fmt::Display for Format {
 pub struct Stored {
     /// Bytes of the files read (0 for weights made in memory).
     pub file_bytes: usize,
+    /// The weight files read (none for weights made or read in memory).
+    pub files: Vec<PathBuf>,
     /// The stored element types ("Q4_1", "F32", "BF16"), each with its number of tensors.
     pub dtypes: BTreeMap<String, usize>,
 }

@@ -41,6 +41,20 @@ pub struct HostMemoryArg {
     /// on: that, or fail saying why; off: stream bf16 as stored.
     #[arg(long, value_enum, default_value_t = CompressFlag::Auto, requires = "vram")]
     pub compress: CompressFlag,
+    /// With --vram: keep the compressed weights' encodings in a file for the next load,
+    /// which reads them instead of encoding again (about 300 MB/s of weights a core):
+    /// beside the model in .ferry-encodings/, or where that folder cannot be written under
+    /// $FERRY_CACHE/encodings (default ~/.cache/ferry). The file is checked against the
+    /// weight files' sizes and times and its own checksums at every load, and rebuilt when
+    /// stale or corrupt. off: encode at every load.
+    #[arg(long, value_enum, default_value_t = EncodingCacheFlag::On, requires = "vram")]
+    pub encoding_cache: EncodingCacheFlag,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EncodingCacheFlag {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -59,6 +73,10 @@ impl HostMemoryArg {
                 CompressFlag::Auto => ferry::stream::compress::Compress::Auto,
                 CompressFlag::On => ferry::stream::compress::Compress::On,
                 CompressFlag::Off => ferry::stream::compress::Compress::Off,
+            },
+            encoding_cache: match self.encoding_cache {
+                EncodingCacheFlag::On => ferry::stream::encoding_cache::CacheMode::On,
+                EncodingCacheFlag::Off => ferry::stream::encoding_cache::CacheMode::Off,
             },
         }
     }

@@ -44,7 +44,7 @@ pub const BLOCK: usize = LANES * LANE_ELEMENTS;
 /// Bytes of the lookup table: one u16 per `MAX_CODE_BITS`-bit prefix, `symbol | length << 8`.
 pub const LUT_BYTES: usize = 2 << MAX_CODE_BITS;
 /// Words read past a lane's last code by the decoder's two-word window.
-const PAD_WORDS: usize = 2;
+pub const PAD_WORDS: usize = 2;
 
 /// A canonical prefix code for the 256 exponent values, no code longer than
 /// [`MAX_CODE_BITS`].
@@ -352,11 +352,12 @@ impl EncodedTensor {
             .map(|s| counts[s] * u64::from(code.lengths[s]))
             .sum();
         let blocks = geometry.blocks();
-        let starts_at = LUT_BYTES;
-        let sm_at = starts_at + 4 * blocks * LANES;
-        let words_at = align_up(sm_at + values.len(), 4);
-        let words = (bits as usize).div_ceil(32) + PAD_WORDS;
-        let total = words_at + 4 * words;
+        let Parts {
+            starts_at,
+            sm_at,
+            words_at,
+            total,
+        } = Parts::of(geometry, bits);
         let mut mem = memmap2::MmapMut::map_anon(total).map_err(|e| {
             Error::Device(format!(
                 "mapping {total} bytes for the compressed {name}: {e}"
@@ -399,6 +400,30 @@ impl EncodedTensor {
             starts_at,
             sm_at,
             words_at,
+            bits,
+        })
+    }
+
+    /// An encoding made before (by [`EncodedTensor::encode`], kept in a file): `storage`
+    /// holds exactly the parts that `geometry` and `bits` lay out; `None` when its length
+    /// says otherwise.
+    pub fn from_parts(
+        name: &str,
+        geometry: Geometry,
+        storage: Arc<Storage>,
+        bits: u64,
+    ) -> Option<EncodedTensor> {
+        let parts = Parts::of(geometry, bits);
+        if storage.bytes().len() != parts.total {
+            return None;
+        }
+        Some(EncodedTensor {
+            name: name.to_string(),
+            geometry,
+            storage,
+            starts_at: parts.starts_at,
+            sm_at: parts.sm_at,
+            words_at: parts.words_at,
             bits,
         })
     }
@@ -460,6 +485,33 @@ impl EncodedTensor {
             }),
             end: at,
         })
+    }
+}
+
+/// Where the parts of an encoding lie in its storage, bytes: the lookup table at 0, then the
+/// lane starts, the sign-mantissa bytes and the exponent words (the module's doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parts {
+    pub starts_at: usize,
+    pub sm_at: usize,
+    pub words_at: usize,
+    /// Bytes of the whole encoding.
+    pub total: usize,
+}
+
+impl Parts {
+    /// The layout of `geometry`'s elements with an exponent stream of `bits` bits.
+    pub fn of(geometry: Geometry, bits: u64) -> Parts {
+        let starts_at = LUT_BYTES;
+        let sm_at = starts_at + 4 * geometry.blocks() * LANES;
+        let words_at = align_up(sm_at + geometry.numel, 4);
+        let words = (bits as usize).div_ceil(32) + PAD_WORDS;
+        Parts {
+            starts_at,
+            sm_at,
+            words_at,
+            total: words_at + 4 * words,
+        }
     }
 }
 
@@ -542,6 +594,30 @@ pub fn bf16_bits(t: &HostTensor) -> Vec<u16> {
             .map(|&x| bf16::from_f32(x).to_bits())
             .collect(),
     }
+}
+
+/// A tensor to exponent-code: where it is among the groups, and its segment (elements).
+#[derive(Clone, Copy, Debug)]
+pub struct ExponentJob<'a> {
+    pub group: usize,
+    pub index: usize,
+    pub tensor: &'a HostTensor,
+    pub segment: usize,
+}
+
+impl ExponentJob<'_> {
+    /// The tensor's encoding; `None` where it is no smaller than the tensor (short rows: each
+    /// lane's start costs 4 bytes), which then streams as it is.
+    pub fn encode(&self) -> Result<Option<EncodedTensor>> {
+        let t = self.tensor;
+        let e = EncodedTensor::encode(&t.name, &bf16_bits(t), self.segment)?;
+        Ok((e.encoded_bytes() < t.numel() * 2).then_some(e))
+    }
+}
+
+/// [`ExponentJob::encode`] of every job, on every core.
+pub fn encode_jobs(jobs: &[ExponentJob<'_>]) -> Result<Vec<Option<EncodedTensor>>> {
+    jobs.par_iter().map(ExponentJob::encode).collect()
 }
 
 /// Whether a tensor may be exponent-coded: bf16 on the device (any element dtype where the
@@ -811,10 +887,7 @@ impl Compressed {
 
     /// Exponent-code the compressible tensors of `groups` (each group's tensors; those
     /// [`Compressed::blocks`] was made from) for which `keep` holds of their group, on every
-    /// core: the last tensor of a group that may stream in blocks of rows (`splits`) is cut
-    /// into rows. `converts`: the device holds every weight as bf16 (CUDA), rather than as
-    /// stored (the CPU). An encoding no smaller than the tensor (short rows: each lane's start
-    /// costs 4 bytes) is dropped.
+    /// core ([`Compressed::exponent_jobs`], [`encode_jobs`], [`Compressed::put_exponents`]).
     pub fn encode_exponents(
         &mut self,
         groups: &[Vec<HostTensor>],
@@ -822,7 +895,24 @@ impl Compressed {
         keep: impl Fn(usize) -> bool,
         converts: bool,
     ) -> Result<()> {
-        let mut jobs: Vec<(usize, usize, &HostTensor, usize)> = Vec::new();
+        let jobs = self.exponent_jobs(groups, splits, keep, converts);
+        let encoded = encode_jobs(&jobs)?;
+        self.put_exponents(&jobs, encoded);
+        Ok(())
+    }
+
+    /// The tensors [`Compressed::encode_exponents`] codes: the compressible tensors of
+    /// `groups` for which `keep` holds of their group, not encoded yet. The last tensor of a
+    /// group that may stream in blocks of rows (`splits`) is cut into rows. `converts`: the
+    /// device holds every weight as bf16 (CUDA), rather than as stored (the CPU).
+    pub fn exponent_jobs<'a>(
+        &self,
+        groups: &'a [Vec<HostTensor>],
+        splits: &[bool],
+        keep: impl Fn(usize) -> bool,
+        converts: bool,
+    ) -> Vec<ExponentJob<'a>> {
+        let mut jobs = Vec::new();
         for (g, tensors) in groups.iter().enumerate() {
             if !keep(g) {
                 continue;
@@ -837,19 +927,23 @@ impl Compressed {
                 } else {
                     t.numel()
                 };
-                jobs.push((g, i, t, segment));
+                jobs.push(ExponentJob {
+                    group: g,
+                    index: i,
+                    tensor: t,
+                    segment,
+                });
             }
         }
-        let encoded: Vec<EncodedTensor> = jobs
-            .par_iter()
-            .map(|&(_, _, t, segment)| EncodedTensor::encode(&t.name, &bf16_bits(t), segment))
-            .collect::<Result<_>>()?;
-        for ((g, i, t, _), e) in jobs.into_iter().zip(encoded) {
-            if e.encoded_bytes() < t.numel() * 2 {
-                self.groups[g][i] = Some(Encoding::Exponents(e));
-            }
+        jobs
+    }
+
+    /// Hold `encoded[k]` as the encoding of `jobs[k]`'s tensor (`None`: it streams as it
+    /// is).
+    pub fn put_exponents(&mut self, jobs: &[ExponentJob<'_>], encoded: Vec<Option<EncodedTensor>>) {
+        for (job, e) in jobs.iter().zip(encoded) {
+            self.groups[job.group][job.index] = e.map(Encoding::Exponents);
         }
-        Ok(())
     }
 
     /// [`Compressed::blocks`], then [`Compressed::encode_exponents`].

@@ -8,6 +8,7 @@
 //!   engines: `backend::cuda::streaming`, and `backend::cpu_stream` for tests without a GPU).
 //! - [`streamed`]: the model's weights group by group from a plan, over any slot engine.
 //! - [`compress`]: lossless bf16 compression of streamed weights (decoded on the device).
+//! - [`encoding_cache`]: the encodings kept in a file between loads.
 //! - [`stats`]: what a streamed pass did.
 //! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock; it
 //!   reads host memory through [`staging::HostBytes`], so raw addresses stay in the backend.
@@ -17,6 +18,7 @@ pub mod blocks;
 pub mod budget;
 pub mod compress;
 pub mod cost;
+pub mod encoding_cache;
 pub mod plan;
 pub mod schedule;
 mod size;

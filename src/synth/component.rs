@@ -67,5 +67,6 @@ pub fn random_component(
         dir,
         tensors,
         file_bytes: 0, // made in memory
+        files: Vec::new(),
     }
 }

@@ -303,6 +303,7 @@ pub fn synthetic_checkpoint(preset: &Preset, seed: u64, dtype: DType) -> Result<
         },
         stored: Stored {
             file_bytes: 0,
+            files: Vec::new(),
             dtypes: [(dtype.name().to_uppercase(), specs_len)].into(),
         },
     })

@@ -96,4 +96,8 @@ impl Tensors for Checkpoint {
     fn tensor(&self, name: &str) -> Result<&HostTensor> {
         Checkpoint::tensor(self, name)
     }
+
+    fn files(&self) -> &[PathBuf] {
+        &self.stored.files
+    }
 }

@@ -19,7 +19,9 @@ const SUPPORTED_ARCHS: &str = "llama (incl. mistral converted as llama), qwen2, 
 /// Open a GGUF file: map it, read its config and tokenizer, and hold its tensors as `weights`
 /// says under Hugging Face names and shapes.
 pub fn open(path: &Path, weights: Weights) -> Result<Checkpoint> {
-    from_storage(path, Arc::new(Storage::map(path)?), weights)
+    let mut ckpt = from_storage(path, Arc::new(Storage::map(path)?), weights)?;
+    ckpt.stored.files = vec![path.to_path_buf()];
+    Ok(ckpt)
 }
 
 /// [`open`] on a file already in memory, every tensor dequantized to `target`; `path` is
