@@ -130,6 +130,22 @@ impl Storage {
         Ok(Storage::Mapped(map))
     }
 
+    /// `len` bytes of an open file from `offset` (a multiple of the page size), mapped
+    /// read-only on their own.
+    pub fn map_range(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Storage> {
+        // SAFETY: the mapping is read-only. ferry never writes a mapped file in place (the
+        // encodings cache renames a new file over an old one, which leaves this mapping
+        // whole); another process truncating it is outside what any mmap-based reader can
+        // guard against, as for `map`.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(file)
+        }?;
+        Ok(Storage::Mapped(map))
+    }
+
     pub fn owned(bytes_len: usize) -> Storage {
         Storage::Owned {
             words: vec![0u64; bytes_len.div_ceil(8)],

@@ -725,21 +725,12 @@ impl CacheFile {
 
     /// The entry at `span` mapped on its own, once its bytes match their checksum.
     fn map_checked(&self, name: &str, span: &Span) -> std::result::Result<Arc<Storage>, String> {
-        // SAFETY: the mapping is read-only. ferry never writes a cache file in place (a new
-        // one is renamed over it, which leaves this mapping whole); another process
-        // truncating it meanwhile is outside what any mmap-based reader can guard against,
-        // as for the checkpoint's own files.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(span.at)
-                .len(span.len as usize)
-                .map(&self.file)
-        }
-        .map_err(|e| format!("{name}: cannot be mapped: {e}"))?;
-        if checksum(&map) != span.checksum {
+        let map = Storage::map_range(&self.file, span.at, span.len as usize)
+            .map_err(|e| format!("{name}: cannot be mapped: {e}"))?;
+        if checksum(map.bytes()) != span.checksum {
             return Err(format!("{name}: its bytes do not match their checksum"));
         }
-        Ok(Arc::new(Storage::Mapped(map)))
+        Ok(Arc::new(map))
     }
 }
 
