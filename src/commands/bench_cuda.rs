@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::median;
+use super::{median, median_group_compute};
 use serde_json::json;
 
 use ferry::backend::cuda::streaming::{PassStats, StreamedWeights};
@@ -291,9 +291,7 @@ fn bench_streamed(
     let warm = (0..3)
         .map(|_| pass(&mut weights, 0).map(|(_, st)| st.group_compute_ms))
         .collect::<Result<Vec<_>>>()?;
-    let measured: Vec<f64> = (0..warm[0].len())
-        .map(|g| median(&mut warm.iter().map(|ms| ms[g]).collect::<Vec<_>>()))
-        .collect();
+    let measured = median_group_compute(&warm);
     drop(weights);
     let setup = StreamSetup {
         measured_ms: Some(&measured),

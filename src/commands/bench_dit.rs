@@ -29,7 +29,7 @@ use ferry::synth::{random_component, DitPreset, PipelineComponent, PipelinePrese
 use ferry::{Error, Result};
 
 use super::bench::BenchArgs;
-use super::median;
+use super::{median, median_group_compute};
 
 /// Whether `args` name an image model: a diffusers pipeline or transformer directory, or an
 /// image preset.
@@ -260,7 +260,36 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
                     (device, time_all(gpu, &dit, &mut weights, args, h, w, None)?)
                 }
                 Some(_) => {
+                    // A first plan from the cost model; its warm steps measure each group's
+                    // compute, and the step is planned again from those (what is timed), as
+                    // bench-cuda does: the cost model's DiT compute is a guess (94 ms
+                    // against 130 ms measured for Z-Image at 1024² on the H200).
                     let setup = StreamSetup::new(shape, args.host_memory.options());
+                    let mut weights = stream_weights(gpu, &component, dit.arch(), setup)?;
+                    let assumed_ms = weights.plan().prediction.compute_ms;
+                    let log = Arc::new(Mutex::new(Vec::new()));
+                    weights.log_stats(log.clone());
+                    let (latents, caption) = dit.inputs(largest, h, w, args.caption_tokens);
+                    let mut warm = Vec::new();
+                    for run in 0..4 {
+                        log.lock().expect("stats log").clear();
+                        dit.forward(gpu, &mut weights, &latents, &caption, largest, h, w)?;
+                        // The first step also builds the GEMM plans.
+                        if run > 0 {
+                            let passes = log.lock().expect("stats log");
+                            warm.extend(passes.iter().map(|p| p.group_compute_ms.clone()));
+                        }
+                    }
+                    drop(weights);
+                    let measured = median_group_compute(&warm);
+                    eprintln!(
+                        "[planned with each group's measured compute: {:.1} ms a step (the cost model assumed {assumed_ms:.1} ms)]",
+                        measured.iter().sum::<f64>()
+                    );
+                    let setup = StreamSetup {
+                        measured_ms: Some(&measured),
+                        ..setup
+                    };
                     let mut weights = stream_weights(gpu, &component, dit.arch(), setup)?;
                     eprintln!("[host tier: {}]", weights.host_mode());
                     eprint!("{}", weights.plan());

@@ -173,6 +173,15 @@ pub fn human_count(n: usize) -> String {
     }
 }
 
+/// Each group's median compute time over several passes' `group_compute_ms`: what a plan
+/// made from measurement (`StreamSetup::measured_ms`) takes as the groups' compute.
+pub fn median_group_compute(passes: &[Vec<f64>]) -> Vec<f64> {
+    let groups = passes.iter().map(Vec::len).min().unwrap_or(0);
+    (0..groups)
+        .map(|g| median(&mut passes.iter().map(|ms| ms[g]).collect::<Vec<_>>()))
+        .collect()
+}
+
 /// The median of `xs` (sorted in place; the mean of the middle two for an even count).
 pub fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
