@@ -567,3 +567,139 @@ fn the_dit_streamed_on_the_cpu_equals_resident_bit_for_bit() {
     }
     assert!(streamed >= 2, "only {streamed} budgets streamed");
 }
+
+/// The modulation computed once for a schedule's σ (issue 12, item 7): the steps of a DiT
+/// that leaves those weights out give the bits of steps that compute it, for samples of
+/// different σ and for guidance's two branches at one σ; the two models' groups split the
+/// checkpoint.
+#[test]
+fn precomputed_modulation_gives_the_bits_of_computing_it() {
+    let f = fixture();
+    let dit = f.model();
+    let (path, json) = f.transformer.config().unwrap();
+    let config = QwenImageConfig::from_json(path, json).unwrap();
+    let steps = QwenImage::precomputed(config.clone());
+    let modulation = steps.modulation_model();
+    steps.check_tensors(&f.transformer).unwrap();
+    modulation.check_tensors(&f.transformer).unwrap();
+    let mut names: Vec<&str> = steps
+        .groups()
+        .iter()
+        .chain(modulation.groups())
+        .flat_map(|g| g.tensors.iter().map(|t| t.name.as_str()))
+        .collect();
+    names.sort();
+    let all: Vec<&str> = f.transformer.tensors.keys().map(String::as_str).collect();
+    assert_eq!(names, all, "each tensor in exactly one of the two models");
+
+    let mut w = f.resident(&dit);
+    let mut steps_w =
+        ResidentWeights::load(&f.transformer, steps.groups(), |t| Cpu.weight(t)).unwrap();
+    let mut mod_w =
+        ResidentWeights::load(&f.transformer, modulation.groups(), |t| Cpu.weight(t)).unwrap();
+    let t = f.r("batch.timestep");
+    let table = modulation
+        .table(&Cpu, &mut mod_w, &[t[0], t[1], 0.5, t[0]])
+        .unwrap();
+    assert_eq!(
+        table.sigmas().count(),
+        3,
+        "a σ given twice is computed once"
+    );
+    let x = f.r("batch.hidden_states");
+    let texts = [
+        f.text_rows("batch.encoder_hidden_states", 0, TEXT_DIM),
+        f.text_rows("batch.encoder_hidden_states", 1, TEXT_DIM),
+    ];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for timestep in [vec![t[0], t[1]], vec![0.5, 0.5]] {
+        let input = DitInput {
+            latents: x,
+            height: 6,
+            width: 10,
+            timestep: &timestep,
+            texts: &texts,
+        };
+        let computed = dit.forward(&Cpu, &mut w, &input).unwrap();
+        let taken = steps
+            .forward_with(&Cpu, &mut steps_w, &input, &table)
+            .unwrap();
+        assert_eq!(bits(&taken), bits(&computed), "σ {timestep:?}");
+        // The full model given the table takes it too.
+        let full = dit.forward_with(&Cpu, &mut w, &input, &table).unwrap();
+        assert_eq!(bits(&full), bits(&computed), "σ {timestep:?}, full model");
+    }
+    close(
+        "precomputed vs diffusers",
+        &steps
+            .forward_with(
+                &Cpu,
+                &mut steps_w,
+                &DitInput {
+                    latents: x,
+                    height: 6,
+                    width: 10,
+                    timestep: t,
+                    texts: &texts,
+                },
+                &table,
+            )
+            .unwrap(),
+        f.r("batch.output"),
+    );
+
+    // A σ the table lacks, no table, another model's table: named errors.
+    let input = DitInput {
+        latents: x,
+        height: 6,
+        width: 10,
+        timestep: &[0.25, 0.25],
+        texts: &texts,
+    };
+    let e = steps
+        .forward_with(&Cpu, &mut steps_w, &input, &table)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("σ = 0.25") && e.contains("modulation table"),
+        "{e}"
+    );
+    let e = steps
+        .forward(&Cpu, &mut steps_w, &input)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected a modulation table"), "{e}");
+    let one_block = QwenImage::precomputed(QwenImageConfig {
+        num_layers: 1,
+        ..config.clone()
+    });
+    let mut one_w =
+        ResidentWeights::load(&f.transformer, one_block.groups(), |t| Cpu.weight(t)).unwrap();
+    let e = one_block
+        .forward_with(&Cpu, &mut one_w, &input, &table)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("made for 2 blocks") && e.contains("expected 1"),
+        "{e}"
+    );
+    let e = modulation
+        .table(&Cpu, &mut mod_w, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no σ given"), "{e}");
+
+    // The real Qwen-Image: the steps leave a third of its parameters out.
+    let real = QwenImage::precomputed(
+        QwenImageConfig::from_json(Path::new("config.json"), &real_config()).unwrap(),
+    );
+    let left: usize = real
+        .groups()
+        .iter()
+        .flat_map(|g| &g.tensors)
+        .map(|t| t.numel())
+        .sum();
+    let out = real.modulation_params();
+    let share = out as f64 / (left + out) as f64;
+    assert!((0.33..0.35).contains(&share), "{share}");
+}

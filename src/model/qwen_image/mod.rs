@@ -27,9 +27,11 @@
 
 mod config;
 mod cost;
+mod modulation;
 pub mod rope;
 
 pub use config::{QwenImageConfig, CLASS_NAME, PATCH};
+pub use modulation::{ModulationTable, QwenImageModulation};
 pub use rope::QwenRope;
 
 use std::ops::Range;
@@ -66,8 +68,23 @@ pub struct DitInput<'a> {
 
 pub struct QwenImage {
     pub config: QwenImageConfig,
+    /// Whether a pass computes the modulation from the timestep or takes it from a
+    /// [`ModulationTable`] (then its groups leave those weights out).
+    pub modulation: Modulation,
     groups: Vec<WeightGroup>,
     rope: QwenRope,
+}
+
+/// Where a pass's modulation vectors come from. They depend on the timestep alone (the
+/// timestep embedder, every block's `img_mod`/`txt_mod` linears and `norm_out.linear`: about
+/// a third of the weights), so for a known schedule they can be computed once before the
+/// steps ([`QwenImageModulation`]) and those weights never stream during them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Modulation {
+    /// Each pass computes them; its groups hold those weights.
+    InSteps,
+    /// Each pass takes them from a [`ModulationTable`]; its groups leave those weights out.
+    Precomputed,
 }
 
 /// Where each part sits among the groups, in pass order.
@@ -89,11 +106,17 @@ impl<W> Linear<'_, W> {
     }
 }
 
+/// The timestep embedder: `time_text_embed.timestep_embedder.linear_1`, `.linear_2` (SiLU
+/// between them).
+struct TimestepEmbedder<'a, W> {
+    linear_1: Linear<'a, W>,
+    linear_2: Linear<'a, W>,
+}
+
 /// The embedders' group.
 struct Embedders<'a, W> {
-    /// `time_text_embed.timestep_embedder.linear_1`, `.linear_2` (SiLU between them).
-    t_linear_1: Linear<'a, W>,
-    t_linear_2: Linear<'a, W>,
+    /// With [`Modulation::InSteps`] only.
+    timestep: Option<TimestepEmbedder<'a, W>>,
     /// RMSNorm over the text features, before `txt_in`.
     txt_norm: &'a W,
     img_in: Linear<'a, W>,
@@ -104,8 +127,9 @@ struct Embedders<'a, W> {
 /// `attn.norm_q`, `attn.to_out.0`, `img_mlp.net.0.proj`, `img_mlp.net.2`) or the text's
 /// (`txt_mod.1`, `attn.add_q_proj`, `attn.norm_added_q`, `attn.to_add_out`, `txt_mlp.…`).
 struct StreamWeights<'a, W> {
-    /// `silu(temb)` → `[shift1, scale1, gate1, shift2, scale2, gate2]`.
-    modulation: Linear<'a, W>,
+    /// `silu(temb)` → `[shift1, scale1, gate1, shift2, scale2, gate2]`; with
+    /// [`Modulation::InSteps`] only.
+    modulation: Option<Linear<'a, W>>,
     to_q: Linear<'a, W>,
     to_k: Linear<'a, W>,
     to_v: Linear<'a, W>,
@@ -124,7 +148,8 @@ struct Block<'a, W> {
 
 /// `norm_out` (AdaLayerNormContinuous: `silu(temb)` → scale, shift) and `proj_out`.
 struct FinalLayer<'a, W> {
-    norm_out: Linear<'a, W>,
+    /// With [`Modulation::InSteps`] only.
+    norm_out: Option<Linear<'a, W>>,
     proj_out: Linear<'a, W>,
 }
 
@@ -178,7 +203,7 @@ struct Qkv<A> {
 }
 
 /// A stream's modulation for one block: `[batch, dim]` each.
-struct Modulation<A> {
+struct ModVectors<A> {
     shift1: A,
     scale1: A,
     gate1: A,
@@ -233,14 +258,32 @@ impl Layout {
 }
 
 impl QwenImage {
+    /// Passes that compute their modulation ([`Modulation::InSteps`]).
     pub fn new(config: QwenImageConfig) -> QwenImage {
-        let groups = weight_groups(&config);
+        Self::with(config, Modulation::InSteps)
+    }
+
+    /// Passes that take their modulation from a [`ModulationTable`]
+    /// ([`Modulation::Precomputed`]): [`modulation_model`](Self::modulation_model) makes it.
+    pub fn precomputed(config: QwenImageConfig) -> QwenImage {
+        Self::with(config, Modulation::Precomputed)
+    }
+
+    fn with(config: QwenImageConfig, modulation: Modulation) -> QwenImage {
+        let groups = weight_groups(&config, modulation);
         let rope = QwenRope::new(&config.axes_dims_rope);
         QwenImage {
             config,
+            modulation,
             groups,
             rope,
         }
+    }
+
+    /// The model of the weights this one's passes leave out with
+    /// [`Modulation::Precomputed`]: it makes their [`ModulationTable`].
+    pub fn modulation_model(&self) -> QwenImageModulation {
+        QwenImageModulation::new(self.config.clone())
     }
 
     fn block_group(&self, i: usize) -> usize {
@@ -264,7 +307,19 @@ impl QwenImage {
         weights: &mut impl Weights<B::Weight>,
         input: &DitInput<'_>,
     ) -> Result<Vec<f32>> {
-        self.forward_traced(backend, weights, input, None)
+        self.pass(backend, weights, input, None, None)
+    }
+
+    /// [`forward`](Self::forward) with every sample's modulation from `table` (which must
+    /// hold each sample's σ): the same bits as computing it in the pass.
+    pub fn forward_with<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        table: &ModulationTable,
+    ) -> Result<Vec<f32>> {
+        self.pass(backend, weights, input, Some(table), None)
     }
 
     /// [`forward`](Self::forward), handing `trace` the intermediates on the host (for tests
@@ -278,11 +333,34 @@ impl QwenImage {
         backend: &B,
         weights: &mut impl Weights<B::Weight>,
         input: &DitInput<'_>,
+        trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<f32>> {
+        self.pass(backend, weights, input, None, trace)
+    }
+
+    /// One pass, its modulation from `table` or, without one, computed.
+    fn pass<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        table: Option<&ModulationTable>,
         mut trace: Option<&mut Trace<'_>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let layout = self.check_input(input)?;
         let batch = layout.batch();
+        let sigmas = Sigmas::of(input.timestep);
+        let table = match (table, self.modulation) {
+            (Some(t), _) => Some(t.entries(c, &sigmas)?),
+            (None, Modulation::InSteps) => None,
+            (None, Modulation::Precomputed) => {
+                return Err(Error::Flag {
+                    flag: "DiT input",
+                    message: "this Qwen-Image DiT leaves its modulation weights out; expected a modulation table (forward_with)".into(),
+                })
+            }
+        };
         let head_dim = c.head_dim();
         // RoPE tables (host f32, then the backend's): every sample's image at the same
         // positions, each sample's text from the same start.
@@ -309,16 +387,26 @@ impl QwenImage {
         };
 
         // The embedders: timestep, image tokens, text features.
-        let (silu_temb, img, txt) = {
+        let (source, img, txt) = {
             let w = self.embedders(weights.group(EMBEDDERS)?);
-            // [batch, dim]: linear_2(silu(linear_1(sinusoids(σ))))
-            let freqs = backend.upload(&timestep_features(input.timestep), batch, T_FREQ_DIM)?;
-            let mut h = w.t_linear_1.forward(backend, &freqs)?;
-            backend.pointwise(&mut h, Pointwise::Silu)?;
-            let mut temb = w.t_linear_2.forward(backend, &h)?;
-            tap("temb", &temb)?;
-            // Every modulation linear takes silu(temb).
-            backend.pointwise(&mut temb, Pointwise::Silu)?;
+            let source = match (table, &w.timestep) {
+                (Some(rows), _) => Source::Table(rows),
+                (None, Some(te)) => {
+                    // Each distinct σ once, one row a pass ([1, dim]), as the table makes them.
+                    let mut silu = Vec::with_capacity(sigmas.values.len());
+                    let mut temb = Vec::with_capacity(sigmas.values.len());
+                    for &sigma in &sigmas.values {
+                        let (t, s) = te.embed(backend, sigma)?;
+                        temb.push(t);
+                        silu.push(s);
+                    }
+                    tap("temb", &per_sample(backend, &temb, &sigmas.of_sample)?)?;
+                    Source::Computed(silu)
+                }
+                (None, None) => {
+                    unreachable!("a Qwen-Image without modulation weights asks for a table")
+                }
+            };
 
             // [batch·n, in_channels] → [batch·n, dim]
             let latents =
@@ -333,7 +421,7 @@ impl QwenImage {
             drop(feats);
             let txt = w.txt_in.forward(backend, &normed)?;
             tap("txt_in", &txt)?;
-            (temb, img, txt)
+            (source, img, txt)
         };
 
         let mut img = Stream {
@@ -352,16 +440,27 @@ impl QwenImage {
         for i in 0..c.num_layers {
             let g = self.block_group(i);
             let w = self.block(g, i, weights.group(g)?);
-            self.block_forward(
-                backend, &w, &mut img, &mut txt, &joint, &silu_temb, i, &mut tap,
-            )?;
+            let stream_mod = |sw: &StreamWeights<'_, B::Weight>, stream: usize| -> Result<_> {
+                let per_sigma = source.vectors(backend, sw.modulation.as_ref(), |r| {
+                    (r.stream(i, stream), 6 * c.dim())
+                })?;
+                six(
+                    backend,
+                    &per_sample(backend, &per_sigma, &sigmas.of_sample)?,
+                )
+            };
+            let mods = (&stream_mod(&w.img, 0)?, &stream_mod(&w.txt, 1)?);
+            self.block_forward(backend, &w, &mut img, &mut txt, &joint, mods, i, &mut tap)?;
         }
         drop(txt);
 
         // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
         let out = {
             let w = self.final_weights(weights.group(self.final_group())?);
-            let emb = w.norm_out.forward(backend, &silu_temb)?; // [batch, 2·dim]
+            let per_sigma = source.vectors(backend, w.norm_out.as_ref(), |r| {
+                (r.norm_out(), 2 * c.dim())
+            })?;
+            let emb = per_sample(backend, &per_sigma, &sigmas.of_sample)?; // [batch, 2·dim]
             let m = backend.split_cols(&emb, 2)?;
             let mut h = backend.layer_norm(&img.x, EPS)?;
             backend.modulate(&mut h, &img.rows, &m[0], Some(&m[1]))?;
@@ -382,17 +481,15 @@ impl QwenImage {
         img: &mut Stream<B::Activation, B::RopeTable>,
         txt: &mut Stream<B::Activation, B::RopeTable>,
         joint: &[Range<usize>],
-        silu_temb: &B::Activation,
+        (img_mod, txt_mod): (&ModVectors<B::Activation>, &ModVectors<B::Activation>),
         index: usize,
         tap: &mut dyn FnMut(&str, &B::Activation) -> Result<()>,
     ) -> Result<()> {
         let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
-        let img_mod = modulation(backend, &w.img.modulation, silu_temb)?;
-        let txt_mod = modulation(backend, &w.txt.modulation, silu_temb)?;
 
         // Attention: each stream's q, k, v, then each sample's [text, image] together.
-        let img_qkv = self.qkv(backend, &w.img, img, &img_mod)?;
-        let txt_qkv = self.qkv(backend, &w.txt, txt, &txt_mod)?;
+        let img_qkv = self.qkv(backend, &w.img, img, img_mod)?;
+        let txt_qkv = self.qkv(backend, &w.txt, txt, txt_mod)?;
         let interleave = |t: &B::Activation, i: &B::Activation| -> Result<B::Activation> {
             let mut parts = Vec::with_capacity(2 * joint.len());
             for (tr, ir) in txt.rows.iter().zip(&img.rows) {
@@ -429,7 +526,7 @@ impl QwenImage {
         drop((img_a, txt_a));
 
         // Each stream's MLP.
-        for (s, sw, m) in [(&mut *img, &w.img, &img_mod), (&mut *txt, &w.txt, &txt_mod)] {
+        for (s, sw, m) in [(&mut *img, &w.img, img_mod), (&mut *txt, &w.txt, txt_mod)] {
             let mut h = backend.layer_norm(&s.x, EPS)?;
             backend.modulate(&mut h, &s.rows, &m.scale2, Some(&m.shift2))?;
             let mut hidden = sw.mlp_in.forward(backend, &h)?; // [rows, 4·dim]
@@ -450,7 +547,7 @@ impl QwenImage {
         backend: &B,
         w: &StreamWeights<'_, B::Weight>,
         s: &Stream<B::Activation, B::RopeTable>,
-        m: &Modulation<B::Activation>,
+        m: &ModVectors<B::Activation>,
     ) -> Result<Qkv<B::Activation>> {
         let head_dim = self.config.head_dim();
         let mut h = backend.layer_norm(&s.x, EPS)?;
@@ -540,8 +637,7 @@ impl QwenImage {
             bias: w.get(&format!("{s}.bias")),
         };
         Embedders {
-            t_linear_1: linear("time_text_embed.timestep_embedder.linear_1"),
-            t_linear_2: linear("time_text_embed.timestep_embedder.linear_2"),
+            timestep: (self.modulation == Modulation::InSteps).then(|| timestep_embedder(&w)),
             txt_norm: w.get("txt_norm.weight"),
             img_in: linear("img_in"),
             txt_in: linear("txt_in"),
@@ -555,8 +651,9 @@ impl QwenImage {
             weight: p(&format!("{s}.weight")),
             bias: p(&format!("{s}.bias")),
         };
+        let in_steps = self.modulation == Modulation::InSteps;
         let stream = |n: &StreamNames| StreamWeights {
-            modulation: linear(n.modulation),
+            modulation: in_steps.then(|| linear(n.modulation)),
             to_q: linear(n.q),
             to_k: linear(n.k),
             to_v: linear(n.v),
@@ -579,7 +676,7 @@ impl QwenImage {
             bias: w.get(&format!("{s}.bias")),
         };
         FinalLayer {
-            norm_out: linear("norm_out.linear"),
+            norm_out: (self.modulation == Modulation::InSteps).then(|| linear("norm_out.linear")),
             proj_out: linear("proj_out"),
         }
     }
@@ -606,17 +703,102 @@ impl Architecture for QwenImage {
     }
 }
 
-/// A stream's six modulation vectors for one block: `linear(silu(temb))` in diffusers'
-/// chunk order.
-fn modulation<B: DitOps>(
+/// Each distinct σ of a pass, and the index among them of each sample's.
+pub(super) struct Sigmas {
+    pub values: Vec<f32>,
+    pub of_sample: Vec<usize>,
+}
+
+impl Sigmas {
+    /// `timestep`'s distinct values (by their bits) in order of first appearance.
+    pub fn of(timestep: &[f32]) -> Sigmas {
+        let mut values: Vec<f32> = Vec::new();
+        let of_sample = timestep
+            .iter()
+            .map(
+                |t| match values.iter().position(|v| v.to_bits() == t.to_bits()) {
+                    Some(k) => k,
+                    None => {
+                        values.push(*t);
+                        values.len() - 1
+                    }
+                },
+            )
+            .collect();
+        Sigmas { values, of_sample }
+    }
+}
+
+impl<W> TimestepEmbedder<'_, W> {
+    /// `temb = linear_2(silu(linear_1(sinusoids(σ))))` and `silu(temb)`, what every
+    /// modulation linear takes, `[1, dim]` each: one row, whatever the batch, so that a
+    /// table made for a schedule holds the same bits as a pass computes.
+    fn embed<B: DitOps<Weight = W>>(
+        &self,
+        backend: &B,
+        sigma: f32,
+    ) -> Result<(B::Activation, B::Activation)> {
+        let freqs = backend.upload(&timestep_features(&[sigma]), 1, T_FREQ_DIM)?;
+        let mut h = self.linear_1.forward(backend, &freqs)?;
+        backend.pointwise(&mut h, Pointwise::Silu)?;
+        let temb = self.linear_2.forward(backend, &h)?;
+        let mut silu = backend.rows(&temb, 0, 1)?;
+        backend.pointwise(&mut silu, Pointwise::Silu)?;
+        Ok((temb, silu))
+    }
+}
+
+/// Where a pass's modulation vectors come from: `silu(temb)` of each distinct σ, or a
+/// table's rows for them.
+enum Source<'t, A> {
+    Computed(Vec<A>),
+    Table(Vec<modulation::Entry<'t>>),
+}
+
+impl<A> Source<'_, A> {
+    /// One modulation linear's output for each distinct σ, `[1, cols]` each: computed by
+    /// `w`, or the table's `(values, cols)` that `pick` names.
+    fn vectors<B: DitOps<Activation = A>>(
+        &self,
+        backend: &B,
+        w: Option<&Linear<'_, B::Weight>>,
+        pick: impl for<'e> Fn(&'e modulation::Entry<'_>) -> (&'e [f32], usize),
+    ) -> Result<Vec<A>> {
+        match self {
+            Source::Computed(silu) => {
+                let w = w.expect("a pass that computes its modulation holds its linears");
+                silu.iter().map(|x| w.forward(backend, x)).collect()
+            }
+            Source::Table(rows) => rows
+                .iter()
+                .map(|r| {
+                    let (values, cols) = pick(r);
+                    backend.upload(values, 1, cols)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `[batch, cols]`: each sample's row of `per_sigma` (`[1, cols]` for each distinct σ).
+fn per_sample<B: DitOps>(
     backend: &B,
-    w: &Linear<'_, B::Weight>,
-    silu_temb: &B::Activation,
-) -> Result<Modulation<B::Activation>> {
-    let m = w.forward(backend, silu_temb)?; // [batch, 6·dim]
-    let mut m = backend.split_cols(&m, 6)?.into_iter();
+    per_sigma: &[B::Activation],
+    of_sample: &[usize],
+) -> Result<B::Activation> {
+    let rows = of_sample
+        .iter()
+        .map(|&k| backend.rows(&per_sigma[k], 0, 1))
+        .collect::<Result<Vec<_>>>()?;
+    backend.concat_rows(&rows)
+}
+
+/// A stream's six modulation vectors for one block from `linear(silu(temb))` `[batch,
+/// 6·dim]`, in diffusers' chunk order.
+fn six<B: DitOps>(backend: &B, m: &B::Activation) -> Result<ModVectors<B::Activation>> {
+    let mut m = backend.split_cols(m, 6)?.into_iter();
     let mut next = || m.next().expect("six chunks");
-    Ok(Modulation {
+    Ok(ModVectors {
         shift1: next(),
         scale1: next(),
         gate1: next(),
@@ -699,18 +881,49 @@ pub fn unpack_latents(x: &[f32], batch: usize, c: usize, h: usize, w: usize) -> 
     out
 }
 
-/// The groups with the tensors (diffusers' names) and shapes each holds. A block's
-/// modulation linears come first: they act on the timestep alone.
-fn weight_groups(c: &QwenImageConfig) -> Vec<WeightGroup> {
-    let (dim, hd, ffn) = (c.dim(), c.head_dim(), c.ffn_dim());
-    let linear = |out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
-        out.push(TensorSpec::new(format!("{name}.weight"), &[rows, cols]));
-        out.push(TensorSpec::new(format!("{name}.bias"), &[rows]));
+/// The timestep embedder's linears, bound from `w`.
+fn timestep_embedder<'a, W>(w: &Bound<'a, W>) -> TimestepEmbedder<'a, W> {
+    let linear = |s: &str| Linear {
+        weight: w.get(&format!("{TIMESTEP_EMBEDDER}.{s}.weight")),
+        bias: w.get(&format!("{TIMESTEP_EMBEDDER}.{s}.bias")),
     };
+    TimestepEmbedder {
+        linear_1: linear("linear_1"),
+        linear_2: linear("linear_2"),
+    }
+}
+
+/// The timestep embedder's name.
+const TIMESTEP_EMBEDDER: &str = "time_text_embed.timestep_embedder";
+
+/// A linear's weight `[rows, cols]` and bias `[rows]` specs under `name`.
+fn linear_specs(out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize) {
+    out.push(TensorSpec::new(format!("{name}.weight"), &[rows, cols]));
+    out.push(TensorSpec::new(format!("{name}.bias"), &[rows]));
+}
+
+/// The timestep embedder's specs.
+fn timestep_specs(out: &mut Vec<TensorSpec>, dim: usize) {
+    linear_specs(
+        out,
+        format!("{TIMESTEP_EMBEDDER}.linear_1"),
+        dim,
+        T_FREQ_DIM,
+    );
+    linear_specs(out, format!("{TIMESTEP_EMBEDDER}.linear_2"), dim, dim);
+}
+
+/// The groups with the tensors (diffusers' names) and shapes each holds; with
+/// [`Modulation::Precomputed`] without the timestep embedder and the modulation linears. A
+/// block's modulation linears come first: they act on the timestep alone.
+fn weight_groups(c: &QwenImageConfig, modulation: Modulation) -> Vec<WeightGroup> {
+    let (dim, hd, ffn) = (c.dim(), c.head_dim(), c.ffn_dim());
+    let in_steps = modulation == Modulation::InSteps;
+    let linear = linear_specs;
     let mut embedders = Vec::new();
-    let te = "time_text_embed.timestep_embedder";
-    linear(&mut embedders, format!("{te}.linear_1"), dim, T_FREQ_DIM);
-    linear(&mut embedders, format!("{te}.linear_2"), dim, dim);
+    if in_steps {
+        timestep_specs(&mut embedders, dim);
+    }
     embedders.push(TensorSpec::new("txt_norm.weight", &[c.joint_attention_dim]));
     linear(&mut embedders, "img_in".into(), dim, c.in_channels);
     linear(&mut embedders, "txt_in".into(), dim, c.joint_attention_dim);
@@ -718,7 +931,7 @@ fn weight_groups(c: &QwenImageConfig) -> Vec<WeightGroup> {
     for i in 0..c.num_layers {
         let p = |s: &str| format!("transformer_blocks.{i}.{s}");
         let mut t = Vec::new();
-        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+        for n in [&IMAGE_NAMES, &TEXT_NAMES].into_iter().filter(|_| in_steps) {
             linear(&mut t, p(n.modulation), 6 * dim, dim);
         }
         for n in [&IMAGE_NAMES, &TEXT_NAMES] {
@@ -736,7 +949,9 @@ fn weight_groups(c: &QwenImageConfig) -> Vec<WeightGroup> {
         groups.push(WeightGroup::new(format!("block {i}"), t));
     }
     let mut last = Vec::new();
-    linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
+    if in_steps {
+        linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
+    }
     linear(&mut last, "proj_out".into(), c.patch_features(), dim);
     groups.push(WeightGroup::new("final layer", last));
     groups
