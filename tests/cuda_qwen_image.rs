@@ -166,3 +166,100 @@ fn streamed_dit_equals_resident_bit_for_bit_within_the_budget() {
     }
     assert!(streamed_some, "no budget streamed anything");
 }
+
+/// The modulation computed once on the GPU (issue 12, item 7): a table made by the streamed
+/// modulation model, then steps of the DiT without those weights, streamed, give the bits of
+/// the whole DiT computing its modulation in a resident pass.
+#[test]
+fn precomputed_modulation_streamed_gives_the_bits_of_computing_it() {
+    let test = "precomputed_modulation_streamed_gives_the_bits_of_computing_it";
+    let Some(resident_gpu) = gpu(test, None) else {
+        return;
+    };
+    let json = serde_json::json!({
+        "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56], "in_channels": 64, "joint_attention_dim": 96,
+        "num_attention_heads": 4, "num_layers": 4, "out_channels": 16, "patch_size": 2,
+    });
+    let config = QwenImageConfig::from_json(Path::new("test/config.json"), &json).unwrap();
+    let dit = QwenImage::new(config.clone());
+    let tr = random_component(
+        "transformer",
+        "QwenImageTransformer2DModel",
+        json,
+        dit.groups(),
+        4,
+    );
+    let pass = Pass {
+        latents: gaussian_noise(8, 2 * 12 * 64),
+        height: 8,
+        width: 6,
+        timestep: vec![0.25, 0.75],
+        texts: vec![gaussian_noise(9, 20 * 96), gaussian_noise(10, 45 * 96)],
+    };
+    resident_gpu.prepare_dit(128).unwrap();
+    let mut rw = ResidentWeights::load(&tr, dit.groups(), |t| resident_gpu.weight(t)).unwrap();
+    let want = run(&dit, &resident_gpu, &mut rw, &pass);
+    drop(rw);
+    drop(resident_gpu);
+
+    let steps = QwenImage::precomputed(config);
+    let modulation = steps.modulation_model();
+    // A budget that streams both models: a quarter of the weights beyond the reserves.
+    let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (64 << 20) + tr.bytes() / 4;
+    let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
+    gpu.prepare_dit(128).unwrap();
+    let shape = PassShape {
+        tokens: 1,
+        batch: 2,
+        past: 0,
+    };
+    let mut mw = stream_weights(
+        &gpu,
+        &tr,
+        &modulation,
+        StreamSetup::new(shape, HostMemory::Auto),
+    )
+    .expect("the modulation model streams");
+    let table = modulation.table(&gpu, &mut mw, &[0.75, 0.25]).unwrap();
+    let mod_streamed = mw.plan().streamed_bytes();
+    drop(mw);
+    let shape = PassShape {
+        tokens: 12 + 45,
+        batch: 2,
+        past: 0,
+    };
+    let mut sw = stream_weights(&gpu, &tr, &steps, StreamSetup::new(shape, HostMemory::Auto))
+        .expect("the steps stream");
+    let texts: Vec<&[f32]> = pass.texts.iter().map(Vec::as_slice).collect();
+    for step in 0..2 {
+        let got = steps
+            .forward_with(
+                &gpu,
+                &mut sw,
+                &DitInput {
+                    latents: &pass.latents,
+                    height: pass.height,
+                    width: pass.width,
+                    timestep: &pass.timestep,
+                    texts: &texts,
+                },
+                &table,
+            )
+            .unwrap();
+        assert!(
+            got.iter()
+                .map(|v| v.to_bits())
+                .eq(want.iter().map(|v| v.to_bits())),
+            "step {step}: precomputed, streamed differs from computed, resident"
+        );
+    }
+    eprintln!(
+        "modulation model streamed {mod_streamed} bytes, steps {} bytes a pass",
+        sw.plan().streamed_bytes()
+    );
+    assert!(
+        mod_streamed > 0 && sw.plan().streamed_bytes() > 0,
+        "both streamed"
+    );
+}

@@ -123,7 +123,15 @@ fn tiny_preset_is_the_fixtures_shape_and_benches() {
         let results = out["results"].as_array().unwrap();
         assert_eq!(results.len(), 2, "{out}");
         assert!(results.iter().all(|r| r["step_s"].as_f64().unwrap() > 0.0));
+        // The modulation made once before the steps, by default.
+        assert_eq!(out["modulation"], "precomputed", "{out}");
+        assert!(out["modulation_precompute_s"].as_f64().unwrap() > 0.0);
     }
+    let mut args = vec!["bench", "--device", "cpu", "--size", "32x32", "--model", d];
+    args.extend(["--modulation", "in-steps", "--runs", "1", "--json", "-"]);
+    let out: serde_json::Value = serde_json::from_str(&ok(&ferry(&args))).unwrap();
+    assert_eq!(out["modulation"], "in steps", "{out}");
+    assert!(out["modulation_precompute_s"].is_null());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -196,6 +204,19 @@ fn bad_input_is_one_line_naming_the_flag() {
         "72x64",
     ]));
     assert!(e.contains("--size") && e.contains("16"), "{e}");
+    let e = err(&ferry(&[
+        "bench",
+        "--synthetic",
+        "z-image-tiny",
+        "--device",
+        "cpu",
+        "--modulation",
+        "precomputed",
+    ]));
+    assert!(
+        e.contains("--modulation") && e.contains("Qwen-Image"),
+        "{e}"
+    );
     let e = err(&ferry(&["synth", "--preset", "qwen-imag", "--out", d]));
     assert!(e.contains("qwen-image"), "{e}");
 }

@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// Image models: caption tokens per image.
     #[arg(long, default_value_t = 100)]
     pub(super) caption_tokens: usize,
+    /// Qwen-Image: the timestep-only modulation computed once before the steps (precomputed,
+    /// the default: those weights, a third of the model, do not stream during the steps), or
+    /// by every step (in-steps).
+    #[arg(long, value_enum, value_name = "precomputed|in-steps")]
+    pub(super) modulation: Option<super::bench_dit::ModulationArg>,
     /// Prompt lengths to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128", value_parser = at_least(1), allow_negative_numbers = true)]
     pub(super) prompt_tokens: Vec<usize>,

@@ -19,9 +19,9 @@ use ferry::backend::dit::DitOps;
 use ferry::backend::Backend;
 use ferry::checkpoint::{resolve_model_path, Component, DType, Pipeline};
 use ferry::diffuse::pipeline::gaussian_noise;
-use ferry::model::qwen_image::{self, QwenImage, QwenImageConfig};
+use ferry::model::qwen_image::{self, ModulationTable, QwenImage, QwenImageConfig};
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
-use ferry::model::{Architecture, PassShape, ResidentWeights, Weights};
+use ferry::model::{Architecture, PassShape, ResidentWeights, WeightGroup, Weights};
 use ferry::runtime::{open_device, stream_weights, StreamSetup};
 use ferry::stream::timeline::{write_svg, TimelineCapture};
 use ferry::stream::Vram;
@@ -50,43 +50,130 @@ fn is_dit_dir(dir: &std::path::Path) -> bool {
     })
 }
 
-/// The diffusion transformers `ferry bench` times.
+/// `--modulation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModulationArg {
+    Precomputed,
+    InSteps,
+}
+
+/// The diffusion transformers `ferry bench` times; a Qwen-Image with the table of its
+/// precomputed modulation once made.
 enum Dit {
     ZImage(ZImage),
-    QwenImage(QwenImage),
+    QwenImage(QwenImage, Option<ModulationTable>),
 }
+
+/// σ of every timed step.
+const SIGMA: f32 = 0.5;
 
 impl Dit {
     /// The DiT a transformer config.json describes, by its `_class_name`.
-    fn from_json(path: &std::path::Path, json: &serde_json::Value) -> Result<Dit> {
+    fn from_json(
+        path: &std::path::Path,
+        json: &serde_json::Value,
+        modulation: Option<ModulationArg>,
+    ) -> Result<Dit> {
         match json.get("_class_name").and_then(|c| c.as_str()) {
-            Some(qwen_image::CLASS_NAME) => Ok(Dit::QwenImage(QwenImage::new(
-                QwenImageConfig::from_json(path, json)?,
-            ))),
+            Some(qwen_image::CLASS_NAME) => {
+                let config = QwenImageConfig::from_json(path, json)?;
+                Ok(Dit::QwenImage(
+                    match modulation.unwrap_or(ModulationArg::Precomputed) {
+                        ModulationArg::Precomputed => QwenImage::precomputed(config),
+                        ModulationArg::InSteps => QwenImage::new(config),
+                    },
+                    None,
+                ))
+            }
+            _ if modulation.is_some() => Err(Error::Flag {
+                flag: "--modulation",
+                message:
+                    "applies to Qwen-Image; this DiT computes its (small) modulation in every step"
+                        .into(),
+            }),
             _ => Ok(Dit::ZImage(ZImage::new(ZImageConfig::from_json(
                 path, json,
             )?))),
         }
     }
 
+    /// A Qwen-Image with precomputed modulation: its table for the timed steps' σ, made by
+    /// the modulation model on `gpu` (streamed with `vram`) or the CPU, and the seconds it
+    /// took; else nothing.
+    fn precompute(
+        &mut self,
+        gpu: Option<&Cuda>,
+        streamed: bool,
+        component: &Component,
+        args: &BenchArgs,
+    ) -> Result<Option<f64>> {
+        let Dit::QwenImage(d, table) = self else {
+            return Ok(None);
+        };
+        if d.modulation != qwen_image::Modulation::Precomputed {
+            return Ok(None);
+        }
+        let model = d.modulation_model();
+        let start = Instant::now();
+        let made = match gpu {
+            None => {
+                let mut w = ResidentWeights::load(component, model.groups(), |t| Cpu.weight(t))?;
+                model.table(&Cpu, &mut w, &[SIGMA])?
+            }
+            Some(gpu) if !streamed => {
+                let mut w = ResidentWeights::load(component, model.groups(), |t| gpu.weight(t))?;
+                model.table(gpu, &mut w, &[SIGMA])?
+            }
+            Some(gpu) => {
+                let shape = PassShape {
+                    tokens: 1,
+                    batch: 1,
+                    past: 0,
+                };
+                let setup = StreamSetup::new(shape, args.host_memory.options());
+                let mut w = stream_weights(gpu, component, &model, setup)?;
+                model.table(gpu, &mut w, &[SIGMA])?
+            }
+        };
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "[modulation precomputed for σ = {SIGMA} in {secs:.2} s: {:.2} GB of weights the steps leave out]",
+            d.modulation_params() as f64 * 2e-9
+        );
+        *table = Some(made);
+        Ok(Some(secs))
+    }
+
     fn arch(&self) -> &dyn Architecture {
         match self {
             Dit::ZImage(d) => d,
-            Dit::QwenImage(d) => d,
+            Dit::QwenImage(d, _) => d,
         }
+    }
+
+    /// The groups of every tensor of the checkpoint: the timed pass's and, where it leaves
+    /// the modulation out, the modulation model's.
+    fn checkpoint_groups(&self) -> Vec<WeightGroup> {
+        let mut groups = self.arch().groups().to_vec();
+        if let Dit::QwenImage(d, _) = self {
+            if d.modulation == qwen_image::Modulation::Precomputed {
+                groups.extend_from_slice(d.modulation_model().groups());
+            }
+        }
+        groups
     }
 
     fn class_name(&self) -> &'static str {
         match self {
             Dit::ZImage(_) => "ZImageTransformer2DModel",
-            Dit::QwenImage(_) => qwen_image::CLASS_NAME,
+            Dit::QwenImage(..) => qwen_image::CLASS_NAME,
         }
     }
 
     fn head_dim(&self) -> usize {
         match self {
             Dit::ZImage(d) => d.config.head_dim(),
-            Dit::QwenImage(d) => d.config.head_dim(),
+            Dit::QwenImage(d, _) => d.config.head_dim(),
         }
     }
 
@@ -95,7 +182,7 @@ impl Dit {
     fn tokens(&self, h: usize, w: usize, caption: usize) -> usize {
         match self {
             Dit::ZImage(d) => padded(d.image_tokens(h, w)) + padded(caption),
-            Dit::QwenImage(d) => d.image_tokens(h, w) + caption,
+            Dit::QwenImage(d, _) => d.image_tokens(h, w) + caption,
         }
     }
 
@@ -105,7 +192,7 @@ impl Dit {
     fn inputs(&self, batch: usize, h: usize, w: usize, caption: usize) -> (Vec<f32>, Vec<f32>) {
         let (channels, width) = match self {
             Dit::ZImage(d) => (d.config.in_channels, d.config.cap_feat_dim),
-            Dit::QwenImage(d) => (d.config.out_channels, d.config.joint_attention_dim),
+            Dit::QwenImage(d, _) => (d.config.out_channels, d.config.joint_attention_dim),
         };
         (
             gaussian_noise(1, batch * channels * h * w),
@@ -126,7 +213,7 @@ impl Dit {
         w: usize,
     ) -> Result<()> {
         let captions = vec![caption; batch];
-        let t = vec![0.5; batch];
+        let t = vec![SIGMA; batch];
         match self {
             Dit::ZImage(d) => d.forward(
                 backend,
@@ -139,17 +226,19 @@ impl Dit {
                     captions: &captions,
                 },
             )?,
-            Dit::QwenImage(d) => d.forward(
-                backend,
-                weights,
-                &qwen_image::DitInput {
+            Dit::QwenImage(d, table) => {
+                let input = qwen_image::DitInput {
                     latents,
                     height: h,
                     width: w,
                     timestep: &t,
                     texts: &captions,
-                },
-            )?,
+                };
+                match table {
+                    Some(table) => d.forward_with(backend, weights, &input, table)?,
+                    None => d.forward(backend, weights, &input)?,
+                }
+            }
         };
         Ok(())
     }
@@ -164,12 +253,12 @@ fn open_dit(args: &BenchArgs) -> Result<(Dit, Component, String)> {
             (None, None) => unreachable!("is_image_model checked the name"),
         };
         let path = std::path::PathBuf::from(format!("synthetic:{p}/config.json"));
-        let dit = Dit::from_json(&path, &json)?;
+        let dit = Dit::from_json(&path, &json, args.modulation)?;
         let component = random_component(
             "transformer",
             dit.class_name(),
             json,
-            dit.arch().groups(),
+            &dit.checkpoint_groups(),
             0,
         );
         return Ok((
@@ -194,7 +283,7 @@ fn open_dit(args: &BenchArgs) -> Result<(Dit, Component, String)> {
         Component::open("transformer", &dir, true)?
     };
     let (path, json) = component.config()?;
-    let dit = Dit::from_json(path, json)?;
+    let dit = Dit::from_json(path, json, args.modulation)?;
     dit.arch().check_tensors(&component)?;
     Ok((dit, component, format!("{m} (transformer)")))
 }
@@ -230,7 +319,7 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
             message: "expected at least 1".into(),
         });
     }
-    let (dit, component, label) = open_dit(args)?;
+    let (mut dit, component, label) = open_dit(args)?;
     let (h, w) = (height / 8, width / 8);
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let gpu = open_device(args.device, vram)?;
@@ -240,6 +329,10 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
         batch: largest,
         past: 0,
     };
+    if let Some(gpu) = &gpu {
+        gpu.prepare_dit(dit.head_dim())?;
+    }
+    let modulation_s = dit.precompute(gpu.as_ref(), vram.is_some(), &component, args)?;
     let (device, rows) = match &gpu {
         None => {
             let device = format!("CPU ({} threads)", rayon::current_num_threads());
@@ -251,7 +344,6 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
             )
         }
         Some(gpu) => {
-            gpu.prepare_dit(dit.head_dim())?;
             let device = gpu.info().to_string();
             match vram {
                 None => {
@@ -309,7 +401,18 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
             }
         }
     };
-    report(args, &label, &device, (width, height), &rows)
+    let modulation = match &dit {
+        Dit::QwenImage(_, Some(_)) => "precomputed",
+        _ => "in steps",
+    };
+    report(
+        args,
+        &label,
+        &device,
+        (width, height),
+        (modulation, modulation_s),
+        &rows,
+    )
 }
 
 /// Every batch size: warm-up steps, then timed ones. With `streamed`, each step's pass
@@ -417,12 +520,14 @@ fn report(
     label: &str,
     device: &str,
     (width, height): (usize, usize),
+    (modulation, modulation_s): (&str, Option<f64>),
     rows: &[Row],
 ) -> Result<()> {
     let date = ferry::date::today_utc();
     let out = serde_json::json!({
         "model": label, "device": device, "date": date, "vram": args.vram,
         "width": width, "height": height, "caption_tokens": args.caption_tokens,
+        "modulation": modulation, "modulation_precompute_s": modulation_s,
         "runs": args.runs, "warmup": args.warmup, "results": rows,
     });
     args.json.emit(&out)?;
@@ -431,8 +536,11 @@ fn report(
     }
     println!("model   {label}");
     println!(
-        "device  {device}; {date}; one denoising step at {width}x{height} with {} caption tokens; median of {} steps after {} warm-up{}",
+        "device  {device}; {date}; one denoising step at {width}x{height} with {} caption tokens, modulation {modulation}{}; median of {} steps after {} warm-up{}",
         args.caption_tokens,
+        modulation_s
+            .map(|s| format!(" (once, {s:.2} s)"))
+            .unwrap_or_default(),
         args.runs,
         args.warmup,
         args.vram
