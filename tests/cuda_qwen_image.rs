@@ -30,6 +30,23 @@ struct Pass {
     texts: Vec<Vec<f32>>,
 }
 
+/// Two slots of `arch`'s largest group beyond the fixed reserves: about the least budget that
+/// plans.
+fn least_budget(arch: &dyn Architecture, tr: &Component, shape: PassShape) -> usize {
+    let largest = arch
+        .groups()
+        .iter()
+        .map(|g| {
+            g.tensors
+                .iter()
+                .map(|t| tr.tensor(&t.name).unwrap().bytes().len())
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap();
+    CUBLAS_WORKSPACE + DRIVER_RESERVE + arch.pass_cost(shape).workspace + 2 * largest + (512 << 10)
+}
+
 fn run(dit: &QwenImage, gpu: &Cuda, w: &mut impl Weights<CudaWeight>, pass: &Pass) -> Vec<f32> {
     let texts: Vec<&[f32]> = pass.texts.iter().map(Vec::as_slice).collect();
     dit.forward(
@@ -124,23 +141,7 @@ fn streamed_dit_equals_resident_bit_for_bit_within_the_budget() {
         past: 0,
     };
     let weights = tr.bytes();
-    // Two slots of the largest group beyond the fixed reserves: the least that plans.
-    let largest = dit
-        .groups()
-        .iter()
-        .map(|g| {
-            g.tensors
-                .iter()
-                .map(|t| tr.tensor(&t.name).unwrap().bytes().len())
-                .sum::<usize>()
-        })
-        .max()
-        .unwrap();
-    let fixed = CUBLAS_WORKSPACE
-        + DRIVER_RESERVE
-        + dit.pass_cost(shape).workspace
-        + 2 * largest
-        + (512 << 10);
+    let fixed = least_budget(&dit, tr, shape);
     let mut streamed_some = false;
     for fraction in [0.0, 0.25, 0.5, 1.5] {
         let budget = fixed + (weights as f64 * fraction) as usize;
@@ -205,30 +206,27 @@ fn precomputed_modulation_streamed_gives_the_bits_of_computing_it() {
 
     let steps = QwenImage::precomputed(config);
     let modulation = steps.modulation_model();
-    // A budget that streams both models: a quarter of the weights beyond the reserves.
-    let budget = CUBLAS_WORKSPACE + DRIVER_RESERVE + (64 << 20) + tr.bytes() / 4;
-    let gpu = gpu(test, Some(budget)).expect("the GPU was there a moment ago");
-    gpu.prepare_dit(128).unwrap();
+    // Each model at about its least budget, so that both stream.
     let shape = PassShape {
         tokens: 1,
         batch: 2,
         past: 0,
     };
-    let mut mw = stream_weights(
-        &gpu,
-        &tr,
-        &modulation,
-        StreamSetup::new(shape, HostMemory::Auto),
-    )
-    .expect("the modulation model streams");
-    let table = modulation.table(&gpu, &mut mw, &[0.75, 0.25]).unwrap();
+    let mod_gpu = gpu(test, Some(least_budget(&modulation, &tr, shape))).expect("the GPU");
+    let setup = StreamSetup::new(shape, HostMemory::Auto);
+    let mut mw =
+        stream_weights(&mod_gpu, &tr, &modulation, setup).expect("the modulation model streams");
+    let table = modulation.table(&mod_gpu, &mut mw, &[0.75, 0.25]).unwrap();
     let mod_streamed = mw.plan().streamed_bytes();
     drop(mw);
+    drop(mod_gpu);
     let shape = PassShape {
         tokens: 12 + 45,
         batch: 2,
         past: 0,
     };
+    let gpu = gpu(test, Some(least_budget(&steps, &tr, shape))).expect("the GPU");
+    gpu.prepare_dit(128).unwrap();
     let mut sw = stream_weights(&gpu, &tr, &steps, StreamSetup::new(shape, HostMemory::Auto))
         .expect("the steps stream");
     let texts: Vec<&[f32]> = pass.texts.iter().map(Vec::as_slice).collect();
