@@ -263,7 +263,8 @@ impl Plan {
                         _ => p.bytes as f64 / group as f64,
                     };
                     SimUnit {
-                        compute_ms: group_compute_ms[p.group] * share,
+                        compute_ms: group_compute_ms[p.group] * share
+                            + DECODE_CONTENTION * p.decode_ms,
                         copy_ms: Some(copy_ms(p.copy_bytes, h2d_gbps)),
                         decode_ms: p.decode_ms,
                         decoded_whole: p.decoded_whole,
@@ -283,6 +284,12 @@ impl Plan {
         }
     }
 }
+
+/// What a piece's decoding adds to the compute beside it, per ms of decoding: the decoder
+/// reads and writes device memory at near its bandwidth on the SMs the GEMMs use, so on its
+/// own stream it hides its latency but not its work (H200, Z-Image DiT at 3 GiB: 16 ms of
+/// decoding a step made the compute 18 ms longer, bench/NOTES.md).
+pub const DECODE_CONTENTION: f64 = 1.0;
 
 fn copy_ms(bytes: usize, h2d_gbps: f64) -> f64 {
     bytes as f64 / (h2d_gbps * 1e6)
@@ -465,7 +472,7 @@ fn slot_memory(req: &PlanRequest, slot_bytes: usize) -> Result<(usize, usize)> {
 
 /// `k` of the `m` positions `0..m`, spread evenly: one in the middle of each of `k` equal
 /// stretches.
-fn spread(m: usize, k: usize) -> Vec<usize> {
+pub(crate) fn spread(m: usize, k: usize) -> Vec<usize> {
     (0..k).map(|j| ((2 * j + 1) * m) / (2 * k)).collect()
 }
 
