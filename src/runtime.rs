@@ -20,7 +20,6 @@ use crate::checkpoint::gguf::Weights;
 use crate::stream::compress::{encode_jobs, Compress, Compressed, DecodeSpeeds};
 use crate::stream::cost::{planner_groups, CostModel};
 use crate::stream::encoding_cache::{CacheMode, EncodingCache};
-use crate::stream::plan::{spread, DECODE_CONTENTION};
 use crate::stream::{GroupTensors, Placement, PlanRequest, SlotSize, Vram};
 use crate::synth::{synthetic_checkpoint, Preset};
 
@@ -304,40 +303,6 @@ pub fn stream_weights(
                 Ok(p) => next = p,
                 Err(e) => break Err(e),
             }
-        };
-        // Where compute and decoding outlast the copies, decoding fewer groups balances the
-        // two: leave the codes of some streamed groups out (spread evenly), as many as pays.
-        let planned = match planned {
-            Ok(p)
-                if p.prediction.compute_ms + DECODE_CONTENTION * p.prediction.decode_ms
-                    > p.prediction.copy_ms =>
-            {
-                let streamed_coded: Vec<usize> = (0..coded.len())
-                    .filter(|&g| streams(&p, g) && encoded.codes_exponents(g))
-                    .collect();
-                let mut best = (p, request.compressed.clone());
-                for k in 1..streamed_coded.len() {
-                    let uncoded: Vec<usize> = spread(streamed_coded.len(), k)
-                        .into_iter()
-                        .map(|i| streamed_coded[i])
-                        .collect();
-                    let mut fewer = encoded.clone();
-                    fewer.drop_exponents(|g| uncoded.contains(&g));
-                    request.compressed = Some(Arc::new(fewer));
-                    let Ok(q) = crate::stream::plan(&request) else {
-                        continue;
-                    };
-                    if q.prediction.pass_ms < best.0.prediction.pass_ms * (1.0 - 1e-3) {
-                        best = (q, request.compressed.clone());
-                    } else if q.prediction.copy_ms > best.0.prediction.pass_ms {
-                        // The copies alone outlast the best: more left out only adds to them.
-                        break;
-                    }
-                }
-                request.compressed = best.1;
-                Ok(best.0)
-            }
-            other => other,
         };
         match planned {
             // Auto keeps the faster of the two plans: where a pass is compute-bound, decoding

@@ -988,27 +988,6 @@ impl Compressed {
         }
     }
 
-    /// Drop the exponent codes of the groups `uncoded` names (they stream as stored); ggml
-    /// blocks stay, the host holding nothing else of them.
-    pub fn drop_exponents(&mut self, uncoded: impl Fn(usize) -> bool) {
-        for (g, tensors) in self.groups.iter_mut().enumerate() {
-            if uncoded(g) {
-                for t in tensors.iter_mut() {
-                    if matches!(t, Some(Encoding::Exponents(_))) {
-                        *t = None;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether group `g` has an exponent-coded tensor.
-    pub fn codes_exponents(&self, g: usize) -> bool {
-        self.groups[g]
-            .iter()
-            .any(|e| matches!(e, Some(Encoding::Exponents(_))))
-    }
-
     /// Encoded and bf16 bytes of everything encoded.
     pub fn sizes(&self) -> (usize, usize) {
         let mut sizes = (0, 0);

@@ -472,7 +472,7 @@ fn slot_memory(req: &PlanRequest, slot_bytes: usize) -> Result<(usize, usize)> {
 
 /// `k` of the `m` positions `0..m`, spread evenly: one in the middle of each of `k` equal
 /// stretches.
-pub(crate) fn spread(m: usize, k: usize) -> Vec<usize> {
+fn spread(m: usize, k: usize) -> Vec<usize> {
     (0..k).map(|j| ((2 * j + 1) * m) / (2 * k)).collect()
 }
 
