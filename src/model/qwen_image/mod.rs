@@ -28,6 +28,7 @@
 mod config;
 mod cost;
 pub mod rope;
+pub mod vae;
 
 pub use config::{QwenImageConfig, CLASS_NAME, PATCH};
 pub use rope::QwenRope;
