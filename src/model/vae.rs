@@ -960,7 +960,7 @@ impl<B: ImageOps> Vae<B> {
     /// Decode `z` `[c, h, w]` tile by tile and blend ([`decode_in_tiles`]).
     fn decode_tiled(&self, b: &B, z: &[f32], shape: ImageShape, t: TileConfig) -> Result<Vec<f32>> {
         let (f, oc) = (self.config.scale_factor(), self.config.out_channels);
-        decode_in_tiles(z, shape, f, oc, t, &mut |tile, s| {
+        decode_in_tiles(z, shape, f, oc, t, |tile, s| {
             self.decode_one(b, tile, s, &mut |_, _| ())
         })
     }
@@ -977,7 +977,7 @@ pub(crate) fn decode_in_tiles(
     f: usize,
     oc: usize,
     t: TileConfig,
-    decode: &mut dyn FnMut(&[f32], ImageShape) -> Result<Vec<f32>>,
+    mut decode: impl FnMut(&[f32], ImageShape) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
     let ImageShape {
         channels: c,
