@@ -63,6 +63,43 @@ Case "square": one sample, no mask, 64 x 64 pixels -> 4 x 4 tokens, 5 text token
 
     square.hidden_states f32 [1, 16, 64], square.encoder_hidden_states f32 [1, 5, 48],
     square.timestep f32 [1], square.output f32 [1, 16, 64]
+
+The VAE (see VAE_CONFIG), in tests/fixtures/qwen-image/:
+
+    vae/{config.json,diffusion_pytorch_model.safetensors}   AutoencoderKLQwenImage, bf16, encoder
+                            included (as in the real checkpoint; ferry's decoder ignores it)
+    vae_reference.safetensors   the tensors below
+    vae_expected.json           versions, config, the tensors' shapes
+
+AutoencoderKLQwenImage (the Wan 2.1 VAE) at base_dim 8, dim_mult [1, 2, 2, 1], num_res_blocks 1:
+the decoder runs conv_in (16 -> 8), the mid block (resnet, attention, resnet at 8 channels),
+up blocks 8 -> 8, 4 -> 16, 8 -> 16, 8 -> 8 (the upsamplers' convs halve the channels, so
+blocks 1 and 2 change channels and have shortcut convs), upsample3d in blocks 0 and 1 (their
+time_conv unused on one frame), upsample2d in block 2, then norm_out, SiLU, conv_out (8 -> 3).
+Weights (init_vae_weights): conv weights N(0, 1 / fan_in) with one frame's fan_in (in x kh x kw:
+a single frame sees only the last temporal slice of a 3x3x3 filter; every slice is random, so a
+wrong single-frame reduction fails), decoder.conv_out at gain VAE_OUT_GAIN, biases 0.1 N(0,1),
+RMS norm gammas 1 + 0.1 N(0,1).
+latents_mean / latents_std are drawn from the seed too (rounded to 4 decimals), not the real
+checkpoint's, so that an implementation must read them from config.json.
+
+Case "pipeline": what QwenImagePipeline does after the last step, on two samples of 48 x 80
+pixels: latents [2, 16, 6, 10] (as the DiT leaves them, unpacked) -> z = latents / (1 /
+latents_std) + latents_mean -> vae.decode(z[:, :, None])[0][:, :, 0] (clamped to [-1, 1]) ->
+image_processor.postprocess(output_type="pil").
+
+    pipeline.latents  f32 [2, 16, 6, 10]    the denoised latents
+    pipeline.z        f32 [2, 16, 6, 10]    after denormalization, the decoder's input
+    pipeline.decoded  f32 [2, 3, 48, 80]    vae.decode's frame 0
+    pipeline.rgb8     u8  [2, 48, 80, 3]    the PIL images' pixels
+
+Case "odd": one latent of odd size [1, 16, 3, 5] (no denormalization), each decoder stage:
+
+    odd.z f32 [1, 16, 3, 5], odd.decoded f32 [1, 3, 24, 40]
+    odd.post_quant_conv, odd.conv_in, odd.mid_block, odd.up_blocks.{0..3}, odd.norm_out
+                      f32 [1, C, H, W]   the stages' outputs (frame 0; norm_out before SiLU)
+    odd.decoded_bf16  f32 [1, 3, 24, 40]  the same decode in bfloat16 (weights and
+                                          activations), the yardstick for a bf16 backend
 """
 
 import argparse
@@ -76,12 +113,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from diffusers.image_processor import VaeImageProcessor  # noqa: E402
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageRMS_norm  # noqa: E402
 from diffusers.models.normalization import RMSNorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +129,8 @@ OUT = ROOT / "tests" / "fixtures" / "qwen-image"
 
 SEED_WEIGHTS = 4001
 SEED_INPUTS = 4002
+SEED_VAE = 4003
+SEED_VAE_INPUTS = 4004
 
 TRANSFORMER_CONFIG = dict(
     patch_size=2,
@@ -106,6 +148,27 @@ LINEAR_GAIN = 1.0
 MOD_GAIN = 0.5  # shift / scale / gate: 1 + ~0.5 and gates of ~0.5
 BIAS_STD = 0.1
 VAE_SCALE = 8  # QwenImagePipeline.vae_scale_factor (2 ** len(temperal_downsample))
+
+
+def vae_config() -> dict:
+    """VAE_CONFIG with its latent statistics drawn from SEED_VAE (see the module docstring)."""
+    g = torch.Generator().manual_seed(SEED_VAE)
+    mean = (0.5 * torch.randn(16, generator=g)).tolist()
+    std = (1.0 + torch.rand(16, generator=g) * 2.0).tolist()
+    return dict(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+        latents_mean=[round(v, 4) for v in mean],
+        latents_std=[round(v, 4) for v in std],
+    )
+
+
+VAE_OUT_GAIN = 1.0
 
 
 def init_weights(model: torch.nn.Module, seed: int) -> None:
@@ -129,6 +192,97 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
             else:
                 raise AssertionError(f"no init rule for {name} ({type(module).__name__})")
             p.copy_(v.to(p.dtype))
+
+
+def init_vae_weights(vae: torch.nn.Module, seed: int) -> None:
+    """Redraw every VAE parameter from `seed`, in sorted-name order (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    owner = {}
+    for mname, module in vae.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = module
+    with torch.no_grad():
+        for name, p in sorted(vae.named_parameters(), key=lambda kv: kv[0]):
+            module, kind = owner[name], name.rsplit(".", 1)[-1]
+            if isinstance(module, QwenImageRMS_norm) and kind == "gamma":
+                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            elif kind == "bias":
+                v = BIAS_STD * torch.randn(p.shape, generator=g)
+            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and kind == "weight":
+                # One frame's fan-in: a 3-D filter's inputs in one temporal slice.
+                fan_in = p[0].numel() // (p.shape[2] if p.dim() == 5 else 1)
+                gain = VAE_OUT_GAIN if name == "decoder.conv_out.weight" else 1.0
+                v = gain / fan_in**0.5 * torch.randn(p.shape, generator=g)
+            else:
+                raise AssertionError(f"no init rule for {name} ({type(module).__name__})")
+            p.copy_(v.to(p.dtype))
+
+
+def write_vae(out: Path) -> None:
+    torch.manual_seed(SEED_VAE)
+    vae = AutoencoderKLQwenImage(**vae_config()).eval()
+    init_vae_weights(vae, SEED_VAE)
+    vae.to(torch.bfloat16).save_pretrained(out / "vae", safe_serialization=True)
+
+
+def load_vae(d: Path, dtype=torch.float32) -> AutoencoderKLQwenImage:
+    vae = AutoencoderKLQwenImage.from_pretrained(d / "vae", torch_dtype=dtype).eval()
+    assert {p.dtype for p in vae.parameters()} == {dtype}
+    return vae
+
+
+def compute_vae_references(d: Path) -> dict:
+    vae = load_vae(d)
+    cfg = vae.config
+    g = torch.Generator().manual_seed(SEED_VAE_INPUTS)
+    latents = torch.randn((2, 16, 6, 10), generator=g)
+    odd = torch.randn((1, 16, 3, 5), generator=g)
+    got = {"pipeline.latents": latents, "odd.z": odd}
+    processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE * 2)
+    with torch.no_grad():
+        # QwenImagePipeline.__call__ after the denoising loop (latents already unpacked).
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        z = latents[:, :, None] / std + mean
+        got["pipeline.z"] = z[:, :, 0]
+        image = vae.decode(z, return_dict=False)[0][:, :, 0]
+        got["pipeline.decoded"] = image
+        pil = processor.postprocess(image, output_type="pil")
+        got["pipeline.rgb8"] = torch.stack([torch.from_numpy(np.array(p)) for p in pil])
+
+        hooks = []
+
+        def out_hook(key):
+            def f(_m, _a, out):
+                got[key] = out.detach()[:, :, 0].clone()
+
+            return f
+
+        dec = vae.decoder
+        hooks.append(vae.post_quant_conv.register_forward_hook(out_hook("odd.post_quant_conv")))
+        hooks.append(dec.conv_in.register_forward_hook(out_hook("odd.conv_in")))
+        hooks.append(dec.mid_block.register_forward_hook(out_hook("odd.mid_block")))
+        for i, up in enumerate(dec.up_blocks):
+            hooks.append(up.register_forward_hook(out_hook(f"odd.up_blocks.{i}")))
+        hooks.append(dec.norm_out.register_forward_hook(out_hook("odd.norm_out")))
+        got["odd.decoded"] = vae.decode(odd[:, :, None], return_dict=False)[0][:, :, 0]
+        for h in hooks:
+            h.remove()
+        bf = load_vae(d, torch.bfloat16)
+        got["odd.decoded_bf16"] = bf.decode(odd[:, :, None].bfloat16(), return_dict=False)[0][:, :, 0].float()
+    return {k: v.contiguous() for k, v in sorted(got.items())}
+
+
+def vae_expected(refs: dict) -> dict:
+    return {
+        "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+        "vae_config": vae_config(),
+        "cases": {
+            "pipeline": {"width": 80, "height": 48, "latent": [6, 10], "batch": 2},
+            "odd": {"width": 40, "height": 24, "latent": [3, 5], "batch": 1},
+        },
+        "tensors": {k: [str(v.dtype).replace("torch.", ""), list(v.shape)] for k, v in refs.items()},
+    }
 
 
 def write_transformer(out: Path) -> None:
@@ -269,6 +423,10 @@ def write_fixture() -> None:
     refs = compute_references(OUT)
     save_file(refs, str(OUT / "reference.safetensors"))
     (OUT / "expected.json").write_text(json.dumps(expected(refs), indent=2, sort_keys=True) + "\n")
+    write_vae(OUT)
+    vae_refs = compute_vae_references(OUT)
+    save_file(vae_refs, str(OUT / "vae_reference.safetensors"))
+    (OUT / "vae_expected.json").write_text(json.dumps(vae_expected(vae_refs), indent=2, sort_keys=True) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({total} bytes)")
 
@@ -276,12 +434,18 @@ def write_fixture() -> None:
 def verify() -> None:
     with tempfile.TemporaryDirectory() as t:
         write_transformer(Path(t))
-        for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-            a = (Path(t) / "transformer" / f).read_bytes()
-            b = (OUT / "transformer" / f).read_bytes()
-            assert a == b, f"transformer/{f} differs from a fresh build"
-    refs = compute_references(OUT)
-    committed = load_file(str(OUT / "reference.safetensors"))
+        write_vae(Path(t))
+        for c in ("transformer", "vae"):
+            for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+                a = (Path(t) / c / f).read_bytes()
+                b = (OUT / c / f).read_bytes()
+                assert a == b, f"{c}/{f} differs from a fresh build"
+    compare(compute_references(OUT), OUT / "reference.safetensors")
+    compare(compute_vae_references(OUT), OUT / "vae_reference.safetensors")
+
+
+def compare(refs: dict, path: Path) -> None:
+    committed = load_file(str(path))
     assert sorted(refs) == sorted(committed), "tensor names differ"
     for k, v in refs.items():
         c = committed[k]
@@ -292,7 +456,7 @@ def verify() -> None:
             assert err <= tol, f"{k}: max |diff| {err} > {tol}"
         else:
             assert torch.equal(v, c), k
-    print(f"verified {len(refs)} tensors of {OUT}")
+    print(f"verified {len(refs)} tensors of {path}")
 
 
 def main() -> None:

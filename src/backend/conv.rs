@@ -89,6 +89,16 @@ pub trait ImageOps: Backend {
         scale: &Self::ImageWeight,
         shift: &Self::ImageWeight,
     ) -> Result<Self::Image>;
+    /// RMS norm over the channels of each position:
+    /// `y[c, p] = x[c, p] / sqrt(mean_c(x[:, p]²) + eps) · scale[c]`. The Wan / Qwen-Image
+    /// VAE's `RMS_norm`, `F.normalize` over channels times √C, is this with `eps = 1e-24 / C`
+    /// (its 1e-12 floor on the L2 norm, squared and moved inside the mean).
+    fn rms_norm_channels(
+        &self,
+        x: &Self::Image,
+        eps: f32,
+        scale: &Self::ImageWeight,
+    ) -> Result<Self::Image>;
     /// `x = x · sigmoid(x)`, elementwise, in place.
     fn silu(&self, x: &mut Self::Image) -> Result<()>;
     /// Nearest-neighbour 2× upsampling: `[c, h, w]` → `[c, 2h, 2w]`, out[y, x] = in[y/2, x/2].

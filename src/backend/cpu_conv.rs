@@ -177,6 +177,50 @@ impl ImageOps for Cpu {
         })
     }
 
+    fn rms_norm_channels(
+        &self,
+        x: &CpuImage,
+        eps: f32,
+        scale: &CpuImageWeight,
+    ) -> Result<CpuImage> {
+        let (c, n) = (x.shape.channels, x.shape.positions());
+        let scale = scale.data();
+        assert_eq!(scale.len(), c, "rms_norm_channels: scale vs {c} channels");
+        // 1 / rms of each position, summed in f64 over the channel rows, a block of
+        // positions a task (channel rows are contiguous, so each task streams c short runs).
+        const POSITIONS: usize = 1024;
+        let mut inv_rms = vec![0f32; n];
+        inv_rms
+            .par_chunks_mut(POSITIONS)
+            .enumerate()
+            .for_each(|(block, dst)| {
+                let j0 = block * POSITIONS;
+                let mut sums = vec![0f64; dst.len()];
+                for ch in 0..c {
+                    let row = &x.data[ch * n + j0..][..dst.len()];
+                    for (s, &v) in sums.iter_mut().zip(row) {
+                        *s += v as f64 * v as f64;
+                    }
+                }
+                for (d, s) in dst.iter_mut().zip(sums) {
+                    *d = (1.0 / (s / c as f64 + eps as f64).sqrt()) as f32;
+                }
+            });
+        let mut out = vec![0f32; x.data.len()];
+        out.par_chunks_mut(n.max(1))
+            .zip(x.data.par_chunks(n.max(1)))
+            .enumerate()
+            .for_each(|(ch, (dst, src))| {
+                for ((d, &s), &r) in dst.iter_mut().zip(src).zip(&inv_rms) {
+                    *d = s * r * scale[ch];
+                }
+            });
+        Ok(CpuImage {
+            shape: x.shape,
+            data: out,
+        })
+    }
+
     fn silu(&self, x: &mut CpuImage) -> Result<()> {
         x.data
             .par_chunks_mut(4096)
@@ -537,6 +581,22 @@ mod tests {
             let var = grp.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / per as f32;
             let ch = i / (h * w);
             let want = (xv[i] - mean) / (var + 1e-6).sqrt() * sv[ch] + bv[ch];
+            assert!((g - want).abs() < 1e-5, "element {i}: {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_channels_matches_the_definition() {
+        let (c, h, w) = (5, 3, 700); // more positions than one task's block
+        let xv: Vec<f32> = values(c * h * w, 9).iter().map(|v| 2.0 * v - 0.3).collect();
+        let sv = values(c, 10);
+        let x = Cpu.image(ImageShape::new(c, h, w), &xv).unwrap();
+        let got = Cpu.rms_norm_channels(&x, 1e-6, &weight(&[c], &sv)).unwrap();
+        let n = h * w;
+        for (i, &g) in got.data.iter().enumerate() {
+            let (ch, p) = (i / n, i % n);
+            let ms = (0..c).map(|k| xv[k * n + p].powi(2)).sum::<f32>() / c as f32;
+            let want = xv[i] / (ms + 1e-6).sqrt() * sv[ch];
             assert!((g - want).abs() < 1e-5, "element {i}: {g} vs {want}");
         }
     }

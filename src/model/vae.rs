@@ -447,7 +447,7 @@ fn flux_vae_layout(
 }
 
 /// `diffusion_pytorch_model.safetensors`, or the shards its index names.
-fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     const SINGLE: &str = "diffusion_pytorch_model.safetensors";
     let index_path = dir.join(format!("{SINGLE}.index.json"));
     if index_path.is_file() {
@@ -552,13 +552,18 @@ impl<W> Binder<'_, W> {
     }
 }
 
-struct Conv<W> {
-    weight: W,
-    bias: W,
+/// A convolution's filter `[out, in, k, k]` and bias `[out]`.
+pub(crate) struct Conv<W> {
+    pub(crate) weight: W,
+    pub(crate) bias: W,
 }
 
 impl<W> Conv<W> {
-    fn forward<B: ImageOps<ImageWeight = W>>(&self, b: &B, x: &B::Image) -> Result<B::Image> {
+    pub(crate) fn forward<B: ImageOps<ImageWeight = W>>(
+        &self,
+        b: &B,
+        x: &B::Image,
+    ) -> Result<B::Image> {
         b.conv2d(x, &self.weight, &self.bias)
     }
 }
@@ -952,58 +957,72 @@ impl<B: ImageOps> Vae<B> {
         b.image_to_host(&image)
     }
 
-    /// Decode `z` `[c, h, w]` tile by tile and blend: each output pixel is the weighted mean
-    /// of the tiles covering it, a tile's weight ramping linearly from ~0 to 1 across each
-    /// overlap with a neighbour (so two tiles' weights sum to 1 there) and 1 elsewhere.
+    /// Decode `z` `[c, h, w]` tile by tile and blend ([`decode_in_tiles`]).
     fn decode_tiled(&self, b: &B, z: &[f32], shape: ImageShape, t: TileConfig) -> Result<Vec<f32>> {
-        let ImageShape {
-            channels: c,
-            height: h,
-            width: w,
-        } = shape;
-        let f = self.config.scale_factor();
-        let oc = self.config.out_channels;
-        let (th, tw) = (t.tile.min(h), t.tile.min(w));
-        let (ys, xs) = (tile_origins(h, t), tile_origins(w, t));
-        let (out_h, out_w) = (h * f, w * f);
-        let mut sum = vec![0f32; oc * out_h * out_w]; // [oc, H, W] Σ weight · tile
-        let mut weight = vec![0f32; out_h * out_w]; // [H, W] Σ weight
-        let mut tile_z = Vec::with_capacity(c * th * tw);
-        for (iy, &y0) in ys.iter().enumerate() {
-            let wy = ramp_weights(&ys, iy, th, f);
-            for (ix, &x0) in xs.iter().enumerate() {
-                let wx = ramp_weights(&xs, ix, tw, f);
-                tile_z.clear();
-                for ch in 0..c {
-                    for y in y0..y0 + th {
-                        tile_z.extend_from_slice(&z[(ch * h + y) * w + x0..][..tw]);
-                    }
-                }
-                let tile =
-                    self.decode_one(b, &tile_z, ImageShape::new(c, th, tw), &mut |_, _| ())?;
-                let (ph, pw) = (th * f, tw * f);
-                for (py, &a) in wy.iter().enumerate() {
-                    let row = (y0 * f + py) * out_w + x0 * f;
-                    for (px, &bw) in wx.iter().enumerate() {
-                        weight[row + px] += a * bw;
-                    }
-                    for ch in 0..oc {
-                        let src = &tile[(ch * ph + py) * pw..][..pw];
-                        let dst = &mut sum[ch * out_h * out_w + row..][..pw];
-                        for ((d, &s), &bw) in dst.iter_mut().zip(src).zip(&wx) {
-                            *d += a * bw * s;
-                        }
-                    }
-                }
-            }
-        }
-        for plane in sum.chunks_exact_mut(out_h * out_w) {
-            for (v, &wt) in plane.iter_mut().zip(&weight) {
-                *v /= wt;
-            }
-        }
-        Ok(sum)
+        let (f, oc) = (self.config.scale_factor(), self.config.out_channels);
+        decode_in_tiles(z, shape, f, oc, t, |tile, s| {
+            self.decode_one(b, tile, s, &mut |_, _| ())
+        })
     }
+}
+
+/// Decode `z` `[c, h, w]` tile by tile with `decode` (a tile's latent `[c, th, tw]` → its
+/// image `[oc, f·th, f·tw]`) and blend: each output pixel is the weighted mean of the tiles
+/// covering it, a tile's weight ramping linearly from ~0 to 1 across each overlap with a
+/// neighbour (so two tiles' weights sum to 1 there) and 1 elsewhere. Shared by the VAE
+/// decoders (this one and Qwen-Image's).
+pub(crate) fn decode_in_tiles(
+    z: &[f32],
+    shape: ImageShape,
+    f: usize,
+    oc: usize,
+    t: TileConfig,
+    mut decode: impl FnMut(&[f32], ImageShape) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let ImageShape {
+        channels: c,
+        height: h,
+        width: w,
+    } = shape;
+    let (th, tw) = (t.tile.min(h), t.tile.min(w));
+    let (ys, xs) = (tile_origins(h, t), tile_origins(w, t));
+    let (out_h, out_w) = (h * f, w * f);
+    let mut sum = vec![0f32; oc * out_h * out_w]; // [oc, H, W] Σ weight · tile
+    let mut weight = vec![0f32; out_h * out_w]; // [H, W] Σ weight
+    let mut tile_z = Vec::with_capacity(c * th * tw);
+    for (iy, &y0) in ys.iter().enumerate() {
+        let wy = ramp_weights(&ys, iy, th, f);
+        for (ix, &x0) in xs.iter().enumerate() {
+            let wx = ramp_weights(&xs, ix, tw, f);
+            tile_z.clear();
+            for ch in 0..c {
+                for y in y0..y0 + th {
+                    tile_z.extend_from_slice(&z[(ch * h + y) * w + x0..][..tw]);
+                }
+            }
+            let tile = decode(&tile_z, ImageShape::new(c, th, tw))?;
+            let (ph, pw) = (th * f, tw * f);
+            for (py, &a) in wy.iter().enumerate() {
+                let row = (y0 * f + py) * out_w + x0 * f;
+                for (px, &bw) in wx.iter().enumerate() {
+                    weight[row + px] += a * bw;
+                }
+                for ch in 0..oc {
+                    let src = &tile[(ch * ph + py) * pw..][..pw];
+                    let dst = &mut sum[ch * out_h * out_w + row..][..pw];
+                    for ((d, &s), &bw) in dst.iter_mut().zip(src).zip(&wx) {
+                        *d += a * bw * s;
+                    }
+                }
+            }
+        }
+    }
+    for plane in sum.chunks_exact_mut(out_h * out_w) {
+        for (v, &wt) in plane.iter_mut().zip(&weight) {
+            *v /= wt;
+        }
+    }
+    Ok(sum)
 }
 
 /// The smallest tile [`choose_tiling`] uses, in latent pixels (128 image pixels): smaller

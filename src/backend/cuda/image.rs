@@ -253,6 +253,21 @@ impl ImageOps for Cuda {
         Ok(out)
     }
 
+    fn rms_norm_channels(
+        &self,
+        x: &CudaImage,
+        eps: f32,
+        scale: &CudaImageWeight,
+    ) -> Result<CudaImage> {
+        // Channels-last, a position's channels are one row: the transformer's row RMSNorm
+        // (norm.cu, sums in f32; an even channel count).
+        assert_eq!(scale.k, 0, "rms_norm_channels: the scale is a vector");
+        Ok(CudaImage {
+            t: Backend::rms_norm(self, &x.t, &scale.w, eps)?,
+            shape: x.shape,
+        })
+    }
+
     fn silu(&self, x: &mut CudaImage) -> Result<()> {
         crate::backend::dit::DitOps::pointwise(self, &mut x.t, crate::backend::dit::Pointwise::Silu)
     }
