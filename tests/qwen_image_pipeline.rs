@@ -140,7 +140,6 @@ fn schedules_are_the_schedulers_bit_for_bit() {
 
 /// The embeddings the pipeline encodes for a denoising case: prompts, then negatives.
 fn case_embeds(
-    f: &Fixture,
     te: &QwenImageTextEncoder,
     weights: &mut ResidentWeights<CpuWeight>,
     case: &serde_json::Value,
@@ -153,7 +152,6 @@ fn case_embeds(
         let refs: Vec<&str> = n.iter().map(String::as_str).collect();
         te.encode(&Cpu, weights, &refs, 512).unwrap()
     });
-    let _ = f;
     (cond, neg)
 }
 
@@ -168,7 +166,7 @@ fn denoising_matches_the_pipeline() {
         let u = |k: &str| case[k].as_u64().unwrap() as usize;
         let (height, width, steps) = (u("height"), u("width"), u("steps"));
         let batch = case["prompt"].as_array().unwrap().len();
-        let (cond, neg) = case_embeds(&f, &te, &mut te_weights, case);
+        let (cond, neg) = case_embeds(&te, &mut te_weights, case);
         let (cond, neg) = (cond.prompts(), neg.as_ref().map(PromptEmbeds::prompts));
         let schedule = qwen_image::schedule(&config, steps, height, width).unwrap();
         let mut seen = Vec::new();
@@ -214,7 +212,7 @@ fn one_pass_guidance_equals_two_passes_bit_for_bit() {
     let (te, mut te_weights) = f.encoder();
     let (dit, mut weights) = f.dit();
     let case = &f.expected["denoise"]["batch"];
-    let (cond, neg) = case_embeds(&f, &te, &mut te_weights, case);
+    let (cond, neg) = case_embeds(&te, &mut te_weights, case);
     let neg = neg.expect("the batch case has negative prompts");
     let mut texts = cond.prompts();
     texts.extend(neg.prompts());
