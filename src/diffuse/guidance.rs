@@ -61,3 +61,43 @@ impl Guidance {
 fn l2(x: &[f32]) -> f32 {
     x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32
 }
+
+/// Qwen-Image's true classifier-free guidance: both branches as samples of one DiT pass
+/// (`[conditional × B, unconditional × B]`), then per token `comb = neg + scale · (cond − neg)`
+/// rescaled to the conditional prediction's norm, `comb · (‖cond‖ / ‖comb‖)`, the norms over a
+/// token's features (diffusers' `torch.norm(…, dim=-1)`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrueCfg {
+    /// `true_cfg_scale`; guidance runs iff it is > 1 and a negative prompt is given.
+    pub scale: f32,
+}
+
+impl TrueCfg {
+    /// Whether a pipeline with this scale guides when `negative` says whether it has a
+    /// negative prompt.
+    pub fn applies(&self, negative: bool) -> bool {
+        self.scale > 1.0 && negative
+    }
+
+    /// The guided prediction of each image from the pass's outputs `[2B, tokens, features]`
+    /// (conditional images first), `[B, tokens, features]`.
+    pub fn combine(&self, outputs: &[f32], features: usize) -> Vec<f32> {
+        assert_eq!(
+            outputs.len() % (2 * features),
+            0,
+            "[2B, tokens, features] outputs"
+        );
+        let (cond, neg) = outputs.split_at(outputs.len() / 2);
+        let mut out = Vec::with_capacity(cond.len());
+        for (c, n) in cond.chunks(features).zip(neg.chunks(features)) {
+            let comb: Vec<f32> = c
+                .iter()
+                .zip(n)
+                .map(|(&c, &n)| n + self.scale * (c - n))
+                .collect();
+            let k = l2(c) / l2(&comb);
+            out.extend(comb.iter().map(|v| v * k));
+        }
+        out
+    }
+}

@@ -4,6 +4,8 @@
 pub mod guidance;
 pub mod pipeline;
 pub mod png;
+pub mod qwen_image;
+pub mod qwen_text_encoder;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod z_image;

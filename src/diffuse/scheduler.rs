@@ -148,7 +148,8 @@ impl FlowMatchConfig {
             .collect();
         if let Some(terminal) = self.shift_terminal.filter(|&t| t > 0.0) {
             let last = 1.0 - *s.last().unwrap_or(&0.0);
-            let scale = last / (1.0 - terminal as f32);
+            // numpy: `1 - shift_terminal` is a Python float, rounded to f32 once.
+            let scale = last / (1.0 - terminal) as f32;
             for x in &mut s {
                 *x = 1.0 - (1.0 - *x) / scale;
             }
@@ -204,6 +205,27 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// `steps` values from `start` to `end` as `np.linspace` computes them in f64 (`i · step +
+/// start`, the last exactly `end`), then rounded to f32 as the scheduler's
+/// `np.array(sigmas).astype(np.float32)` does.
+pub fn numpy_linspace(start: f64, end: f64, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start as f32];
+    }
+    let step = (end - start) / (steps - 1) as f64;
+    (0..steps)
+        .map(|i| match i + 1 == steps {
+            true => end as f32,
+            false => (i as f64 * step + start) as f32,
+        })
+        .collect()
+}
+
+/// Qwen-Image's default sigmas before shifting: `np.linspace(1, 1/steps, steps)` (in f64).
+pub fn qwen_image_sigmas(steps: usize) -> Vec<f32> {
+    numpy_linspace(1.0, 1.0 / steps as f64, steps)
 }
 
 /// Z-Image's default sigmas before shifting: `linspace(1, 1/steps, steps)`.

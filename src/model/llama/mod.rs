@@ -54,6 +54,10 @@ pub enum Output {
     /// encoder's `hidden_states[layers]` (Z-Image takes `hidden_states[-2]`, the input of
     /// the last block). The blocks after them and the head are not part of the model.
     Hidden { layers: usize },
+    /// The final norm's output at every position, after all blocks: a text encoder's
+    /// `hidden_states[-1]` (Qwen-Image takes it). The head is not part of the model; the final
+    /// norm is the last group.
+    LastHidden,
 }
 
 /// Where each part of the model is among its groups.
@@ -98,6 +102,12 @@ impl Llama {
         Self::build(config, Output::Hidden { layers }, prefix)
     }
 
+    /// A text encoder returning the final norm's output (`hidden_states[-1]`), for a
+    /// checkpoint whose tensor names start with `prefix` ("model." or "").
+    pub fn last_hidden(config: LlamaConfig, prefix: &str) -> Llama {
+        Self::build(config, Output::LastHidden, prefix)
+    }
+
     fn build(config: LlamaConfig, output: Output, prefix: &str) -> Llama {
         let groups = weight_groups(&config, output, prefix);
         let inv_freq = config.rope_inv_freq();
@@ -113,12 +123,13 @@ impl Llama {
     /// Blocks a pass runs.
     pub fn layers(&self) -> usize {
         match self.output {
-            Output::Logits => self.config.num_layers,
+            Output::Logits | Output::LastHidden => self.config.num_layers,
             Output::Hidden { layers } => layers,
         }
     }
 
-    /// The group of the final norm and the language-model head.
+    /// The group of the final norm and the language-model head (the final norm alone for
+    /// [`Output::LastHidden`]).
     fn head(&self) -> usize {
         block(self.config.num_layers)
     }
@@ -256,9 +267,18 @@ impl Llama {
         for seg in segments.iter_mut() {
             seg.cache.advance(seg.tokens.len());
         }
-        if let Output::Hidden { .. } = self.output {
-            weights.finish_pass()?;
-            return Ok(x); // [t, hidden]: every row, in segment order
+        match self.output {
+            Output::Hidden { .. } => {
+                weights.finish_pass()?;
+                return Ok(x); // [t, hidden]: every row, in segment order
+            }
+            Output::LastHidden => {
+                let w = Bound::new(&self.groups[self.head()], weights.group(self.head())?);
+                let normed = backend.rms_norm(&x, w.get(&self.name("norm.weight")), eps)?;
+                weights.finish_pass()?;
+                return Ok(normed); // [t, hidden]: every row, in segment order
+            }
+            Output::Logits => {}
         }
 
         let x = match want {
@@ -337,6 +357,10 @@ impl Architecture for Llama {
     fn pass_cost(&self, shape: PassShape) -> PassCost {
         let mut flops = cost::group_flops(&self.config, shape);
         flops.truncate(self.groups.len()); // an encoder: its blocks, no head
+        if self.output == Output::LastHidden {
+            // The final norm alone: no head's product.
+            *flops.last_mut().expect("the final norm's group") = 0.0;
+        }
         let positions = shape.past + shape.tokens;
         PassCost {
             flops,
@@ -385,7 +409,7 @@ fn weight_groups(c: &LlamaConfig, output: Output, prefix: &str) -> Vec<WeightGro
         )
     }];
     let layers = match output {
-        Output::Logits => c.num_layers,
+        Output::Logits | Output::LastHidden => c.num_layers,
         Output::Hidden { layers } => layers,
     };
     for i in 0..layers {
@@ -425,6 +449,12 @@ fn weight_groups(c: &LlamaConfig, output: Output, prefix: &str) -> Vec<WeightGro
             ],
         ));
         debug_assert_eq!(groups.len(), block(c.num_layers) + 1);
+    }
+    if output == Output::LastHidden {
+        groups.push(WeightGroup::new(
+            "final norm",
+            vec![t(format!("{prefix}norm.weight"), &[h])],
+        ));
     }
     groups
 }

@@ -1,0 +1,168 @@
+//! Qwen-Image's denoising loop as diffusers' `QwenImagePipeline` runs it: flow-match Euler
+//! over `np.linspace(1, 1/steps, steps)` shifted by the image's token count, the DiT given
+//! `timestep / 1000` and stepped along its output, and true classifier-free guidance
+//! ([`TrueCfg`]) with both branches as samples of one DiT pass, so that a guided step reads
+//! the weights once.
+//!
+//! Latents stay packed throughout, as the pipeline keeps them (`_pack_latents`): `[batch,
+//! (H/16)·(W/16), 64]` for an `H × W` image (16 latent channels × a 2×2 patch of the 8×
+//! smaller latent); this is the layout of `--noise` and of diffusers' `latents=` argument.
+
+use crate::backend::dit::DitOps;
+use crate::diffuse::guidance::TrueCfg;
+use crate::diffuse::scheduler::{qwen_image_sigmas, FlowMatchConfig, Schedule};
+use crate::error::{Error, Result};
+use crate::model::qwen_image::{DitInput, QwenImage, PATCH};
+use crate::model::Weights;
+
+/// Image pixels per latent pixel (the VAE's `vae_scale_factor`).
+pub const VAE_SCALE: usize = 8;
+
+/// Image sizes are multiples of this: a latent pixel is 8 image pixels and a DiT token 2×2
+/// latent pixels.
+pub const SIZE_MULTIPLE: usize = VAE_SCALE * PATCH;
+
+/// What to denoise.
+pub struct Denoise<'a> {
+    /// `[batch, (height/16)·(width/16), in_channels]` f32: the packed noise (`--noise`, the
+    /// pipeline's `latents=`).
+    pub latents: Vec<f32>,
+    pub batch: usize,
+    /// Image pixels, multiples of [`SIZE_MULTIPLE`].
+    pub height: usize,
+    pub width: usize,
+    /// One per image, `[tokens, joint_attention_dim]` f32: the prompt's embedding (its valid
+    /// rows; the lengths may differ).
+    pub prompts: &'a [&'a [f32]],
+    /// One per image when a negative prompt is given: its embedding.
+    pub negatives: Option<&'a [&'a [f32]]>,
+    pub guidance: TrueCfg,
+}
+
+/// The sigmas and timesteps of `steps` steps for an image of `height × width` pixels: the
+/// pipeline's `np.linspace(1, 1/steps, steps)`, shifted by `mu` for its token count when the
+/// scheduler shifts dynamically (Qwen-Image's does).
+pub fn schedule(
+    config: &FlowMatchConfig,
+    steps: usize,
+    height: usize,
+    width: usize,
+) -> Result<Schedule> {
+    check_size(height, width)?;
+    if steps == 0 {
+        return Err(Error::Flag {
+            flag: "--steps",
+            message: "0; expected at least 1 denoising step".into(),
+        });
+    }
+    let tokens = image_tokens(height, width);
+    Ok(config.schedule(&qwen_image_sigmas(steps), config.mu(tokens)))
+}
+
+/// DiT tokens of an image of `height × width` pixels (the packed latents' rows).
+pub fn image_tokens(height: usize, width: usize) -> usize {
+    (height / SIZE_MULTIPLE) * (width / SIZE_MULTIPLE)
+}
+
+/// An error unless `height × width` pixels are positive multiples of [`SIZE_MULTIPLE`].
+pub fn check_size(height: usize, width: usize) -> Result<()> {
+    for (flag, v) in [("--height", height), ("--width", width)] {
+        if v == 0 || v % SIZE_MULTIPLE != 0 {
+            return Err(Error::Flag {
+                flag,
+                message: format!(
+                    "{v} pixels; expected a positive multiple of {SIZE_MULTIPLE} (Qwen-Image's latents are 1/{VAE_SCALE} of the image, its tokens {PATCH}×{PATCH} latent pixels)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An error naming `--noise` unless `noise` holds `[batch, (height/16)·(width/16),
+/// channels]` values (`channels` = the DiT's `in_channels`, 64).
+pub fn check_noise(
+    noise: &[f32],
+    batch: usize,
+    height: usize,
+    width: usize,
+    channels: usize,
+) -> Result<()> {
+    check_size(height, width)?;
+    let tokens = image_tokens(height, width);
+    let want = batch * tokens * channels;
+    if noise.len() != want || batch == 0 {
+        return Err(Error::Flag {
+            flag: "--noise",
+            message: format!(
+                "{} values; expected packed latents [{batch}, {tokens}, {channels}] = {want} values for {batch} image(s) of {height}×{width} (diffusers' latents= layout: [batch, (H/16)·(W/16), 64])",
+                noise.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The DiT's time at step `i`: the pipeline's `timestep / 1000` in f32.
+pub fn model_time(schedule: &Schedule, i: usize) -> f32 {
+    schedule.timesteps[i] / 1000.0
+}
+
+/// Run every step of `schedule` and return the final packed latents `[batch, tokens,
+/// in_channels]`; `on_step(i, latents)` sees the latents after each step.
+pub fn denoise<B: DitOps>(
+    backend: &B,
+    dit: &QwenImage,
+    weights: &mut impl Weights<B::Weight>,
+    schedule: &Schedule,
+    mut job: Denoise<'_>,
+    mut on_step: impl FnMut(usize, &[f32]),
+) -> Result<Vec<f32>> {
+    let n = job.batch;
+    let features = dit.config.in_channels;
+    check_noise(&job.latents, n, job.height, job.width, features)?;
+    let texts = |what: &'static str, t: &[&[f32]]| match t.len() == n {
+        true => Ok(()),
+        false => Err(Error::Flag {
+            flag: what,
+            message: format!(
+                "{} embeddings for {n} images; expected one per image",
+                t.len()
+            ),
+        }),
+    };
+    texts("prompt", job.prompts)?;
+    if let Some(neg) = job.negatives {
+        texts("negative prompt", neg)?;
+    }
+    let guided = job.guidance.applies(job.negatives.is_some());
+    // The samples of every pass: the conditional ones, then (when guiding) the
+    // unconditional ones on the same latents.
+    let mut texts: Vec<&[f32]> = job.prompts.to_vec();
+    if let (true, Some(neg)) = (guided, job.negatives) {
+        texts.extend_from_slice(neg);
+    }
+    let (h, w) = (job.height / VAE_SCALE, job.width / VAE_SCALE);
+    for i in 0..schedule.steps() {
+        let t = vec![model_time(schedule, i); texts.len()];
+        let mut latents = job.latents.clone();
+        if guided {
+            latents.extend_from_slice(&job.latents);
+        }
+        let input = DitInput {
+            latents: &latents,
+            height: h,
+            width: w,
+            timestep: &t,
+            texts: &texts,
+        };
+        let out = dit.forward(backend, weights, &input)?;
+        let velocity = match guided {
+            true => job.guidance.combine(&out, features),
+            false => out,
+        };
+        schedule.step(i, &mut job.latents, &velocity);
+        on_step(i, &job.latents);
+    }
+    Ok(job.latents)
+}
