@@ -185,10 +185,49 @@ fn denoising_matches_the_pipeline() {
                 guidance: TrueCfg {
                     scale: case["true_cfg_scale"].as_f64().unwrap() as f32,
                 },
+                modulation: None,
             },
             |i, x| seen.push((i, x.to_vec())),
         )
         .unwrap();
+        // The modulation made once for the schedule, the steps without those weights: the
+        // same bits.
+        let tr = f.pipeline.component("transformer").unwrap();
+        let steps_dit = QwenImage::precomputed(dit.config.clone());
+        let table = {
+            let m = steps_dit.modulation_model();
+            let mut w = ResidentWeights::load(tr, m.groups(), |t| Cpu.weight(t)).unwrap();
+            m.table(&Cpu, &mut w, &qwen_image::model_times(&schedule))
+                .unwrap()
+        };
+        let mut steps_w = ResidentWeights::load(tr, steps_dit.groups(), |t| Cpu.weight(t)).unwrap();
+        let precomputed = denoise(
+            &Cpu,
+            &steps_dit,
+            &mut steps_w,
+            &schedule,
+            Denoise {
+                latents: f.r(&format!("{name}.noise")).to_vec(),
+                batch,
+                height,
+                width,
+                prompts: &cond,
+                negatives: neg.as_deref(),
+                guidance: TrueCfg {
+                    scale: case["true_cfg_scale"].as_f64().unwrap() as f32,
+                },
+                modulation: Some(&table),
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            precomputed
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(latents.iter().map(|v| v.to_bits())),
+            "{name}: precomputed modulation changed the latents"
+        );
         assert_eq!(seen.len(), steps, "{name}: one callback per step");
         for (i, x) in &seen {
             let err = rel_l2(x, f.r(&format!("{name}.step{i}")));
@@ -311,6 +350,7 @@ fn bad_input_is_named() {
         prompts,
         negatives: None,
         guidance: TrueCfg { scale: 4.0 },
+        modulation: None,
     };
     let texts: [&[f32]; 1] = [&text];
     let e = denoise(

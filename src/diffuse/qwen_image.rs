@@ -12,7 +12,7 @@ use crate::backend::dit::DitOps;
 use crate::diffuse::guidance::TrueCfg;
 use crate::diffuse::scheduler::{qwen_image_sigmas, FlowMatchConfig, Schedule};
 use crate::error::{Error, Result};
-use crate::model::qwen_image::{DitInput, QwenImage, PATCH};
+use crate::model::qwen_image::{DitInput, ModulationTable, QwenImage, PATCH};
 use crate::model::Weights;
 
 /// Image pixels per latent pixel (the VAE's `vae_scale_factor`).
@@ -37,6 +37,9 @@ pub struct Denoise<'a> {
     /// One per image when a negative prompt is given: its embedding.
     pub negatives: Option<&'a [&'a [f32]]>,
     pub guidance: TrueCfg,
+    /// Every step's modulation, made once ([`model_times`] of the schedule); needed by a
+    /// [`QwenImage::precomputed`] DiT, which leaves those weights out.
+    pub modulation: Option<&'a ModulationTable>,
 }
 
 /// The sigmas and timesteps of `steps` steps for an image of `height × width` pixels: the
@@ -108,6 +111,13 @@ pub fn model_time(schedule: &Schedule, i: usize) -> f32 {
     schedule.timesteps[i] / 1000.0
 }
 
+/// The DiT's time of every step, in order: what a [`ModulationTable`] is made for.
+pub fn model_times(schedule: &Schedule) -> Vec<f32> {
+    (0..schedule.steps())
+        .map(|i| model_time(schedule, i))
+        .collect()
+}
+
 /// Run every step of `schedule` and return the final packed latents `[batch, tokens,
 /// in_channels]`; `on_step(i, latents)` sees the latents after each step.
 pub fn denoise<B: DitOps>(
@@ -156,7 +166,10 @@ pub fn denoise<B: DitOps>(
             timestep: &t,
             texts: &texts,
         };
-        let out = dit.forward(backend, weights, &input)?;
+        let out = match job.modulation {
+            Some(table) => dit.forward_with(backend, weights, &input, table)?,
+            None => dit.forward(backend, weights, &input)?,
+        };
         let velocity = match guided {
             true => job.guidance.combine(&out, features),
             false => out,
