@@ -41,6 +41,9 @@ if [ "${1:-}" = "--build" ]; then
     qwen_bin=$(cargo test --release --test cuda_qwen_image --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-qwen-image-tests "$qwen_bin"
+    qvae_bin=$(cargo test --release --test cuda_qwen_image_vae --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-qwen-image-vae-tests "$qvae_bin"
     smol_bin=$(cargo test --release --test cuda_smollm2 --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-smollm2-tests "$smol_bin"
@@ -79,6 +82,8 @@ timeout 600 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$
 
 step "the Qwen-Image DiT on the GPU: bf16 vs diffusers on the masked batch, streamed = resident (tests/cuda_qwen_image.rs)"
 timeout 600 "$BIN/cuda-qwen-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/qwen_image_tests.log" || status=1
+step "the Qwen-Image VAE decoder on the GPU against diffusers and the CPU (tests/cuda_qwen_image_vae.rs)"
+timeout 300 "$BIN/cuda-qwen-image-vae-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/qwen_image_vae_tests.log" || status=1
 
 step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
 timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" || status=1
