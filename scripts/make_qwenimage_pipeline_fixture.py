@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build a tiny random-weight diffusers QwenImagePipeline (no VAE) and record references for
-its text encoder, its scheduler and its denoising loop.
+"""Build a tiny random-weight diffusers QwenImagePipeline and record references for its text
+encoder, its scheduler, its denoising loop and whole generations (latents to pixels).
 
 Rerun (from the repository root, with the packages in scripts/requirements.txt, diffusers incl.):
 
@@ -14,7 +14,7 @@ compares (|a-b| <= 1e-5 * max(1, max|b|)).
 
 Directory tests/fixtures/qwen-image-pipeline/ (what QwenImagePipeline.save_pretrained writes):
 
-    model_index.json        QwenImagePipeline; "vae": [null, null] (no VAE: the slot is free)
+    model_index.json        QwenImagePipeline
     scheduler/scheduler_config.json   Qwen/Qwen-Image's FlowMatchEulerDiscreteScheduler config
                             (dynamic exponential shift, base/max seq len 256/8192, base/max
                             shift 0.5/0.9, shift_terminal 0.02)
@@ -30,6 +30,8 @@ Directory tests/fixtures/qwen-image-pipeline/ (what QwenImagePipeline.save_pretr
                             Qwen2Tokenizer
     transformer/            a byte-for-byte copy of tests/fixtures/qwen-image/transformer
                             (joint_attention_dim 48 = the text encoder's hidden size)
+    vae/                    a byte-for-byte copy of tests/fixtures/qwen-image/vae
+                            (AutoencoderKLQwenImage, base_dim 8, z_dim 16)
     reference.safetensors   the tensors below, f32
     expected.json           versions, the cases' settings, token ids, tensor shapes
 
@@ -44,6 +46,8 @@ Denoising cases (QwenImagePipeline(..., latents=noise, output_type="latent")):
     {case}.noise     f32 [B, (h/16)(w/16), 64]  the packed latents passed as latents=
     {case}.step{i}   f32 [B, (h/16)(w/16), 64]  the latents after step i
     {case}.latents   f32 [B, (h/16)(w/16), 64]  the final (packed) latents
+    {case}.image     f32 [B, H, W, 3]  the same generation to pixels (output_type="np", in
+                     [0, 1]; the pipeline's PNG bytes are round(255 x))
 """
 
 import argparse
@@ -64,13 +68,19 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift  # noqa: E402
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "qwen-image-pipeline"
 DIT = ROOT / "tests" / "fixtures" / "qwen-image" / "transformer"
+VAE = ROOT / "tests" / "fixtures" / "qwen-image" / "vae"
 QWEN3_TOKENIZER = ROOT / "tests" / "fixtures" / "qwen3" / "tokenizer.json"
 
 SEED_TEXT_ENCODER = 5001
@@ -182,9 +192,10 @@ def write_pipeline(out: Path) -> None:
         init_weights(te, SEED_TEXT_ENCODER)
         te = te.to(torch.bfloat16)
         transformer = QwenImageTransformer2DModel.from_pretrained(DIT, torch_dtype=torch.bfloat16)
+        vae = AutoencoderKLQwenImage.from_pretrained(VAE)
         pipe = QwenImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-            vae=None,
+            vae=vae,
             text_encoder=te,
             tokenizer=tokenizer,
             transformer=transformer,
@@ -193,6 +204,8 @@ def write_pipeline(out: Path) -> None:
     # The DiT byte for byte as the qwen-image fixture has it (its dtype and layout).
     for f in DIT.iterdir():
         shutil.copyfile(f, out / "transformer" / f.name)
+    for f in VAE.iterdir():
+        shutil.copyfile(f, out / "vae" / f.name)
     tok = out / "tokenizer"
     for extra in tok.iterdir():
         if extra.name not in ("tokenizer.json", "tokenizer_config.json"):
@@ -202,9 +215,9 @@ def write_pipeline(out: Path) -> None:
 
 
 def load_pipeline(d: Path) -> QwenImagePipeline:
-    pipe = QwenImagePipeline.from_pretrained(d, vae=None, dtype=torch.float32)
+    pipe = QwenImagePipeline.from_pretrained(d, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("transformer", "text_encoder"):
+    for name in ("transformer", "text_encoder", "vae"):
         m = getattr(pipe, name)
         m.eval()
         assert {p.dtype for p in m.parameters()} == {torch.float32}, name
@@ -258,6 +271,18 @@ def denoise_case(pipe, case, tensors, record):
             callback_on_step_end=on_step_end,
         ).images
     tensors[f"{name}.latents"] = out.clone()
+    with torch.no_grad():
+        image = pipe(
+            prompt=case["prompt"],
+            negative_prompt=case["negative_prompt"],
+            true_cfg_scale=case["true_cfg_scale"],
+            height=case["height"],
+            width=case["width"],
+            num_inference_steps=case["steps"],
+            latents=noise.clone(),
+            output_type="np",
+        ).images
+    tensors[f"{name}.image"] = torch.from_numpy(image.copy())
     record["denoise"][name] = {k: v for k, v in case.items() if k != "name"}
 
 

@@ -1038,12 +1038,7 @@ impl VaeConfig {
     pub fn decode_peak_bytes(&self, h: usize, w: usize, m: ImageMemory) -> usize {
         let rev: Vec<usize> = self.block_out_channels.iter().rev().copied().collect();
         let (top, first) = (rev[0], self.block_out_channels[0]);
-        let mut r = Replay {
-            m,
-            groups: self.norm_num_groups,
-            live: 0,
-            peak: 0,
-        };
+        let mut r = Replay::new(m, self.norm_num_groups);
         let mut n = h * w;
         let z = r.alloc(self.latent_channels * n);
         if self.use_post_quant_conv {
@@ -1088,7 +1083,7 @@ impl VaeConfig {
 
 /// Allocations and frees in bytes, and the most alive at once (see
 /// [`VaeConfig::decode_peak_bytes`]); each op returns the bytes of the image it made.
-struct Replay {
+pub(crate) struct Replay {
     m: ImageMemory,
     groups: usize,
     live: usize,
@@ -1096,22 +1091,37 @@ struct Replay {
 }
 
 impl Replay {
+    /// Nothing alive yet; norms of `groups` groups (0 for a norm without group sums).
+    pub(crate) fn new(m: ImageMemory, groups: usize) -> Replay {
+        Replay {
+            m,
+            groups,
+            live: 0,
+            peak: 0,
+        }
+    }
+
+    /// The most bytes alive at once so far.
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
+    }
+
     fn alloc_bytes(&mut self, bytes: usize) -> usize {
         self.live += bytes;
         self.peak = self.peak.max(self.live);
         bytes
     }
 
-    fn alloc(&mut self, elements: usize) -> usize {
+    pub(crate) fn alloc(&mut self, elements: usize) -> usize {
         self.alloc_bytes(elements * self.m.element_bytes)
     }
 
-    fn free(&mut self, bytes: usize) {
+    pub(crate) fn free(&mut self, bytes: usize) {
         self.live -= bytes;
     }
 
     /// A 3×3 conv over `n` positions: its output, and im2col rows in blocks while it runs.
-    fn conv3(&mut self, cin: usize, cout: usize, n: usize) -> usize {
+    pub(crate) fn conv3(&mut self, cin: usize, cout: usize, n: usize) -> usize {
         let out = self.alloc(cout * n);
         let row = 9 * cin * self.m.element_bytes;
         let cols = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
@@ -1120,7 +1130,7 @@ impl Replay {
     }
 
     /// GroupNorm: its sums (two f64 a group) while it runs, then its output.
-    fn norm(&mut self, c: usize, n: usize) -> usize {
+    pub(crate) fn norm(&mut self, c: usize, n: usize) -> usize {
         let sums = self.alloc_bytes(2 * self.groups * 8);
         let out = self.alloc(c * n);
         self.free(sums);
@@ -1145,18 +1155,25 @@ impl Replay {
         out
     }
 
-    /// [`Attention::forward`]: the norm, q, k, v, vᵀ, the output and a block of scores.
+    /// [`Attention::forward`]: the norm, q, k, v, the attention, the output.
     fn attention(&mut self, c: usize, n: usize) -> usize {
         let normed = self.norm(c, n);
         let qkv = self.alloc(3 * c * n);
+        let a = self.spatial_attention(c, n);
+        let out = self.alloc(c * n);
+        self.free(normed + qkv + a);
+        out
+    }
+
+    /// [`ImageOps::spatial_attention`] over `n` positions of `c` channels: vᵀ and a block of
+    /// scores while it runs, then its output.
+    pub(crate) fn spatial_attention(&mut self, c: usize, n: usize) -> usize {
         let vt = self.alloc(c * n);
         let a = self.alloc(c * n);
         let row = n * self.m.element_bytes;
         let scores = self.alloc_bytes((self.m.block_bytes / row).clamp(1, n) * row);
         self.free(scores + vt);
-        let out = self.alloc(c * n);
-        self.free(normed + qkv + a);
-        out
+        a
     }
 }
 
@@ -1171,10 +1188,21 @@ pub fn choose_tiling(
     available: usize,
     m: ImageMemory,
 ) -> std::result::Result<Tiling, usize> {
-    if config.decode_peak_bytes(h, w, m) <= available {
+    choose_tiling_by(h, w, available, |h, w| config.decode_peak_bytes(h, w, m))
+}
+
+/// [`choose_tiling`] for any decoder whose peak of activations for an `h × w` latent is
+/// `peak(h, w)`.
+pub fn choose_tiling_by(
+    h: usize,
+    w: usize,
+    available: usize,
+    peak: impl Fn(usize, usize) -> usize,
+) -> std::result::Result<Tiling, usize> {
+    if peak(h, w) <= available {
         return Ok(Tiling::Whole);
     }
-    let need = |t: usize| config.decode_peak_bytes(t.min(h), t.min(w), m);
+    let need = |t: usize| peak(t.min(h), t.min(w));
     let longest = h.max(w);
     let smallest = MIN_TILE.min(longest);
     (smallest..longest)

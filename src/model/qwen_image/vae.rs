@@ -33,10 +33,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::backend::conv::{ImageOps, ImageShape};
+use crate::backend::conv::{ImageMemory, ImageOps, ImageShape};
 use crate::checkpoint::{safetensors, DType, HostTensor, Storage};
 use crate::error::{Error, Result};
-use crate::model::vae::{component_files, decode_in_tiles, Conv, Tiling};
+use crate::model::vae::{component_files, decode_in_tiles, Conv, Replay, Tiling};
 
 /// The `_class_name` of the config this decoder reads.
 pub const VAE_CLASS_NAME: &str = "AutoencoderKLQwenImage";
@@ -307,6 +307,102 @@ impl QwenVaeWeights {
         };
         bind(&binder).map(drop)
     }
+
+    /// Bytes of the weights [`QwenVae::load`] binds (each causal conv's last temporal slice,
+    /// q, k, v split from `to_qkv`) at `element_bytes` each, as a backend holds them.
+    pub fn decoder_bytes(&self, element_bytes: usize) -> Result<usize> {
+        let total = std::cell::Cell::new(0);
+        let binder = Binder {
+            make: &|t| {
+                total.set(total.get() + t.numel() * element_bytes);
+                Ok(())
+            },
+            weights: self,
+        };
+        bind(&binder)?;
+        Ok(total.get())
+    }
+}
+
+impl QwenVaeConfig {
+    /// Bytes of activations alive at once, at most, while one `h × w` latent is decoded whole
+    /// by a backend whose image ops spend memory as `m` says: [`QwenVae`]'s allocations and
+    /// frees replayed in the order of its forward pass (what each op returns, the im2col and
+    /// score blocks while an op runs, the images each block keeps alive until it returns).
+    /// The weights are not included.
+    pub fn decode_peak_bytes(&self, h: usize, w: usize, m: ImageMemory) -> usize {
+        let dims = self.decoder_dims();
+        let mut r = Replay::new(m, 0);
+        let mut n = h * w;
+        // The uploaded latent and the post-quant conv's output live to the end.
+        r.alloc(self.z_dim * n);
+        r.alloc(self.z_dim * n);
+        let top = dims[0];
+        let conv_in = r.conv3(self.z_dim, top, n);
+        // The mid block, its input (conv_in) alive until it returns.
+        let a = residual(&mut r, top, top, n);
+        let b = attention(&mut r, top, n);
+        r.free(a);
+        let mut x = residual(&mut r, top, top, n);
+        r.free(b + conv_in);
+        let levels = self.dim_mult.len();
+        for i in 0..levels {
+            let cin = if i == 0 { dims[0] } else { dims[i] / 2 };
+            let cout = dims[i + 1];
+            // The block's input stays alive until it returns.
+            let mut h = residual(&mut r, cin, cout, n);
+            for _ in 0..self.num_res_blocks {
+                let next = residual(&mut r, cout, cout, n);
+                r.free(h);
+                h = next;
+            }
+            if i + 1 < levels {
+                let up = r.alloc(cout * 4 * n);
+                r.free(h);
+                n *= 4;
+                h = r.conv3(cout, cout / 2, n);
+                r.free(up);
+            }
+            r.free(x);
+            x = h;
+        }
+        let last = dims[levels];
+        let normed = r.norm(last, n);
+        r.free(x);
+        r.conv3(last, self.input_channels, n);
+        r.free(normed);
+        r.peak()
+    }
+}
+
+/// [`ResidualBlock::forward`] replayed, its input alive outside: each intermediate freed once
+/// the next is made, the 1×1 shortcut (a GEMM) made and added at the end.
+fn residual(r: &mut Replay, cin: usize, cout: usize, n: usize) -> usize {
+    let h1 = r.norm(cin, n);
+    let h2 = r.conv3(cin, cout, n);
+    r.free(h1);
+    let h3 = r.norm(cout, n);
+    r.free(h2);
+    let h4 = r.conv3(cout, cout, n);
+    r.free(h3);
+    if cin != cout {
+        let shortcut = r.alloc(cout * n);
+        r.free(shortcut);
+    }
+    h4
+}
+
+/// [`AttentionBlock::forward`] replayed, its input alive outside: the norm, q, k, v, then the
+/// attention's own buffers ([`Replay::spatial_attention`]) and the output conv.
+fn attention(r: &mut Replay, c: usize, n: usize) -> usize {
+    let normed = r.norm(c, n);
+    let qkv = r.alloc(3 * c * n);
+    r.free(normed);
+    let a = r.spatial_attention(c, n);
+    r.free(qkv);
+    let out = r.alloc(c * n);
+    r.free(a);
+    out
 }
 
 /// Finds the tensors of a [`QwenVaeWeights`] by name, checking shapes, and makes them weights
