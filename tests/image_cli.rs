@@ -5,50 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::read_reference;
+use common::{ferry, read_png, read_reference, write_noise};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image")
-}
-
-/// A safetensors file holding `data` as the f32 tensor `noise` of `shape`.
-fn write_noise(path: &Path, data: &[f32], shape: &[usize]) {
-    let header = serde_json::json!({
-        "noise": {"dtype": "F32", "shape": shape, "data_offsets": [0, data.len() * 4]}
-    })
-    .to_string();
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn ferry(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("ferry runs")
-}
-
-/// The pixels of a PNG, `[h, w, 3]`.
-fn read_png(path: &Path) -> (Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let params = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (buf, params)
 }
 
 #[test]

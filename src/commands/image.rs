@@ -1,4 +1,4 @@
-//! `ferry image`: text to image with a diffusers Z-Image pipeline.
+//! `ferry image`: text to image with a diffusers Z-Image or Qwen-Image pipeline.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -8,10 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
-use ferry::diffuse::guidance::Guidance;
 use ferry::diffuse::pipeline::{
-    gaussian_noise, Compute, ImageRequest, SplitFiles, VaeDecode, VaeDevice, ZImagePipeline,
-    SIZE_MULTIPLE,
+    gaussian_noise, Compute, ImagePipeline, ImageRequest, SplitFiles, VaeDecode, VaeDevice,
+    ZImagePipeline, SIZE_MULTIPLE,
 };
 use ferry::diffuse::png::{self, Parameters};
 use ferry::model::vae::Tiling;
@@ -23,8 +22,8 @@ use super::HostMemoryArg;
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// A diffusers Z-Image directory (model_index.json, transformer/, text_encoder/,
-    /// tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
+    /// A diffusers Z-Image or Qwen-Image directory (model_index.json, transformer/,
+    /// text_encoder/, tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
     #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
     model: Option<String>,
     /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's original
@@ -54,21 +53,25 @@ pub struct ImageArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Denoising steps (Z-Image-Turbo is made for 8-9).
-    #[arg(long, default_value_t = 8)]
-    steps: usize,
+    /// Denoising steps. Default: 8 for Z-Image (Turbo is made for 8-9), 50 for Qwen-Image
+    /// (its pipeline's default).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Seed of the initial noise; random (and printed) when not given.
     #[arg(long)]
     seed: Option<u64>,
-    /// Classifier-free guidance scale as the Z-Image pipeline applies it; 0 (Turbo's choice)
-    /// is off. Both branches go through one pass per step.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    guidance: f32,
+    /// Classifier-free guidance scale as the model's pipeline applies it: Z-Image's
+    /// guidance_scale (default 0, Turbo's choice: off; guides when > 0), Qwen-Image's
+    /// true_cfg_scale (default 4; guides when > 1 and --negative-prompt is given). Both
+    /// branches go through one pass per step.
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f32>,
     /// Images from one prompt, denoised together (one pass over the weights per step).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Initial latents instead of seeded noise: a safetensors file with a tensor `noise`,
-    /// f32 [batch, 16, height/8, width/8] (diffusers' `latents=`).
+    /// Initial latents instead of seeded noise: a safetensors file with a tensor `noise` in
+    /// the layout of the pipeline's `latents=` (f32): Z-Image [batch, 16, height/8, width/8],
+    /// Qwen-Image packed [batch, (height/16)·(width/16), 64].
     #[arg(long, value_name = "FILE.safetensors")]
     noise: Option<PathBuf>,
     /// Where to write the PNG; with --batch N, NAME-0.png … NAME-(N-1).png.
@@ -107,7 +110,7 @@ enum VaeDeviceFlag {
 
 pub fn image(args: ImageArgs) -> Result<()> {
     let (width, height) = size(&args)?;
-    if args.steps == 0 {
+    if args.steps == Some(0) {
         return Err(Error::Flag {
             flag: "--steps",
             message: "expected at least 1 denoising step".into(),
@@ -119,10 +122,10 @@ pub fn image(args: ImageArgs) -> Result<()> {
             message: "expected at least 1 image".into(),
         });
     }
-    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
+    if let Some(g) = args.guidance.filter(|g| !(g.is_finite() && *g >= 0.0)) {
         return Err(Error::Flag {
             flag: "--guidance",
-            message: format!("{} is not a guidance scale; expected ≥ 0", args.guidance),
+            message: format!("{g} is not a guidance scale; expected ≥ 0"),
         });
     }
     if args.prompt.trim().is_empty() {
@@ -154,11 +157,19 @@ pub fn image(args: ImageArgs) -> Result<()> {
         },
     };
     let device = compute.name();
-    let channels = pipe.latent_channels();
-    let shape = [args.batch, channels, height / 8, width / 8];
+    let defaults = pipe.defaults();
+    let steps = args.steps.unwrap_or(defaults.steps);
+    let guidance = args.guidance.unwrap_or(defaults.guidance);
+    if args.negative_prompt.is_some() && !pipe.guides(guidance, true) {
+        eprintln!(
+            "[note: --negative-prompt has no effect: {} does not guide at --guidance {guidance}]",
+            pipe.model_name()
+        );
+    }
+    let shape = pipe.noise_shape(args.batch, height, width);
     let seed = args.seed.unwrap_or_else(random_seed);
     let noise = match &args.noise {
-        Some(file) => read_noise(file, shape)?,
+        Some(file) => read_noise(file, &shape)?,
         None => {
             eprintln!("[seed {seed}]");
             gaussian_noise(seed, shape.iter().product())
@@ -169,16 +180,13 @@ pub fn image(args: ImageArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         width,
         height,
-        steps: args.steps,
+        steps,
         batch: args.batch,
-        guidance: Guidance {
-            scale: args.guidance,
-            ..Guidance::NONE
-        },
+        guidance,
         noise,
     };
     let bar = match std::io::stderr().is_terminal() {
-        true => ProgressBar::new(args.steps as u64).with_style(
+        true => ProgressBar::new(steps as u64).with_style(
             ProgressStyle::with_template("{bar:30} step {pos}/{len} {elapsed_precise} ({per_sec})")
                 .expect("a valid template"),
         ),
@@ -190,11 +198,11 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let params = Parameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
+        steps,
         seed,
         width,
         height,
-        guidance: args.guidance,
+        guidance,
         model,
     };
     let mut written = Vec::new();
@@ -215,7 +223,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
         eprintln!(
             "[load {:.2} s ({:.0} %), text encoder {:.2} s ({:.0} %, {} tokens), {} steps {:.2} s ({:.0} %, {:.3} s a step), VAE decode {:.2} s ({:.0} %); {device}]",
             t.load, share(t.load), t.text_encoder, share(t.text_encoder), images.prompt_tokens,
-            args.steps, t.denoise, share(t.denoise), t.denoise / args.steps as f64, t.vae, share(t.vae)
+            steps, t.denoise, share(t.denoise), t.denoise / steps as f64, t.vae, share(t.vae)
         );
         eprintln!("[VAE decode: {}]", vae_summary(&images.vae));
         for s in &images.streamed {
@@ -241,8 +249,8 @@ pub fn image(args: ImageArgs) -> Result<()> {
             "negative_prompt": args.negative_prompt,
             "seed": if args.noise.is_some() { None } else { Some(seed) },
             "noise_file": args.noise.as_ref().map(|p| p.display().to_string()),
-            "width": width, "height": height, "steps": args.steps, "batch": args.batch,
-            "guidance": args.guidance, "device": device,
+            "width": width, "height": height, "steps": steps, "batch": args.batch,
+            "guidance": guidance, "model": pipe.model_name(), "device": device,
             "prompt_tokens": images.prompt_tokens, "negative_tokens": images.negative_tokens,
             "seconds": {"load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise, "vae": t.vae},
             "vae": vae_json(&images.vae),
@@ -295,7 +303,7 @@ fn vae_json(v: &VaeDecode) -> serde_json::Value {
     })
 }
 
-/// Where a Z-Image pipeline comes from: a diffusers directory (or ORG/NAME in the Hugging
+/// Where an image pipeline comes from: a diffusers directory (or ORG/NAME in the Hugging
 /// Face cache), or ComfyUI's split files.
 pub enum ImageSource<'a> {
     Dir(&'a str),
@@ -333,7 +341,7 @@ impl ImageSource<'_> {
 
 /// The pipeline `source` names, and the model's name for the PNG (the directory's or the
 /// DiT file's name).
-pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ZImagePipeline, String)> {
+pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ImagePipeline, String)> {
     let name = |p: &Path, fallback: &str| {
         p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -342,7 +350,7 @@ pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ZImagePipeline, String
     match *source {
         ImageSource::Dir(model) => {
             let dir = resolve_model_path(model)?;
-            Ok((ZImagePipeline::open(&dir)?, name(&dir, model)))
+            Ok((ImagePipeline::open(&dir)?, name(&dir, model)))
         }
         ImageSource::Split {
             dit,
@@ -357,7 +365,8 @@ pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ZImagePipeline, String
                 vae,
                 tokenizer: &tokenizer,
             };
-            Ok((ZImagePipeline::open_split(&files)?, name(dit, "dit")))
+            let pipe = ZImagePipeline::open_split(&files)?;
+            Ok((ImagePipeline::ZImage(Box::new(pipe)), name(dit, "dit")))
         }
     }
 }
@@ -454,7 +463,7 @@ fn check_writable(out: &std::path::Path) -> Result<()> {
 }
 
 /// The tensor `noise` of `file`, checked against `shape`.
-fn read_noise(file: &std::path::Path, shape: [usize; 4]) -> Result<Vec<f32>> {
+fn read_noise(file: &std::path::Path, shape: &[usize]) -> Result<Vec<f32>> {
     let tensors = safetensors::read(file)?;
     let t = tensors
         .iter()
@@ -470,7 +479,7 @@ fn read_noise(file: &std::path::Path, shape: [usize; 4]) -> Result<Vec<f32>> {
             expected: "f32",
         });
     }
-    t.expect_shape(&shape)?;
+    t.expect_shape(shape)?;
     Ok(t.to_f32())
 }
 

@@ -5,6 +5,7 @@ pub mod guidance;
 pub mod pipeline;
 pub mod png;
 pub mod qwen_image;
+pub mod qwen_image_pipeline;
 pub mod qwen_text_encoder;
 pub mod scheduler;
 pub mod text_encoder;

@@ -1,26 +1,30 @@
-//! Text to image with Z-Image, every phase in turn on one device: the text encoder embeds the
-//! prompt (and the negative prompt when guiding), the DiT denoises the latents step by step,
-//! the VAE decodes them, and the images come out as 8-bit RGB.
+//! Text to image, every phase in turn on one device: the text encoder embeds the prompt (and
+//! the negative prompt when guiding), the DiT denoises the latents step by step, the VAE
+//! decodes them, and the images come out as 8-bit RGB. [`ImagePipeline`] opens a diffusers
+//! directory of either model ferry runs (Z-Image, [`ZImagePipeline`] here; Qwen-Image,
+//! [`QwenImagePipeline`]) by its `model_index.json` class; the types around a generation
+//! (request, compute, images, streaming reports) are shared.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu::{Cpu, CpuWeight};
 use crate::backend::cuda::streaming::PassStats;
 use crate::backend::cuda::{Cuda, CudaWeight};
 use crate::backend::cuda::{DRIVER_RESERVE, IMAGE_MEMORY};
 use crate::backend::dit::DitOps;
 use crate::backend::Backend;
 use crate::checkpoint::{Component, Pipeline};
-use crate::diffuse::guidance::Guidance;
+use crate::diffuse::guidance::{Guidance, TrueCfg};
+use crate::diffuse::qwen_image_pipeline::QwenImagePipeline;
 use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
 use crate::diffuse::text_encoder::TextEncoder;
 use crate::diffuse::z_image::{denoise, Denoise};
 use crate::error::{Error, Result};
 use crate::generate::TextCodec;
 use crate::model::vae::{
-    choose_tiling, open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights, MIN_TILE,
+    choose_tiling_by, open_flux_vae_file, open_vae, to_rgb8, Tiling, Vae, VaeWeights, MIN_TILE,
 };
 use crate::model::z_image::{open_dit_file, padded, ZImage, ZImageConfig};
 use crate::model::{Architecture, PassShape, ResidentWeights, Weights};
@@ -40,8 +44,11 @@ pub struct ImageRequest {
     pub height: usize,
     pub steps: usize,
     pub batch: usize,
-    pub guidance: Guidance,
-    /// Initial latents `[batch, 16, height/8, width/8]`, f32, row-major.
+    /// The pipeline's guidance scale: Z-Image's `guidance_scale` (guides when > 0),
+    /// Qwen-Image's `true_cfg_scale` (guides when > 1 and a negative prompt is given).
+    pub guidance: f32,
+    /// Initial latents in the pipeline's layout ([`ImagePipeline::noise_shape`]), f32,
+    /// row-major.
     pub noise: Vec<f32>,
 }
 
@@ -80,7 +87,7 @@ pub struct VaeDecode {
 }
 
 impl VaeDecode {
-    const CPU: VaeDecode = VaeDecode {
+    pub(crate) const CPU: VaeDecode = VaeDecode {
         device: "cpu",
         tiling: Tiling::Whole,
         weight_bytes: None,
@@ -124,6 +131,107 @@ impl Compute<'_> {
         match self {
             Compute::Cpu => "cpu".into(),
             Compute::Cuda { gpu, .. } => gpu.info().to_string(),
+        }
+    }
+}
+
+/// An opened image pipeline of any model ferry runs.
+pub enum ImagePipeline {
+    ZImage(Box<ZImagePipeline>),
+    QwenImage(Box<QwenImagePipeline>),
+}
+
+/// The pipeline classes [`ImagePipeline::open`] takes.
+const PIPELINE_CLASSES: &str = "\"ZImagePipeline\" or \"QwenImagePipeline\"";
+
+/// What a generation uses when the request does not say: the pipeline's own defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageDefaults {
+    pub steps: usize,
+    /// [`ImageRequest::guidance`].
+    pub guidance: f32,
+}
+
+impl ImagePipeline {
+    /// Open a diffusers pipeline directory by its `model_index.json` class.
+    pub fn open(dir: &Path) -> Result<ImagePipeline> {
+        let start = Instant::now();
+        if !Pipeline::is_pipeline(dir) {
+            return Err(Error::NotFound {
+                path: dir.join("model_index.json"),
+                expected: format!("a diffusers pipeline directory ({PIPELINE_CLASSES}: model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/)"),
+            });
+        }
+        let pipeline = Pipeline::open(dir)?;
+        match pipeline.class_name.as_str() {
+            "ZImagePipeline" => {
+                ZImagePipeline::open(dir).map(|p| ImagePipeline::ZImage(Box::new(p)))
+            }
+            crate::diffuse::qwen_image_pipeline::PIPELINE_CLASS => {
+                QwenImagePipeline::from_pipeline(pipeline, start)
+                    .map(|p| ImagePipeline::QwenImage(Box::new(p)))
+            }
+            other => Err(Error::checkpoint(
+                dir.join("model_index.json"),
+                format!("pipeline class {other:?} is not supported; expected {PIPELINE_CLASSES}"),
+            )),
+        }
+    }
+
+    /// The model's name ("Z-Image", "Qwen-Image").
+    pub fn model_name(&self) -> &'static str {
+        match self {
+            ImagePipeline::ZImage(_) => "Z-Image",
+            ImagePipeline::QwenImage(_) => "Qwen-Image",
+        }
+    }
+
+    /// Steps and guidance when not given: Z-Image-Turbo's 8 steps without guidance;
+    /// Qwen-Image's pipeline defaults (50 steps, `true_cfg_scale` 4, which guides only with
+    /// a negative prompt).
+    pub fn defaults(&self) -> ImageDefaults {
+        match self {
+            ImagePipeline::ZImage(_) => ImageDefaults {
+                steps: 8,
+                guidance: 0.0,
+            },
+            ImagePipeline::QwenImage(_) => ImageDefaults {
+                steps: crate::diffuse::qwen_image_pipeline::DEFAULT_STEPS,
+                guidance: crate::diffuse::qwen_image_pipeline::DEFAULT_TRUE_CFG,
+            },
+        }
+    }
+
+    /// Whether a request with guidance `scale` and `negative` (a negative prompt given or
+    /// not) runs both branches.
+    pub fn guides(&self, scale: f32, negative: bool) -> bool {
+        match self {
+            ImagePipeline::ZImage(_) => scale > 0.0,
+            ImagePipeline::QwenImage(_) => TrueCfg { scale }.applies(negative),
+        }
+    }
+
+    /// The shape of the initial latents of `batch` images of `height × width` pixels, the
+    /// layout of `--noise` and of diffusers' `latents=` for this pipeline: Z-Image's
+    /// `[batch, 16, height/8, width/8]`, Qwen-Image's packed `[batch, (height/16)·(width/16), 64]`.
+    pub fn noise_shape(&self, batch: usize, height: usize, width: usize) -> Vec<usize> {
+        match self {
+            ImagePipeline::ZImage(p) => vec![batch, p.latent_channels(), height / 8, width / 8],
+            ImagePipeline::QwenImage(p) => p.noise_shape(batch, height, width),
+        }
+    }
+
+    /// Generate `request.batch` images on `compute`; `on_step(i)` is called after each
+    /// denoising step.
+    pub fn generate(
+        &self,
+        compute: &Compute<'_>,
+        request: &ImageRequest,
+        on_step: impl FnMut(usize),
+    ) -> Result<Images> {
+        match self {
+            ImagePipeline::ZImage(p) => p.generate(compute, request, on_step),
+            ImagePipeline::QwenImage(p) => p.generate(compute, request, on_step),
         }
     }
 }
@@ -283,35 +391,15 @@ impl ZImagePipeline {
         on_step: impl FnMut(usize),
     ) -> Result<Images> {
         match *compute {
-            Compute::Cpu => self.generate_on(
-                &Cpu,
-                request,
-                on_step,
-                |c, arch, _, _| {
-                    Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
-                        Cpu.weight(t)
-                    })?))
-                },
-                |latents, shape| self.decode_on_cpu(latents, shape),
-            ),
+            Compute::Cpu => {
+                self.generate_on(&Cpu, request, on_step, place_on_cpu, |latents, shape| {
+                    self.decode_on_cpu(latents, shape)
+                })
+            }
             Compute::Cuda { gpu, stream, vae } => {
                 gpu.prepare(self.encoder.model.config.head_dim)?;
                 gpu.prepare_dit(self.dit.config.head_dim())?;
-                let place = |c: &Component,
-                             arch: &dyn Architecture,
-                             shape,
-                             log: &mut StreamLog|
-                 -> Result<Box<dyn Weights<CudaWeight>>> {
-                    let Some(host) = stream else {
-                        return Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
-                            gpu.weight(t)
-                        })?));
-                    };
-                    let mut w = stream_weights(gpu, c, arch, StreamSetup::new(shape, host))?;
-                    log.plan = Some(w.plan().to_string());
-                    w.log_stats(log.passes.clone());
-                    Ok(Box::new(w))
-                };
+                let place = place_on_gpu(gpu, stream);
                 let decode = |latents: &[f32], shape| match vae {
                     VaeDevice::Gpu => self.decode_on_gpu(gpu, latents, shape),
                     VaeDevice::Cpu => self.decode_on_cpu(latents, shape),
@@ -354,7 +442,7 @@ impl ZImagePipeline {
         let t = Instant::now();
         let ids = self.encoder.tokens(&r.prompt)?;
         // Guidance without a negative prompt contrasts with the empty prompt.
-        let negative_ids = match r.guidance.scale > 0.0 {
+        let negative_ids = match r.guidance > 0.0 {
             true => Some(
                 self.encoder
                     .tokens(r.negative_prompt.as_deref().unwrap_or(""))?,
@@ -405,7 +493,10 @@ impl ZImagePipeline {
             negative: negative.as_deref(),
             height: h,
             width: w,
-            guidance: r.guidance,
+            guidance: Guidance {
+                scale: r.guidance,
+                ..Guidance::NONE
+            },
         };
         let latents = denoise(backend, &self.dit, &mut weights, &schedule, job, |i, _| {
             on_step(i)
@@ -452,42 +543,96 @@ impl ZImagePipeline {
         let m = IMAGE_MEMORY;
         let config = &self.vae_weights.config;
         let weights = self.vae_weights.decoder_bytes(m.element_bytes);
-        let memory = gpu.memory();
-        // What the ledger holds now (the DiT is gone), and the driver's share that it does
-        // not count, as the streaming planner leaves it aside.
-        let held = memory.in_use() + DRIVER_RESERVE;
-        let available = memory.budget().saturating_sub(held + weights);
-        let tiling = choose_tiling(config, h, w, available, m).map_err(|tile| {
-            let f = config.scale_factor();
-            Error::Flag {
-                flag: "--vram",
-                message: format!(
-                    "{} is too small to decode a {}×{} image on the GPU: the VAE needs at least {} ({} held or reserved for the driver, {} of decoder weights, {} for a tile of {MIN_TILE}×{MIN_TILE} latent pixels); give more, or --vae-device cpu",
-                    match gpu.budgeted() {
-                        true => human_bytes(memory.budget()),
-                        false => format!("the device's free {}", human_bytes(memory.budget())),
-                    },
-                    w * f,
-                    h * f,
-                    human_bytes(held + weights + tile),
-                    human_bytes(held),
-                    human_bytes(weights),
-                    human_bytes(tile),
-                ),
-            }
+        let report = gpu_vae_plan(gpu, [h, w], config.scale_factor(), weights, |h, w| {
+            config.decode_peak_bytes(h, w, m)
         })?;
-        let activation = match tiling {
-            Tiling::Whole => config.decode_peak_bytes(h, w, m),
-            Tiling::Tiles(t) => config.decode_peak_bytes(t.tile().min(h), t.tile().min(w), m),
-        };
-        let image = Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, tiling)?;
-        let report = VaeDecode {
-            device: "cuda",
-            tiling,
-            weight_bytes: Some(weights),
-            activation_bytes: Some(activation),
-        };
+        let image =
+            Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, report.tiling)?;
         Ok((image, report))
+    }
+}
+
+/// How a VAE decodes an `h × w` latent (`latent`) on `gpu` within what the budget leaves
+/// once its `weights` bytes are uploaded (they stay for the phase): whole, or in the largest
+/// tiles that fit ([`choose_tiling_by`], `peak` its activations for a latent of a size); a
+/// budget too small for the smallest tile is refused, naming the least that would do. `f`:
+/// image pixels per latent pixel.
+pub(crate) fn gpu_vae_plan(
+    gpu: &Cuda,
+    latent: [usize; 2],
+    f: usize,
+    weights: usize,
+    peak: impl Fn(usize, usize) -> usize,
+) -> Result<VaeDecode> {
+    let [h, w] = latent;
+    let memory = gpu.memory();
+    // What the ledger holds now (the DiT is gone), and the driver's share that it does not
+    // count, as the streaming planner leaves it aside.
+    let held = memory.in_use() + DRIVER_RESERVE;
+    let available = memory.budget().saturating_sub(held + weights);
+    let tiling = choose_tiling_by(h, w, available, &peak).map_err(|tile| Error::Flag {
+        flag: "--vram",
+        message: format!(
+            "{} is too small to decode a {}×{} image on the GPU: the VAE needs at least {} ({} held or reserved for the driver, {} of decoder weights, {} for a tile of {MIN_TILE}×{MIN_TILE} latent pixels); give more, or --vae-device cpu",
+            match gpu.budgeted() {
+                true => human_bytes(memory.budget()),
+                false => format!("the device's free {}", human_bytes(memory.budget())),
+            },
+            w * f,
+            h * f,
+            human_bytes(held + weights + tile),
+            human_bytes(held),
+            human_bytes(weights),
+            human_bytes(tile),
+        ),
+    })?;
+    let activation = match tiling {
+        Tiling::Whole => peak(h, w),
+        Tiling::Tiles(t) => peak(t.tile().min(h), t.tile().min(w)),
+    };
+    Ok(VaeDecode {
+        device: "cuda",
+        tiling,
+        weight_bytes: Some(weights),
+        activation_bytes: Some(activation),
+    })
+}
+
+/// Places a phase's weights on the CPU: every weight resident, in f32.
+pub(crate) fn place_on_cpu(
+    c: &Component,
+    arch: &dyn Architecture,
+    _: PassShape,
+    _: &mut StreamLog,
+) -> Result<Box<dyn Weights<CpuWeight>>> {
+    Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
+        Cpu.weight(t)
+    })?))
+}
+
+/// Places a phase's weights on `gpu`: with `stream` (a `--vram` budget) planned within the
+/// budget for the pass `shape`, what does not fit streaming from host memory (the plan and
+/// every pass's statistics go to the phase's [`StreamLog`]); without, uploaded whole.
+pub(crate) fn place_on_gpu(
+    gpu: &Cuda,
+    stream: Option<StreamOptions>,
+) -> impl Fn(
+    &Component,
+    &dyn Architecture,
+    PassShape,
+    &mut StreamLog,
+) -> Result<Box<dyn Weights<CudaWeight>>>
+       + '_ {
+    move |c, arch, shape, log| {
+        let Some(host) = stream else {
+            return Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
+                gpu.weight(t)
+            })?));
+        };
+        let mut w = stream_weights(gpu, c, arch, StreamSetup::new(shape, host))?;
+        log.plan = Some(w.plan().to_string());
+        w.log_stats(log.passes.clone());
+        Ok(Box::new(w))
     }
 }
 
@@ -501,7 +646,7 @@ pub struct StreamLog {
 
 impl StreamLog {
     /// The phase's report, if it streamed.
-    fn finish(self, phase: &'static str) -> Option<PhaseStream> {
+    pub(crate) fn finish(self, phase: &'static str) -> Option<PhaseStream> {
         let passes = std::mem::take(&mut *self.passes.lock().expect("not poisoned"));
         self.plan.map(|plan| PhaseStream {
             phase,

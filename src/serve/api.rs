@@ -306,10 +306,12 @@ pub struct ImageAsk {
     pub n: usize,
     pub width: usize,
     pub height: usize,
-    pub steps: usize,
+    /// None: the model's default ([`ImagePipeline::defaults`](crate::diffuse::pipeline::ImagePipeline::defaults)).
+    pub steps: Option<usize>,
     /// None: drawn by the server (and returned).
     pub seed: Option<u64>,
-    pub guidance: f32,
+    /// None: the model's default.
+    pub guidance: Option<f32>,
 }
 
 /// The image request body `bytes`, parsed and checked; at most `max_n` images a request.
@@ -354,8 +356,8 @@ pub fn parse_image(bytes: &[u8], max_n: usize) -> Result<ImageAsk, ApiError> {
         None | Some("auto") => (1024, 1024),
         Some(s) => image_size(s)?,
     };
-    let steps = whole(&o, "steps")?.unwrap_or(8);
-    if !(1..=MAX_STEPS as i64).contains(&steps) {
+    let steps = whole(&o, "steps")?;
+    if let Some(steps) = steps.filter(|s| !(1..=MAX_STEPS as i64).contains(s)) {
         return Err(ApiError::field(
             "steps",
             format!("expected 1 to {MAX_STEPS} denoising steps, found {steps}"),
@@ -367,9 +369,9 @@ pub fn parse_image(bytes: &[u8], max_n: usize) -> Result<ImageAsk, ApiError> {
             ApiError::field("seed", format!("expected a whole number ≥ 0, found {v}"))
         })?),
     };
-    let guidance = number(&o, "guidance", 0.0, 100.0)?.unwrap_or(0.0);
+    let guidance = number(&o, "guidance", 0.0, 100.0)?;
     let negative_prompt = string(&o, "negative_prompt")?;
-    if negative_prompt.is_some() && guidance == 0.0 {
+    if negative_prompt.is_some() && guidance == Some(0.0) {
         return Err(ApiError::field(
             "negative_prompt",
             "acts only with guidance > 0 (classifier-free guidance); give \"guidance\" too",
@@ -382,7 +384,7 @@ pub fn parse_image(bytes: &[u8], max_n: usize) -> Result<ImageAsk, ApiError> {
         n: n as usize,
         width,
         height,
-        steps: steps as usize,
+        steps: steps.map(|s| s as usize),
         seed,
         guidance,
     })

@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::diffuse::guidance::Guidance;
-use crate::diffuse::pipeline::{gaussian_noise, Compute, ImageRequest, ZImagePipeline};
+use crate::diffuse::pipeline::{gaussian_noise, Compute, ImagePipeline, ImageRequest};
 use crate::diffuse::png::{self, Parameters};
 use crate::serve::api::ImageAsk;
 use crate::serve::engine::Metrics;
@@ -38,7 +37,7 @@ pub struct Generated {
 /// the name the PNGs' parameters carry (as `ferry image` writes it). A job whose client has
 /// gone is skipped.
 pub fn run(
-    pipe: &ZImagePipeline,
+    pipe: &ImagePipeline,
     compute: &Compute<'_>,
     model: &str,
     jobs: Receiver<ImageJob>,
@@ -77,25 +76,31 @@ pub fn run(
 
 /// What `ferry image --seed SEED` does for the same settings, into memory.
 fn generate(
-    pipe: &ZImagePipeline,
+    pipe: &ImagePipeline,
     compute: &Compute<'_>,
     model: &str,
     ask: &ImageAsk,
     seed: u64,
 ) -> Result<Generated, String> {
     let (w, h) = (ask.width, ask.height);
-    let shape = [ask.n, pipe.latent_channels(), h / 8, w / 8];
+    let defaults = pipe.defaults();
+    let steps = ask.steps.unwrap_or(defaults.steps);
+    let guidance = ask.guidance.unwrap_or(defaults.guidance);
+    if ask.negative_prompt.is_some() && !pipe.guides(guidance, true) {
+        return Err(format!(
+            "negative_prompt acts only with guidance (classifier-free guidance), and {} does not guide at guidance {guidance}; give a larger \"guidance\"",
+            pipe.model_name()
+        ));
+    }
+    let shape = pipe.noise_shape(ask.n, h, w);
     let request = ImageRequest {
         prompt: ask.prompt.clone(),
         negative_prompt: ask.negative_prompt.clone(),
         width: w,
         height: h,
-        steps: ask.steps,
+        steps,
         batch: ask.n,
-        guidance: Guidance {
-            scale: ask.guidance,
-            ..Guidance::NONE
-        },
+        guidance,
         noise: gaussian_noise(seed, shape.iter().product()),
     };
     let images = pipe
@@ -104,11 +109,11 @@ fn generate(
     let params = Parameters {
         prompt: ask.prompt.clone(),
         negative_prompt: ask.negative_prompt.clone(),
-        steps: ask.steps,
+        steps,
         seed,
         width: w,
         height: h,
-        guidance: ask.guidance,
+        guidance,
         model: model.to_string(),
     };
     Ok(Generated {
