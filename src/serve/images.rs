@@ -13,14 +13,16 @@ use tokio::sync::oneshot;
 
 use crate::diffuse::pipeline::{gaussian_noise, Compute, ImagePipeline, ImageRequest};
 use crate::diffuse::png::{self, Parameters};
-use crate::serve::api::ImageAsk;
+use crate::serve::api::{ApiError, ImageAsk};
 use crate::serve::engine::Metrics;
 
 /// A checked image request (its seed drawn), with the channel its answer goes back on.
 pub struct ImageJob {
     pub ask: ImageAsk,
     pub seed: u64,
-    pub reply: oneshot::Sender<Result<Generated, String>>,
+    /// The images, or why not: a request the model cannot serve as asked (400) or a failed
+    /// generation (500).
+    pub reply: oneshot::Sender<Result<Generated, ApiError>>,
 }
 
 /// A request's images and what went into them.
@@ -55,10 +57,11 @@ pub fn run(
             generate(pipe, compute, model, &job.ask, job.seed)
         }))
         .unwrap_or_else(|_| {
-            Err(
-                "the image generation failed on a bug in ferry (a panic; see the server's log)"
-                    .into(),
-            )
+            Err(ApiError::new(
+                500,
+                "server_error",
+                "the image generation failed on a bug in ferry (a panic; see the server's log)",
+            ))
         });
         if let Ok(g) = &result {
             metrics.image_jobs.fetch_add(1, Ordering::Relaxed);
@@ -81,15 +84,18 @@ fn generate(
     model: &str,
     ask: &ImageAsk,
     seed: u64,
-) -> Result<Generated, String> {
+) -> Result<Generated, ApiError> {
     let (w, h) = (ask.width, ask.height);
     let defaults = pipe.defaults();
     let steps = ask.steps.unwrap_or(defaults.steps);
     let guidance = ask.guidance.unwrap_or(defaults.guidance);
     if ask.negative_prompt.is_some() && !pipe.guides(guidance, true) {
-        return Err(format!(
-            "negative_prompt acts only with guidance (classifier-free guidance), and {} does not guide at guidance {guidance}; give a larger \"guidance\"",
-            pipe.model_name()
+        return Err(ApiError::field(
+            "negative_prompt",
+            format!(
+                "acts only with guidance (classifier-free guidance), and {} does not guide at guidance {guidance}; give a larger \"guidance\"",
+                pipe.model_name()
+            ),
         ));
     }
     let shape = pipe.noise_shape(ask.n, h, w);
@@ -105,7 +111,7 @@ fn generate(
     };
     let images = pipe
         .generate(compute, &request, |_| {})
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ApiError::new(500, "server_error", e.to_string()))?;
     let params = Parameters {
         prompt: ask.prompt.clone(),
         negative_prompt: ask.negative_prompt.clone(),

@@ -586,7 +586,15 @@ async fn images_generations(State(ctx): State<Ctx>, headers: HeaderMap, body: By
     };
     let g = match generated {
         Ok(Ok(g)) => g,
-        Ok(Err(m)) => return error(ApiError::new(500, "server_error", m)),
+        Ok(Err(e)) => {
+            // A request the model cannot serve as asked is the client's, as a parse error.
+            if e.status == 400 {
+                ctx.metrics
+                    .rejected_bad_request
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return error(e);
+        }
         Err(_) => {
             return error(ApiError::new(
                 503,
