@@ -4,6 +4,7 @@
 //! stored (config JSON, GGUF key/values): what it means is each model's to read, so nothing
 //! here knows a model.
 
+mod byte_bpe;
 mod component;
 pub mod gguf;
 mod hf;
