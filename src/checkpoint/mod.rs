@@ -4,11 +4,13 @@
 //! stored (config JSON, GGUF key/values): what it means is each model's to read, so nothing
 //! here knows a model.
 
+mod byte_bpe;
 mod component;
 pub mod gguf;
 mod hf;
 mod quant;
 pub mod safetensors;
+mod slow_tokenizer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use crate::error::{Error, Result};
 pub use component::{Component, Pipeline};
 pub use hf::{generation_defaults, open_dir, resolve_model_path, HfDir};
 pub use quant::{dequantize, GgmlType};
+pub use slow_tokenizer::open_qwen2_slow;
 
 /// Element type of a stored tensor, as ferry keeps it in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,9 +31,19 @@ impl TextCodec {
     }
 
     /// The tokenizer component of a diffusers pipeline: `tokenizer.json` and
-    /// `tokenizer_config.json` (chat template, BOS/EOS) in `dir`.
+    /// `tokenizer_config.json` (chat template, BOS/EOS) in `dir`. Without a `tokenizer.json`,
+    /// the files a slow Qwen2Tokenizer saves (vocab.json, merges.txt, tokenizer_config.json), as
+    /// Qwen/Qwen-Image ships them; see [`crate::checkpoint::open_qwen2_slow`].
     pub fn from_tokenizer_dir(dir: &std::path::Path) -> Result<TextCodec> {
-        Self::from_tokenizer_file(&dir.join("tokenizer.json"))
+        let path = dir.join("tokenizer.json");
+        if crate::checkpoint::is_regular_file(&path)? {
+            return Self::from_tokenizer_file(&path);
+        }
+        Ok(TextCodec {
+            tokenizer: Some(crate::checkpoint::open_qwen2_slow(dir)?),
+            missing_tokenizer: path,
+            defaults: crate::checkpoint::generation_defaults(dir)?,
+        })
     }
 
     /// A `tokenizer.json` file, with `tokenizer_config.json` beside it if there is one.

@@ -23,14 +23,14 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::replace::Replace;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, Tokenizer};
 
 use super::Meta;
+use crate::checkpoint::byte_bpe::{
+    self, byte_alphabet, merge_pair, BadMerge, ByteLevelBpe, QWEN2_SPLIT,
+};
 use crate::checkpoint::{GenerationDefaults, GgufTokenizerSpec, TokenizerSource};
 
 /// `tokenizer.ggml.token_type` values that matter here (llama.cpp's `llama_token_type`).
@@ -145,36 +145,19 @@ fn byte_level(spec: &GgufTokenizerSpec) -> Result<Tokenizer, String> {
         })
         .collect();
     let merges = listed_merges(spec, &vocab)?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .continuing_subword_prefix(String::new())
-        .end_of_word_suffix(String::new())
-        .fuse_unk(false)
-        .build()
-        .map_err(|e| format!("byte-level BPE from tokenizer.ggml.tokens/merges: {e}"))?;
-
-    let mut tokenizer = Tokenizer::new(bpe);
-    let pre_tokenizer: PreTokenizerWrapper = match split_regex(spec.pre.as_deref()) {
-        // The regex does the splitting; ByteLevel only maps bytes to the alphabet.
-        Some(regex) => {
-            let split = Split::new(
-                SplitPattern::Regex(regex.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| format!("split regex for tokenizer.ggml.pre {:?}: {e}", spec.pre))?;
-            PreTokenizerSequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
-        }
-        // GPT-2's own regex, built into ByteLevel.
-        None => ByteLevel::new(false, true, true).into(),
-    };
-    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-    tokenizer.with_decoder(Some(ByteLevel::default()));
-    Ok(tokenizer)
+    byte_bpe::build(ByteLevelBpe {
+        vocab,
+        merges,
+        split: split_regex(spec.pre.as_deref()),
+        nfc: false,
+        add_prefix_space: false,
+    })
+    .map_err(|e| {
+        format!(
+            "{e} (from tokenizer.ggml.tokens, merges and pre {:?})",
+            spec.pre
+        )
+    })
 }
 
 /// The regex that splits text before byte-level BPE, by `tokenizer.ggml.pre`; None means
@@ -184,11 +167,6 @@ fn byte_level(spec: &GgufTokenizerSpec) -> Result<Tokenizer, String> {
 fn split_regex(pre: Option<&str>) -> Option<&'static str> {
     const LLAMA3: &str = concat!(
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
-        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    );
-    // Digits one at a time.
-    const QWEN2: &str = concat!(
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     );
     // Qwen2's, with combining marks kept in words.
@@ -211,7 +189,7 @@ fn split_regex(pre: Option<&str>) -> Option<&'static str> {
     Some(match pre? {
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
         "qwen35" => QWEN35,
         "tekken" => TEKKEN,
         "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O,
@@ -219,46 +197,19 @@ fn split_regex(pre: Option<&str>) -> Option<&'static str> {
     })
 }
 
-/// GPT-2's byte alphabet: the character that stands for each byte value. Printable Latin-1
-/// bytes stand for themselves; the others (controls, space, …) are given the code points from
-/// U+0100 on, in byte order. So ' ' (0x20) is 'Ġ' (U+0120) and '\n' is 'Ċ'.
-fn byte_alphabet() -> [char; 256] {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut alphabet = ['\0'; 256];
-    let mut next = 0x100u32;
-    for b in 0..=255u8 {
-        alphabet[b as usize] = if printable(b) {
-            char::from(b)
-        } else {
-            next += 1;
-            char::from_u32(next - 1).expect("U+0100..U+0143 are chars")
-        };
-    }
-    alphabet
-}
-
 /// `tokenizer.ggml.merges` ("left right") as pairs, each side checked against the vocabulary.
 fn listed_merges(spec: &GgufTokenizerSpec, vocab: &Vocab) -> Result<Vec<(String, String)>, String> {
     spec.merges
         .iter()
         .enumerate()
-        .map(|(i, merge)| {
-            let (left, right) = match merge.split(' ').collect::<Vec<_>>()[..] {
-                [left, right] => (left, right),
-                _ => {
-                    return Err(format!(
-                        "tokenizer.ggml.merges[{i}] is {merge:?}; expected two tokens separated by one space"
-                    ))
-                }
-            };
-            for side in [left, right, &format!("{left}{right}")] {
-                if !vocab.contains_key(side) {
-                    return Err(format!(
-                        "tokenizer.ggml.merges[{i}] ({merge:?}) names {side:?}, which is not in tokenizer.ggml.tokens"
-                    ));
-                }
-            }
-            Ok((left.to_string(), right.to_string()))
+        .map(|(i, merge)| match merge_pair(merge, vocab) {
+            Ok((left, right)) => Ok((left.to_string(), right.to_string())),
+            Err(BadMerge::NotAPair) => Err(format!(
+                "tokenizer.ggml.merges[{i}] is {merge:?}; expected two tokens separated by one space"
+            )),
+            Err(BadMerge::NotInVocab(side)) => Err(format!(
+                "tokenizer.ggml.merges[{i}] ({merge:?}) names {side:?}, which is not in tokenizer.ggml.tokens"
+            )),
         })
         .collect()
 }
@@ -592,19 +543,6 @@ pub fn tokenizer_and_generation(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_alphabet_matches_gpt2() {
-        let a = byte_alphabet();
-        assert_eq!(a[b' ' as usize], 'Ġ');
-        assert_eq!(a[b'\n' as usize], 'Ċ');
-        assert_eq!(a[b'a' as usize], 'a');
-        assert_eq!(a[0], '\u{100}');
-        assert_eq!(a[0xAD], '\u{143}');
-        assert_eq!(a[0xE9], 'é');
-        let distinct: HashSet<char> = a.iter().copied().collect();
-        assert_eq!(distinct.len(), 256);
-    }
 
     #[test]
     fn merges_from_scores_rank_by_score_then_lengths_then_order() {
