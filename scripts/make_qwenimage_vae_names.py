@@ -15,6 +15,8 @@ only the state dict's keys and shapes are kept.
 tests/data/qwen_image_vae/
     default.json   AutoencoderKLQwenImage() (diffusers' defaults: Qwen/Qwen-Image's VAE)
     tiny.json      the config of tests/fixtures/qwen-image/vae/config.json (base_dim 8)
+    tiny_attention.json   the same with attn_scales [1.0, 0.25] (attention blocks in the
+                   encoder's first and third levels)
 
 Each file: {"diffusers": version, "config": the constructor's config,
             "parameters": total count, "tensors": [[name, shape], ...] in state-dict order}.
@@ -60,7 +62,7 @@ def dumps(record):
 def cases():
     tiny = json.loads(TINY_CONFIG.read_text())
     tiny = {k: v for k, v in tiny.items() if not k.startswith("_")}
-    return {"default": {}, "tiny": tiny}
+    return {"default": {}, "tiny": tiny, "tiny_attention": dict(tiny, attn_scales=[1.0, 0.25])}
 
 
 def main():
