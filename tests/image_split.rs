@@ -14,7 +14,9 @@ use std::process::Command;
 
 use ferry::checkpoint::{safetensors, DType, HostTensor};
 use ferry::model::vae::bfl_name;
-use ferry::synth::{write_pipeline, PipelineComponent, PipelinePreset, WriteOptions};
+use ferry::synth::{
+    write_pipeline, PipelineComponent, PipelineModels, PipelinePreset, WriteOptions,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/z-image")
@@ -54,8 +56,11 @@ fn pipeline(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let mut preset = PipelinePreset::by_name("z-image-tiny").unwrap();
-    preset.vae.block_out_channels = vec![32, 32, 32, 32];
-    preset.vae.norm_num_groups = 32;
+    let PipelineModels::ZImage(z) = &mut preset.models else {
+        panic!("z-image-tiny is a Z-Image pipeline");
+    };
+    z.vae.block_out_channels = vec![32, 32, 32, 32];
+    z.vae.norm_num_groups = 32;
     let synth = dir.join("synth");
     let opts = WriteOptions {
         seed: 11,

@@ -18,8 +18,8 @@ use super::{at_least, human_count, plural};
 #[derive(Args)]
 pub struct SynthArgs {
     /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny, or an image
-    /// pipeline: z-image-turbo, z-image-tiny; or a diffusion transformer alone: qwen-image,
-    /// qwen-image-tiny.
+    /// pipeline: z-image-turbo, z-image-tiny, qwen-image-pipeline, qwen-image-pipeline-tiny;
+    /// or a diffusion transformer alone: qwen-image, qwen-image-tiny.
     #[arg(long, required_unless_present = "list")]
     preset: Option<String>,
     /// Output directory (created; must be empty or missing unless --force); with --gguf, the
@@ -84,7 +84,7 @@ fn list() {
     for p in Preset::list() {
         let n = p.parameters();
         println!(
-            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            "  {:<24} {:<10} {:>7} params {:>10} bf16  {}",
             p.name,
             p.config.arch.name(),
             human_count(n),
@@ -99,9 +99,9 @@ fn list() {
             .map(|&c| p.parameters(c))
             .sum();
         println!(
-            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            "  {:<24} {:<10} {:>7} params {:>10} bf16  {}",
             p.name,
-            "z-image",
+            p.family(),
             human_count(total),
             human_bytes(total * 2),
             p.about
@@ -111,7 +111,7 @@ fn list() {
             if n > 0 {
                 let name = format!("  {}", c.name());
                 println!(
-                    "  {name:<24} {:>7} params {:>10}",
+                    "  {name:<35} {:>7} params {:>10}",
                     human_count(n),
                     human_bytes(n * 2)
                 );
@@ -122,7 +122,7 @@ fn list() {
     for p in DitPreset::list() {
         let n = p.parameters();
         println!(
-            "  {:<15} {:<8} {:>7} params {:>10} bf16  {}",
+            "  {:<24} {:<10} {:>7} params {:>10} bf16  {}",
             p.name,
             "qwen-image",
             human_count(n),
@@ -251,8 +251,9 @@ fn dit(args: &SynthArgs, preset: &DitPreset, out: &Path, opts: &WriteOptions) ->
             return Err(Error::Flag {
                 flag: "--only",
                 message: format!(
-                    "{}: only the transformer can be written (ferry has not got its text encoder and VAE yet)",
-                    preset.name
+                    "{} is a transformer alone, so only the transformer can be written; the whole pipeline is {}-pipeline",
+                    preset.name,
+                    preset.name.trim_end_matches("-tiny")
                 ),
             });
         }

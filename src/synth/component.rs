@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::random::{tensor_key, Table};
+use super::random::{is_norm_scale, tensor_key, Table};
 use crate::checkpoint::{Component, DType, HostTensor, Storage};
 use crate::model::WeightGroup;
 
-/// Every tensor of `groups`, bf16, drawn as `ferry synth` draws them (N(1, 0.02²) for 1-D
-/// weights, N(0, 0.02²) for the rest, a pure function of `seed` and the name), in one owned
+/// Every tensor of `groups`, bf16, drawn as `ferry synth` draws them (N(1, 0.02²) for norm
+/// scales, N(0, 0.02²) for the rest, a pure function of `seed` and the name), in one owned
 /// buffer. `config` is the component's config.json as parsed.
 pub fn random_component(
     name: &str,
@@ -33,8 +33,8 @@ pub fn random_component(
         let bytes = storage.bytes_mut().expect("an owned buffer");
         let mut offset = 0;
         for (s, &size) in specs.iter().zip(&sizes) {
-            // Norm scales (every 1-D weight) near one, as `ferry synth` draws them.
-            let table = match s.shape.len() == 1 && s.name.ends_with(".weight") {
+            // Norm scales near one, as `ferry synth` draws them.
+            let table = match is_norm_scale(&s.name, &s.shape) {
                 true => &near_one,
                 false => &small,
             };

@@ -1,11 +1,13 @@
 //! Image pipelines with random weights, written as diffusers directories: `model_index.json`
 //! and one folder per component (transformer/, text_encoder/, tokenizer/, vae/, scheduler/),
-//! each of the real model's shape, as `ZImagePipeline.save_pretrained` lays them out.
+//! each of the real model's shape, as `ZImagePipeline.save_pretrained` (or
+//! `QwenImagePipeline`'s) lays them out.
 //!
 //! A pipeline preset is several models, so it is its own kind beside the language-model
-//! [`Preset`]: its DiT and VAE are shaped by their diffusers configs, its text encoder is a
-//! language-model preset (Qwen3) whose special token ids are those of a small synthetic
-//! tokenizer ([`ChatTokenizer`]: the real Qwen vocabulary is not to be had offline).
+//! [`Preset`]: its DiT and VAE are shaped by their diffusers configs, one family's
+//! ([`PipelineModels`]: Z-Image here, Qwen-Image in `qwen_image.rs`), its text encoder is a
+//! language-model preset (Qwen3 or Qwen2.5) whose special token ids are those of a small
+//! synthetic tokenizer ([`ChatTokenizer`]: the real Qwen vocabulary is not to be had offline).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,8 +16,9 @@ use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 use super::presets::{qwen3, Preset};
+use super::qwen_image::{qwen_vae_tensors, QwenImageModels};
 use super::shards::{write_json, write_sharded, Spec};
-use super::tokenizer::ChatTokenizer;
+use super::tokenizer::{ChatTokenizer, SpecialIds};
 use super::{check_options, config_json, generation_json, WriteOptions, WriteReport};
 use crate::checkpoint::DType;
 use crate::error::{Error, Result};
@@ -53,17 +56,6 @@ impl PipelineComponent {
             PipelineComponent::Tokenizer => "tokenizer",
             PipelineComponent::Vae => "vae",
             PipelineComponent::Scheduler => "scheduler",
-        }
-    }
-
-    /// `[library, class]` in model_index.json, as Z-Image-Turbo's says.
-    fn class(self) -> [&'static str; 2] {
-        match self {
-            PipelineComponent::Transformer => ["diffusers", "ZImageTransformer2DModel"],
-            PipelineComponent::TextEncoder => ["transformers", "Qwen3Model"],
-            PipelineComponent::Tokenizer => ["transformers", "Qwen2Tokenizer"],
-            PipelineComponent::Vae => ["diffusers", "AutoencoderKL"],
-            PipelineComponent::Scheduler => ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         }
     }
 
@@ -130,25 +122,78 @@ pub struct VaeShape {
     pub shift_factor: f64,
 }
 
-/// A Z-Image pipeline's shapes (`ZImagePipeline`).
+/// A Z-Image pipeline's models other than the text encoder's decoder (`ZImagePipeline`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct PipelinePreset {
-    pub name: &'static str,
-    /// What it is shaped like, for `ferry synth --list`.
-    pub about: &'static str,
+pub struct ZImageModels {
     pub transformer: DitShape,
-    /// A Qwen3 language model read for its hidden states; its BOS/EOS ids are the synthetic
-    /// tokenizer's `<|endoftext|>` and `<|im_end|>`.
-    pub text_encoder: Preset,
     pub vae: VaeShape,
     /// `FlowMatchEulerDiscreteScheduler`'s static `shift`.
     pub shift: f64,
 }
 
+/// The models of a pipeline beside its text encoder's decoder, by family.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PipelineModels {
+    ZImage(ZImageModels),
+    QwenImage(QwenImageModels),
+}
+
+/// An image pipeline's shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelinePreset {
+    pub name: &'static str,
+    /// What it is shaped like, for `ferry synth --list`.
+    pub about: &'static str,
+    /// The language model read for its hidden states (Qwen3 for Z-Image, Qwen2.5-VL's text
+    /// model for Qwen-Image); its BOS/EOS ids are the synthetic tokenizer's `<|endoftext|>`
+    /// and `<|im_end|>`.
+    pub text_encoder: Preset,
+    /// Where the synthetic tokenizer's special tokens sit.
+    pub(super) specials: SpecialIds,
+    pub models: PipelineModels,
+}
+
 impl PipelinePreset {
-    /// Every pipeline preset, smallest first.
+    /// Every pipeline preset, smallest first within a family.
     pub fn list() -> Vec<PipelinePreset> {
-        vec![z_image_tiny(), z_image_turbo()]
+        vec![
+            z_image_tiny(),
+            z_image_turbo(),
+            super::qwen_image::qwen_image_pipeline_tiny(),
+            super::qwen_image::qwen_image_pipeline(),
+        ]
+    }
+
+    /// The family's name, for `ferry synth --list`.
+    pub fn family(&self) -> &'static str {
+        match self.models {
+            PipelineModels::ZImage(_) => "z-image",
+            PipelineModels::QwenImage(_) => "qwen-image",
+        }
+    }
+
+    /// `_class_name` of model_index.json.
+    pub fn class_name(&self) -> &'static str {
+        match self.models {
+            PipelineModels::ZImage(_) => "ZImagePipeline",
+            PipelineModels::QwenImage(_) => "QwenImagePipeline",
+        }
+    }
+
+    /// `[library, class]` of `component` in model_index.json, as the real pipeline's says.
+    fn class(&self, component: PipelineComponent) -> [&'static str; 2] {
+        use PipelineComponent::*;
+        let qwen = matches!(self.models, PipelineModels::QwenImage(_));
+        match (component, qwen) {
+            (Transformer, false) => ["diffusers", "ZImageTransformer2DModel"],
+            (Transformer, true) => ["diffusers", crate::model::qwen_image::CLASS_NAME],
+            (TextEncoder, false) => ["transformers", "Qwen3Model"],
+            (TextEncoder, true) => ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            (Tokenizer, _) => ["transformers", "Qwen2Tokenizer"],
+            (Vae, false) => ["diffusers", "AutoencoderKL"],
+            (Vae, true) => ["diffusers", crate::model::qwen_image::vae::VAE_CLASS_NAME],
+            (Scheduler, _) => ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        }
     }
 
     /// The names `by_name` accepts, comma-separated.
@@ -165,16 +210,23 @@ impl PipelinePreset {
     /// model_index.json; `_ferry_synthetic` (a private key, which diffusers and ferry skip)
     /// says what wrote it.
     pub fn model_index(&self, opts: &WriteOptions) -> Value {
+        let left_out = match self.models {
+            PipelineModels::ZImage(_) => "",
+            PipelineModels::QwenImage(_) => {
+                "; the text encoder is Qwen2.5-VL's text model alone (its vision tower, \
+                 visual.*, is not written: the pipeline and ferry read the text model only)"
+            }
+        };
         let mut index = json!({
-            "_class_name": "ZImagePipeline",
+            "_class_name": self.class_name(),
             "_diffusers_version": DIFFUSERS_VERSION,
             "_ferry_synthetic": {
                 "preset": self.name, "seed": opts.seed, "dtype": dtype_name(opts.dtype),
-                "about": format!("random weights of {}'s shapes", self.about),
+                "about": format!("random weights of {}'s shapes{left_out}", self.about),
             },
         });
         for c in PipelineComponent::ALL {
-            index[c.name()] = json!(c.class());
+            index[c.name()] = json!(self.class(c));
         }
         index
     }
@@ -182,10 +234,24 @@ impl PipelinePreset {
     /// The config file of `component` (config.json, or scheduler_config.json for the
     /// scheduler, tokenizer_config.json for the tokenizer).
     pub fn config(&self, component: PipelineComponent, dtype: DType) -> Value {
+        let z = match &self.models {
+            PipelineModels::ZImage(z) => z,
+            PipelineModels::QwenImage(q) => {
+                return match component {
+                    PipelineComponent::Transformer => q.transformer.config(),
+                    PipelineComponent::TextEncoder => {
+                        q.text_encoder_config(&self.text_encoder, dtype)
+                    }
+                    PipelineComponent::Tokenizer => self.tokenizer().config,
+                    PipelineComponent::Vae => q.vae_config(self.name),
+                    PipelineComponent::Scheduler => q.scheduler_config(),
+                }
+            }
+        };
         let synthetic = json!({"preset": self.name});
         match component {
             PipelineComponent::Transformer => {
-                let d = &self.transformer;
+                let d = &z.transformer;
                 json!({
                     "_class_name": "ZImageTransformer2DModel",
                     "_diffusers_version": DIFFUSERS_VERSION,
@@ -210,7 +276,7 @@ impl PipelinePreset {
             PipelineComponent::TextEncoder => config_json(&self.text_encoder, dtype),
             PipelineComponent::Tokenizer => self.tokenizer().config,
             PipelineComponent::Vae => {
-                let v = &self.vae;
+                let v = &z.vae;
                 let blocks = v.block_out_channels.len();
                 json!({
                     "_class_name": "AutoencoderKL",
@@ -240,7 +306,7 @@ impl PipelinePreset {
                 "_class_name": "FlowMatchEulerDiscreteScheduler",
                 "_diffusers_version": DIFFUSERS_VERSION,
                 "num_train_timesteps": 1000,
-                "shift": self.shift,
+                "shift": z.shift,
                 "use_dynamic_shifting": false,
             }),
         }
@@ -249,8 +315,10 @@ impl PipelinePreset {
     /// The tensors of `component` in the order they are written (pass order for the DiT and
     /// the text encoder), with their shapes; none for the tokenizer and the scheduler.
     pub fn tensors(&self, component: PipelineComponent) -> Vec<(String, Vec<usize>)> {
-        match component {
-            PipelineComponent::Transformer => {
+        use PipelineComponent as C;
+        use PipelineModels as M;
+        match (component, &self.models) {
+            (C::Transformer, M::ZImage(_)) => {
                 let config = self.config(component, DType::BF16);
                 let path = Path::new(self.name).join("transformer/config.json");
                 let config = ZImageConfig::from_json(&path, &config)
@@ -262,9 +330,11 @@ impl PipelinePreset {
                     .map(|t| (t.name.clone(), t.shape.clone()))
                     .collect()
             }
-            PipelineComponent::TextEncoder => self.text_encoder.tensors(),
-            PipelineComponent::Vae => vae_tensors(&self.vae),
-            PipelineComponent::Tokenizer | PipelineComponent::Scheduler => Vec::new(),
+            (C::Transformer, M::QwenImage(q)) => q.transformer.tensors(),
+            (C::TextEncoder, _) => self.text_encoder.tensors(),
+            (C::Vae, M::ZImage(z)) => vae_tensors(&z.vae),
+            (C::Vae, M::QwenImage(q)) => qwen_vae_tensors(&q.vae),
+            (C::Tokenizer | C::Scheduler, _) => Vec::new(),
         }
     }
 
@@ -279,12 +349,20 @@ impl PipelinePreset {
     /// The synthetic tokenizer, its config saying what it is.
     fn tokenizer(&self) -> ChatTokenizer {
         let te = &self.text_encoder.config;
-        let mut t = ChatTokenizer::new(te.max_position_embeddings);
+        let mut t = ChatTokenizer::new(te.max_position_embeddings, self.specials);
+        let then = match self.specials {
+            SpecialIds::AfterMerges => "then".to_string(),
+            SpecialIds::From(id) => format!(
+                "placeholder tokens <|synth_ID|> for ids {} to {}, then at Qwen's own ids",
+                t.learned,
+                id - 1
+            ),
+        };
         let description = format!(
             "Not Qwen's tokenizer, which cannot be had offline: a small byte-level BPE \
              tokenizer made by ferry synth, of Qwen's form (NFC, Qwen2's split, the byte-level \
              alphabet, its chat special tokens and a reduced Qwen3 chat template): the 256 \
-             bytes, merges learned from a few image prompts, then <|endoftext|>, \
+             bytes, merges learned from a few image prompts, {then} <|endoftext|>, \
              <|im_start|>, <|im_end|>, <think>, </think>; {} ids, all below the text \
              encoder's vocab_size {}.",
             t.len, te.vocab_size
@@ -509,9 +587,10 @@ pub fn write_pipeline(
     Ok(reports)
 }
 
-/// The synthetic tokenizer's special ids, for the text encoder's config.
-fn with_chat_ids(mut te: Preset) -> Preset {
-    let t = ChatTokenizer::new(te.config.max_position_embeddings);
+/// The synthetic tokenizer's special ids (placed as `specials` says), for the text encoder's
+/// config.
+pub(super) fn with_chat_ids(mut te: Preset, specials: SpecialIds) -> Preset {
+    let t = ChatTokenizer::new(te.config.max_position_embeddings, specials);
     assert!(
         t.len <= te.config.vocab_size,
         "the tokenizer's {} ids fit the text encoder's vocabulary",
@@ -530,34 +609,37 @@ fn z_image_turbo() -> PipelinePreset {
     PipelinePreset {
         name: "z-image-turbo",
         about: "Tongyi-MAI/Z-Image-Turbo",
-        transformer: DitShape {
-            dim: 3840,
-            n_layers: 30,
-            n_refiner_layers: 2,
-            n_heads: 30,
-            n_kv_heads: 30,
-            cap_feat_dim: 2560,
-            in_channels: 16,
-            axes_dims: [32, 48, 48],
-            axes_lens: [1536, 512, 512],
-            rope_theta: 256.0,
-            t_scale: 1000.0,
-            qk_norm: true,
-            norm_eps: 1e-5,
-        },
-        text_encoder: with_chat_ids(te),
-        vae: VaeShape {
-            in_channels: 3,
-            out_channels: 3,
-            latent_channels: 16,
-            block_out_channels: vec![128, 256, 512, 512],
-            layers_per_block: 2,
-            norm_num_groups: 32,
-            sample_size: 1024,
-            scaling_factor: 0.3611,
-            shift_factor: 0.1159,
-        },
-        shift: 3.0,
+        text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
+        specials: SpecialIds::AfterMerges,
+        models: PipelineModels::ZImage(ZImageModels {
+            transformer: DitShape {
+                dim: 3840,
+                n_layers: 30,
+                n_refiner_layers: 2,
+                n_heads: 30,
+                n_kv_heads: 30,
+                cap_feat_dim: 2560,
+                in_channels: 16,
+                axes_dims: [32, 48, 48],
+                axes_lens: [1536, 512, 512],
+                rope_theta: 256.0,
+                t_scale: 1000.0,
+                qk_norm: true,
+                norm_eps: 1e-5,
+            },
+            vae: VaeShape {
+                in_channels: 3,
+                out_channels: 3,
+                latent_channels: 16,
+                block_out_channels: vec![128, 256, 512, 512],
+                layers_per_block: 2,
+                norm_num_groups: 32,
+                sample_size: 1024,
+                scaling_factor: 0.3611,
+                shift_factor: 0.1159,
+            },
+            shift: 3.0,
+        }),
     }
 }
 
@@ -573,33 +655,36 @@ fn z_image_tiny() -> PipelinePreset {
     PipelinePreset {
         name: "z-image-tiny",
         about: "the shapes of tests/fixtures/z-image (tests)",
-        transformer: DitShape {
-            dim: 32,
-            n_layers: 2,
-            n_refiner_layers: 1,
-            n_heads: 2,
-            n_kv_heads: 2,
-            cap_feat_dim: 64,
-            in_channels: 16,
-            axes_dims: [4, 6, 6],
-            axes_lens: [1024, 512, 512],
-            rope_theta: 256.0,
-            t_scale: 1000.0,
-            qk_norm: true,
-            norm_eps: 1e-5,
-        },
-        text_encoder: with_chat_ids(te),
-        vae: VaeShape {
-            in_channels: 3,
-            out_channels: 3,
-            latent_channels: 16,
-            block_out_channels: vec![8, 16, 16, 16],
-            layers_per_block: 1,
-            norm_num_groups: 4,
-            sample_size: 64,
-            scaling_factor: 0.3611,
-            shift_factor: 0.1159,
-        },
-        shift: 3.0,
+        text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
+        specials: SpecialIds::AfterMerges,
+        models: PipelineModels::ZImage(ZImageModels {
+            transformer: DitShape {
+                dim: 32,
+                n_layers: 2,
+                n_refiner_layers: 1,
+                n_heads: 2,
+                n_kv_heads: 2,
+                cap_feat_dim: 64,
+                in_channels: 16,
+                axes_dims: [4, 6, 6],
+                axes_lens: [1024, 512, 512],
+                rope_theta: 256.0,
+                t_scale: 1000.0,
+                qk_norm: true,
+                norm_eps: 1e-5,
+            },
+            vae: VaeShape {
+                in_channels: 3,
+                out_channels: 3,
+                latent_channels: 16,
+                block_out_channels: vec![8, 16, 16, 16],
+                layers_per_block: 1,
+                norm_num_groups: 4,
+                sample_size: 64,
+                scaling_factor: 0.3611,
+                shift_factor: 0.1159,
+            },
+            shift: 3.0,
+        }),
     }
 }

@@ -1,8 +1,8 @@
-//! Diffusion transformers of real shapes on their own, for models whose other components
-//! (text encoder, VAE) ferry does not run yet: Qwen-Image's DiT. Written as a diffusers
-//! directory that holds only the transformer (`model_index.json` lists it alone, and
-//! `transformer/` has its config.json and safetensors shards), which `ferry bench --model`
-//! times; or made in memory (`ferry bench --synthetic qwen-image`).
+//! Diffusion transformers of real shapes on their own, for DiT benchmarks: Qwen-Image's DiT
+//! (the whole pipeline is `qwen-image-pipeline`, which reuses these presets). Written as a
+//! diffusers directory that holds only the transformer (`model_index.json` lists it alone,
+//! and `transformer/` has its config.json and safetensors shards), which `ferry bench
+//! --model` times; or made in memory (`ferry bench --synthetic qwen-image`).
 
 use std::path::Path;
 use std::time::Instant;

@@ -2,8 +2,9 @@
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
 //! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
-//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`), a diffusion
-//! transformer alone ([`write_dit`], `ferry synth --preset qwen-image`); a language model
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo` or
+//! `qwen-image-pipeline`), a diffusion transformer alone ([`write_dit`], `ferry synth --preset
+//! qwen-image`); a language model
 //! also as one quantized GGUF file ([`write_gguf`], `ferry synth --gguf Q4_K_M`).
 //!
 //! Weights are deterministic for a seed and scaled like a trained model's: linear weights,
@@ -15,6 +16,7 @@ mod diffusers;
 mod dit;
 mod gguf;
 mod presets;
+mod qwen_image;
 mod random;
 mod shards;
 mod tokenizer;
@@ -29,12 +31,13 @@ use serde_json::{json, Value};
 
 pub use component::random_component;
 pub use diffusers::{
-    check_destination, write_pipeline, DitShape, PipelineComponent, PipelinePreset, VaeShape,
-    DIFFUSERS_VERSION,
+    check_destination, write_pipeline, DitShape, PipelineComponent, PipelineModels, PipelinePreset,
+    VaeShape, ZImageModels, DIFFUSERS_VERSION,
 };
 pub use dit::{write_dit, DitPreset};
 pub use gguf::{use_more_bits, write_gguf, GgufFileType, GgufOptions, GgufReport};
 pub use presets::Preset;
+pub use qwen_image::{qwen_vae_tensors, QwenImageModels};
 
 use crate::checkpoint::{
     DType, Format, GenerationDefaults, HostTensor, Storage, Stored, TokenizerSource,
@@ -52,7 +55,7 @@ pub enum SynthPreset {
     Llm(Preset),
     /// Boxed: a pipeline holds three models' shapes.
     Pipeline(Box<PipelinePreset>),
-    /// A diffusion transformer alone (its pipeline's other models are not in ferry yet).
+    /// A diffusion transformer alone (for DiT benchmarks).
     Dit(DitPreset),
 }
 

@@ -181,7 +181,9 @@ fn tiny() -> Preset {
     }
 }
 
-fn qwen25(name: &'static str, about: &'static str, shape: Shape, eps: f64) -> Preset {
+/// A Qwen2.5 model (also the text model of Qwen-Image's Qwen2.5-VL text encoder): q/k/v
+/// biases, Qwen's vocabulary and its `<|endoftext|>` id.
+pub(super) fn qwen25(name: &'static str, about: &'static str, shape: Shape, eps: f64) -> Preset {
     let mut c = shaped(base(Arch::Qwen2), shape);
     c.vocab_size = 152064;
     c.rms_norm_eps = eps;

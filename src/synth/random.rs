@@ -27,6 +27,14 @@ pub fn tensor_key(seed: u64, name: &str) -> u64 {
     mix(mix(seed ^ GOLDEN) ^ h)
 }
 
+/// Whether the tensor `name` of `shape` is a norm's scale, drawn near one: a one-dimensional
+/// `….weight` in every model synth writes (Llama's RMSNorms and q/k norms, the DiTs'
+/// RMSNorms, the Flux VAE's GroupNorms), and the `….gamma` of the Qwen-Image VAE's RMS norms
+/// (`[c, 1, 1, 1]` or `[c, 1, 1]`). Every other tensor is centred on 0.
+pub fn is_norm_scale(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 1 && name.ends_with(".weight") || name.ends_with(".gamma")
+}
+
 /// Values of a normal distribution `mean + std·z`, quantized to 65536 equally likely values
 /// (the quantiles at (i + ½)/65536), rounded to bf16; `f32` holds the same values widened, so
 /// an f32 checkpoint computes exactly what its bf16 twin does.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
-use super::random::{tensor_key, Table};
+use super::random::{is_norm_scale, tensor_key, Table};
 use super::WriteOptions;
 use crate::checkpoint::DType;
 use crate::error::{Error, Result};
@@ -29,11 +29,9 @@ enum Dist {
 }
 
 impl Spec {
-    /// A one-dimensional `….weight` is a norm's scale in every model synth writes (Llama's
-    /// RMSNorms and q/k norms, the DiT's RMSNorms, the VAE's GroupNorms); every other tensor
-    /// is centred on 0.
+    /// Norm scales ([`is_norm_scale`]) near one, every other tensor centred on 0.
     pub fn new(name: String, shape: Vec<usize>) -> Spec {
-        let dist = match shape.len() == 1 && name.ends_with(".weight") {
+        let dist = match is_norm_scale(&name, &shape) {
             true => Dist::NearOne,
             false => Dist::Small,
         };

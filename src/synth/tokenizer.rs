@@ -172,11 +172,22 @@ const CHAT_TEMPLATE: &str = "\
 {%- endif %}
 ";
 
+/// Where a [`ChatTokenizer`] puts its special tokens ([`CHAT_SPECIALS`], in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SpecialIds {
+    /// Right after the learned vocabulary (ids 416–420): the smallest tokenizer.
+    AfterMerges,
+    /// From this id on, as in Qwen's own vocabulary (`<|endoftext|>` is 151643): the ids
+    /// between the learned vocabulary and it are placeholder tokens `<|synth_ID|>` that no
+    /// text encodes to, so that every id below the last special has a token.
+    From(usize),
+}
+
 /// A small byte-level BPE tokenizer in the form of Qwen's (Qwen's NFC normalizer and split,
 /// byte-level alphabet, its chat special tokens), made because the real 151k-token Qwen
 /// vocabulary is not to be had offline: the 256 bytes at ids 0–255, [`MERGES`] merges learned
-/// from [`CORPUS`], then the specials. Every text encodes (bytes are always in the
-/// vocabulary), to ids below [`ChatTokenizer::len`].
+/// from [`CORPUS`], then the specials where [`SpecialIds`] says. Every text encodes (bytes
+/// are always in the vocabulary), to ids below [`ChatTokenizer::len`].
 pub(super) struct ChatTokenizer {
     /// tokenizer.json
     pub tokenizer: Value,
@@ -184,13 +195,15 @@ pub(super) struct ChatTokenizer {
     pub config: Value,
     /// Ids in use: 0..len.
     pub len: usize,
+    /// Ids of learned tokens (bytes and merges): 0..learned.
+    pub learned: usize,
     /// `<|endoftext|>` (Qwen's BOS and padding) and `<|im_end|>` (its EOS).
     pub endoftext: u32,
     pub im_end: u32,
 }
 
 impl ChatTokenizer {
-    pub fn new(model_max_length: usize) -> ChatTokenizer {
+    pub fn new(model_max_length: usize, specials: SpecialIds) -> ChatTokenizer {
         let symbols = |word: &str| -> Vec<String> {
             word.bytes().map(|b| byte_char(b).to_string()).collect()
         };
@@ -208,7 +221,20 @@ impl ChatTokenizer {
                 vocab.push(token);
             }
         }
-        let first_special = vocab.len();
+        let learned = vocab.len();
+        let first_special = match specials {
+            SpecialIds::AfterMerges => learned,
+            SpecialIds::From(id) => {
+                assert!(
+                    id >= learned,
+                    "the specials come after the {learned} learned ids"
+                );
+                id
+            }
+        };
+        // Added tokens take the ids after the model's vocabulary when the tokenizer is read
+        // (whatever ids its file gives them), so the gap is filled.
+        vocab.extend((learned..first_special).map(placeholder));
         let added: Vec<Value> = CHAT_SPECIALS
             .iter()
             .enumerate()
@@ -267,6 +293,7 @@ impl ChatTokenizer {
             tokenizer,
             config,
             len: first_special + CHAT_SPECIALS.len(),
+            learned,
             endoftext: id("<|endoftext|>"),
             im_end: id("<|im_end|>"),
         }
@@ -353,7 +380,7 @@ mod tests {
 
     #[test]
     fn chat_bpe_encodes_with_merges_and_specials() {
-        let t = ChatTokenizer::new(1024);
+        let t = ChatTokenizer::new(1024, SpecialIds::AfterMerges);
         let tok = load(&t);
         assert_eq!(tok.get_vocab_size(true), t.len);
         assert_eq!(
@@ -376,6 +403,39 @@ mod tests {
         let odd = "Zürich 2026 — 東京";
         let ids = tok.encode(odd, false).unwrap().get_ids().to_vec();
         assert_eq!(tok.decode(&ids, false).unwrap(), odd);
+    }
+
+    /// Qwen's ids for the specials: the learned tokens as before, placeholders up to 151643.
+    #[test]
+    fn specials_can_sit_at_qwens_ids() {
+        let t = ChatTokenizer::new(1024, SpecialIds::From(151643));
+        let tok = load(&t);
+        assert_eq!(t.len, 151648);
+        assert_eq!(tok.get_vocab_size(true), t.len);
+        assert_eq!((t.learned, t.endoftext, t.im_end), (416, 151643, 151645));
+        assert_eq!(tok.token_to_id("<|im_start|>"), Some(151644));
+        assert_eq!(tok.id_to_token(416).as_deref(), Some("<|synth_416|>"));
+        let text = "<|im_start|>user\na photo of a red fox<|im_end|>\n";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let small = ChatTokenizer::new(1024, SpecialIds::AfterMerges);
+        let small_ids = load(&small).encode(text, false).unwrap().get_ids().to_vec();
+        // The same text, the same learned ids; only the specials moved.
+        let moved: Vec<u32> = small_ids
+            .iter()
+            .map(|&id| match id as usize >= small.learned {
+                true => id - small.learned as u32 + 151643,
+                false => id,
+            })
+            .collect();
+        assert_eq!(ids, moved);
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        // A placeholder's text is not encoded to the placeholder.
+        let ids = tok
+            .encode("<|synth_416|>", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert!(ids.len() > 1 && ids.iter().all(|&id| id < 416), "{ids:?}");
     }
 
     #[test]
