@@ -71,3 +71,34 @@ fn qwen_vae_decodes_on_the_gpu_within_bf16_noise() {
     eprintln!("512x512 decode: CUDA bf16 vs CPU f32 rel L2 {err:.3e}");
     assert!(err <= 2e-2, "512x512 decode: rel L2 {err:.3e}");
 }
+
+/// The decoder's memory on the GPU as `QwenVaeConfig::decode_peak_bytes` estimates it: no
+/// less than the ledger's peak over a whole 512×512 decode, and not far above; its weights
+/// on the GPU as `decoder_bytes` counts them.
+#[test]
+fn qwen_vae_peak_is_estimated_within_ten_percent() {
+    use ferry::backend::cuda::IMAGE_MEMORY;
+    let test = "qwen_vae_peak_is_estimated_within_ten_percent";
+    let Some(gpu) = gpu(test, None) else { return };
+    let weights = open_qwen_vae(&dir().join("vae")).unwrap();
+    let (h, w) = (64, 64);
+    let z = gaussian_noise(21, 16 * h * w);
+    let fixed = gpu.memory().in_use();
+    let on_gpu = QwenVae::load(&gpu, &weights).unwrap();
+    let loaded = gpu.memory().in_use();
+    assert_eq!(loaded - fixed, weights.decoder_bytes(2).unwrap());
+    on_gpu
+        .decode(&gpu, &z, [1, 16, h, w], Tiling::Whole)
+        .unwrap();
+    let measured = gpu.memory().peak() - loaded;
+    let estimate = weights.config.decode_peak_bytes(h, w, IMAGE_MEMORY);
+    eprintln!("whole {h}×{w} decode: ledger peak {measured} B, estimated {estimate} B");
+    assert!(
+        measured <= estimate,
+        "estimate {estimate} below the peak {measured}"
+    );
+    assert!(
+        estimate <= measured + measured / 10,
+        "estimate {estimate} far above the peak {measured}"
+    );
+}
