@@ -9,9 +9,12 @@
 //! GroupNorm groups, which a split file cannot say (the count is not in the shapes; Flux's
 //! VAE and ComfyUI use 32), so the pipeline gets a random VAE of 32 groups from `ferry synth`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::read_png;
 use ferry::checkpoint::{safetensors, DType, HostTensor};
 use ferry::model::vae::bfl_name;
 use ferry::synth::{
@@ -155,23 +158,6 @@ fn write_vae(pipe: &Path, out: &Path) {
         })
         .collect();
     safetensors::write(out, &entries).unwrap();
-}
-
-/// The pixels of a PNG and its `parameters` text.
-fn read_png(path: &Path) -> (Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let params = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (buf, params)
 }
 
 #[test]
