@@ -325,7 +325,7 @@ fn split_files_of_unknown_layout_are_refused() {
     );
     // No tokenizer given and none in the (empty) Hugging Face cache.
     fail(
-        &te,
+        &dit,
         &te,
         &te,
         None,

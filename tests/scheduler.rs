@@ -160,3 +160,16 @@ fn sigmas_and_timesteps_match_diffusers() {
         assert_eq!(s.timesteps, c.timesteps, "{}: timesteps", c.name);
     }
 }
+
+/// The scheduler split files get is the one the Qwen-Image pipeline fixture saved (diffusers
+/// writing Qwen/Qwen-Image's scheduler_config.json).
+#[test]
+fn qwen_image_constants_are_its_released_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen-image-pipeline/scheduler/scheduler_config.json");
+    let json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        FlowMatchConfig::from_json(&path, &json).unwrap(),
+        FlowMatchConfig::qwen_image()
+    );
+}

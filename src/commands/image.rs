@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ferry::backend::Device;
 use ferry::checkpoint::{resolve_model_path, safetensors, DType};
 use ferry::diffuse::pipeline::{
-    gaussian_noise, Compute, ImagePipeline, ImageRequest, SplitFiles, VaeDecode, VaeDevice,
-    ZImagePipeline, SIZE_MULTIPLE,
+    gaussian_noise, Compute, ImagePipeline, ImageRequest, SplitFiles, SplitModel, VaeDecode,
+    VaeDevice, SIZE_MULTIPLE,
 };
 use ferry::diffuse::png::{self, Parameters};
 use ferry::model::vae::Tiling;
@@ -26,19 +26,22 @@ pub struct ImageArgs {
     /// text_encoder/, tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
     #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
     model: Option<String>,
-    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's original
-    /// names or diffusers'), with --text-encoder and --vae.
+    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's or
+    /// Qwen-Image's, ComfyUI's names or diffusers'), with --text-encoder and --vae.
     #[arg(long, value_name = "FILE.safetensors", requires_all = ["text_encoder", "vae"])]
     dit: Option<PathBuf>,
-    /// The Qwen3 text encoder file of the split files (qwen_3_4b.safetensors).
+    /// The text encoder file of the split files (Z-Image: qwen_3_4b.safetensors; Qwen-Image:
+    /// qwen_2.5_vl_7b.safetensors).
     #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
     text_encoder: Option<PathBuf>,
-    /// The VAE file of the split files (Flux's ae.safetensors).
+    /// The VAE file of the split files (Z-Image: Flux's ae.safetensors; Qwen-Image:
+    /// qwen_image_vae.safetensors).
     #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
     vae: Option<PathBuf>,
-    /// The tokenizer for split files: a tokenizer.json, or a folder with one (a Z-Image
-    /// pipeline's tokenizer/ or the pipeline itself). Default: Tongyi-MAI/Z-Image-Turbo's in
-    /// the Hugging Face cache.
+    /// The tokenizer for split files: a tokenizer.json, or a folder with one (the model's
+    /// pipeline's tokenizer/ or the pipeline itself; Qwen-Image's may be its vocab.json and
+    /// merges.txt). Default: Tongyi-MAI/Z-Image-Turbo's or Qwen/Qwen-Image's in the Hugging
+    /// Face cache.
     #[arg(long, value_name = "DIR|tokenizer.json", requires = "dit")]
     tokenizer: Option<PathBuf>,
     #[arg(long, short)]
@@ -358,39 +361,46 @@ pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ImagePipeline, String)
             vae,
             tokenizer,
         } => {
-            let tokenizer = tokenizer_file(tokenizer)?;
+            let model = SplitModel::of_dit(dit)?;
+            let tokenizer = tokenizer_path(model, tokenizer)?;
             let files = SplitFiles {
                 dit,
                 text_encoder,
                 vae,
                 tokenizer: &tokenizer,
             };
-            let pipe = ZImagePipeline::open_split(&files)?;
-            Ok((ImagePipeline::ZImage(Box::new(pipe)), name(dit, "dit")))
+            Ok((ImagePipeline::open_split(model, &files)?, name(dit, "dit")))
         }
     }
 }
 
-/// The tokenizer.json of `--tokenizer` (a file, a folder holding one, or a pipeline's folder
-/// holding tokenizer/), or of Z-Image-Turbo in the Hugging Face cache.
-fn tokenizer_file(given: Option<&Path>) -> Result<PathBuf> {
+/// The tokenizer of `--tokenizer` for split files of `model`: a tokenizer.json, a folder
+/// holding one (or, for Qwen-Image, its slow tokenizer's vocab.json and merges.txt), or a
+/// pipeline's folder holding tokenizer/; by default the model's in the Hugging Face cache.
+fn tokenizer_path(model: SplitModel, given: Option<&Path>) -> Result<PathBuf> {
     const FILE: &str = "tokenizer.json";
+    let repo = model.tokenizer_repo();
+    let slow = |d: &Path| model == SplitModel::QwenImage && d.join("vocab.json").is_file();
+    // A folder's tokenizer.json, else (Qwen-Image's) the folder of the slow files.
+    let pick = |d: PathBuf| match d.join(FILE).is_file() {
+        true => Some(d.join(FILE)),
+        false => slow(&d).then_some(d),
+    };
     let Some(given) = given else {
-        let cached = resolve_model_path("Tongyi-MAI/Z-Image-Turbo")
+        let cached = resolve_model_path(repo)
             .ok()
-            .map(|dir| dir.join("tokenizer").join(FILE))
-            .filter(|f| f.is_file());
+            .and_then(|dir| pick(dir.join("tokenizer")));
         return cached.ok_or_else(|| Error::Flag {
             flag: "--tokenizer",
-            message: "split files carry no tokenizer; give --tokenizer DIR|tokenizer.json (Z-Image-Turbo's tokenizer/ folder); Tongyi-MAI/Z-Image-Turbo is not in the Hugging Face cache".into(),
+            message: format!("split files carry no tokenizer; give --tokenizer DIR|tokenizer.json ({repo}'s tokenizer/ folder); {repo} is not in the Hugging Face cache"),
         });
     };
     if !given.is_dir() {
         return Ok(given.to_path_buf());
     }
-    [given.join(FILE), given.join("tokenizer").join(FILE)]
+    [given.to_path_buf(), given.join("tokenizer")]
         .into_iter()
-        .find(|f| f.is_file())
+        .find_map(pick)
         .ok_or_else(|| Error::NotFound {
             path: given.join(FILE),
             expected: "--tokenizer: a tokenizer.json, or a folder with one (or with tokenizer/tokenizer.json)".into(),

@@ -250,14 +250,61 @@ pub struct ZImagePipeline {
     pub load_seconds: f64,
 }
 
-/// A Z-Image model as ComfyUI's split files: one file each for the DiT, the text encoder and
-/// the VAE (their names mapped to diffusers'), and a tokenizer from elsewhere.
+/// A model as ComfyUI's split files: one file each for the DiT, the text encoder and the VAE
+/// (their names mapped to diffusers'), and a tokenizer from elsewhere.
 pub struct SplitFiles<'a> {
     pub dit: &'a Path,
     pub text_encoder: &'a Path,
     pub vae: &'a Path,
-    /// A `tokenizer.json`, with its `tokenizer_config.json` beside it if there is one.
+    /// A `tokenizer.json` (with its `tokenizer_config.json` beside it if there is one); for
+    /// Qwen-Image also a folder of its slow tokenizer's files.
     pub tokenizer: &'a Path,
+}
+
+/// The models whose split files ferry opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitModel {
+    ZImage,
+    QwenImage,
+}
+
+impl SplitModel {
+    /// The model of the DiT file `dit`, from its tensor names.
+    pub fn of_dit(dit: &Path) -> Result<SplitModel> {
+        let tensors = crate::checkpoint::safetensors::read_map(dit)?;
+        if crate::model::z_image::single_file::is_dit(&tensors) {
+            return Ok(SplitModel::ZImage);
+        }
+        if crate::model::qwen_image::single_file::is_dit(&tensors) {
+            return Ok(SplitModel::QwenImage);
+        }
+        Err(Error::checkpoint(
+            dit,
+            "unknown diffusion model: expected Z-Image's (a tensor cap_embedder.1.weight) or Qwen-Image's (txt_norm.weight and img_in.weight), with or without model.diffusion_model. before the names",
+        ))
+    }
+
+    /// The Hugging Face repository whose `tokenizer/` the model's split files use.
+    pub fn tokenizer_repo(self) -> &'static str {
+        match self {
+            SplitModel::ZImage => "Tongyi-MAI/Z-Image-Turbo",
+            SplitModel::QwenImage => "Qwen/Qwen-Image",
+        }
+    }
+}
+
+impl ImagePipeline {
+    /// Open split files of the model `model` ([`SplitModel::of_dit`]).
+    pub fn open_split(model: SplitModel, files: &SplitFiles<'_>) -> Result<ImagePipeline> {
+        Ok(match model {
+            SplitModel::ZImage => {
+                ImagePipeline::ZImage(Box::new(ZImagePipeline::open_split(files)?))
+            }
+            SplitModel::QwenImage => {
+                ImagePipeline::QwenImage(Box::new(QwenImagePipeline::open_split(files)?))
+            }
+        })
+    }
 }
 
 /// The parts of a pipeline before they are checked against each other.

@@ -5,7 +5,7 @@
 //! denoises the packed latents with both guidance branches in each pass, and the VAE decodes
 //! them to 8-bit RGB.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
@@ -14,13 +14,15 @@ use crate::backend::dit::DitOps;
 use crate::checkpoint::{Component, Pipeline};
 use crate::diffuse::guidance::TrueCfg;
 use crate::diffuse::pipeline::{
-    gpu_vae_plan, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images, PhaseTimes, StreamLog,
-    VaeDecode, VaeDevice,
+    gpu_vae_plan, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images, PhaseTimes,
+    SplitFiles, StreamLog, VaeDecode, VaeDevice,
 };
 use crate::diffuse::qwen_image::{self as steps, Denoise, VAE_SCALE};
 use crate::diffuse::qwen_text_encoder::{QwenImageTextEncoder, MAX_SEQUENCE_LENGTH};
 use crate::diffuse::scheduler::FlowMatchConfig;
 use crate::error::{Error, Result};
+use crate::generate::TextCodec;
+use crate::model::qwen_image::single_file;
 use crate::model::qwen_image::vae::{open_qwen_vae, QwenVae, QwenVaeWeights};
 use crate::model::qwen_image::{unpack_latents, QwenImage, QwenImageConfig};
 use crate::model::vae::{to_rgb8, Tiling};
@@ -48,6 +50,19 @@ pub struct QwenImagePipeline {
     pub load_seconds: f64,
 }
 
+/// A pipeline's parts as opened, before they are checked against each other.
+struct Parts {
+    text_encoder: Component,
+    encoder: QwenImageTextEncoder,
+    transformer: Component,
+    config: QwenImageConfig,
+    /// The DiT's config (or file), the VAE's, for errors.
+    dit_source: PathBuf,
+    vae_weights: QwenVaeWeights,
+    vae_source: PathBuf,
+    scheduler: FlowMatchConfig,
+}
+
 impl QwenImagePipeline {
     /// The components of an opened diffusers pipeline directory of class
     /// [`PIPELINE_CLASS`], checked against each other (widths, latent channels) and their
@@ -59,17 +74,6 @@ impl QwenImagePipeline {
             let (path, json) = tr.config()?;
             (QwenImageConfig::from_json(path, json)?, path.to_path_buf())
         };
-        let dit = QwenImage::precomputed(config);
-        let hidden = encoder.model.config.hidden_size;
-        if dit.config.joint_attention_dim != hidden {
-            return Err(Error::checkpoint(
-                &dit_source,
-                format!(
-                    "joint_attention_dim {} does not match the text encoder's hidden_size {hidden}",
-                    dit.config.joint_attention_dim
-                ),
-            ));
-        }
         let vae_dir = pipeline.component("vae")?.dir.clone();
         let vae_weights = open_qwen_vae(&vae_dir)?;
         let sc = pipeline.component("scheduler")?;
@@ -81,15 +85,70 @@ impl QwenImagePipeline {
                 .remove(name)
                 .expect("the component was found above")
         };
-        let (text_encoder, transformer) = (take("text_encoder"), take("transformer"));
-        dit.check_tensors(&transformer)?;
-        dit.modulation_model().check_tensors(&transformer)?;
-        vae_weights.check()?;
+        let parts = Parts {
+            text_encoder: take("text_encoder"),
+            encoder,
+            transformer: take("transformer"),
+            config,
+            dit_source,
+            vae_weights,
+            vae_source: vae_dir.join("config.json"),
+            scheduler,
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Open ComfyUI's split files of Qwen-Image (see [`single_file`]): the DiT, the
+    /// Qwen2.5-VL text encoder and the VAE, each file's layout found from its tensor names,
+    /// with a tokenizer from elsewhere (a `tokenizer.json`, or a folder with Qwen/Qwen-Image's
+    /// `tokenizer/` files, or the pipeline folder holding it); the scheduler is Qwen-Image's
+    /// ([`FlowMatchConfig::qwen_image`]).
+    pub fn open_split(files: &SplitFiles<'_>) -> Result<QwenImagePipeline> {
+        let start = Instant::now();
+        let t = files.tokenizer;
+        let text = match t.is_dir() {
+            true if t.join("tokenizer").is_dir() => {
+                TextCodec::from_tokenizer_dir(&t.join("tokenizer"))?
+            }
+            true => TextCodec::from_tokenizer_dir(t)?,
+            false => TextCodec::from_tokenizer_file(t)?,
+        };
+        let (encoder, text_encoder) = QwenImageTextEncoder::open_file(files.text_encoder, text)?;
+        let (config, transformer) = single_file::open_dit_file(files.dit)?;
+        let parts = Parts {
+            text_encoder,
+            encoder,
+            transformer,
+            config,
+            dit_source: files.dit.to_path_buf(),
+            vae_weights: single_file::open_vae_file(files.vae)?,
+            vae_source: files.vae.to_path_buf(),
+            scheduler: FlowMatchConfig::qwen_image(),
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Check the parts against each other (widths, latent channels) and their tensors.
+    fn assemble(p: Parts, start: Instant) -> Result<QwenImagePipeline> {
+        let dit = QwenImage::precomputed(p.config);
+        let hidden = p.encoder.model.config.hidden_size;
+        if dit.config.joint_attention_dim != hidden {
+            return Err(Error::checkpoint(
+                &p.dit_source,
+                format!(
+                    "joint_attention_dim {} does not match the text encoder's hidden_size {hidden}",
+                    dit.config.joint_attention_dim
+                ),
+            ));
+        }
+        dit.check_tensors(&p.transformer)?;
+        dit.modulation_model().check_tensors(&p.transformer)?;
+        p.vae_weights.check()?;
         // The DiT's tokens are 2×2 patches of the latent's channels.
-        let z = vae_weights.config.latent_channels();
+        let z = p.vae_weights.config.latent_channels();
         if dit.config.in_channels != 4 * z {
             return Err(Error::checkpoint(
-                vae_dir.join("config.json"),
+                &p.vae_source,
                 format!(
                     "z_dim {z} does not match the transformer's in_channels {} (4 · z_dim: 2×2 patches)",
                     dit.config.in_channels
@@ -97,12 +156,12 @@ impl QwenImagePipeline {
             ));
         }
         Ok(QwenImagePipeline {
-            text_encoder,
-            transformer,
-            encoder,
+            text_encoder: p.text_encoder,
+            transformer: p.transformer,
+            encoder: p.encoder,
             dit,
-            vae_weights,
-            scheduler,
+            vae_weights: p.vae_weights,
+            scheduler: p.scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }

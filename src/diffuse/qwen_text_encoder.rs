@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::backend::Backend;
-use crate::checkpoint::{Component, Pipeline};
+use crate::checkpoint::{safetensors, Component, Pipeline};
 use crate::error::{Error, Result};
 use crate::generate::TextCodec;
 use crate::model::llama::Segment;
@@ -76,24 +76,38 @@ impl QwenImageTextEncoder {
         })
     }
 
+    /// A single-file Qwen2.5-VL text encoder (ComfyUI's `qwen_2.5_vl_7b.safetensors`:
+    /// transformers' names, the text model under `model.` and the vision tower's `visual.*`
+    /// unused) and the tokenizer `text`. The file has no config: the widths and counts come
+    /// from the shapes, the rest is Qwen2.5-VL's (heads of 128, `rope_theta` 1e6,
+    /// `rms_norm_eps` 1e-6).
+    pub fn open_file(path: &Path, text: TextCodec) -> Result<(QwenImageTextEncoder, Component)> {
+        let tensors = safetensors::read_map(path)?;
+        let config = qwen25_text_config(path, &safetensors::shapes(&tensors))?;
+        let component = Component::from_file("text_encoder", path, tensors);
+        let model = Self::model_with(&component, path, &config)?;
+        Ok((QwenImageTextEncoder { model, text }, component))
+    }
+
     /// The text model of `component`, its tensors checked (the vision tower's and the head's
     /// are not part of it).
     pub fn model(component: &Component) -> Result<Llama> {
         let (path, json) = component.config()?;
-        let config = LlamaConfig::from_hf(path, &text_config(path, json)?)?;
+        Self::model_with(component, path, &text_config(path, json)?)
+    }
+
+    /// The text model of `component` as the Qwen2 config `json` (from `path`) says.
+    fn model_with(component: &Component, path: &Path, json: &Value) -> Result<Llama> {
+        let config = LlamaConfig::from_hf(path, json)?;
         // transformers 4.5x–5 save the language model as `model.*` (the vision tower as
         // `visual.*`); the in-memory layout of transformers ≥ 4.52 is `model.language_model.*`.
-        const EMBED: &str = "embed_tokens.weight";
-        let prefix = ["model.", "model.language_model."]
-            .into_iter()
-            .find(|p| component.tensors.contains_key(&format!("{p}{EMBED}")))
-            .ok_or_else(|| {
-                Error::checkpoint(
-                    &component.dir,
-                    format!("unknown layout: expected tensor model.{EMBED} (the token embedding of a Qwen2.5-VL text model)"),
-                )
-            })?;
-        let model = Llama::last_hidden(config, prefix);
+        let prefix = text_prefix(&component.tensors).ok_or_else(|| {
+            Error::checkpoint(
+                &component.dir,
+                format!("unknown layout: expected tensor model.{EMBED} (the token embedding of a Qwen2.5-VL text model)"),
+            )
+        })?;
+        let model = Llama::last_hidden(config, &prefix);
         model.check_tensors(component)?;
         Ok(model)
     }
@@ -274,6 +288,76 @@ pub fn text_config(path: &Path, json: &Value) -> Result<Value> {
     text.insert("rope_theta".into(), theta);
     text.insert("model_type".into(), Value::from("qwen2"));
     Ok(Value::Object(text))
+}
+
+/// The token embedding's name after the text model's prefix.
+const EMBED: &str = "embed_tokens.weight";
+
+/// Heads of every Qwen2.5-VL text model (3B to 72B), which a file without a config cannot
+/// tell from its shapes.
+const QWEN25_HEAD_DIM: usize = 128;
+
+/// What comes before the text model's names (`model.`, `model.language_model.`): the
+/// shortest prefix of a token embedding.
+fn text_prefix<T>(tensors: &std::collections::BTreeMap<String, T>) -> Option<String> {
+    safetensors::prefix_before(tensors, EMBED)
+}
+
+/// A Qwen2 config.json for the text model whose tensors have the shapes `tensors` (a file
+/// read from `path`).
+fn qwen25_text_config(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, Vec<usize>>,
+) -> Result<Value> {
+    let prefix = text_prefix(tensors).ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!("unknown layout: expected tensor model.{EMBED} (a Qwen2.5-VL text encoder's token embedding)"),
+        )
+    })?;
+    let dims = |name: &str| -> Result<Vec<usize>> {
+        let shape = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+        })?;
+        match shape.len() == 2 && !shape.contains(&0) {
+            true => Ok(shape.clone()),
+            false => Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?} is {shape:?}; expected 2 positive dimensions"),
+            )),
+        }
+    };
+    let layer = |s: &str| format!("{prefix}layers.0.{s}");
+    let embed = dims(&format!("{prefix}{EMBED}"))?; // [vocab, hidden]
+    let q = dims(&layer("self_attn.q_proj.weight"))?[0]; // [heads·128, hidden]
+    let kv = dims(&layer("self_attn.k_proj.weight"))?[0];
+    let mlp = dims(&layer("mlp.gate_proj.weight"))?[0]; // [intermediate, hidden]
+    if q % QWEN25_HEAD_DIM != 0 || kv % QWEN25_HEAD_DIM != 0 || kv == 0 {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "q_proj has {q} rows and k_proj {kv}; expected multiples of {QWEN25_HEAD_DIM} (Qwen2.5-VL's heads; the file carries no config)"
+            ),
+        ));
+    }
+    let layers = (0..)
+        .take_while(|i| tensors.contains_key(&format!("{prefix}layers.{i}.input_layernorm.weight")))
+        .count();
+    Ok(serde_json::json!({
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "vocab_size": embed[0],
+        "hidden_size": embed[1],
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": q / QWEN25_HEAD_DIM,
+        "num_key_value_heads": kv / QWEN25_HEAD_DIM,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": false,
+    }))
 }
 
 /// `head_dim` of a text config, or hidden_size / num_attention_heads.

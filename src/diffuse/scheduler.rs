@@ -72,6 +72,22 @@ impl FlowMatchConfig {
         }
     }
 
+    /// Qwen/Qwen-Image's scheduler_config.json (a shift that grows with the image, exponential,
+    /// from 0.5 at 256 tokens to 0.9 at 8192, ending at σ 0.02), for split files that carry none.
+    pub fn qwen_image() -> FlowMatchConfig {
+        FlowMatchConfig {
+            num_train_timesteps: 1000,
+            shift: 1.0,
+            use_dynamic_shifting: true,
+            base_shift: 0.5,
+            max_shift: 0.9,
+            base_image_seq_len: 256,
+            max_image_seq_len: 8192,
+            shift_terminal: Some(0.02),
+            time_shift_type: exponential(),
+        }
+    }
+
     /// Parse `json` (read from `path`), refusing the options ferry does not implement.
     pub fn from_json(path: &Path, json: &Value) -> Result<FlowMatchConfig> {
         for flag in [

@@ -47,6 +47,13 @@ impl DitPreset {
         DitPreset::list().into_iter().find(|p| p.name == name)
     }
 
+    /// This preset with transformer/config.json's `key` set to `value` (other shapes, for
+    /// tests).
+    pub fn with(mut self, key: &str, value: Value) -> DitPreset {
+        self.config[key] = value;
+        self
+    }
+
     /// transformer/config.json; `_ferry_synthetic` says what wrote it.
     pub fn config(&self) -> Value {
         let mut c = self.config.clone();

@@ -29,6 +29,7 @@ mod config;
 mod cost;
 mod modulation;
 pub mod rope;
+pub mod single_file;
 pub mod vae;
 
 pub use config::{QwenImageConfig, CLASS_NAME, PATCH};

@@ -22,7 +22,7 @@
 mod config;
 mod cost;
 mod rope;
-mod single_file;
+pub mod single_file;
 
 pub use config::ZImageConfig;
 pub use rope::AxesRope;

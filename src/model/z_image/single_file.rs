@@ -36,6 +36,11 @@ const ANCHOR: &str = "cap_embedder.1.weight";
 const ORIGINAL_QKV: &str = "layers.0.attention.qkv.weight";
 const DIFFUSERS_Q: &str = "layers.0.attention.to_q.weight";
 
+/// Whether the safetensors header `tensors` holds a Z-Image DiT.
+pub fn is_dit<T>(tensors: &BTreeMap<String, T>) -> bool {
+    safetensors::prefix_before(tensors, ANCHOR).is_some()
+}
+
 /// Open a single-file Z-Image DiT: its config inferred from the shapes, and its tensors
 /// under diffusers' names (views of the file's bytes; the fused qkv split by rows).
 pub fn open_dit_file(path: &Path) -> Result<(ZImageConfig, Component)> {
