@@ -2,6 +2,7 @@
 //! steps of the DiT → VAE decode) and image output.
 
 pub mod guidance;
+pub mod packed;
 pub mod pipeline;
 pub mod png;
 pub mod qwen_image;

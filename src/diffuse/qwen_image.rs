@@ -10,17 +10,14 @@
 
 use crate::backend::dit::DitOps;
 use crate::diffuse::guidance::TrueCfg;
-use crate::diffuse::scheduler::{qwen_image_sigmas, FlowMatchConfig, Schedule};
+pub use crate::diffuse::packed::{
+    check_noise, check_size, image_tokens, model_time, model_times, schedule, SIZE_MULTIPLE,
+    VAE_SCALE,
+};
+use crate::diffuse::scheduler::Schedule;
 use crate::error::{Error, Result};
-use crate::model::qwen_image::{DitInput, ModulationTable, QwenImage, PATCH};
+use crate::model::qwen_image::{DitInput, ModulationTable, QwenImage};
 use crate::model::Weights;
-
-/// Image pixels per latent pixel (the VAE's `vae_scale_factor`).
-pub const VAE_SCALE: usize = 8;
-
-/// Image sizes are multiples of this: a latent pixel is 8 image pixels and a DiT token 2×2
-/// latent pixels.
-pub const SIZE_MULTIPLE: usize = VAE_SCALE * PATCH;
 
 /// What to denoise.
 pub struct Denoise<'a> {
@@ -40,82 +37,6 @@ pub struct Denoise<'a> {
     /// Every step's modulation, made once ([`model_times`] of the schedule); needed by a
     /// [`QwenImage::precomputed`] DiT, which leaves those weights out.
     pub modulation: Option<&'a ModulationTable>,
-}
-
-/// The sigmas and timesteps of `steps` steps for an image of `height × width` pixels: the
-/// pipeline's `np.linspace(1, 1/steps, steps)`, shifted by `mu` for its token count when the
-/// scheduler shifts dynamically (Qwen-Image's does).
-pub fn schedule(
-    config: &FlowMatchConfig,
-    steps: usize,
-    height: usize,
-    width: usize,
-) -> Result<Schedule> {
-    check_size(height, width)?;
-    if steps == 0 {
-        return Err(Error::Flag {
-            flag: "--steps",
-            message: "0; expected at least 1 denoising step".into(),
-        });
-    }
-    let tokens = image_tokens(height, width);
-    Ok(config.schedule(&qwen_image_sigmas(steps), config.mu(tokens)))
-}
-
-/// DiT tokens of an image of `height × width` pixels (the packed latents' rows).
-pub fn image_tokens(height: usize, width: usize) -> usize {
-    (height / SIZE_MULTIPLE) * (width / SIZE_MULTIPLE)
-}
-
-/// An error unless `height × width` pixels are positive multiples of [`SIZE_MULTIPLE`].
-pub fn check_size(height: usize, width: usize) -> Result<()> {
-    for (flag, v) in [("--height", height), ("--width", width)] {
-        if v == 0 || v % SIZE_MULTIPLE != 0 {
-            return Err(Error::Flag {
-                flag,
-                message: format!(
-                    "{v} pixels; expected a positive multiple of {SIZE_MULTIPLE} (Qwen-Image's latents are 1/{VAE_SCALE} of the image, its tokens {PATCH}×{PATCH} latent pixels)"
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// An error naming `--noise` unless `noise` holds `[batch, (height/16)·(width/16),
-/// channels]` values (`channels` = the DiT's `in_channels`, 64).
-pub fn check_noise(
-    noise: &[f32],
-    batch: usize,
-    height: usize,
-    width: usize,
-    channels: usize,
-) -> Result<()> {
-    check_size(height, width)?;
-    let tokens = image_tokens(height, width);
-    let want = batch * tokens * channels;
-    if noise.len() != want || batch == 0 {
-        return Err(Error::Flag {
-            flag: "--noise",
-            message: format!(
-                "{} values; expected packed latents [{batch}, {tokens}, {channels}] = {want} values for {batch} image(s) of {height}×{width} (diffusers' latents= layout: [batch, (H/16)·(W/16), 64])",
-                noise.len()
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The DiT's time at step `i`: the pipeline's `timestep / 1000` in f32.
-pub fn model_time(schedule: &Schedule, i: usize) -> f32 {
-    schedule.timesteps[i] / 1000.0
-}
-
-/// The DiT's time of every step, in order: what a [`ModulationTable`] is made for.
-pub fn model_times(schedule: &Schedule) -> Vec<f32> {
-    (0..schedule.steps())
-        .map(|i| model_time(schedule, i))
-        .collect()
 }
 
 /// Run every step of `schedule` and return the final packed latents `[batch, tokens,
