@@ -571,32 +571,49 @@ impl ZImagePipeline {
     }
 
     fn decode_on_cpu(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, VaeDecode)> {
-        let image =
-            Vae::load(&Cpu, &self.vae_weights)?.decode(&Cpu, latents, shape, Tiling::Whole)?;
-        Ok((image, VaeDecode::CPU))
+        decode_kl_on_cpu(&self.vae_weights, latents, shape)
     }
 
-    /// Decode on the GPU within what the budget leaves once the decoder's weights are
-    /// uploaded (they stay for the phase): whole, or in the largest tiles that fit
-    /// ([`choose_tiling`]); a budget too small for the smallest tile is refused, naming the
-    /// least that would do.
     fn decode_on_gpu(
         &self,
         gpu: &Cuda,
         latents: &[f32],
         shape: [usize; 4],
     ) -> Result<(Vec<f32>, VaeDecode)> {
-        let [_, _, h, w] = shape;
-        let m = IMAGE_MEMORY;
-        let config = &self.vae_weights.config;
-        let weights = self.vae_weights.decoder_bytes(m.element_bytes);
-        let report = gpu_vae_plan(gpu, [h, w], config.scale_factor(), weights, |h, w| {
-            config.decode_peak_bytes(h, w, m)
-        })?;
-        let image =
-            Vae::load(gpu, &self.vae_weights)?.decode(gpu, latents, shape, report.tiling)?;
-        Ok((image, report))
+        decode_kl_on_gpu(gpu, &self.vae_weights, latents, shape)
     }
+}
+
+/// Decode `latents` (`shape` `[batch, channels, h, w]`, the pipeline's, before the VAE's
+/// scaling and shift) with the AutoencoderKL `vae` on the CPU, whole.
+pub(crate) fn decode_kl_on_cpu(
+    vae: &VaeWeights,
+    latents: &[f32],
+    shape: [usize; 4],
+) -> Result<(Vec<f32>, VaeDecode)> {
+    let image = Vae::load(&Cpu, vae)?.decode(&Cpu, latents, shape, Tiling::Whole)?;
+    Ok((image, VaeDecode::CPU))
+}
+
+/// [`decode_kl_on_cpu`] on `gpu`, within what the budget leaves once the decoder's weights
+/// are uploaded (they stay for the phase): whole, or in the largest tiles that fit
+/// ([`choose_tiling_by`]); a budget too small for the smallest tile is refused, naming the
+/// least that would do.
+pub(crate) fn decode_kl_on_gpu(
+    gpu: &Cuda,
+    vae: &VaeWeights,
+    latents: &[f32],
+    shape: [usize; 4],
+) -> Result<(Vec<f32>, VaeDecode)> {
+    let [_, _, h, w] = shape;
+    let m = IMAGE_MEMORY;
+    let config = &vae.config;
+    let weights = vae.decoder_bytes(m.element_bytes);
+    let report = gpu_vae_plan(gpu, [h, w], config.scale_factor(), weights, |h, w| {
+        config.decode_peak_bytes(h, w, m)
+    })?;
+    let image = Vae::load(gpu, vae)?.decode(gpu, latents, shape, report.tiling)?;
+    Ok((image, report))
 }
 
 /// How a VAE decodes an `h × w` latent (`latent`) on `gpu` within what the budget leaves
