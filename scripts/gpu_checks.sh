@@ -41,6 +41,9 @@ if [ "${1:-}" = "--build" ]; then
     qwen_bin=$(cargo test --release --test cuda_qwen_image --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-qwen-image-tests "$qwen_bin"
+    flux_bin=$(cargo test --release --test cuda_flux --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-flux-tests "$flux_bin"
     qvae_bin=$(cargo test --release --test cuda_qwen_image_vae --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-qwen-image-vae-tests "$qvae_bin"
@@ -82,6 +85,8 @@ timeout 600 "$BIN/cuda-z-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$
 
 step "the Qwen-Image DiT on the GPU: bf16 vs diffusers on the masked batch, streamed = resident (tests/cuda_qwen_image.rs)"
 timeout 600 "$BIN/cuda-qwen-image-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/qwen_image_tests.log" || status=1
+step "the Flux DiT on the GPU: bf16 vs diffusers on the batch, streamed = resident, precomputed modulation = computed (tests/cuda_flux.rs)"
+timeout 600 "$BIN/cuda-flux-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/flux_tests.log" || status=1
 step "the Qwen-Image VAE decoder on the GPU against diffusers and the CPU (tests/cuda_qwen_image_vae.rs)"
 timeout 300 "$BIN/cuda-qwen-image-vae-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/qwen_image_vae_tests.log" || status=1
 

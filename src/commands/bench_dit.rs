@@ -4,10 +4,11 @@
 //! bound and the overlap efficiency beside each streamed figure, as a table or JSON;
 //! `--timeline` draws one streamed step.
 //!
-//! The model is the `transformer/` of a diffusers Z-Image or Qwen-Image directory (`--model`),
-//! or a real shape with random weights made in memory (`--synthetic z-image-turbo`,
-//! `--synthetic qwen-image`, or any image or DiT preset of `ferry synth --list`).
-//! Inputs are random latents and caption features: the step's cost does not depend on them.
+//! The model is the `transformer/` of a diffusers Z-Image, Qwen-Image or Flux directory
+//! (`--model`), or a real shape with random weights made in memory (`--synthetic
+//! z-image-turbo`, `--synthetic qwen-image`, `--synthetic flux.1-dev`, or any image or DiT
+//! preset of `ferry synth --list`). Inputs are random latents and caption features (and
+//! Flux's pooled embedding): the step's cost does not depend on them.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -19,6 +20,7 @@ use ferry::backend::dit::DitOps;
 use ferry::backend::Backend;
 use ferry::checkpoint::{resolve_model_path, Component, DType, Pipeline};
 use ferry::diffuse::pipeline::gaussian_noise;
+use ferry::model::flux::{self, Flux, FluxConfig};
 use ferry::model::qwen_image::{self, ModulationTable, QwenImage, QwenImageConfig};
 use ferry::model::z_image::{padded, DitInput, ZImage, ZImageConfig};
 use ferry::model::{Architecture, PassShape, ResidentWeights, WeightGroup, Weights};
@@ -47,6 +49,7 @@ fn is_dit_dir(dir: &std::path::Path) -> bool {
     std::fs::read_to_string(dir.join("config.json")).is_ok_and(|s| {
         s.contains("\"ZImageTransformer2DModel\"")
             || s.contains(&format!("\"{}\"", qwen_image::CLASS_NAME))
+            || s.contains(&format!("\"{}\"", flux::CLASS_NAME))
     })
 }
 
@@ -57,15 +60,18 @@ pub enum ModulationArg {
     InSteps,
 }
 
-/// The diffusion transformers `ferry bench` times; a Qwen-Image with the table of its
-/// precomputed modulation once made.
+/// The diffusion transformers `ferry bench` times; a Qwen-Image or a Flux with the table of
+/// its precomputed modulation once made.
 enum Dit {
     ZImage(ZImage),
     QwenImage(QwenImage, Option<ModulationTable>),
+    Flux(Flux, Option<flux::ModulationTable>),
 }
 
 /// σ of every timed step.
 const SIGMA: f32 = 0.5;
+/// Flux.1-dev's guidance scale (the pipeline's default) for a Flux that embeds one.
+const GUIDANCE: f32 = 3.5;
 
 impl Dit {
     /// The DiT a transformer config.json describes, by its `_class_name`.
@@ -85,10 +91,20 @@ impl Dit {
                     None,
                 ))
             }
+            Some(flux::CLASS_NAME) => {
+                let config = FluxConfig::from_json(path, json)?;
+                Ok(Dit::Flux(
+                    match modulation.unwrap_or(ModulationArg::Precomputed) {
+                        ModulationArg::Precomputed => Flux::precomputed(config),
+                        ModulationArg::InSteps => Flux::new(config),
+                    },
+                    None,
+                ))
+            }
             _ if modulation.is_some() => Err(Error::Flag {
                 flag: "--modulation",
                 message:
-                    "applies to Qwen-Image; this DiT computes its (small) modulation in every step"
+                    "applies to Qwen-Image and Flux; this DiT computes its (small) modulation in every step"
                         .into(),
             }),
             _ => Ok(Dit::ZImage(ZImage::new(ZImageConfig::from_json(
@@ -107,6 +123,44 @@ impl Dit {
         component: &Component,
         args: &BenchArgs,
     ) -> Result<Option<f64>> {
+        if let Dit::Flux(d, table) = self {
+            if d.modulation != flux::Modulation::Precomputed {
+                return Ok(None);
+            }
+            let model = d.modulation_model();
+            let pooled = gaussian_noise(3, d.config.pooled_projection_dim);
+            let guidance = d.config.guidance_embeds.then_some(GUIDANCE);
+            let start = Instant::now();
+            let made = match gpu {
+                None => {
+                    let mut w =
+                        ResidentWeights::load(component, model.groups(), |t| Cpu.weight(t))?;
+                    model.table(&Cpu, &mut w, &[SIGMA], guidance, &[&pooled])?
+                }
+                Some(gpu) if !streamed => {
+                    let mut w =
+                        ResidentWeights::load(component, model.groups(), |t| gpu.weight(t))?;
+                    model.table(gpu, &mut w, &[SIGMA], guidance, &[&pooled])?
+                }
+                Some(gpu) => {
+                    let shape = PassShape {
+                        tokens: 1,
+                        batch: 1,
+                        past: 0,
+                    };
+                    let setup = StreamSetup::new(shape, args.host_memory.options());
+                    let mut w = stream_weights(gpu, component, &model, setup)?;
+                    model.table(gpu, &mut w, &[SIGMA], guidance, &[&pooled])?
+                }
+            };
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "[modulation precomputed for σ = {SIGMA} in {secs:.2} s: {:.2} GB of weights the steps leave out]",
+                d.modulation_params() as f64 * 2e-9
+            );
+            *table = Some(made);
+            return Ok(Some(secs));
+        }
         let Dit::QwenImage(d, table) = self else {
             return Ok(None);
         };
@@ -148,6 +202,7 @@ impl Dit {
         match self {
             Dit::ZImage(d) => d,
             Dit::QwenImage(d, _) => d,
+            Dit::Flux(d, _) => d,
         }
     }
 
@@ -155,10 +210,14 @@ impl Dit {
     /// the modulation out, the modulation model's.
     fn checkpoint_groups(&self) -> Vec<WeightGroup> {
         let mut groups = self.arch().groups().to_vec();
-        if let Dit::QwenImage(d, _) = self {
-            if d.modulation == qwen_image::Modulation::Precomputed {
+        match self {
+            Dit::QwenImage(d, _) if d.modulation == qwen_image::Modulation::Precomputed => {
                 groups.extend_from_slice(d.modulation_model().groups());
             }
+            Dit::Flux(d, _) if d.modulation == flux::Modulation::Precomputed => {
+                groups.extend_from_slice(d.modulation_model().groups());
+            }
+            _ => {}
         }
         groups
     }
@@ -167,6 +226,7 @@ impl Dit {
         match self {
             Dit::ZImage(_) => "ZImageTransformer2DModel",
             Dit::QwenImage(..) => qwen_image::CLASS_NAME,
+            Dit::Flux(..) => flux::CLASS_NAME,
         }
     }
 
@@ -174,6 +234,7 @@ impl Dit {
         match self {
             Dit::ZImage(d) => d.config.head_dim(),
             Dit::QwenImage(d, _) => d.config.head_dim(),
+            Dit::Flux(d, _) => d.config.head_dim(),
         }
     }
 
@@ -183,6 +244,7 @@ impl Dit {
         match self {
             Dit::ZImage(d) => padded(d.image_tokens(h, w)) + padded(caption),
             Dit::QwenImage(d, _) => d.image_tokens(h, w) + caption,
+            Dit::Flux(d, _) => d.image_tokens(h, w) + caption,
         }
     }
 
@@ -193,6 +255,7 @@ impl Dit {
         let (channels, width) = match self {
             Dit::ZImage(d) => (d.config.in_channels, d.config.cap_feat_dim),
             Dit::QwenImage(d, _) => (d.config.out_channels, d.config.joint_attention_dim),
+            Dit::Flux(d, _) => (d.config.latent_channels(), d.config.joint_attention_dim),
         };
         (
             gaussian_noise(1, batch * channels * h * w),
@@ -232,6 +295,25 @@ impl Dit {
                     height: h,
                     width: w,
                     timestep: &t,
+                    texts: &captions,
+                };
+                match table {
+                    Some(table) => d.forward_with(backend, weights, &input, table)?,
+                    None => d.forward(backend, weights, &input)?,
+                }
+            }
+            Dit::Flux(d, table) => {
+                // The same pooled embedding as the table was made for.
+                let pooled = gaussian_noise(3, d.config.pooled_projection_dim);
+                let pooled = vec![pooled.as_slice(); batch];
+                let guidance = vec![GUIDANCE; batch];
+                let input = flux::DitInput {
+                    latents,
+                    height: h,
+                    width: w,
+                    timestep: &t,
+                    guidance: d.config.guidance_embeds.then_some(guidance.as_slice()),
+                    pooled: &pooled,
                     texts: &captions,
                 };
                 match table {
@@ -402,7 +484,7 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
         }
     };
     let modulation = match &dit {
-        Dit::QwenImage(_, Some(_)) => "precomputed",
+        Dit::QwenImage(_, Some(_)) | Dit::Flux(_, Some(_)) => "precomputed",
         _ => "in steps",
     };
     report(

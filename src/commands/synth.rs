@@ -124,7 +124,7 @@ fn list() {
         println!(
             "  {:<24} {:<10} {:>7} params {:>10} bf16  {}",
             p.name,
-            "qwen-image",
+            p.family(),
             human_count(n),
             human_bytes(n * 2),
             p.about

@@ -6,6 +6,7 @@
 //! binds them by name ([`Bound`]); where those weights live (resident, streamed through a
 //! slot, in host memory) is not its business.
 
+pub mod flux;
 pub mod llama;
 pub mod qwen_image;
 pub mod vae;

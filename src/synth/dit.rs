@@ -1,5 +1,6 @@
 //! Diffusion transformers of real shapes on their own, for DiT benchmarks: Qwen-Image's DiT
-//! (the whole pipeline is `qwen-image-pipeline`, which reuses these presets). Written as a
+//! (the whole pipeline is `qwen-image-pipeline`, which reuses these presets) and Flux.1's.
+//! Written as a
 //! diffusers directory that holds only the transformer (`model_index.json` lists it alone,
 //! and `transformer/` has its config.json and safetensors shards), which `ferry bench
 //! --model` times; or made in memory (`ferry bench --synthetic qwen-image`).
@@ -15,8 +16,9 @@ use super::shards::{write_json, write_sharded, Spec};
 use super::{check_options, WriteOptions, WriteReport};
 use crate::checkpoint::DType;
 use crate::error::{Error, Result};
+use crate::model::flux::{self, Flux, FluxConfig};
 use crate::model::qwen_image::{QwenImage, QwenImageConfig, CLASS_NAME};
-use crate::model::Architecture;
+use crate::model::{Architecture, WeightGroup};
 
 /// A DiT preset: its transformer config.json.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,7 +36,7 @@ pub struct DitPreset {
 impl DitPreset {
     /// Every DiT preset, smallest first.
     pub fn list() -> Vec<DitPreset> {
-        vec![qwen_image_tiny(), qwen_image()]
+        vec![qwen_image_tiny(), flux_tiny(), flux_dev(), qwen_image()]
     }
 
     /// The names `by_name` accepts, comma-separated.
@@ -63,18 +65,33 @@ impl DitPreset {
         c
     }
 
-    /// The model of this preset.
-    pub fn model(&self) -> QwenImage {
+    /// The architecture's family, for `ferry synth --list`.
+    pub fn family(&self) -> &'static str {
+        match self.class_name {
+            flux::CLASS_NAME => "flux",
+            _ => "qwen-image",
+        }
+    }
+
+    /// The weight groups of this preset's model (computing its modulation in the steps:
+    /// every tensor of the checkpoint).
+    pub fn groups(&self) -> Vec<WeightGroup> {
         let path = Path::new(self.name).join("transformer/config.json");
-        let config = QwenImageConfig::from_json(&path, &self.config())
-            .expect("a preset's transformer config is valid");
-        QwenImage::new(config)
+        let json = self.config();
+        let valid = "a preset's transformer config is valid";
+        match self.class_name {
+            flux::CLASS_NAME => Flux::new(FluxConfig::from_json(&path, &json).expect(valid))
+                .groups()
+                .to_vec(),
+            _ => QwenImage::new(QwenImageConfig::from_json(&path, &json).expect(valid))
+                .groups()
+                .to_vec(),
+        }
     }
 
     /// The transformer's tensors in pass order, with their shapes.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        self.model()
-            .groups()
+        self.groups()
             .iter()
             .flat_map(|g| &g.tensors)
             .map(|t| (t.name.clone(), t.shape.clone()))
@@ -196,6 +213,56 @@ fn qwen_image_tiny() -> DitPreset {
             "num_layers": 2,
             "out_channels": 16,
             "patch_size": 2,
+        }),
+    }
+}
+
+/// black-forest-labs/FLUX.1-dev's transformer/config.json: 19 double-stream and 38
+/// single-stream blocks of 24 heads × 128, T5-XXL's text features (4096), CLIP-L's pooled
+/// embedding (768), the guidance scale embedded; `axes_dims_rope` and `out_channels` as
+/// diffusers fills them in.
+fn flux_dev() -> DitPreset {
+    DitPreset {
+        name: "flux.1-dev",
+        about: "black-forest-labs/FLUX.1-dev",
+        pipeline_class: "FluxPipeline",
+        class_name: flux::CLASS_NAME,
+        config: json!({
+            "attention_head_dim": 128,
+            "axes_dims_rope": [16, 56, 56],
+            "guidance_embeds": true,
+            "in_channels": 64,
+            "joint_attention_dim": 4096,
+            "num_attention_heads": 24,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "out_channels": null,
+            "patch_size": 1,
+            "pooled_projection_dim": 768,
+        }),
+    }
+}
+
+/// The shape of tests/fixtures/flux (2 double and 2 single blocks, 2 heads of 16), small
+/// enough to run on the CPU in tests.
+fn flux_tiny() -> DitPreset {
+    DitPreset {
+        name: "flux-tiny",
+        about: "the shapes of tests/fixtures/flux (tests)",
+        pipeline_class: "FluxPipeline",
+        class_name: flux::CLASS_NAME,
+        config: json!({
+            "attention_head_dim": 16,
+            "axes_dims_rope": [4, 6, 6],
+            "guidance_embeds": true,
+            "in_channels": 16,
+            "joint_attention_dim": 40,
+            "num_attention_heads": 2,
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "out_channels": null,
+            "patch_size": 1,
+            "pooled_projection_dim": 24,
         }),
     }
 }

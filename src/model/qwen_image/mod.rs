@@ -44,9 +44,9 @@ use crate::backend::dit::{DitOps, Pointwise};
 use crate::error::{Error, Result};
 
 /// Width of the sinusoidal timestep features.
-const T_FREQ_DIM: usize = 256;
+pub(super) const T_FREQ_DIM: usize = 256;
 /// The sinusoid's longest period.
-const T_MAX_PERIOD: f64 = 10000.0;
+pub(super) const T_MAX_PERIOD: f64 = 10000.0;
 /// The timestep projection's `scale` (diffusers' `Timesteps(…, scale=1000)`).
 const T_SCALE: f32 = 1000.0;
 /// Epsilon of every norm: the blocks' LayerNorms and q/k RMSNorms (the block's `eps=1e-6`),
@@ -93,13 +93,13 @@ pub enum Modulation {
 const EMBEDDERS: usize = 0;
 
 /// `x @ weightᵀ + bias`.
-struct Linear<'a, W> {
-    weight: &'a W,
-    bias: &'a W,
+pub(super) struct Linear<'a, W> {
+    pub weight: &'a W,
+    pub bias: &'a W,
 }
 
 impl<W> Linear<'_, W> {
-    fn forward<B: DitOps<Weight = W>>(
+    pub fn forward<B: DitOps<Weight = W>>(
         &self,
         backend: &B,
         x: &B::Activation,
@@ -783,7 +783,7 @@ impl<A> Source<'_, A> {
 }
 
 /// `[batch, cols]`: each sample's row of `per_sigma` (`[1, cols]` for each distinct σ).
-fn per_sample<B: DitOps>(
+pub(super) fn per_sample<B: DitOps>(
     backend: &B,
     per_sigma: &[B::Activation],
     of_sample: &[usize],
@@ -899,7 +899,7 @@ fn timestep_embedder<'a, W>(w: &Bound<'a, W>) -> TimestepEmbedder<'a, W> {
 const TIMESTEP_EMBEDDER: &str = "time_text_embed.timestep_embedder";
 
 /// A linear's weight `[rows, cols]` and bias `[rows]` specs under `name`.
-fn linear_specs(out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize) {
+pub(super) fn linear_specs(out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize) {
     out.push(TensorSpec::new(format!("{name}.weight"), &[rows, cols]));
     out.push(TensorSpec::new(format!("{name}.bias"), &[rows]));
 }

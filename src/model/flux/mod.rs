@@ -1,0 +1,1132 @@
+//! Flux.1's diffusion transformer (diffusers `FluxTransformer2DModel`, 11.9 B parameters):
+//! double-stream MMDiT blocks, then single-stream blocks over the joined `[text, image]`
+//! tokens of each sample.
+//!
+//! One pass is one denoising step for every sample of a batch: each group's weights are
+//! asked for once and serve all samples. Samples are stacked row-wise with no padding between
+//! them and never attend to each other. The pipeline feeds all 512 tokens of T5's padded
+//! prompt with no mask; a sample's text may have any length here (every text token sits at
+//! RoPE position 0).
+//!
+//! Inputs and output are the pipeline's packed latents (`_pack_latents`, the same layout as
+//! Qwen-Image's): `[batch, (h/2)·(w/2), 4·C]`; see [`pack_latents`]. RoPE: see [`rope`].
+//!
+//! The conditioning (`temb`, `[batch, dim]`) embeds the timestep, the guidance scale (Flux.1
+//! -dev) and CLIP's pooled prompt embedding:
+//! ```text
+//! temb = MLP_t(sinusoids(σ·1000)) + MLP_g(sinusoids(guidance·1000)) + MLP_p(pooled)
+//! ```
+//! A double block, per stream (diffusers' `FluxTransformerBlock`):
+//! ```text
+//! shift1, scale1, gate1, shift2, scale2, gate2 = norm1.linear(silu(temb))  // norm1_context for text
+//! h = LayerNorm(x) · (1 + scale1) + shift1
+//! q, k, v = linear(h), RMSNorm per head on q and k, RoPE on q and k
+//! a = joint attention over [text, image] of each sample, then the stream's output linear
+//! x = x + gate1 · a
+//! x = x + gate2 · MLP(LayerNorm(x) · (1 + scale2) + shift2)       // GELU-tanh, 4·dim hidden
+//! ```
+//! A single block over `x = [text, image]` (`FluxSingleTransformerBlock`):
+//! ```text
+//! shift, scale, gate = norm.linear(silu(temb))
+//! h = LayerNorm(x) · (1 + scale) + shift
+//! a = attention(h) (q, k, v, RMSNorm on q and k, RoPE; no output linear)
+//! x = x + gate · proj_out([a, gelu_tanh(proj_mlp(h))])
+//! ```
+//! Then `norm_out` (`LayerNorm(x) · (1 + scale) + shift`, scale first) and `proj_out` on the
+//! image tokens.
+
+mod config;
+mod cost;
+mod modulation;
+pub mod rope;
+
+pub use super::qwen_image::{pack_latents, unpack_latents, Modulation};
+pub use config::{FluxConfig, CLASS_NAME};
+pub use modulation::{FluxModulation, ModulationTable};
+pub use rope::FluxRope;
+
+use std::ops::Range;
+
+use super::qwen_image::{linear_specs, per_sample, Linear, T_FREQ_DIM, T_MAX_PERIOD};
+use super::z_image::Trace;
+use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
+use crate::backend::dit::{DitOps, Pointwise};
+use crate::error::{Error, Result};
+
+/// The patch the pipeline packs.
+pub const PATCH: usize = 2;
+/// diffusers multiplies the σ and the guidance scale it is given by 1000 before the
+/// sinusoids.
+const T_SCALE: f32 = 1000.0;
+/// Epsilon of every norm: the LayerNorms, the q/k RMSNorms, `norm_out`.
+const EPS: f32 = 1e-6;
+
+/// The inputs of one pass.
+pub struct DitInput<'a> {
+    /// `[batch, (height/2)·(width/2), in_channels]` f32: the packed latents being denoised
+    /// (see [`pack_latents`]).
+    pub latents: &'a [f32],
+    /// Latent pixels (the image's pixels / 8); even.
+    pub height: usize,
+    pub width: usize,
+    /// `[batch]`: each sample's σ, the pipeline's `timestep / 1000` (1 at the first step).
+    pub timestep: &'a [f32],
+    /// `[batch]`: each sample's guidance scale as the pipeline gives it (3.5), for a model
+    /// with `guidance_embeds`; `None` for one without (Flux.1-schnell).
+    pub guidance: Option<&'a [f32]>,
+    /// One per sample, `[pooled_projection_dim]` f32: CLIP's pooled prompt embedding.
+    pub pooled: &'a [&'a [f32]],
+    /// One per sample, `[tokens, joint_attention_dim]` f32: T5's features of the prompt (the
+    /// pipeline's 512 padded tokens).
+    pub texts: &'a [&'a [f32]],
+}
+
+pub struct Flux {
+    pub config: FluxConfig,
+    /// Whether a pass computes the modulation from the conditioning or takes it from a
+    /// [`ModulationTable`] (then its groups leave those weights out).
+    pub modulation: Modulation,
+    groups: Vec<WeightGroup>,
+    rope: FluxRope,
+}
+
+/// Where each part sits among the groups, in pass order.
+const EMBEDDERS: usize = 0;
+
+/// A two-layer MLP with SiLU between (`TimestepEmbedding`, `PixArtAlphaTextProjection`):
+/// `linear_2(silu(linear_1(x)))`.
+struct Mlp<'a, W> {
+    linear_1: Linear<'a, W>,
+    linear_2: Linear<'a, W>,
+}
+
+impl<W> Mlp<'_, W> {
+    fn forward<B: DitOps<Weight = W>>(
+        &self,
+        backend: &B,
+        x: &B::Activation,
+    ) -> Result<B::Activation> {
+        let mut h = self.linear_1.forward(backend, x)?;
+        backend.pointwise(&mut h, Pointwise::Silu)?;
+        self.linear_2.forward(backend, &h)
+    }
+}
+
+/// `time_text_embed` (`CombinedTimestepGuidanceTextProjEmbeddings`, or
+/// `CombinedTimestepTextProjEmbeddings` without guidance).
+struct TimeTextEmbed<'a, W> {
+    timestep: Mlp<'a, W>,
+    guidance: Option<Mlp<'a, W>>,
+    text: Mlp<'a, W>,
+}
+
+/// The embedders' group.
+struct Embedders<'a, W> {
+    /// With [`Modulation::InSteps`] only.
+    time_text: Option<TimeTextEmbed<'a, W>>,
+    x_embedder: Linear<'a, W>,
+    context_embedder: Linear<'a, W>,
+}
+
+/// One stream's attention and MLP weights in a double block, under the image's names
+/// (`attn.to_q`, `attn.norm_q`, `attn.to_out.0`, `ff.net.0.proj`, `ff.net.2`) or the text's
+/// (`attn.add_q_proj`, `attn.norm_added_q`, `attn.to_add_out`, `ff_context.…`).
+struct StreamWeights<'a, W> {
+    /// `silu(temb)` → the six vectors; with [`Modulation::InSteps`] only.
+    modulation: Option<Linear<'a, W>>,
+    to_q: Linear<'a, W>,
+    to_k: Linear<'a, W>,
+    to_v: Linear<'a, W>,
+    norm_q: &'a W,
+    norm_k: &'a W,
+    to_out: Linear<'a, W>,
+    ff_in: Linear<'a, W>,
+    ff_out: Linear<'a, W>,
+}
+
+/// One double-stream block (`transformer_blocks.N`).
+struct DoubleBlock<'a, W> {
+    img: StreamWeights<'a, W>,
+    txt: StreamWeights<'a, W>,
+}
+
+/// One single-stream block (`single_transformer_blocks.N`).
+struct SingleBlock<'a, W> {
+    /// `norm.linear`: `silu(temb)` → shift, scale, gate; with [`Modulation::InSteps`] only.
+    modulation: Option<Linear<'a, W>>,
+    to_q: Linear<'a, W>,
+    to_k: Linear<'a, W>,
+    to_v: Linear<'a, W>,
+    norm_q: &'a W,
+    norm_k: &'a W,
+    proj_mlp: Linear<'a, W>,
+    /// `[dim, dim + ffn]`: over the attention's columns, then the MLP's.
+    proj_out: Linear<'a, W>,
+}
+
+/// `norm_out` (AdaLayerNormContinuous: `silu(temb)` → scale, shift) and `proj_out`.
+struct FinalLayer<'a, W> {
+    /// With [`Modulation::InSteps`] only.
+    norm_out: Option<Linear<'a, W>>,
+    proj_out: Linear<'a, W>,
+}
+
+/// The tensor names of one stream in a double block, relative to `transformer_blocks.N.`.
+struct StreamNames {
+    modulation: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    norm_q: &'static str,
+    norm_k: &'static str,
+    out: &'static str,
+    ff: &'static str,
+}
+
+const IMAGE_NAMES: StreamNames = StreamNames {
+    modulation: "norm1.linear",
+    q: "attn.to_q",
+    k: "attn.to_k",
+    v: "attn.to_v",
+    norm_q: "attn.norm_q",
+    norm_k: "attn.norm_k",
+    out: "attn.to_out.0",
+    ff: "ff",
+};
+
+const TEXT_NAMES: StreamNames = StreamNames {
+    modulation: "norm1_context.linear",
+    q: "attn.add_q_proj",
+    k: "attn.add_k_proj",
+    v: "attn.add_v_proj",
+    norm_q: "attn.norm_added_q",
+    norm_k: "attn.norm_added_k",
+    out: "attn.to_add_out",
+    ff: "ff_context",
+};
+
+const TIMESTEP_EMBEDDER: &str = "time_text_embed.timestep_embedder";
+const GUIDANCE_EMBEDDER: &str = "time_text_embed.guidance_embedder";
+const TEXT_EMBEDDER: &str = "time_text_embed.text_embedder";
+
+/// Activations `x` `[rows, dim]`, the rows of each sample, and their RoPE table
+/// `[rows, head_dim]`.
+struct Stream<A, R> {
+    x: A,
+    rows: Vec<Range<usize>>,
+    rope: R,
+}
+
+/// q, k, v after norms and RoPE, `[rows, dim]` each.
+struct Qkv<A> {
+    q: A,
+    k: A,
+    v: A,
+}
+
+/// A double-block stream's modulation: `[batch, dim]` each.
+struct ModVectors<A> {
+    shift1: A,
+    scale1: A,
+    gate1: A,
+    shift2: A,
+    scale2: A,
+    gate2: A,
+}
+
+/// The token grid and each sample's text length.
+struct Layout {
+    rows: usize,
+    cols: usize,
+    image_tokens: usize,
+    text_tokens: Vec<usize>,
+}
+
+impl Layout {
+    fn batch(&self) -> usize {
+        self.text_tokens.len()
+    }
+
+    /// Each sample's rows in the image stream.
+    fn image(&self) -> Vec<Range<usize>> {
+        let n = self.image_tokens;
+        (0..self.batch()).map(|s| s * n..(s + 1) * n).collect()
+    }
+
+    /// Each sample's rows in the text stream.
+    fn text(&self) -> Vec<Range<usize>> {
+        let mut start = 0;
+        self.text_tokens
+            .iter()
+            .map(|&l| {
+                start += l;
+                start - l..start
+            })
+            .collect()
+    }
+
+    /// Each sample's rows in the joint sequence: its text, then its image.
+    fn joint(&self) -> Vec<Range<usize>> {
+        let mut start = 0;
+        self.text_tokens
+            .iter()
+            .map(|&l| {
+                start += l + self.image_tokens;
+                start - l - self.image_tokens..start
+            })
+            .collect()
+    }
+}
+
+/// What a sample's modulation depends on.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Condition<'a> {
+    pub sigma: f32,
+    pub guidance: Option<f32>,
+    pub pooled: &'a [f32],
+}
+
+impl Condition<'_> {
+    /// The same bits: the same modulation.
+    pub fn same(&self, other: &Condition<'_>) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.sigma.to_bits() == other.sigma.to_bits()
+            && self.guidance.map(f32::to_bits) == other.guidance.map(f32::to_bits)
+            && bits(self.pooled) == bits(other.pooled)
+    }
+}
+
+/// Each distinct condition of a pass, and the index among them of each sample's.
+pub(super) struct Conditions<'a> {
+    pub values: Vec<Condition<'a>>,
+    pub of_sample: Vec<usize>,
+}
+
+impl<'a> Conditions<'a> {
+    /// `conditions`' distinct values (by their bits) in order of first appearance.
+    pub fn of(conditions: impl IntoIterator<Item = Condition<'a>>) -> Conditions<'a> {
+        let mut values: Vec<Condition<'a>> = Vec::new();
+        let of_sample = conditions
+            .into_iter()
+            .map(|c| match values.iter().position(|v| v.same(&c)) {
+                Some(k) => k,
+                None => {
+                    values.push(c);
+                    values.len() - 1
+                }
+            })
+            .collect();
+        Conditions { values, of_sample }
+    }
+}
+
+impl Flux {
+    /// Passes that compute their modulation ([`Modulation::InSteps`]).
+    pub fn new(config: FluxConfig) -> Flux {
+        Self::with(config, Modulation::InSteps)
+    }
+
+    /// Passes that take their modulation from a [`ModulationTable`]
+    /// ([`Modulation::Precomputed`]): [`modulation_model`](Self::modulation_model) makes it.
+    pub fn precomputed(config: FluxConfig) -> Flux {
+        Self::with(config, Modulation::Precomputed)
+    }
+
+    fn with(config: FluxConfig, modulation: Modulation) -> Flux {
+        let groups = weight_groups(&config, modulation);
+        let rope = FluxRope::new(&config.axes_dims_rope);
+        Flux {
+            config,
+            modulation,
+            groups,
+            rope,
+        }
+    }
+
+    /// The model of the weights this one's passes leave out with
+    /// [`Modulation::Precomputed`]: it makes their [`ModulationTable`].
+    pub fn modulation_model(&self) -> FluxModulation {
+        FluxModulation::new(self.config.clone())
+    }
+
+    fn double_group(&self, i: usize) -> usize {
+        1 + i
+    }
+    fn single_group(&self, i: usize) -> usize {
+        1 + self.config.num_layers + i
+    }
+    fn final_group(&self) -> usize {
+        1 + self.config.num_layers + self.config.num_single_layers
+    }
+
+    /// Image tokens of a `height × width` latent.
+    pub fn image_tokens(&self, height: usize, width: usize) -> usize {
+        (height / PATCH) * (width / PATCH)
+    }
+
+    /// One denoising step for every sample: the transformer's output, `[batch, tokens,
+    /// in_channels]` f32 packed as its input, in sample order, as diffusers' transformer
+    /// returns it (the velocity the pipeline's scheduler steps along).
+    pub fn forward<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+    ) -> Result<Vec<f32>> {
+        self.pass(backend, weights, input, None, None)
+    }
+
+    /// [`forward`](Self::forward) with every sample's modulation from `table` (which must
+    /// hold each sample's σ, guidance and pooled embedding): the same bits as computing it
+    /// in the pass.
+    pub fn forward_with<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        table: &ModulationTable,
+    ) -> Result<Vec<f32>> {
+        self.pass(backend, weights, input, Some(table), None)
+    }
+
+    /// [`forward`](Self::forward), handing `trace` the intermediates on the host (for tests
+    /// against diffusers' hooks): `temb` `[batch, dim]`; `x_embedder` `[batch·n, dim]`;
+    /// `context_embedder` `[Σ L, dim]`; `img_freqs` `[n, head_dim]` (one sample's RoPE
+    /// table); per double block `double.{i}.img`, `double.{i}.txt` (its outputs); per single
+    /// block `single.{i}` `[Σ (L + n), dim]` (each sample's text, then its image);
+    /// `norm_out` `[batch·n, dim]`.
+    pub fn forward_traced<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<f32>> {
+        self.pass(backend, weights, input, None, trace)
+    }
+
+    /// One pass, its modulation from `table` or, without one, computed.
+    fn pass<B: DitOps>(
+        &self,
+        backend: &B,
+        weights: &mut impl Weights<B::Weight>,
+        input: &DitInput<'_>,
+        table: Option<&ModulationTable>,
+        mut trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let layout = self.check_input(input)?;
+        let batch = layout.batch();
+        let conditions = Conditions::of((0..batch).map(|s| Condition {
+            sigma: input.timestep[s],
+            guidance: input.guidance.map(|g| g[s]),
+            pooled: input.pooled[s],
+        }));
+        let table = match (table, self.modulation) {
+            (Some(t), _) => Some(t.entries(c, &conditions)?),
+            (None, Modulation::InSteps) => None,
+            (None, Modulation::Precomputed) => {
+                return Err(Error::Flag {
+                    flag: "DiT input",
+                    message: "this Flux DiT leaves its modulation weights out; expected a modulation table (forward_with)".into(),
+                })
+            }
+        };
+        let head_dim = c.head_dim();
+        // RoPE tables (host f32): every sample's image at the same positions, every text
+        // token at the origin.
+        let image_table = self
+            .rope
+            .table(&rope::image_positions(layout.rows, layout.cols));
+        let total_text: usize = layout.text_tokens.iter().sum();
+        if let Some(t) = trace.as_deref_mut() {
+            t("img_freqs", image_table.clone());
+        }
+        let mut tap = |name: &str, x: &B::Activation| -> Result<()> {
+            if let Some(t) = trace.as_deref_mut() {
+                t(name, backend.to_host(x)?);
+            }
+            Ok(())
+        };
+
+        // The embedders: the conditioning, image tokens, text features.
+        let (source, img, txt) = {
+            let w = self.embedders(weights.group(EMBEDDERS)?);
+            let source = match (table, &w.time_text) {
+                (Some(rows), _) => Source::Table(rows),
+                (None, Some(te)) => {
+                    // Each distinct condition once, one row a pass ([1, dim]), as the table
+                    // makes them.
+                    let mut silu = Vec::with_capacity(conditions.values.len());
+                    let mut temb = Vec::with_capacity(conditions.values.len());
+                    for cond in &conditions.values {
+                        let (t, s) = te.embed(backend, cond)?;
+                        temb.push(t);
+                        silu.push(s);
+                    }
+                    tap("temb", &per_sample(backend, &temb, &conditions.of_sample)?)?;
+                    Source::Computed(silu)
+                }
+                (None, None) => {
+                    unreachable!("a Flux without modulation weights asks for a table")
+                }
+            };
+            // [batch·n, in_channels] → [batch·n, dim]
+            let latents =
+                backend.upload(input.latents, batch * layout.image_tokens, c.in_channels)?;
+            let img = w.x_embedder.forward(backend, &latents)?;
+            drop(latents);
+            tap("x_embedder", &img)?;
+            // [Σ L, joint_attention_dim] → [Σ L, dim]
+            let feats = backend.upload(&input.texts.concat(), total_text, c.joint_attention_dim)?;
+            let txt = w.context_embedder.forward(backend, &feats)?;
+            drop(feats);
+            tap("context_embedder", &txt)?;
+            (source, img, txt)
+        };
+
+        let mut img = Stream {
+            x: img,
+            rows: layout.image(),
+            rope: backend.rope_table(
+                &image_table.repeat(batch),
+                batch * layout.image_tokens,
+                head_dim,
+            )?,
+        };
+        let mut txt = Stream {
+            x: txt,
+            rows: layout.text(),
+            rope: backend.rope_table(&self.rope.text_table(total_text), total_text, head_dim)?,
+        };
+        let joint = layout.joint();
+
+        // The modulation linear's vectors for every sample, `[batch, cols]`.
+        let vectors = |w: Option<&Linear<'_, B::Weight>>,
+                       pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32]|
+         -> Result<B::Activation> {
+            let per_condition = source.vectors(backend, w, pick)?;
+            per_sample(backend, &per_condition, &conditions.of_sample)
+        };
+
+        for i in 0..c.num_layers {
+            let g = self.double_group(i);
+            let w = self.double_block(g, i, weights.group(g)?);
+            let img_mod = six(
+                backend,
+                &vectors(w.img.modulation.as_ref(), &|e| e.double(i, 0))?,
+            )?;
+            let txt_mod = six(
+                backend,
+                &vectors(w.txt.modulation.as_ref(), &|e| e.double(i, 1))?,
+            )?;
+            self.double_forward(
+                backend,
+                &w,
+                &mut img,
+                &mut txt,
+                &joint,
+                (&img_mod, &txt_mod),
+            )?;
+            tap(&format!("double.{i}.img"), &img.x)?;
+            tap(&format!("double.{i}.txt"), &txt.x)?;
+        }
+
+        // The streams join: each sample's text, then its image.
+        let mut x = {
+            let mut parts = Vec::with_capacity(2 * batch);
+            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
+                parts.push(backend.rows(&txt.x, tr.start, tr.len())?);
+                parts.push(backend.rows(&img.x, ir.start, ir.len())?);
+            }
+            let x = backend.concat_rows(&parts)?;
+            drop(parts);
+            let table: Vec<f32> = layout
+                .text_tokens
+                .iter()
+                .flat_map(|&l| {
+                    let mut t = self.rope.text_table(l);
+                    t.extend_from_slice(&image_table);
+                    t
+                })
+                .collect();
+            let rows = total_text + batch * layout.image_tokens;
+            Stream {
+                x,
+                rows: joint.clone(),
+                rope: backend.rope_table(&table, rows, head_dim)?,
+            }
+        };
+        drop((img, txt, image_table));
+
+        for i in 0..c.num_single_layers {
+            let g = self.single_group(i);
+            let w = self.single_block(g, i, weights.group(g)?);
+            let m = vectors(w.modulation.as_ref(), &|e| e.single(i))?;
+            let m = backend.split_cols(&m, 3)?; // shift, scale, gate
+            self.single_forward(backend, &w, &mut x, (&m[0], &m[1], &m[2]))?;
+            tap(&format!("single.{i}"), &x.x)?;
+        }
+
+        // The image tokens of each sample.
+        let img_rows = layout.image();
+        let img = {
+            let parts = joint
+                .iter()
+                .zip(&layout.text_tokens)
+                .map(|(j, &l)| backend.rows(&x.x, j.start + l, layout.image_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            backend.concat_rows(&parts)?
+        };
+        drop(x);
+
+        // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
+        let out = {
+            let w = self.final_weights(weights.group(self.final_group())?);
+            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?; // [batch, 2·dim]
+            let m = backend.split_cols(&emb, 2)?;
+            let mut h = backend.layer_norm(&img, EPS)?;
+            backend.modulate(&mut h, &img_rows, &m[0], Some(&m[1]))?;
+            tap("norm_out", &h)?;
+            let out = w.proj_out.forward(backend, &h)?; // [batch·n, out_channels]
+            backend.to_host(&out)?
+        };
+        weights.finish_pass()?;
+        Ok(out)
+    }
+
+    /// A double block over both streams in place.
+    fn double_forward<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &DoubleBlock<'_, B::Weight>,
+        img: &mut Stream<B::Activation, B::RopeTable>,
+        txt: &mut Stream<B::Activation, B::RopeTable>,
+        joint: &[Range<usize>],
+        (img_mod, txt_mod): (&ModVectors<B::Activation>, &ModVectors<B::Activation>),
+    ) -> Result<()> {
+        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
+
+        // Attention: each stream's q, k, v, then each sample's [text, image] together.
+        let attn_in = |s: &Stream<B::Activation, B::RopeTable>, m: &ModVectors<B::Activation>| {
+            let mut h = backend.layer_norm(&s.x, EPS)?;
+            backend.modulate(&mut h, &s.rows, &m.scale1, Some(&m.shift1))?;
+            Ok::<_, Error>(h)
+        };
+        let h = attn_in(img, img_mod)?;
+        let img_qkv = self.qkv(
+            backend,
+            &h,
+            &img.rope,
+            [&w.img.to_q, &w.img.to_k, &w.img.to_v],
+            [w.img.norm_q, w.img.norm_k],
+        )?;
+        let h = attn_in(txt, txt_mod)?;
+        let txt_qkv = self.qkv(
+            backend,
+            &h,
+            &txt.rope,
+            [&w.txt.to_q, &w.txt.to_k, &w.txt.to_v],
+            [w.txt.norm_q, w.txt.norm_k],
+        )?;
+        drop(h);
+        let interleave = |t: &B::Activation, i: &B::Activation| -> Result<B::Activation> {
+            let mut parts = Vec::with_capacity(2 * joint.len());
+            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
+                parts.push(backend.rows(t, tr.start, tr.len())?);
+                parts.push(backend.rows(i, ir.start, ir.len())?);
+            }
+            backend.concat_rows(&parts)
+        };
+        let q = interleave(&txt_qkv.q, &img_qkv.q)?;
+        let k = interleave(&txt_qkv.k, &img_qkv.k)?;
+        let v = interleave(&txt_qkv.v, &img_qkv.v)?;
+        drop((img_qkv, txt_qkv));
+        let a = backend.attention_within(&q, &k, &v, joint, heads, head_dim)?;
+        drop((q, k, v));
+        // Back to the streams: each sample's first rows are its text.
+        let (mut img_a, mut txt_a) = (Vec::new(), Vec::new());
+        for ((j, tr), ir) in joint.iter().zip(&txt.rows).zip(&img.rows) {
+            txt_a.push(backend.rows(&a, j.start, tr.len())?);
+            img_a.push(backend.rows(&a, j.start + tr.len(), ir.len())?);
+        }
+        drop(a);
+        let img_a = w
+            .img
+            .to_out
+            .forward(backend, &backend.concat_rows(&img_a)?)?;
+        let txt_a = w
+            .txt
+            .to_out
+            .forward(backend, &backend.concat_rows(&txt_a)?)?;
+        backend.add_gated(&mut img.x, &img.rows, &img_mod.gate1, &img_a)?;
+        backend.add_gated(&mut txt.x, &txt.rows, &txt_mod.gate1, &txt_a)?;
+        drop((img_a, txt_a));
+
+        // Each stream's MLP.
+        for (s, sw, m) in [(&mut *img, &w.img, img_mod), (&mut *txt, &w.txt, txt_mod)] {
+            let mut h = backend.layer_norm(&s.x, EPS)?;
+            backend.modulate(&mut h, &s.rows, &m.scale2, Some(&m.shift2))?;
+            let mut hidden = sw.ff_in.forward(backend, &h)?; // [rows, 4·dim]
+            drop(h);
+            backend.pointwise(&mut hidden, Pointwise::GeluTanh)?;
+            let y = sw.ff_out.forward(backend, &hidden)?;
+            drop(hidden);
+            backend.add_gated(&mut s.x, &s.rows, &m.gate2, &y)?;
+        }
+        Ok(())
+    }
+
+    /// A single block over the joint stream in place: attention and MLP side by side from
+    /// the same modulated input.
+    fn single_forward<B: DitOps>(
+        &self,
+        backend: &B,
+        w: &SingleBlock<'_, B::Weight>,
+        x: &mut Stream<B::Activation, B::RopeTable>,
+        (shift, scale, gate): (&B::Activation, &B::Activation, &B::Activation),
+    ) -> Result<()> {
+        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
+        let mut h = backend.layer_norm(&x.x, EPS)?;
+        backend.modulate(&mut h, &x.rows, scale, Some(shift))?;
+        let mut mlp = w.proj_mlp.forward(backend, &h)?; // [rows, 4·dim]
+        backend.pointwise(&mut mlp, Pointwise::GeluTanh)?;
+        let qkv = self.qkv(
+            backend,
+            &h,
+            &x.rope,
+            [&w.to_q, &w.to_k, &w.to_v],
+            [w.norm_q, w.norm_k],
+        )?;
+        drop(h);
+        let a = backend.attention_within(&qkv.q, &qkv.k, &qkv.v, &x.rows, heads, head_dim)?;
+        drop(qkv);
+        let joined = backend.concat_cols(vec![a, mlp])?; // [rows, dim + 4·dim]
+        let y = w.proj_out.forward(backend, &joined)?;
+        drop(joined);
+        backend.add_gated(&mut x.x, &x.rows, gate, &y)
+    }
+
+    /// Attention inputs from the modulated `h`: q, k, v (bias), RMSNorm per head on q and
+    /// k, RoPE on q and k.
+    fn qkv<B: DitOps>(
+        &self,
+        backend: &B,
+        h: &B::Activation,
+        rope: &B::RopeTable,
+        [to_q, to_k, to_v]: [&Linear<'_, B::Weight>; 3],
+        [norm_q, norm_k]: [&B::Weight; 2],
+    ) -> Result<Qkv<B::Activation>> {
+        let head_dim = self.config.head_dim();
+        let normed = |proj: &Linear<'_, B::Weight>, norm| -> Result<B::Activation> {
+            backend.rms_norm(&proj.forward(backend, h)?, norm, EPS)
+        };
+        let mut q = normed(to_q, norm_q)?;
+        let mut k = normed(to_k, norm_k)?;
+        let v = to_v.forward(backend, h)?;
+        backend.rope_interleaved(&mut q, rope, head_dim)?;
+        backend.rope_interleaved(&mut k, rope, head_dim)?;
+        Ok(Qkv { q, k, v })
+    }
+
+    /// Check a pass's inputs and lay out its rows.
+    fn check_input(&self, input: &DitInput<'_>) -> Result<Layout> {
+        let c = &self.config;
+        let batch = input.timestep.len();
+        let bad = |flag: &'static str, message: String| Error::Flag { flag, message };
+        if batch == 0 || input.texts.len() != batch || input.pooled.len() != batch {
+            return Err(bad(
+                "DiT input",
+                format!(
+                    "{batch} timesteps, {} texts and {} pooled embeddings; expected one of each per sample, at least one sample",
+                    input.texts.len(),
+                    input.pooled.len()
+                ),
+            ));
+        }
+        match (c.guidance_embeds, input.guidance) {
+            (true, Some(g)) if g.len() == batch => {}
+            (true, Some(g)) => {
+                return Err(bad(
+                    "guidance",
+                    format!(
+                        "{} values for {batch} samples; expected one per sample",
+                        g.len()
+                    ),
+                ))
+            }
+            (true, None) => {
+                return Err(bad(
+                    "guidance",
+                    "none given; this Flux DiT embeds the guidance scale (guidance_embeds), expected one per sample".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    "guidance",
+                    "given to a Flux DiT without guidance_embeds (schnell-like); expected none"
+                        .into(),
+                ))
+            }
+            (false, None) => {}
+        }
+        let (h, w) = (input.height, input.width);
+        if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 {
+            return Err(bad(
+                "latent size",
+                format!(
+                    "{h}×{w} latent pixels ({}×{} image pixels); expected positive multiples of {PATCH} (images in multiples of {})",
+                    8 * h,
+                    8 * w,
+                    8 * PATCH
+                ),
+            ));
+        }
+        let (rows, cols) = (h / PATCH, w / PATCH);
+        let n = rows * cols;
+        if input.latents.len() != batch * n * c.in_channels {
+            return Err(Error::Shape {
+                tensor: "packed latents".into(),
+                expected: vec![batch, n, c.in_channels],
+                found: vec![input.latents.len()],
+            });
+        }
+        for p in input.pooled {
+            if p.len() != c.pooled_projection_dim {
+                return Err(Error::Shape {
+                    tensor: "pooled text embedding".into(),
+                    expected: vec![c.pooled_projection_dim],
+                    found: vec![p.len()],
+                });
+            }
+        }
+        let mut text_tokens = Vec::with_capacity(batch);
+        for t in input.texts {
+            if t.is_empty() || t.len() % c.joint_attention_dim != 0 {
+                return Err(Error::Shape {
+                    tensor: "text features".into(),
+                    expected: vec![0, c.joint_attention_dim],
+                    found: vec![t.len()],
+                });
+            }
+            text_tokens.push(t.len() / c.joint_attention_dim);
+        }
+        Ok(Layout {
+            rows,
+            cols,
+            image_tokens: n,
+            text_tokens,
+        })
+    }
+
+    fn embedders<'a, W>(&'a self, ws: &'a [W]) -> Embedders<'a, W> {
+        let w = Bound::new(&self.groups[EMBEDDERS], ws);
+        let linear = |s: &str| bind_linear(&w, s);
+        Embedders {
+            time_text: (self.modulation == Modulation::InSteps)
+                .then(|| time_text_embed(&w, self.config.guidance_embeds)),
+            x_embedder: linear("x_embedder"),
+            context_embedder: linear("context_embedder"),
+        }
+    }
+
+    fn double_block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> DoubleBlock<'a, W> {
+        let w = Bound::new(&self.groups[g], ws);
+        let p = |s: &str| format!("transformer_blocks.{index}.{s}");
+        let linear = |s: &str| bind_linear(&w, &p(s));
+        let in_steps = self.modulation == Modulation::InSteps;
+        let stream = |n: &StreamNames| StreamWeights {
+            modulation: in_steps.then(|| linear(n.modulation)),
+            to_q: linear(n.q),
+            to_k: linear(n.k),
+            to_v: linear(n.v),
+            norm_q: w.get(&p(&format!("{}.weight", n.norm_q))),
+            norm_k: w.get(&p(&format!("{}.weight", n.norm_k))),
+            to_out: linear(n.out),
+            ff_in: linear(&format!("{}.net.0.proj", n.ff)),
+            ff_out: linear(&format!("{}.net.2", n.ff)),
+        };
+        DoubleBlock {
+            img: stream(&IMAGE_NAMES),
+            txt: stream(&TEXT_NAMES),
+        }
+    }
+
+    fn single_block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> SingleBlock<'a, W> {
+        let w = Bound::new(&self.groups[g], ws);
+        let p = |s: &str| format!("single_transformer_blocks.{index}.{s}");
+        let linear = |s: &str| bind_linear(&w, &p(s));
+        SingleBlock {
+            modulation: (self.modulation == Modulation::InSteps).then(|| linear("norm.linear")),
+            to_q: linear("attn.to_q"),
+            to_k: linear("attn.to_k"),
+            to_v: linear("attn.to_v"),
+            norm_q: w.get(&p("attn.norm_q.weight")),
+            norm_k: w.get(&p("attn.norm_k.weight")),
+            proj_mlp: linear("proj_mlp"),
+            proj_out: linear("proj_out"),
+        }
+    }
+
+    fn final_weights<'a, W>(&'a self, ws: &'a [W]) -> FinalLayer<'a, W> {
+        let w = Bound::new(&self.groups[self.final_group()], ws);
+        FinalLayer {
+            norm_out: (self.modulation == Modulation::InSteps)
+                .then(|| bind_linear(&w, "norm_out.linear")),
+            proj_out: bind_linear(&w, "proj_out"),
+        }
+    }
+
+    /// [`Architecture::pass_cost`] for a pass whose samples each hold `image_tokens` image
+    /// tokens and `text_tokens` text tokens.
+    pub fn step_cost(&self, image_tokens: usize, text_tokens: usize, batch: usize) -> PassCost {
+        cost::pass_cost(
+            &self.config,
+            self.modulation,
+            image_tokens,
+            text_tokens,
+            batch,
+        )
+    }
+}
+
+impl Architecture for Flux {
+    /// Embedders, the double-stream blocks, the single-stream blocks, the final layer.
+    fn groups(&self) -> &[WeightGroup] {
+        &self.groups
+    }
+
+    /// `shape.tokens` is each sample's image + text tokens, of which the text is taken to be
+    /// the pipeline's [`cost::TEXT_TOKENS`] (at most half); use
+    /// [`step_cost`](Flux::step_cost) when the split is known.
+    fn pass_cost(&self, shape: PassShape) -> PassCost {
+        let text = cost::TEXT_TOKENS.min(shape.tokens / 2);
+        self.step_cost(shape.tokens - text, text, shape.batch)
+    }
+}
+
+impl<W> TimeTextEmbed<'_, W> {
+    /// `temb = (timestep(σ) + guidance(g)) + text(pooled)` and `silu(temb)`, what every
+    /// modulation linear takes, `[1, dim]` each: one row, whatever the batch, so that a
+    /// table made for a schedule holds the same bits as a pass computes.
+    fn embed<B: DitOps<Weight = W>>(
+        &self,
+        backend: &B,
+        cond: &Condition<'_>,
+    ) -> Result<(B::Activation, B::Activation)> {
+        let sinusoid = |v: f32| backend.upload(&timestep_features(v), 1, T_FREQ_DIM);
+        let mut temb = self.timestep.forward(backend, &sinusoid(cond.sigma)?)?;
+        match (&self.guidance, cond.guidance) {
+            (Some(mlp), Some(g)) => {
+                let g = mlp.forward(backend, &sinusoid(g)?)?;
+                backend.add_assign(&mut temb, 0, &g)?;
+            }
+            (None, None) => {}
+            _ => unreachable!("the input's guidance was checked against guidance_embeds"),
+        }
+        let pooled = backend.upload(cond.pooled, 1, cond.pooled.len())?;
+        let p = self.text.forward(backend, &pooled)?;
+        backend.add_assign(&mut temb, 0, &p)?;
+        let mut silu = backend.rows(&temb, 0, 1)?;
+        backend.pointwise(&mut silu, Pointwise::Silu)?;
+        Ok((temb, silu))
+    }
+}
+
+/// Where a pass's modulation vectors come from: `silu(temb)` of each distinct condition, or
+/// a table's rows for them.
+enum Source<'t, A> {
+    Computed(Vec<A>),
+    Table(Vec<modulation::Entry<'t>>),
+}
+
+impl<A> Source<'_, A> {
+    /// One modulation linear's output for each distinct condition, `[1, cols]` each:
+    /// computed by `w`, or the table's values that `pick` names.
+    fn vectors<B: DitOps<Activation = A>>(
+        &self,
+        backend: &B,
+        w: Option<&Linear<'_, B::Weight>>,
+        pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32],
+    ) -> Result<Vec<A>> {
+        match self {
+            Source::Computed(silu) => {
+                let w = w.expect("a pass that computes its modulation holds its linears");
+                silu.iter().map(|x| w.forward(backend, x)).collect()
+            }
+            Source::Table(rows) => rows
+                .iter()
+                .map(|r| {
+                    let values = pick(r);
+                    backend.upload(values, 1, values.len())
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A double-block stream's six modulation vectors from `linear(silu(temb))` `[batch,
+/// 6·dim]`, in diffusers' chunk order.
+fn six<B: DitOps>(backend: &B, m: &B::Activation) -> Result<ModVectors<B::Activation>> {
+    let mut m = backend.split_cols(m, 6)?.into_iter();
+    let mut next = || m.next().expect("six chunks");
+    Ok(ModVectors {
+        shift1: next(),
+        scale1: next(),
+        gate1: next(),
+        shift2: next(),
+        scale2: next(),
+        gate2: next(),
+    })
+}
+
+/// `[1, 256]`: the sinusoidal features of `v · 1000`, cosines first, in f32 as diffusers
+/// computes them: the transformer scales the value (`timestep * 1000`), then
+/// `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)` takes the angles
+/// `t · exp(−ln(10000) · j / 128)`.
+fn timestep_features(v: f32) -> Vec<f32> {
+    let half = T_FREQ_DIM / 2;
+    let neg_log = -(T_MAX_PERIOD.ln() as f32);
+    let t = v * T_SCALE;
+    let angles: Vec<f32> = (0..half)
+        .map(|j| t * (neg_log * j as f32 / half as f32).exp())
+        .collect();
+    let mut out = Vec::with_capacity(T_FREQ_DIM);
+    out.extend(angles.iter().map(|a| a.cos()));
+    out.extend(angles.iter().map(|a| a.sin()));
+    out
+}
+
+/// The linear `name` (`.weight`, `.bias`) of `w`.
+fn bind_linear<'a, W>(w: &Bound<'a, W>, name: &str) -> Linear<'a, W> {
+    Linear {
+        weight: w.get(&format!("{name}.weight")),
+        bias: w.get(&format!("{name}.bias")),
+    }
+}
+
+/// `time_text_embed`'s MLPs, bound from `w`.
+fn time_text_embed<'a, W>(w: &Bound<'a, W>, guidance: bool) -> TimeTextEmbed<'a, W> {
+    let mlp = |name: &str| Mlp {
+        linear_1: bind_linear(w, &format!("{name}.linear_1")),
+        linear_2: bind_linear(w, &format!("{name}.linear_2")),
+    };
+    TimeTextEmbed {
+        timestep: mlp(TIMESTEP_EMBEDDER),
+        guidance: guidance.then(|| mlp(GUIDANCE_EMBEDDER)),
+        text: mlp(TEXT_EMBEDDER),
+    }
+}
+
+/// `time_text_embed`'s specs.
+fn time_text_specs(out: &mut Vec<TensorSpec>, c: &FluxConfig) {
+    let dim = c.dim();
+    let mut mlp = |name: &str, input: usize| {
+        linear_specs(out, format!("{name}.linear_1"), dim, input);
+        linear_specs(out, format!("{name}.linear_2"), dim, dim);
+    };
+    mlp(TIMESTEP_EMBEDDER, T_FREQ_DIM);
+    if c.guidance_embeds {
+        mlp(GUIDANCE_EMBEDDER, T_FREQ_DIM);
+    }
+    mlp(TEXT_EMBEDDER, c.pooled_projection_dim);
+}
+
+/// The groups with the tensors (diffusers' names) and shapes each holds; with
+/// [`Modulation::Precomputed`] without `time_text_embed` and the modulation linears. A
+/// block's modulation linears come first: they act on the conditioning alone.
+fn weight_groups(c: &FluxConfig, modulation: Modulation) -> Vec<WeightGroup> {
+    let (dim, hd, ffn) = (c.dim(), c.head_dim(), c.ffn_dim());
+    let in_steps = modulation == Modulation::InSteps;
+    let linear = linear_specs;
+    let mut embedders = Vec::new();
+    if in_steps {
+        time_text_specs(&mut embedders, c);
+    }
+    linear(&mut embedders, "x_embedder".into(), dim, c.in_channels);
+    linear(
+        &mut embedders,
+        "context_embedder".into(),
+        dim,
+        c.joint_attention_dim,
+    );
+    let mut groups = vec![WeightGroup::new("embedders", embedders)];
+    for i in 0..c.num_layers {
+        let p = |s: &str| format!("transformer_blocks.{i}.{s}");
+        let mut t = Vec::new();
+        for n in [&IMAGE_NAMES, &TEXT_NAMES].into_iter().filter(|_| in_steps) {
+            linear(&mut t, p(n.modulation), 6 * dim, dim);
+        }
+        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+            for proj in [n.q, n.k, n.v] {
+                linear(&mut t, p(proj), dim, dim);
+            }
+            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_q)), &[hd]));
+            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_k)), &[hd]));
+            linear(&mut t, p(n.out), dim, dim);
+        }
+        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
+            linear(&mut t, p(&format!("{}.net.0.proj", n.ff)), ffn, dim);
+            linear(&mut t, p(&format!("{}.net.2", n.ff)), dim, ffn);
+        }
+        groups.push(WeightGroup::new(format!("double block {i}"), t));
+    }
+    for i in 0..c.num_single_layers {
+        let p = |s: &str| format!("single_transformer_blocks.{i}.{s}");
+        let mut t = Vec::new();
+        if in_steps {
+            linear(&mut t, p("norm.linear"), 3 * dim, dim);
+        }
+        for proj in ["attn.to_q", "attn.to_k", "attn.to_v"] {
+            linear(&mut t, p(proj), dim, dim);
+        }
+        t.push(TensorSpec::new(p("attn.norm_q.weight"), &[hd]));
+        t.push(TensorSpec::new(p("attn.norm_k.weight"), &[hd]));
+        linear(&mut t, p("proj_mlp"), ffn, dim);
+        linear(&mut t, p("proj_out"), dim, dim + ffn);
+        groups.push(WeightGroup::new(format!("single block {i}"), t));
+    }
+    let mut last = Vec::new();
+    if in_steps {
+        linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
+    }
+    linear(&mut last, "proj_out".into(), c.out_channels, dim);
+    groups.push(WeightGroup::new("final layer", last));
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joint_rows_put_each_text_before_its_image() {
+        let l = Layout {
+            rows: 2,
+            cols: 3,
+            image_tokens: 6,
+            text_tokens: vec![4, 5],
+        };
+        assert_eq!(l.image(), vec![0..6, 6..12]);
+        assert_eq!(l.text(), vec![0..4, 4..9]);
+        assert_eq!(l.joint(), vec![0..10, 10..21]);
+    }
+
+    #[test]
+    fn equal_conditions_are_computed_once() {
+        let (a, b) = ([1.0f32, 2.0], [1.0f32, 3.0]);
+        let c = |sigma, guidance, pooled| Condition {
+            sigma,
+            guidance,
+            pooled,
+        };
+        let cs = Conditions::of([
+            c(0.5, Some(3.5), &a[..]),
+            c(0.5, Some(3.5), &a[..]),
+            c(0.5, Some(3.5), &b[..]),
+            c(0.5, Some(4.0), &a[..]),
+            c(0.25, Some(3.5), &a[..]),
+        ]);
+        assert_eq!(cs.of_sample, vec![0, 0, 1, 2, 3]);
+    }
+}
