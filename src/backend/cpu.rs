@@ -97,7 +97,7 @@ impl CpuWeight {
     }
 
     /// The whole weight as f32 (small vectors: norms, biases).
-    fn vector(&self) -> Vec<f32> {
+    pub(super) fn vector(&self) -> Vec<f32> {
         let mut buf = Vec::new();
         (0..self.rows)
             .flat_map(|r| self.row_f32(r, &mut buf).to_vec())

@@ -6,9 +6,11 @@ pub mod cpu;
 pub mod cpu_conv;
 pub mod cpu_dit;
 mod cpu_dot;
+mod cpu_encoder;
 pub mod cpu_stream;
 pub mod cuda;
 pub mod dit;
+pub mod encoder;
 
 use std::ops::Range;
 

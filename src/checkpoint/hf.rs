@@ -70,7 +70,7 @@ fn hf_home() -> PathBuf {
     home.join(".cache").join("huggingface")
 }
 
-pub(super) fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_slice(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),

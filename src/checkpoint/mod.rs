@@ -5,6 +5,7 @@
 //! here knows a model.
 
 mod byte_bpe;
+mod clip_tokenizer;
 mod component;
 pub mod gguf;
 mod hf;
@@ -22,7 +23,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+pub use clip_tokenizer::{open_clip_tokenizer, CLIP_ENDOFTEXT, CLIP_STARTOFTEXT};
 pub use component::{Component, Pipeline};
+pub(crate) use hf::read_json;
 pub use hf::{generation_defaults, open_dir, resolve_model_path, HfDir};
 pub use quant::{dequantize, GgmlType};
 pub use slow_tokenizer::open_qwen2_slow;

@@ -141,7 +141,7 @@ pub fn open_qwen2_slow(dir: &Path) -> Result<Tokenizer> {
 }
 
 /// vocab.json: a JSON object of token (in the byte alphabet) → id, no id given twice.
-fn read_vocab(path: &Path) -> Result<Vocab> {
+pub(super) fn read_vocab(path: &Path) -> Result<Vocab> {
     let bad = |message: String| Error::Tokenizer {
         path: path.to_path_buf(),
         message,
@@ -170,7 +170,7 @@ fn read_vocab(path: &Path) -> Result<Vocab> {
 
 /// merges.txt: one "left right" merge a line, by rank, after an optional `#version` line;
 /// both sides and the merged token in `vocab`. The error names the line (counted from 1).
-fn read_merges(path: &Path, vocab: &Vocab) -> Result<Vec<(String, String)>> {
+pub(super) fn read_merges(path: &Path, vocab: &Vocab) -> Result<Vec<(String, String)>> {
     let bad = |message: String| Error::Tokenizer {
         path: path.to_path_buf(),
         message,
@@ -208,16 +208,16 @@ fn read_merges(path: &Path, vocab: &Vocab) -> Result<Vec<(String, String)>> {
 }
 
 /// An added token with the id its file declares.
-struct Declared {
-    id: u32,
-    token: AddedToken,
+pub(super) struct Declared {
+    pub id: u32,
+    pub token: AddedToken,
     /// tokenizer_config.json or added_tokens.json, for errors.
-    file: PathBuf,
+    pub file: PathBuf,
 }
 
 /// The added tokens with declared ids (id order), and the named and extra special tokens to
 /// register after them (transformers' order, each once).
-fn added_tokens(
+pub(super) fn added_tokens(
     dir: &Path,
     config_path: &Path,
     config: &Value,
@@ -327,7 +327,11 @@ fn added_token(entry: &Value) -> std::result::Result<AddedToken, String> {
 
 /// Put an added token in the vocabulary under its declared id, unless it is there already;
 /// an error if vocab.json gives the token or the id otherwise.
-fn keep_declared_id(vocab: &mut Vocab, id: u32, content: &str) -> std::result::Result<(), String> {
+pub(super) fn keep_declared_id(
+    vocab: &mut Vocab,
+    id: u32,
+    content: &str,
+) -> std::result::Result<(), String> {
     if let Some(&found) = vocab.get(content) {
         if found == id {
             return Ok(());
@@ -431,7 +435,7 @@ fn named_special_tokens(config: &Value) -> std::result::Result<SpecialTokens, St
 }
 
 /// The boolean `key` of `json`, `default` where absent or null.
-fn flag(json: &Value, key: &str, default: bool) -> std::result::Result<bool, String> {
+pub(super) fn flag(json: &Value, key: &str, default: bool) -> std::result::Result<bool, String> {
     match json.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),

@@ -6,9 +6,11 @@
 //! binds them by name ([`Bound`]); where those weights live (resident, streamed through a
 //! slot, in host memory) is not its business.
 
+pub mod clip;
 pub mod flux;
 pub mod llama;
 pub mod qwen_image;
+pub mod t5;
 pub mod vae;
 pub mod z_image;
 
