@@ -28,6 +28,9 @@ Directory tests/fixtures/flux-text/:
 
 Token cases (expected.json "clip" and "t5"): the pipeline's tokenizer calls,
 padding="max_length", truncation=True (CLIP max_length 77; T5 at the max_length given).
+transformers 5 rebuilds a T5 tokenizer.json (models/t5/tokenization_t5.py): its Unigram
+vocabulary, only a Precompiled normalizer (none here: the NFKC of this file is dropped),
+WhitespaceSplit + Metaspace, "$A </s>".
 
 Model cases (reference.safetensors):
     t5.buckets            i64 [1023]  T5's bucket of relative positions -511..511 for 32 buckets,
@@ -103,6 +106,8 @@ PROMPTS = [
     "<|startoftext|>special<|endoftext|> tokens",
     "x" * 300,
     " ".join(CORPUS),
+    # NFKC would change these; transformers 5's T5Tokenizer keeps only a Precompiled normalizer.
+    "ﬁne ＡＢＣ ① ½ café",
     "a painting of a dog running through a field of flowers at sunset " * 8,
 ]
 T5_MAX_LENGTHS = [512, 77, 16]
