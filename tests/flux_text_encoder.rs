@@ -512,3 +512,49 @@ fn bad_tokenizers_are_named() {
     };
     assert!(e.contains("tokenizer_2"), "{e}");
 }
+
+/// The other names a checkpoint may use: T5's embedding as `encoder.embed_tokens.weight`
+/// (the other side of the tie), CLIP's tensors without `text_model.` (as transformers 5
+/// saves a `CLIPTextModel`). Both give the same bits.
+#[test]
+fn other_tensor_names_give_the_same_model() {
+    let r = reference();
+    let renamed = |c: &Component, f: &dyn Fn(&str) -> String| -> Component {
+        let mut c2 = Component::open(&c.name, &c.dir, true).unwrap();
+        c2.tensors = c
+            .tensors
+            .values()
+            .map(|t| (f(&t.name), t.renamed(f(&t.name))))
+            .collect();
+        c2
+    };
+
+    let c = component("text_encoder_2");
+    let t5 = T5Encoder::open(&c).unwrap();
+    let prompt = ids(&r, "t5.1.ids");
+    let want = t5
+        .forward(&Cpu, &mut resident(&c, &t5), &[&prompt])
+        .unwrap();
+    let c2 = renamed(&c, &|n| {
+        n.replace("shared.weight", "encoder.embed_tokens.weight")
+    });
+    let t5b = T5Encoder::open(&c2).unwrap();
+    let got = t5b
+        .forward(&Cpu, &mut resident(&c2, &t5b), &[&prompt])
+        .unwrap();
+    assert_eq!(bits(&got), bits(&want));
+
+    let c = component("text_encoder");
+    let clip = ClipText::open(&c).unwrap();
+    let prompt = ids(&r, "clip.1.ids");
+    let want = clip
+        .forward(&Cpu, &mut resident(&c, &clip), &[&prompt])
+        .unwrap();
+    let c2 = renamed(&c, &|n| n.trim_start_matches("text_model.").to_string());
+    let clipb = ClipText::open(&c2).unwrap();
+    assert!(clipb.groups()[0].tensors[0].name.starts_with("embeddings."));
+    let got = clipb
+        .forward(&Cpu, &mut resident(&c2, &clipb), &[&prompt])
+        .unwrap();
+    assert_eq!(bits(&got), bits(&want));
+}
