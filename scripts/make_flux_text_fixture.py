@@ -21,6 +21,8 @@ Directory tests/fixtures/flux-text/:
                             of d_kv 8, d_ff 48, gated-gelu, 32 buckets, max distance 128
     tokenizer/{vocab.json,merges.txt,tokenizer_config.json,special_tokens_map.json}   CLIPTokenizer
                             (pad <|endoftext|>, model_max_length 77)
+    tokenizer-fast/{tokenizer.json,tokenizer_config.json}   the same CLIP tokenizer as transformers 5
+                            saves it (with a tokenizer.json), for the path that reads one
     tokenizer_2/{tokenizer.json,tokenizer_config.json,special_tokens_map.json}   T5TokenizerFast
                             (<pad> 0, </s> 1, <unk> 2)
     reference.safetensors   the tensors below, f32 (ids i64)
@@ -359,6 +361,7 @@ def main():
     clip_vocab = write_clip_tokenizer(OUT / "tokenizer")
     t5_vocab = write_t5_tokenizer(OUT / "tokenizer_2")
     write_models(OUT, clip_vocab, t5_vocab)
+    CLIPTokenizer.from_pretrained(OUT / "tokenizer").save_pretrained(OUT / "tokenizer-fast")
     cases = tokenizer_cases(OUT)
     save_file(references(OUT, cases), str(OUT / "reference.safetensors"))
     (OUT / "expected.json").write_text(json.dumps({

@@ -192,6 +192,15 @@ fn tokenizers_give_transformers_ids() {
             "T5 {prompt:?} at {max_len}"
         );
     }
+    // The same CLIP tokenizer with a tokenizer.json (as transformers 5 saves it) reads it.
+    let fast = ClipTokenizer::open(&dir().join("tokenizer-fast")).unwrap();
+    for (prompt, _, want) in &clip {
+        assert_eq!(
+            &fast.tokens(prompt).unwrap(),
+            want,
+            "CLIP tokenizer.json {prompt:?}"
+        );
+    }
     // What the ids mean: CLIP's BOS, EOS and pads (the EOS token), T5's EOS (1) and pads (0).
     let c = enc.clip_tokens("").unwrap();
     let (bos, eos) = (enc.clip_tokenizer.bos, enc.clip_tokenizer.eos);
