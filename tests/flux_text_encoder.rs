@@ -512,6 +512,28 @@ fn bad_tokenizers_are_named() {
     let e = t5_err(t.path());
     assert!(e.contains("eos_token") && e.contains("<eos>"), "{e}");
 
+    // A CLIP tokenizer longer than the text encoder's positions.
+    let t = tokenizer_copy("tokenizer");
+    let config = std::fs::read_to_string(t.path().join("tokenizer_config.json")).unwrap();
+    std::fs::write(
+        t.path().join("tokenizer_config.json"),
+        config.replace("\"model_max_length\": 77", "\"model_max_length\": 100"),
+    )
+    .unwrap();
+    let mut p = pipeline();
+    p.components.insert(
+        "tokenizer".into(),
+        Component::open("tokenizer", t.path(), false).unwrap(),
+    );
+    let e = match FluxTextEncoders::open(&p) {
+        Ok(_) => panic!("opened a tokenizer of 100 tokens for 77 positions"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("model_max_length 100") && e.contains("77"),
+        "{e}"
+    );
+
     // A pipeline without its second tokenizer names the component.
     let mut p = pipeline();
     p.components.remove("tokenizer_2");
