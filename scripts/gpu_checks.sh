@@ -47,6 +47,9 @@ if [ "${1:-}" = "--build" ]; then
     qvae_bin=$(cargo test --release --test cuda_qwen_image_vae --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-qwen-image-vae-tests "$qvae_bin"
+    flux_text_bin=$(cargo test --release --test cuda_flux_text_encoder --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-flux-text-encoder-tests "$flux_text_bin"
     smol_bin=$(cargo test --release --test cuda_smollm2 --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-smollm2-tests "$smol_bin"
@@ -89,6 +92,8 @@ step "the Flux DiT on the GPU: bf16 vs diffusers on the batch, streamed = reside
 timeout 600 "$BIN/cuda-flux-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/flux_tests.log" || status=1
 step "the Qwen-Image VAE decoder on the GPU against diffusers and the CPU (tests/cuda_qwen_image_vae.rs)"
 timeout 300 "$BIN/cuda-qwen-image-vae-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/qwen_image_vae_tests.log" || status=1
+step "Flux.1's text encoders (T5, CLIP) on the GPU: bf16 vs transformers, ops vs the CPU, T5 streamed = resident (tests/cuda_flux_text_encoder.rs)"
+timeout 300 "$BIN/cuda-flux-text-encoder-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/flux_text_encoder_tests.log" || status=1
 
 step "SmolLM2 GGUF on the GPU vs the CPU (tests/cuda_smollm2.rs; FERRY_SMOLLM2=FILE, skips without it)"
 timeout 300 "$BIN/cuda-smollm2-tests" --nocapture 2>&1 | tee "$OUT/smollm2.log" || status=1

@@ -21,6 +21,8 @@ Directory tests/fixtures/flux-text/:
                             of d_kv 8, d_ff 48, gated-gelu, 32 buckets, max distance 128
     tokenizer/{vocab.json,merges.txt,tokenizer_config.json,special_tokens_map.json}   CLIPTokenizer
                             (pad <|endoftext|>, model_max_length 77)
+    tokenizer-fast/{tokenizer.json,tokenizer_config.json}   the same CLIP tokenizer as transformers 5
+                            saves it (with a tokenizer.json), for the path that reads one
     tokenizer_2/{tokenizer.json,tokenizer_config.json,special_tokens_map.json}   T5TokenizerFast
                             (<pad> 0, </s> 1, <unk> 2)
     reference.safetensors   the tensors below, f32 (ids i64)
@@ -28,6 +30,9 @@ Directory tests/fixtures/flux-text/:
 
 Token cases (expected.json "clip" and "t5"): the pipeline's tokenizer calls,
 padding="max_length", truncation=True (CLIP max_length 77; T5 at the max_length given).
+transformers 5 rebuilds a T5 tokenizer.json (models/t5/tokenization_t5.py): its Unigram
+vocabulary, only a Precompiled normalizer (none here: the NFKC of this file is dropped),
+WhitespaceSplit + Metaspace, "$A </s>".
 
 Model cases (reference.safetensors):
     t5.buckets            i64 [1023]  T5's bucket of relative positions -511..511 for 32 buckets,
@@ -103,6 +108,8 @@ PROMPTS = [
     "<|startoftext|>special<|endoftext|> tokens",
     "x" * 300,
     " ".join(CORPUS),
+    # NFKC would change these; transformers 5's T5Tokenizer keeps only a Precompiled normalizer.
+    "ﬁne ＡＢＣ ① ½ café",
     "a painting of a dog running through a field of flowers at sunset " * 8,
 ]
 T5_MAX_LENGTHS = [512, 77, 16]
@@ -354,6 +361,7 @@ def main():
     clip_vocab = write_clip_tokenizer(OUT / "tokenizer")
     t5_vocab = write_t5_tokenizer(OUT / "tokenizer_2")
     write_models(OUT, clip_vocab, t5_vocab)
+    CLIPTokenizer.from_pretrained(OUT / "tokenizer").save_pretrained(OUT / "tokenizer-fast")
     cases = tokenizer_cases(OUT)
     save_file(references(OUT, cases), str(OUT / "reference.safetensors"))
     (OUT / "expected.json").write_text(json.dumps({

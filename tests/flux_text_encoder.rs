@@ -192,6 +192,15 @@ fn tokenizers_give_transformers_ids() {
             "T5 {prompt:?} at {max_len}"
         );
     }
+    // The same CLIP tokenizer with a tokenizer.json (as transformers 5 saves it) reads it.
+    let fast = ClipTokenizer::open(&dir().join("tokenizer-fast")).unwrap();
+    for (prompt, _, want) in &clip {
+        assert_eq!(
+            &fast.tokens(prompt).unwrap(),
+            want,
+            "CLIP tokenizer.json {prompt:?}"
+        );
+    }
     // What the ids mean: CLIP's BOS, EOS and pads (the EOS token), T5's EOS (1) and pads (0).
     let c = enc.clip_tokens("").unwrap();
     let (bos, eos) = (enc.clip_tokenizer.bos, enc.clip_tokenizer.eos);
@@ -503,6 +512,28 @@ fn bad_tokenizers_are_named() {
     let e = t5_err(t.path());
     assert!(e.contains("eos_token") && e.contains("<eos>"), "{e}");
 
+    // A CLIP tokenizer longer than the text encoder's positions.
+    let t = tokenizer_copy("tokenizer");
+    let config = std::fs::read_to_string(t.path().join("tokenizer_config.json")).unwrap();
+    std::fs::write(
+        t.path().join("tokenizer_config.json"),
+        config.replace("\"model_max_length\": 77", "\"model_max_length\": 100"),
+    )
+    .unwrap();
+    let mut p = pipeline();
+    p.components.insert(
+        "tokenizer".into(),
+        Component::open("tokenizer", t.path(), false).unwrap(),
+    );
+    let e = match FluxTextEncoders::open(&p) {
+        Ok(_) => panic!("opened a tokenizer of 100 tokens for 77 positions"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("model_max_length 100") && e.contains("77"),
+        "{e}"
+    );
+
     // A pipeline without its second tokenizer names the component.
     let mut p = pipeline();
     p.components.remove("tokenizer_2");
@@ -511,4 +542,50 @@ fn bad_tokenizers_are_named() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("tokenizer_2"), "{e}");
+}
+
+/// The other names a checkpoint may use: T5's embedding as `encoder.embed_tokens.weight`
+/// (the other side of the tie), CLIP's tensors without `text_model.` (as transformers 5
+/// saves a `CLIPTextModel`). Both give the same bits.
+#[test]
+fn other_tensor_names_give_the_same_model() {
+    let r = reference();
+    let renamed = |c: &Component, f: &dyn Fn(&str) -> String| -> Component {
+        let mut c2 = Component::open(&c.name, &c.dir, true).unwrap();
+        c2.tensors = c
+            .tensors
+            .values()
+            .map(|t| (f(&t.name), t.renamed(f(&t.name))))
+            .collect();
+        c2
+    };
+
+    let c = component("text_encoder_2");
+    let t5 = T5Encoder::open(&c).unwrap();
+    let prompt = ids(&r, "t5.1.ids");
+    let want = t5
+        .forward(&Cpu, &mut resident(&c, &t5), &[&prompt])
+        .unwrap();
+    let c2 = renamed(&c, &|n| {
+        n.replace("shared.weight", "encoder.embed_tokens.weight")
+    });
+    let t5b = T5Encoder::open(&c2).unwrap();
+    let got = t5b
+        .forward(&Cpu, &mut resident(&c2, &t5b), &[&prompt])
+        .unwrap();
+    assert_eq!(bits(&got), bits(&want));
+
+    let c = component("text_encoder");
+    let clip = ClipText::open(&c).unwrap();
+    let prompt = ids(&r, "clip.1.ids");
+    let want = clip
+        .forward(&Cpu, &mut resident(&c, &clip), &[&prompt])
+        .unwrap();
+    let c2 = renamed(&c, &|n| n.trim_start_matches("text_model.").to_string());
+    let clipb = ClipText::open(&c2).unwrap();
+    assert!(clipb.groups()[0].tensors[0].name.starts_with("embeddings."));
+    let got = clipb
+        .forward(&Cpu, &mut resident(&c2, &clipb), &[&prompt])
+        .unwrap();
+    assert_eq!(bits(&got), bits(&want));
 }

@@ -8,7 +8,9 @@
 //! (`padding="max_length"`, `truncation=True`) and the encodes of a batch of prompts.
 //! Weights are placed by the caller, per model, as `qwen_image_pipeline` places them
 //! (`place(&component, &model, shape, &mut log)`; [`FluxTextEncoders::t5_shape`] and
-//! [`clip_shape`](FluxTextEncoders::clip_shape) give the pass shapes).
+//! [`clip_shape`](FluxTextEncoders::clip_shape) give the pass shapes). On a GPU,
+//! `Cuda::prepare_encoder` and `Cuda::prepare(clip.attention_shape().head_dim)` build the
+//! kernels up front.
 
 use std::path::Path;
 
@@ -94,7 +96,12 @@ fn plain(mut t: Tokenizer) -> Tokenizer {
 }
 
 impl T5Tokenizer {
-    /// The tokenizer.json of `dir` (and the special tokens its configs name).
+    /// The tokenizer.json of `dir` (and the special tokens its configs name), rebuilt as
+    /// transformers 5's `T5Tokenizer` rebuilds it (models/t5/tokenization_t5.py and
+    /// `TokenizersBackend.convert_to_native_format`): the file's Unigram vocabulary and added
+    /// tokens, only a `Precompiled` normalizer of the file's (none when it has none),
+    /// `WhitespaceSplit` then `Metaspace` ("▁", prepended always, split), the Metaspace
+    /// decoder. The file's other normalizers and pre-tokenizers are dropped, as there.
     pub fn open(dir: &Path) -> Result<T5Tokenizer> {
         let path = dir.join("tokenizer.json");
         if !is_regular_file(&path)? {
@@ -103,11 +110,52 @@ impl T5Tokenizer {
                 expected: "the T5 tokenizer (tokenizer.json, as T5TokenizerFast saves it)".into(),
             });
         }
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+        let bad = |message: String| Error::Tokenizer {
             path: path.clone(),
-            message: format!("{e}; expected a T5TokenizerFast tokenizer.json"),
-        })?;
-        let tokenizer = plain(tokenizer);
+            message,
+        };
+        let json = crate::checkpoint::read_json(&path)?;
+        if json.pointer("/model/type").and_then(Value::as_str) != Some("Unigram") {
+            return Err(bad(format!(
+                "model.type is {}; expected \"Unigram\" (a T5 tokenizer's SentencePiece vocabulary)",
+                json.pointer("/model/type").unwrap_or(&Value::Null)
+            )));
+        }
+        let precompiled = match json.get("normalizer") {
+            Some(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n
+                .get("normalizers")
+                .and_then(Value::as_array)
+                .and_then(|list| {
+                    list.iter()
+                        .find(|n| n.get("type").and_then(Value::as_str) == Some("Precompiled"))
+                })
+                .cloned(),
+            Some(n) if n.get("type").and_then(Value::as_str) == Some("Precompiled") => {
+                Some(n.clone())
+            }
+            _ => None,
+        };
+        let metaspace = serde_json::json!({
+            "type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true,
+        });
+        let rebuilt = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": json.get("added_tokens").cloned().unwrap_or(Value::Array(vec![])),
+            "normalizer": precompiled,
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace.clone()],
+            },
+            "post_processor": null,
+            "decoder": metaspace,
+            "model": json["model"].clone(),
+        });
+        let tokenizer: Tokenizer = rebuilt
+            .to_string()
+            .parse()
+            .map_err(|e| bad(format!("{e}; expected a T5TokenizerFast tokenizer.json")))?;
         let eos = special_token(dir, "eos_token", "</s>")?;
         let pad = special_token(dir, "pad_token", "<pad>")?;
         Ok(T5Tokenizer {

@@ -35,13 +35,14 @@ pub const GEMV: Source = kernel_source!("gemv");
 pub const ATTENTION_DECODE: Source = kernel_source!("attention_decode");
 pub const ATTENTION_PREFILL: Source = kernel_source!("attention_prefill");
 pub const DIT: Source = kernel_source!("dit");
+pub const ENCODER: Source = kernel_source!("encoder");
 pub const IMAGE: Source = kernel_source!("image");
 pub const DECOMPRESS: Source = kernel_source!("decompress");
 pub const DEQUANTIZE: Source = kernel_source!("dequantize");
 
 /// Every kernel family.
 #[cfg(test)]
-pub const ALL: [Source; 12] = [
+pub const ALL: [Source; 13] = [
     EMBED,
     GEMV,
     NORM,
@@ -51,6 +52,7 @@ pub const ALL: [Source; 12] = [
     ATTENTION_DECODE,
     ATTENTION_PREFILL,
     DIT,
+    ENCODER,
     IMAGE,
     DECOMPRESS,
     DEQUANTIZE,

@@ -8,6 +8,7 @@
 
 mod compile;
 mod dit;
+mod encoder;
 mod gemm;
 mod host_tier;
 mod image;
