@@ -22,8 +22,9 @@ use super::HostMemoryArg;
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// A diffusers Z-Image or Qwen-Image directory (model_index.json, transformer/,
-    /// text_encoder/, tokenizer/, vae/, scheduler/) or ORG/NAME in the Hugging Face cache.
+    /// A diffusers Z-Image, Qwen-Image or Flux.1 directory (model_index.json, transformer/,
+    /// text_encoder/, tokenizer/, vae/, scheduler/; Flux.1 also text_encoder_2/ and
+    /// tokenizer_2/) or ORG/NAME in the Hugging Face cache.
     #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
     model: Option<String>,
     /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's or
@@ -56,8 +57,8 @@ pub struct ImageArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Denoising steps. Default: 8 for Z-Image (Turbo is made for 8-9), 50 for Qwen-Image
-    /// (its pipeline's default).
+    /// Denoising steps. Default: 8 for Z-Image (Turbo is made for 8-9), 50 for Qwen-Image,
+    /// 28 for Flux.1 (their pipelines' defaults).
     #[arg(long)]
     steps: Option<usize>,
     /// Seed of the initial noise; random (and printed) when not given.
@@ -66,7 +67,8 @@ pub struct ImageArgs {
     /// Classifier-free guidance scale as the model's pipeline applies it: Z-Image's
     /// guidance_scale (default 0, Turbo's choice: off; guides when > 0), Qwen-Image's
     /// true_cfg_scale (default 4; guides when > 1 and --negative-prompt is given). Both
-    /// branches go through one pass per step.
+    /// branches go through one pass per step. Flux.1's guidance_scale (default 3.5), which
+    /// the guidance-distilled DiT embeds: one branch, no negative prompt.
     #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f32>,
     /// Images from one prompt, denoised together (one pass over the weights per step).
@@ -74,7 +76,7 @@ pub struct ImageArgs {
     batch: usize,
     /// Initial latents instead of seeded noise: a safetensors file with a tensor `noise` in
     /// the layout of the pipeline's `latents=` (f32): Z-Image [batch, 16, height/8, width/8],
-    /// Qwen-Image packed [batch, (height/16)·(width/16), 64].
+    /// Qwen-Image and Flux.1 packed [batch, (height/16)·(width/16), 64].
     #[arg(long, value_name = "FILE.safetensors")]
     noise: Option<PathBuf>,
     /// Where to write the PNG; with --batch N, NAME-0.png … NAME-(N-1).png.

@@ -1,6 +1,8 @@
 //! Image generation: the scheduler, the phases of a generation (text encoder → denoising
 //! steps of the DiT → VAE decode) and image output.
 
+pub mod flux;
+pub mod flux_pipeline;
 pub mod flux_text;
 pub mod guidance;
 pub mod packed;

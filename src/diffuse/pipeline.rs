@@ -1,8 +1,8 @@
 //! Text to image, every phase in turn on one device: the text encoder embeds the prompt (and
 //! the negative prompt when guiding), the DiT denoises the latents step by step, the VAE
 //! decodes them, and the images come out as 8-bit RGB. [`ImagePipeline`] opens a diffusers
-//! directory of either model ferry runs (Z-Image, [`ZImagePipeline`] here; Qwen-Image,
-//! [`QwenImagePipeline`]) by its `model_index.json` class; the types around a generation
+//! directory of any model ferry runs (Z-Image, [`ZImagePipeline`] here; Qwen-Image,
+//! [`QwenImagePipeline`]; Flux.1, [`FluxPipeline`]) by its `model_index.json` class; the types around a generation
 //! (request, compute, images, streaming reports) are shared.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use crate::backend::cuda::{DRIVER_RESERVE, IMAGE_MEMORY};
 use crate::backend::dit::DitOps;
 use crate::backend::Backend;
 use crate::checkpoint::{Component, Pipeline};
+use crate::diffuse::flux_pipeline::FluxPipeline;
 use crate::diffuse::guidance::{Guidance, TrueCfg};
 use crate::diffuse::qwen_image_pipeline::QwenImagePipeline;
 use crate::diffuse::scheduler::{z_image_sigmas, FlowMatchConfig};
@@ -139,10 +140,11 @@ impl Compute<'_> {
 pub enum ImagePipeline {
     ZImage(Box<ZImagePipeline>),
     QwenImage(Box<QwenImagePipeline>),
+    Flux(Box<FluxPipeline>),
 }
 
 /// The pipeline classes [`ImagePipeline::open`] takes.
-const PIPELINE_CLASSES: &str = "\"ZImagePipeline\" or \"QwenImagePipeline\"";
+const PIPELINE_CLASSES: &str = "\"ZImagePipeline\", \"QwenImagePipeline\" or \"FluxPipeline\"";
 
 /// What a generation uses when the request does not say: the pipeline's own defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -171,6 +173,10 @@ impl ImagePipeline {
                 QwenImagePipeline::from_pipeline(pipeline, start)
                     .map(|p| ImagePipeline::QwenImage(Box::new(p)))
             }
+            crate::diffuse::flux_pipeline::PIPELINE_CLASS => {
+                FluxPipeline::from_pipeline(pipeline, start)
+                    .map(|p| ImagePipeline::Flux(Box::new(p)))
+            }
             other => Err(Error::checkpoint(
                 dir.join("model_index.json"),
                 format!("pipeline class {other:?} is not supported; expected {PIPELINE_CLASSES}"),
@@ -178,17 +184,18 @@ impl ImagePipeline {
         }
     }
 
-    /// The model's name ("Z-Image", "Qwen-Image").
+    /// The model's name ("Z-Image", "Qwen-Image", "Flux.1").
     pub fn model_name(&self) -> &'static str {
         match self {
             ImagePipeline::ZImage(_) => "Z-Image",
             ImagePipeline::QwenImage(_) => "Qwen-Image",
+            ImagePipeline::Flux(_) => "Flux.1",
         }
     }
 
     /// Steps and guidance when not given: Z-Image-Turbo's 8 steps without guidance;
     /// Qwen-Image's pipeline defaults (50 steps, `true_cfg_scale` 4, which guides only with
-    /// a negative prompt).
+    /// a negative prompt); Flux.1's (28 steps, the embedded `guidance_scale` 3.5).
     pub fn defaults(&self) -> ImageDefaults {
         match self {
             ImagePipeline::ZImage(_) => ImageDefaults {
@@ -199,25 +206,32 @@ impl ImagePipeline {
                 steps: crate::diffuse::qwen_image_pipeline::DEFAULT_STEPS,
                 guidance: crate::diffuse::qwen_image_pipeline::DEFAULT_TRUE_CFG,
             },
+            ImagePipeline::Flux(_) => ImageDefaults {
+                steps: crate::diffuse::flux_pipeline::DEFAULT_STEPS,
+                guidance: crate::diffuse::flux_pipeline::DEFAULT_GUIDANCE,
+            },
         }
     }
 
     /// Whether a request with guidance `scale` and `negative` (a negative prompt given or
-    /// not) runs both branches.
+    /// not) runs both branches (Flux.1, guidance-distilled, never does: it embeds the scale).
     pub fn guides(&self, scale: f32, negative: bool) -> bool {
         match self {
             ImagePipeline::ZImage(_) => scale > 0.0,
             ImagePipeline::QwenImage(_) => TrueCfg { scale }.applies(negative),
+            ImagePipeline::Flux(_) => false,
         }
     }
 
     /// The shape of the initial latents of `batch` images of `height × width` pixels, the
     /// layout of `--noise` and of diffusers' `latents=` for this pipeline: Z-Image's
-    /// `[batch, 16, height/8, width/8]`, Qwen-Image's packed `[batch, (height/16)·(width/16), 64]`.
+    /// `[batch, 16, height/8, width/8]`, Qwen-Image's and Flux.1's packed `[batch,
+    /// (height/16)·(width/16), 64]`.
     pub fn noise_shape(&self, batch: usize, height: usize, width: usize) -> Vec<usize> {
         match self {
             ImagePipeline::ZImage(p) => vec![batch, p.latent_channels(), height / 8, width / 8],
             ImagePipeline::QwenImage(p) => p.noise_shape(batch, height, width),
+            ImagePipeline::Flux(p) => p.noise_shape(batch, height, width),
         }
     }
 
@@ -232,6 +246,7 @@ impl ImagePipeline {
         match self {
             ImagePipeline::ZImage(p) => p.generate(compute, request, on_step),
             ImagePipeline::QwenImage(p) => p.generate(compute, request, on_step),
+            ImagePipeline::Flux(p) => p.generate(compute, request, on_step),
         }
     }
 }
