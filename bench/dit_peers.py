@@ -1,6 +1,7 @@
-r"""Time ferry's peers on one Z-Image DiT forward (= one denoising step), or on the whole
-ZImagePipeline with --pipeline: diffusers 0.42.1 on random bf16 weights of the real shapes,
-from a directory that `ferry synth --preset z-image-turbo` wrote.
+r"""Time ferry's peers on one Z-Image or Flux DiT forward (= one denoising step), or on the
+whole ZImagePipeline with --pipeline: diffusers 0.42.1 on random bf16 weights of the real
+shapes, from a directory that `ferry synth --preset z-image-turbo` (or `--preset flux.1-dev`)
+wrote.
 
 DiT systems (--systems, comma-separated; default all), the rows of DESIGN.md's table:
 
@@ -27,6 +28,14 @@ forwards (the allocator's reserve and the driver's view beside it), the load tim
 (from_pretrained into host memory) and the set-up time (moving, pinning or hooking), and the
 output's L2 norm (the same weights and inputs give about the same answer in every system).
 The PCIe bound with nothing resident, the DiT's bytes / --h2d-gbps, heads the table.
+
+A Flux DiT (FluxTransformer2DModel, from `ferry synth --preset flux.1-dev --out DIR`) gets what
+FluxPipeline's loop passes it once a step: packed latents [1, (H/16)·(W/16), 64] bf16,
+--caption-tokens T5 features [1, L, 4096] bf16 (the pipeline pads to 512: pass
+--caption-tokens 512), CLIP's pooled [1, 768] bf16, timestep 0.5 (the pipeline's t / 1000),
+guidance 3.5 (f32, where guidance_embeds), txt_ids zeros [L, 3] and img_ids (0, row, col).
+The modulation is computed in every forward, as diffusers does; `ferry bench` precomputes it
+by default (--modulation in-steps for the like-for-like row). --pipeline is Z-Image's alone.
 
 --pipeline: the whole pipeline, prompt to PIL image at --size with --steps steps (8, as
 Z-Image-Turbo) and guidance 0, `ZImagePipeline.from_pretrained(DIR, dtype=bf16)`, systems
@@ -156,6 +165,28 @@ def weight_bytes(component_dir):
                      "diffusion_pytorch_model.safetensors or its .index.json)")
 
 
+def flux_params(c):
+    """Parameters of a FluxTransformer2DModel config (counted by hand, as dit_params)."""
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    hd, ffn, pin = c["attention_head_dim"], 4 * d, c["in_channels"]
+    out = c.get("out_channels") or pin
+    mlp = 256 * d + d + d * d + d  # a TimestepEmbedding
+    embed = mlp * (2 if c.get("guidance_embeds") else 1)
+    embed += c["pooled_projection_dim"] * d + d + d * d + d  # text_embedder
+    embed += pin * d + d + c["joint_attention_dim"] * d + d  # x_embedder, context_embedder
+    double = 2 * (6 * d * d + 6 * d) + 2 * (4 * (d * d + d) + 2 * hd) + 2 * (2 * d * ffn + ffn + d)
+    single = 3 * d * d + 3 * d + 3 * (d * d + d) + 2 * hd + d * ffn + ffn + (d + ffn) * d + d
+    final = 2 * d * d + 2 * d + d * out + out
+    return embed + c["num_layers"] * double + c["num_single_layers"] * single + final
+
+
+DIT_CLASSES = ("ZImageTransformer2DModel", "FluxTransformer2DModel")
+
+
+def is_flux(a):
+    return a.config["_class_name"] == "FluxTransformer2DModel"
+
+
 def dit_params(c):
     """Parameters of a ZImageTransformer2DModel config (diffusers' module tree, counted by
     hand so that the parent needs no torch)."""
@@ -215,9 +246,13 @@ def parse_args(argv):
                          "with transformer/, e.g. from ferry synth --preset z-image-turbo)")
     a.config = read_json(os.path.join(a.transformer_dir, "config.json"),
                          "the transformer's config")
-    if a.config.get("_class_name") != "ZImageTransformer2DModel":
+    if a.config.get("_class_name") not in DIT_CLASSES:
         raise UsageError(f"{a.transformer_dir}/config.json: _class_name "
-                         f"{a.config.get('_class_name')!r}; expected ZImageTransformer2DModel")
+                         f"{a.config.get('_class_name')!r}; expected one of "
+                         + ", ".join(DIT_CLASSES))
+    if a.pipeline and is_flux(a):
+        raise UsageError("--pipeline: Z-Image's alone; a Flux DiT is timed one forward at a "
+                         "time")
     if a.pipeline:
         index = os.path.join(a.dir, "model_index.json")
         cls = read_json(index, "--pipeline needs the whole pipeline: ferry synth without "
@@ -273,8 +308,15 @@ def card_info(a):
 
 def describe_model(a):
     c = a.config
-    return dict(source=os.path.abspath(a.transformer_dir), dim=c["dim"],
-                n_layers=c["n_layers"], n_refiner_layers=c["n_refiner_layers"],
+    if is_flux(a):
+        return dict(source=os.path.abspath(a.transformer_dir), class_name=c["_class_name"],
+                    dim=c["num_attention_heads"] * c["attention_head_dim"],
+                    num_layers=c["num_layers"], num_single_layers=c["num_single_layers"],
+                    joint_attention_dim=c["joint_attention_dim"],
+                    in_channels=c["in_channels"], parameters=flux_params(c),
+                    weight_bytes=weight_bytes(a.transformer_dir))
+    return dict(class_name=c["_class_name"], source=os.path.abspath(a.transformer_dir),
+                dim=c["dim"], n_layers=c["n_layers"], n_refiner_layers=c["n_refiner_layers"],
                 n_heads=c["n_heads"], cap_feat_dim=c["cap_feat_dim"],
                 in_channels=c["in_channels"], parameters=dit_params(c),
                 weight_bytes=weight_bytes(a.transformer_dir))
@@ -284,10 +326,14 @@ def table(report):
     """The results as a table for people."""
     m, lat = report["model"], report["latent_shape"]
     bound = report["bound_seconds"]
+    if m["class_name"] == "FluxTransformer2DModel":
+        shape = (f"dim {m['dim']}, {m['num_layers']} double + {m['num_single_layers']} single "
+                 "blocks")
+    else:
+        shape = f"dim {m['dim']}, {m['n_layers']} layers + 2 × {m['n_refiner_layers']} refiners"
     lines = [
-        f"model   {m['source']} (ZImageTransformer2DModel, dim {m['dim']}, {m['n_layers']} "
-        f"layers + 2 × {m['n_refiner_layers']} refiners, {human_count(m['parameters'])} params, "
-        f"{human_bytes(m['weight_bytes'])})",
+        f"model   {m['source']} ({m['class_name']}, {shape}, "
+        f"{human_count(m['parameters'])} params, {human_bytes(m['weight_bytes'])})",
     ]
     if report["mode"] == "dit":
         lines.append(
@@ -356,7 +402,8 @@ def parent(a, argv):
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         mode="pipeline" if a.pipeline else "dit", device=a.device, card=card,
         card_total_bytes=card_bytes, driver=driver, model=model,
-        width=a.width, height=a.height, latent_shape=[1, a.config["in_channels"], h, w],
+        width=a.width, height=a.height,
+        latent_shape=[1, a.config["in_channels"] // (4 if is_flux(a) else 1), h, w],
         image_tokens=(h // 2) * (w // 2), caption_tokens=a.caption_tokens, steps=a.steps,
         runs=a.runs, warmup=a.warmup, seed=a.seed, h2d_gbps=a.h2d_gbps,
         bound_seconds=model["weight_bytes"] / (a.h2d_gbps * 1e9), results=[])
@@ -489,6 +536,8 @@ def measure(a, result):
 
 def dit_runs(a, result, torch, device, sync):
     """Load, place and time the DiT; the timed forwards' seconds."""
+    if is_flux(a):
+        return flux_runs(a, result, torch, device, sync)
     from diffusers import ZImageTransformer2DModel
 
     t = time.perf_counter()
@@ -513,6 +562,56 @@ def dit_runs(a, result, torch, device, sync):
         t = time.perf_counter()
         with torch.inference_mode():
             out = model(x, timestep, cap_feats, return_dict=False)[0]
+        sync()
+        elapsed = time.perf_counter() - t
+        result["output_l2"] = float(out[0].float().norm())
+        result["output_shape"] = list(out[0].shape)
+        del out
+        return elapsed
+
+    for _ in range(a.warmup):
+        forward()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return [forward() for _ in range(a.runs)]
+
+
+def flux_runs(a, result, torch, device, sync):
+    """dit_runs for a Flux DiT: one forward as FluxPipeline's loop makes it."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    t = time.perf_counter()
+    model = FluxTransformer2DModel.from_pretrained(a.transformer_dir,
+                                                   dtype=torch.bfloat16).eval()
+    result["load_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result["note"] = place(a.worker, model, device, torch)
+    sync()
+    result["setup_seconds"] = time.perf_counter() - t
+
+    c = a.config
+    gen = torch.Generator().manual_seed(a.seed)
+    h, w = a.height // 8, a.width // 8
+    channels = c["in_channels"] // 4
+    latent = torch.randn(1, channels, h, w, generator=gen)
+    x = FluxPipeline._pack_latents(latent, 1, channels, h, w).to(device, torch.bfloat16)
+    text = torch.randn(1, a.caption_tokens, c["joint_attention_dim"], generator=gen)
+    text = text.to(device, torch.bfloat16)
+    pooled = torch.randn(1, c["pooled_projection_dim"], generator=gen)
+    pooled = pooled.to(device, torch.bfloat16)
+    txt_ids = torch.zeros(a.caption_tokens, 3, device=device, dtype=torch.bfloat16)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.bfloat16)
+    timestep = torch.tensor([0.5], device=device, dtype=torch.bfloat16)  # t / 1000
+    guidance = (torch.tensor([3.5], device=device, dtype=torch.float32)
+                if c.get("guidance_embeds") else None)
+
+    def forward():
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                        timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                        return_dict=False)[0]
         sync()
         elapsed = time.perf_counter() - t
         result["output_l2"] = float(out[0].float().norm())

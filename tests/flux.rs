@@ -776,3 +776,95 @@ fn precomputed_modulation_gives_the_bits_of_computing_it() {
     );
     assert!((0.27..0.28).contains(&share), "{share}");
 }
+
+fn ferry(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("ferry runs");
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ferry synth --preset flux-tiny` writes the fixture's tensors and config; `ferry info`
+/// shows its groups; `ferry bench` times it from the directory and from memory, the
+/// modulation precomputed by default; flux.1-dev is listed at its real size.
+#[test]
+fn tiny_preset_is_the_fixtures_shape_and_benches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("flux-tiny");
+    let d = dir.to_str().unwrap();
+    ferry(&["synth", "--preset", "flux-tiny", "--out", d, "--seed", "3"]);
+    let tr = Component::open("transformer", &dir.join("transformer"), true).unwrap();
+    let fixture = fixture();
+    let shapes = |c: &Component| -> Vec<(String, Vec<usize>)> {
+        c.tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
+            .collect()
+    };
+    assert_eq!(shapes(&tr), shapes(&fixture.transformer));
+    let (path, json) = tr.config().unwrap();
+    assert_eq!(FluxConfig::from_json(path, json).unwrap(), fixture.config());
+
+    let info = ferry(&["info", "--model", d]);
+    assert!(
+        info.contains("FluxPipeline")
+            && info.contains("double block 1")
+            && info.contains("single block 1")
+            && info.contains("final layer"),
+        "{info}"
+    );
+    for source in [vec!["--model", d], vec!["--synthetic", "flux-tiny"]] {
+        let mut args = vec!["bench", "--device", "cpu", "--size", "80x48"];
+        args.extend(&source);
+        args.extend([
+            "--caption-tokens",
+            "7",
+            "--batch",
+            "1,2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            "-",
+        ]);
+        let out: serde_json::Value = serde_json::from_str(&ferry(&args)).unwrap();
+        let results = out["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{out}");
+        assert!(results.iter().all(|r| r["step_s"].as_f64().unwrap() > 0.0));
+        assert_eq!(out["modulation"], "precomputed", "{out}");
+    }
+    let args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--size",
+        "32x32",
+        "--model",
+        d,
+        "--modulation",
+        "in-steps",
+        "--runs",
+        "1",
+        "--json",
+        "-",
+    ];
+    let out: serde_json::Value = serde_json::from_str(&ferry(&args)).unwrap();
+    assert_eq!(out["modulation"], "in steps", "{out}");
+
+    let list = ferry(&["synth", "--list"]);
+    let line = list
+        .lines()
+        .find(|l| l.trim_start().starts_with("flux.1-dev "))
+        .unwrap_or_else(|| panic!("flux.1-dev in\n{list}"));
+    assert!(
+        line.contains("11.90B params") && line.contains("flux"),
+        "{line}"
+    );
+}

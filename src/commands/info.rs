@@ -1,6 +1,7 @@
 //! `ferry info`: what a checkpoint holds.
 
 use ferry::checkpoint::{resolve_model_path, Format, Pipeline};
+use ferry::model::flux::{self, Flux, FluxConfig};
 use ferry::model::qwen_image::{self, QwenImage, QwenImageConfig};
 use ferry::model::z_image::{ZImage, ZImageConfig};
 use ferry::model::Checkpoint;
@@ -99,6 +100,10 @@ fn pipeline_info(p: &Pipeline) -> Result<()> {
                 Some(Box::new(QwenImage::new(QwenImageConfig::from_json(
                     path, json,
                 )?)))
+            }
+            Some(flux::CLASS_NAME) => {
+                let (path, json) = tr.config()?;
+                Some(Box::new(Flux::new(FluxConfig::from_json(path, json)?)))
             }
             _ => None,
         };

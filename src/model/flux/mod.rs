@@ -289,10 +289,15 @@ pub(super) struct Condition<'a> {
 impl Condition<'_> {
     /// The same bits: the same modulation.
     pub fn same(&self, other: &Condition<'_>) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        self.sigma.to_bits() == other.sigma.to_bits()
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits();
+        same(self.sigma, other.sigma)
             && self.guidance.map(f32::to_bits) == other.guidance.map(f32::to_bits)
-            && bits(self.pooled) == bits(other.pooled)
+            && self.pooled.len() == other.pooled.len()
+            && self
+                .pooled
+                .iter()
+                .zip(other.pooled)
+                .all(|(&a, &b)| same(a, b))
     }
 }
 
