@@ -56,6 +56,13 @@ pooled embeddings.
                                                    and activations), the yardstick for a bf16
                                                    backend
     alone.output                f32 [1, 15, 16]    sample 1 alone
+
+Case "schnell": the same shapes without guidance_embeds (Flux.1-schnell's
+CombinedTimestepTextProjEmbeddings), its own weights (transformer-schnell/, SEED_SCHNELL), on
+the batch's inputs without guidance:
+
+    schnell.temb    f32 [2, 32]
+    schnell.output  f32 [2, 15, 16]
 """
 
 import argparse
@@ -81,6 +88,7 @@ OUT = ROOT / "tests" / "fixtures" / "flux"
 
 SEED_WEIGHTS = 5001
 SEED_INPUTS = 5002
+SEED_SCHNELL = 5003
 
 TRANSFORMER_CONFIG = dict(
     patch_size=1,
@@ -123,15 +131,21 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(v.to(p.dtype))
 
 
+SCHNELL_CONFIG = dict(TRANSFORMER_CONFIG, guidance_embeds=False)
+VARIANTS = {"transformer": (TRANSFORMER_CONFIG, SEED_WEIGHTS),
+            "transformer-schnell": (SCHNELL_CONFIG, SEED_SCHNELL)}
+
+
 def write_transformer(out: Path) -> None:
-    torch.manual_seed(SEED_WEIGHTS)
-    tr = FluxTransformer2DModel(**TRANSFORMER_CONFIG).eval()
-    init_weights(tr, SEED_WEIGHTS)
-    tr.to(torch.bfloat16).save_pretrained(out / "transformer", safe_serialization=True)
+    for name, (config, seed) in VARIANTS.items():
+        torch.manual_seed(seed)
+        tr = FluxTransformer2DModel(**config).eval()
+        init_weights(tr, seed)
+        tr.to(torch.bfloat16).save_pretrained(out / name, safe_serialization=True)
 
 
-def load_transformer(d: Path, dtype=torch.float32) -> FluxTransformer2DModel:
-    tr = FluxTransformer2DModel.from_pretrained(d / "transformer", torch_dtype=dtype).eval()
+def load_transformer(d: Path, dtype=torch.float32, name="transformer") -> FluxTransformer2DModel:
+    tr = FluxTransformer2DModel.from_pretrained(d / name, torch_dtype=dtype).eval()
     assert {p.dtype for p in tr.parameters()} == {dtype}
     return tr
 
@@ -207,6 +221,10 @@ def compute_references(d: Path) -> dict:
         got["alone.output"] = forward(tr, *[a[1:] for a in args])
         bf = load_transformer(d, torch.bfloat16)
         got["batch.output_bf16"] = forward(bf, *[a.bfloat16() for a in args]).float()
+        schnell = load_transformer(d, name="transformer-schnell")
+        hook = schnell.time_text_embed.register_forward_hook(out_hook("schnell.temb"))
+        got["schnell.output"] = forward(schnell, *args[:4], None)
+        hook.remove()
     return {k: v.contiguous() for k, v in sorted(got.items())}
 
 
@@ -214,9 +232,11 @@ def expected(refs: dict) -> dict:
     return {
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
         "transformer_config": TRANSFORMER_CONFIG,
+        "schnell_config": SCHNELL_CONFIG,
         "cases": {
             "batch": {"width": 80, "height": 48, "latent": [6, 10], "tokens": [3, 5], "text_tokens": 6},
             "alone": {"sample": 1},
+            "schnell": {"transformer": "transformer-schnell", "inputs": "batch's, no guidance"},
         },
         "tensors": {k: [str(v.dtype).replace("torch.", ""), list(v.shape)] for k, v in refs.items()},
     }
@@ -237,10 +257,11 @@ def write_fixture() -> None:
 def verify() -> None:
     with tempfile.TemporaryDirectory() as t:
         write_transformer(Path(t))
-        for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-            a = (Path(t) / "transformer" / f).read_bytes()
-            b = (OUT / "transformer" / f).read_bytes()
-            assert a == b, f"transformer/{f} differs from a fresh build"
+        for name in VARIANTS:
+            for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+                a = (Path(t) / name / f).read_bytes()
+                b = (OUT / name / f).read_bytes()
+                assert a == b, f"{name}/{f} differs from a fresh build"
     compare(compute_references(OUT), OUT / "reference.safetensors")
 
 

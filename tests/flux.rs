@@ -150,6 +150,59 @@ fn a_batch_and_its_intermediates_match_diffusers() {
     close("norm_out", &trace["norm_out"], f.r("batch.norm_out"));
 }
 
+/// Flux.1-schnell's shape (no guidance embedder) on the batch's inputs, against diffusers.
+#[test]
+fn a_model_without_guidance_matches_diffusers() {
+    let f = fixture();
+    let dir = common::fixture("flux/transformer-schnell");
+    let tr = Component::open("transformer", &dir, true).unwrap();
+    let (path, json) = tr.config().unwrap();
+    let dit = Flux::new(FluxConfig::from_json(path, json).unwrap());
+    assert!(!dit.config.guidance_embeds);
+    dit.check_tensors(&tr).unwrap();
+    // The guidance embedder is not among its tensors (nor asked for).
+    assert!(!dit
+        .groups()
+        .iter()
+        .flat_map(|g| &g.tensors)
+        .any(|t| t.name.contains("guidance")));
+    let mut w = ResidentWeights::load(&tr, dit.groups(), |t| Cpu.weight(t)).unwrap();
+    let (texts, pooled) = (f.texts(), f.pooled());
+    let mut trace = BTreeMap::new();
+    let mut record = |name: &str, v: Vec<f32>| {
+        trace.insert(name.to_string(), v);
+    };
+    let input = DitInput {
+        latents: f.r("batch.hidden_states"),
+        height: 6,
+        width: 10,
+        timestep: f.r("batch.timestep"),
+        guidance: None,
+        pooled: &pooled,
+        texts: &texts,
+    };
+    let out = dit
+        .forward_traced(&Cpu, &mut w, &input, Some(&mut record))
+        .unwrap();
+    close("schnell temb", &trace["temb"], f.r("schnell.temb"));
+    close("schnell output", &out, f.r("schnell.output"));
+    // Its table takes no guidance.
+    let steps = Flux::precomputed(dit.config.clone());
+    let m = steps.modulation_model();
+    let mut mw = ResidentWeights::load(&tr, m.groups(), |t| Cpu.weight(t)).unwrap();
+    let table = m
+        .table(&Cpu, &mut mw, f.r("batch.timestep"), None, &pooled)
+        .unwrap();
+    let mut sw = ResidentWeights::load(&tr, steps.groups(), |t| Cpu.weight(t)).unwrap();
+    let taken = steps.forward_with(&Cpu, &mut sw, &input, &table).unwrap();
+    assert_eq!(bits(&taken), bits(&out));
+    let e = m
+        .table(&Cpu, &mut mw, &[0.5], Some(3.5), &pooled)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("without guidance_embeds"), "{e}");
+}
+
 /// Each sample alone equals its row of the batch bit for bit, and sample 1 is diffusers'
 /// lone forward; a sample's text may be shorter than its neighbour's.
 #[test]
