@@ -44,9 +44,10 @@ pub struct BenchArgs {
     /// Image models: the image's WIDTHxHEIGHT.
     #[arg(long, default_value = "1024x1024")]
     pub(super) size: String,
-    /// Image models: caption tokens per image.
-    #[arg(long, default_value_t = 100)]
-    pub(super) caption_tokens: usize,
+    /// Image models: caption tokens per image. Default: 512 for Flux.1 (its pipeline pads
+    /// T5's tokens to 512), else 100.
+    #[arg(long)]
+    pub(super) caption_tokens: Option<usize>,
     /// Qwen-Image: the timestep-only modulation computed once before the steps (precomputed,
     /// the default: those weights, a third of the model, do not stream during the steps), or
     /// by every step (in-steps).

@@ -395,19 +395,20 @@ struct Streamed {
 
 pub fn bench_dit(args: &BenchArgs) -> Result<()> {
     let (width, height) = super::image::parse_size(&args.size, "--size")?;
-    if args.caption_tokens == 0 {
+    let (mut dit, component, label) = open_dit(args)?;
+    let caption_tokens = caption_tokens(args, &dit);
+    if caption_tokens == 0 {
         return Err(Error::Flag {
             flag: "--caption-tokens",
             message: "expected at least 1".into(),
         });
     }
-    let (mut dit, component, label) = open_dit(args)?;
     let (h, w) = (height / 8, width / 8);
     let vram = args.vram.as_deref().map(Vram::parse).transpose()?;
     let gpu = open_device(args.device, vram)?;
     let largest = args.batch.iter().max().copied().unwrap_or(1);
     let shape = PassShape {
-        tokens: dit.tokens(h, w, args.caption_tokens),
+        tokens: dit.tokens(h, w, caption_tokens),
         batch: largest,
         past: 0,
     };
@@ -443,7 +444,7 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
                     let assumed_ms = weights.plan().prediction.compute_ms;
                     let log = Arc::new(Mutex::new(Vec::new()));
                     weights.log_stats(log.clone());
-                    let (latents, caption) = dit.inputs(largest, h, w, args.caption_tokens);
+                    let (latents, caption) = dit.inputs(largest, h, w, caption_tokens);
                     let mut warm = Vec::new();
                     for run in 0..4 {
                         log.lock().expect("stats log").clear();
@@ -476,7 +477,17 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
                     let rows =
                         time_all(gpu, &dit, &mut weights, args, h, w, Some((&log, &capture)))?;
                     if let Some(path) = &args.timeline {
-                        draw(args, path, gpu, &component, &label, &device, &log, &capture)?;
+                        draw(
+                            args,
+                            caption_tokens,
+                            path,
+                            gpu,
+                            &component,
+                            &label,
+                            &device,
+                            &log,
+                            &capture,
+                        )?;
                     }
                     (device, rows)
                 }
@@ -491,10 +502,19 @@ pub fn bench_dit(args: &BenchArgs) -> Result<()> {
         args,
         &label,
         &device,
-        (width, height),
+        (width, height, caption_tokens),
         (modulation, modulation_s),
         &rows,
     )
+}
+
+/// `--caption-tokens`, by default 512 for Flux.1 (its pipeline pads T5's tokens to 512) and
+/// 100 for the others.
+fn caption_tokens(args: &BenchArgs, dit: &Dit) -> usize {
+    args.caption_tokens.unwrap_or(match dit {
+        Dit::Flux(..) => ferry::diffuse::flux_pipeline::MAX_SEQUENCE_LENGTH,
+        _ => 100,
+    })
 }
 
 /// Every batch size: warm-up steps, then timed ones. With `streamed`, each step's pass
@@ -512,7 +532,7 @@ fn time_all<B: DitOps>(
     let largest = args.batch.iter().max().copied().unwrap_or(1);
     let mut rows = Vec::new();
     for &batch in &args.batch {
-        let (latents, caption) = dit.inputs(batch, h, w, args.caption_tokens);
+        let (latents, caption) = dit.inputs(batch, h, w, caption_tokens(args, dit));
         let (mut step_s, mut passes) = (Vec::new(), Vec::new());
         for run in 0..args.warmup + args.runs {
             let last = run + 1 == args.warmup + args.runs;
@@ -562,6 +582,7 @@ fn time_all<B: DitOps>(
 #[allow(clippy::too_many_arguments)]
 fn draw(
     args: &BenchArgs,
+    caption_tokens: usize,
     path: &std::path::Path,
     gpu: &Cuda,
     component: &Component,
@@ -585,7 +606,7 @@ fn draw(
         format!("{label} ({:.2} GB)", component.bytes() as f64 / 1e9),
         format!(
             "one denoising step at {}, {batch} image(s), {} caption tokens",
-            args.size, args.caption_tokens
+            args.size, caption_tokens
         ),
         gpu.memory().budget(),
         batch,
@@ -601,14 +622,14 @@ fn report(
     args: &BenchArgs,
     label: &str,
     device: &str,
-    (width, height): (usize, usize),
+    (width, height, caption_tokens): (usize, usize, usize),
     (modulation, modulation_s): (&str, Option<f64>),
     rows: &[Row],
 ) -> Result<()> {
     let date = ferry::date::today_utc();
     let out = serde_json::json!({
         "model": label, "device": device, "date": date, "vram": args.vram,
-        "width": width, "height": height, "caption_tokens": args.caption_tokens,
+        "width": width, "height": height, "caption_tokens": caption_tokens,
         "modulation": modulation, "modulation_precompute_s": modulation_s,
         "runs": args.runs, "warmup": args.warmup, "results": rows,
     });
@@ -619,7 +640,7 @@ fn report(
     println!("model   {label}");
     println!(
         "device  {device}; {date}; one denoising step at {width}x{height} with {} caption tokens, modulation {modulation}{}; median of {} steps after {} warm-up{}",
-        args.caption_tokens,
+        caption_tokens,
         modulation_s
             .map(|s| format!(" (once, {s:.2} s)"))
             .unwrap_or_default(),
