@@ -475,3 +475,31 @@ fn the_flag_is_in_the_help() {
     assert!(help.contains("--encoding-cache"), "{help}");
     assert!(help.contains(".ferry-encodings"), "{help}");
 }
+
+/// A temporary file that a ferry killed while writing the cache left behind (its process is
+/// gone) is removed at the next write; one of a process that still runs is not.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_writers_temporary_file_is_removed_at_the_next_write() {
+    let f = Fixture::new();
+    let folder = f.beside().parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&folder).unwrap();
+    let name = f
+        .beside()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    // A process id above the kernel's limit (4194304) never runs.
+    let orphan = folder.join(format!(".{name}.tmp4194305"));
+    let live = folder.join(format!(".{name}.tmp1"));
+    let other = folder.join("notes.txt");
+    for p in [&orphan, &live, &other] {
+        std::fs::write(p, b"x").unwrap();
+    }
+    let (_, used) = f.load(all);
+    assert_eq!(used.written, Written::To(f.beside().to_path_buf()));
+    assert!(!orphan.exists(), "the orphan is removed");
+    assert!(live.exists(), "pid 1 runs: its file is left");
+    assert!(other.exists(), "other files are left");
+}

@@ -826,7 +826,9 @@ fn write_file(path: &Path, index: &Index, contents: &[Option<&[u8]>]) -> std::io
     let name = path
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().to_string());
-    let tmp = folder.join(format!(".{name}.tmp{}", std::process::id()));
+    let stem = format!(".{name}.tmp");
+    remove_orphans(folder, &stem);
+    let tmp = folder.join(format!("{stem}{}", std::process::id()));
     let result = (|| {
         let text = serde_json::to_vec(index).expect("the index serializes");
         let end = index
@@ -862,6 +864,31 @@ fn write_file(path: &Path, index: &Index, contents: &[Option<&[u8]>]) -> std::io
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Remove the temporary files `{stem}{pid}` in `folder` that a ferry killed while writing
+/// left behind (a process that no longer runs: `/proc/{pid}` is gone). Each is as large as the
+/// cache it would have become, so a few killed runs would fill the disk. Where processes
+/// cannot be looked up (no `/proc`), nothing is removed.
+fn remove_orphans(folder: &Path, stem: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(stem)) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| Path::new("/proc").join(p.to_string()).exists());
+        if !alive && pid.chars().all(|c| c.is_ascii_digit()) && !pid.is_empty() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// A 64-bit checksum of `bytes`: four lanes over 8-byte words, each step xxHash64's round
