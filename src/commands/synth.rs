@@ -304,9 +304,9 @@ fn pipeline(
         bytes += r.bytes;
         seconds += r.seconds;
         match r.shards.len() {
-            0 => eprintln!("  {:<13} config", c.name()),
+            0 => eprintln!("  {:<14} config", c.name()),
             n => eprintln!(
-                "  {:<13} {} params, {} in {n} shards",
+                "  {:<14} {} params, {} in {n} shards",
                 c.name(),
                 preset.parameters(*c),
                 human_bytes(r.bytes)
