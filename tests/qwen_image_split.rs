@@ -41,11 +41,11 @@ const RES_BLOCKS: usize = 2;
 /// The synthetic pipeline, in `dir`.
 fn pipeline(dir: &Path) -> PathBuf {
     let mut preset = PipelinePreset::by_name("qwen-image-pipeline-tiny").unwrap();
-    let te = &mut preset.text_encoder.config;
-    (te.hidden_size, te.num_heads, te.num_kv_heads, te.head_dim) = (128, 1, 1, 128);
     let PipelineModels::QwenImage(q) = &mut preset.models else {
         panic!("a Qwen-Image pipeline");
     };
+    let te = &mut q.text_encoder.config;
+    (te.hidden_size, te.num_heads, te.num_kv_heads, te.head_dim) = (128, 1, 1, 128);
     q.mrope_section = [16, 24, 24];
     q.transformer = q
         .transformer
@@ -64,7 +64,7 @@ fn pipeline(dir: &Path) -> PathBuf {
         seed: 5,
         ..WriteOptions::default()
     };
-    write_pipeline(&preset, &pipe, &ferry::synth::PipelineComponent::ALL, &opts).unwrap();
+    write_pipeline(&preset, &pipe, &preset.components(), &opts).unwrap();
     pipe
 }
 

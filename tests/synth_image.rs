@@ -141,7 +141,7 @@ fn tiny_pipeline_is_described_and_draws_an_image() {
         .encode_chat_thinking(&[Message::new("user", "a red fox in the snow")], true)
         .unwrap();
     let tokenizer = text.tokenizer().unwrap();
-    let vocab = preset.text_encoder.config.vocab_size;
+    let vocab = preset.language_model().unwrap().config.vocab_size;
     assert!(ids.iter().all(|&id| (id as usize) < vocab), "{ids:?}");
     assert_eq!(Some(ids[0]), tokenizer.token_to_id("<|im_start|>"));
     assert_eq!(

@@ -451,7 +451,7 @@ fn template_is_longer_than_the_rows_dropped() {
         let text = TextCodec::from_tokenizer_dir(&dir.join("tokenizer")).unwrap();
         let tokenizer = text.tokenizer().unwrap();
         let p = pipeline_preset(preset);
-        let te = &p.text_encoder;
+        let te = p.language_model().unwrap();
         assert_eq!(tokenizer.token_to_id("<|endoftext|>"), Some(endoftext));
         assert_eq!(tokenizer.token_to_id("<|im_start|>"), Some(endoftext + 1));
         assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(endoftext + 2));
@@ -540,7 +540,7 @@ fn pipeline_preset_has_the_real_shapes() {
     assert_eq!(json["vision_config"]["out_hidden_size"], 3584);
     let path = Path::new("text_encoder/config.json");
     let c = LlamaConfig::from_hf(path, &text_config(path, &json).unwrap()).unwrap();
-    assert_eq!(c, p.text_encoder.config);
+    assert_eq!(c, p.language_model().unwrap().config);
     assert!(c.qkv_bias && !c.tie_word_embeddings && c.head_dim == 128);
 
     let (_, vae_params, _) = diffusers_vae("default");

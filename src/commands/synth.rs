@@ -18,8 +18,9 @@ use super::{at_least, human_count, plural};
 #[derive(Args)]
 pub struct SynthArgs {
     /// The model shape (see --list), e.g. qwen2.5-7b, llama-3.1-8b, tiny, or an image
-    /// pipeline: z-image-turbo, z-image-tiny, qwen-image-pipeline, qwen-image-pipeline-tiny;
-    /// or a diffusion transformer alone: qwen-image, qwen-image-tiny.
+    /// pipeline: z-image-turbo, z-image-tiny, qwen-image-pipeline, qwen-image-pipeline-tiny,
+    /// flux.1-dev-pipeline, flux-pipeline-tiny; or a diffusion transformer alone:
+    /// qwen-image, qwen-image-tiny, flux.1-dev, flux-tiny.
     #[arg(long, required_unless_present = "list")]
     preset: Option<String>,
     /// Output directory (created; must be empty or missing unless --force); with --gguf, the
@@ -39,7 +40,7 @@ pub struct SynthArgs {
     #[arg(long, value_parser = at_least(1), allow_negative_numbers = true)]
     layers: Option<usize>,
     /// Image pipelines: only these components, comma-separated (transformer, text_encoder,
-    /// tokenizer, vae, scheduler), e.g. --only transformer for a DiT benchmark. More can be
+    /// tokenizer, vae, scheduler; Flux also text_encoder_2, tokenizer_2), e.g. --only transformer for a DiT benchmark. More can be
     /// added to the same --out later with the same seed.
     #[arg(long, value_name = "COMPONENTS")]
     only: Option<String>,
@@ -94,10 +95,7 @@ fn list() {
     }
     println!("image pipelines (diffusers directories; --only picks components):");
     for p in PipelinePreset::list() {
-        let total: usize = PipelineComponent::ALL
-            .iter()
-            .map(|&c| p.parameters(c))
-            .sum();
+        let total: usize = p.components().iter().map(|&c| p.parameters(c)).sum();
         println!(
             "  {:<24} {:<10} {:>7} params {:>10} bf16  {}",
             p.name,
@@ -106,7 +104,7 @@ fn list() {
             human_bytes(total * 2),
             p.about
         );
-        for c in PipelineComponent::ALL {
+        for c in p.components() {
             let n = p.parameters(c);
             if n > 0 {
                 let name = format!("  {}", c.name());
@@ -294,8 +292,8 @@ fn pipeline(
         }
     }
     let components = match &args.only {
-        Some(list) => PipelineComponent::parse_list(list)?,
-        None => PipelineComponent::ALL.to_vec(),
+        Some(list) => preset.parse_components(list)?,
+        None => preset.components(),
     };
     if !args.force {
         check_destination(preset, out, &components, opts)?;
@@ -306,9 +304,9 @@ fn pipeline(
         bytes += r.bytes;
         seconds += r.seconds;
         match r.shards.len() {
-            0 => eprintln!("  {:<13} config", c.name()),
+            0 => eprintln!("  {:<14} config", c.name()),
             n => eprintln!(
-                "  {:<13} {} params, {} in {n} shards",
+                "  {:<14} {} params, {} in {n} shards",
                 c.name(),
                 preset.parameters(*c),
                 human_bytes(r.bytes)

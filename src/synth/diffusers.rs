@@ -4,10 +4,12 @@
 //! `QwenImagePipeline`'s) lays them out.
 //!
 //! A pipeline preset is several models, so it is its own kind beside the language-model
-//! [`Preset`]: its DiT and VAE are shaped by their diffusers configs, one family's
-//! ([`PipelineModels`]: Z-Image here, Qwen-Image in `qwen_image.rs`), its text encoder is a
-//! language-model preset (Qwen3 or Qwen2.5) whose special token ids are those of a small
-//! synthetic tokenizer ([`ChatTokenizer`]: the real Qwen vocabulary is not to be had offline).
+//! [`Preset`]: its models are one family's ([`PipelineModels`]: Z-Image here, Qwen-Image in
+//! `qwen_image.rs`, Flux.1 in `flux.rs`), the DiT and VAE shaped by their diffusers configs.
+//! Z-Image's and Qwen-Image's text encoder is a language-model preset (Qwen3 or Qwen2.5)
+//! whose special token ids are those of a small synthetic tokenizer ([`ChatTokenizer`]: the
+//! real Qwen vocabulary is not to be had offline); Flux's are CLIP and T5, with small CLIP
+//! BPE and T5 Unigram tokenizers of their own.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,6 +17,7 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
+use super::flux::FluxModels;
 use super::presets::{qwen3, Preset};
 use super::qwen_image::{qwen_vae_tensors, QwenImageModels};
 use super::shards::{write_json, write_sharded, Spec};
@@ -33,17 +36,23 @@ pub const DIFFUSERS_VERSION: &str = "0.42.1";
 pub enum PipelineComponent {
     Transformer,
     TextEncoder,
+    /// Flux's second text encoder (T5).
+    TextEncoder2,
     Tokenizer,
+    /// Flux's second tokenizer (T5's).
+    Tokenizer2,
     Vae,
     Scheduler,
 }
 
 impl PipelineComponent {
-    /// Every component, in the order they are written.
-    pub const ALL: [PipelineComponent; 5] = [
+    /// Every component of any pipeline, in the order they are written.
+    pub const ALL: [PipelineComponent; 7] = [
         PipelineComponent::Transformer,
         PipelineComponent::TextEncoder,
+        PipelineComponent::TextEncoder2,
         PipelineComponent::Tokenizer,
+        PipelineComponent::Tokenizer2,
         PipelineComponent::Vae,
         PipelineComponent::Scheduler,
     ];
@@ -53,7 +62,9 @@ impl PipelineComponent {
         match self {
             PipelineComponent::Transformer => "transformer",
             PipelineComponent::TextEncoder => "text_encoder",
+            PipelineComponent::TextEncoder2 => "text_encoder_2",
             PipelineComponent::Tokenizer => "tokenizer",
+            PipelineComponent::Tokenizer2 => "tokenizer_2",
             PipelineComponent::Vae => "vae",
             PipelineComponent::Scheduler => "scheduler",
         }
@@ -122,20 +133,26 @@ pub struct VaeShape {
     pub shift_factor: f64,
 }
 
-/// A Z-Image pipeline's models other than the text encoder's decoder (`ZImagePipeline`).
+/// A Z-Image pipeline's models (`ZImagePipeline`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ZImageModels {
+    /// Qwen3, read for its hidden states; its BOS/EOS ids are the synthetic tokenizer's
+    /// `<|endoftext|>` and `<|im_end|>`.
+    pub text_encoder: Preset,
+    /// Where the synthetic tokenizer's special tokens sit.
+    pub(super) specials: SpecialIds,
     pub transformer: DitShape,
     pub vae: VaeShape,
     /// `FlowMatchEulerDiscreteScheduler`'s static `shift`.
     pub shift: f64,
 }
 
-/// The models of a pipeline beside its text encoder's decoder, by family.
+/// The models of a pipeline, by family.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PipelineModels {
     ZImage(ZImageModels),
     QwenImage(QwenImageModels),
+    Flux(FluxModels),
 }
 
 /// An image pipeline's shapes.
@@ -144,12 +161,6 @@ pub struct PipelinePreset {
     pub name: &'static str,
     /// What it is shaped like, for `ferry synth --list`.
     pub about: &'static str,
-    /// The language model read for its hidden states (Qwen3 for Z-Image, Qwen2.5-VL's text
-    /// model for Qwen-Image); its BOS/EOS ids are the synthetic tokenizer's `<|endoftext|>`
-    /// and `<|im_end|>`.
-    pub text_encoder: Preset,
-    /// Where the synthetic tokenizer's special tokens sit.
-    pub(super) specials: SpecialIds,
     pub models: PipelineModels,
 }
 
@@ -161,6 +172,8 @@ impl PipelinePreset {
             z_image_turbo(),
             super::qwen_image::qwen_image_pipeline_tiny(),
             super::qwen_image::qwen_image_pipeline(),
+            super::flux::flux_pipeline_tiny(),
+            super::flux::flux_dev_pipeline(),
         ]
     }
 
@@ -169,6 +182,7 @@ impl PipelinePreset {
         match self.models {
             PipelineModels::ZImage(_) => "z-image",
             PipelineModels::QwenImage(_) => "qwen-image",
+            PipelineModels::Flux(_) => "flux",
         }
     }
 
@@ -177,21 +191,76 @@ impl PipelinePreset {
         match self.models {
             PipelineModels::ZImage(_) => "ZImagePipeline",
             PipelineModels::QwenImage(_) => "QwenImagePipeline",
+            PipelineModels::Flux(_) => crate::diffuse::flux_pipeline::PIPELINE_CLASS,
         }
+    }
+
+    /// The components this pipeline has, in the order they are written: Flux's two text
+    /// encoders and tokenizers, one of each for the others.
+    pub fn components(&self) -> Vec<PipelineComponent> {
+        use PipelineComponent::*;
+        let flux = matches!(self.models, PipelineModels::Flux(_));
+        PipelineComponent::ALL
+            .into_iter()
+            .filter(|c| flux || !matches!(c, TextEncoder2 | Tokenizer2))
+            .collect()
+    }
+
+    /// Parse `--only` for this pipeline: [`PipelineComponent::parse_list`], each one of
+    /// [`components`](Self::components).
+    pub fn parse_components(&self, s: &str) -> Result<Vec<PipelineComponent>> {
+        let list = PipelineComponent::parse_list(s)?;
+        let ours = self.components();
+        if let Some(c) = list.iter().find(|c| !ours.contains(c)) {
+            let names: Vec<&str> = ours.iter().map(|c| c.name()).collect();
+            return Err(Error::Flag {
+                flag: "--only",
+                message: format!(
+                    "{} has no {} component; expected some of {}",
+                    self.name,
+                    c.name(),
+                    names.join(", ")
+                ),
+            });
+        }
+        Ok(list)
+    }
+
+    /// The language model read for its hidden states (Qwen3 for Z-Image, Qwen2.5-VL's text
+    /// model for Qwen-Image), and where its synthetic tokenizer's specials sit; none for
+    /// Flux, whose text encoders are CLIP and T5.
+    fn chat(&self) -> Option<(&Preset, SpecialIds)> {
+        match &self.models {
+            PipelineModels::ZImage(z) => Some((&z.text_encoder, z.specials)),
+            PipelineModels::QwenImage(q) => Some((&q.text_encoder, q.specials)),
+            PipelineModels::Flux(_) => None,
+        }
+    }
+
+    /// The language-model text encoder of Z-Image and Qwen-Image pipelines (none for Flux).
+    pub fn language_model(&self) -> Option<&Preset> {
+        self.chat().map(|(te, _)| te)
     }
 
     /// `[library, class]` of `component` in model_index.json, as the real pipeline's says.
     fn class(&self, component: PipelineComponent) -> [&'static str; 2] {
         use PipelineComponent::*;
-        let qwen = matches!(self.models, PipelineModels::QwenImage(_));
-        match (component, qwen) {
-            (Transformer, false) => ["diffusers", "ZImageTransformer2DModel"],
-            (Transformer, true) => ["diffusers", crate::model::qwen_image::CLASS_NAME],
-            (TextEncoder, false) => ["transformers", "Qwen3Model"],
-            (TextEncoder, true) => ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        use PipelineModels as M;
+        match (component, &self.models) {
+            (Transformer, M::ZImage(_)) => ["diffusers", "ZImageTransformer2DModel"],
+            (Transformer, M::QwenImage(_)) => ["diffusers", crate::model::qwen_image::CLASS_NAME],
+            (Transformer, M::Flux(_)) => ["diffusers", crate::model::flux::CLASS_NAME],
+            (TextEncoder, M::ZImage(_)) => ["transformers", "Qwen3Model"],
+            (TextEncoder, M::QwenImage(_)) => {
+                ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+            }
+            (TextEncoder, M::Flux(_)) => ["transformers", "CLIPTextModel"],
+            (TextEncoder2, _) => ["transformers", "T5EncoderModel"],
+            (Tokenizer, M::Flux(_)) => ["transformers", "CLIPTokenizer"],
             (Tokenizer, _) => ["transformers", "Qwen2Tokenizer"],
-            (Vae, false) => ["diffusers", "AutoencoderKL"],
-            (Vae, true) => ["diffusers", crate::model::qwen_image::vae::VAE_CLASS_NAME],
+            (Tokenizer2, _) => ["transformers", "T5TokenizerFast"],
+            (Vae, M::QwenImage(_)) => ["diffusers", crate::model::qwen_image::vae::VAE_CLASS_NAME],
+            (Vae, _) => ["diffusers", "AutoencoderKL"],
             (Scheduler, _) => ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         }
     }
@@ -211,7 +280,7 @@ impl PipelinePreset {
     /// says what wrote it.
     pub fn model_index(&self, opts: &WriteOptions) -> Value {
         let left_out = match self.models {
-            PipelineModels::ZImage(_) => "",
+            PipelineModels::ZImage(_) | PipelineModels::Flux(_) => "",
             PipelineModels::QwenImage(_) => {
                 "; the text encoder is Qwen2.5-VL's text model alone (its vision tower, \
                  visual.*, is not written: the pipeline and ferry read the text model only)"
@@ -225,32 +294,43 @@ impl PipelinePreset {
                 "about": format!("random weights of {}'s shapes{left_out}", self.about),
             },
         });
-        for c in PipelineComponent::ALL {
+        for c in self.components() {
             index[c.name()] = json!(self.class(c));
         }
         index
     }
 
     /// The config file of `component` (config.json, or scheduler_config.json for the
-    /// scheduler, tokenizer_config.json for the tokenizer).
+    /// scheduler, tokenizer_config.json for a tokenizer).
     pub fn config(&self, component: PipelineComponent, dtype: DType) -> Value {
+        use PipelineComponent as C;
         let z = match &self.models {
             PipelineModels::ZImage(z) => z,
             PipelineModels::QwenImage(q) => {
                 return match component {
-                    PipelineComponent::Transformer => q.transformer.config(),
-                    PipelineComponent::TextEncoder => {
-                        q.text_encoder_config(&self.text_encoder, dtype)
-                    }
-                    PipelineComponent::Tokenizer => self.tokenizer().config,
-                    PipelineComponent::Vae => q.vae_config(self.name),
-                    PipelineComponent::Scheduler => q.scheduler_config(),
+                    C::Transformer => q.transformer.config(),
+                    C::TextEncoder => q.text_encoder_config(&q.text_encoder, dtype),
+                    C::Tokenizer => self.chat_tokenizer().config,
+                    C::Vae => q.vae_config(self.name),
+                    C::Scheduler => q.scheduler_config(),
+                    C::TextEncoder2 | C::Tokenizer2 => Value::Null,
+                }
+            }
+            PipelineModels::Flux(f) => {
+                return match component {
+                    C::Transformer => f.transformer.config(),
+                    C::TextEncoder => f.clip_config(self.name, dtype),
+                    C::TextEncoder2 => f.t5_config(self.name, dtype),
+                    C::Tokenizer => f.clip_tokenizer(self.name).config,
+                    C::Tokenizer2 => f.t5_tokenizer(self.name).config,
+                    C::Vae => vae_config(&f.vae, self.name),
+                    C::Scheduler => f.scheduler_config(),
                 }
             }
         };
         let synthetic = json!({"preset": self.name});
         match component {
-            PipelineComponent::Transformer => {
+            C::Transformer => {
                 let d = &z.transformer;
                 json!({
                     "_class_name": "ZImageTransformer2DModel",
@@ -273,47 +353,23 @@ impl PipelinePreset {
                     "t_scale": d.t_scale,
                 })
             }
-            PipelineComponent::TextEncoder => config_json(&self.text_encoder, dtype),
-            PipelineComponent::Tokenizer => self.tokenizer().config,
-            PipelineComponent::Vae => {
-                let v = &z.vae;
-                let blocks = v.block_out_channels.len();
-                json!({
-                    "_class_name": "AutoencoderKL",
-                    "_diffusers_version": DIFFUSERS_VERSION,
-                    "_ferry_synthetic": synthetic,
-                    "act_fn": "silu",
-                    "block_out_channels": v.block_out_channels,
-                    "down_block_types": vec!["DownEncoderBlock2D"; blocks],
-                    "force_upcast": true,
-                    "in_channels": v.in_channels,
-                    "latent_channels": v.latent_channels,
-                    "latents_mean": null,
-                    "latents_std": null,
-                    "layers_per_block": v.layers_per_block,
-                    "mid_block_add_attention": true,
-                    "norm_num_groups": v.norm_num_groups,
-                    "out_channels": v.out_channels,
-                    "sample_size": v.sample_size,
-                    "scaling_factor": v.scaling_factor,
-                    "shift_factor": v.shift_factor,
-                    "up_block_types": vec!["UpDecoderBlock2D"; blocks],
-                    "use_post_quant_conv": false,
-                    "use_quant_conv": false,
-                })
-            }
-            PipelineComponent::Scheduler => json!({
+            C::TextEncoder => config_json(&z.text_encoder, dtype),
+            C::Tokenizer => self.chat_tokenizer().config,
+            C::Vae => vae_config(&z.vae, self.name),
+            C::Scheduler => json!({
                 "_class_name": "FlowMatchEulerDiscreteScheduler",
                 "_diffusers_version": DIFFUSERS_VERSION,
                 "num_train_timesteps": 1000,
                 "shift": z.shift,
                 "use_dynamic_shifting": false,
             }),
+            C::TextEncoder2 | C::Tokenizer2 => Value::Null,
         }
     }
 
     /// The tensors of `component` in the order they are written (pass order for the DiT and
-    /// the text encoder), with their shapes; none for the tokenizer and the scheduler.
+    /// the text encoders), with their shapes; none for the tokenizers, the scheduler and a
+    /// component the pipeline does not have.
     pub fn tensors(&self, component: PipelineComponent) -> Vec<(String, Vec<usize>)> {
         use PipelineComponent as C;
         use PipelineModels as M;
@@ -331,10 +387,15 @@ impl PipelinePreset {
                     .collect()
             }
             (C::Transformer, M::QwenImage(q)) => q.transformer.tensors(),
-            (C::TextEncoder, _) => self.text_encoder.tensors(),
+            (C::Transformer, M::Flux(f)) => f.transformer.tensors(),
+            (C::TextEncoder, M::ZImage(z)) => z.text_encoder.tensors(),
+            (C::TextEncoder, M::QwenImage(q)) => q.text_encoder.tensors(),
+            (C::TextEncoder, M::Flux(f)) => f.clip_tensors(),
+            (C::TextEncoder2, M::Flux(f)) => f.t5_tensors(),
             (C::Vae, M::ZImage(z)) => vae_tensors(&z.vae),
             (C::Vae, M::QwenImage(q)) => qwen_vae_tensors(&q.vae),
-            (C::Tokenizer | C::Scheduler, _) => Vec::new(),
+            (C::Vae, M::Flux(f)) => vae_tensors(&f.vae),
+            (C::TextEncoder2, _) | (C::Tokenizer | C::Tokenizer2 | C::Scheduler, _) => Vec::new(),
         }
     }
 
@@ -346,11 +407,46 @@ impl PipelinePreset {
             .sum()
     }
 
-    /// The synthetic tokenizer, its config saying what it is.
-    fn tokenizer(&self) -> ChatTokenizer {
-        let te = &self.text_encoder.config;
-        let mut t = ChatTokenizer::new(te.max_position_embeddings, self.specials);
-        let then = match self.specials {
+    /// The files of a tokenizer component (`Tokenizer` or `Tokenizer2`): name and text.
+    fn tokenizer_files(&self, component: PipelineComponent) -> Vec<(&'static str, String)> {
+        let text = |v: &Value| serde_json::to_string_pretty(v).expect("JSON serializes") + "\n";
+        match (&self.models, component) {
+            (PipelineModels::Flux(f), PipelineComponent::Tokenizer) => {
+                let t = f.clip_tokenizer(self.name);
+                vec![
+                    ("vocab.json", text(&t.vocab)),
+                    ("merges.txt", t.merges),
+                    ("tokenizer_config.json", text(&t.config)),
+                    ("special_tokens_map.json", text(&t.special_tokens_map)),
+                ]
+            }
+            (PipelineModels::Flux(f), PipelineComponent::Tokenizer2) => {
+                let t = f.t5_tokenizer(self.name);
+                vec![
+                    ("tokenizer.json", text(&t.tokenizer)),
+                    ("tokenizer_config.json", text(&t.config)),
+                    ("special_tokens_map.json", text(&t.special_tokens_map)),
+                ]
+            }
+            _ => {
+                let t = self.chat_tokenizer();
+                vec![
+                    ("tokenizer.json", text(&t.tokenizer)),
+                    ("tokenizer_config.json", text(&t.config)),
+                ]
+            }
+        }
+    }
+
+    /// The synthetic tokenizer of a Z-Image or Qwen-Image pipeline, its config saying what
+    /// it is.
+    fn chat_tokenizer(&self) -> ChatTokenizer {
+        let (te, specials) = self
+            .chat()
+            .expect("a pipeline with a language-model text encoder");
+        let te = &te.config;
+        let mut t = ChatTokenizer::new(te.max_position_embeddings, specials);
+        let then = match specials {
             SpecialIds::AfterMerges => "then".to_string(),
             SpecialIds::From(id) => format!(
                 "placeholder tokens <|synth_ID|> for ids {} to {}, then at Qwen's own ids",
@@ -370,6 +466,34 @@ impl PipelinePreset {
         t.config["ferry_synthetic"] = json!({"preset": self.name, "description": description});
         t
     }
+}
+
+/// vae/config.json of an `AutoencoderKL` (Flux's VAE, which Z-Image uses too).
+fn vae_config(v: &VaeShape, preset: &str) -> Value {
+    let blocks = v.block_out_channels.len();
+    json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "_ferry_synthetic": {"preset": preset},
+        "act_fn": "silu",
+        "block_out_channels": v.block_out_channels,
+        "down_block_types": vec!["DownEncoderBlock2D"; blocks],
+        "force_upcast": true,
+        "in_channels": v.in_channels,
+        "latent_channels": v.latent_channels,
+        "latents_mean": null,
+        "latents_std": null,
+        "layers_per_block": v.layers_per_block,
+        "mid_block_add_attention": true,
+        "norm_num_groups": v.norm_num_groups,
+        "out_channels": v.out_channels,
+        "sample_size": v.sample_size,
+        "scaling_factor": v.scaling_factor,
+        "shift_factor": v.shift_factor,
+        "up_block_types": vec!["UpDecoderBlock2D"; blocks],
+        "use_post_quant_conv": false,
+        "use_quant_conv": false,
+    })
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -524,8 +648,8 @@ pub fn check_destination(
 /// Write `components` of `preset` with random weights into `out` (created if missing), with
 /// model_index.json: weights as `STEM-0000K-of-0000N.safetensors` shards and
 /// `STEM.safetensors.index.json` (STEM `diffusion_pytorch_model` for the DiT and the VAE,
-/// `model` for the text encoder), each component's config, the synthetic tokenizer. Returns
-/// what each component took.
+/// `model` for the text encoders), each component's config, the synthetic tokenizers. Every
+/// component must be one of the preset's. Returns what each component took.
 pub fn write_pipeline(
     preset: &PipelinePreset,
     out: &Path,
@@ -533,6 +657,13 @@ pub fn write_pipeline(
     opts: &WriteOptions,
 ) -> Result<Vec<(PipelineComponent, WriteReport)>> {
     check_options(opts)?;
+    let ours = preset.components();
+    if let Some(c) = components.iter().find(|c| !ours.contains(c)) {
+        return Err(Error::Flag {
+            flag: "--only",
+            message: format!("{} has no {} component", preset.name, c.name()),
+        });
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_json(&out.join("model_index.json"), &preset.model_index(opts))?;
     let specs = |c: PipelineComponent| -> Vec<Spec> {
@@ -558,15 +689,18 @@ pub fn write_pipeline(
                 write_json(&dir.join("config.json"), &config)?;
                 write_sharded(&dir, "diffusion_pytorch_model", &specs(c), opts, &bar)?
             }
-            PipelineComponent::TextEncoder => {
+            PipelineComponent::TextEncoder | PipelineComponent::TextEncoder2 => {
                 write_json(&dir.join("config.json"), &config)?;
-                let generation = generation_json(&preset.text_encoder);
-                write_json(&dir.join("generation_config.json"), &generation)?;
+                if let Some(te) = preset.language_model() {
+                    write_json(&dir.join("generation_config.json"), &generation_json(te))?;
+                }
                 write_sharded(&dir, "model", &specs(c), opts, &bar)?
             }
-            PipelineComponent::Tokenizer => {
-                write_json(&dir.join("tokenizer.json"), &preset.tokenizer().tokenizer)?;
-                write_json(&dir.join("tokenizer_config.json"), &config)?;
+            PipelineComponent::Tokenizer | PipelineComponent::Tokenizer2 => {
+                for (name, text) in preset.tokenizer_files(c) {
+                    let path = dir.join(name);
+                    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+                }
                 Vec::new()
             }
             PipelineComponent::Scheduler => {
@@ -609,9 +743,9 @@ fn z_image_turbo() -> PipelinePreset {
     PipelinePreset {
         name: "z-image-turbo",
         about: "Tongyi-MAI/Z-Image-Turbo",
-        text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
-        specials: SpecialIds::AfterMerges,
         models: PipelineModels::ZImage(ZImageModels {
+            text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
+            specials: SpecialIds::AfterMerges,
             transformer: DitShape {
                 dim: 3840,
                 n_layers: 30,
@@ -627,17 +761,7 @@ fn z_image_turbo() -> PipelinePreset {
                 qk_norm: true,
                 norm_eps: 1e-5,
             },
-            vae: VaeShape {
-                in_channels: 3,
-                out_channels: 3,
-                latent_channels: 16,
-                block_out_channels: vec![128, 256, 512, 512],
-                layers_per_block: 2,
-                norm_num_groups: 32,
-                sample_size: 1024,
-                scaling_factor: 0.3611,
-                shift_factor: 0.1159,
-            },
+            vae: flux_vae(),
             shift: 3.0,
         }),
     }
@@ -655,9 +779,9 @@ fn z_image_tiny() -> PipelinePreset {
     PipelinePreset {
         name: "z-image-tiny",
         about: "the shapes of tests/fixtures/z-image (tests)",
-        text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
-        specials: SpecialIds::AfterMerges,
         models: PipelineModels::ZImage(ZImageModels {
+            text_encoder: with_chat_ids(te, SpecialIds::AfterMerges),
+            specials: SpecialIds::AfterMerges,
             transformer: DitShape {
                 dim: 32,
                 n_layers: 2,
@@ -673,18 +797,34 @@ fn z_image_tiny() -> PipelinePreset {
                 qk_norm: true,
                 norm_eps: 1e-5,
             },
-            vae: VaeShape {
-                in_channels: 3,
-                out_channels: 3,
-                latent_channels: 16,
-                block_out_channels: vec![8, 16, 16, 16],
-                layers_per_block: 1,
-                norm_num_groups: 4,
-                sample_size: 64,
-                scaling_factor: 0.3611,
-                shift_factor: 0.1159,
-            },
+            vae: tiny_flux_vae(),
             shift: 3.0,
         }),
+    }
+}
+
+/// Flux.1's VAE (black-forest-labs/FLUX.1-dev's vae/config.json), which Z-Image uses too.
+pub(super) fn flux_vae() -> VaeShape {
+    VaeShape {
+        in_channels: 3,
+        out_channels: 3,
+        latent_channels: 16,
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        norm_num_groups: 32,
+        sample_size: 1024,
+        scaling_factor: 0.3611,
+        shift_factor: 0.1159,
+    }
+}
+
+/// Flux's VAE at 8–16 channels (tests/fixtures/z-image's and flux-pipeline's).
+pub(super) fn tiny_flux_vae() -> VaeShape {
+    VaeShape {
+        block_out_channels: vec![8, 16, 16, 16],
+        layers_per_block: 1,
+        norm_num_groups: 4,
+        sample_size: 64,
+        ..flux_vae()
     }
 }

@@ -266,3 +266,28 @@ fn flux_tiny() -> DitPreset {
         }),
     }
 }
+
+/// The transformer of tests/fixtures/flux-pipeline (1 double and 2 single blocks, 2 heads of
+/// 16, text features of width 32, 16 latent channels packed 2×2), for the pipeline `name`;
+/// not a preset of its own (its name is the pipeline's).
+pub(super) fn flux_pipeline_tiny_dit(name: &'static str) -> DitPreset {
+    DitPreset {
+        name,
+        about: "the transformer of tests/fixtures/flux-pipeline (tests)",
+        pipeline_class: "FluxPipeline",
+        class_name: flux::CLASS_NAME,
+        config: json!({
+            "attention_head_dim": 16,
+            "axes_dims_rope": [4, 6, 6],
+            "guidance_embeds": true,
+            "in_channels": 64,
+            "joint_attention_dim": 32,
+            "num_attention_heads": 2,
+            "num_layers": 1,
+            "num_single_layers": 2,
+            "out_channels": null,
+            "patch_size": 1,
+            "pooled_projection_dim": 32,
+        }),
+    }
+}

@@ -2,8 +2,8 @@
 //! benchmarks and tests without downloads. Written to disk as a Hugging Face directory
 //! ([`write_checkpoint`], `ferry synth`) or built straight into host memory
 //! ([`synthetic_checkpoint`], for models larger than the disk); image pipelines as diffusers
-//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo` or
-//! `qwen-image-pipeline`), a diffusion transformer alone ([`write_dit`], `ferry synth --preset
+//! directories ([`write_pipeline`], `ferry synth --preset z-image-turbo`,
+//! `qwen-image-pipeline` or `flux.1-dev-pipeline`), a diffusion transformer alone ([`write_dit`], `ferry synth --preset
 //! qwen-image`); a language model
 //! also as one quantized GGUF file ([`write_gguf`], `ferry synth --gguf Q4_K_M`).
 //!
@@ -14,6 +14,7 @@
 mod component;
 mod diffusers;
 mod dit;
+mod flux;
 mod gguf;
 mod presets;
 mod qwen_image;
@@ -35,6 +36,7 @@ pub use diffusers::{
     VaeShape, ZImageModels, DIFFUSERS_VERSION,
 };
 pub use dit::{write_dit, DitPreset};
+pub use flux::FluxModels;
 pub use gguf::{use_more_bits, write_gguf, GgufFileType, GgufOptions, GgufReport};
 pub use presets::Preset;
 pub use qwen_image::{qwen_vae_tensors, QwenImageModels};

@@ -28,6 +28,11 @@ const TRANSFORMERS_VERSION: &str = "5.25.0";
 /// A Qwen-Image pipeline's models other than the text encoder's decoder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QwenImageModels {
+    /// Qwen2.5-VL's text model, read for its hidden states; its BOS/EOS ids are the
+    /// synthetic tokenizer's `<|endoftext|>` and `<|im_end|>`.
+    pub text_encoder: Preset,
+    /// Where the synthetic tokenizer's special tokens sit.
+    pub(super) specials: SpecialIds,
     /// The DiT; its `joint_attention_dim` is the text encoder's hidden size.
     pub transformer: DitPreset,
     pub vae: QwenVaeConfig,
@@ -298,9 +303,9 @@ pub(super) fn qwen_image_pipeline() -> PipelinePreset {
     PipelinePreset {
         name,
         about,
-        text_encoder: with_chat_ids(te, specials),
-        specials,
         models: PipelineModels::QwenImage(QwenImageModels {
+            text_encoder: with_chat_ids(te, specials),
+            specials,
             transformer: dit("qwen-image"),
             vae: default_vae(),
             mrope_section: [16, 24, 24],
@@ -346,9 +351,9 @@ pub(super) fn qwen_image_pipeline_tiny() -> PipelinePreset {
     PipelinePreset {
         name,
         about: "the shapes of tests/fixtures/qwen-image and qwen-image-pipeline (tests)",
-        text_encoder: with_chat_ids(te, specials),
-        specials,
         models: PipelineModels::QwenImage(QwenImageModels {
+            text_encoder: with_chat_ids(te, specials),
+            specials,
             transformer: dit("qwen-image-tiny"),
             vae,
             mrope_section: [2, 3, 3],

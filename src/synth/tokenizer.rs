@@ -1,6 +1,7 @@
 //! The tokenizers synth writes beside its random weights: one token per id for a language
 //! model ([`tokenizer_json`]), a small trained BPE for an image pipeline's text encoder
-//! ([`ChatTokenizer`]).
+//! ([`ChatTokenizer`]), and Flux's two: a CLIP BPE ([`ClipBpe`]) and a T5 Unigram
+//! ([`T5Unigram`]).
 
 use std::collections::BTreeMap;
 
@@ -352,6 +353,218 @@ fn learn_merges(mut words: BTreeMap<Vec<String>, usize>, n: usize) -> Vec<(Strin
         merges.push((a, b));
     }
     merges
+}
+
+/// CLIP's start and end tokens; the end is also CLIP's pad and unknown token.
+const CLIP_SPECIALS: [&str; 2] = ["<|startoftext|>", "<|endoftext|>"];
+
+/// Merges of [`ClipBpe`], learned from [`CORPUS`].
+const CLIP_MERGES: usize = 300;
+
+/// A small CLIP BPE tokenizer as black-forest-labs/FLUX.1-dev ships its tokenizer/ (no
+/// tokenizer.json): the 256 bytes in GPT-2's alphabet, the same with `</w>` (a word's last
+/// symbol), [`CLIP_MERGES`] merges learned from [`CORPUS`] lower-cased and split as CLIP
+/// splits it, then `<|startoftext|>` and `<|endoftext|>`, the largest id (where a legacy
+/// CLIP config, `eos_token_id` 2, pools).
+pub(super) struct ClipBpe {
+    /// vocab.json: token → id.
+    pub vocab: Value,
+    /// merges.txt.
+    pub merges: String,
+    pub config: Value,
+    pub special_tokens_map: Value,
+    /// Ids in use: 0..len.
+    pub len: usize,
+}
+
+impl ClipBpe {
+    pub fn new(model_max_length: usize) -> ClipBpe {
+        let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+        for word in clip_pre_tokens(&CORPUS.to_lowercase()) {
+            let mut symbols: Vec<String> = word.bytes().map(|b| byte_char(b).to_string()).collect();
+            let last = symbols.last_mut().expect("a word has a byte");
+            last.push_str("</w>");
+            *words.entry(symbols).or_default() += 1;
+        }
+        let merges = learn_merges(words, CLIP_MERGES);
+        let bytes = (0..=255u8).map(|b| byte_char(b).to_string());
+        let mut tokens: Vec<String> = bytes.clone().chain(bytes.map(|c| c + "</w>")).collect();
+        for (a, b) in &merges {
+            let token = format!("{a}{b}");
+            if !tokens.contains(&token) {
+                tokens.push(token);
+            }
+        }
+        tokens.extend(CLIP_SPECIALS.map(String::from));
+        let len = tokens.len();
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), json!(id)))
+            .collect();
+        let mut text = String::from("#version: 0.2\n");
+        for (a, b) in &merges {
+            text += &format!("{a} {b}\n");
+        }
+        let special = |content: &str| {
+            json!({"content": content, "lstrip": false, "normalized": true, "rstrip": false,
+                   "single_word": false})
+        };
+        let mut decoder = serde_json::Map::new();
+        for (k, content) in CLIP_SPECIALS.iter().enumerate() {
+            let mut token = special(content);
+            token["special"] = json!(true);
+            decoder.insert((len - 2 + k).to_string(), token);
+        }
+        // As FLUX.1-dev's tokenizer_config.json (transformers 4 wrote it).
+        let config = json!({
+            "add_prefix_space": false,
+            "added_tokens_decoder": decoder,
+            "bos_token": CLIP_SPECIALS[0],
+            "clean_up_tokenization_spaces": true,
+            "do_lower_case": true,
+            "eos_token": CLIP_SPECIALS[1],
+            "errors": "replace",
+            "model_max_length": model_max_length,
+            "pad_token": CLIP_SPECIALS[1],
+            "tokenizer_class": "CLIPTokenizer",
+            "unk_token": CLIP_SPECIALS[1],
+        });
+        let special_tokens_map = json!({
+            "bos_token": special(CLIP_SPECIALS[0]),
+            "eos_token": special(CLIP_SPECIALS[1]),
+            "pad_token": CLIP_SPECIALS[1],
+            "unk_token": special(CLIP_SPECIALS[1]),
+        });
+        ClipBpe {
+            vocab: Value::Object(vocab),
+            merges: text,
+            config,
+            special_tokens_map,
+            len,
+        }
+    }
+}
+
+/// `text` split roughly as CLIP's regex splits it: letter runs, single digits, runs of other
+/// non-space characters; whitespace dropped.
+fn clip_pre_tokens(text: &str) -> Vec<String> {
+    let kind = |c: char| match c {
+        _ if c.is_alphabetic() => 0,
+        _ if c.is_numeric() => 1,
+        _ => 2,
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut last: Option<u8> = None;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            last = None;
+            continue;
+        }
+        let k = kind(c);
+        match out.last_mut() {
+            Some(word) if last == Some(k) && k != 1 => word.push(c),
+            _ => out.push(c.to_string()),
+        }
+        last = Some(k);
+    }
+    out
+}
+
+/// T5's special tokens at their ids 0, 1, 2.
+const T5_SPECIALS: [&str; 3] = ["<pad>", "</s>", "<unk>"];
+
+/// SentencePiece's word-start mark.
+const METASPACE: char = '\u{2581}';
+
+/// A small T5 Unigram tokenizer in the form of T5TokenizerFast's tokenizer.json (as
+/// black-forest-labs/FLUX.1-dev's tokenizer_2/ has it, without its spiece.model): `<pad>` 0,
+/// `</s>` 1, `<unk>` 2, then `▁`, every printable ASCII character alone and after `▁`, and
+/// each word of [`CORPUS`] after `▁`, scored by its frequency so that a known word is one
+/// piece; other characters are `<unk>`. Its normalizer is none (transformers 5 keeps only a
+/// `Precompiled` one, which this has not), its pre-tokenizer WhitespaceSplit then Metaspace.
+pub(super) struct T5Unigram {
+    pub tokenizer: Value,
+    pub config: Value,
+    pub special_tokens_map: Value,
+    /// Ids in use: 0..len.
+    pub len: usize,
+}
+
+impl T5Unigram {
+    pub fn new(model_max_length: usize) -> T5Unigram {
+        let mut pieces: Vec<(String, f64)> =
+            T5_SPECIALS.iter().map(|t| (t.to_string(), 0.0)).collect();
+        pieces.push((METASPACE.to_string(), -8.0));
+        for c in (b'!'..=b'~').map(char::from) {
+            pieces.push((format!("{METASPACE}{c}"), -9.0));
+            pieces.push((c.to_string(), -10.0));
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for word in CORPUS.split(|c: char| !c.is_alphanumeric()) {
+            if word.chars().count() > 1 {
+                *counts.entry(word).or_default() += 1;
+            }
+        }
+        let total: usize = counts.values().sum();
+        let mut words: Vec<(&str, usize)> = counts.into_iter().collect();
+        words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (word, count) in words {
+            let logp = (count as f64 / total as f64).ln();
+            pieces.push((format!("{METASPACE}{word}"), logp));
+        }
+        let len = pieces.len();
+        let vocab: Vec<Value> = pieces.iter().map(|(p, s)| json!([p, s])).collect();
+        let added: Vec<Value> = T5_SPECIALS
+            .iter()
+            .enumerate()
+            .map(|(id, content)| {
+                json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let metaspace = json!({"type": "Metaspace", "replacement": METASPACE.to_string(),
+                               "prepend_scheme": "always", "split": true});
+        let eos = |type_id: u32| json!({"SpecialToken": {"id": "</s>", "type_id": type_id}});
+        let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+        let tokenizer = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "WhitespaceSplit"}, metaspace.clone(),
+            ]},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [seq("A", 0), eos(0)],
+                "pair": [seq("A", 0), eos(0), seq("B", 1), eos(1)],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}},
+            },
+            "decoder": metaspace,
+            "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
+        });
+        let config = json!({
+            "add_prefix_space": true,
+            "clean_up_tokenization_spaces": true,
+            "eos_token": "</s>",
+            "extra_ids": 0,
+            "legacy": true,
+            "model_max_length": model_max_length,
+            "pad_token": "<pad>",
+            "tokenizer_class": "T5Tokenizer",
+            "unk_token": "<unk>",
+        });
+        let special_tokens_map =
+            json!({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"});
+        T5Unigram {
+            tokenizer,
+            config,
+            special_tokens_map,
+            len,
+        }
+    }
 }
 
 /// `word` with every `a` followed by `b` joined, left to right.
