@@ -8,8 +8,8 @@ use clap::Args;
 use ferry::stream::{human_bytes, parse_size};
 use ferry::synth::{
     check_destination, parse_arch, parse_dtype, write_checkpoint, write_dit, write_gguf,
-    write_pipeline, DitPreset, GgufFileType, GgufOptions, PipelineComponent, PipelinePreset,
-    Preset, SynthPreset, WriteOptions,
+    write_pipeline, DitPreset, GgufFileType, GgufOptions, PipelineComponent, PipelineModels,
+    PipelinePreset, Preset, SynthPreset, WriteOptions,
 };
 use ferry::{Error, Result};
 
@@ -246,12 +246,22 @@ fn dit(args: &SynthArgs, preset: &DitPreset, out: &Path, opts: &WriteOptions) ->
     if let Some(list) = &args.only {
         let components = PipelineComponent::parse_list(list)?;
         if components != [PipelineComponent::Transformer] {
+            // The pipeline preset whose transformer this is, if any.
+            let whole = PipelinePreset::list()
+                .into_iter()
+                .find(|p| match &p.models {
+                    PipelineModels::QwenImage(q) => q.transformer.name == preset.name,
+                    PipelineModels::Flux(f) => f.transformer.name == preset.name,
+                    PipelineModels::ZImage(_) => false,
+                });
+            let hint = whole
+                .map(|p| format!("; the whole pipeline is {}", p.name))
+                .unwrap_or_default();
             return Err(Error::Flag {
                 flag: "--only",
                 message: format!(
-                    "{} is a transformer alone, so only the transformer can be written; the whole pipeline is {}-pipeline",
+                    "{} is a transformer alone, so only the transformer can be written{hint}",
                     preset.name,
-                    preset.name.trim_end_matches("-tiny")
                 ),
             });
         }

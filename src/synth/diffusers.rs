@@ -73,8 +73,14 @@ impl PipelineComponent {
     /// Parse `--only`: comma-separated component names, returned in [`ALL`](Self::ALL)'s
     /// order without repeats.
     pub fn parse_list(s: &str) -> Result<Vec<PipelineComponent>> {
+        PipelineComponent::parse_among(s, &PipelineComponent::ALL)
+    }
+
+    /// [`parse_list`](Self::parse_list) of names in `among` only (one pipeline's
+    /// components); an error lists them.
+    fn parse_among(s: &str, among: &[PipelineComponent]) -> Result<Vec<PipelineComponent>> {
         let names = || {
-            PipelineComponent::ALL
+            among
                 .iter()
                 .map(|c| c.name())
                 .collect::<Vec<_>>()
@@ -82,8 +88,9 @@ impl PipelineComponent {
         };
         let mut out = Vec::new();
         for word in s.split(',').map(str::trim) {
-            let c = PipelineComponent::ALL
-                .into_iter()
+            let c = among
+                .iter()
+                .copied()
                 .find(|c| c.name() == word)
                 .ok_or_else(|| Error::Flag {
                     flag: "--only",
@@ -206,24 +213,9 @@ impl PipelinePreset {
             .collect()
     }
 
-    /// Parse `--only` for this pipeline: [`PipelineComponent::parse_list`], each one of
-    /// [`components`](Self::components).
+    /// Parse `--only` for this pipeline: names of its [`components`](Self::components).
     pub fn parse_components(&self, s: &str) -> Result<Vec<PipelineComponent>> {
-        let list = PipelineComponent::parse_list(s)?;
-        let ours = self.components();
-        if let Some(c) = list.iter().find(|c| !ours.contains(c)) {
-            let names: Vec<&str> = ours.iter().map(|c| c.name()).collect();
-            return Err(Error::Flag {
-                flag: "--only",
-                message: format!(
-                    "{} has no {} component; expected some of {}",
-                    self.name,
-                    c.name(),
-                    names.join(", ")
-                ),
-            });
-        }
-        Ok(list)
+        PipelineComponent::parse_among(s, &self.components())
     }
 
     /// The language model read for its hidden states (Qwen3 for Z-Image, Qwen2.5-VL's text
