@@ -555,3 +555,72 @@ fn split_file_mistakes_are_named() {
         &["odd.safetensors", "head size 16", "multiple of 32"],
     );
 }
+
+#[test]
+fn split_schedulers_are_flux_dev_and_schnell() {
+    use ferry::diffuse::scheduler::FlowMatchConfig;
+    let path = fixture().join("scheduler/scheduler_config.json");
+    let dev = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        FlowMatchConfig::from_json(&path, &dev).unwrap(),
+        FlowMatchConfig::flux_dev()
+    );
+    // black-forest-labs/FLUX.1-schnell's scheduler/scheduler_config.json.
+    let schnell = json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": false,
+    });
+    assert_eq!(
+        FlowMatchConfig::from_json(&path, &schnell).unwrap(),
+        FlowMatchConfig::flux_schnell()
+    );
+}
+
+#[test]
+fn a_second_text_encoder_is_only_for_flux() {
+    let f = split();
+    // A Qwen-Image DiT as far as its names tell.
+    let qwen = f.tmp.path().join("qwen_image_bf16.safetensors");
+    let any = component_tensors(&f.pipe.join("transformer"))
+        .into_values()
+        .next()
+        .unwrap();
+    let entries = vec![entry("txt_norm.weight", &any), entry("img_in.weight", &any)];
+    safetensors::write(&qwen, &entries).unwrap();
+    let args = [
+        "image",
+        "--device",
+        "cpu",
+        "--prompt",
+        "a fox",
+        "--size",
+        "64x64",
+        "--out",
+        &s(&f.tmp.path().join("x.png")),
+        "--dit",
+        &s(&qwen),
+        "--text-encoder",
+        &s(&f.clip),
+        "--text-encoder-2",
+        &s(&f.t5),
+        "--vae",
+        &s(&f.vae),
+    ];
+    let o = ferry(&args, &f.hf_home);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for e in [
+        "--text-encoder-2",
+        "t5xxl_fp16.safetensors",
+        "qwen_image_bf16.safetensors",
+    ] {
+        assert!(err.contains(e), "expected {e:?} in {err}");
+    }
+}
