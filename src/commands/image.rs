@@ -25,24 +25,29 @@ pub struct ImageArgs {
     /// A diffusers Z-Image, Qwen-Image or Flux.1 directory (model_index.json, transformer/,
     /// text_encoder/, tokenizer/, vae/, scheduler/; Flux.1 also text_encoder_2/ and
     /// tokenizer_2/) or ORG/NAME in the Hugging Face cache.
-    #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "vae", "tokenizer"])]
+    #[arg(long, short, required_unless_present = "dit", conflicts_with_all = ["dit", "text_encoder", "text_encoder_2", "vae", "tokenizer"])]
     model: Option<String>,
-    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's or
-    /// Qwen-Image's, ComfyUI's names or diffusers'), with --text-encoder and --vae.
+    /// Instead of --model, ComfyUI's split files: the diffusion model (Z-Image's,
+    /// Qwen-Image's or Flux.1's, ComfyUI's names or diffusers'), with --text-encoder and
+    /// --vae (and for Flux.1 --text-encoder-2).
     #[arg(long, value_name = "FILE.safetensors", requires_all = ["text_encoder", "vae"])]
     dit: Option<PathBuf>,
     /// The text encoder file of the split files (Z-Image: qwen_3_4b.safetensors; Qwen-Image:
-    /// qwen_2.5_vl_7b.safetensors).
+    /// qwen_2.5_vl_7b.safetensors; Flux.1: CLIP's clip_l.safetensors).
     #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
     text_encoder: Option<PathBuf>,
-    /// The VAE file of the split files (Z-Image: Flux's ae.safetensors; Qwen-Image:
-    /// qwen_image_vae.safetensors).
+    /// Flux.1's second text encoder file of the split files: T5's t5xxl_fp16.safetensors.
+    #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
+    text_encoder_2: Option<PathBuf>,
+    /// The VAE file of the split files (Z-Image and Flux.1: Flux's ae.safetensors;
+    /// Qwen-Image: qwen_image_vae.safetensors).
     #[arg(long, value_name = "FILE.safetensors", requires = "dit")]
     vae: Option<PathBuf>,
     /// The tokenizer for split files: a tokenizer.json, or a folder with one (the model's
     /// pipeline's tokenizer/ or the pipeline itself; Qwen-Image's may be its vocab.json and
-    /// merges.txt). Default: Tongyi-MAI/Z-Image-Turbo's or Qwen/Qwen-Image's in the Hugging
-    /// Face cache.
+    /// merges.txt; Flux.1's is a pipeline folder with tokenizer/ and tokenizer_2/). Default:
+    /// Tongyi-MAI/Z-Image-Turbo's, Qwen/Qwen-Image's or black-forest-labs/FLUX.1-dev's in the
+    /// Hugging Face cache.
     #[arg(long, value_name = "DIR|tokenizer.json", requires = "dit")]
     tokenizer: Option<PathBuf>,
     #[arg(long, short)]
@@ -315,8 +320,10 @@ pub enum ImageSource<'a> {
     Split {
         dit: &'a Path,
         text_encoder: &'a Path,
+        /// Flux.1's T5.
+        text_encoder_2: Option<&'a Path>,
         vae: &'a Path,
-        /// Default: Z-Image-Turbo's in the Hugging Face cache.
+        /// Default: the model's in the Hugging Face cache.
         tokenizer: Option<&'a Path>,
     },
 }
@@ -338,6 +345,7 @@ impl ImageSource<'_> {
         Ok(ImageSource::Split {
             dit,
             text_encoder,
+            text_encoder_2: args.text_encoder_2.as_deref(),
             vae,
             tokenizer: args.tokenizer.as_deref(),
         })
@@ -360,14 +368,26 @@ pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ImagePipeline, String)
         ImageSource::Split {
             dit,
             text_encoder,
+            text_encoder_2,
             vae,
             tokenizer,
         } => {
             let model = SplitModel::of_dit(dit)?;
+            if let (Some(t5), false) = (text_encoder_2, model == SplitModel::Flux) {
+                return Err(Error::Flag {
+                    flag: "--text-encoder-2",
+                    message: format!(
+                        "{}: only Flux.1 has a second text encoder, and {} is not Flux.1's diffusion model",
+                        t5.display(),
+                        dit.display()
+                    ),
+                });
+            }
             let tokenizer = tokenizer_path(model, tokenizer)?;
             let files = SplitFiles {
                 dit,
                 text_encoder,
+                text_encoder_2,
                 vae,
                 tokenizer: &tokenizer,
             };
@@ -382,6 +402,9 @@ pub fn open_pipeline(source: &ImageSource<'_>) -> Result<(ImagePipeline, String)
 fn tokenizer_path(model: SplitModel, given: Option<&Path>) -> Result<PathBuf> {
     const FILE: &str = "tokenizer.json";
     let repo = model.tokenizer_repo();
+    if model == SplitModel::Flux {
+        return flux_tokenizers(repo, given);
+    }
     let slow = |d: &Path| model == SplitModel::QwenImage && d.join("vocab.json").is_file();
     // A folder's tokenizer.json, else (Qwen-Image's) the folder of the slow files.
     let pick = |d: PathBuf| match d.join(FILE).is_file() {
@@ -407,6 +430,28 @@ fn tokenizer_path(model: SplitModel, given: Option<&Path>) -> Result<PathBuf> {
             path: given.join(FILE),
             expected: "--tokenizer: a tokenizer.json, or a folder with one (or with tokenizer/tokenizer.json)".into(),
         })
+}
+
+/// Flux.1's tokenizers for split files: a pipeline folder `given` holding `tokenizer/`
+/// (CLIP's) and `tokenizer_2/` (T5's), by default `repo`'s in the Hugging Face cache.
+fn flux_tokenizers(repo: &str, given: Option<&Path>) -> Result<PathBuf> {
+    let both = |d: &Path| d.join("tokenizer").is_dir() && d.join("tokenizer_2").is_dir();
+    let Some(given) = given else {
+        return resolve_model_path(repo)
+            .ok()
+            .filter(|d| both(d))
+            .ok_or_else(|| Error::Flag {
+                flag: "--tokenizer",
+                message: format!("split files carry no tokenizer; give --tokenizer DIR (a Flux.1 pipeline folder with tokenizer/ and tokenizer_2/, as {repo}'s); {repo} is not in the Hugging Face cache"),
+            });
+    };
+    match both(given) {
+        true => Ok(given.to_path_buf()),
+        false => Err(Error::NotFound {
+            path: given.join("tokenizer_2"),
+            expected: "--tokenizer for Flux.1: a pipeline folder with tokenizer/ (CLIP's) and tokenizer_2/ (T5's)".into(),
+        }),
+    }
 }
 
 /// `--size WxH`, or `--width`/`--height` (each defaulting to 1024), multiples of 16.

@@ -90,9 +90,12 @@ struct ImageModelArgs {
     /// --image-text-encoder and --image-vae (as ferry image --dit).
     #[arg(long, value_name = "FILE.safetensors", requires_all = ["image_text_encoder", "image_vae"])]
     image_dit: Option<PathBuf>,
-    /// The Qwen3 text encoder file of the split files.
+    /// The text encoder file of the split files (as ferry image --text-encoder).
     #[arg(long, value_name = "FILE.safetensors", requires = "image_dit")]
     image_text_encoder: Option<PathBuf>,
+    /// Flux.1's second text encoder file, T5's (as ferry image --text-encoder-2).
+    #[arg(long, value_name = "FILE.safetensors", requires = "image_dit")]
+    image_text_encoder_2: Option<PathBuf>,
     /// The VAE file of the split files.
     #[arg(long, value_name = "FILE.safetensors", requires = "image_dit")]
     image_vae: Option<PathBuf>,
@@ -126,6 +129,7 @@ impl ImageModelArgs {
         Some(ImageSource::Split {
             dit,
             text_encoder,
+            text_encoder_2: self.image_text_encoder_2.as_deref(),
             vae,
             tokenizer: self.image_tokenizer.as_deref(),
         })

@@ -9,7 +9,7 @@
 //! 3.5 by default for dev; schnell embeds none), one branch a step, and a negative prompt is
 //! not used.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
@@ -20,12 +20,12 @@ use crate::diffuse::flux_text::FluxTextEncoders;
 use crate::diffuse::packed::{self, VAE_SCALE};
 use crate::diffuse::pipeline::{
     decode_kl_on_cpu, decode_kl_on_gpu, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images,
-    PhaseTimes, StreamLog, VaeDecode, VaeDevice,
+    PhaseTimes, SplitFiles, StreamLog, VaeDecode, VaeDevice,
 };
 use crate::diffuse::scheduler::FlowMatchConfig;
 use crate::error::{Error, Result};
-use crate::model::flux::{unpack_latents, Flux, FluxConfig};
-use crate::model::vae::{open_vae, to_rgb8, VaeWeights};
+use crate::model::flux::{single_file, unpack_latents, Flux, FluxConfig};
+use crate::model::vae::{open_flux_vae_file, open_vae, to_rgb8, VaeWeights};
 use crate::model::{Architecture, PassShape, Weights};
 
 /// The `_class_name` of model_index.json.
@@ -55,6 +55,20 @@ pub struct FluxPipeline {
     pub load_seconds: f64,
 }
 
+/// A pipeline's parts as opened, before they are checked against each other.
+struct Parts {
+    clip_weights: Component,
+    t5_weights: Component,
+    transformer: Component,
+    encoders: FluxTextEncoders,
+    config: FluxConfig,
+    /// The DiT's config (or file), the VAE's, for errors.
+    dit_source: PathBuf,
+    vae_weights: VaeWeights,
+    vae_source: PathBuf,
+    scheduler: FlowMatchConfig,
+}
+
 impl FluxPipeline {
     /// The components of an opened diffusers pipeline directory of class
     /// [`PIPELINE_CLASS`], checked against each other (widths, latent channels) and their
@@ -66,8 +80,72 @@ impl FluxPipeline {
             let (path, json) = tr.config()?;
             (FluxConfig::from_json(path, json)?, path.to_path_buf())
         };
-        let dit = Flux::precomputed(config);
+        let vae_dir = pipeline.component("vae")?.dir.clone();
+        let vae_weights = open_vae(&vae_dir)?;
+        let sc = pipeline.component("scheduler")?;
+        let (path, json) = sc.config()?;
+        let scheduler = FlowMatchConfig::from_json(path, json)?;
+        let mut take = |name: &str| {
+            pipeline
+                .components
+                .remove(name)
+                .expect("the component was found above")
+        };
+        let parts = Parts {
+            clip_weights: take("text_encoder"),
+            t5_weights: take("text_encoder_2"),
+            transformer: take("transformer"),
+            encoders,
+            config,
+            dit_source,
+            vae_weights,
+            vae_source: vae_dir.join("config.json"),
+            scheduler,
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Open ComfyUI's split files of Flux.1 (see [`single_file`]): the DiT, CLIP's and T5's
+    /// files (`files.text_encoder`, `text_encoder_2`), the VAE (Flux's `ae.safetensors`),
+    /// each file's layout found from its tensor names, with the tokenizers of a Flux.1
+    /// pipeline folder (`tokenizer/`, `tokenizer_2/`); the scheduler is FLUX.1-dev's
+    /// ([`FlowMatchConfig::flux_dev`]) for a DiT that embeds the guidance scale, else
+    /// FLUX.1-schnell's.
+    pub fn open_split(files: &SplitFiles<'_>) -> Result<FluxPipeline> {
+        let start = Instant::now();
+        let t5_file = files.text_encoder_2.ok_or_else(|| Error::Flag {
+            flag: "--text-encoder-2",
+            message: format!(
+                "{} is Flux.1's diffusion model, which needs T5's file too (t5xxl_fp16.safetensors) beside CLIP's --text-encoder",
+                files.dit.display()
+            ),
+        })?;
+        let (config, transformer) = single_file::open_dit_file(files.dit)?;
+        let (encoders, clip_weights, t5_weights) =
+            FluxTextEncoders::open_files(files.text_encoder, t5_file, files.tokenizer)?;
+        let scheduler = match config.guidance_embeds {
+            true => FlowMatchConfig::flux_dev(),
+            false => FlowMatchConfig::flux_schnell(),
+        };
+        let parts = Parts {
+            clip_weights,
+            t5_weights,
+            transformer,
+            encoders,
+            config,
+            dit_source: files.dit.to_path_buf(),
+            vae_weights: open_flux_vae_file(files.vae)?,
+            vae_source: files.vae.to_path_buf(),
+            scheduler,
+        };
+        Self::assemble(parts, start)
+    }
+
+    /// Check the parts against each other (widths, latent channels) and their tensors.
+    fn assemble(p: Parts, start: Instant) -> Result<FluxPipeline> {
+        let dit = Flux::precomputed(p.config);
         let c = &dit.config;
+        let encoders = p.encoders;
         for (field, want, what, have) in [
             (
                 "joint_attention_dim",
@@ -84,35 +162,19 @@ impl FluxPipeline {
         ] {
             if want != have {
                 return Err(Error::checkpoint(
-                    &dit_source,
+                    &p.dit_source,
                     format!("{field} {want} does not match the text encoder's {what} {have}"),
                 ));
             }
         }
-        let vae_dir = pipeline.component("vae")?.dir.clone();
-        let vae_weights = open_vae(&vae_dir)?;
-        let sc = pipeline.component("scheduler")?;
-        let (path, json) = sc.config()?;
-        let scheduler = FlowMatchConfig::from_json(path, json)?;
-        let mut take = |name: &str| {
-            pipeline
-                .components
-                .remove(name)
-                .expect("the component was found above")
-        };
-        let (clip_weights, t5_weights, transformer) = (
-            take("text_encoder"),
-            take("text_encoder_2"),
-            take("transformer"),
-        );
-        dit.check_tensors(&transformer)?;
-        dit.modulation_model().check_tensors(&transformer)?;
-        vae_weights.check()?;
+        dit.check_tensors(&p.transformer)?;
+        dit.modulation_model().check_tensors(&p.transformer)?;
+        p.vae_weights.check()?;
         // The DiT's tokens are 2×2 patches of the latent's channels.
-        let z = vae_weights.config.latent_channels;
+        let z = p.vae_weights.config.latent_channels;
         if dit.config.in_channels != 4 * z {
             return Err(Error::checkpoint(
-                vae_dir.join("config.json"),
+                &p.vae_source,
                 format!(
                     "latent_channels {z} does not match the transformer's in_channels {} (4 · latent_channels: 2×2 patches)",
                     dit.config.in_channels
@@ -120,13 +182,13 @@ impl FluxPipeline {
             ));
         }
         Ok(FluxPipeline {
-            clip_weights,
-            t5_weights,
-            transformer,
+            clip_weights: p.clip_weights,
+            t5_weights: p.t5_weights,
+            transformer: p.transformer,
             encoders,
             dit,
-            vae_weights,
-            scheduler,
+            vae_weights: p.vae_weights,
+            scheduler: p.scheduler,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }

@@ -19,7 +19,7 @@ use tokenizers::Tokenizer;
 
 use crate::backend::encoder::EncoderOps;
 use crate::checkpoint::{
-    is_regular_file, open_clip_tokenizer, Pipeline, CLIP_ENDOFTEXT, CLIP_STARTOFTEXT,
+    is_regular_file, open_clip_tokenizer, Component, Pipeline, CLIP_ENDOFTEXT, CLIP_STARTOFTEXT,
 };
 use crate::error::{Error, Result};
 use crate::model::clip::ClipText;
@@ -250,13 +250,42 @@ impl FluxTextEncoders {
     /// The `text_encoder` (CLIP), `tokenizer`, `text_encoder_2` (T5) and `tokenizer_2`
     /// components of `pipeline`, every tensor checked, the tokenizers against the models.
     pub fn open(pipeline: &Pipeline) -> Result<FluxTextEncoders> {
-        let clip_component = pipeline.component("text_encoder")?;
-        let t5_component = pipeline.component("text_encoder_2")?;
-        let clip = ClipText::open(clip_component)?;
-        let t5 = T5Encoder::open(t5_component)?;
+        let clip = ClipText::open(pipeline.component("text_encoder")?)?;
+        let t5 = T5Encoder::open(pipeline.component("text_encoder_2")?)?;
         let clip_dir = &pipeline.component("tokenizer")?.dir;
+        let t5_dir = &pipeline.component("tokenizer_2")?.dir;
+        Self::with_tokenizers(clip, t5, clip_dir, t5_dir)
+    }
+
+    /// ComfyUI's split text encoders: CLIP's file (`clip_l.safetensors`), T5's
+    /// (`t5xxl_fp16.safetensors`), and a Flux.1 pipeline folder `tokenizers` holding
+    /// `tokenizer/` and `tokenizer_2/`; every tensor checked, the tokenizers against the
+    /// models. Also the two files' components (CLIP's, T5's).
+    pub fn open_files(
+        clip_file: &Path,
+        t5_file: &Path,
+        tokenizers: &Path,
+    ) -> Result<(FluxTextEncoders, Component, Component)> {
+        let (clip, clip_weights) = ClipText::open_file(clip_file)?;
+        let (t5, t5_weights) = T5Encoder::open_file(t5_file)?;
+        let encoders = Self::with_tokenizers(
+            clip,
+            t5,
+            &tokenizers.join("tokenizer"),
+            &tokenizers.join("tokenizer_2"),
+        )?;
+        Ok((encoders, clip_weights, t5_weights))
+    }
+
+    /// The models with the tokenizers of `clip_dir` and `t5_dir`, checked against them.
+    fn with_tokenizers(
+        clip: ClipText,
+        t5: T5Encoder,
+        clip_dir: &Path,
+        t5_dir: &Path,
+    ) -> Result<FluxTextEncoders> {
         let clip_tokenizer = ClipTokenizer::open(clip_dir)?;
-        let t5_tokenizer = T5Tokenizer::open(&pipeline.component("tokenizer_2")?.dir)?;
+        let t5_tokenizer = T5Tokenizer::open(t5_dir)?;
         if clip_tokenizer.max_length > clip.config.max_position_embeddings {
             return Err(Error::Tokenizer {
                 path: clip_dir.join("tokenizer_config.json"),
@@ -268,12 +297,12 @@ impl FluxTextEncoders {
         }
         for (dir, size, vocab) in [
             (
-                clip_dir.as_path(),
+                clip_dir,
                 clip_tokenizer.tokenizer.get_vocab_size(true),
                 clip.config.vocab_size,
             ),
             (
-                pipeline.component("tokenizer_2")?.dir.as_path(),
+                t5_dir,
                 t5_tokenizer.tokenizer.get_vocab_size(true),
                 t5.config.vocab_size,
             ),

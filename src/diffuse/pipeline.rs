@@ -270,9 +270,12 @@ pub struct ZImagePipeline {
 pub struct SplitFiles<'a> {
     pub dit: &'a Path,
     pub text_encoder: &'a Path,
+    /// Flux.1's second text encoder (T5); the other models have one.
+    pub text_encoder_2: Option<&'a Path>,
     pub vae: &'a Path,
     /// A `tokenizer.json` (with its `tokenizer_config.json` beside it if there is one); for
-    /// Qwen-Image also a folder of its slow tokenizer's files.
+    /// Qwen-Image also a folder of its slow tokenizer's files; for Flux.1 a pipeline folder
+    /// holding `tokenizer/` and `tokenizer_2/`.
     pub tokenizer: &'a Path,
 }
 
@@ -281,6 +284,7 @@ pub struct SplitFiles<'a> {
 pub enum SplitModel {
     ZImage,
     QwenImage,
+    Flux,
 }
 
 impl SplitModel {
@@ -293,17 +297,22 @@ impl SplitModel {
         if crate::model::qwen_image::single_file::is_dit(&tensors) {
             return Ok(SplitModel::QwenImage);
         }
+        if crate::model::flux::single_file::is_dit(&tensors) {
+            return Ok(SplitModel::Flux);
+        }
         Err(Error::checkpoint(
             dit,
-            "unknown diffusion model: expected Z-Image's (a tensor cap_embedder.1.weight) or Qwen-Image's (txt_norm.weight and img_in.weight), with or without model.diffusion_model. before the names",
+            "unknown diffusion model: expected Z-Image's (a tensor cap_embedder.1.weight), Qwen-Image's (txt_norm.weight and img_in.weight) or Flux.1's (double_blocks.0.img_attn.qkv.weight, or diffusers' single_transformer_blocks.0.proj_mlp.weight), with or without model.diffusion_model. before the names",
         ))
     }
 
-    /// The Hugging Face repository whose `tokenizer/` the model's split files use.
+    /// The Hugging Face repository whose `tokenizer/` (Flux.1: and `tokenizer_2/`) the
+    /// model's split files use.
     pub fn tokenizer_repo(self) -> &'static str {
         match self {
             SplitModel::ZImage => "Tongyi-MAI/Z-Image-Turbo",
             SplitModel::QwenImage => "Qwen/Qwen-Image",
+            SplitModel::Flux => "black-forest-labs/FLUX.1-dev",
         }
     }
 }
@@ -318,6 +327,7 @@ impl ImagePipeline {
             SplitModel::QwenImage => {
                 ImagePipeline::QwenImage(Box::new(QwenImagePipeline::open_split(files)?))
             }
+            SplitModel::Flux => ImagePipeline::Flux(Box::new(FluxPipeline::open_split(files)?)),
         })
     }
 }

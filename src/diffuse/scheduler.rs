@@ -88,6 +88,33 @@ impl FlowMatchConfig {
         }
     }
 
+    /// black-forest-labs/FLUX.1-dev's scheduler_config.json (a shift that grows with the
+    /// image, exponential, from 0.5 at 256 tokens to 1.15 at 4096), for split files of a DiT
+    /// that embeds the guidance scale.
+    pub fn flux_dev() -> FlowMatchConfig {
+        FlowMatchConfig {
+            num_train_timesteps: 1000,
+            shift: 3.0,
+            use_dynamic_shifting: true,
+            base_shift: half(),
+            max_shift: max_shift(),
+            base_image_seq_len: base_len(),
+            max_image_seq_len: max_len(),
+            shift_terminal: None,
+            time_shift_type: exponential(),
+        }
+    }
+
+    /// black-forest-labs/FLUX.1-schnell's scheduler_config.json (no shift), for split files
+    /// of a DiT without a guidance embedder.
+    pub fn flux_schnell() -> FlowMatchConfig {
+        FlowMatchConfig {
+            shift: 1.0,
+            use_dynamic_shifting: false,
+            ..FlowMatchConfig::flux_dev()
+        }
+    }
+
     /// Parse `json` (read from `path`), refusing the options ferry does not implement.
     pub fn from_json(path: &Path, json: &Value) -> Result<FlowMatchConfig> {
         for flag in [

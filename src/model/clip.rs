@@ -127,6 +127,9 @@ pub struct ClipText {
 /// The token embedding, after the prefix: how [`ClipText::open`] tells the prefix.
 const TOKEN_EMBEDDING: &str = "embeddings.token_embedding.weight";
 
+/// The head size of every CLIP text model, for a file without a config.
+const HEAD_DIM: usize = 64;
+
 /// The tensor-name prefixes [`ClipText::open`] recognizes.
 pub const PREFIXES: [&str; 2] = ["text_model.", ""];
 
@@ -197,6 +200,73 @@ impl ClipText {
         let model = ClipText::new(config, prefix);
         model.check_tensors(component)?;
         Ok(model)
+    }
+
+    /// The text model of one file (ComfyUI's `clip_l.safetensors`: `CLIPTextModel`'s names,
+    /// behind `text_model.` or any other prefix, or none), its config inferred from the
+    /// shapes with heads of 64 (every CLIP text model's: L 12 × 64, G 20 × 64), the legacy
+    /// end-of-text pooling and CLIP's norm epsilon; its tensors checked.
+    pub fn open_file(path: &Path) -> Result<(ClipText, Component)> {
+        let tensors = crate::checkpoint::safetensors::read_map(path)?;
+        let prefix =
+            crate::checkpoint::safetensors::prefix_before(&tensors, TOKEN_EMBEDDING)
+                .ok_or_else(|| {
+                    Error::checkpoint(
+                        path,
+                        format!("unknown layout: expected tensor text_model.{TOKEN_EMBEDDING} (a CLIP text encoder's token embedding, as CLIPTextModel names it)"),
+                    )
+                })?;
+        let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
+            let name = format!("{prefix}{name}");
+            let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+            })?;
+            match t.shape.len() == rank && !t.shape.contains(&0) {
+                true => Ok(t.shape.clone()),
+                false => Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor {name:?} is {:?}; expected {rank} positive dimensions",
+                        t.shape
+                    ),
+                )),
+            }
+        };
+        let embed = shape(TOKEN_EMBEDDING, 2)?; // [vocab, hidden]
+        let positions = shape("embeddings.position_embedding.weight", 2)?; // [positions, hidden]
+        let fc1 = shape("encoder.layers.0.mlp.fc1.weight", 2)?; // [intermediate, hidden]
+        let hidden = embed[1];
+        if hidden % HEAD_DIM != 0 {
+            return Err(Error::checkpoint(
+                path,
+                format!("the token embedding is {hidden} wide; expected a multiple of {HEAD_DIM} (the file carries no config, and CLIP text models have heads of {HEAD_DIM})"),
+            ));
+        }
+        let layers = (0..)
+            .take_while(|i| {
+                tensors.contains_key(&format!(
+                    "{prefix}encoder.layers.{i}.self_attn.q_proj.weight"
+                ))
+            })
+            .count();
+        let json = serde_json::json!({
+            "model_type": "clip_text_model",
+            "hidden_act": "quick_gelu",
+            "vocab_size": embed[0],
+            "hidden_size": hidden,
+            "intermediate_size": fc1[0],
+            "num_hidden_layers": layers,
+            "num_attention_heads": hidden / HEAD_DIM,
+            "max_position_embeddings": positions[0],
+            "layer_norm_eps": 1e-5,
+            "eos_token_id": LEGACY_EOS,
+        });
+        let config = ClipTextConfig::from_json(path, &json)?;
+        let component = Component::from_file("text_encoder", path, tensors);
+        let model = ClipText::new(config, &prefix);
+        model.check_tensors(&component)?;
+        Ok((model, component))
     }
 
     /// `name` after the prefix.

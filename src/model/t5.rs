@@ -216,6 +216,72 @@ impl T5Encoder {
         Ok(model)
     }
 
+    /// The encoder of one file (ComfyUI's `t5xxl_fp16.safetensors`: `T5EncoderModel`'s
+    /// names), its config inferred from the shapes (the heads from the position bias table,
+    /// `[num_buckets, heads]`), T5 v1.1's gated GELU, maximum distance and norm epsilon; its
+    /// tensors checked.
+    pub fn open_file(path: &Path) -> Result<(T5Encoder, Component)> {
+        const Q: &str = "encoder.block.0.layer.0.SelfAttention.q.weight";
+        let tensors = crate::checkpoint::safetensors::read_map(path)?;
+        let embed = EMBED_NAMES.into_iter().find(|n| tensors.contains_key(*n));
+        let (Some(embed), true) = (embed, tensors.contains_key(Q)) else {
+            return Err(Error::checkpoint(
+                path,
+                format!("unknown layout: expected tensors {} (or {}) and {Q} (a T5 encoder, as T5EncoderModel names it)", EMBED_NAMES[0], EMBED_NAMES[1]),
+            ));
+        };
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            let t = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+            })?;
+            match t.shape.len() == 2 && !t.shape.contains(&0) {
+                true => Ok(t.shape.clone()),
+                false => Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor {name:?} is {:?}; expected 2 positive dimensions",
+                        t.shape
+                    ),
+                )),
+            }
+        };
+        let vocab = shape(embed)?; // [vocab, d_model]
+        let q = shape(Q)?; // [heads · d_kv, d_model]
+        let bias = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?; // [buckets, heads]
+        let wi = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")?; // [d_ff, d_model]
+        let heads = bias[1];
+        if q[0] % heads != 0 {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {Q:?} has {} rows; expected a multiple of the position bias's {heads} heads", q[0]),
+            ));
+        }
+        let layers = (0..)
+            .take_while(|i| {
+                tensors.contains_key(&format!("encoder.block.{i}.layer.0.SelfAttention.q.weight"))
+            })
+            .count();
+        let json = serde_json::json!({
+            "model_type": "t5",
+            "feed_forward_proj": "gated-gelu",
+            "vocab_size": vocab[0],
+            "d_model": vocab[1],
+            "d_kv": q[0] / heads,
+            "d_ff": wi[0],
+            "num_layers": layers,
+            "num_heads": heads,
+            "relative_attention_num_buckets": bias[0],
+            "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6,
+        });
+        let config = T5Config::from_json(path, &json)?;
+        let component = Component::from_file("text_encoder_2", path, tensors);
+        let model = T5Encoder::new(config, embed);
+        model.check_tensors(&component)?;
+        Ok((model, component))
+    }
+
     fn block_group(i: usize) -> usize {
         1 + i
     }

@@ -39,6 +39,7 @@ mod config;
 mod cost;
 mod modulation;
 pub mod rope;
+pub mod single_file;
 
 pub use super::qwen_image::{pack_latents, unpack_latents, Modulation};
 pub use config::{FluxConfig, CLASS_NAME};
