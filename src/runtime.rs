@@ -286,7 +286,16 @@ pub fn stream_weights(
             let jobs = encoded.exponent_jobs(&model.groups, &model.splits, |g| fresh[g], true);
             let encodings = match &cache {
                 Some(cache) => {
-                    let (encodings, used) = cache.encodings(&jobs)?;
+                    // On a miss the file gets every group that may stream (all but those
+                    // read from host memory), so that the next rounds, other budgets and
+                    // other pass shapes read it instead of rewriting it each time.
+                    let ahead = encoded.exponent_jobs(
+                        &model.groups,
+                        &model.splits,
+                        |g| !fresh[g] && !arch.groups()[g].host_gather,
+                        true,
+                    );
+                    let (encodings, used) = cache.encodings_ahead(&jobs, &ahead)?;
                     for line in used.messages() {
                         eprintln!("{line}");
                     }

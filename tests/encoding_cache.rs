@@ -503,3 +503,40 @@ fn a_killed_writers_temporary_file_is_removed_at_the_next_write() {
     assert!(live.exists(), "pid 1 runs: its file is left");
     assert!(other.exists(), "other files are left");
 }
+
+/// A load that misses encodes, beside its own tensors, those that would stream at other
+/// budgets (`encodings_ahead`), in the same write: the next load streaming them reads the
+/// file, nothing is encoded or written again, and only the load's own encodings come back.
+#[test]
+fn a_miss_writes_ahead_what_other_budgets_stream_in_one_write() {
+    let f = Fixture::new();
+    let groups = f.arch.groups().len();
+    let half = |g: usize| g < groups / 2;
+    let rest = |g: usize| g >= groups / 2;
+    let c = f.compressed();
+    let jobs = f.jobs(&c, half);
+    let ahead = f.jobs(&c, rest);
+    assert!(!jobs.is_empty() && !ahead.is_empty());
+    let (got, used) = f.cache().encodings_ahead(&jobs, &ahead).unwrap();
+    assert_eq!(got.len(), jobs.len(), "only the load's own encodings");
+    assert_same(&got, &f.fresh(half), "the load's");
+    assert_eq!(
+        (used.encoded, used.encoded_ahead),
+        (jobs.len(), ahead.len())
+    );
+    assert_eq!(used.written, Written::To(f.beside().to_path_buf()));
+    let line = used.messages().join(" ");
+    assert!(line.contains("more that stream at other budgets"), "{line}");
+
+    // The other budget's tensors now come from the file: a pure hit, the same bytes.
+    let (got, used) = f.load(rest);
+    assert!(used.is_hit(), "{used:?}");
+    assert_same(&got, &f.fresh(rest), "written ahead");
+    // A hit encodes nothing ahead either.
+    let c = f.compressed();
+    let (_, used) = f
+        .cache()
+        .encodings_ahead(&f.jobs(&c, half), &f.jobs(&c, rest))
+        .unwrap();
+    assert!(used.is_hit() && used.encoded_ahead == 0, "{used:?}");
+}

@@ -28,9 +28,12 @@
 //! tensors are encoded again and the file rewritten. Every entry used is checked against
 //! its checksum at every load (that reads it once, as page-locking it would anyway).
 //!
-//! Growing: a later load that streams more groups (a smaller budget) encodes only the
-//! tensors missing and rewrites the file with the union, through a temporary file renamed
-//! over the old one. Why not append in place: another ferry may have the file mapped, and an
+//! Growing: a load that misses encodes, beside the tensors it streams, every other tensor of
+//! its model that could stream ([`EncodingCache::encodings_ahead`]: what other budgets, pass
+//! shapes or the planner's later rounds would stream), so that one write serves them all; a
+//! later load that still lacks some (another model over the same files: Qwen-Image's and
+//! Flux's modulation models) encodes only the tensors missing and rewrites the file with the
+//! union, through a temporary file renamed over the old one. Why not append in place: another ferry may have the file mapped, and an
 //! index rewritten in place could be read torn; a rename leaves every mapping whole and a
 //! reader sees the old file or the new, never half of one. The cost, a copy of the entries
 //! already there, is paid once for each budget that streams more than any before. Nothing
@@ -140,6 +143,19 @@ impl EncodingCache {
         &self,
         jobs: &[ExponentJob<'_>],
     ) -> Result<(Vec<Option<EncodedTensor>>, CacheUse)> {
+        self.encodings_ahead(jobs, &[])
+    }
+
+    /// [`encodings`](Self::encodings) of `jobs`; when the file lacks any of them, the
+    /// tensors of `ahead` that it lacks too (what would stream at other budgets, or in the
+    /// other rounds of one load's planning) are encoded beside them and written in the same
+    /// file, so that a later load streaming those reads them instead of rewriting the whole
+    /// file again. Only `jobs`' encodings are returned.
+    pub fn encodings_ahead(
+        &self,
+        jobs: &[ExponentJob<'_>],
+        ahead: &[ExponentJob<'_>],
+    ) -> Result<(Vec<Option<EncodedTensor>>, CacheUse)> {
         let mut rejected = Vec::new();
         let sources = match self.sources() {
             Ok(s) => s,
@@ -150,6 +166,7 @@ impl EncodingCache {
                     rejected,
                     read: 0,
                     encoded: jobs.len(),
+                    encoded_ahead: 0,
                     written: Written::Nowhere(why),
                 };
                 return Ok((encoded, done));
@@ -175,10 +192,31 @@ impl EncodingCache {
             None => (None, vec![None; jobs.len()]),
         };
         let missing: Vec<usize> = (0..jobs.len()).filter(|&k| held[k].is_none()).collect();
-        let fresh: Vec<Option<EncodedTensor>> = missing
+        // On a miss, what the file lacks of `ahead` too (not among the jobs).
+        let extra: Vec<ExponentJob<'_>> = match missing.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut known: HashSet<Key> = jobs.iter().map(Key::of).collect();
+                if let Some(f) = &file {
+                    known.extend(f.index.tensors.iter().map(Entry::key));
+                }
+                ahead
+                    .iter()
+                    .filter(|j| known.insert(Key::of(j)))
+                    .copied()
+                    .collect()
+            }
+        };
+        let to_encode: Vec<ExponentJob<'_>> = missing
+            .iter()
+            .map(|&k| jobs[k])
+            .chain(extra.iter().copied())
+            .collect();
+        let mut fresh: Vec<Option<EncodedTensor>> = to_encode
             .par_iter()
-            .map(|&k| jobs[k].encode())
+            .map(|j| j.encode())
             .collect::<Result<_>>()?;
+        let extra_encodings = fresh.split_off(missing.len());
         for (&k, e) in missing.iter().zip(fresh) {
             held[k] = Some(e);
         }
@@ -186,13 +224,17 @@ impl EncodingCache {
         let written = if missing.is_empty() {
             Written::NotNeeded
         } else {
-            self.write(&sources, jobs, &encodings, file.as_ref(), &mut rejected)
+            let all_jobs: Vec<ExponentJob<'_>> = jobs.iter().chain(&extra).copied().collect();
+            let all: Vec<Option<EncodedTensor>> =
+                encodings.iter().cloned().chain(extra_encodings).collect();
+            self.write(&sources, &all_jobs, &all, file.as_ref(), &mut rejected)
         };
         let done = CacheUse {
             read_from: file.as_ref().map(|f| f.path.clone()),
             rejected,
             read: jobs.len() - missing.len(),
             encoded: missing.len(),
+            encoded_ahead: extra.len(),
             written,
         };
         Ok((encodings, done))
@@ -336,6 +378,9 @@ pub struct CacheUse {
     pub read: usize,
     /// Tensors encoded at this load.
     pub encoded: usize,
+    /// Tensors this load does not stream, encoded with them for later loads
+    /// ([`EncodingCache::encodings_ahead`]).
+    pub encoded_ahead: usize,
     pub written: Written,
 }
 
@@ -372,8 +417,12 @@ impl CacheUse {
         match &self.written {
             Written::NotNeeded => {}
             Written::To(p) => out.push(format!(
-                "[encodings cache: {} tensors encoded, written to {}]",
+                "[encodings cache: {} tensors encoded{}, written to {}]",
                 self.encoded,
+                match self.encoded_ahead {
+                    0 => String::new(),
+                    n => format!(" and {n} more that stream at other budgets"),
+                },
                 p.display()
             )),
             Written::Nowhere(why) => out.push(format!(
