@@ -62,6 +62,10 @@ pub fn read(path: &Path) -> Result<Vec<HostTensor>> {
             "F32" => DType::F32,
             "F16" => DType::F16,
             "BF16" => DType::BF16,
+            // The position-index buffers older transformers saved beside the weights (CLIP's
+            // `text_model.embeddings.position_ids`, in some clip_l.safetensors): no model reads
+            // them.
+            "I64" | "I32" if name.ends_with("position_ids") => continue,
             other => {
                 return Err(Error::DType {
                     tensor: name,
@@ -181,4 +185,42 @@ pub fn shapes(tensors: &BTreeMap<String, HostTensor>) -> BTreeMap<String, Vec<us
         .iter()
         .map(|(k, t)| (k.clone(), t.shape.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with an integer `position_ids` buffer beside its weights opens without it; an
+    /// integer weight is still refused, naming it.
+    #[test]
+    fn integer_position_ids_are_skipped_and_integer_weights_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clip_l.safetensors");
+        let ids: Vec<u8> = (0..4i64).flat_map(|i| i.to_le_bytes()).collect();
+        let header = serde_json::json!({
+            "text_model.embeddings.position_ids": {"dtype": "I64", "shape": [1, 4], "data_offsets": [0, 32]},
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [32, 40]},
+        });
+        let write = |header: &serde_json::Value| {
+            let text = serde_json::to_vec(header).unwrap();
+            let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&text);
+            bytes.extend_from_slice(&ids);
+            bytes.extend_from_slice(&[0u8; 8]);
+            std::fs::write(&path, bytes).unwrap();
+        };
+        write(&header);
+        let names: Vec<String> = read(&path).unwrap().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["w"]);
+        let mut bad = header.clone();
+        bad["w"]["dtype"] = serde_json::json!("I32");
+        bad["w"]["shape"] = serde_json::json!([2]);
+        write(&bad);
+        let err = read(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("I32") && err.contains("F32, F16 or BF16"),
+            "{err}"
+        );
+    }
 }
