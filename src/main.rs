@@ -65,9 +65,10 @@ enum Command {
     ///
     /// Example: ferry serve --model ./SmolLM2-135M-Instruct.Q4_1.gguf --port 8080
     Serve(commands::serve::ServeArgs),
-    /// Generate images from a prompt with a diffusers Z-Image pipeline (CPU in this version).
+    /// Generate images from a prompt with a diffusers Z-Image, Qwen-Image or Flux.1 pipeline
+    /// (or ComfyUI's split files), on the GPU streamed within --vram or on the CPU.
     ///
-    /// Example: ferry image --model ./Z-Image-Turbo --prompt "a red fox in the snow" --size 512x512 --seed 42 --out fox.png
+    /// Example: ferry image --model ./FLUX.1-dev --prompt "a red fox in the snow" --size 1024x1024 --vram 12GiB --seed 42 --out fox.png
     Image(commands::image::ImageArgs),
 }
 
