@@ -100,10 +100,7 @@ fn schedules_are_the_schedulers_bit_for_bit() {
     let f = open();
     let config = f.scheduler();
     for (steps, n) in [(3, 12), (28, 4096), (50, 1024), (4, 6889)] {
-        let s = config.schedule(
-            &ferry::diffuse::scheduler::qwen_image_sigmas(steps),
-            config.mu(n),
-        );
+        let s = config.schedule(&ferry::diffuse::scheduler::flow_sigmas(steps), config.mu(n));
         let key = format!("schedule.{steps}x{n}");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(

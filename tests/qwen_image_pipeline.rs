@@ -122,7 +122,7 @@ fn schedules_are_the_schedulers_bit_for_bit() {
     // (steps, image tokens) as the fixture script ran set_timesteps; tokens are (H/16)(W/16).
     for (steps, tokens) in [(3, 24), (4, 16), (50, 4096), (30, 6889)] {
         let s = config.schedule(
-            &ferry::diffuse::scheduler::qwen_image_sigmas(steps),
+            &ferry::diffuse::scheduler::flow_sigmas(steps),
             config.mu(tokens),
         );
         let key = format!("schedule.{steps}x{tokens}");

@@ -5,7 +5,7 @@
 //! `np.linspace(1, 1/steps, steps)` shifted by the image's token count, the DiT given
 //! `timestep / 1000`.
 
-use crate::diffuse::scheduler::{qwen_image_sigmas, FlowMatchConfig, Schedule};
+use crate::diffuse::scheduler::{flow_sigmas, FlowMatchConfig, Schedule};
 use crate::error::{Error, Result};
 use crate::model::qwen_image::PATCH;
 
@@ -33,7 +33,7 @@ pub fn schedule(
         });
     }
     let tokens = image_tokens(height, width);
-    Ok(config.schedule(&qwen_image_sigmas(steps), config.mu(tokens)))
+    Ok(config.schedule(&flow_sigmas(steps), config.mu(tokens)))
 }
 
 /// DiT tokens of an image of `height × width` pixels (the packed latents' rows).

@@ -266,8 +266,9 @@ pub fn numpy_linspace(start: f64, end: f64, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Qwen-Image's default sigmas before shifting: `np.linspace(1, 1/steps, steps)` (in f64).
-pub fn qwen_image_sigmas(steps: usize) -> Vec<f32> {
+/// Qwen-Image's and Flux.1's default sigmas before shifting: `np.linspace(1, 1/steps, steps)`
+/// (in f64).
+pub fn flow_sigmas(steps: usize) -> Vec<f32> {
     numpy_linspace(1.0, 1.0 / steps as f64, steps)
 }
 
