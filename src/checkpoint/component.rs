@@ -183,6 +183,13 @@ impl Pipeline {
     }
 
     /// The component called `name`, or an error naming the directory and what is there.
+    /// The component `name`, taken out of the pipeline (its weights then belong to the
+    /// caller); the same error as [`component`](Self::component) when it is not there.
+    pub fn take(&mut self, name: &str) -> Result<Component> {
+        self.component(name)?;
+        Ok(self.components.remove(name).expect("just found"))
+    }
+
     pub fn component(&self, name: &str) -> Result<&Component> {
         self.components.get(name).ok_or_else(|| Error::NotFound {
             path: self.path.join(name),

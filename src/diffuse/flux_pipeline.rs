@@ -85,16 +85,10 @@ impl FluxPipeline {
         let sc = pipeline.component("scheduler")?;
         let (path, json) = sc.config()?;
         let scheduler = FlowMatchConfig::from_json(path, json)?;
-        let mut take = |name: &str| {
-            pipeline
-                .components
-                .remove(name)
-                .expect("the component was found above")
-        };
         let parts = Parts {
-            clip_weights: take("text_encoder"),
-            t5_weights: take("text_encoder_2"),
-            transformer: take("transformer"),
+            clip_weights: pipeline.take("text_encoder")?,
+            t5_weights: pipeline.take("text_encoder_2")?,
+            transformer: pipeline.take("transformer")?,
             encoders,
             config,
             dit_source,

@@ -79,16 +79,10 @@ impl QwenImagePipeline {
         let sc = pipeline.component("scheduler")?;
         let (path, json) = sc.config()?;
         let scheduler = FlowMatchConfig::from_json(path, json)?;
-        let mut take = |name: &str| {
-            pipeline
-                .components
-                .remove(name)
-                .expect("the component was found above")
-        };
         let parts = Parts {
-            text_encoder: take("text_encoder"),
+            text_encoder: pipeline.take("text_encoder")?,
             encoder,
-            transformer: take("transformer"),
+            transformer: pipeline.take("transformer")?,
             config,
             dit_source,
             vae_weights,
