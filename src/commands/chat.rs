@@ -73,7 +73,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         context,
         compute,
         quiet,
-        shape,
+        shape.into(),
         conversation,
     )
 }

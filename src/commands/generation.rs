@@ -228,8 +228,24 @@ pub fn open_model(model: &str, gpu: &Option<Cuda>) -> Result<Checkpoint> {
     )
 }
 
+/// The pass a streamed generator is planned for: its shape, and its activation bytes where
+/// they are not the shape's own (a server's pass mixes decoding tokens and prompt pieces).
+pub struct PlannedPass {
+    pub shape: PassShape,
+    pub workspace: Option<usize>,
+}
+
+impl From<PassShape> for PlannedPass {
+    fn from(shape: PassShape) -> PlannedPass {
+        PlannedPass {
+            shape,
+            workspace: None,
+        }
+    }
+}
+
 /// On `gpu` (from [`open_compute`]; the CPU when `None`), a generator of `context` positions,
-/// its weights resident or (with --vram) streamed and planned for passes of `shape`; hand it
+/// its weights resident or (with --vram) streamed and planned for passes of `pass`; hand it
 /// to `task`. Prints the host tier and the plan unless `quiet`, and with --stats the
 /// streaming stats after the task.
 #[allow(clippy::too_many_arguments)]
@@ -240,7 +256,7 @@ pub fn with_generator(
     context: usize,
     compute: &ComputeArgs,
     quiet: bool,
-    shape: PassShape,
+    pass: PlannedPass,
     task: impl GeneratorTask,
 ) -> Result<()> {
     let vram = compute.vram.as_deref().map(Vram::parse).transpose()?;
@@ -261,7 +277,10 @@ pub fn with_generator(
         return task.run(gen, &device);
     }
     let model = Llama::new(ckpt.config.clone());
-    let setup = StreamSetup::new(shape, compute.host_memory.options());
+    let setup = StreamSetup {
+        workspace: pass.workspace,
+        ..StreamSetup::new(pass.shape, compute.host_memory.options())
+    };
     let mut weights = stream_weights(&gpu, ckpt, &model, setup)?;
     if !quiet {
         eprintln!("[host tier: {}]", weights.host_mode());

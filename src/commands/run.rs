@@ -136,7 +136,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         context,
         &args.compute,
         args.quiet,
-        shape,
+        shape.into(),
         job,
     )
 }

@@ -44,7 +44,13 @@ pub fn kv_cache_bytes(c: &LlamaConfig, positions: usize, batch: usize) -> usize 
 /// and concatenated, when the head streams in pieces) and 1 MiB for token ids, attention
 /// partials and the like.
 pub fn workspace_bytes(c: &LlamaConfig, shape: PassShape) -> usize {
-    let rows = shape.rows();
+    rows_workspace_bytes(c, shape.rows(), shape.batch)
+}
+
+/// [`workspace_bytes`] of a pass of `rows` token rows in all, over `sequences` sequences
+/// (a logits row each): a server's mixed pass, each decoding sequence's one token beside
+/// newcomers' prompt pieces.
+pub fn rows_workspace_bytes(c: &LlamaConfig, rows: usize, sequences: usize) -> usize {
     let (h, q, kv, ffn) = (
         c.hidden_size,
         c.num_heads * c.head_dim,
@@ -53,7 +59,7 @@ pub fn workspace_bytes(c: &LlamaConfig, shape: PassShape) -> usize {
     );
     let attention = rows * (2 * h + q + 2 * kv).max(h + 2 * q + 2 * kv) * 2;
     let mlp = (rows * h + rows.min(MLP_CHUNK_ROWS) * (h + 2 * ffn)) * 2;
-    let logits = shape.batch * c.vocab_size * 2 * 2;
+    let logits = sequences * c.vocab_size * 2 * 2;
     attention.max(mlp) + logits + (1 << 20)
 }
 

@@ -378,6 +378,13 @@ impl Llama {
     pub fn workspace_all_logits(&self, shape: PassShape) -> usize {
         cost::workspace_bytes_all_logits(&self.config, shape)
     }
+
+    /// Activation memory of a server's pass: `sequences` each decoding a token, beside
+    /// newcomers' prompt pieces of `prompt_rows` tokens in all (their last rows' logits
+    /// among the `sequences`).
+    pub fn serving_workspace(&self, sequences: usize, prompt_rows: usize) -> usize {
+        cost::rows_workspace_bytes(&self.config, sequences + prompt_rows, sequences)
+    }
 }
 
 /// The token embedding, after the prefix.
