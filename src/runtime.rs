@@ -175,7 +175,7 @@ impl From<HostMemory> for StreamOptions {
 
 /// How a streamed run is set up beyond the model: the pass to plan for and how host memory
 /// reaches the device.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct StreamSetup<'a> {
     pub shape: PassShape,
     /// Activation bytes of one pass, when not the architecture's own figure (every
@@ -188,6 +188,9 @@ pub struct StreamSetup<'a> {
     pub compress: Compress,
     /// Whether their encodings are kept in a file between loads (`--encoding-cache`).
     pub encoding_cache: CacheMode,
+    /// Other models over the same tensors, loaded later (a DiT after its modulation
+    /// model): a cache miss encodes and writes what they could stream too.
+    pub siblings: &'a [&'a dyn Architecture],
 }
 
 impl StreamSetup<'static> {
@@ -201,6 +204,7 @@ impl StreamSetup<'static> {
             host: options.host,
             compress: options.compress,
             encoding_cache: options.encoding_cache,
+            siblings: &[],
         }
     }
 }
@@ -274,6 +278,16 @@ pub fn stream_weights(
             CacheMode::On => EncodingCache::for_files(tensors.files()),
             CacheMode::Off => None,
         };
+        // The siblings' tensors, for the cache to write ahead (not placed by this load).
+        let siblings = setup
+            .siblings
+            .iter()
+            .map(|&a| Ok((a, GroupTensors::of(tensors, a)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let sibling_codes: Vec<Compressed> = siblings
+            .iter()
+            .map(|(_, s)| Compressed::blocks(&s.groups, true, SLOT_ALIGN, ASSUMED_DECODE))
+            .collect();
         let mut coded = vec![false; model.groups.len()];
         let mut next = plan.clone();
         let planned = loop {
@@ -289,12 +303,20 @@ pub fn stream_weights(
                     // On a miss the file gets every group that may stream (all but those
                     // read from host memory), so that the next rounds, other budgets and
                     // other pass shapes read it instead of rewriting it each time.
-                    let ahead = encoded.exponent_jobs(
+                    let mut ahead = encoded.exponent_jobs(
                         &model.groups,
                         &model.splits,
                         |g| !fresh[g] && !arch.groups()[g].host_gather,
                         true,
                     );
+                    for ((a, s), codes) in siblings.iter().zip(&sibling_codes) {
+                        ahead.extend(codes.exponent_jobs(
+                            &s.groups,
+                            &s.splits,
+                            |g| !a.groups()[g].host_gather,
+                            true,
+                        ));
+                    }
                     let (encodings, used) = cache.encodings_ahead(&jobs, &ahead)?;
                     for line in used.messages() {
                         eprintln!("{line}");

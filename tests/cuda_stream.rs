@@ -75,6 +75,7 @@ fn setup(shape: PassShape, workspace: usize, host: HostMemory) -> StreamSetup<'s
         host,
         compress: Compress::Off,
         encoding_cache: ferry::stream::encoding_cache::CacheMode::On,
+        siblings: &[],
     }
 }
 

@@ -20,13 +20,13 @@ use crate::diffuse::flux_text::FluxTextEncoders;
 use crate::diffuse::packed::{self, VAE_SCALE};
 use crate::diffuse::pipeline::{
     decode_kl_on_cpu, decode_kl_on_gpu, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images,
-    PhaseTimes, SplitFiles, StreamLog, VaeDecode, VaeDevice,
+    PhaseTimes, Place, SplitFiles, StreamLog, VaeDecode, VaeDevice,
 };
 use crate::diffuse::scheduler::FlowMatchConfig;
 use crate::error::{Error, Result};
 use crate::model::flux::{single_file, unpack_latents, Flux, FluxConfig};
 use crate::model::vae::{open_flux_vae_file, open_vae, to_rgb8, VaeWeights};
-use crate::model::{Architecture, PassShape, Weights};
+use crate::model::{Architecture, PassShape};
 
 /// The `_class_name` of model_index.json.
 pub const PIPELINE_CLASS: &str = "FluxPipeline";
@@ -240,12 +240,7 @@ impl FluxPipeline {
         backend: &B,
         request: &ImageRequest,
         mut on_step: impl FnMut(usize),
-        place: impl Fn(
-            &Component,
-            &dyn Architecture,
-            PassShape,
-            &mut StreamLog,
-        ) -> Result<Box<dyn Weights<B::Weight>>>,
+        place: impl Place<B::Weight>,
         decode: impl FnOnce(&[f32], [usize; 4]) -> Result<(Vec<f32>, VaeDecode)>,
     ) -> Result<Images> {
         let r = request;
@@ -268,7 +263,7 @@ impl FluxPipeline {
         let pooled = {
             let mut log = StreamLog::default();
             let shape = e.clip_shape(1);
-            let mut weights = place(&self.clip_weights, &e.clip, shape, &mut log)?;
+            let mut weights = place(&self.clip_weights, &e.clip, &[], shape, &mut log)?;
             let pooled = e.encode_clip_pooled(backend, &mut weights, &clip_ids)?;
             drop(weights);
             streamed.extend(log.finish("text encoder (CLIP)"));
@@ -277,7 +272,7 @@ impl FluxPipeline {
         let text = {
             let mut log = StreamLog::default();
             let shape = FluxTextEncoders::t5_shape(MAX_SEQUENCE_LENGTH, 1);
-            let mut weights = place(&self.t5_weights, &e.t5, shape, &mut log)?;
+            let mut weights = place(&self.t5_weights, &e.t5, &[], shape, &mut log)?;
             let text = e.encode_t5(backend, &mut weights, &t5_ids)?;
             drop(weights);
             streamed.extend(log.finish("text encoder (T5)"));
@@ -296,7 +291,7 @@ impl FluxPipeline {
                 past: 0,
             };
             let mut log = StreamLog::default();
-            let mut weights = place(&self.transformer, &model, shape, &mut log)?;
+            let mut weights = place(&self.transformer, &model, &[&self.dit], shape, &mut log)?;
             let table = model.table(backend, &mut weights, &sigmas, guidance, &[&pooled])?;
             drop(weights);
             streamed.extend(log.finish("modulation"));
@@ -310,7 +305,7 @@ impl FluxPipeline {
             past: 0,
         };
         let mut log = StreamLog::default();
-        let mut weights = place(&self.transformer, &self.dit, shape, &mut log)?;
+        let mut weights = place(&self.transformer, &self.dit, &[], shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,

@@ -7,7 +7,7 @@
 //! [`ClipText`](crate::model::clip::ClipText); here are the tokenizer calls of the pipeline
 //! (`padding="max_length"`, `truncation=True`) and the encodes of a batch of prompts.
 //! Weights are placed by the caller, per model, as `qwen_image_pipeline` places them
-//! (`place(&component, &model, shape, &mut log)`; [`FluxTextEncoders::t5_shape`] and
+//! (`place(&component, &model, &[], shape, &mut log)`; [`FluxTextEncoders::t5_shape`] and
 //! [`clip_shape`](FluxTextEncoders::clip_shape) give the pass shapes). On a GPU,
 //! `Cuda::prepare_encoder` and `Cuda::prepare(clip.attention_shape().head_dim)` build the
 //! kernels up front.

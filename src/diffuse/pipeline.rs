@@ -483,12 +483,7 @@ impl ZImagePipeline {
         backend: &B,
         request: &ImageRequest,
         mut on_step: impl FnMut(usize),
-        place: impl Fn(
-            &Component,
-            &dyn Architecture,
-            PassShape,
-            &mut StreamLog,
-        ) -> Result<Box<dyn Weights<B::Weight>>>,
+        place: impl Place<B::Weight>,
         decode: impl FnOnce(&[f32], [usize; 4]) -> Result<(Vec<f32>, VaeDecode)>,
     ) -> Result<Images> {
         let r = request;
@@ -524,7 +519,7 @@ impl ZImagePipeline {
             };
             let mut log = StreamLog::default();
             let te = &self.text_encoder;
-            let mut weights = place(te, &self.encoder.model, shape, &mut log)?;
+            let mut weights = place(te, &self.encoder.model, &[], shape, &mut log)?;
             let prompt = self.encoder.encode(backend, &mut weights, &ids)?;
             let negative = match &negative_ids {
                 Some(n) => Some(self.encoder.encode(backend, &mut weights, n)?),
@@ -551,7 +546,7 @@ impl ZImagePipeline {
             past: 0,
         };
         let mut log = StreamLog::default();
-        let mut weights = place(&self.transformer, &self.dit, shape, &mut log)?;
+        let mut weights = place(&self.transformer, &self.dit, &[], shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,
@@ -681,10 +676,36 @@ pub(crate) fn gpu_vae_plan(
     })
 }
 
+/// How a pipeline puts a phase's weights where its backend computes: the phase's component,
+/// its model, the models placed later from the same component (see [`place_on_gpu`]), the
+/// pass to plan for, where streaming reports go.
+pub(crate) trait Place<W>:
+    Fn(
+    &Component,
+    &dyn Architecture,
+    &[&dyn Architecture],
+    PassShape,
+    &mut StreamLog,
+) -> Result<Box<dyn Weights<W>>>
+{
+}
+
+impl<W, F> Place<W> for F where
+    F: Fn(
+        &Component,
+        &dyn Architecture,
+        &[&dyn Architecture],
+        PassShape,
+        &mut StreamLog,
+    ) -> Result<Box<dyn Weights<W>>>
+{
+}
+
 /// Places a phase's weights on the CPU: every weight resident, in f32.
 pub(crate) fn place_on_cpu(
     c: &Component,
     arch: &dyn Architecture,
+    _: &[&dyn Architecture],
     _: PassShape,
     _: &mut StreamLog,
 ) -> Result<Box<dyn Weights<CpuWeight>>> {
@@ -696,23 +717,23 @@ pub(crate) fn place_on_cpu(
 /// Places a phase's weights on `gpu`: with `stream` (a `--vram` budget) planned within the
 /// budget for the pass `shape`, what does not fit streaming from host memory (the plan and
 /// every pass's statistics go to the phase's [`StreamLog`]); without, uploaded whole.
+/// `siblings`: the models placed later from the same component (Flux's and Qwen-Image's
+/// DiT after their modulation model), whose encodings a cache miss writes ahead too.
 pub(crate) fn place_on_gpu(
     gpu: &Cuda,
     stream: Option<StreamOptions>,
-) -> impl Fn(
-    &Component,
-    &dyn Architecture,
-    PassShape,
-    &mut StreamLog,
-) -> Result<Box<dyn Weights<CudaWeight>>>
-       + '_ {
-    move |c, arch, shape, log| {
+) -> impl Place<CudaWeight> + '_ {
+    move |c, arch, siblings, shape, log| {
         let Some(host) = stream else {
             return Ok(Box::new(ResidentWeights::load(c, arch.groups(), |t| {
                 gpu.weight(t)
             })?));
         };
-        let mut w = stream_weights(gpu, c, arch, StreamSetup::new(shape, host))?;
+        let setup = StreamSetup {
+            siblings,
+            ..StreamSetup::new(shape, host)
+        };
+        let mut w = stream_weights(gpu, c, arch, setup)?;
         log.plan = Some(w.plan().to_string());
         w.log_stats(log.passes.clone());
         Ok(Box::new(w))

@@ -14,7 +14,7 @@ use crate::backend::dit::DitOps;
 use crate::checkpoint::{Component, Pipeline};
 use crate::diffuse::guidance::TrueCfg;
 use crate::diffuse::pipeline::{
-    gpu_vae_plan, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images, PhaseTimes,
+    gpu_vae_plan, place_on_cpu, place_on_gpu, Compute, ImageRequest, Images, PhaseTimes, Place,
     SplitFiles, StreamLog, VaeDecode, VaeDevice,
 };
 use crate::diffuse::qwen_image::{self as steps, Denoise, VAE_SCALE};
@@ -26,7 +26,7 @@ use crate::model::qwen_image::single_file;
 use crate::model::qwen_image::vae::{open_qwen_vae, QwenVae, QwenVaeWeights};
 use crate::model::qwen_image::{unpack_latents, QwenImage, QwenImageConfig};
 use crate::model::vae::{to_rgb8, Tiling};
-use crate::model::{Architecture, PassShape, Weights};
+use crate::model::{Architecture, PassShape};
 
 /// The `_class_name` of model_index.json.
 pub const PIPELINE_CLASS: &str = "QwenImagePipeline";
@@ -211,12 +211,7 @@ impl QwenImagePipeline {
         backend: &B,
         request: &ImageRequest,
         mut on_step: impl FnMut(usize),
-        place: impl Fn(
-            &Component,
-            &dyn Architecture,
-            PassShape,
-            &mut StreamLog,
-        ) -> Result<Box<dyn Weights<B::Weight>>>,
+        place: impl Place<B::Weight>,
         decode: impl FnOnce(&[f32], [usize; 4]) -> Result<(Vec<f32>, VaeDecode)>,
     ) -> Result<Images> {
         let r = request;
@@ -247,7 +242,13 @@ impl QwenImagePipeline {
                 past: 0,
             };
             let mut log = StreamLog::default();
-            let mut weights = place(&self.text_encoder, &self.encoder.model, shape, &mut log)?;
+            let mut weights = place(
+                &self.text_encoder,
+                &self.encoder.model,
+                &[],
+                shape,
+                &mut log,
+            )?;
             let embeds = self.encoder.encode_tokens(backend, &mut weights, &ids)?;
             drop(weights);
             streamed.extend(log.finish("text encoder"));
@@ -266,7 +267,7 @@ impl QwenImagePipeline {
                 past: 0,
             };
             let mut log = StreamLog::default();
-            let mut weights = place(&self.transformer, &model, shape, &mut log)?;
+            let mut weights = place(&self.transformer, &model, &[&self.dit], shape, &mut log)?;
             let table = model.table(backend, &mut weights, &sigmas)?;
             drop(weights);
             streamed.extend(log.finish("modulation"));
@@ -284,7 +285,7 @@ impl QwenImagePipeline {
             past: 0,
         };
         let mut log = StreamLog::default();
-        let mut weights = place(&self.transformer, &self.dit, shape, &mut log)?;
+        let mut weights = place(&self.transformer, &self.dit, &[], shape, &mut log)?;
         let job = Denoise {
             latents: r.noise.clone(),
             batch: r.batch,

@@ -30,14 +30,17 @@
 //!
 //! Growing: a load that misses encodes, beside the tensors it streams, every other tensor of
 //! its model that could stream ([`EncodingCache::encodings_ahead`]: what other budgets, pass
-//! shapes or the planner's later rounds would stream), so that one write serves them all; a
-//! later load that still lacks some (another model over the same files: Qwen-Image's and
-//! Flux's modulation models) encodes only the tensors missing and rewrites the file with the
-//! union, through a temporary file renamed over the old one. Why not append in place: another ferry may have the file mapped, and an
-//! index rewritten in place could be read torn; a rename leaves every mapping whole and a
-//! reader sees the old file or the new, never half of one. The cost, a copy of the entries
-//! already there, is paid once for each budget that streams more than any before. Nothing
-//! is synced to disk: a file torn by a crash reads as corrupt and is rebuilt.
+//! shapes or the planner's later rounds would stream) and of the models its caller says
+//! will load from the same files later (Qwen-Image's and Flux's DiT after their modulation
+//! model: `StreamSetup::siblings`), so that one write serves them all; a later load that
+//! still lacks some encodes only the tensors missing and rewrites the file with the union,
+//! through a temporary file renamed over the old one. A stale or corrupt file is removed
+//! before its replacement is written. Why not append in place: another ferry may have the
+//! file mapped, and an index rewritten in place could be read torn; a rename leaves every
+//! mapping whole and a reader sees the old file or the new, never half of one. The cost, a
+//! copy of the entries already there, is paid once for each budget that streams more than
+//! any before. Nothing is synced to disk: a file torn by a crash reads as corrupt and is
+//! rebuilt.
 //!
 //! Each entry is mapped on its own (offsets are page multiples), so its storage is a file
 //! mapping of exactly the encoding, as a fresh encoding is an anonymous one: the host tier
@@ -339,6 +342,13 @@ impl EncodingCache {
             .iter()
             .map(|(_, c)| c.as_ref().map(Content::bytes))
             .collect();
+        if old.is_none() {
+            // A file found stale or corrupt is of no use: removed before the new one is
+            // written, so that the disk never holds both (a 14 GB cache took 28 GB to rebuild).
+            for r in rejected.iter().filter(|r| self.places.contains(&r.path)) {
+                let _ = std::fs::remove_file(&r.path);
+            }
+        }
         let mut failures = Vec::new();
         for place in &self.places {
             match write_file(place, &index, &contents) {
