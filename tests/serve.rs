@@ -332,7 +332,7 @@ fn bad_requests_name_their_field() {
         "{answer}"
     );
     // Too large a body.
-    let (got, _, _) = http(
+    let (got, _, answer) = http(
         &server.addr,
         "POST",
         "/v1/completions",
@@ -340,6 +340,7 @@ fn bad_requests_name_their_field() {
         &[auth],
     );
     assert_eq!(got, 413);
+    assert!(answer.contains("--max-body"), "{answer}");
     // The key: missing or wrong is 401; right is served.
     for headers in [&[][..], &["Authorization: Bearer wrong"][..]] {
         let (got, _, answer) = http(&server.addr, "GET", "/v1/models", "", headers);
@@ -440,4 +441,33 @@ fn connections_that_send_no_whole_request_head_are_closed() {
         server.stop().success(),
         "SIGTERM ends the server with status 0"
     );
+}
+
+/// A request whose body comes too slowly is answered 408 after `--body-timeout` (here 1 s;
+/// the test waits up to 20) and its connection closed; others are served meanwhile.
+#[test]
+fn a_body_sent_too_slowly_is_answered_408() {
+    let server = start(&["--body-timeout", "1"]);
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"model\":",
+    )
+    .unwrap();
+    let (status, _, answer) = http(&server.addr, "GET", "/health", "", &[]);
+    assert_eq!((status, answer.as_str()), (200, r#"{"status":"ok"}"#));
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = slow.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("--body-timeout"), "{reply}");
+    let (status, _, _) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"llama","prompt":"hi","max_tokens":2,"temperature":0}"#,
+        &[],
+    );
+    assert_eq!(status, 200, "served after the slow one");
 }

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// when it opens or its last answer went out; then it is closed.
     #[arg(long, default_value_t = 30, value_parser = at_least(1), allow_negative_numbers = true)]
     header_timeout: usize,
+    /// Seconds a request's body may take to arrive once its head has; then 408 and the
+    /// connection is closed.
+    #[arg(long, default_value_t = 30, value_parser = at_least(1), allow_negative_numbers = true)]
+    body_timeout: usize,
     /// On SIGINT/SIGTERM: seconds in-flight requests may go on before they are cancelled.
     #[arg(long, default_value_t = 10, value_parser = at_least(0), allow_negative_numbers = true)]
     shutdown_grace: usize,
@@ -239,6 +243,7 @@ fn server_config(a: &ServeArgs) -> ServerConfig {
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.request_timeout as u64),
         header_timeout: Duration::from_secs(a.header_timeout as u64),
+        body_timeout: Duration::from_secs(a.body_timeout as u64),
         shutdown_grace: Duration::from_secs(a.shutdown_grace as u64),
     }
 }

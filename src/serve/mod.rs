@@ -19,9 +19,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -43,6 +45,9 @@ pub struct ServerConfig {
     /// Longest a connection may take to send a request's head (method, path, headers), from
     /// when it opens or its previous answer went out; then it is closed.
     pub header_timeout: Duration,
+    /// Longest a request's body may take to arrive once its head has; then 408, and the
+    /// connection is closed.
+    pub body_timeout: Duration,
     /// After SIGINT/SIGTERM: how long in-flight requests may go on before they are cancelled.
     pub shutdown_grace: Duration,
 }
@@ -117,6 +122,7 @@ pub fn serve(
             .route("/metrics", get(metrics_text))
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(limit))
+            .layer(axum::middleware::from_fn_with_state(ctx.clone(), read_body))
             .with_state(ctx);
         // hyper's HTTP/1 connections, each on a task of its own. The header read timeout
         // (it needs a timer) bounds how long a connection may hold its task without sending a
@@ -157,6 +163,53 @@ pub fn serve(
         connections.shutdown().await;
         Ok(())
     })
+}
+
+/// Reads a request's body before its handler runs: at most `--max-body` bytes (413), within
+/// `--body-timeout` of its head (408; hyper's header timeout covers only the head, and a body
+/// sent a byte a minute would hold its connection for ever).
+async fn read_body(
+    State(ctx): State<Ctx>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = ctx.config.max_body_bytes;
+    let wait = ctx.config.body_timeout;
+    let bytes = match tokio::time::timeout(wait, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return error(ApiError::new(
+                413,
+                "invalid_request_error",
+                format!("the request body is larger than {limit} bytes (ferry serve --max-body)"),
+            ));
+        }
+        Ok(Err(e)) => {
+            return error(ApiError::new(
+                400,
+                "invalid_request_error",
+                format!("the request body could not be read: {e}"),
+            ));
+        }
+        Err(_) => {
+            let mut r = error(ApiError::new(
+                408,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s of its head (ferry serve --body-timeout)",
+                    wait.as_secs()
+                ),
+            ));
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return r;
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 async fn shutdown_signal() {
