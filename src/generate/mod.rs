@@ -13,10 +13,10 @@ pub use running::{PassReport, Running};
 pub use sample::{argmax, Sampler, SamplingConfig};
 pub use text::TextCodec;
 
-use crate::backend::{Backend, KvCache};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
-use crate::model::{Architecture, Llama, Logits, ResidentWeights, Segment, Weights};
+use crate::model::{Architecture, Llama, Logits, ResidentWeights, Weights};
 
 /// What to generate from one prompt.
 #[derive(Clone, Debug)]
@@ -253,124 +253,43 @@ impl<B: Backend> Generator<B> {
                 });
             }
         }
-        let start = Instant::now();
         let mut stats = BatchStats::default();
+        let start = Instant::now();
         let mut outputs: Vec<Option<Output>> = vec![None; requests.len()];
         let mut finished = 0;
         let mut waiting = 0..requests.len();
-        let mut active: Vec<Sequence<B::KvCache>> = Vec::new();
+        let mut active: Vec<Running<B::KvCache>> = Vec::new();
+        let mut end = |index: usize, out: Output, finished: &mut usize| {
+            on_done(index, &out);
+            outputs[index] = Some(out);
+            *finished += 1;
+        };
         loop {
             while active.len() < batch {
                 let Some(index) = waiting.next() else { break };
-                let req = &requests[index];
-                if req.max_tokens == 0 {
-                    let out = Output::empty(Finish::MaxTokens);
-                    on_done(index, &out);
-                    outputs[index] = Some(out);
-                    finished += 1;
-                    continue;
+                match requests[index].max_tokens {
+                    0 => end(index, Output::empty(Finish::MaxTokens), &mut finished),
+                    _ => active.push(self.admit(index as u64, requests[index].clone())?),
                 }
-                let positions = req
-                    .prompt
-                    .len()
-                    .saturating_add(req.max_tokens)
-                    .min(self.context);
-                active.push(Sequence {
-                    index,
-                    cache: self.new_cache(positions)?,
-                    sampler: Sampler::new(req.sampling.clone()),
-                    pending: req.prompt.clone(),
-                    seen: req.prompt.clone(),
-                    tokens: Vec::new(),
-                    text: String::new(),
-                    printed: 0,
-                    admitted: start.elapsed().as_secs_f64(),
-                    first_token: 0.0,
-                });
             }
             if active.is_empty() {
                 break;
             }
-
-            let pass_start = Instant::now();
-            let mut segments: Vec<Segment<'_, B::KvCache>> = active
-                .iter_mut()
-                .map(|s| Segment {
-                    tokens: &s.pending,
-                    cache: &mut s.cache,
-                })
-                .collect();
-            let logits = self.model.forward_batch(
-                &self.backend,
-                &mut self.weights,
-                &mut segments,
-                Logits::Last,
-            )?;
-            drop(segments);
+            // Whole prompts: every newcomer's in the pass it joins.
+            let (ended, report) = self.pass(&mut active, usize::MAX, false, &mut |id, piece| {
+                on_text(id as usize, piece)
+            })?;
             stats.passes += 1;
-            stats.tokens_in += active.iter().map(|s| s.pending.len()).sum::<usize>();
-
-            // Greedy sequences pick where the logits are (on a GPU: no copy of the logits).
-            let greedy =
-                |r: &Request| r.sampling.temperature <= 0.0 && r.sampling.repetition_penalty == 1.0;
-            let greedy_rows = active.iter().filter(|s| greedy(&requests[s.index])).count();
-            let argmax = match greedy_rows {
-                0 => Vec::new(),
-                _ => self.backend.argmax_rows(&logits)?,
-            };
-            let mut host = match greedy_rows == active.len() {
-                true => Vec::new(),
-                false => self.backend.to_host(&logits)?,
-            };
-            let vocab = self.model.config.vocab_size;
-            let now = start.elapsed().as_secs_f64();
-            stats.pass_secs.push(pass_start.elapsed().as_secs_f64());
-            stats.pass_sequences.push(active.len());
-
-            let interrupted = self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
-            let mut still = Vec::with_capacity(active.len());
-            for (row, mut seq) in active.into_iter().enumerate() {
-                let req = &requests[seq.index];
-                let next = if greedy(req) {
-                    argmax[row]
-                } else {
-                    // Each row is sampled once: in place, no copy of the vocabulary.
-                    seq.sampler
-                        .next(&mut host[row * vocab..(row + 1) * vocab], &seq.seen)
-                };
-                if seq.tokens.is_empty() {
-                    seq.first_token = now;
-                }
-                stats.tokens_out += 1;
-                let index = seq.index;
-                let finish = self.accept(&mut seq, req, next, &mut |p| on_text(index, p))?;
-                match finish.or(interrupted.then_some(Finish::Interrupted)) {
-                    Some(finish) => {
-                        if finish == Finish::Interrupted {
-                            // What was held back (a possible stop string's start) is text.
-                            on_text(index, &seq.text[seq.printed..]);
-                        }
-                        let out = Output {
-                            tokens: std::mem::take(&mut seq.tokens),
-                            text: std::mem::take(&mut seq.text),
-                            finish,
-                            prompt_secs: seq.first_token - seq.admitted,
-                            decode_secs: now - seq.first_token,
-                        };
-                        on_done(seq.index, &out);
-                        outputs[seq.index] = Some(out);
-                        finished += 1;
-                    }
-                    None => still.push(seq),
-                }
+            stats.tokens_in += report.tokens;
+            stats.tokens_out += report.generated;
+            stats.pass_secs.push(report.seconds);
+            stats.pass_sequences.push(report.sequences);
+            for (id, out, _) in ended {
+                end(id as usize, out, &mut finished);
             }
-            active = still;
-            if interrupted {
+            if report.interrupted {
                 for index in waiting.by_ref() {
-                    let out = Output::empty(Finish::Interrupted);
-                    on_done(index, &out);
-                    outputs[index] = Some(out);
-                    finished += 1;
+                    end(index, Output::empty(Finish::Interrupted), &mut finished);
                 }
             }
             on_pass(Progress {
@@ -386,72 +305,6 @@ impl<B: Backend> Generator<B> {
             .collect();
         Ok((outputs, stats))
     }
-
-    /// Take `next` into `seq`: hand out final text, and say whether the sequence ends.
-    fn accept(
-        &self,
-        seq: &mut Sequence<B::KvCache>,
-        req: &Request,
-        next: u32,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Option<Finish>> {
-        seq.tokens.push(next);
-        seq.seen.push(next);
-        let eos = !req.ignore_eos && self.text.defaults.eos_token_ids.contains(&next);
-        let shown = if eos {
-            &seq.tokens[..seq.tokens.len() - 1]
-        } else {
-            &seq.tokens[..]
-        };
-        seq.text = self.text.decode(shown)?;
-        let mut finish = if eos {
-            Some(Finish::Eos)
-        } else if seq.tokens.len() >= req.max_tokens {
-            Some(Finish::MaxTokens)
-        } else if seq.cache.len() >= seq.cache.capacity() {
-            Some(Finish::Context)
-        } else {
-            None
-        };
-        if let Some(at) = req
-            .stop_strings
-            .iter()
-            .filter_map(|s| seq.text.find(s.as_str()))
-            .min()
-        {
-            seq.text.truncate(at);
-            finish = Some(Finish::StopString);
-        }
-        let ready = match finish {
-            Some(_) => seq.text.len(),
-            None => final_prefix(&seq.text, &req.stop_strings),
-        };
-        if ready > seq.printed {
-            on_text(&seq.text[seq.printed..ready]);
-            seq.printed = ready;
-        }
-        seq.pending = vec![next];
-        Ok(finish)
-    }
-}
-
-/// A sequence being generated.
-struct Sequence<C> {
-    /// Its request's index.
-    index: usize,
-    cache: C,
-    sampler: Sampler,
-    /// Tokens for the next pass: the prompt, then each new token.
-    pending: Vec<u32>,
-    /// Prompt and generated tokens (for the repetition penalty).
-    seen: Vec<u32>,
-    tokens: Vec<u32>,
-    text: String,
-    /// Bytes of `text` handed out.
-    printed: usize,
-    /// Seconds since the batch began: when it joined, when its first token came.
-    admitted: f64,
-    first_token: f64,
 }
 
 /// Where a batched generation stands after a pass.

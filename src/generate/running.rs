@@ -1,10 +1,11 @@
-//! Continuous batching for a server: sequences join a running batch between passes and leave
-//! when they end. Each pass feeds every decoding sequence its last token and newcomers' prompts
+//! Continuous batching: sequences join a running batch between passes and leave when they
+//! end (`ferry serve`'s engine, and [`Generator::generate_batch`] with whole prompts). Each pass feeds every decoding sequence its last token and newcomers' prompts
 //! in pieces of at most `prompt_chunk` tokens, all newcomers together at most that many, so that
 //! a long prompt does not stall the others' decoding for a whole pass of its length. A prompt's
 //! pieces fall at the same places whatever its neighbours are, so batching does not change
 //! what a sequence generates.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{Finish, Generator, Output, Request, Sampler};
@@ -35,12 +36,19 @@ impl<C> Running<C> {
 }
 
 /// What one pass did.
+#[derive(Default)]
 pub struct PassReport {
-    /// Sequences in the pass, prompt tokens taken in, tokens generated, seconds.
+    /// Sequences in the pass, tokens run through the model (prompt pieces and fed-back
+    /// tokens), of them newcomers' prompt tokens, and tokens generated.
     pub sequences: usize,
+    pub tokens: usize,
     pub prompt_tokens: usize,
     pub generated: usize,
+    /// Seconds from the pass's start to its tokens being picked.
     pub seconds: f64,
+    /// Whether the generator's interrupt ([`Generator::interrupt`]) was raised: every
+    /// sequence in the pass ended.
+    pub interrupted: bool,
 }
 
 impl<B: Backend> Generator<B> {
@@ -88,7 +96,8 @@ impl<B: Backend> Generator<B> {
     /// One pass over the weights for the sequences of `active` that it can take (every
     /// decoding one; prompts within `prompt_chunk` tokens in all). `on_text(id, piece)` gets
     /// each sequence's final text as it comes; sequences that end leave `active` and come back
-    /// with their outputs and prompt lengths. `cancel` ends every sequence after this pass.
+    /// with their outputs and prompt lengths. `cancel`, or the generator's interrupt raised
+    /// by the time the pass's tokens are picked, ends every sequence in the pass.
     #[allow(clippy::type_complexity)]
     pub fn pass(
         &mut self,
@@ -115,6 +124,7 @@ impl<B: Backend> Generator<B> {
                 }
             })
             .collect();
+        let tokens = feeds.iter().sum();
         let prompt_tokens = active
             .iter()
             .zip(&feeds)
@@ -132,15 +142,7 @@ impl<B: Backend> Generator<B> {
             .collect();
         let sequences = segments.len();
         if segments.is_empty() {
-            return Ok((
-                Vec::new(),
-                PassReport {
-                    sequences: 0,
-                    prompt_tokens: 0,
-                    generated: 0,
-                    seconds: 0.0,
-                },
-            ));
+            return Ok((Vec::new(), PassReport::default()));
         }
         let logits = self.model.forward_batch(
             &self.backend,
@@ -151,13 +153,25 @@ impl<B: Backend> Generator<B> {
         drop(segments);
         let greedy =
             |r: &Request| r.sampling.temperature <= 0.0 && r.sampling.repetition_penalty == 1.0;
-        let argmax = self.backend.argmax_rows(&logits)?;
-        let mut host = match active.iter().all(|s| greedy(&s.request)) {
+        // Greedy sequences pick where the logits are (on a GPU: no copy of the logits).
+        let greedy_rows = active
+            .iter()
+            .zip(&feeds)
+            .filter(|(s, &n)| n > 0 && greedy(&s.request))
+            .count();
+        let argmax = match greedy_rows {
+            0 => Vec::new(),
+            _ => self.backend.argmax_rows(&logits)?,
+        };
+        let mut host = match greedy_rows == sequences {
             true => Vec::new(),
             false => self.backend.to_host(&logits)?,
         };
         let vocab = self.model.config.vocab_size;
         let now = Instant::now();
+        let seconds = (now - start).as_secs_f64();
+        let interrupted = self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
+        let cancel = cancel || interrupted;
         let mut ended = Vec::new();
         let mut still = Vec::with_capacity(active.len());
         let mut row = 0;
@@ -178,13 +192,14 @@ impl<B: Backend> Generator<B> {
             let next = if greedy(&seq.request) {
                 argmax[r]
             } else {
+                // Each row is sampled once: in place, no copy of the vocabulary.
                 seq.sampler
                     .next(&mut host[r * vocab..(r + 1) * vocab], &seq.seen)
             };
             seq.first_token.get_or_insert(now);
             generated += 1;
             let id = seq.id;
-            let finish = self.accept_running(&mut seq, next, &mut |p| on_text(id, p))?;
+            let finish = self.accept(&mut seq, next, &mut |p| on_text(id, p))?;
             match finish.or(cancel.then_some(Finish::Interrupted)) {
                 Some(finish) => {
                     if finish == Finish::Interrupted {
@@ -212,14 +227,17 @@ impl<B: Backend> Generator<B> {
             ended,
             PassReport {
                 sequences,
+                tokens,
                 prompt_tokens,
                 generated,
-                seconds: start.elapsed().as_secs_f64(),
+                seconds,
+                interrupted,
             },
         ))
     }
 
-    fn accept_running(
+    /// Take `next` into `seq`: hand out final text, and say whether the sequence ends.
+    fn accept(
         &self,
         seq: &mut Running<B::KvCache>,
         next: u32,
