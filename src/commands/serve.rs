@@ -20,7 +20,7 @@ use ferry::runtime::{open_device, StreamOptions};
 use ferry::serve::engine::{self, EngineConfig, Metrics};
 use ferry::serve::images::{self, ImageJob};
 use ferry::serve::{ImageModel, ServerConfig, TextModel};
-use ferry::stream::Vram;
+use ferry::stream::{human_bytes, Vram};
 use ferry::{Error, Result};
 
 use super::at_least;
@@ -195,6 +195,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         return Ok(());
     };
     let gpu = open_compute(&args.compute)?;
+    if let (Some(gpu), Some(_)) = (&gpu, &image) {
+        let text_vram = args.compute.vram.as_deref().map(Vram::parse).transpose()?;
+        let image_vram = args
+            .image
+            .image_vram
+            .as_deref()
+            .map(Vram::parse)
+            .transpose()?;
+        check_shared_gpu(text_vram, image_vram, gpu.info().memory_bytes)?;
+    }
     let ckpt = open_model(model, &gpu)?;
     let text = TextCodec::open(&ckpt)?;
     let max = ckpt.config.max_position_embeddings;
@@ -235,6 +245,36 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         log: Arc::new(Mutex::new(Vec::new())),
     };
     with_generator(&ckpt, gpu, text, context, &args.compute, false, pass, task)
+}
+
+/// The text and image models share one GPU: their budgets must fit in its `memory` bytes
+/// together, and neither may be `auto` (all the memory free when it starts, which the other
+/// then needs). Without --image-vram each image phase is uploaded whole, beside the text
+/// model's budget; that is not checked here.
+fn check_shared_gpu(text: Option<Vram>, image: Option<Vram>, memory: usize) -> Result<()> {
+    let shared = "the text and image models share the GPU";
+    match (text, image) {
+        (Some(Vram::Auto), _) => Err(Error::Flag {
+            flag: "--vram",
+            message: format!("auto would take all the GPU's free memory, and {shared}; give sizes to --vram and --image-vram that fit in it together"),
+        }),
+        (_, Some(Vram::Auto)) => Err(Error::Flag {
+            flag: "--image-vram",
+            message: format!("auto would take all the GPU's free memory, and {shared}; give sizes to --vram and --image-vram that fit in it together"),
+        }),
+        (Some(Vram::Bytes(t)), Some(Vram::Bytes(i))) if t.saturating_add(i) > memory => {
+            Err(Error::Flag {
+                flag: "--image-vram",
+                message: format!(
+                    "{} and --vram {} together exceed the GPU's {}, and {shared}; give budgets that fit in it together",
+                    human_bytes(i),
+                    human_bytes(t),
+                    human_bytes(memory)
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn server_config(a: &ServeArgs) -> ServerConfig {
@@ -402,5 +442,39 @@ impl GeneratorTask for Server<'_> {
         served.map_err(|e| Error::io(addr.to_string(), e))?;
         eprintln!("[ferry serve: stopped]");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+
+    #[test]
+    fn budgets_on_a_shared_gpu_must_fit_together_and_not_be_auto() {
+        let memory = 24 * GIB;
+        let b = |g: usize| Some(Vram::Bytes(g * GIB));
+        assert!(check_shared_gpu(b(12), b(12), memory).is_ok());
+        assert!(check_shared_gpu(None, b(20), memory).is_ok());
+        assert!(check_shared_gpu(b(20), None, memory).is_ok());
+        let flag = |r: Result<()>| match r {
+            Err(Error::Flag { flag, message }) => (flag, message),
+            other => panic!("expected a flag error, got {other:?}"),
+        };
+        let (f, m) = flag(check_shared_gpu(b(16), b(12), memory));
+        assert_eq!(f, "--image-vram");
+        assert!(
+            m.contains("12.00 GiB") && m.contains("--vram 16.00 GiB") && m.contains("24.00 GiB"),
+            "{m}"
+        );
+        assert_eq!(
+            flag(check_shared_gpu(Some(Vram::Auto), b(4), memory)).0,
+            "--vram"
+        );
+        assert_eq!(
+            flag(check_shared_gpu(b(4), Some(Vram::Auto), memory)).0,
+            "--image-vram"
+        );
     }
 }
