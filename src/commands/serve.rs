@@ -150,9 +150,9 @@ impl ImageModelArgs {
 const PROMPT_CHUNK: usize = 512;
 
 /// ... and where the weights stream: a streamed pass lasts as long as its copies, and a
-/// 7B shape's 2048 prompt tokens compute in about a fifth of them (0.05 s of an H200's
-/// 0.18 s pass at 2.6 GiB; about 0.2 of 0.5 s on a PCIe 4 card), so newcomers join in one
-/// or two passes instead of one per 512 tokens.
+/// 7B shape's 2048 prompt tokens take a fraction of them (estimated from their FLOPs: about
+/// 0.05 s of an H200's 0.18 s pass at 2.6 GiB, 0.2 of 0.5 s on a PCIe 4 card), so newcomers
+/// join in one or two passes instead of one per 512 tokens.
 const STREAMED_PROMPT_CHUNK: usize = 2048;
 
 /// Raised at the shutdown deadline: the engine ends every sequence after the pass in flight.
