@@ -16,11 +16,6 @@ use half::bf16;
 /// Partial sums per dot.
 const LANES: usize = 16;
 
-/// Most weight rows and tokens in one block (the accumulators of 2 × 3 dots, the weights and
-/// one token vector fill the sixteen AVX2 registers).
-pub const BLOCK_ROWS: usize = 2;
-pub const BLOCK_TOKENS: usize = 3;
-
 static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
@@ -80,27 +75,7 @@ pub fn dot<E: Elem>(a: &[E], b: &[f32]) -> f32 {
     out[0][0]
 }
 
-/// `out[r][j] = dot(rows[r], tokens[j])` for up to [`BLOCK_ROWS`] rows and
-/// [`BLOCK_TOKENS`] tokens, all of one length.
-pub fn dot_block<E: Elem>(rows: &[&[E]], tokens: &[&[f32]], out: &mut [[f32; BLOCK_TOKENS]]) {
-    let mut o = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
-    match (rows.len(), tokens.len()) {
-        (1, 1) => block::<E, 1, 1, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (1, 2) => block::<E, 1, 2, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (1, 3) => block::<E, 1, 3, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 1) => block::<E, 2, 1, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 2) => block::<E, 2, 2, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 3) => block::<E, 2, 3, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (r, t) => {
-            panic!("dot_block: {r} rows × {t} tokens (at most {BLOCK_ROWS} × {BLOCK_TOKENS})")
-        }
-    }
-    for (dst, src) in out.iter_mut().zip(o) {
-        *dst = src;
-    }
-}
-
-/// [`dot_block`] for `R` rows and `T` tokens, into the first `R` × `T` of `out`.
+/// The dots of `R` rows and `T` tokens, all of one length, into the first `R` × `T` of `out`.
 fn block<E: Elem, const R: usize, const T: usize, const TO: usize>(
     rows: &[&[E]],
     tokens: &[&[f32]],

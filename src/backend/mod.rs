@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod cpu_conv;
 pub mod cpu_dit;
 mod cpu_dot;
+mod cpu_gemm;
 mod cpu_encoder;
 pub mod cpu_stream;
 pub mod cuda;
