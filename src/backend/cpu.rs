@@ -7,7 +7,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub(super) use super::cpu_dot::dot;
-use super::cpu_gemm::Panels;
+use super::cpu_gemm::{block, Panels, PANEL, TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
 use crate::error::Result;
@@ -71,10 +71,12 @@ pub struct CpuTensor {
     pub data: Vec<f32>,
 }
 
-/// Keys and values per layer, `[positions, kv_heads*head_dim]` each, grown as tokens come.
+/// Keys and values per layer and key-value head, grown as tokens come: keys as panels of 16
+/// positions `[positions / 16][head_dim][16]` (the weights' layout, so that scores are
+/// [`block`]s of 16 positions), values `[positions][head_dim rounded up to 16]`.
 pub struct CpuKvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
     len: usize,
     capacity: usize,
 }
@@ -125,12 +127,13 @@ impl Backend for Cpu {
     fn kv_cache(
         &self,
         layers: usize,
-        _shape: AttentionShape,
+        shape: AttentionShape,
         capacity: usize,
     ) -> Result<CpuKvCache> {
+        let heads = vec![Vec::new(); shape.num_kv_heads];
         Ok(CpuKvCache {
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
+            k: vec![heads.clone(); layers],
+            v: vec![heads; layers],
             len: 0,
             capacity,
         })
@@ -238,19 +241,30 @@ impl Backend for Cpu {
         shape: AttentionShape,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        let kv_width = shape.num_kv_heads * shape.head_dim;
-        assert_eq!(
-            cache.k[layer].len(),
-            pos0 * kv_width,
+        let (d, kv_heads) = (shape.head_dim, shape.num_kv_heads);
+        let padded = d.next_multiple_of(PANEL);
+        assert!(
+            cache.v[layer].iter().all(|v| v.len() == pos0 * padded),
             "cache of layer {layer} not at position {pos0}"
         );
-        let kv_rows = rows.start * kv_width..rows.end * kv_width;
-        cache.k[layer].extend_from_slice(&k.data[kv_rows.clone()]);
-        cache.v[layer].extend_from_slice(&v.data[kv_rows]);
-        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
+        for (i, t) in rows.clone().enumerate() {
+            let pos = pos0 + i;
+            for g in 0..kv_heads {
+                let keys = &mut cache.k[layer][g];
+                if pos % PANEL == 0 {
+                    keys.resize(keys.len() + d * PANEL, 0.0);
+                }
+                let panel = &mut keys[pos / PANEL * d * PANEL..][..d * PANEL];
+                for (c, &x) in k.data[t * k.cols + g * d..][..d].iter().enumerate() {
+                    panel[c * PANEL + pos % PANEL] = x;
+                }
+                let values = &mut cache.v[layer][g];
+                values.extend_from_slice(&v.data[t * v.cols + g * d..][..d]);
+                values.resize(values.len() + padded - d, 0.0);
+            }
+        }
 
-        let d = shape.head_dim;
-        let group = shape.num_heads / shape.num_kv_heads;
+        let group = shape.num_heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let width = shape.num_heads * d;
         assert!(
@@ -259,35 +273,63 @@ impl Backend for Cpu {
             out.rows,
             out.cols
         );
+        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
         let o_rows = &mut out.data[rows.start * width..rows.end * width];
-        o_rows.fill(0.0);
-        // One task per (token, head): out[t, h*d..(h+1)*d].
+        // One task per (token, key-value head): out[t, the group's heads]. Every score is one
+        // chain over head_dim and every output one chain over the positions first..=pos in
+        // order, whichever other tokens are in the pass.
         o_rows
-            .par_chunks_mut(d)
+            .par_chunks_mut(group * d)
             .enumerate()
-            .for_each_init(Vec::new, |scores, (i, o)| {
-                let (t, h) = (i / shape.num_heads, i % shape.num_heads);
+            .for_each_init(Vec::new, |probs, (i, o)| {
+                let (t, g) = (i / kv_heads, i % kv_heads);
                 let pos = pos0 + t;
                 let first = match shape.sliding_window {
                     Some(w) if pos + 1 > w => pos + 1 - w,
                     _ => 0,
                 };
-                let qh = &q.data[(rows.start + t) * q.cols + h * d..][..d];
-                let kv_off = (h / group) * d;
-                scores.clear();
-                scores.extend(
-                    (first..=pos).map(|j| dot(qh, &keys[j * kv_width + kv_off..][..d]) * scale),
-                );
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+                let n = pos + 1 - first;
+                let (keys, values) = (&keys[g], &values[g]);
+                let q_row = &q.data[(rows.start + t) * q.cols..][..width];
+                probs.clear();
+                probs.resize(group * n, 0.0); // [group, n]
+                for h0 in (0..group).step_by(TOKENS) {
+                    let m = TOKENS.min(group - h0);
+                    let qs: Vec<&[f32]> = (0..m)
+                        .map(|h| &q_row[(g * group + h0 + h) * d..][..d])
+                        .collect();
+                    for p in first / PANEL..=pos / PANEL {
+                        let mut s = [[[0f32; PANEL]; TOKENS]; 2];
+                        block(&[&keys[p * d * PANEL..][..d * PANEL]], PANEL, d, &qs, &mut s);
+                        let lanes = first.max(p * PANEL)..(pos + 1).min((p + 1) * PANEL);
+                        for (h, s) in s[0].iter().enumerate().take(m) {
+                            for j in lanes.clone() {
+                                probs[(h0 + h) * n + j - first] = s[j - p * PANEL] * scale;
+                            }
+                        }
+                    }
                 }
-                for (s, j) in scores.iter().zip(first..=pos) {
-                    let p = s / sum;
-                    for (a, b) in o.iter_mut().zip(&values[j * kv_width + kv_off..][..d]) {
-                        *a += p * b;
+                for row in probs.chunks_mut(n) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for s in row.iter_mut() {
+                        *s /= sum;
+                    }
+                }
+                for h0 in (0..group).step_by(TOKENS) {
+                    let m = TOKENS.min(group - h0);
+                    let ps: Vec<&[f32]> = probs.chunks(n).skip(h0).take(m).collect();
+                    for c in (0..d).step_by(PANEL) {
+                        let mut acc = [[[0f32; PANEL]; TOKENS]; 2];
+                        block(&[&values[first * padded + c..]], padded, n, &ps, &mut acc);
+                        let lanes = PANEL.min(d - c);
+                        for (h, a) in acc[0].iter().enumerate().take(m) {
+                            o[(h0 + h) * d + c..][..lanes].copy_from_slice(&a[..lanes]);
+                        }
                     }
                 }
             });

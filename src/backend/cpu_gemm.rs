@@ -22,7 +22,7 @@ use super::cpu_dot::Elem;
 pub const PANEL: usize = 16;
 
 /// Most tokens one micro-kernel call computes (12 accumulators for one panel).
-const TOKENS: usize = 6;
+pub const TOKENS: usize = 6;
 
 /// Multiply-adds a rayon task should have at least (smaller tasks cost more to hand out than
 /// they compute).
@@ -129,23 +129,8 @@ fn task_product<E: Elem>(w: &[E], k: usize, tokens: &[f32], t: usize, dst: &mut 
             let m = if two { t - j } else { TOKENS.min(t - j) };
             let x: [&[f32]; TOKENS] = std::array::from_fn(|i| token((j + i).min(t - 1)));
             let mut out = [[[0f32; PANEL]; TOKENS]; 2];
-            if two {
-                let w2 = [panel(p), panel(p + 1)];
-                match m {
-                    1 => kernel::<E, 2, 1>(w2, &x, k, &mut out),
-                    _ => kernel::<E, 2, 2>(w2, &x, k, &mut out),
-                }
-            } else {
-                let w1 = [panel(p)];
-                match m {
-                    1 => kernel::<E, 1, 1>(w1, &x, k, &mut out),
-                    2 => kernel::<E, 1, 2>(w1, &x, k, &mut out),
-                    3 => kernel::<E, 1, 3>(w1, &x, k, &mut out),
-                    4 => kernel::<E, 1, 4>(w1, &x, k, &mut out),
-                    5 => kernel::<E, 1, 5>(w1, &x, k, &mut out),
-                    _ => kernel::<E, 1, 6>(w1, &x, k, &mut out),
-                }
-            }
+            let w2 = [panel(p), panel((p + 1).min(panels - 1))];
+            block(&w2[..if two { 2 } else { 1 }], PANEL, k, &x[..m], &mut out);
             for (q, o) in out.iter().enumerate().take(if two { 2 } else { 1 }) {
                 for (i, v) in o.iter().enumerate().take(m) {
                     dst[((p + q) * t + j + i) * PANEL..][..PANEL].copy_from_slice(v);
@@ -157,41 +142,69 @@ fn task_product<E: Elem>(w: &[E], k: usize, tokens: &[f32], t: usize, dst: &mut 
     }
 }
 
-/// `out[q][j][lane] = Σ_k w[q][k][lane] · x[j][k]` for `P` panels and `T` tokens, each
-/// one chain over `k` in order from zero.
-fn kernel<E: Elem, const P: usize, const T: usize>(
-    w: [&[E]; P],
-    x: &[&[f32]; TOKENS],
+/// `out[q][j][lane] = Σ_{kk < k} w[q][kk · stride + lane] · x[j][kk]` for up to 2 panels
+/// and [`TOKENS`] tokens (2 × 2 at most for two panels), each output one chain over `kk` in
+/// order from zero. A panel is 16 columns of `k` rows `stride` apart: a weight panel's
+/// `[k][16]` (stride 16), or 16 columns of a row-major matrix.
+pub fn block<E: Elem>(
+    w: &[&[E]],
+    stride: usize,
     k: usize,
+    x: &[&[f32]],
     out: &mut [[[f32; PANEL]; TOKENS]; 2],
 ) {
     assert!(
-        P <= 2 && T <= TOKENS && w.iter().all(|p| p.len() == k * PANEL),
-        "cpu_gemm::kernel: {P} panels of [{k}][{PANEL}]"
+        stride >= PANEL
+            && w.iter().all(|p| k == 0 || p.len() >= (k - 1) * stride + PANEL)
+            && x.iter().all(|v| v.len() >= k),
+        "cpu_gemm::block: panels of {k} × {stride}, tokens of {k}"
     );
-    let x: [&[f32]; T] = std::array::from_fn(|j| &x[j][..k]);
+    match (w.len(), x.len()) {
+        (1, 1) => kernel::<E, 1, 1>(w, stride, k, x, out),
+        (1, 2) => kernel::<E, 1, 2>(w, stride, k, x, out),
+        (1, 3) => kernel::<E, 1, 3>(w, stride, k, x, out),
+        (1, 4) => kernel::<E, 1, 4>(w, stride, k, x, out),
+        (1, 5) => kernel::<E, 1, 5>(w, stride, k, x, out),
+        (1, 6) => kernel::<E, 1, 6>(w, stride, k, x, out),
+        (2, 1) => kernel::<E, 2, 1>(w, stride, k, x, out),
+        (2, 2) => kernel::<E, 2, 2>(w, stride, k, x, out),
+        (p, t) => panic!("cpu_gemm::block: {p} panels × {t} tokens"),
+    }
+}
+
+/// [`block`] for `P` panels and `T` tokens (checked by the caller).
+fn kernel<E: Elem, const P: usize, const T: usize>(
+    w: &[&[E]],
+    stride: usize,
+    k: usize,
+    x: &[&[f32]],
+    out: &mut [[[f32; PANEL]; TOKENS]; 2],
+) {
+    let w: [&[E]; P] = std::array::from_fn(|q| w[q]);
+    let x: [&[f32]; T] = std::array::from_fn(|j| x[j]);
     #[cfg(target_arch = "x86_64")]
     if *HAS_AVX2_FMA {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above); every panel holds k × 16
-        // elements and every token k (checked and sliced above).
-        unsafe { kernel_avx2::<E, P, T>(w, x, k, out) };
+        // SAFETY: the CPU supports AVX2 and FMA (checked above); [`block`] checked that every
+        // panel holds (k - 1) × stride + 16 elements and every token k.
+        unsafe { kernel_avx2::<E, P, T>(w, stride, k, x, out) };
         return;
     }
-    kernel_portable::<E, P, T>(w, x, k, out);
+    kernel_portable::<E, P, T>(w, stride, k, x, out);
 }
 
 #[allow(clippy::needless_range_loop)]
 fn kernel_portable<E: Elem, const P: usize, const T: usize>(
     w: [&[E]; P],
-    x: [&[f32]; T],
+    stride: usize,
     k: usize,
+    x: [&[f32]; T],
     out: &mut [[[f32; PANEL]; TOKENS]; 2],
 ) {
     for q in 0..P {
         for j in 0..T {
             let mut acc = [0f32; PANEL];
             for kk in 0..k {
-                let wk = &w[q][kk * PANEL..][..PANEL];
+                let wk = &w[q][kk * stride..][..PANEL];
                 for lane in 0..PANEL {
                     acc[lane] += wk[lane].to_f32() * x[j][kk];
                 }
@@ -202,16 +215,17 @@ fn kernel_portable<E: Elem, const P: usize, const T: usize>(
 }
 
 /// # Safety
-/// The CPU supports AVX2 and FMA; every panel holds at least `k × 16` elements and every
-/// token `k`.
+/// The CPU supports AVX2 and FMA; every panel holds at least `(k - 1) × stride + 16`
+/// elements and every token `k`.
 // Indices run over the panels, tokens and accumulators together.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2<E: Elem, const P: usize, const T: usize>(
     w: [&[E]; P],
-    x: [&[f32]; T],
+    stride: usize,
     k: usize,
+    x: [&[f32]; T],
     out: &mut [[[f32; PANEL]; TOKENS]; 2],
 ) {
     use std::arch::x86_64::*;
@@ -220,11 +234,11 @@ unsafe fn kernel_avx2<E: Elem, const P: usize, const T: usize>(
     let mut acc = [[[_mm256_setzero_ps(); 2]; T]; P];
     for kk in 0..k {
         let wv: [[__m256; 2]; P] = std::array::from_fn(|q| {
-            // SAFETY: 16kk + 16 ≤ 16k ≤ the panel's length.
+            // SAFETY: kk · stride + 16 ≤ (k - 1) · stride + 16 ≤ the panel's length.
             unsafe {
                 [
-                    E::load8(wp[q].add(kk * PANEL)),
-                    E::load8(wp[q].add(kk * PANEL + 8)),
+                    E::load8(wp[q].add(kk * stride)),
+                    E::load8(wp[q].add(kk * stride + 8)),
                 ]
             }
         });
