@@ -300,7 +300,13 @@ impl Backend for Cpu {
                         .collect();
                     for p in first / PANEL..=pos / PANEL {
                         let mut s = [[[0f32; PANEL]; TOKENS]; 2];
-                        block(&[&keys[p * d * PANEL..][..d * PANEL]], PANEL, d, &qs, &mut s);
+                        block(
+                            &[&keys[p * d * PANEL..][..d * PANEL]],
+                            PANEL,
+                            d,
+                            &qs,
+                            &mut s,
+                        );
                         let lanes = first.max(p * PANEL)..(pos + 1).min((p + 1) * PANEL);
                         for (h, s) in s[0].iter().enumerate().take(m) {
                             for j in lanes.clone() {

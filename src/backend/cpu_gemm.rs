@@ -50,7 +50,11 @@ pub struct Panels<E> {
 impl<E: Elem + Default> Panels<E> {
     /// Repack a row-major `[rows, cols]` matrix.
     pub fn pack(rows: usize, cols: usize, row_major: &[E]) -> Panels<E> {
-        assert_eq!(row_major.len(), rows * cols, "Panels::pack: [{rows}, {cols}]");
+        assert_eq!(
+            row_major.len(),
+            rows * cols,
+            "Panels::pack: [{rows}, {cols}]"
+        );
         let mut data = vec![E::default(); rows.div_ceil(PANEL) * cols * PANEL];
         if cols > 0 {
             data.par_chunks_mut(cols * PANEL)
@@ -155,7 +159,8 @@ pub fn block<E: Elem>(
 ) {
     assert!(
         stride >= PANEL
-            && w.iter().all(|p| k == 0 || p.len() >= (k - 1) * stride + PANEL)
+            && w.iter()
+                .all(|p| k == 0 || p.len() >= (k - 1) * stride + PANEL)
             && x.iter().all(|v| v.len() >= k),
         "cpu_gemm::block: panels of {k} × {stride}, tokens of {k}"
     );
@@ -315,7 +320,10 @@ mod tests {
     #[test]
     fn bf16_panels_equal_panels_of_the_widened_rows() {
         let (rows, k) = (33, 40);
-        let w: Vec<bf16> = vector(rows * k, 3).into_iter().map(bf16::from_f32).collect();
+        let w: Vec<bf16> = vector(rows * k, 3)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
         let x = vector(5 * k, 4);
         let a = Panels::pack(rows, k, &w).product(&x);
