@@ -91,7 +91,7 @@ impl<E: Elem> Panels<E> {
     pub fn product(&self, tokens: &[f32]) -> Vec<f32> {
         let k = self.cols;
         assert_eq!(tokens.len() % k.max(1), 0, "Panels::product: tokens of {k}");
-        let t = if k == 0 { 0 } else { tokens.len() / k };
+        let t = tokens.len().checked_div(k).unwrap_or(0);
         // [panel][t][16], each task owning whole panels; transposed into [t, rows] below.
         let mut by_panel = vec![0f32; self.panels() * t * PANEL];
         let per_panel = t * PANEL;
