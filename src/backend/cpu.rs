@@ -2,13 +2,12 @@
 //! put them (f32 or bf16 read in place from the mapping); f16 is widened to f32 once.
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use half::bf16;
 use rayon::prelude::*;
 
 pub(super) use super::cpu_dot::dot;
-use super::cpu_dot::{dot_block, Elem, BLOCK_ROWS, BLOCK_TOKENS};
+use super::cpu_gemm::{block, Panels, PANEL, TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
 use crate::error::Result;
@@ -23,77 +22,36 @@ pub struct CpuWeight {
 }
 
 enum WeightData {
-    /// Read in place from the checkpoint (aligned f32 or bf16).
+    /// A vector read in place from the checkpoint (aligned f32 or bf16).
     Mapped(HostTensor),
-    /// Converted once at load (f16, or unaligned data).
-    Owned(Arc<Vec<f32>>),
-}
-
-enum Row<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-}
-
-/// Tokens in a pass from which [`Cpu::linear`] widens bf16 rows once per task.
-const WIDEN_FROM_TOKENS: usize = 8;
-
-/// `dst[i * t + j] = w row (first + i) · token j` for the rows of one task, `w` row-major
-/// with `cols` columns.
-fn linear_task<E: Elem>(w: &[E], cols: usize, first: usize, tokens: &[&[f32]], dst: &mut [f32]) {
-    let t = tokens.len();
-    let rows_here = dst.len() / t.max(1);
-    let row = |i: usize| &w[(first + i) * cols..(first + i + 1) * cols];
-    for j0 in (0..t).step_by(BLOCK_TOKENS) {
-        let m = BLOCK_TOKENS.min(t - j0);
-        for pair in (0..rows_here).step_by(BLOCK_ROWS) {
-            let n = BLOCK_ROWS.min(rows_here - pair);
-            let rows: [&[E]; BLOCK_ROWS] =
-                std::array::from_fn(|k| row((pair + k).min(rows_here - 1)));
-            let mut out = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
-            dot_block(&rows[..n], &tokens[j0..j0 + m], &mut out);
-            for (k, o) in out.iter().enumerate().take(n) {
-                let at = (pair + k) * t + j0;
-                dst[at..at + m].copy_from_slice(&o[..m]);
-            }
-        }
-    }
+    /// A vector converted once at load (f16, quantized, or unaligned data).
+    Owned(Vec<f32>),
+    /// A matrix, repacked once at load into the panels [`Cpu::linear`] reads (f32; f16 and
+    /// quantized data are widened to it).
+    F32(Panels<f32>),
+    /// A bf16 matrix, repacked as it is (widened in registers).
+    Bf16(Panels<bf16>),
 }
 
 impl CpuWeight {
-    /// Every row, row-major.
-    fn matrix(&self) -> Row<'_> {
-        match &self.data {
-            WeightData::Owned(v) => Row::F32(v),
-            WeightData::Mapped(t) => match (t.as_f32(), t.as_bf16()) {
-                (Some(f), _) => Row::F32(f),
-                (_, Some(b)) => Row::Bf16(b),
-                _ => unreachable!("CpuWeight::Mapped holds aligned f32 or bf16"),
-            },
-        }
-    }
-
-    fn row(&self, r: usize) -> Row<'_> {
-        let span = r * self.cols..(r + 1) * self.cols;
-        match &self.data {
-            WeightData::Owned(v) => Row::F32(&v[span]),
-            WeightData::Mapped(t) => match (t.as_f32(), t.as_bf16()) {
-                (Some(f), _) => Row::F32(&f[span]),
-                (_, Some(b)) => Row::Bf16(&b[span]),
-                _ => unreachable!("CpuWeight::Mapped holds aligned f32 or bf16"),
-            },
-        }
-    }
-
     /// Row `r` widened into `buf`.
     fn row_f32<'a>(&'a self, r: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        match self.row(r) {
-            Row::F32(f) => f,
-            Row::Bf16(b) => {
-                buf.clear();
-                buf.extend(b.iter().map(|v| v.to_f32()));
-                buf
-            }
+        let span = r * self.cols..(r + 1) * self.cols;
+        let mut widen = |row: &mut dyn Iterator<Item = f32>| {
+            buf.clear();
+            buf.extend(row);
+        };
+        match &self.data {
+            WeightData::Owned(v) => return &v[span],
+            WeightData::Mapped(t) => match (t.as_f32(), t.as_bf16()) {
+                (Some(f), _) => return &f[span],
+                (_, Some(b)) => widen(&mut b[span].iter().map(|v| v.to_f32())),
+                _ => unreachable!("CpuWeight::Mapped holds aligned f32 or bf16"),
+            },
+            WeightData::F32(p) => widen(&mut p.row(r)),
+            WeightData::Bf16(p) => widen(&mut p.row(r)),
         }
+        buf
     }
 
     /// The whole weight as f32 (small vectors: norms, biases).
@@ -113,10 +71,12 @@ pub struct CpuTensor {
     pub data: Vec<f32>,
 }
 
-/// Keys and values per layer, `[positions, kv_heads*head_dim]` each, grown as tokens come.
+/// Keys and values per layer and key-value head, grown as tokens come: keys as panels of 16
+/// positions `[positions / 16][head_dim][16]` (the weights' layout, so that scores are
+/// [`block`]s of 16 positions), values `[positions][head_dim rounded up to 16]`.
 pub struct CpuKvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
     len: usize,
     capacity: usize,
 }
@@ -149,10 +109,17 @@ impl Backend for Cpu {
             DType::BF16 => t.as_bf16().is_some(),
             DType::F16 | DType::Ggml(_) => false,
         };
-        let data = if in_place {
-            WeightData::Mapped(t.clone())
-        } else {
-            WeightData::Owned(Arc::new(t.to_f32()))
+        // Matrices are repacked into panels, which replace the row-major data (a mapping is
+        // no longer referenced from here; a conversion is dropped once packed).
+        let data = match (rows, in_place) {
+            (1, true) => WeightData::Mapped(t.clone()),
+            (1, false) => WeightData::Owned(t.to_f32()),
+            (_, true) => match (t.as_f32(), t.as_bf16()) {
+                (Some(f), _) => WeightData::F32(Panels::pack(rows, cols, f)),
+                (_, Some(b)) => WeightData::Bf16(Panels::pack(rows, cols, b)),
+                _ => unreachable!("in place means aligned f32 or bf16"),
+            },
+            (_, false) => WeightData::F32(Panels::pack(rows, cols, &t.to_f32())),
         };
         Ok(CpuWeight { rows, cols, data })
     }
@@ -160,12 +127,13 @@ impl Backend for Cpu {
     fn kv_cache(
         &self,
         layers: usize,
-        _shape: AttentionShape,
+        shape: AttentionShape,
         capacity: usize,
     ) -> Result<CpuKvCache> {
+        let heads = vec![Vec::new(); shape.num_kv_heads];
         Ok(CpuKvCache {
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
+            k: vec![heads.clone(); layers],
+            v: vec![heads; layers],
             len: 0,
             capacity,
         })
@@ -199,45 +167,27 @@ impl Backend for Cpu {
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
         assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
-        let (t, out_features) = (x.rows, w.rows);
-        // Work on [out, t] so that each thread owns whole weight rows, then transpose. Rows
-        // go in pairs and tokens in threes through dot_block (bf16 widened in registers),
-        // which sums each dot as a single-token pass does; the rows of a task stay in cache
-        // while every block of tokens passes them.
-        const ROWS_PER_TASK: usize = 16;
-        let mut out_t = vec![0f32; out_features * t];
-        let cols = x.cols;
-        let tokens: Vec<&[f32]> = x.data.chunks_exact(cols.max(1)).take(t).collect();
-        // A long pass widens a task's bf16 rows to f32 once, for every block of tokens to
-        // read; a short one (decode) widens in registers and reads each weight once.
-        let widen_once = t >= WIDEN_FROM_TOKENS;
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * t.max(1))
-            .enumerate()
-            .for_each_init(Vec::new, |wide, (chunk, dst)| {
-                let first = chunk * ROWS_PER_TASK;
-                match w.matrix() {
-                    Row::F32(m) => linear_task(m, cols, first, &tokens, dst),
-                    Row::Bf16(m) if widen_once => {
-                        let rows = m[first * cols..(first + dst.len() / t) * cols].iter();
-                        wide.clear();
-                        wide.extend(rows.map(|v| v.to_f32()));
-                        linear_task(wide, cols, 0, &tokens, dst);
-                    }
-                    Row::Bf16(m) => linear_task(m, cols, first, &tokens, dst),
+        let tokens = &x.data[..x.rows * x.cols];
+        // [t, out]: each output one chain of FMAs over the columns, as in a one-token pass.
+        let mut data = match &w.data {
+            WeightData::F32(p) => p.product(tokens),
+            WeightData::Bf16(p) => p.product(tokens),
+            WeightData::Mapped(_) | WeightData::Owned(_) => {
+                let mut buf = Vec::new();
+                let row = w.row_f32(0, &mut buf);
+                Panels::pack(1, w.cols, row).product(tokens)
+            }
+        };
+        if let Some(b) = bias.map(CpuWeight::vector) {
+            for row in data.chunks_mut(w.rows) {
+                for (a, b) in row.iter_mut().zip(&b) {
+                    *a += b;
                 }
-            });
-        let bias = bias.map(CpuWeight::vector);
-        let mut data = vec![0f32; t * out_features];
-        for (r, col) in out_t.chunks(t.max(1)).enumerate() {
-            let b = bias.as_ref().map_or(0.0, |b| b[r]);
-            for (tok, &v) in col.iter().enumerate() {
-                data[tok * out_features + r] = v + b;
             }
         }
         Ok(CpuTensor {
-            rows: t,
-            cols: out_features,
+            rows: x.rows,
+            cols: w.rows,
             data,
         })
     }
@@ -291,19 +241,30 @@ impl Backend for Cpu {
         shape: AttentionShape,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        let kv_width = shape.num_kv_heads * shape.head_dim;
-        assert_eq!(
-            cache.k[layer].len(),
-            pos0 * kv_width,
+        let (d, kv_heads) = (shape.head_dim, shape.num_kv_heads);
+        let padded = d.next_multiple_of(PANEL);
+        assert!(
+            cache.v[layer].iter().all(|v| v.len() == pos0 * padded),
             "cache of layer {layer} not at position {pos0}"
         );
-        let kv_rows = rows.start * kv_width..rows.end * kv_width;
-        cache.k[layer].extend_from_slice(&k.data[kv_rows.clone()]);
-        cache.v[layer].extend_from_slice(&v.data[kv_rows]);
-        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
+        for (i, t) in rows.clone().enumerate() {
+            let pos = pos0 + i;
+            for g in 0..kv_heads {
+                let keys = &mut cache.k[layer][g];
+                if pos % PANEL == 0 {
+                    keys.resize(keys.len() + d * PANEL, 0.0);
+                }
+                let panel = &mut keys[pos / PANEL * d * PANEL..][..d * PANEL];
+                for (c, &x) in k.data[t * k.cols + g * d..][..d].iter().enumerate() {
+                    panel[c * PANEL + pos % PANEL] = x;
+                }
+                let values = &mut cache.v[layer][g];
+                values.extend_from_slice(&v.data[t * v.cols + g * d..][..d]);
+                values.resize(values.len() + padded - d, 0.0);
+            }
+        }
 
-        let d = shape.head_dim;
-        let group = shape.num_heads / shape.num_kv_heads;
+        let group = shape.num_heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let width = shape.num_heads * d;
         assert!(
@@ -312,35 +273,69 @@ impl Backend for Cpu {
             out.rows,
             out.cols
         );
+        let (keys, values) = (&cache.k[layer], &cache.v[layer]);
         let o_rows = &mut out.data[rows.start * width..rows.end * width];
-        o_rows.fill(0.0);
-        // One task per (token, head): out[t, h*d..(h+1)*d].
+        // One task per (token, key-value head): out[t, the group's heads]. Every score is one
+        // chain over head_dim and every output one chain over the positions first..=pos in
+        // order, whichever other tokens are in the pass.
         o_rows
-            .par_chunks_mut(d)
+            .par_chunks_mut(group * d)
             .enumerate()
-            .for_each_init(Vec::new, |scores, (i, o)| {
-                let (t, h) = (i / shape.num_heads, i % shape.num_heads);
+            .for_each_init(Vec::new, |probs, (i, o)| {
+                let (t, g) = (i / kv_heads, i % kv_heads);
                 let pos = pos0 + t;
                 let first = match shape.sliding_window {
                     Some(w) if pos + 1 > w => pos + 1 - w,
                     _ => 0,
                 };
-                let qh = &q.data[(rows.start + t) * q.cols + h * d..][..d];
-                let kv_off = (h / group) * d;
-                scores.clear();
-                scores.extend(
-                    (first..=pos).map(|j| dot(qh, &keys[j * kv_width + kv_off..][..d]) * scale),
-                );
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+                let n = pos + 1 - first;
+                let (keys, values) = (&keys[g], &values[g]);
+                let q_row = &q.data[(rows.start + t) * q.cols..][..width];
+                probs.clear();
+                probs.resize(group * n, 0.0); // [group, n]
+                for h0 in (0..group).step_by(TOKENS) {
+                    let m = TOKENS.min(group - h0);
+                    let qs: Vec<&[f32]> = (0..m)
+                        .map(|h| &q_row[(g * group + h0 + h) * d..][..d])
+                        .collect();
+                    for p in first / PANEL..=pos / PANEL {
+                        let mut s = [[[0f32; PANEL]; TOKENS]; 2];
+                        block(
+                            &[&keys[p * d * PANEL..][..d * PANEL]],
+                            PANEL,
+                            d,
+                            &qs,
+                            &mut s,
+                        );
+                        let lanes = first.max(p * PANEL)..(pos + 1).min((p + 1) * PANEL);
+                        for (h, s) in s[0].iter().enumerate().take(m) {
+                            for j in lanes.clone() {
+                                probs[(h0 + h) * n + j - first] = s[j - p * PANEL] * scale;
+                            }
+                        }
+                    }
                 }
-                for (s, j) in scores.iter().zip(first..=pos) {
-                    let p = s / sum;
-                    for (a, b) in o.iter_mut().zip(&values[j * kv_width + kv_off..][..d]) {
-                        *a += p * b;
+                for row in probs.chunks_mut(n) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for s in row.iter_mut() {
+                        *s /= sum;
+                    }
+                }
+                for h0 in (0..group).step_by(TOKENS) {
+                    let m = TOKENS.min(group - h0);
+                    let ps: Vec<&[f32]> = probs.chunks(n).skip(h0).take(m).collect();
+                    for c in (0..d).step_by(PANEL) {
+                        let mut acc = [[[0f32; PANEL]; TOKENS]; 2];
+                        block(&[&values[first * padded + c..]], padded, n, &ps, &mut acc);
+                        let lanes = PANEL.min(d - c);
+                        for (h, a) in acc[0].iter().enumerate().take(m) {
+                            o[(h0 + h) * d + c..][..lanes].copy_from_slice(&a[..lanes]);
+                        }
                     }
                 }
             });

@@ -1,10 +1,9 @@
-//! The CPU backend's inner loops: dot products in f32 over sixteen partial sums, one at a
-//! time ([`dot`]) or as a block of weight rows × tokens ([`dot_block`]), which
-//! reads each loaded weight and token vector for several dots. Every dot is summed the same
-//! way whichever of them computes it — sixteen lanes, lane `i` taking elements `i mod 16` in
-//! order, then the lanes added in order, then the elements past the last whole sixteen — so a
-//! token's result does not depend on the batch around it (tests/batch.rs checks it bit for
-//! bit).
+//! The CPU backend's dot product in f32 over sixteen partial sums ([`dot`]: the encoder's
+//! and the DiT's attention scores; linear and the decoder's attention go through
+//! `cpu_gemm`), and the [`Elem`] loads both use. Every dot is summed the same way — sixteen
+//! lanes, lane `i` taking elements `i mod 16` in order, then the lanes added in order, then
+//! the elements past the last whole sixteen — so a result does not depend on the batch
+//! around it.
 //!
 //! With AVX2 and FMA each lane is a fused multiply-add; without them a portable loop does a
 //! multiply and an add (the same order, rounded twice), used by every dot on that machine.
@@ -15,11 +14,6 @@ use half::bf16;
 
 /// Partial sums per dot.
 const LANES: usize = 16;
-
-/// Most weight rows and tokens in one block (the accumulators of 2 × 3 dots, the weights and
-/// one token vector fill the sixteen AVX2 registers).
-pub const BLOCK_ROWS: usize = 2;
-pub const BLOCK_TOKENS: usize = 3;
 
 static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
@@ -80,27 +74,7 @@ pub fn dot<E: Elem>(a: &[E], b: &[f32]) -> f32 {
     out[0][0]
 }
 
-/// `out[r][j] = dot(rows[r], tokens[j])` for up to [`BLOCK_ROWS`] rows and
-/// [`BLOCK_TOKENS`] tokens, all of one length.
-pub fn dot_block<E: Elem>(rows: &[&[E]], tokens: &[&[f32]], out: &mut [[f32; BLOCK_TOKENS]]) {
-    let mut o = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
-    match (rows.len(), tokens.len()) {
-        (1, 1) => block::<E, 1, 1, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (1, 2) => block::<E, 1, 2, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (1, 3) => block::<E, 1, 3, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 1) => block::<E, 2, 1, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 2) => block::<E, 2, 2, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (2, 3) => block::<E, 2, 3, BLOCK_TOKENS>(rows, tokens, &mut o),
-        (r, t) => {
-            panic!("dot_block: {r} rows × {t} tokens (at most {BLOCK_ROWS} × {BLOCK_TOKENS})")
-        }
-    }
-    for (dst, src) in out.iter_mut().zip(o) {
-        *dst = src;
-    }
-}
-
-/// [`dot_block`] for `R` rows and `T` tokens, into the first `R` × `T` of `out`.
+/// The dots of `R` rows and `T` tokens, all of one length, into the first `R` × `T` of `out`.
 fn block<E: Elem, const R: usize, const T: usize, const TO: usize>(
     rows: &[&[E]],
     tokens: &[&[f32]],
@@ -225,46 +199,12 @@ mod tests {
     }
 
     #[test]
-    fn a_block_sums_each_dot_as_dot_does() {
-        for n in [0, 5, 16, 37, 64, 576, 1000] {
-            let rows: Vec<Vec<f32>> = (0..2).map(|r| vector(n, r)).collect();
-            let toks: Vec<Vec<f32>> = (0..3).map(|j| vector(n, 10 + j)).collect();
-            for nr in 1..=2 {
-                for nt in 1..=3 {
-                    let r: Vec<&[f32]> = rows[..nr].iter().map(Vec::as_slice).collect();
-                    let t: Vec<&[f32]> = toks[..nt].iter().map(Vec::as_slice).collect();
-                    let mut out = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
-                    dot_block(&r, &t, &mut out);
-                    for i in 0..nr {
-                        for j in 0..nt {
-                            assert_eq!(
-                                out[i][j].to_bits(),
-                                dot(r[i], t[j]).to_bits(),
-                                "n {n}, block {nr}×{nt}, dot ({i}, {j})"
-                            );
-                            let exact: f64 = r[i]
-                                .iter()
-                                .zip(t[j])
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum();
-                            assert!((out[i][j] as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
     fn bf16_dots_equal_dots_of_the_widened_row() {
         for n in [3, 16, 40, 576] {
             let a: Vec<bf16> = vector(n, 1).into_iter().map(bf16::from_f32).collect();
             let b = vector(n, 2);
             let wide: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
             assert_eq!(dot(&a, &b).to_bits(), dot(&wide, &b).to_bits(), "n {n}");
-            let mut out = [[0f32; BLOCK_TOKENS]; BLOCK_ROWS];
-            dot_block(&[&a[..], &a[..]], &[&b[..]], &mut out);
-            assert_eq!(out[1][0].to_bits(), dot(&wide, &b).to_bits(), "n {n}");
         }
     }
 }
