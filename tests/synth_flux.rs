@@ -5,8 +5,11 @@
 //! against transformers' CLIPTokenizer and T5TokenizerFast); the real preset has
 //! FLUX.1-dev's shapes, checked without writing its 33 GB.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use common::{ferry, stdout_of as ok};
 
 use ferry::checkpoint::safetensors;
 use ferry::diffuse::flux_text::{ClipTokenizer, T5Tokenizer};
@@ -14,22 +17,6 @@ use ferry::diffuse::pipeline::ImagePipeline;
 use ferry::synth::{PipelineComponent, PipelinePreset};
 
 use PipelineComponent::{TextEncoder, TextEncoder2, Transformer, Vae};
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("ferry runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

@@ -3,8 +3,12 @@
 //! wrote for the fixture; the z-image-turbo preset has the real shapes (checked without
 //! writing its 20 GB); the same seed writes the same bytes; bad input is a one-line error.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{ferry, stdout_of as ok};
 
 use ferry::checkpoint::safetensors;
 use ferry::generate::{Message, TextCodec};
@@ -15,22 +19,6 @@ use ferry::synth::{
 };
 
 use PipelineComponent::{Scheduler, TextEncoder, Tokenizer, Transformer, Vae};
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("ferry runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn synth(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["synth", "--out", dir.to_str().unwrap()];

@@ -6,8 +6,12 @@
 //! has Qwen-Image's shapes, checked without writing its 56 GB); bad input is a one-line
 //! error.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{ferry, stdout_of as ok};
 
 use ferry::backend::cpu::Cpu;
 use ferry::backend::Backend;
@@ -29,22 +33,6 @@ use ferry::synth::{
 };
 
 use PipelineComponent::{Scheduler, TextEncoder, Tokenizer, Transformer, Vae};
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("ferry runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The one-line error of a failed run.
 fn err(out: &Output) -> String {

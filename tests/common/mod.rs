@@ -207,6 +207,16 @@ pub fn ferry(args: &[&str]) -> std::process::Output {
         .expect("ferry runs")
 }
 
+/// The standard output of a `ferry` run that must succeed (its standard error if not).
+pub fn stdout_of(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The pixels of a PNG, `[h, w, 3]`.
 pub fn read_png(path: &std::path::Path) -> (Vec<u8>, String) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
