@@ -295,18 +295,12 @@ impl Backend for Cpu {
                 probs.resize(group * n, 0.0); // [group, n]
                 for h0 in (0..group).step_by(TOKENS) {
                     let m = TOKENS.min(group - h0);
-                    let qs: Vec<&[f32]> = (0..m)
-                        .map(|h| &q_row[(g * group + h0 + h) * d..][..d])
-                        .collect();
+                    let qs: [&[f32]; TOKENS] =
+                        std::array::from_fn(|h| &q_row[(g * group + h0 + h.min(m - 1)) * d..][..d]);
+                    let qs = &qs[..m];
                     for p in first / PANEL..=pos / PANEL {
                         let mut s = [[[0f32; PANEL]; TOKENS]; 2];
-                        block(
-                            &[&keys[p * d * PANEL..][..d * PANEL]],
-                            PANEL,
-                            d,
-                            &qs,
-                            &mut s,
-                        );
+                        block(&[&keys[p * d * PANEL..][..d * PANEL]], PANEL, d, qs, &mut s);
                         let lanes = first.max(p * PANEL)..(pos + 1).min((p + 1) * PANEL);
                         for (h, s) in s[0].iter().enumerate().take(m) {
                             for j in lanes.clone() {
@@ -328,10 +322,12 @@ impl Backend for Cpu {
                 }
                 for h0 in (0..group).step_by(TOKENS) {
                     let m = TOKENS.min(group - h0);
-                    let ps: Vec<&[f32]> = probs.chunks(n).skip(h0).take(m).collect();
+                    let ps: [&[f32]; TOKENS] =
+                        std::array::from_fn(|h| &probs[(h0 + h.min(m - 1)) * n..][..n]);
+                    let ps = &ps[..m];
                     for c in (0..d).step_by(PANEL) {
                         let mut acc = [[[0f32; PANEL]; TOKENS]; 2];
-                        block(&[&values[first * padded + c..]], padded, n, &ps, &mut acc);
+                        block(&[&values[first * padded + c..]], padded, n, ps, &mut acc);
                         let lanes = PANEL.min(d - c);
                         for (h, a) in acc[0].iter().enumerate().take(m) {
                             o[(h0 + h) * d + c..][..lanes].copy_from_slice(&a[..lanes]);

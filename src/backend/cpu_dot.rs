@@ -15,7 +15,8 @@ use half::bf16;
 /// Partial sums per dot.
 const LANES: usize = 16;
 
-static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
+/// Whether this CPU has AVX2 and FMA (the products of `cpu_gemm` ask too).
+pub(super) static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")

@@ -12,11 +12,9 @@
 //! Without AVX2 and FMA a portable loop does a multiply and an add per step (the same order,
 //! rounded twice), used by every product on that machine.
 
-use std::sync::LazyLock;
-
 use rayon::prelude::*;
 
-use super::cpu_dot::Elem;
+use super::cpu_dot::{Elem, HAS_AVX2_FMA};
 
 /// Rows per panel: two 8-wide registers.
 pub const PANEL: usize = 16;
@@ -27,17 +25,6 @@ pub const TOKENS: usize = 6;
 /// Multiply-adds a rayon task should have at least (smaller tasks cost more to hand out than
 /// they compute).
 const MIN_TASK_FMAS: usize = 1 << 17;
-
-static HAS_AVX2_FMA: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
 
 /// A weight `[rows, cols]` as panels: panel `p` holds rows `16p..16p + 16` as
 /// `[cols][16]`; the last panel is padded with zero rows.
