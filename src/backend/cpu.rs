@@ -1,5 +1,7 @@
-//! The CPU reference backend: f32 math, threads from rayon. Weights stay where the checkpoint
-//! put them (f32 or bf16 read in place from the mapping); f16 is widened to f32 once.
+//! The CPU reference backend: f32 math, threads from rayon. Matrices are repacked once at
+//! load into the panels `cpu_gemm` multiplies (f32, or bf16 as stored; f16 and quantized
+//! blocks widened to f32), replacing the row-major data; vectors (norms, biases) are read in
+//! place from the mapping where aligned.
 
 use std::ops::Range;
 
