@@ -278,9 +278,13 @@ pub fn stream_weights(
             CacheMode::On => EncodingCache::for_files(tensors.files()),
             CacheMode::Off => None,
         };
-        // The siblings' tensors, for the cache to write ahead (not placed by this load).
-        let siblings = setup
-            .siblings
+        // The siblings' tensors, for the cache to write ahead (not placed by this load;
+        // without a cache, nothing is written ahead).
+        let wanted_ahead = match cache {
+            Some(_) => setup.siblings,
+            None => &[],
+        };
+        let siblings = wanted_ahead
             .iter()
             .map(|&a| Ok((a, GroupTensors::of(tensors, a)?)))
             .collect::<Result<Vec<_>>>()?;
