@@ -383,15 +383,29 @@ impl<'a, W> Block<'a, W> {
         }
     }
 
+    /// Both streams' modulation for every sample, the image's first: the six vectors of
+    /// `vectors(stream's modulation linear, stream)` (`[batch, 6·dim]`; stream 0 the image, 1
+    /// the text).
+    pub fn modulation<A>(
+        &self,
+        backend: &impl DitOps<Weight = W, Activation = A>,
+        vectors: impl Fn(Option<&Linear<'_, W>>, usize) -> Result<A>,
+    ) -> Result<[ModVectors<A>; 2]> {
+        let img = ModVectors::split(backend, &vectors(self.img.modulation.as_ref(), 0)?)?;
+        let txt = ModVectors::split(backend, &vectors(self.txt.modulation.as_ref(), 1)?)?;
+        Ok([img, txt])
+    }
+
     /// The block over both streams in place; `tap` is handed the attention of each stream
     /// after its output linear, before the gate (`attn.img`, `attn.txt`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<B: DitOps<Weight = W>>(
         &self,
         backend: &B,
         img: &mut Stream<B::Activation, B::RopeTable>,
         txt: &mut Stream<B::Activation, B::RopeTable>,
         joint: &[Range<usize>],
-        (img_mod, txt_mod): (&ModVectors<B::Activation>, &ModVectors<B::Activation>),
+        [img_mod, txt_mod]: &[ModVectors<B::Activation>; 2],
         shape: Heads,
         tap: &mut dyn FnMut(&str, &B::Activation) -> Result<()>,
     ) -> Result<()> {

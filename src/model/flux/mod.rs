@@ -50,7 +50,7 @@ pub use rope::FluxRope;
 
 use super::mmdit::{
     self, linear_specs, per_sample, qkv_specs, Block, FinalLayer, Heads, Layout, Linear,
-    ModVectors, QkvWeights, Source, Stream, StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
+    QkvWeights, Source, Stream, StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
 };
 use super::z_image::Trace;
 use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
@@ -401,23 +401,15 @@ impl Flux {
         for i in 0..c.num_layers {
             let g = self.double_group(i);
             let w = self.double_block(g, i, weights.group(g)?);
-            let img_mod = ModVectors::split(
-                backend,
-                &vectors(w.img.modulation.as_ref(), &|e| e.double(i, 0))?,
-            )?;
-            let txt_mod = ModVectors::split(
-                backend,
-                &vectors(w.txt.modulation.as_ref(), &|e| e.double(i, 1))?,
-            )?;
-            // (The attention outputs are not among Flux's intermediates.)
+            let mods = w.modulation(backend, |m, s| vectors(m, &|e| e.double(i, s)))?;
             w.forward(
                 backend,
                 &mut img,
                 &mut txt,
                 &joint,
-                (&img_mod, &txt_mod),
+                &mods,
                 self.heads(),
-                &mut |_, _| Ok(()),
+                &mut |_, _| Ok(()), // its attention outputs are not among Flux's intermediates
             )?;
             tap(&format!("double.{i}.img"), &img.x)?;
             tap(&format!("double.{i}.txt"), &txt.x)?;
@@ -468,8 +460,9 @@ impl Flux {
         // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
         let out = {
             let w = self.final_weights(weights.group(self.final_group())?);
-            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?; // [batch, 2·dim]
-            let out = w.forward(backend, &img, &img_rows, &emb, EPS, &mut tap)?; // [batch·n, out_channels]
+            // emb [batch, 2·dim]; out [batch·n, out_channels]
+            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?;
+            let out = w.forward(backend, &img, &img_rows, &emb, EPS, &mut tap)?;
             backend.to_host(&out)?
         };
         weights.finish_pass()?;

@@ -40,8 +40,8 @@ pub use rope::QwenRope;
 pub use super::mmdit::Modulation;
 
 use super::mmdit::{
-    self, linear_specs, per_sample, Block, FinalLayer, Heads, Layout, Linear, ModVectors, Source,
-    Stream, StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
+    self, linear_specs, per_sample, Block, FinalLayer, Heads, Layout, Linear, Source, Stream,
+    StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
 };
 use super::z_image::Trace;
 use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
@@ -304,20 +304,13 @@ impl QwenImage {
         for i in 0..c.num_layers {
             let g = self.block_group(i);
             let w = self.block(g, i, weights.group(g)?);
-            let img_mod = ModVectors::split(
-                backend,
-                &vectors(w.img.modulation.as_ref(), &|e| e.stream(i, 0))?,
-            )?;
-            let txt_mod = ModVectors::split(
-                backend,
-                &vectors(w.txt.modulation.as_ref(), &|e| e.stream(i, 1))?,
-            )?;
+            let mods = w.modulation(backend, |m, s| vectors(m, &|e| e.stream(i, s)))?;
             w.forward(
                 backend,
                 &mut img,
                 &mut txt,
                 &joint,
-                (&img_mod, &txt_mod),
+                &mods,
                 self.heads(),
                 &mut |name, x| tap(&format!("blocks.{i}.{name}"), x),
             )?;
@@ -329,8 +322,9 @@ impl QwenImage {
         // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
         let out = {
             let w = self.final_weights(weights.group(self.final_group())?);
-            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?; // [batch, 2·dim]
-            let out = w.forward(backend, &img.x, &img.rows, &emb, EPS, &mut tap)?; // [batch·n, patch features]
+            // emb [batch, 2·dim]; out [batch·n, patch features]
+            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?;
+            let out = w.forward(backend, &img.x, &img.rows, &emb, EPS, &mut tap)?;
             backend.to_host(&out)?
         };
         weights.finish_pass()?;
