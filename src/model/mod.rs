@@ -9,6 +9,7 @@
 pub mod clip;
 pub mod flux;
 pub mod llama;
+mod mmdit;
 pub mod qwen_image;
 pub mod t5;
 pub mod vae;

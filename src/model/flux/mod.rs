@@ -25,6 +25,7 @@
 //! x = x + gate1 · a
 //! x = x + gate2 · MLP(LayerNorm(x) · (1 + scale2) + shift2)       // GELU-tanh, 4·dim hidden
 //! ```
+//! This double block is Qwen-Image's too: both run the one in `model/mmdit.rs`.
 //! A single block over `x = [text, image]` (`FluxSingleTransformerBlock`):
 //! ```text
 //! shift, scale, gate = norm.linear(silu(temb))
@@ -41,14 +42,16 @@ mod modulation;
 pub mod rope;
 pub mod single_file;
 
-pub use super::qwen_image::{pack_latents, unpack_latents, Modulation};
+pub use super::mmdit::Modulation;
+pub use super::qwen_image::{pack_latents, unpack_latents};
 pub use config::{FluxConfig, CLASS_NAME};
 pub use modulation::{FluxModulation, ModulationTable};
 pub use rope::FluxRope;
 
-use std::ops::Range;
-
-use super::qwen_image::{linear_specs, per_sample, Linear, T_FREQ_DIM, T_MAX_PERIOD};
+use super::mmdit::{
+    self, linear_specs, per_sample, qkv_specs, Block, FinalLayer, Heads, Layout, Linear,
+    QkvWeights, Source, Stream, StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
+};
 use super::z_image::Trace;
 use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
 use crate::backend::dit::{DitOps, Pointwise};
@@ -129,155 +132,36 @@ struct Embedders<'a, W> {
     context_embedder: Linear<'a, W>,
 }
 
-/// One stream's attention and MLP weights in a double block, under the image's names
-/// (`attn.to_q`, `attn.norm_q`, `attn.to_out.0`, `ff.net.0.proj`, `ff.net.2`) or the text's
-/// (`attn.add_q_proj`, `attn.norm_added_q`, `attn.to_add_out`, `ff_context.…`).
-struct StreamWeights<'a, W> {
-    /// `silu(temb)` → the six vectors; with [`Modulation::InSteps`] only.
-    modulation: Option<Linear<'a, W>>,
-    to_q: Linear<'a, W>,
-    to_k: Linear<'a, W>,
-    to_v: Linear<'a, W>,
-    norm_q: &'a W,
-    norm_k: &'a W,
-    to_out: Linear<'a, W>,
-    ff_in: Linear<'a, W>,
-    ff_out: Linear<'a, W>,
-}
-
-/// One double-stream block (`transformer_blocks.N`).
-struct DoubleBlock<'a, W> {
-    img: StreamWeights<'a, W>,
-    txt: StreamWeights<'a, W>,
-}
-
 /// One single-stream block (`single_transformer_blocks.N`).
 struct SingleBlock<'a, W> {
     /// `norm.linear`: `silu(temb)` → shift, scale, gate; with [`Modulation::InSteps`] only.
     modulation: Option<Linear<'a, W>>,
-    to_q: Linear<'a, W>,
-    to_k: Linear<'a, W>,
-    to_v: Linear<'a, W>,
-    norm_q: &'a W,
-    norm_k: &'a W,
+    /// `attn.to_q`, `attn.norm_q`, …: the image stream's names of a double block.
+    attn: QkvWeights<'a, W>,
     proj_mlp: Linear<'a, W>,
     /// `[dim, dim + ffn]`: over the attention's columns, then the MLP's.
     proj_out: Linear<'a, W>,
 }
 
-/// `norm_out` (AdaLayerNormContinuous: `silu(temb)` → scale, shift) and `proj_out`.
-struct FinalLayer<'a, W> {
-    /// With [`Modulation::InSteps`] only.
-    norm_out: Option<Linear<'a, W>>,
-    proj_out: Linear<'a, W>,
-}
-
-/// The tensor names of one stream in a double block, relative to `transformer_blocks.N.`.
-struct StreamNames {
-    modulation: &'static str,
-    q: &'static str,
-    k: &'static str,
-    v: &'static str,
-    norm_q: &'static str,
-    norm_k: &'static str,
-    out: &'static str,
-    ff: &'static str,
-}
-
+/// One stream's tensor names in a double block, relative to `transformer_blocks.N.`: the
+/// image's (`norm1.linear`, `attn.to_q`, `attn.norm_q`, `attn.to_out.0`, `ff.net.0.proj`,
+/// `ff.net.2`) and the text's (`norm1_context.linear`, `attn.add_q_proj`,
+/// `attn.norm_added_q`, `attn.to_add_out`, `ff_context.…`).
 const IMAGE_NAMES: StreamNames = StreamNames {
     modulation: "norm1.linear",
-    q: "attn.to_q",
-    k: "attn.to_k",
-    v: "attn.to_v",
-    norm_q: "attn.norm_q",
-    norm_k: "attn.norm_k",
-    out: "attn.to_out.0",
-    ff: "ff",
+    attn: mmdit::IMAGE_ATTN,
+    mlp: "ff",
 };
 
 const TEXT_NAMES: StreamNames = StreamNames {
     modulation: "norm1_context.linear",
-    q: "attn.add_q_proj",
-    k: "attn.add_k_proj",
-    v: "attn.add_v_proj",
-    norm_q: "attn.norm_added_q",
-    norm_k: "attn.norm_added_k",
-    out: "attn.to_add_out",
-    ff: "ff_context",
+    attn: mmdit::TEXT_ATTN,
+    mlp: "ff_context",
 };
 
 const TIMESTEP_EMBEDDER: &str = "time_text_embed.timestep_embedder";
 const GUIDANCE_EMBEDDER: &str = "time_text_embed.guidance_embedder";
 const TEXT_EMBEDDER: &str = "time_text_embed.text_embedder";
-
-/// Activations `x` `[rows, dim]`, the rows of each sample, and their RoPE table
-/// `[rows, head_dim]`.
-struct Stream<A, R> {
-    x: A,
-    rows: Vec<Range<usize>>,
-    rope: R,
-}
-
-/// q, k, v after norms and RoPE, `[rows, dim]` each.
-struct Qkv<A> {
-    q: A,
-    k: A,
-    v: A,
-}
-
-/// A double-block stream's modulation: `[batch, dim]` each.
-struct ModVectors<A> {
-    shift1: A,
-    scale1: A,
-    gate1: A,
-    shift2: A,
-    scale2: A,
-    gate2: A,
-}
-
-/// The token grid and each sample's text length.
-struct Layout {
-    rows: usize,
-    cols: usize,
-    image_tokens: usize,
-    text_tokens: Vec<usize>,
-}
-
-impl Layout {
-    fn batch(&self) -> usize {
-        self.text_tokens.len()
-    }
-
-    /// Each sample's rows in the image stream.
-    fn image(&self) -> Vec<Range<usize>> {
-        let n = self.image_tokens;
-        (0..self.batch()).map(|s| s * n..(s + 1) * n).collect()
-    }
-
-    /// Each sample's rows in the text stream.
-    fn text(&self) -> Vec<Range<usize>> {
-        let mut start = 0;
-        self.text_tokens
-            .iter()
-            .map(|&l| {
-                start += l;
-                start - l..start
-            })
-            .collect()
-    }
-
-    /// Each sample's rows in the joint sequence: its text, then its image.
-    fn joint(&self) -> Vec<Range<usize>> {
-        let mut start = 0;
-        self.text_tokens
-            .iter()
-            .map(|&l| {
-                start += l + self.image_tokens;
-                start - l - self.image_tokens..start
-            })
-            .collect()
-    }
-}
 
 /// What a sample's modulation depends on.
 #[derive(Clone, Copy, Debug)]
@@ -508,31 +392,24 @@ impl Flux {
         let joint = layout.joint();
 
         // The modulation linear's vectors for every sample, `[batch, cols]`.
-        let vectors = |w: Option<&Linear<'_, B::Weight>>,
-                       pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32]|
-         -> Result<B::Activation> {
-            let per_condition = source.vectors(backend, w, pick)?;
-            per_sample(backend, &per_condition, &conditions.of_sample)
-        };
+        let vectors =
+            |w: Option<&Linear<'_, B::Weight>>,
+             pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32]| {
+                source.per_sample(backend, w, pick, &conditions.of_sample)
+            };
 
         for i in 0..c.num_layers {
             let g = self.double_group(i);
             let w = self.double_block(g, i, weights.group(g)?);
-            let img_mod = six(
+            let mods = w.modulation(backend, |m, s| vectors(m, &|e| e.double(i, s)))?;
+            w.forward(
                 backend,
-                &vectors(w.img.modulation.as_ref(), &|e| e.double(i, 0))?,
-            )?;
-            let txt_mod = six(
-                backend,
-                &vectors(w.txt.modulation.as_ref(), &|e| e.double(i, 1))?,
-            )?;
-            self.double_forward(
-                backend,
-                &w,
                 &mut img,
                 &mut txt,
                 &joint,
-                (&img_mod, &txt_mod),
+                &mods,
+                self.heads(),
+                &mut |_, _| Ok(()), // its attention outputs are not among Flux's intermediates
             )?;
             tap(&format!("double.{i}.img"), &img.x)?;
             tap(&format!("double.{i}.txt"), &txt.x)?;
@@ -540,13 +417,7 @@ impl Flux {
 
         // The streams join: each sample's text, then its image.
         let mut x = {
-            let mut parts = Vec::with_capacity(2 * batch);
-            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
-                parts.push(backend.rows(&txt.x, tr.start, tr.len())?);
-                parts.push(backend.rows(&img.x, ir.start, ir.len())?);
-            }
-            let x = backend.concat_rows(&parts)?;
-            drop(parts);
+            let x = mmdit::interleave(backend, (&txt.x, &txt.rows), (&img.x, &img.rows))?;
             let table: Vec<f32> = layout
                 .text_tokens
                 .iter()
@@ -589,98 +460,13 @@ impl Flux {
         // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
         let out = {
             let w = self.final_weights(weights.group(self.final_group())?);
-            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?; // [batch, 2·dim]
-            let m = backend.split_cols(&emb, 2)?;
-            let mut h = backend.layer_norm(&img, EPS)?;
-            backend.modulate(&mut h, &img_rows, &m[0], Some(&m[1]))?;
-            tap("norm_out", &h)?;
-            let out = w.proj_out.forward(backend, &h)?; // [batch·n, out_channels]
+            // emb [batch, 2·dim]; out [batch·n, out_channels]
+            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?;
+            let out = w.forward(backend, &img, &img_rows, &emb, EPS, &mut tap)?;
             backend.to_host(&out)?
         };
         weights.finish_pass()?;
         Ok(out)
-    }
-
-    /// A double block over both streams in place.
-    fn double_forward<B: DitOps>(
-        &self,
-        backend: &B,
-        w: &DoubleBlock<'_, B::Weight>,
-        img: &mut Stream<B::Activation, B::RopeTable>,
-        txt: &mut Stream<B::Activation, B::RopeTable>,
-        joint: &[Range<usize>],
-        (img_mod, txt_mod): (&ModVectors<B::Activation>, &ModVectors<B::Activation>),
-    ) -> Result<()> {
-        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
-
-        // Attention: each stream's q, k, v, then each sample's [text, image] together.
-        let attn_in = |s: &Stream<B::Activation, B::RopeTable>, m: &ModVectors<B::Activation>| {
-            let mut h = backend.layer_norm(&s.x, EPS)?;
-            backend.modulate(&mut h, &s.rows, &m.scale1, Some(&m.shift1))?;
-            Ok::<_, Error>(h)
-        };
-        let h = attn_in(img, img_mod)?;
-        let img_qkv = self.qkv(
-            backend,
-            &h,
-            &img.rope,
-            [&w.img.to_q, &w.img.to_k, &w.img.to_v],
-            [w.img.norm_q, w.img.norm_k],
-        )?;
-        let h = attn_in(txt, txt_mod)?;
-        let txt_qkv = self.qkv(
-            backend,
-            &h,
-            &txt.rope,
-            [&w.txt.to_q, &w.txt.to_k, &w.txt.to_v],
-            [w.txt.norm_q, w.txt.norm_k],
-        )?;
-        drop(h);
-        let interleave = |t: &B::Activation, i: &B::Activation| -> Result<B::Activation> {
-            let mut parts = Vec::with_capacity(2 * joint.len());
-            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
-                parts.push(backend.rows(t, tr.start, tr.len())?);
-                parts.push(backend.rows(i, ir.start, ir.len())?);
-            }
-            backend.concat_rows(&parts)
-        };
-        let q = interleave(&txt_qkv.q, &img_qkv.q)?;
-        let k = interleave(&txt_qkv.k, &img_qkv.k)?;
-        let v = interleave(&txt_qkv.v, &img_qkv.v)?;
-        drop((img_qkv, txt_qkv));
-        let a = backend.attention_within(&q, &k, &v, joint, heads, head_dim)?;
-        drop((q, k, v));
-        // Back to the streams: each sample's first rows are its text.
-        let (mut img_a, mut txt_a) = (Vec::new(), Vec::new());
-        for ((j, tr), ir) in joint.iter().zip(&txt.rows).zip(&img.rows) {
-            txt_a.push(backend.rows(&a, j.start, tr.len())?);
-            img_a.push(backend.rows(&a, j.start + tr.len(), ir.len())?);
-        }
-        drop(a);
-        let img_a = w
-            .img
-            .to_out
-            .forward(backend, &backend.concat_rows(&img_a)?)?;
-        let txt_a = w
-            .txt
-            .to_out
-            .forward(backend, &backend.concat_rows(&txt_a)?)?;
-        backend.add_gated(&mut img.x, &img.rows, &img_mod.gate1, &img_a)?;
-        backend.add_gated(&mut txt.x, &txt.rows, &txt_mod.gate1, &txt_a)?;
-        drop((img_a, txt_a));
-
-        // Each stream's MLP.
-        for (s, sw, m) in [(&mut *img, &w.img, img_mod), (&mut *txt, &w.txt, txt_mod)] {
-            let mut h = backend.layer_norm(&s.x, EPS)?;
-            backend.modulate(&mut h, &s.rows, &m.scale2, Some(&m.shift2))?;
-            let mut hidden = sw.ff_in.forward(backend, &h)?; // [rows, 4·dim]
-            drop(h);
-            backend.pointwise(&mut hidden, Pointwise::GeluTanh)?;
-            let y = sw.ff_out.forward(backend, &hidden)?;
-            drop(hidden);
-            backend.add_gated(&mut s.x, &s.rows, &m.gate2, &y)?;
-        }
-        Ok(())
     }
 
     /// A single block over the joint stream in place: attention and MLP side by side from
@@ -692,47 +478,25 @@ impl Flux {
         x: &mut Stream<B::Activation, B::RopeTable>,
         (shift, scale, gate): (&B::Activation, &B::Activation, &B::Activation),
     ) -> Result<()> {
-        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
+        let shape = self.heads();
         let mut h = backend.layer_norm(&x.x, EPS)?;
         backend.modulate(&mut h, &x.rows, scale, Some(shift))?;
         let mut mlp = w.proj_mlp.forward(backend, &h)?; // [rows, 4·dim]
         backend.pointwise(&mut mlp, Pointwise::GeluTanh)?;
-        let qkv = self.qkv(
-            backend,
-            &h,
-            &x.rope,
-            [&w.to_q, &w.to_k, &w.to_v],
-            [w.norm_q, w.norm_k],
+        let qkv = w.attn.forward(backend, h, &x.rope, shape)?;
+        let a = backend.attention_within(
+            &qkv.q,
+            &qkv.k,
+            &qkv.v,
+            &x.rows,
+            shape.heads,
+            shape.head_dim,
         )?;
-        drop(h);
-        let a = backend.attention_within(&qkv.q, &qkv.k, &qkv.v, &x.rows, heads, head_dim)?;
         drop(qkv);
         let joined = backend.concat_cols(vec![a, mlp])?; // [rows, dim + 4·dim]
         let y = w.proj_out.forward(backend, &joined)?;
         drop(joined);
         backend.add_gated(&mut x.x, &x.rows, gate, &y)
-    }
-
-    /// Attention inputs from the modulated `h`: q, k, v (bias), RMSNorm per head on q and
-    /// k, RoPE on q and k.
-    fn qkv<B: DitOps>(
-        &self,
-        backend: &B,
-        h: &B::Activation,
-        rope: &B::RopeTable,
-        [to_q, to_k, to_v]: [&Linear<'_, B::Weight>; 3],
-        [norm_q, norm_k]: [&B::Weight; 2],
-    ) -> Result<Qkv<B::Activation>> {
-        let head_dim = self.config.head_dim();
-        let normed = |proj: &Linear<'_, B::Weight>, norm| -> Result<B::Activation> {
-            backend.rms_norm(&proj.forward(backend, h)?, norm, EPS)
-        };
-        let mut q = normed(to_q, norm_q)?;
-        let mut k = normed(to_k, norm_k)?;
-        let v = to_v.forward(backend, h)?;
-        backend.rope_interleaved(&mut q, rope, head_dim)?;
-        backend.rope_interleaved(&mut k, rope, head_dim)?;
-        Ok(Qkv { q, k, v })
     }
 
     /// Check a pass's inputs and lay out its rows.
@@ -776,27 +540,12 @@ impl Flux {
             }
             (false, None) => {}
         }
-        let (h, w) = (input.height, input.width);
-        if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 {
-            return Err(bad(
-                "latent size",
-                format!(
-                    "{h}×{w} latent pixels ({}×{} image pixels); expected positive multiples of {PATCH} (images in multiples of {})",
-                    8 * h,
-                    8 * w,
-                    8 * PATCH
-                ),
-            ));
-        }
-        let (rows, cols) = (h / PATCH, w / PATCH);
-        let n = rows * cols;
-        if input.latents.len() != batch * n * c.in_channels {
-            return Err(Error::Shape {
-                tensor: "packed latents".into(),
-                expected: vec![batch, n, c.in_channels],
-                found: vec![input.latents.len()],
-            });
-        }
+        let layout = Layout::check(
+            input.latents,
+            (input.height, input.width, PATCH),
+            input.texts,
+            (c.in_channels, c.joint_attention_dim),
+        )?;
         for p in input.pooled {
             if p.len() != c.pooled_projection_dim {
                 return Err(Error::Shape {
@@ -806,28 +555,12 @@ impl Flux {
                 });
             }
         }
-        let mut text_tokens = Vec::with_capacity(batch);
-        for t in input.texts {
-            if t.is_empty() || t.len() % c.joint_attention_dim != 0 {
-                return Err(Error::Shape {
-                    tensor: "text features".into(),
-                    expected: vec![0, c.joint_attention_dim],
-                    found: vec![t.len()],
-                });
-            }
-            text_tokens.push(t.len() / c.joint_attention_dim);
-        }
-        Ok(Layout {
-            rows,
-            cols,
-            image_tokens: n,
-            text_tokens,
-        })
+        Ok(layout)
     }
 
     fn embedders<'a, W>(&'a self, ws: &'a [W]) -> Embedders<'a, W> {
         let w = Bound::new(&self.groups[EMBEDDERS], ws);
-        let linear = |s: &str| bind_linear(&w, s);
+        let linear = |s: &str| Linear::bind(&w, s);
         Embedders {
             time_text: (self.modulation == Modulation::InSteps)
                 .then(|| time_text_embed(&w, self.config.guidance_embeds)),
@@ -836,51 +569,39 @@ impl Flux {
         }
     }
 
-    fn double_block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> DoubleBlock<'a, W> {
+    fn double_block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> Block<'a, W> {
         let w = Bound::new(&self.groups[g], ws);
-        let p = |s: &str| format!("transformer_blocks.{index}.{s}");
-        let linear = |s: &str| bind_linear(&w, &p(s));
-        let in_steps = self.modulation == Modulation::InSteps;
-        let stream = |n: &StreamNames| StreamWeights {
-            modulation: in_steps.then(|| linear(n.modulation)),
-            to_q: linear(n.q),
-            to_k: linear(n.k),
-            to_v: linear(n.v),
-            norm_q: w.get(&p(&format!("{}.weight", n.norm_q))),
-            norm_k: w.get(&p(&format!("{}.weight", n.norm_k))),
-            to_out: linear(n.out),
-            ff_in: linear(&format!("{}.net.0.proj", n.ff)),
-            ff_out: linear(&format!("{}.net.2", n.ff)),
-        };
-        DoubleBlock {
-            img: stream(&IMAGE_NAMES),
-            txt: stream(&TEXT_NAMES),
-        }
+        Block::bind(&w, index, [&IMAGE_NAMES, &TEXT_NAMES], self.modulation)
     }
 
     fn single_block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> SingleBlock<'a, W> {
         let w = Bound::new(&self.groups[g], ws);
         let p = |s: &str| format!("single_transformer_blocks.{index}.{s}");
-        let linear = |s: &str| bind_linear(&w, &p(s));
+        let linear = |s: &str| Linear::bind(&w, &p(s));
         SingleBlock {
             modulation: (self.modulation == Modulation::InSteps).then(|| linear("norm.linear")),
-            to_q: linear("attn.to_q"),
-            to_k: linear("attn.to_k"),
-            to_v: linear("attn.to_v"),
-            norm_q: w.get(&p("attn.norm_q.weight")),
-            norm_k: w.get(&p("attn.norm_k.weight")),
+            attn: QkvWeights::bind(
+                &w,
+                &format!("single_transformer_blocks.{index}"),
+                &mmdit::IMAGE_ATTN,
+            ),
             proj_mlp: linear("proj_mlp"),
             proj_out: linear("proj_out"),
         }
     }
 
+    /// The blocks' attention shape.
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.config.num_attention_heads,
+            head_dim: self.config.head_dim(),
+            eps: EPS,
+        }
+    }
+
     fn final_weights<'a, W>(&'a self, ws: &'a [W]) -> FinalLayer<'a, W> {
         let w = Bound::new(&self.groups[self.final_group()], ws);
-        FinalLayer {
-            norm_out: (self.modulation == Modulation::InSteps)
-                .then(|| bind_linear(&w, "norm_out.linear")),
-            proj_out: bind_linear(&w, "proj_out"),
-        }
+        FinalLayer::bind(&w, self.modulation)
     }
 
     /// [`Architecture::pass_cost`] for a pass whose samples each hold `image_tokens` image
@@ -939,53 +660,6 @@ impl<W> TimeTextEmbed<'_, W> {
     }
 }
 
-/// Where a pass's modulation vectors come from: `silu(temb)` of each distinct condition, or
-/// a table's rows for them.
-enum Source<'t, A> {
-    Computed(Vec<A>),
-    Table(Vec<modulation::Entry<'t>>),
-}
-
-impl<A> Source<'_, A> {
-    /// One modulation linear's output for each distinct condition, `[1, cols]` each:
-    /// computed by `w`, or the table's values that `pick` names.
-    fn vectors<B: DitOps<Activation = A>>(
-        &self,
-        backend: &B,
-        w: Option<&Linear<'_, B::Weight>>,
-        pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32],
-    ) -> Result<Vec<A>> {
-        match self {
-            Source::Computed(silu) => {
-                let w = w.expect("a pass that computes its modulation holds its linears");
-                silu.iter().map(|x| w.forward(backend, x)).collect()
-            }
-            Source::Table(rows) => rows
-                .iter()
-                .map(|r| {
-                    let values = pick(r);
-                    backend.upload(values, 1, values.len())
-                })
-                .collect(),
-        }
-    }
-}
-
-/// A double-block stream's six modulation vectors from `linear(silu(temb))` `[batch,
-/// 6·dim]`, in diffusers' chunk order.
-fn six<B: DitOps>(backend: &B, m: &B::Activation) -> Result<ModVectors<B::Activation>> {
-    let mut m = backend.split_cols(m, 6)?.into_iter();
-    let mut next = || m.next().expect("six chunks");
-    Ok(ModVectors {
-        shift1: next(),
-        scale1: next(),
-        gate1: next(),
-        shift2: next(),
-        scale2: next(),
-        gate2: next(),
-    })
-}
-
 /// `[1, 256]`: the sinusoidal features of `v · 1000`, cosines first, in f32 as diffusers
 /// computes them: the transformer scales the value (`timestep * 1000`), then
 /// `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)` takes the angles
@@ -1003,19 +677,11 @@ fn timestep_features(v: f32) -> Vec<f32> {
     out
 }
 
-/// The linear `name` (`.weight`, `.bias`) of `w`.
-fn bind_linear<'a, W>(w: &Bound<'a, W>, name: &str) -> Linear<'a, W> {
-    Linear {
-        weight: w.get(&format!("{name}.weight")),
-        bias: w.get(&format!("{name}.bias")),
-    }
-}
-
 /// `time_text_embed`'s MLPs, bound from `w`.
 fn time_text_embed<'a, W>(w: &Bound<'a, W>, guidance: bool) -> TimeTextEmbed<'a, W> {
     let mlp = |name: &str| Mlp {
-        linear_1: bind_linear(w, &format!("{name}.linear_1")),
-        linear_2: bind_linear(w, &format!("{name}.linear_2")),
+        linear_1: Linear::bind(w, &format!("{name}.linear_1")),
+        linear_2: Linear::bind(w, &format!("{name}.linear_2")),
     };
     TimeTextEmbed {
         timestep: mlp(TIMESTEP_EMBEDDER),
@@ -1058,23 +724,7 @@ fn weight_groups(c: &FluxConfig, modulation: Modulation) -> Vec<WeightGroup> {
     );
     let mut groups = vec![WeightGroup::new("embedders", embedders)];
     for i in 0..c.num_layers {
-        let p = |s: &str| format!("transformer_blocks.{i}.{s}");
-        let mut t = Vec::new();
-        for n in [&IMAGE_NAMES, &TEXT_NAMES].into_iter().filter(|_| in_steps) {
-            linear(&mut t, p(n.modulation), 6 * dim, dim);
-        }
-        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
-            for proj in [n.q, n.k, n.v] {
-                linear(&mut t, p(proj), dim, dim);
-            }
-            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_q)), &[hd]));
-            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_k)), &[hd]));
-            linear(&mut t, p(n.out), dim, dim);
-        }
-        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
-            linear(&mut t, p(&format!("{}.net.0.proj", n.ff)), ffn, dim);
-            linear(&mut t, p(&format!("{}.net.2", n.ff)), dim, ffn);
-        }
+        let t = mmdit::block_specs(i, [&IMAGE_NAMES, &TEXT_NAMES], modulation, (dim, hd, ffn));
         groups.push(WeightGroup::new(format!("double block {i}"), t));
     }
     for i in 0..c.num_single_layers {
@@ -1083,20 +733,13 @@ fn weight_groups(c: &FluxConfig, modulation: Modulation) -> Vec<WeightGroup> {
         if in_steps {
             linear(&mut t, p("norm.linear"), 3 * dim, dim);
         }
-        for proj in ["attn.to_q", "attn.to_k", "attn.to_v"] {
-            linear(&mut t, p(proj), dim, dim);
-        }
-        t.push(TensorSpec::new(p("attn.norm_q.weight"), &[hd]));
-        t.push(TensorSpec::new(p("attn.norm_k.weight"), &[hd]));
+        let prefix = format!("single_transformer_blocks.{i}");
+        qkv_specs(&mut t, &prefix, &mmdit::IMAGE_ATTN, (dim, hd));
         linear(&mut t, p("proj_mlp"), ffn, dim);
         linear(&mut t, p("proj_out"), dim, dim + ffn);
         groups.push(WeightGroup::new(format!("single block {i}"), t));
     }
-    let mut last = Vec::new();
-    if in_steps {
-        linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
-    }
-    linear(&mut last, "proj_out".into(), c.out_channels, dim);
+    let last = mmdit::final_specs(modulation, dim, c.out_channels);
     groups.push(WeightGroup::new("final layer", last));
     groups
 }
@@ -1104,19 +747,6 @@ fn weight_groups(c: &FluxConfig, modulation: Modulation) -> Vec<WeightGroup> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn joint_rows_put_each_text_before_its_image() {
-        let l = Layout {
-            rows: 2,
-            cols: 3,
-            image_tokens: 6,
-            text_tokens: vec![4, 5],
-        };
-        assert_eq!(l.image(), vec![0..6, 6..12]);
-        assert_eq!(l.text(), vec![0..4, 4..9]);
-        assert_eq!(l.joint(), vec![0..10, 10..21]);
-    }
 
     #[test]
     fn equal_conditions_are_computed_once() {

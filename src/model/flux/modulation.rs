@@ -17,6 +17,7 @@ use super::{
 };
 use crate::backend::dit::DitOps;
 use crate::error::{Error, Result};
+use crate::model::mmdit::append_outputs;
 use crate::model::{Architecture, Bound, PassCost, PassShape, WeightGroup, Weights};
 
 /// The model of a Flux DiT's conditioning-only weights: `time_text_embed`, each block's
@@ -264,24 +265,9 @@ impl FluxModulation {
         };
         // Every condition's output of the linears `names` of group `g`, appended to its
         // entry.
-        let mut append = |g: usize, names: &[String], ws: &[B::Weight]| -> Result<()> {
+        let mut append = |g: usize, names: &[String], ws: &[B::Weight]| {
             let w = Bound::new(&self.groups[g], ws);
-            for name in names {
-                let (weight, bias) = (
-                    w.get(&format!("{name}.weight")),
-                    w.get(&format!("{name}.bias")),
-                );
-                let rows = silu
-                    .iter()
-                    .map(|x| backend.linear(x, weight, Some(bias)))
-                    .collect::<Result<Vec<_>>>()?;
-                let host = backend.to_host(&backend.concat_rows(&rows)?)?;
-                let cols = host.len() / rows.len();
-                for (k, (_, values)) in entries.iter_mut().enumerate() {
-                    values.extend_from_slice(&host[k * cols..(k + 1) * cols]);
-                }
-            }
-            Ok(())
+            append_outputs(backend, &silu, &w, names, &mut entries)
         };
         for i in 0..c.num_layers {
             let names = [&IMAGE_NAMES, &TEXT_NAMES]

@@ -24,6 +24,7 @@
 //! x = x + gate1 · a
 //! x = x + gate2 · MLP(LayerNorm(x) · (1 + scale2) + shift2)        // GELU-tanh, 4·dim hidden
 //! ```
+//! The block is written once for Qwen-Image and Flux.1, in `model/mmdit.rs`.
 
 mod config;
 mod cost;
@@ -36,17 +37,17 @@ pub use config::{QwenImageConfig, CLASS_NAME, PATCH};
 pub use modulation::{ModulationTable, QwenImageModulation};
 pub use rope::QwenRope;
 
-use std::ops::Range;
+pub use super::mmdit::Modulation;
 
+use super::mmdit::{
+    self, linear_specs, per_sample, Block, FinalLayer, Heads, Layout, Linear, Source, Stream,
+    StreamNames, T_FREQ_DIM, T_MAX_PERIOD,
+};
 use super::z_image::Trace;
 use super::{Architecture, Bound, PassCost, PassShape, TensorSpec, WeightGroup, Weights};
 use crate::backend::dit::{DitOps, Pointwise};
 use crate::error::{Error, Result};
 
-/// Width of the sinusoidal timestep features.
-pub(super) const T_FREQ_DIM: usize = 256;
-/// The sinusoid's longest period.
-pub(super) const T_MAX_PERIOD: f64 = 10000.0;
 /// The timestep projection's `scale` (diffusers' `Timesteps(…, scale=1000)`).
 const T_SCALE: f32 = 1000.0;
 /// Epsilon of every norm: the blocks' LayerNorms and q/k RMSNorms (the block's `eps=1e-6`),
@@ -77,36 +78,8 @@ pub struct QwenImage {
     rope: QwenRope,
 }
 
-/// Where a pass's modulation vectors come from. They depend on the timestep alone (the
-/// timestep embedder, every block's `img_mod`/`txt_mod` linears and `norm_out.linear`: about
-/// a third of the weights), so for a known schedule they can be computed once before the
-/// steps ([`QwenImageModulation`]) and those weights never stream during them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Modulation {
-    /// Each pass computes them; its groups hold those weights.
-    InSteps,
-    /// Each pass takes them from a [`ModulationTable`]; its groups leave those weights out.
-    Precomputed,
-}
-
 /// Where each part sits among the groups, in pass order.
 const EMBEDDERS: usize = 0;
-
-/// `x @ weightᵀ + bias`.
-pub(super) struct Linear<'a, W> {
-    pub weight: &'a W,
-    pub bias: &'a W,
-}
-
-impl<W> Linear<'_, W> {
-    pub fn forward<B: DitOps<Weight = W>>(
-        &self,
-        backend: &B,
-        x: &B::Activation,
-    ) -> Result<B::Activation> {
-        backend.linear(x, self.weight, Some(self.bias))
-    }
-}
 
 /// The timestep embedder: `time_text_embed.timestep_embedder.linear_1`, `.linear_2` (SiLU
 /// between them).
@@ -125,139 +98,21 @@ struct Embedders<'a, W> {
     txt_in: Linear<'a, W>,
 }
 
-/// One stream's weights in a block, under the image's names (`img_mod.1`, `attn.to_q`,
-/// `attn.norm_q`, `attn.to_out.0`, `img_mlp.net.0.proj`, `img_mlp.net.2`) or the text's
-/// (`txt_mod.1`, `attn.add_q_proj`, `attn.norm_added_q`, `attn.to_add_out`, `txt_mlp.…`).
-struct StreamWeights<'a, W> {
-    /// `silu(temb)` → `[shift1, scale1, gate1, shift2, scale2, gate2]`; with
-    /// [`Modulation::InSteps`] only.
-    modulation: Option<Linear<'a, W>>,
-    to_q: Linear<'a, W>,
-    to_k: Linear<'a, W>,
-    to_v: Linear<'a, W>,
-    norm_q: &'a W,
-    norm_k: &'a W,
-    to_out: Linear<'a, W>,
-    mlp_in: Linear<'a, W>,
-    mlp_out: Linear<'a, W>,
-}
-
-/// One double-stream block (`transformer_blocks.N`).
-struct Block<'a, W> {
-    img: StreamWeights<'a, W>,
-    txt: StreamWeights<'a, W>,
-}
-
-/// `norm_out` (AdaLayerNormContinuous: `silu(temb)` → scale, shift) and `proj_out`.
-struct FinalLayer<'a, W> {
-    /// With [`Modulation::InSteps`] only.
-    norm_out: Option<Linear<'a, W>>,
-    proj_out: Linear<'a, W>,
-}
-
-/// The tensor names of one stream in a block, relative to `transformer_blocks.N.`.
-struct StreamNames {
-    modulation: &'static str,
-    q: &'static str,
-    k: &'static str,
-    v: &'static str,
-    norm_q: &'static str,
-    norm_k: &'static str,
-    out: &'static str,
-    mlp: &'static str,
-}
-
+/// One stream's tensor names in a block, relative to `transformer_blocks.N.`: the image's
+/// (`img_mod.1`, `attn.to_q`, `attn.norm_q`, `attn.to_out.0`, `img_mlp.net.0.proj`,
+/// `img_mlp.net.2`) and the text's (`txt_mod.1`, `attn.add_q_proj`, `attn.norm_added_q`,
+/// `attn.to_add_out`, `txt_mlp.…`).
 const IMAGE_NAMES: StreamNames = StreamNames {
     modulation: "img_mod.1",
-    q: "attn.to_q",
-    k: "attn.to_k",
-    v: "attn.to_v",
-    norm_q: "attn.norm_q",
-    norm_k: "attn.norm_k",
-    out: "attn.to_out.0",
+    attn: mmdit::IMAGE_ATTN,
     mlp: "img_mlp",
 };
 
 const TEXT_NAMES: StreamNames = StreamNames {
     modulation: "txt_mod.1",
-    q: "attn.add_q_proj",
-    k: "attn.add_k_proj",
-    v: "attn.add_v_proj",
-    norm_q: "attn.norm_added_q",
-    norm_k: "attn.norm_added_k",
-    out: "attn.to_add_out",
+    attn: mmdit::TEXT_ATTN,
     mlp: "txt_mlp",
 };
-
-/// One stream's activations in a pass: `x` `[rows, dim]`, the rows of each sample, and the
-/// RoPE table `[rows, head_dim]`.
-struct Stream<A, R> {
-    x: A,
-    rows: Vec<Range<usize>>,
-    rope: R,
-}
-
-/// Both streams' q, k, v after norms and RoPE, `[rows, dim]` each.
-struct Qkv<A> {
-    q: A,
-    k: A,
-    v: A,
-}
-
-/// A stream's modulation for one block: `[batch, dim]` each.
-struct ModVectors<A> {
-    shift1: A,
-    scale1: A,
-    gate1: A,
-    shift2: A,
-    scale2: A,
-    gate2: A,
-}
-
-/// The token grid and each sample's text length.
-struct Layout {
-    /// Image tokens per side and per sample.
-    rows: usize,
-    cols: usize,
-    image_tokens: usize,
-    text_tokens: Vec<usize>,
-}
-
-impl Layout {
-    fn batch(&self) -> usize {
-        self.text_tokens.len()
-    }
-
-    /// Sample `s`'s rows in the image stream.
-    fn image(&self) -> Vec<Range<usize>> {
-        let n = self.image_tokens;
-        (0..self.batch()).map(|s| s * n..(s + 1) * n).collect()
-    }
-
-    /// Sample `s`'s rows in the text stream.
-    fn text(&self) -> Vec<Range<usize>> {
-        let mut start = 0;
-        self.text_tokens
-            .iter()
-            .map(|&l| {
-                start += l;
-                start - l..start
-            })
-            .collect()
-    }
-
-    /// Sample `s`'s rows in the joint sequence: its text, then its image.
-    fn joint(&self) -> Vec<Range<usize>> {
-        let mut start = 0;
-        self.text_tokens
-            .iter()
-            .map(|&l| {
-                start += l + self.image_tokens;
-                start - l - self.image_tokens..start
-            })
-            .collect()
-    }
-}
 
 impl QwenImage {
     /// Passes that compute their modulation ([`Modulation::InSteps`]).
@@ -439,131 +294,41 @@ impl QwenImage {
         drop((image_table, text_table));
         let joint = layout.joint();
 
+        // The modulation linear's vectors for every sample, `[batch, cols]`.
+        let vectors =
+            |w: Option<&Linear<'_, B::Weight>>,
+             pick: &dyn for<'e> Fn(&'e modulation::Entry<'_>) -> &'e [f32]| {
+                source.per_sample(backend, w, pick, &sigmas.of_sample)
+            };
+
         for i in 0..c.num_layers {
             let g = self.block_group(i);
             let w = self.block(g, i, weights.group(g)?);
-            let stream_mod = |sw: &StreamWeights<'_, B::Weight>, stream: usize| -> Result<_> {
-                let per_sigma = source.vectors(backend, sw.modulation.as_ref(), |r| {
-                    (r.stream(i, stream), 6 * c.dim())
-                })?;
-                six(
-                    backend,
-                    &per_sample(backend, &per_sigma, &sigmas.of_sample)?,
-                )
-            };
-            let mods = (&stream_mod(&w.img, 0)?, &stream_mod(&w.txt, 1)?);
-            self.block_forward(backend, &w, &mut img, &mut txt, &joint, mods, i, &mut tap)?;
+            let mods = w.modulation(backend, |m, s| vectors(m, &|e| e.stream(i, s)))?;
+            w.forward(
+                backend,
+                &mut img,
+                &mut txt,
+                &joint,
+                &mods,
+                self.heads(),
+                &mut |name, x| tap(&format!("blocks.{i}.{name}"), x),
+            )?;
+            tap(&format!("blocks.{i}.img"), &img.x)?;
+            tap(&format!("blocks.{i}.txt"), &txt.x)?;
         }
         drop(txt);
 
         // norm_out: LayerNorm · (1 + scale) + shift (chunk order scale, shift), then proj_out.
         let out = {
             let w = self.final_weights(weights.group(self.final_group())?);
-            let per_sigma = source.vectors(backend, w.norm_out.as_ref(), |r| {
-                (r.norm_out(), 2 * c.dim())
-            })?;
-            let emb = per_sample(backend, &per_sigma, &sigmas.of_sample)?; // [batch, 2·dim]
-            let m = backend.split_cols(&emb, 2)?;
-            let mut h = backend.layer_norm(&img.x, EPS)?;
-            backend.modulate(&mut h, &img.rows, &m[0], Some(&m[1]))?;
-            tap("norm_out", &h)?;
-            let out = w.proj_out.forward(backend, &h)?; // [batch·n, patch features]
+            // emb [batch, 2·dim]; out [batch·n, patch features]
+            let emb = vectors(w.norm_out.as_ref(), &|e| e.norm_out())?;
+            let out = w.forward(backend, &img.x, &img.rows, &emb, EPS, &mut tap)?;
             backend.to_host(&out)?
         };
         weights.finish_pass()?;
         Ok(out)
-    }
-
-    /// Block `index` over both streams in place.
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward<B: DitOps>(
-        &self,
-        backend: &B,
-        w: &Block<'_, B::Weight>,
-        img: &mut Stream<B::Activation, B::RopeTable>,
-        txt: &mut Stream<B::Activation, B::RopeTable>,
-        joint: &[Range<usize>],
-        (img_mod, txt_mod): (&ModVectors<B::Activation>, &ModVectors<B::Activation>),
-        index: usize,
-        tap: &mut dyn FnMut(&str, &B::Activation) -> Result<()>,
-    ) -> Result<()> {
-        let (heads, head_dim) = (self.config.num_attention_heads, self.config.head_dim());
-
-        // Attention: each stream's q, k, v, then each sample's [text, image] together.
-        let img_qkv = self.qkv(backend, &w.img, img, img_mod)?;
-        let txt_qkv = self.qkv(backend, &w.txt, txt, txt_mod)?;
-        let interleave = |t: &B::Activation, i: &B::Activation| -> Result<B::Activation> {
-            let mut parts = Vec::with_capacity(2 * joint.len());
-            for (tr, ir) in txt.rows.iter().zip(&img.rows) {
-                parts.push(backend.rows(t, tr.start, tr.len())?);
-                parts.push(backend.rows(i, ir.start, ir.len())?);
-            }
-            backend.concat_rows(&parts)
-        };
-        let q = interleave(&txt_qkv.q, &img_qkv.q)?;
-        let k = interleave(&txt_qkv.k, &img_qkv.k)?;
-        let v = interleave(&txt_qkv.v, &img_qkv.v)?;
-        drop((img_qkv, txt_qkv));
-        let a = backend.attention_within(&q, &k, &v, joint, heads, head_dim)?;
-        drop((q, k, v));
-        // Back to the streams: each sample's first rows are its text.
-        let (mut img_a, mut txt_a) = (Vec::new(), Vec::new());
-        for ((j, tr), ir) in joint.iter().zip(&txt.rows).zip(&img.rows) {
-            txt_a.push(backend.rows(&a, j.start, tr.len())?);
-            img_a.push(backend.rows(&a, j.start + tr.len(), ir.len())?);
-        }
-        drop(a);
-        let img_a = w
-            .img
-            .to_out
-            .forward(backend, &backend.concat_rows(&img_a)?)?;
-        let txt_a = w
-            .txt
-            .to_out
-            .forward(backend, &backend.concat_rows(&txt_a)?)?;
-        tap(&format!("blocks.{index}.attn.img"), &img_a)?;
-        tap(&format!("blocks.{index}.attn.txt"), &txt_a)?;
-        backend.add_gated(&mut img.x, &img.rows, &img_mod.gate1, &img_a)?;
-        backend.add_gated(&mut txt.x, &txt.rows, &txt_mod.gate1, &txt_a)?;
-        drop((img_a, txt_a));
-
-        // Each stream's MLP.
-        for (s, sw, m) in [(&mut *img, &w.img, img_mod), (&mut *txt, &w.txt, txt_mod)] {
-            let mut h = backend.layer_norm(&s.x, EPS)?;
-            backend.modulate(&mut h, &s.rows, &m.scale2, Some(&m.shift2))?;
-            let mut hidden = sw.mlp_in.forward(backend, &h)?; // [rows, 4·dim]
-            drop(h);
-            backend.pointwise(&mut hidden, Pointwise::GeluTanh)?;
-            let y = sw.mlp_out.forward(backend, &hidden)?;
-            drop(hidden);
-            backend.add_gated(&mut s.x, &s.rows, &m.gate2, &y)?;
-        }
-        tap(&format!("blocks.{index}.img"), &img.x)?;
-        tap(&format!("blocks.{index}.txt"), &txt.x)
-    }
-
-    /// One stream's attention inputs: `LayerNorm(x) · (1 + scale1) + shift1`, its q, k, v
-    /// (bias), RMSNorm per head on q and k, RoPE on q and k.
-    fn qkv<B: DitOps>(
-        &self,
-        backend: &B,
-        w: &StreamWeights<'_, B::Weight>,
-        s: &Stream<B::Activation, B::RopeTable>,
-        m: &ModVectors<B::Activation>,
-    ) -> Result<Qkv<B::Activation>> {
-        let head_dim = self.config.head_dim();
-        let mut h = backend.layer_norm(&s.x, EPS)?;
-        backend.modulate(&mut h, &s.rows, &m.scale1, Some(&m.shift1))?;
-        let normed = |proj: &Linear<'_, B::Weight>, norm| -> Result<B::Activation> {
-            backend.rms_norm(&proj.forward(backend, &h)?, norm, EPS)
-        };
-        let mut q = normed(&w.to_q, w.norm_q)?;
-        let mut k = normed(&w.to_k, w.norm_k)?;
-        let v = w.to_v.forward(backend, &h)?;
-        drop(h);
-        backend.rope_interleaved(&mut q, &s.rope, head_dim)?;
-        backend.rope_interleaved(&mut k, &s.rope, head_dim)?;
-        Ok(Qkv { q, k, v })
     }
 
     /// Check a pass's inputs and lay out its rows.
@@ -580,40 +345,15 @@ impl QwenImage {
                 ),
             ));
         }
-        let (h, w) = (input.height, input.width);
-        if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 {
-            return Err(bad(
-                "latent size",
-                format!(
-                    "{h}×{w} latent pixels ({}×{} image pixels); expected positive multiples of {PATCH} (images in multiples of {})",
-                    8 * h,
-                    8 * w,
-                    8 * PATCH
-                ),
-            ));
-        }
-        let (rows, cols) = (h / PATCH, w / PATCH);
-        let n = rows * cols;
-        if input.latents.len() != batch * n * c.in_channels {
-            return Err(Error::Shape {
-                tensor: "packed latents".into(),
-                expected: vec![batch, n, c.in_channels],
-                found: vec![input.latents.len()],
-            });
-        }
-        let mut text_tokens = Vec::with_capacity(batch);
-        for t in input.texts {
-            if t.is_empty() || t.len() % c.joint_attention_dim != 0 {
-                return Err(Error::Shape {
-                    tensor: "text features".into(),
-                    expected: vec![0, c.joint_attention_dim],
-                    found: vec![t.len()],
-                });
-            }
-            text_tokens.push(t.len() / c.joint_attention_dim);
-        }
+        let layout = Layout::check(
+            input.latents,
+            (input.height, input.width, PATCH),
+            input.texts,
+            (c.in_channels, c.joint_attention_dim),
+        )?;
+        let (rows, cols) = (layout.rows, layout.cols);
         // diffusers' RoPE tables hold positions −4096..4095.
-        let longest = text_tokens.iter().max().copied().unwrap_or(0);
+        let longest = layout.text_tokens.iter().max().copied().unwrap_or(0);
         let last_text = rope::text_start(rows, cols) as usize + longest;
         if last_text > rope::MAX_POSITIONS || rows.max(cols) > rope::MAX_POSITIONS {
             return Err(bad(
@@ -624,20 +364,12 @@ impl QwenImage {
                 ),
             ));
         }
-        Ok(Layout {
-            rows,
-            cols,
-            image_tokens: n,
-            text_tokens,
-        })
+        Ok(layout)
     }
 
     fn embedders<'a, W>(&'a self, ws: &'a [W]) -> Embedders<'a, W> {
         let w = Bound::new(&self.groups[EMBEDDERS], ws);
-        let linear = |s: &str| Linear {
-            weight: w.get(&format!("{s}.weight")),
-            bias: w.get(&format!("{s}.bias")),
-        };
+        let linear = |s: &str| Linear::bind(&w, s);
         Embedders {
             timestep: (self.modulation == Modulation::InSteps).then(|| timestep_embedder(&w)),
             txt_norm: w.get("txt_norm.weight"),
@@ -648,39 +380,21 @@ impl QwenImage {
 
     fn block<'a, W>(&'a self, g: usize, index: usize, ws: &'a [W]) -> Block<'a, W> {
         let w = Bound::new(&self.groups[g], ws);
-        let p = |s: &str| w.get(&format!("transformer_blocks.{index}.{s}"));
-        let linear = |s: &str| Linear {
-            weight: p(&format!("{s}.weight")),
-            bias: p(&format!("{s}.bias")),
-        };
-        let in_steps = self.modulation == Modulation::InSteps;
-        let stream = |n: &StreamNames| StreamWeights {
-            modulation: in_steps.then(|| linear(n.modulation)),
-            to_q: linear(n.q),
-            to_k: linear(n.k),
-            to_v: linear(n.v),
-            norm_q: p(&format!("{}.weight", n.norm_q)),
-            norm_k: p(&format!("{}.weight", n.norm_k)),
-            to_out: linear(n.out),
-            mlp_in: linear(&format!("{}.net.0.proj", n.mlp)),
-            mlp_out: linear(&format!("{}.net.2", n.mlp)),
-        };
-        Block {
-            img: stream(&IMAGE_NAMES),
-            txt: stream(&TEXT_NAMES),
+        Block::bind(&w, index, [&IMAGE_NAMES, &TEXT_NAMES], self.modulation)
+    }
+
+    /// The blocks' attention shape.
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.config.num_attention_heads,
+            head_dim: self.config.head_dim(),
+            eps: EPS,
         }
     }
 
     fn final_weights<'a, W>(&'a self, ws: &'a [W]) -> FinalLayer<'a, W> {
         let w = Bound::new(&self.groups[self.final_group()], ws);
-        let linear = |s: &str| Linear {
-            weight: w.get(&format!("{s}.weight")),
-            bias: w.get(&format!("{s}.bias")),
-        };
-        FinalLayer {
-            norm_out: (self.modulation == Modulation::InSteps).then(|| linear("norm_out.linear")),
-            proj_out: linear("proj_out"),
-        }
+        FinalLayer::bind(&w, self.modulation)
     }
 
     /// [`Architecture::pass_cost`] for a pass whose samples each hold `image_tokens` image
@@ -748,66 +462,6 @@ impl<W> TimestepEmbedder<'_, W> {
         backend.pointwise(&mut silu, Pointwise::Silu)?;
         Ok((temb, silu))
     }
-}
-
-/// Where a pass's modulation vectors come from: `silu(temb)` of each distinct σ, or a
-/// table's rows for them.
-enum Source<'t, A> {
-    Computed(Vec<A>),
-    Table(Vec<modulation::Entry<'t>>),
-}
-
-impl<A> Source<'_, A> {
-    /// One modulation linear's output for each distinct σ, `[1, cols]` each: computed by
-    /// `w`, or the table's `(values, cols)` that `pick` names.
-    fn vectors<B: DitOps<Activation = A>>(
-        &self,
-        backend: &B,
-        w: Option<&Linear<'_, B::Weight>>,
-        pick: impl for<'e> Fn(&'e modulation::Entry<'_>) -> (&'e [f32], usize),
-    ) -> Result<Vec<A>> {
-        match self {
-            Source::Computed(silu) => {
-                let w = w.expect("a pass that computes its modulation holds its linears");
-                silu.iter().map(|x| w.forward(backend, x)).collect()
-            }
-            Source::Table(rows) => rows
-                .iter()
-                .map(|r| {
-                    let (values, cols) = pick(r);
-                    backend.upload(values, 1, cols)
-                })
-                .collect(),
-        }
-    }
-}
-
-/// `[batch, cols]`: each sample's row of `per_sigma` (`[1, cols]` for each distinct σ).
-pub(super) fn per_sample<B: DitOps>(
-    backend: &B,
-    per_sigma: &[B::Activation],
-    of_sample: &[usize],
-) -> Result<B::Activation> {
-    let rows = of_sample
-        .iter()
-        .map(|&k| backend.rows(&per_sigma[k], 0, 1))
-        .collect::<Result<Vec<_>>>()?;
-    backend.concat_rows(&rows)
-}
-
-/// A stream's six modulation vectors for one block from `linear(silu(temb))` `[batch,
-/// 6·dim]`, in diffusers' chunk order.
-fn six<B: DitOps>(backend: &B, m: &B::Activation) -> Result<ModVectors<B::Activation>> {
-    let mut m = backend.split_cols(m, 6)?.into_iter();
-    let mut next = || m.next().expect("six chunks");
-    Ok(ModVectors {
-        shift1: next(),
-        scale1: next(),
-        gate1: next(),
-        shift2: next(),
-        scale2: next(),
-        gate2: next(),
-    })
 }
 
 /// `[batch, 256]`: the sinusoidal features of `σ · 1000`, cosines first, in f32 as diffusers'
@@ -885,10 +539,7 @@ pub fn unpack_latents(x: &[f32], batch: usize, c: usize, h: usize, w: usize) -> 
 
 /// The timestep embedder's linears, bound from `w`.
 fn timestep_embedder<'a, W>(w: &Bound<'a, W>) -> TimestepEmbedder<'a, W> {
-    let linear = |s: &str| Linear {
-        weight: w.get(&format!("{TIMESTEP_EMBEDDER}.{s}.weight")),
-        bias: w.get(&format!("{TIMESTEP_EMBEDDER}.{s}.bias")),
-    };
+    let linear = |s: &str| Linear::bind(w, &format!("{TIMESTEP_EMBEDDER}.{s}"));
     TimestepEmbedder {
         linear_1: linear("linear_1"),
         linear_2: linear("linear_2"),
@@ -897,12 +548,6 @@ fn timestep_embedder<'a, W>(w: &Bound<'a, W>) -> TimestepEmbedder<'a, W> {
 
 /// The timestep embedder's name.
 const TIMESTEP_EMBEDDER: &str = "time_text_embed.timestep_embedder";
-
-/// A linear's weight `[rows, cols]` and bias `[rows]` specs under `name`.
-pub(super) fn linear_specs(out: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize) {
-    out.push(TensorSpec::new(format!("{name}.weight"), &[rows, cols]));
-    out.push(TensorSpec::new(format!("{name}.bias"), &[rows]));
-}
 
 /// The timestep embedder's specs.
 fn timestep_specs(out: &mut Vec<TensorSpec>, dim: usize) {
@@ -931,30 +576,10 @@ fn weight_groups(c: &QwenImageConfig, modulation: Modulation) -> Vec<WeightGroup
     linear(&mut embedders, "txt_in".into(), dim, c.joint_attention_dim);
     let mut groups = vec![WeightGroup::new("embedders", embedders)];
     for i in 0..c.num_layers {
-        let p = |s: &str| format!("transformer_blocks.{i}.{s}");
-        let mut t = Vec::new();
-        for n in [&IMAGE_NAMES, &TEXT_NAMES].into_iter().filter(|_| in_steps) {
-            linear(&mut t, p(n.modulation), 6 * dim, dim);
-        }
-        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
-            for proj in [n.q, n.k, n.v] {
-                linear(&mut t, p(proj), dim, dim);
-            }
-            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_q)), &[hd]));
-            t.push(TensorSpec::new(p(&format!("{}.weight", n.norm_k)), &[hd]));
-            linear(&mut t, p(n.out), dim, dim);
-        }
-        for n in [&IMAGE_NAMES, &TEXT_NAMES] {
-            linear(&mut t, p(&format!("{}.net.0.proj", n.mlp)), ffn, dim);
-            linear(&mut t, p(&format!("{}.net.2", n.mlp)), dim, ffn);
-        }
+        let t = mmdit::block_specs(i, [&IMAGE_NAMES, &TEXT_NAMES], modulation, (dim, hd, ffn));
         groups.push(WeightGroup::new(format!("block {i}"), t));
     }
-    let mut last = Vec::new();
-    if in_steps {
-        linear(&mut last, "norm_out.linear".into(), 2 * dim, dim);
-    }
-    linear(&mut last, "proj_out".into(), c.patch_features(), dim);
+    let last = mmdit::final_specs(modulation, dim, c.patch_features());
     groups.push(WeightGroup::new("final layer", last));
     groups
 }
@@ -972,18 +597,5 @@ mod tests {
         let token = 6 + 3 + 2;
         assert_eq!(t[token * 4 * c + 2 * 4 + 2], x[((c + 2) * h + 3) * w + 4]);
         assert_eq!(unpack_latents(&t, b, c, h, w), x);
-    }
-
-    #[test]
-    fn joint_rows_put_each_text_before_its_image() {
-        let l = Layout {
-            rows: 3,
-            cols: 5,
-            image_tokens: 15,
-            text_tokens: vec![7, 12],
-        };
-        assert_eq!(l.image(), vec![0..15, 15..30]);
-        assert_eq!(l.text(), vec![0..7, 7..19]);
-        assert_eq!(l.joint(), vec![0..22, 22..49]);
     }
 }

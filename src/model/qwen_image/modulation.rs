@@ -15,6 +15,7 @@ use super::{
 };
 use crate::backend::dit::DitOps;
 use crate::error::{Error, Result};
+use crate::model::mmdit::append_outputs;
 use crate::model::{Architecture, Bound, PassCost, PassShape, WeightGroup, Weights};
 
 /// The model of a Qwen-Image DiT's timestep-only weights: the timestep embedder, each block's
@@ -156,24 +157,9 @@ impl QwenImageModulation {
                 .collect::<Result<Vec<_>>>()?
         };
         // Every σ's output of the linear `name` of group `g`, appended to its entry.
-        let mut append = |g: usize, names: &[String], ws: &[B::Weight]| -> Result<()> {
+        let mut append = |g: usize, names: &[String], ws: &[B::Weight]| {
             let w = Bound::new(&self.groups[g], ws);
-            for name in names {
-                let (weight, bias) = (
-                    w.get(&format!("{name}.weight")),
-                    w.get(&format!("{name}.bias")),
-                );
-                let rows = silu
-                    .iter()
-                    .map(|x| backend.linear(x, weight, Some(bias)))
-                    .collect::<Result<Vec<_>>>()?;
-                let host = backend.to_host(&backend.concat_rows(&rows)?)?;
-                let cols = host.len() / rows.len();
-                for (k, (_, values)) in entries.iter_mut().enumerate() {
-                    values.extend_from_slice(&host[k * cols..(k + 1) * cols]);
-                }
-            }
-            Ok(())
+            append_outputs(backend, &silu, &w, names, &mut entries)
         };
         for i in 0..c.num_layers {
             let names = [&IMAGE_NAMES, &TEXT_NAMES]
