@@ -151,6 +151,28 @@ fn concurrent_streams_equal_their_solo_greedy_answers() {
     );
 }
 
+/// The prompt piece is for all newcomers of a pass together: a short context does not cap it
+/// (stop 29 on the H200: capped at `--context 256`, 64 prompts took a third of the passes),
+/// only what a full batch could hold.
+#[test]
+fn the_prompt_piece_is_not_capped_by_one_sequences_context() {
+    for (flags, piece) in [
+        (&["--context", "16"][..], 512),
+        (&["--context", "16", "--max-batch", "2"][..], 32),
+        (&["--context", "16", "--prompt-chunk", "100"][..], 100),
+    ] {
+        let server = start(flags);
+        assert!(
+            server.banner.contains("context 16, up to ")
+                && server
+                    .banner
+                    .contains(&format!(" {piece} prompt tokens a pass")),
+            "{flags:?}: expected {piece} prompt tokens a pass in {:?}",
+            server.banner
+        );
+    }
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let server = start(&["--max-batch", "1", "--max-queue", "1"]);

@@ -210,14 +210,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let max = ckpt.config.max_position_embeddings;
     let context = context_length(args.context.or(Some(max.min(8192))), max)?;
     // With --vram: planned for a full batch of sequences that fill the context, each decoding
-    // a token beside newcomers' prompt pieces of `prompt_chunk` tokens in all.
+    // a token beside newcomers' prompt pieces of `prompt_chunk` tokens in all. The piece is
+    // for all newcomers together, so it is not capped by one sequence's context (each one's
+    // share is), only by what a full batch could hold.
     let prompt_chunk = args
         .prompt_chunk
         .unwrap_or(match args.compute.vram {
             Some(_) => STREAMED_PROMPT_CHUNK,
             None => PROMPT_CHUNK,
         })
-        .min(context);
+        .min(args.max_batch * context);
     let pass = PlannedPass {
         shape: PassShape {
             tokens: 1,

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// The line that says where it listens (what it serves, and how).
+    pub banner: String,
 }
 
 impl Server {
@@ -22,18 +24,22 @@ impl Server {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
+        let (addr, banner) = loop {
             let line = lines
                 .next()
                 .expect("the server says where it listens")
                 .unwrap();
             if let Some(at) = line.find("http://") {
-                break line[at + 7..].trim_end_matches(']').to_string();
+                break (line[at + 7..].trim_end_matches(']').to_string(), line);
             }
         };
         // Keep reading its stderr so that it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        Server {
+            child,
+            addr,
+            banner,
+        }
     }
 
     /// SIGTERM; the exit status.
