@@ -15,6 +15,7 @@
 #                                       carry it to the GPU machine, e.g. the device tool's carry)
 # and run there with
 #   scripts/gpu_checks.sh [OUT_DIR]    (logs and JSON under OUT_DIR, default ./gpu-out)
+# Prompt attention v1 against v2 (bit-identity, then timing) runs apart: bench/attention_h200.sh.
 # Set SKIP_DIT=1 to leave out the Z-Image DiT benchmarks (DIT_BUDGETS, DIT_BATCH choose them),
 # SKIP_7B=1 to leave out step 3 (it writes 15 GB to $SYNTH_DIR, default /tmp), or
 # SKIP_TRANSFORMERS=1 to time ferry alone.
@@ -53,6 +54,11 @@ if [ "${1:-}" = "--build" ]; then
     smol_bin=$(cargo test --release --test cuda_smollm2 --no-run --message-format=json 2>/dev/null \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     strip -o .gpu/cuda-smollm2-tests "$smol_bin"
+    attention_bin=$(cargo test --release --test cuda_attention --no-run --message-format=json 2>/dev/null \
+        | sed -n 's/.*"executable":"\([^"]*\/cuda_attention-[^"]*\)".*/\1/p' | tail -1)
+    strip -o .gpu/cuda-attention-tests "$attention_bin"
+    cargo build --release --example attention_bench
+    strip -o .gpu/attention-bench target/release/examples/attention_bench
     cp scripts/gpu_checks.sh bench/transformers_bench.py .gpu/
     pwd > .gpu/built_in  # the test binary finds fixtures under this path
     ls -la .gpu

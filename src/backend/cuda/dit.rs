@@ -1,5 +1,5 @@
 //! [`DitOps`] on the GPU: the kernels of `kernels/dit.cu`, and non-causal flash attention of
-//! each sample (`attn_full` in `kernels/attention_prefill.cu`).
+//! each sample (`attn_full_v1`/`_v2` in `kernels/attention_prefill.cu`).
 
 use std::ops::Range;
 
@@ -7,9 +7,7 @@ use half::bf16;
 
 use cudarc::driver::{LaunchArgs, PushKernelArg};
 
-use super::{
-    cfg, compile, prefill_smem_bytes, prefill_supported, Cuda, CudaTensor, DevBuf, Purpose,
-};
+use super::{attention, cfg, compile, prefill_supported, Cuda, CudaTensor, DevBuf, Purpose};
 use crate::backend::dit::{DitOps, Pointwise};
 use crate::error::{Error, Result};
 
@@ -264,7 +262,6 @@ impl DitOps for Cuda {
             )));
         }
         let out = self.tensor(q.rows, width)?;
-        let f = self.function(&compile::ATTENTION_PREFILL, "attn_full", head_dim)?;
         let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
         let row_bytes = (width * 2) as u64;
         for rows in samples.iter().filter(|r| !r.is_empty()) {
@@ -275,6 +272,8 @@ impl DitOps for Cuda {
                 self.ptr(&v.buf) + at,
                 self.ptr(&out.buf) + at,
             );
+            let launch = self.prefill_launch(false, rows.len(), heads, head_dim);
+            let f = self.function(&compile::ATTENTION_PREFILL, launch.name, head_dim)?;
             let (t, h) = (rows.len() as u32, heads as u32);
             let mut b = self.stream.launch_builder(&f);
             b.arg(&qp)
@@ -284,11 +283,10 @@ impl DitOps for Cuda {
                 .arg(&t)
                 .arg(&h)
                 .arg(&scale_log2);
-            let grid = (rows.len().div_ceil(64) as u32, heads as u32, 1);
-            // SAFETY: arguments match `attn_full`; q, k, v and out hold the sample's rows at
-            // `at` (checked above).
-            unsafe { b.launch(cfg(grid, 128, prefill_smem_bytes(head_dim) as u32)) }
-                .map_err(self.err("attn_full"))?;
+            // SAFETY: arguments match `attn_full_v1`/`_v2`; q, k, v and out hold the sample's
+            // rows at `at` (checked above).
+            unsafe { b.launch(cfg(launch.grid, launch.block, launch.smem_bytes)) }
+                .map_err(self.err(launch.name))?;
         }
         Ok(out)
     }
@@ -308,7 +306,9 @@ impl Cuda {
             self.function(&compile::DIT, name, 0)?;
         }
         if prefill_supported(head_dim) {
-            self.function(&compile::ATTENTION_PREFILL, "attn_full", head_dim)?;
+            for name in attention::kernels(false, head_dim) {
+                self.function(&compile::ATTENTION_PREFILL, name, head_dim)?;
+            }
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! ([`compile`]), and matrix products go through cuBLASLt ([`gemm`]). All work is queued on one
 //! stream; the host waits only when it reads a result (logits, the next token).
 
+mod attention;
 mod compile;
 mod dit;
 mod encoder;
@@ -17,7 +18,7 @@ pub mod loader;
 pub mod streaming;
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::checkpoint::HostTensor;
 use crate::error::{Error, Result};
 use crate::stream::{Allocation, BudgetAllocator, DeviceMemory, Purpose, Vram};
 
+pub use attention::AttentionKernel;
 pub use compile::nvrtc_version;
 
 /// cuBLASLt's scratch, allocated once per device (its recommended workspace on Hopper).
@@ -232,6 +234,8 @@ pub struct Cuda {
     /// Single-token products through cuBLASLt instead of `gemv` (FERRY_CUDA_NO_GEMV=1, for
     /// comparing the two).
     no_gemv: bool,
+    /// The prompt-attention kernel (`FERRY_ATTENTION=v1|v2|auto`, see [`AttentionKernel`]).
+    attention_kernel: Cell<AttentionKernel>,
     /// The RoPE frequencies last used, and their device copy.
     inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
     // Dropped last: everything above lives in this context and is freed on this stream.
@@ -358,6 +362,7 @@ impl Cuda {
             functions: RefCell::new(HashMap::new()),
             inv_freq: RefCell::new(None),
             no_gemv: std::env::var_os("FERRY_CUDA_NO_GEMV").is_some(),
+            attention_kernel: Cell::new(AttentionKernel::from_env()?),
             stream,
             ctx,
         })
@@ -365,6 +370,24 @@ impl Cuda {
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The prompt-attention kernel that runs from now on (tests and benchmarks compare them;
+    /// `FERRY_ATTENTION` sets the first).
+    pub fn set_attention_kernel(&self, kernel: AttentionKernel) {
+        self.attention_kernel.set(kernel);
+    }
+
+    /// The kernel that runs, with the kernel set now, attention over `t` query rows of `heads`
+    /// heads of `head_dim` (causal: a prompt; else a DiT sample): `attn_prefill_v1`, ….
+    pub fn attention_kernel_name(
+        &self,
+        causal: bool,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> &'static str {
+        self.prefill_launch(causal, t, heads, head_dim).name
     }
 
     /// Wait until the device has run everything queued (for timing).
@@ -388,7 +411,9 @@ impl Cuda {
             self.function(src, name, hd)?;
         }
         if prefill_supported(head_dim) {
-            self.function(&compile::ATTENTION_PREFILL, "attn_prefill", head_dim)?;
+            for name in attention::kernels(true, head_dim) {
+                self.function(&compile::ATTENTION_PREFILL, name, head_dim)?;
+            }
         }
         Ok(())
     }
@@ -475,6 +500,25 @@ impl Cuda {
         s.addr(&self.stream)
     }
 
+    /// The prompt-attention kernel for `t` query rows of `heads` heads (causal: a prompt over
+    /// its cache; else a DiT sample), and its grid, block and shared memory.
+    fn prefill_launch(
+        &self,
+        causal: bool,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> attention::Launch {
+        attention::launch(
+            self.attention_kernel.get(),
+            causal,
+            t,
+            heads,
+            head_dim,
+            self.info.multiprocessors,
+        )
+    }
+
     /// Kernel `name` of family `src`, built for `head_dim` (0: not a parameter).
     fn function(
         &self,
@@ -489,7 +533,7 @@ impl Cuda {
         let f = module.load_function(name).map_err(self.err(name))?;
         // Every kernel of the prompt-attention family takes its tiles in dynamic shared memory.
         if src.name == compile::ATTENTION_PREFILL.name {
-            let bytes = prefill_smem_bytes(head_dim) as i32;
+            let bytes = attention::smem_bytes(name, head_dim) as i32;
             f.set_attribute(
                 cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes,
@@ -602,11 +646,6 @@ impl Cuda {
         }
         Ok(self.ptr(&cached.as_ref().expect("just filled").1))
     }
-}
-
-/// Bytes of shared memory the prompt attention kernel takes for `head_dim`.
-fn prefill_smem_bytes(head_dim: usize) -> usize {
-    (64 + 4 * 64) * (head_dim + 8) * 2
 }
 
 fn prefill_supported(head_dim: usize) -> bool {
@@ -964,7 +1003,8 @@ impl Backend for Cuda {
         let (heads_u, kv_heads_u, p0) = (heads as u32, kv_heads as u32, pos0 as u32);
 
         if t > DECODE_MAX_ROWS && prefill_supported(hd) {
-            let f = self.function(&compile::ATTENTION_PREFILL, "attn_prefill", hd)?;
+            let launch = self.prefill_launch(true, t, heads, hd);
+            let f = self.function(&compile::ATTENTION_PREFILL, launch.name, hd)?;
             let t_u = t as u32;
             let mut b = self.stream.launch_builder(&f);
             b.arg(&qp)
@@ -975,10 +1015,10 @@ impl Backend for Cuda {
                 .arg(&heads_u)
                 .arg(&kv_heads_u);
             b.arg(&p0).arg(&window).arg(&scale_log2);
-            let grid = (t.div_ceil(64) as u32, heads as u32, 1);
-            // SAFETY: arguments match `attn_prefill`; the cache holds positions 0..pos0+t.
-            unsafe { b.launch(cfg(grid, 128, prefill_smem_bytes(hd) as u32)) }
-                .map_err(self.err("attn_prefill"))?;
+            // SAFETY: arguments match `attn_prefill_v1`/`_v2`; the cache holds positions
+            // 0..pos0+t.
+            unsafe { b.launch(cfg(launch.grid, launch.block, launch.smem_bytes)) }
+                .map_err(self.err(launch.name))?;
             return Ok(());
         }
 
