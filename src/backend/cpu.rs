@@ -9,7 +9,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub(super) use super::cpu_dot::dot;
-use super::cpu_gemm::{block, Panels, PANEL, TOKENS};
+use super::cpu_gemm::{block, Panels, Store, PANEL, TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
 use crate::error::Result;
@@ -54,6 +54,22 @@ impl CpuWeight {
             WeightData::Bf16(p) => widen(&mut p.row(r)),
         }
         buf
+    }
+
+    /// `x @ selfᵀ`, each output stored into `out` (`[x.rows, self.rows]`) by `store`.
+    fn product_into(&self, x: &CpuTensor, out: &mut [f32], store: Store) {
+        assert_eq!(x.cols, self.cols, "linear: input width vs weight columns");
+        let tokens = &x.data[..x.rows * x.cols];
+        // Each output one chain of FMAs over the columns, as in a one-token pass.
+        match &self.data {
+            WeightData::F32(p) => p.product_into(tokens, out, store),
+            WeightData::Bf16(p) => p.product_into(tokens, out, store),
+            WeightData::Mapped(_) | WeightData::Owned(_) => {
+                let mut buf = Vec::new();
+                let row = self.row_f32(0, &mut buf);
+                Panels::pack(1, self.cols, row).product_into(tokens, out, store)
+            }
+        }
     }
 
     /// The whole weight as f32 (small vectors: norms, biases).
@@ -168,30 +184,47 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
-        assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
-        let tokens = &x.data[..x.rows * x.cols];
-        // [t, out]: each output one chain of FMAs over the columns, as in a one-token pass.
-        let mut data = match &w.data {
-            WeightData::F32(p) => p.product(tokens),
-            WeightData::Bf16(p) => p.product(tokens),
-            WeightData::Mapped(_) | WeightData::Owned(_) => {
-                let mut buf = Vec::new();
-                let row = w.row_f32(0, &mut buf);
-                Panels::pack(1, w.cols, row).product(tokens)
-            }
+        let mut out = CpuTensor {
+            rows: x.rows,
+            cols: w.rows,
+            data: vec![0.0; x.rows * w.rows],
         };
-        if let Some(b) = bias.map(CpuWeight::vector) {
-            for row in data.chunks_mut(w.rows) {
-                for (a, b) in row.iter_mut().zip(&b) {
-                    *a += b;
+        let bias = bias.map(CpuWeight::vector);
+        let store = bias.as_deref().map_or(Store::Write, Store::Bias);
+        w.product_into(x, &mut out.data, store);
+        Ok(out)
+    }
+
+    /// The product added into `x` as it is stored, with no `[t, out]` in between (the same
+    /// sums as the trait's linear then add_assign).
+    fn linear_add(
+        &self,
+        x: &mut CpuTensor,
+        start: usize,
+        h: &CpuTensor,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
+    ) -> Result<()> {
+        assert!(
+            x.cols == w.rows && start + h.rows <= x.rows,
+            "linear_add: [{}, {}] at row {start} of [{}, {}]",
+            h.rows,
+            w.rows,
+            x.rows,
+            x.cols
+        );
+        let rows = &mut x.data[start * x.cols..(start + h.rows) * x.cols];
+        match bias {
+            None => w.product_into(h, rows, Store::Add),
+            Some(b) => {
+                let mut y = vec![0.0; rows.len()];
+                w.product_into(h, &mut y, Store::Bias(&b.vector()));
+                for (a, y) in rows.iter_mut().zip(&y) {
+                    *a += y;
                 }
             }
         }
-        Ok(CpuTensor {
-            rows: x.rows,
-            cols: w.rows,
-            data,
-        })
+        Ok(())
     }
 
     fn rope(
