@@ -9,6 +9,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub(super) use super::cpu_dot::dot;
+use super::cpu_exp;
 use super::cpu_gemm::{block, Panels, Store, PANEL, TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
@@ -344,17 +345,7 @@ impl Backend for Cpu {
                         }
                     }
                 }
-                for row in probs.chunks_mut(n) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    for s in row.iter_mut() {
-                        *s /= sum;
-                    }
-                }
+                probs.chunks_mut(n).for_each(cpu_exp::softmax);
                 for h0 in (0..group).step_by(TOKENS) {
                     let m = TOKENS.min(group - h0);
                     let ps: [&[f32]; TOKENS] =
@@ -383,9 +374,12 @@ impl Backend for Cpu {
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<()> {
         assert_eq!(gate.data.len(), up.data.len(), "silu_mul: shapes differ");
-        for (g, &u) in gate.data.iter_mut().zip(&up.data) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        // Element by element, so any split between the threads gives the same values.
+        let per_task = gate.cols.max(1) * 16;
+        gate.data
+            .par_chunks_mut(per_task)
+            .zip(up.data.par_chunks(per_task))
+            .for_each(|(g, u)| cpu_exp::silu_mul(g, u));
         Ok(())
     }
 
