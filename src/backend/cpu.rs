@@ -172,15 +172,36 @@ impl Backend for Cpu {
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        self.rms_norm_rows(x, 0, x.rows, w, eps)
+    }
+
+    /// Read from `x`'s rows in place, written straight into the new tensor.
+    fn rms_norm_rows(
+        &self,
+        x: &CpuTensor,
+        start: usize,
+        len: usize,
+        w: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
         let w = w.vector();
-        let mut out = x.clone();
-        out.data.par_chunks_mut(w.len()).for_each(|v| {
-            let mean_sq = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
-            let scale = 1.0 / (mean_sq + eps).sqrt();
-            for (a, g) in v.iter_mut().zip(&w) {
-                *a = g * (*a * scale);
-            }
-        });
+        let rows = &x.data[start * x.cols..(start + len) * x.cols];
+        let mut out = CpuTensor {
+            rows: len,
+            cols: x.cols,
+            data: vec![0.0; rows.len()],
+        };
+        // Each piece of w's width (a row, or a head of one) normalized on its own.
+        out.data
+            .par_chunks_mut(w.len())
+            .zip(rows.par_chunks(w.len()))
+            .for_each(|(o, v)| {
+                let mean_sq = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
+                let scale = 1.0 / (mean_sq + eps).sqrt();
+                for ((o, a), g) in o.iter_mut().zip(v).zip(&w) {
+                    *o = g * (*a * scale);
+                }
+            });
         Ok(out)
     }
 
