@@ -9,7 +9,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub(super) use super::cpu_dot::dot;
-use super::cpu_gemm::{block, Panels, PANEL, TOKENS};
+use super::cpu_exp;
+use super::cpu_gemm::{block, Panels, Store, PANEL, TOKENS};
 use super::{AttentionShape, Backend, KvCache};
 use crate::checkpoint::{DType, HostTensor};
 use crate::error::Result;
@@ -54,6 +55,22 @@ impl CpuWeight {
             WeightData::Bf16(p) => widen(&mut p.row(r)),
         }
         buf
+    }
+
+    /// `x @ selfᵀ`, each output stored into `out` (`[x.rows, self.rows]`) by `store`.
+    fn product_into(&self, x: &CpuTensor, out: &mut [f32], store: Store) {
+        assert_eq!(x.cols, self.cols, "linear: input width vs weight columns");
+        let tokens = &x.data[..x.rows * x.cols];
+        // Each output one chain of FMAs over the columns, as in a one-token pass.
+        match &self.data {
+            WeightData::F32(p) => p.product_into(tokens, out, store),
+            WeightData::Bf16(p) => p.product_into(tokens, out, store),
+            WeightData::Mapped(_) | WeightData::Owned(_) => {
+                let mut buf = Vec::new();
+                let row = self.row_f32(0, &mut buf);
+                Panels::pack(1, self.cols, row).product_into(tokens, out, store)
+            }
+        }
     }
 
     /// The whole weight as f32 (small vectors: norms, biases).
@@ -155,43 +172,81 @@ impl Backend for Cpu {
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        self.rms_norm_rows(x, 0, x.rows, w, eps)
+    }
+
+    /// Read from `x`'s rows in place, written straight into the new tensor.
+    fn rms_norm_rows(
+        &self,
+        x: &CpuTensor,
+        start: usize,
+        len: usize,
+        w: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
         let w = w.vector();
-        let mut out = x.clone();
-        out.data.par_chunks_mut(w.len()).for_each(|v| {
-            let mean_sq = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
-            let scale = 1.0 / (mean_sq + eps).sqrt();
-            for (a, g) in v.iter_mut().zip(&w) {
-                *a = g * (*a * scale);
-            }
-        });
+        let rows = &x.data[start * x.cols..(start + len) * x.cols];
+        let mut out = CpuTensor {
+            rows: len,
+            cols: x.cols,
+            data: vec![0.0; rows.len()],
+        };
+        // Each piece of w's width (a row, or a head of one) normalized on its own.
+        out.data
+            .par_chunks_mut(w.len())
+            .zip(rows.par_chunks(w.len()))
+            .for_each(|(o, v)| {
+                let mean_sq = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
+                let scale = 1.0 / (mean_sq + eps).sqrt();
+                for ((o, a), g) in o.iter_mut().zip(v).zip(&w) {
+                    *o = g * (*a * scale);
+                }
+            });
         Ok(out)
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
-        assert_eq!(x.cols, w.cols, "linear: input width vs weight columns");
-        let tokens = &x.data[..x.rows * x.cols];
-        // [t, out]: each output one chain of FMAs over the columns, as in a one-token pass.
-        let mut data = match &w.data {
-            WeightData::F32(p) => p.product(tokens),
-            WeightData::Bf16(p) => p.product(tokens),
-            WeightData::Mapped(_) | WeightData::Owned(_) => {
-                let mut buf = Vec::new();
-                let row = w.row_f32(0, &mut buf);
-                Panels::pack(1, w.cols, row).product(tokens)
-            }
+        let mut out = CpuTensor {
+            rows: x.rows,
+            cols: w.rows,
+            data: vec![0.0; x.rows * w.rows],
         };
-        if let Some(b) = bias.map(CpuWeight::vector) {
-            for row in data.chunks_mut(w.rows) {
-                for (a, b) in row.iter_mut().zip(&b) {
-                    *a += b;
+        let bias = bias.map(CpuWeight::vector);
+        let store = bias.as_deref().map_or(Store::Write, Store::Bias);
+        w.product_into(x, &mut out.data, store);
+        Ok(out)
+    }
+
+    /// The product added into `x` as it is stored, with no `[t, out]` in between (the same
+    /// sums as the trait's linear then add_assign).
+    fn linear_add(
+        &self,
+        x: &mut CpuTensor,
+        start: usize,
+        h: &CpuTensor,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
+    ) -> Result<()> {
+        assert!(
+            x.cols == w.rows && start + h.rows <= x.rows,
+            "linear_add: [{}, {}] at row {start} of [{}, {}]",
+            h.rows,
+            w.rows,
+            x.rows,
+            x.cols
+        );
+        let rows = &mut x.data[start * x.cols..(start + h.rows) * x.cols];
+        match bias {
+            None => w.product_into(h, rows, Store::Add),
+            Some(b) => {
+                let mut y = vec![0.0; rows.len()];
+                w.product_into(h, &mut y, Store::Bias(&b.vector()));
+                for (a, y) in rows.iter_mut().zip(&y) {
+                    *a += y;
                 }
             }
         }
-        Ok(CpuTensor {
-            rows: x.rows,
-            cols: w.rows,
-            data,
-        })
+        Ok(())
     }
 
     fn rope(
@@ -311,17 +366,7 @@ impl Backend for Cpu {
                         }
                     }
                 }
-                for row in probs.chunks_mut(n) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    for s in row.iter_mut() {
-                        *s /= sum;
-                    }
-                }
+                probs.chunks_mut(n).for_each(cpu_exp::softmax);
                 for h0 in (0..group).step_by(TOKENS) {
                     let m = TOKENS.min(group - h0);
                     let ps: [&[f32]; TOKENS] =
@@ -350,9 +395,12 @@ impl Backend for Cpu {
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<()> {
         assert_eq!(gate.data.len(), up.data.len(), "silu_mul: shapes differ");
-        for (g, &u) in gate.data.iter_mut().zip(&up.data) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        // Element by element, so any split between the threads gives the same values.
+        let per_task = gate.cols.max(1) * 16;
+        gate.data
+            .par_chunks_mut(per_task)
+            .zip(up.data.par_chunks(per_task))
+            .for_each(|(g, u)| cpu_exp::silu_mul(g, u));
         Ok(())
     }
 

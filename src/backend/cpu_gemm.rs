@@ -75,39 +75,116 @@ impl<E: Elem> Panels<E> {
     }
 
     /// `out[j * rows + r] = row r · tokens[j]` (`tokens` row-major `[t, cols]`).
+    #[cfg(test)]
     pub fn product(&self, tokens: &[f32]) -> Vec<f32> {
-        let k = self.cols;
-        assert_eq!(tokens.len() % k.max(1), 0, "Panels::product: tokens of {k}");
-        let t = tokens.len().checked_div(k).unwrap_or(0);
-        // [panel][t][16], each task owning whole panels; transposed into [t, rows] below.
-        let mut by_panel = vec![0f32; self.panels() * t * PANEL];
-        let per_panel = t * PANEL;
-        if per_panel > 0 {
-            let panels_per_task = MIN_TASK_FMAS.div_ceil(per_panel * k.max(1)).max(1);
-            by_panel
-                .par_chunks_mut(panels_per_task * per_panel)
-                .enumerate()
-                .for_each(|(task, dst)| {
-                    let first = task * panels_per_task;
-                    let panels = dst.len() / per_panel;
-                    let w = &self.data[first * k * PANEL..(first + panels) * k * PANEL];
-                    task_product(w, k, tokens, t, dst);
-                });
-        }
+        let t = tokens.len().checked_div(self.cols).unwrap_or(0);
         let mut out = vec![0f32; t * self.rows];
-        for (p, block) in by_panel.chunks(per_panel.max(1)).enumerate() {
-            let lanes = PANEL.min(self.rows - p * PANEL);
-            for (j, o) in block.chunks(PANEL).enumerate() {
-                out[j * self.rows + p * PANEL..][..lanes].copy_from_slice(&o[..lanes]);
+        self.product_into(tokens, &mut out, Store::Write);
+        out
+    }
+
+    /// Row `r` · `tokens[j]` stored by `store` into `out[j * rows + r]` (`tokens` row-major
+    /// `[t, cols]`, `out` `[t, rows]`).
+    pub fn product_into(&self, tokens: &[f32], out: &mut [f32], store: Store) {
+        let (k, rows) = (self.cols, self.rows);
+        let t = tokens.len().checked_div(k).unwrap_or(0);
+        assert!(
+            tokens.len() == t * k && out.len() == t * rows,
+            "Panels::product_into: {} tokens of {k} into {} outputs of {rows}",
+            tokens.len(),
+            out.len()
+        );
+        if t == 0 || rows == 0 {
+            return;
+        }
+        if let Store::Bias(b) = store {
+            assert_eq!(b.len(), rows, "Panels::product_into: bias of {rows}");
+        }
+        let lanes = |p: usize| PANEL.min(rows - p * PANEL);
+        let threads = rayon::current_num_threads();
+        if t >= 2 * TOKENS * threads {
+            // A prompt: each task takes a block of tokens — whole rows of `out` — through
+            // every panel, so the block stays in L2 while the panels stream past; blocks of
+            // [`TASK_TOKENS`] share the panels out evenly enough between the threads.
+            out.par_chunks_mut(TASK_TOKENS * rows)
+                .zip(tokens.par_chunks(TASK_TOKENS * k))
+                .for_each(|(out, x)| {
+                    task_product(&self.data, k, x, |p, j, y| {
+                        let o = &mut out[j * rows + p * PANEL..][..lanes(p)];
+                        store.apply(o, p * PANEL, &y[..lanes(p)]);
+                    });
+                });
+            return;
+        }
+        // Decode: too few tokens to share out, so each task owns whole panels, into
+        // [panel][t][16], stored into [t, rows] below.
+        let per_panel = t * PANEL;
+        let mut by_panel = vec![0f32; self.panels() * per_panel];
+        let panels_per_task = MIN_TASK_FMAS.div_ceil(per_panel * k.max(1)).max(1);
+        by_panel
+            .par_chunks_mut(panels_per_task * per_panel)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                let first = task * panels_per_task;
+                let panels = dst.len() / per_panel;
+                let w = &self.data[first * k * PANEL..(first + panels) * k * PANEL];
+                task_product(w, k, tokens, |p, j, y| {
+                    dst[(p * t + j) * PANEL..][..PANEL].copy_from_slice(y);
+                });
+            });
+        for (p, block) in by_panel.chunks(per_panel).enumerate() {
+            for (j, y) in block.chunks(PANEL).enumerate() {
+                let o = &mut out[j * rows + p * PANEL..][..lanes(p)];
+                store.apply(o, p * PANEL, &y[..lanes(p)]);
             }
         }
-        out
     }
 }
 
-/// The panels `w` (`[panels][k][16]`) times every token, into `dst` `[panels][t][16]`.
-fn task_product<E: Elem>(w: &[E], k: usize, tokens: &[f32], t: usize, dst: &mut [f32]) {
+/// Tokens per task of a prompt's product: four micro-kernel calls per panel.
+const TASK_TOKENS: usize = 4 * TOKENS;
+
+/// What a product does with each finished output `y` (its whole chain over K, rounded as
+/// it ends): a bias or a residual is one addition after it, as if added by a second pass.
+#[derive(Clone, Copy)]
+pub enum Store<'a> {
+    /// `out = y`.
+    Write,
+    /// `out = y + bias[r]`.
+    Bias(&'a [f32]),
+    /// `out = out + y` (a residual).
+    Add,
+}
+
+impl Store<'_> {
+    /// One token's outputs of rows `r0..r0 + y.len()`.
+    fn apply(self, out: &mut [f32], r0: usize, y: &[f32]) {
+        match self {
+            Store::Write => out.copy_from_slice(y),
+            Store::Bias(b) => {
+                for ((o, y), b) in out.iter_mut().zip(y).zip(&b[r0..]) {
+                    *o = y + b;
+                }
+            }
+            Store::Add => {
+                for (o, y) in out.iter_mut().zip(y) {
+                    *o += y;
+                }
+            }
+        }
+    }
+}
+
+/// The panels `w` (`[panels][k][16]`) times every token of `tokens` (`[t][k]`), each result
+/// handed to `emit(panel, token, outputs)`.
+fn task_product<E: Elem>(
+    w: &[E],
+    k: usize,
+    tokens: &[f32],
+    mut emit: impl FnMut(usize, usize, &[f32; PANEL]),
+) {
     let panels = w.len() / (k * PANEL).max(1);
+    let t = tokens.len() / k.max(1);
     let panel = |p: usize| &w[p * k * PANEL..][..k * PANEL];
     let token = |j: usize| &tokens[j * k..][..k];
     let mut p = 0;
@@ -124,7 +201,7 @@ fn task_product<E: Elem>(w: &[E], k: usize, tokens: &[f32], t: usize, dst: &mut 
             block(&w2[..if two { 2 } else { 1 }], PANEL, k, &x[..m], &mut out);
             for (q, o) in out.iter().enumerate().take(if two { 2 } else { 1 }) {
                 for (i, v) in o.iter().enumerate().take(m) {
-                    dst[((p + q) * t + j + i) * PANEL..][..PANEL].copy_from_slice(v);
+                    emit(p + q, j + i, v);
                 }
             }
             j += m;
@@ -282,12 +359,14 @@ mod tests {
         for (rows, k) in [(1, 5), (16, 16), (20, 37), (35, 64), (48, 576)] {
             let w = vector(rows * k, 1);
             let panels = Panels::pack(rows, k, &w);
-            let tokens = vector(13 * k, 2);
+            // Up to 13 tokens as decode passes do; 30 and 61 as prompts do, each task a block of
+            // tokens when rayon has at most two threads.
+            let tokens = vector(61 * k, 2);
             for r in [0, rows / 2, rows - 1] {
                 let row: Vec<f32> = panels.row(r).collect();
                 assert_eq!(row, w[r * k..(r + 1) * k], "row {r} of [{rows}, {k}]");
             }
-            for t in 1..=13 {
+            for t in (1..=13).chain([30, 61]) {
                 let out = panels.product(&tokens[..t * k]);
                 assert_eq!(out.len(), t * rows);
                 for j in 0..t {
@@ -300,6 +379,26 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bias_or_a_residual_is_one_addition_after_the_product() {
+        let (rows, k) = (37, 24);
+        let panels = Panels::pack(rows, k, &vector(rows * k, 5));
+        let bias = vector(rows, 6);
+        for t in [3, 61] {
+            let x = vector(t * k, 7);
+            let y = panels.product(&x);
+            let mut with_bias = vec![f32::NAN; t * rows];
+            panels.product_into(&x, &mut with_bias, Store::Bias(&bias));
+            let mut residual = vector(t * rows, 8);
+            let before = residual.clone();
+            panels.product_into(&x, &mut residual, Store::Add);
+            for (i, y) in y.iter().enumerate() {
+                assert_eq!(with_bias[i].to_bits(), (y + bias[i % rows]).to_bits());
+                assert_eq!(residual[i].to_bits(), (before[i] + y).to_bits());
             }
         }
     }

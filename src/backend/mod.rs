@@ -7,6 +7,7 @@ pub mod cpu_conv;
 pub mod cpu_dit;
 mod cpu_dot;
 mod cpu_encoder;
+mod cpu_exp;
 mod cpu_gemm;
 pub mod cpu_stream;
 pub mod cuda;
