@@ -387,6 +387,9 @@ struct Streamed {
     bound_s: f64,
     efficiency: f64,
     stall_s: f64,
+    /// Device time decoding compressed weights in the pass (its own stream), and copying.
+    decode_s: f64,
+    copy_s: f64,
     streamed_gb: f64,
     achieved_gbps: f64,
     peak_device_bytes: usize,
@@ -562,6 +565,8 @@ fn time_all<B: DitOps>(
                 bound_s: p.bound_ms / 1e3,
                 efficiency: p.efficiency,
                 stall_s: p.stall_ms / 1e3,
+                decode_s: p.decode_ms / 1e3,
+                copy_s: p.copy_ms / 1e3,
                 streamed_gb: p.streamed_bytes as f64 / 1e9,
                 achieved_gbps: p.achieved_gbps,
                 peak_device_bytes: p.device_bytes,

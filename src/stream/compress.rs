@@ -218,6 +218,8 @@ pub struct ExponentDecode {
     pub starts: usize,
     pub sm: usize,
     pub words: usize,
+    /// u32 words of exponent bits in the share, padding included.
+    pub words_len: usize,
     /// Elements of the share (whole segments).
     pub numel: usize,
     pub segment: usize,
@@ -479,6 +481,7 @@ impl EncodedTensor {
                 starts: starts_dst,
                 sm,
                 words,
+                words_len: w1 - w0,
                 numel: elements.len(),
                 segment: g.segment,
                 base_bit: (w0 * 32) as u32,
