@@ -106,6 +106,26 @@ fn residents_are_spread_evenly_and_the_head_streams_in_pieces() {
 }
 
 #[test]
+fn small_groups_take_the_room_left_beside_the_spread_blocks() {
+    // A DiT's shape: small embedders, 12 blocks, a small final layer. Beside 2 slots there is
+    // room for 2 blocks and 0.4 of a block: the embedders (0.05) and the final layer (0.01)
+    // fit what the two spread blocks leave, so neither holds a slot every pass.
+    let block = 100 * MIB;
+    let mut groups = vec![group("embedders", 5 * MIB, 1.0)];
+    groups.extend((0..12).map(|i| group(&format!("block {i}"), block, 1.0)));
+    groups.push(group("final layer", MIB, 0.2));
+    let budget = FIXED + 2 * block + 24 * block / 10;
+    let p = plan(&request(groups, budget, 10.0)).unwrap();
+    assert!(p.device_bytes() <= p.budget);
+    let last = p.groups.len() - 1;
+    assert!(p.resident.contains(0), "embedders: {:?}", p.resident);
+    assert!(p.resident.contains(last), "final layer: {:?}", p.resident);
+    let blocks = p.resident.groups().iter().filter(|&&g| g != 0 && g != last);
+    assert_eq!(blocks.count(), 2, "{:?}", p.resident);
+    assert_eq!(p.streamed_bytes(), 10 * block);
+}
+
+#[test]
 fn a_resident_head_when_it_fits_saves_the_most_bytes() {
     let block = 100 * MIB;
     // Beside 2 slots there is room for 2.6 blocks: the head (2.5 blocks) saves more bytes

@@ -218,8 +218,6 @@ pub struct ExponentDecode {
     pub starts: usize,
     pub sm: usize,
     pub words: usize,
-    /// u32 words of exponent bits in the share, padding included.
-    pub words_len: usize,
     /// Elements of the share (whole segments).
     pub numel: usize,
     pub segment: usize,
@@ -458,6 +456,33 @@ impl EncodedTensor {
             (first_bit / 32) as usize,
             (end_bit as usize).div_ceil(32) + PAD_WORDS,
         );
+        let parts = Parts::of(g, self.bits);
+        let whole = b0 == 0 && w0 == 0 && elements.len() == g.numel && !copy_by_parts();
+        if whole
+            && parts.words_at + 4 * w1 == parts.total
+            && self.storage.bytes().len() >= parts.total
+        {
+            // The whole tensor: its storage as it is, in one copy (one transfer a tensor
+            // rather than four; small copies cost the link more than their bytes).
+            let at = align_up(dst, align);
+            return Some(PlacedShare {
+                copies: vec![PartCopy {
+                    src: 0,
+                    len: parts.total,
+                    dst: at,
+                }],
+                decode: Decode::Exponents(ExponentDecode {
+                    lut: at,
+                    starts: at + parts.starts_at,
+                    sm: at + parts.sm_at,
+                    words: at + parts.words_at,
+                    numel: elements.len(),
+                    segment: g.segment,
+                    base_bit: 0,
+                }),
+                end: align_up(at + parts.total, align),
+            });
+        }
         let mut copies = Vec::with_capacity(4);
         let mut at = align_up(dst, align);
         let mut put = |src: usize, len: usize| {
@@ -481,7 +506,6 @@ impl EncodedTensor {
                 starts: starts_dst,
                 sm,
                 words,
-                words_len: w1 - w0,
                 numel: elements.len(),
                 segment: g.segment,
                 base_bit: (w0 * 32) as u32,
@@ -489,6 +513,13 @@ impl EncodedTensor {
             end: at,
         })
     }
+}
+
+/// `FERRY_COPY_PARTS=1`: copy a whole tensor's encoding part by part, four copies, as before
+/// one copy took it (kept to measure the two side by side; the bits decoded are the same).
+fn copy_by_parts() -> bool {
+    static BY_PARTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BY_PARTS.get_or_init(|| std::env::var("FERRY_COPY_PARTS").is_ok_and(|v| v == "1"))
 }
 
 /// Where the parts of an encoding lie in its storage, bytes: the lookup table at 0, then the

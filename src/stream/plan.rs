@@ -665,6 +665,25 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 }
                 k -= 1;
             };
+            // Then the smallest of the others while they fit what is left (a DiT's embedders
+            // and final layer: a few MB each, yet each a piece that holds a slot, and the
+            // first one of a pass holds it across the gap between passes).
+            let mut picked = picked;
+            let mut left = room - picked.iter().map(|&g| req.groups[g].bytes).sum::<usize>();
+            let mut others: Vec<usize> = regular
+                .iter()
+                .copied()
+                .filter(|g| !picked.contains(g))
+                .collect();
+            others.sort_by_key(|&g| req.groups[g].bytes);
+            for g in others {
+                let bytes = req.groups[g].bytes;
+                if bytes > left {
+                    break;
+                }
+                picked.push(g);
+                left -= bytes;
+            }
             let mut groups: Vec<usize> = chosen.iter().chain(&picked).copied().collect();
             groups.sort_unstable();
             let bytes = groups.iter().map(|&g| req.groups[g].bytes).sum();

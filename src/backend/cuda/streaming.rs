@@ -749,30 +749,20 @@ pub enum ExponentDecoder {
     V1,
     /// `decompress_bf16_v2`: word pointer and funnel shift, 8 bytes a round.
     V2,
-    /// `decompress_bf16_v3`: as v2, 16 bytes a round.
-    V3,
-    /// `decompress_bf16_v4`: v2 software-pipelined (bytes a round ahead, words two moves).
-    V4,
 }
 
 impl ExponentDecoder {
-    pub const ALL: [ExponentDecoder; 3] = [
-        ExponentDecoder::V1,
-        ExponentDecoder::V2,
-        ExponentDecoder::V3,
-    ];
+    pub const ALL: [ExponentDecoder; 2] = [ExponentDecoder::V1, ExponentDecoder::V2];
 
-    /// `FERRY_DECODER`: `v1`, `v2`, `v3` or `v4` (unset or empty: v2).
+    /// `FERRY_DECODER`: `v1` or `v2` (unset or empty: v2).
     pub fn from_env() -> Result<ExponentDecoder> {
         let value = std::env::var("FERRY_DECODER").unwrap_or_default();
         match value.as_str() {
             "" | "v2" => Ok(ExponentDecoder::V2),
             "v1" => Ok(ExponentDecoder::V1),
-            "v3" => Ok(ExponentDecoder::V3),
-            "v4" => Ok(ExponentDecoder::V4),
             other => Err(Error::Flag {
                 flag: "FERRY_DECODER",
-                message: format!("{other:?}: expected v1, v2, v3 or v4"),
+                message: format!("{other:?}: expected v1 or v2"),
             }),
         }
     }
@@ -781,8 +771,6 @@ impl ExponentDecoder {
         match self {
             ExponentDecoder::V1 => "decompress_bf16_v1",
             ExponentDecoder::V2 => "decompress_bf16_v2",
-            ExponentDecoder::V3 => "decompress_bf16_v3",
-            ExponentDecoder::V4 => "decompress_bf16_v4",
         }
     }
 }
@@ -829,12 +817,8 @@ impl Decoders {
                     base + d.sm as u64,
                     base + d.words as u64,
                 );
-                let (numel, segment, blocks, nwords) = (
-                    d.numel as u64,
-                    d.segment as u64,
-                    d.blocks() as u64,
-                    d.words_len as u64,
-                );
+                let (numel, segment, blocks) =
+                    (d.numel as u64, d.segment as u64, d.blocks() as u64);
                 let mut b = stream.launch_builder(&self.exponents);
                 b.arg(&lut)
                     .arg(&starts)
@@ -844,8 +828,7 @@ impl Decoders {
                     .arg(&numel)
                     .arg(&segment)
                     .arg(&d.base_bit)
-                    .arg(&blocks)
-                    .arg(&nwords);
+                    .arg(&blocks);
                 // One warp per block of the share, 8 warps per thread block (decompress.cu).
                 let cfg = LaunchConfig {
                     grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),

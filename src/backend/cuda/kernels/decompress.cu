@@ -10,14 +10,12 @@
 //
 // grid: ceil(blocks / 8) blocks of 256 threads (8 warps); shared: the 8 KiB table.
 //
-// Three kernels decode the same layout to the same bits; FERRY_DECODER picks one (see
+// Two kernels decode the same layout to the same bits; FERRY_DECODER picks one (see
 // `Decoders` in streaming.rs): v1, the kernel before (64-bit positions, a bounds check an
-// element); v2 and v3, a lane's position as a word pointer and a 5-bit offset, the 12-bit
-// window by one funnel shift, and rounds without bounds checks where the lane has a whole
-// round left; v2 loads 8 sign-mantissa bytes a round, v3 16. v4 is v2 software-pipelined:
-// the next round's bytes are loaded before this round is decoded, and exponent words two
-// moves ahead instead of one, so that a warp waits on memory only where a round's decoding
-// is shorter than a load.
+// element); v2 (the default), a lane's position as a word pointer and a 5-bit offset, the
+// 12-bit window by one funnel shift, and rounds without bounds checks where the lane has a
+// whole round left: 7–22 % faster than v1 on an H100 (bench/NOTES.md, which also has the two
+// variants tried and dropped: 16 bytes a round, and the next round's bytes loaded ahead).
 
 #define LUT_BITS 12
 #define BLOCK_ELEMENTS (32 * 256)
@@ -37,8 +35,7 @@ extern "C" __global__ void decompress_bf16_v1(
     u64 numel,
     u64 segment,
     u32 base_bit,
-    u64 blocks,
-    u64 nwords)
+    u64 blocks)
 {
     // The table is 16-byte aligned in the slot (shares are placed on 256-byte boundaries).
     __shared__ __align__(16) unsigned short lut[1 << LUT_BITS];
@@ -85,7 +82,6 @@ extern "C" __global__ void decompress_bf16_v1(
         }
     }
     (void)numel;
-    (void)nwords;
 }
 
 // The table, copied to shared memory by the whole thread block.
@@ -118,7 +114,6 @@ __device__ __forceinline__ bf16 take(Bits& b, const unsigned short* lut, u32 s) 
     return (bf16)(((s & 0x80u) << 8) | ((entry & 0xffu) << 7) | (s & 0x7fu));
 }
 
-template <int R>
 __device__ __forceinline__ void decode_block(
     const unsigned short* __restrict__ lut_g,
     const u32* __restrict__ starts,
@@ -154,12 +149,12 @@ __device__ __forceinline__ void decode_block(
     const unsigned char* sp = sm + start + lane;
     bf16* op = out + start + lane;
     u32 i = 0;
-    for (; i + R <= mine; i += R, sp += 32 * R, op += 32 * R) {
-        u32 s[R];
+    for (; i + ROUND <= mine; i += ROUND, sp += 32 * ROUND, op += 32 * ROUND) {
+        u32 s[ROUND];
 #pragma unroll
-        for (int r = 0; r < R; r++) s[r] = sp[32 * r];
+        for (int r = 0; r < ROUND; r++) s[r] = sp[32 * r];
 #pragma unroll
-        for (int r = 0; r < R; r++) op[32 * r] = take(b, lut, s[r]);
+        for (int r = 0; r < ROUND; r++) op[32 * r] = take(b, lut, s[r]);
     }
     for (; i < mine; i++, sp += 32, op += 32) *op = take(b, lut, *sp);
 }
@@ -173,110 +168,8 @@ extern "C" __global__ void decompress_bf16_v2(
     u64 numel,
     u64 segment,
     u32 base_bit,
-    u64 blocks,
-    u64 nwords)
+    u64 blocks)
 {
-    decode_block<8>(lut_g, starts, sm, words, out, segment, base_bit, blocks);
-    (void)numel;
-    (void)nwords;
-}
-
-extern "C" __global__ void decompress_bf16_v3(
-    const unsigned short* __restrict__ lut_g,
-    const u32* __restrict__ starts,
-    const unsigned char* __restrict__ sm,
-    const u32* __restrict__ words,
-    bf16* __restrict__ out,
-    u64 numel,
-    u64 segment,
-    u32 base_bit,
-    u64 blocks,
-    u64 nwords)
-{
-    decode_block<16>(lut_g, starts, sm, words, out, segment, base_bit, blocks);
-    (void)numel;
-    (void)nwords;
-}
-
-// v4's bit stream: as `Bits`, with a second word ahead (`n2`, loaded two moves before use);
-// `last` is the share's last word, so the look-ahead never reads past the share.
-struct Bits2 {
-    const u32* wp;
-    const u32* last;
-    u32 off, hi, lo, n1, n2;
-};
-
-__device__ __forceinline__ bf16 take2(Bits2& b, const unsigned short* lut, u32 s) {
-    const u32 top = __funnelshift_l(b.lo, b.hi, b.off);
-    const u32 entry = lut[top >> (32 - LUT_BITS)];
-    b.off += entry >> 8;
-    if (b.off >= 32) {
-        b.off -= 32;
-        b.hi = b.lo;
-        b.lo = b.n1;
-        b.n1 = b.n2;
-        b.wp++;
-        b.n2 = b.wp + 3 <= b.last ? b.wp[3] : 0u;
-    }
-    return (bf16)(((s & 0x80u) << 8) | ((entry & 0xffu) << 7) | (s & 0x7fu));
-}
-
-extern "C" __global__ void decompress_bf16_v4(
-    const unsigned short* __restrict__ lut_g,
-    const u32* __restrict__ starts,
-    const unsigned char* __restrict__ sm,
-    const u32* __restrict__ words,
-    bf16* __restrict__ out,
-    u64 numel,
-    u64 segment,
-    u32 base_bit,
-    u64 blocks,
-    u64 nwords)
-{
-    const int R = 8;
-    __shared__ __align__(16) unsigned short lut[1 << LUT_BITS];
-    load_lut(lut, lut_g);
-
-    const u64 blk = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (blk >= blocks) return;
-    const u32 lane = threadIdx.x & 31;
-    const u64 per = segment > BLOCK_ELEMENTS ? (segment + BLOCK_ELEMENTS - 1) / BLOCK_ELEMENTS : 1;
-    const u64 seg_start = (blk / per) * segment;
-    const u64 start = seg_start + (blk % per) * BLOCK_ELEMENTS;
-    const u32 len = (u32)(min(seg_start + segment, start + BLOCK_ELEMENTS) - start);
-    const u32 mine = lane < len ? (len - lane + 31) / 32 : 0;
-
-    const u32 pos = starts[blk * 32 + lane] - base_bit;
-    Bits2 b;
-    b.wp = words + (pos >> 5);
-    b.last = words + nwords - 1;
-    b.off = pos & 31;
-    b.hi = b.wp[0];
-    b.lo = b.wp[1];
-    b.n1 = b.wp[2];
-    b.n2 = b.wp + 3 <= b.last ? b.wp[3] : 0u;
-    const unsigned char* sp = sm + start + lane;
-    bf16* op = out + start + lane;
-    u32 i = 0;
-    u32 s[R];
-    if (R <= mine) {
-#pragma unroll
-        for (int r = 0; r < R; r++) s[r] = sp[32 * r];
-    }
-    for (; i + R <= mine; i += R, sp += 32 * R, op += 32 * R) {
-        u32 t[R];
-        const bool more = i + 2 * R <= mine;
-        if (more) {
-#pragma unroll
-            for (int r = 0; r < R; r++) t[r] = sp[32 * (R + r)];
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) op[32 * r] = take2(b, lut, s[r]);
-        if (more) {
-#pragma unroll
-            for (int r = 0; r < R; r++) s[r] = t[r];
-        }
-    }
-    for (; i < mine; i++, sp += 32, op += 32) *op = take2(b, lut, *sp);
+    decode_block(lut_g, starts, sm, words, out, segment, base_bit, blocks);
     (void)numel;
 }
