@@ -297,8 +297,11 @@ fn smollm2_blocks_streamed_on_the_cpu_equal_resident_bit_for_bit() {
         let budget = least + (share * total as f64) as usize;
         let p = plan(&request(budget)).unwrap();
         assert!(p.compressed(), "{budget} bytes: nothing streams as blocks");
+        // Blocks as stored: Q4_1 is 0.156 of f32, the Q8_0 head 0.266, the f32 norms 1; bf16
+        // would be 0.5. The share varies with what stays resident (at half the model, Q4_1
+        // blocks, so what streams holds more of the head).
         assert!(
-            (p.streamed_bytes() as f64) < 0.2 * p.streamed_bf16_bytes() as f64,
+            (p.streamed_bytes() as f64) < 0.25 * p.streamed_bf16_bytes() as f64,
             "{budget} bytes: {} cross the link for {} of f32",
             p.streamed_bytes(),
             p.streamed_bf16_bytes()
