@@ -665,10 +665,12 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 }
                 k -= 1;
             };
-            // Then the smallest of the others while they fit what is left (a DiT's embedders
-            // and final layer: a few MB each, yet each a piece that holds a slot, and the
-            // first one of a pass holds it across the gap between passes).
-            let mut picked = picked;
+            // Also with the smallest of the others added while they fit what is left (a
+            // DiT's embedders and final layer: a few MB each, yet each a piece that holds a
+            // slot, and the first one of a pass holds it across the gap between passes); both
+            // sets are simulated and the faster kept, since more residents in a row can
+            // leave the copies idle.
+            let mut filled = picked.clone();
             let mut left = room - picked.iter().map(|&g| req.groups[g].bytes).sum::<usize>();
             let mut others: Vec<usize> = regular
                 .iter()
@@ -681,39 +683,46 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 if bytes > left {
                     break;
                 }
-                picked.push(g);
+                filled.push(g);
                 left -= bytes;
             }
-            let mut groups: Vec<usize> = chosen.iter().chain(&picked).copied().collect();
-            groups.sort_unstable();
-            let bytes = groups.iter().map(|&g| req.groups[g].bytes).sum();
-            let candidate = make(
-                ResidentSet { groups, bytes },
-                slots,
-                slot_bytes,
-                (slot_mem, decode),
-                buffers,
-            )?;
-            // More slots than pieces hold nothing.
-            if slots > 2 && slots > candidate.pieces.len() {
-                continue;
-            }
-            let better = match &best {
-                None => true,
-                Some(b) => {
-                    let (c, o) = (candidate.prediction.pass_ms, b.prediction.pass_ms);
-                    if c < o * (1.0 - 1e-3) {
-                        true
-                    } else if c <= o * (1.0 + 1e-3) {
-                        let key = |p: &Plan| (p.streamed_bytes(), p.slots, p.decode_buffers);
-                        key(&candidate) < key(b)
-                    } else {
-                        false
-                    }
-                }
+            let sets = if filled.len() > picked.len() {
+                vec![picked, filled]
+            } else {
+                vec![picked]
             };
-            if better {
-                best = Some(candidate);
+            for picked in sets {
+                let mut groups: Vec<usize> = chosen.iter().chain(&picked).copied().collect();
+                groups.sort_unstable();
+                let bytes = groups.iter().map(|&g| req.groups[g].bytes).sum();
+                let candidate = make(
+                    ResidentSet { groups, bytes },
+                    slots,
+                    slot_bytes,
+                    (slot_mem, decode),
+                    buffers,
+                )?;
+                // More slots than pieces hold nothing.
+                if slots > 2 && slots > candidate.pieces.len() {
+                    continue;
+                }
+                let better = match &best {
+                    None => true,
+                    Some(b) => {
+                        let (c, o) = (candidate.prediction.pass_ms, b.prediction.pass_ms);
+                        if c < o * (1.0 - 1e-3) {
+                            true
+                        } else if c <= o * (1.0 + 1e-3) {
+                            let key = |p: &Plan| (p.streamed_bytes(), p.slots, p.decode_buffers);
+                            key(&candidate) < key(b)
+                        } else {
+                            false
+                        }
+                    }
+                };
+                if better {
+                    best = Some(candidate);
+                }
             }
         }
     }
