@@ -369,7 +369,7 @@ fn qwen7b_shaped_streamed_is_bit_identical() {
 
 #[test]
 fn decompression_on_the_gpu_is_exact() {
-    use ferry::backend::cuda::streaming::{decode_on_gpu, ExponentDecoder};
+    use ferry::backend::cuda::streaming::decode_on_gpu;
     use ferry::stream::compress::{EncodedTensor, Encoding};
     let Some(gpu) = gpu("decompression_on_the_gpu_is_exact", None) else {
         return;
@@ -410,14 +410,12 @@ fn decompression_on_the_gpu_is_exact() {
     ] {
         let enc = EncodedTensor::encode(name, values, segment).expect("encode");
         let enc = Encoding::Exponents(enc);
-        for kernel in ExponentDecoder::ALL {
-            let (out, gbps) = decode_on_gpu(&gpu, &enc, kernel, 5).expect("decode on the GPU");
-            eprintln!(
-                "decompression ({name}, {kernel:?}): {:.4} of bf16, {gbps:.0} GB/s of bf16 out on the GPU",
-                enc.encoded_bytes() as f64 / (2 * values.len()) as f64
-            );
-            assert!(out == *values, "{name}: {kernel:?}'s decoding changed bits");
-        }
+        let (out, gbps) = decode_on_gpu(&gpu, &enc, 5).expect("decode on the GPU");
+        eprintln!(
+            "decompression ({name}): {:.4} of bf16, {gbps:.0} GB/s of bf16 out on the GPU",
+            enc.encoded_bytes() as f64 / (2 * values.len()) as f64
+        );
+        assert!(out == *values, "{name}: the GPU's decoding changed bits");
     }
 }
 
@@ -456,7 +454,7 @@ fn random_blocks(ty: ferry::checkpoint::GgmlType, blocks: usize, seed: u64) -> V
 
 #[test]
 fn dequantization_on_the_gpu_is_exact() {
-    use ferry::backend::cuda::streaming::{decode_on_gpu, ExponentDecoder};
+    use ferry::backend::cuda::streaming::decode_on_gpu;
     use ferry::checkpoint::{dequantize, DType, GgmlType, HostTensor, Storage};
     use ferry::stream::blocks::BlockTensor;
     use ferry::stream::compress::Encoding;
@@ -500,8 +498,7 @@ fn dequantization_on_the_gpu_is_exact() {
             blocks.len(),
         );
         let enc = Encoding::Blocks(BlockTensor::of(&t).expect("blocks"));
-        let (out, gbps) =
-            decode_on_gpu(&gpu, &enc, ExponentDecoder::V2, 5).expect("dequantize on the GPU");
+        let (out, gbps) = decode_on_gpu(&gpu, &enc, 5).expect("dequantize on the GPU");
         eprintln!(
             "dequantization ({ty}): {:.3} of bf16, {gbps:.0} GB/s of bf16 out on the GPU",
             blocks.len() as f64 / (2 * numel) as f64

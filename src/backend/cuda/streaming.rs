@@ -741,40 +741,6 @@ impl CudaCopyEngine {
     }
 }
 
-/// The kernel of `decompress.cu` that decodes exponent-coded bf16 (`FERRY_DECODER`); all
-/// give the same bits, so the choice is speed only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExponentDecoder {
-    /// `decompress_bf16_v1`: the kernel before v2.
-    V1,
-    /// `decompress_bf16_v2`: word pointer and funnel shift, 8 bytes a round.
-    V2,
-}
-
-impl ExponentDecoder {
-    pub const ALL: [ExponentDecoder; 2] = [ExponentDecoder::V1, ExponentDecoder::V2];
-
-    /// `FERRY_DECODER`: `v1` or `v2` (unset or empty: v2).
-    pub fn from_env() -> Result<ExponentDecoder> {
-        let value = std::env::var("FERRY_DECODER").unwrap_or_default();
-        match value.as_str() {
-            "" | "v2" => Ok(ExponentDecoder::V2),
-            "v1" => Ok(ExponentDecoder::V1),
-            other => Err(Error::Flag {
-                flag: "FERRY_DECODER",
-                message: format!("{other:?}: expected v1 or v2"),
-            }),
-        }
-    }
-
-    fn kernel(self) -> &'static str {
-        match self {
-            ExponentDecoder::V1 => "decompress_bf16_v1",
-            ExponentDecoder::V2 => "decompress_bf16_v2",
-        }
-    }
-}
-
 /// The device's decoders: exponent-coded bf16 (`decompress.cu`) and ggml blocks
 /// (`dequantize.cu`).
 pub struct Decoders {
@@ -783,14 +749,9 @@ pub struct Decoders {
 }
 
 impl Decoders {
-    /// The decoders, exponents by the kernel `FERRY_DECODER` names.
     pub fn load(gpu: &Cuda) -> Result<Decoders> {
-        Decoders::with(gpu, ExponentDecoder::from_env()?)
-    }
-
-    pub fn with(gpu: &Cuda, exponents: ExponentDecoder) -> Result<Decoders> {
         Ok(Decoders {
-            exponents: gpu.function(&super::compile::DECOMPRESS, exponents.kernel(), 0)?,
+            exponents: gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?,
             blocks: gpu.function(&super::compile::DEQUANTIZE, "dequantize_bf16", 0)?,
         })
     }
@@ -864,15 +825,9 @@ impl Decoders {
     }
 }
 
-/// Decode all of `encoded` on the GPU `runs` times with `kernel`'s exponent decoder: its bf16
-/// bits as decoded, and the median decoding speed, GB/s of bf16 written (for tests and bench
-/// notes).
-pub fn decode_on_gpu(
-    gpu: &Cuda,
-    encoded: &Encoding,
-    kernel: ExponentDecoder,
-    runs: usize,
-) -> Result<(Vec<u16>, f64)> {
+/// Decode all of `encoded` on the GPU `runs` times: its bf16 bits as decoded, and the median
+/// decoding speed, GB/s of bf16 written (for tests and bench notes).
+pub fn decode_on_gpu(gpu: &Cuda, encoded: &Encoding, runs: usize) -> Result<(Vec<u16>, f64)> {
     let n = encoded.numel();
     let placed = encoded
         .place(0..n, 0, SLOT_ALIGN)
@@ -884,7 +839,7 @@ pub fn decode_on_gpu(
     }
     let slot = gpu.upload(&host, Purpose::Other("decode test".into()))?;
     let out = gpu.alloc(2 * n, Purpose::Other("decode test".into()))?;
-    let decoders = Decoders::with(gpu, kernel)?;
+    let decoders = Decoders::load(gpu)?;
     let (base, out_ptr) = (gpu.ptr(&slot), gpu.ptr(&out));
     let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
     let event = || gpu.ctx.new_event(timing).map_err(gpu.err("cuEventCreate"));

@@ -10,12 +10,10 @@
 //
 // grid: ceil(blocks / 8) blocks of 256 threads (8 warps); shared: the 8 KiB table.
 //
-// Two kernels decode the same layout to the same bits; FERRY_DECODER picks one (see
-// `Decoders` in streaming.rs): v1, the kernel before (64-bit positions, a bounds check an
-// element); v2 (the default), a lane's position as a word pointer and a 5-bit offset, the
-// 12-bit window by one funnel shift, and rounds without bounds checks where the lane has a
-// whole round left: 7–22 % faster than v1 on an H100 (bench/NOTES.md, which also has the two
-// variants tried and dropped: 16 bytes a round, and the next round's bytes loaded ahead).
+// A lane's position is a word pointer and a 5-bit offset, its 12-bit window one funnel shift,
+// and a round has no bounds checks where the lane has a whole round left: 7–22 % faster than
+// the kernel before (64-bit positions, a check an element) on an H100; bench/NOTES.md also has
+// the variants tried and dropped (16 bytes a round; the next round's bytes loaded ahead).
 
 #define LUT_BITS 12
 #define BLOCK_ELEMENTS (32 * 256)
@@ -25,64 +23,6 @@
 // Measured against copying the block's bytes into shared memory first (4 warps a thread
 // block): 1053 against 677 GB/s of bf16 out for a whole tensor (bench/NOTES.md).
 #define ROUND 8
-
-extern "C" __global__ void decompress_bf16_v1(
-    const unsigned short* __restrict__ lut_g,
-    const u32* __restrict__ starts,
-    const unsigned char* __restrict__ sm,
-    const u32* __restrict__ words,
-    bf16* __restrict__ out,
-    u64 numel,
-    u64 segment,
-    u32 base_bit,
-    u64 blocks)
-{
-    // The table is 16-byte aligned in the slot (shares are placed on 256-byte boundaries).
-    __shared__ __align__(16) unsigned short lut[1 << LUT_BITS];
-    for (int i = threadIdx.x; i < (1 << LUT_BITS) / 8; i += blockDim.x)
-        ((uint4*)lut)[i] = ((const uint4*)lut_g)[i];
-    __syncthreads();
-
-    const u64 b = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (b >= blocks) return;
-    const u32 lane = threadIdx.x & 31;
-    const u64 per = segment > BLOCK_ELEMENTS ? (segment + BLOCK_ELEMENTS - 1) / BLOCK_ELEMENTS : 1;
-    const u64 seg_start = (b / per) * segment;
-    const u64 start = seg_start + (b % per) * BLOCK_ELEMENTS;
-    const u64 end = min(seg_start + segment, start + BLOCK_ELEMENTS);
-
-    // A window of two words over the lane's bits and the word after them, loaded one move
-    // ahead (codes are ≤ 12 bits: the window moves one word at most; the encoder pads two
-    // words past every stream).
-    u64 pos = starts[b * 32 + lane] - base_bit;
-    u64 w = pos >> 5;
-    u32 hi = words[w], lo = words[w + 1], next = words[w + 2];
-    for (u64 first = start + lane; first < end; first += 32 * ROUND) {
-        u32 s[ROUND];
-#pragma unroll
-        for (int r = 0; r < ROUND; r++) {
-            const u64 e = first + 32 * r;
-            s[r] = e < end ? sm[e] : 0u;
-        }
-#pragma unroll
-        for (int r = 0; r < ROUND; r++) {
-            const u64 e = first + 32 * r;
-            if (e >= end) break;
-            const u64 at = pos >> 5;
-            if (at != w) {
-                w = at;
-                hi = lo;
-                lo = next;
-                next = words[w + 2];
-            }
-            const u64 window = (((u64)hi << 32) | lo) << (pos & 31);
-            const unsigned short entry = lut[window >> (64 - LUT_BITS)];
-            out[e] = (bf16)(((s[r] & 0x80u) << 8) | ((u32)(entry & 0xffu) << 7) | (s[r] & 0x7fu));
-            pos += entry >> 8;
-        }
-    }
-    (void)numel;
-}
 
 // The table, copied to shared memory by the whole thread block.
 __device__ __forceinline__ void load_lut(unsigned short* lut, const unsigned short* __restrict__ lut_g) {
@@ -114,12 +54,13 @@ __device__ __forceinline__ bf16 take(Bits& b, const unsigned short* lut, u32 s) 
     return (bf16)(((s & 0x80u) << 8) | ((entry & 0xffu) << 7) | (s & 0x7fu));
 }
 
-__device__ __forceinline__ void decode_block(
+extern "C" __global__ void decompress_bf16(
     const unsigned short* __restrict__ lut_g,
     const u32* __restrict__ starts,
     const unsigned char* __restrict__ sm,
     const u32* __restrict__ words,
     bf16* __restrict__ out,
+    u64 numel,
     u64 segment,
     u32 base_bit,
     u64 blocks)
@@ -157,19 +98,5 @@ __device__ __forceinline__ void decode_block(
         for (int r = 0; r < ROUND; r++) op[32 * r] = take(b, lut, s[r]);
     }
     for (; i < mine; i++, sp += 32, op += 32) *op = take(b, lut, *sp);
-}
-
-extern "C" __global__ void decompress_bf16_v2(
-    const unsigned short* __restrict__ lut_g,
-    const u32* __restrict__ starts,
-    const unsigned char* __restrict__ sm,
-    const u32* __restrict__ words,
-    bf16* __restrict__ out,
-    u64 numel,
-    u64 segment,
-    u32 base_bit,
-    u64 blocks)
-{
-    decode_block(lut_g, starts, sm, words, out, segment, base_bit, blocks);
     (void)numel;
 }
