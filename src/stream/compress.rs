@@ -439,13 +439,38 @@ impl EncodedTensor {
     }
 
     /// Lay the elements `elements` (whole segments) out in a slot from byte `dst`, each part
-    /// starting at a multiple of `align` (≥ 4): the copies and the decoder's arguments.
-    /// `None` when `elements` does not cover whole segments.
+    /// starting at a multiple of `align` (≥ 16, the decoder reads the table in 16-byte
+    /// loads), or, for the whole tensor, the storage as it is from such a multiple (its parts
+    /// keep their offsets: the table at 0, the others 4-aligned): the copies and the decoder's
+    /// arguments. `None` when `elements` does not cover whole segments.
     pub fn place(&self, elements: Range<usize>, dst: usize, align: usize) -> Option<PlacedShare> {
         let g = self.geometry;
         let seg = g.segment.max(1);
         if elements.start % seg != 0 || elements.end % seg != 0 || elements.end > g.numel {
             return None;
+        }
+        if elements.len() == g.numel {
+            // The whole tensor: its storage as it is (which is exactly its parts), in one copy
+            // rather than one a part; small copies cost the link more than their bytes.
+            let at = align_up(dst, align);
+            let total = self.storage.bytes().len();
+            return Some(PlacedShare {
+                copies: vec![PartCopy {
+                    src: 0,
+                    len: total,
+                    dst: at,
+                }],
+                decode: Decode::Exponents(ExponentDecode {
+                    lut: at,
+                    starts: at + self.starts_at,
+                    sm: at + self.sm_at,
+                    words: at + self.words_at,
+                    numel: g.numel,
+                    segment: g.segment,
+                    base_bit: 0,
+                }),
+                end: align_up(at + total, align),
+            });
         }
         let per = g.blocks_per_segment();
         let (b0, b1) = (elements.start / seg * per, elements.end / seg * per);
@@ -456,33 +481,6 @@ impl EncodedTensor {
             (first_bit / 32) as usize,
             (end_bit as usize).div_ceil(32) + PAD_WORDS,
         );
-        let parts = Parts::of(g, self.bits);
-        let whole = b0 == 0 && w0 == 0 && elements.len() == g.numel && !copy_by_parts();
-        if whole
-            && parts.words_at + 4 * w1 == parts.total
-            && self.storage.bytes().len() >= parts.total
-        {
-            // The whole tensor: its storage as it is, in one copy (one transfer a tensor
-            // rather than four; small copies cost the link more than their bytes).
-            let at = align_up(dst, align);
-            return Some(PlacedShare {
-                copies: vec![PartCopy {
-                    src: 0,
-                    len: parts.total,
-                    dst: at,
-                }],
-                decode: Decode::Exponents(ExponentDecode {
-                    lut: at,
-                    starts: at + parts.starts_at,
-                    sm: at + parts.sm_at,
-                    words: at + parts.words_at,
-                    numel: elements.len(),
-                    segment: g.segment,
-                    base_bit: 0,
-                }),
-                end: align_up(at + parts.total, align),
-            });
-        }
         let mut copies = Vec::with_capacity(4);
         let mut at = align_up(dst, align);
         let mut put = |src: usize, len: usize| {
@@ -513,13 +511,6 @@ impl EncodedTensor {
             end: at,
         })
     }
-}
-
-/// `FERRY_COPY_PARTS=1`: copy a whole tensor's encoding part by part, four copies, as before
-/// one copy took it (kept to measure the two side by side; the bits decoded are the same).
-fn copy_by_parts() -> bool {
-    static BY_PARTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BY_PARTS.get_or_init(|| std::env::var("FERRY_COPY_PARTS").is_ok_and(|v| v == "1"))
 }
 
 /// Where the parts of an encoding lie in its storage, bytes: the lookup table at 0, then the
