@@ -1,7 +1,9 @@
 //! Which kernel of `kernels/attention_prefill.cu` runs a prompt's causal attention or a DiT
-//! sample's full attention, and the geometry of its launch. Two variants while v2 is measured
-//! against v1; `FERRY_ATTENTION=v1|v2|auto` (default auto) picks, read once when the backend
-//! is made. Both give bit-identical outputs (see the kernel file), so the choice is speed only.
+//! sample's full attention, and the geometry of its launch. v2 (128 query rows a block) is
+//! 1.1–1.3× v1 where its grid fills the card (H200, bench/NOTES.md); v1 stays for head dims
+//! over 128 and for grids too small for v2. `FERRY_ATTENTION=v1|v2|auto` (default auto) picks,
+//! read once when the backend is made. Both give bit-identical outputs (see the kernel file),
+//! so the choice is speed only.
 
 use crate::error::{Error, Result};
 
