@@ -173,6 +173,33 @@ fn the_prompt_piece_is_not_capped_by_one_sequences_context() {
     }
 }
 
+/// A batch too large to plan is refused at the flag (it overflowed the workspace arithmetic:
+/// a panic in debug builds, a wrapped size in release ones).
+#[test]
+fn a_max_batch_past_the_limit_is_refused_by_name() {
+    let model = fixture("llama");
+    for batch in ["65537", "18446744073709551615"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .args(["--max-batch", batch])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--max-batch {batch} was accepted");
+        assert!(
+            err.contains("--max-batch") && err.contains("from 1 to 65536"),
+            "--max-batch {batch}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let server = start(&["--max-batch", "1", "--max-queue", "1"]);

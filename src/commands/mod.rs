@@ -103,9 +103,21 @@ impl From<HostMemoryFlag> for HostMemory {
 /// the argument's `allow_negative_numbers`, `--batch -1` reaches this check (and its message)
 /// instead of being read as an unknown flag `-1`.
 pub fn at_least(min: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
+    between(min, usize::MAX)
+}
+
+/// As [`at_least`], and at most `max` (a count that sizes memory, where a huge one would
+/// overflow the arithmetic that plans it).
+pub fn between(
+    min: usize,
+    max: usize,
+) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
     move |s: &str| match s.trim().parse::<i128>() {
-        Ok(n) if n >= min as i128 && n <= usize::MAX as i128 => Ok(n as usize),
-        _ => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
+        Ok(n) if n >= min as i128 && n <= max as i128 => Ok(n as usize),
+        _ if max == usize::MAX => Err(format!("expected a whole number ≥ {min}, found {s:?}")),
+        _ => Err(format!(
+            "expected a whole number from {min} to {max}, found {s:?}"
+        )),
     }
 }
 

@@ -23,11 +23,11 @@ use ferry::serve::{ImageModel, ServerConfig, TextModel};
 use ferry::stream::{human_bytes, Vram};
 use ferry::{Error, Result};
 
-use super::at_least;
 use super::generation::{
     open_compute, open_model, with_generator, ComputeArgs, GeneratorTask, PlannedPass,
 };
 use super::image::{open_pipeline, ImageSource};
+use super::{at_least, between};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("models").required(true).multiple(true).args(["model", "image_model", "image_dit"])))]
@@ -45,8 +45,8 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free one, printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Most sequences per pass (the running batch).
-    #[arg(long, default_value_t = 64, value_parser = at_least(1), allow_negative_numbers = true)]
+    /// Most sequences per pass (the running batch), at most 65536.
+    #[arg(long, default_value_t = 64, value_parser = between(1, MAX_BATCH), allow_negative_numbers = true)]
     max_batch: usize,
     /// Most requests waiting for a place in the batch; more are answered 429.
     #[arg(long, default_value_t = 256, value_parser = at_least(1), allow_negative_numbers = true)]
@@ -145,6 +145,10 @@ impl ImageModelArgs {
     }
 }
 
+/// Most `--max-batch`: far past any card's batch, and small enough that the plans' byte
+/// counts cannot overflow.
+const MAX_BATCH: usize = 1 << 16;
+
 /// Prompt tokens a pass takes in by default: where it computes on resident weights (or the
 /// CPU), few enough that a long prompt stalls the others' decoding little.
 const PROMPT_CHUNK: usize = 512;
@@ -219,7 +223,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             Some(_) => STREAMED_PROMPT_CHUNK,
             None => PROMPT_CHUNK,
         })
-        .min(args.max_batch * context);
+        .min(args.max_batch.saturating_mul(context));
     let pass = PlannedPass {
         shape: PassShape {
             tokens: 1,
