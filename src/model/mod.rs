@@ -11,6 +11,7 @@ pub mod flux;
 pub mod llama;
 mod mmdit;
 pub mod qwen_image;
+mod rope_memo;
 pub mod t5;
 pub mod vae;
 pub mod z_image;

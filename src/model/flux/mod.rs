@@ -330,7 +330,7 @@ impl Flux {
             .table(&rope::image_positions(layout.rows, layout.cols));
         let total_text: usize = layout.text_tokens.iter().sum();
         if let Some(t) = trace.as_deref_mut() {
-            t("img_freqs", image_table.clone());
+            t("img_freqs", image_table.to_vec());
         }
         let mut tap = |name: &str, x: &B::Activation| -> Result<()> {
             if let Some(t) = trace.as_deref_mut() {
@@ -422,9 +422,11 @@ impl Flux {
                 .text_tokens
                 .iter()
                 .flat_map(|&l| {
-                    let mut t = self.rope.text_table(l);
-                    t.extend_from_slice(&image_table);
-                    t
+                    let text = self.rope.text_table(l);
+                    text.iter()
+                        .chain(image_table.iter())
+                        .copied()
+                        .collect::<Vec<f32>>()
                 })
                 .collect();
             let rows = total_text + batch * layout.image_tokens;

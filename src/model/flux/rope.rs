@@ -11,12 +11,17 @@
 //! diffusers computes the angles and their cosines in f64 (`freqs_dtype = float64` on CUDA
 //! and the CPU) and rounds the table to f32; so does this.
 
+use std::sync::Arc;
+
+use crate::model::rope_memo::TableMemo;
+
 /// RoPE's theta, fixed in diffusers' `FluxTransformer2DModel`.
 const THETA: f64 = 10000.0;
 
 pub struct FluxRope {
     /// `[axes][pairs of that axis]` inverse frequencies, f64 as diffusers computes them.
     inv_freq: Vec<Vec<f64>>,
+    memo: TableMemo<[u32; 3]>,
 }
 
 impl FluxRope {
@@ -30,7 +35,10 @@ impl FluxRope {
                     .collect()
             })
             .collect();
-        FluxRope { inv_freq }
+        FluxRope {
+            inv_freq,
+            memo: TableMemo::default(),
+        }
     }
 
     /// Head dims covered: twice the pairs of every axis.
@@ -39,8 +47,13 @@ impl FluxRope {
     }
 
     /// The table `[positions, head_dim]` of `(cos, sin)` per pair, as
-    /// [`DitOps::rope_interleaved`](crate::backend::dit::DitOps) takes it.
-    pub fn table(&self, positions: &[[u32; 3]]) -> Vec<f32> {
+    /// [`DitOps::rope_interleaved`](crate::backend::dit::DitOps) takes it; made once for the
+    /// positions of a step and kept for the steps after ([`TableMemo`]).
+    pub fn table(&self, positions: &[[u32; 3]]) -> Arc<Vec<f32>> {
+        self.memo.get(positions, || self.make(positions))
+    }
+
+    fn make(&self, positions: &[[u32; 3]]) -> Vec<f32> {
         assert_eq!(self.inv_freq.len(), 3, "three axes");
         let mut out = Vec::with_capacity(positions.len() * self.head_dim());
         for pos in positions {
@@ -56,7 +69,7 @@ impl FluxRope {
     }
 
     /// The table of `tokens` text tokens: all at the origin, `(1, 0)` for every pair.
-    pub fn text_table(&self, tokens: usize) -> Vec<f32> {
+    pub fn text_table(&self, tokens: usize) -> Arc<Vec<f32>> {
         self.table(&vec![[0; 3]; tokens])
     }
 }
@@ -89,7 +102,7 @@ mod tests {
         let rope = FluxRope::new(&[2, 4, 2]);
         assert_eq!(rope.head_dim(), 8);
         assert_eq!(
-            rope.text_table(1),
+            *rope.text_table(1),
             vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
         );
         // Token (1, 2): the row axis's first pair turns by 1 radian, the column's by 2.

@@ -229,6 +229,7 @@ impl QwenImage {
             .flat_map(|&l| {
                 self.rope
                     .table(&rope::text_positions(layout.rows, layout.cols, l))
+                    .to_vec()
             })
             .collect();
         let total_text: usize = layout.text_tokens.iter().sum();

@@ -13,6 +13,10 @@
 //! diffusers computes angles in f32 (`torch.outer` of the integer positions and the f32
 //! inverse frequencies), then `torch.polar` in f32; so does this.
 
+use std::sync::Arc;
+
+use crate::model::rope_memo::TableMemo;
+
 /// RoPE's theta, fixed in diffusers' `QwenImageTransformer2DModel`.
 const THETA: f32 = 10000.0;
 /// Rows of diffusers' precomputed tables: positions −4096..4095 exist.
@@ -21,6 +25,7 @@ pub const MAX_POSITIONS: usize = 4096;
 pub struct QwenRope {
     /// `[axes][pairs of that axis]` inverse frequencies, f32 as diffusers computes them.
     inv_freq: Vec<Vec<f32>>,
+    memo: TableMemo<[i32; 3]>,
 }
 
 impl QwenRope {
@@ -34,7 +39,10 @@ impl QwenRope {
                     .collect()
             })
             .collect();
-        QwenRope { inv_freq }
+        QwenRope {
+            inv_freq,
+            memo: TableMemo::default(),
+        }
     }
 
     /// Head dims covered: twice the pairs of every axis.
@@ -43,8 +51,13 @@ impl QwenRope {
     }
 
     /// The table `[positions, head_dim]` of `(cos, sin)` per pair, as
-    /// [`DitOps::rope_interleaved`](crate::backend::dit::DitOps) takes it.
-    pub fn table(&self, positions: &[[i32; 3]]) -> Vec<f32> {
+    /// [`DitOps::rope_interleaved`](crate::backend::dit::DitOps) takes it; made once for the
+    /// positions of a step and kept for the steps after ([`TableMemo`]).
+    pub fn table(&self, positions: &[[i32; 3]]) -> Arc<Vec<f32>> {
+        self.memo.get(positions, || self.make(positions))
+    }
+
+    fn make(&self, positions: &[[i32; 3]]) -> Vec<f32> {
         assert_eq!(self.inv_freq.len(), 3, "three axes");
         let mut out = Vec::with_capacity(positions.len() * self.head_dim());
         for pos in positions {

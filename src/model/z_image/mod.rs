@@ -256,7 +256,7 @@ impl ZImage {
             .collect();
         let unified_table = self.rope.table(&unified_pos);
         if let Some(t) = trace.as_deref_mut() {
-            t("unified_freqs", unified_table.clone());
+            t("unified_freqs", unified_table.to_vec());
         }
         let mut tap = |name: &str, x: &B::Activation| -> Result<()> {
             if let Some(t) = trace.as_deref_mut() {

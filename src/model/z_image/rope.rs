@@ -2,11 +2,16 @@
 //! Qwen-Image use the same scheme): each head's pairs are split among the axes, and a token's
 //! angle for pair `j` of axis `a` is `pos[a] · theta^(−2j / dims[a])`.
 
+use std::sync::Arc;
+
+use crate::model::rope_memo::TableMemo;
+
 /// Per-token angles as [`DitOps::rope_interleaved`](crate::backend::dit::DitOps) takes them:
 /// `[tokens, head_dim]` f32, `(cos, sin)` of each pair, axis 0's pairs first.
 pub struct AxesRope {
     /// `[axes][pairs of that axis]` inverse frequencies, f64 as diffusers computes them.
     inv_freq: Vec<Vec<f64>>,
+    memo: TableMemo<[u32; 3]>,
 }
 
 impl AxesRope {
@@ -20,7 +25,10 @@ impl AxesRope {
                     .collect()
             })
             .collect();
-        AxesRope { inv_freq }
+        AxesRope {
+            inv_freq,
+            memo: TableMemo::default(),
+        }
     }
 
     /// Head dims covered: twice the pairs of every axis.
@@ -31,7 +39,13 @@ impl AxesRope {
     /// The table for tokens at `positions` (one position per axis each): the angle is
     /// computed in f64 and rounded to f32, then cos and sin in f32 (diffusers' `torch.outer`
     /// in float64, `.float()`, `torch.polar`).
-    pub fn table(&self, positions: &[[u32; 3]]) -> Vec<f32> {
+    /// Made once for the positions of a step and kept for the steps after
+    /// ([`TableMemo`]).
+    pub fn table(&self, positions: &[[u32; 3]]) -> Arc<Vec<f32>> {
+        self.memo.get(positions, || self.make(positions))
+    }
+
+    fn make(&self, positions: &[[u32; 3]]) -> Vec<f32> {
         assert_eq!(self.inv_freq.len(), 3, "three axes");
         let mut out = Vec::with_capacity(positions.len() * self.head_dim());
         for pos in positions {
