@@ -10,7 +10,6 @@
 //! may wait for the ring's thread to have *queued* a copy (the fill of a staging buffer: host
 //! work), never for a copy to complete (see [`crate::stream::staging`]).
 
-use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
@@ -78,14 +77,18 @@ pub struct CudaCopyEngine {
     /// Where and how encoded pieces are decoded; `None` when nothing is encoded.
     decoding: Option<Decoding>,
     /// Per piece of the plan with encoded shares: events around its decoding (on the
-    /// decode stream, once a pass), for the stats and the timeline.
-    decode_times: Vec<Option<(CudaEvent, CudaEvent)>>,
+    /// decode stream, once a pass), for the stats and the timeline; decoding `n` of piece `k`
+    /// is timed by `decode_times[n % 2][k]`, since the next pass's first pieces may decode
+    /// before this pass's figures are read.
+    decode_times: [Vec<Option<(CudaEvent, CudaEvent)>>; 2],
+    /// Per piece, decodings queued so far.
+    decodes_of: Vec<u64>,
     /// Per slot: its release was recorded after the decoding of the piece in it (nothing
     /// reads the slot after that), so `release` has nothing left to record.
-    released_early: Vec<Cell<bool>>,
+    released_early: Vec<bool>,
     /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
     /// compute has been queued.
-    slot_buffer: Vec<Cell<Option<usize>>>,
+    slot_buffer: Vec<Option<usize>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
@@ -97,6 +100,12 @@ pub struct CudaCopyEngine {
 /// compute stream waits for it), and `free[b]`, recorded on the compute stream after the
 /// compute that read `b` (the next decoding into `b` waits for it). With one buffer a piece
 /// decodes only once the one before has computed, as if on the compute stream.
+///
+/// A piece's decoding is queued as soon as its copy is queued and the buffer's last reader
+/// has been released (its compute queued, so that `free[b]` stands for it): not when the
+/// model asks for the piece. Between two passes the host waits for the first pass's output,
+/// and the next pass's first pieces, copied during the last one, would otherwise hold their
+/// slots undecoded until the host asks for them, leaving the copies idle.
 struct Decoding {
     stream: Arc<CudaStream>,
     kernels: Decoders,
@@ -104,8 +113,13 @@ struct Decoding {
     buffers: Vec<(DevBuf, u64)>,
     decoded: Vec<CudaEvent>,
     free: Vec<CudaEvent>,
-    /// Decodings queued so far: the next goes into buffer `next % buffers`.
-    next: Cell<u64>,
+    /// Decodings queued so far: the next goes into buffer `queued % buffers`.
+    queued: u64,
+    /// Decoded pieces released so far (their compute queued), in decoding order: decoding
+    /// `n` may be queued once `n < released + buffers`.
+    released: u64,
+    /// Copies queued whose decoding is not: (slot, group, piece index in the group).
+    pending: std::collections::VecDeque<(usize, usize, usize)>,
 }
 
 /// Each pass's clock and where its figures go: events on the compute stream per unit (when
@@ -229,7 +243,9 @@ impl CudaCopyEngine {
                     buffers,
                     decoded: events()?,
                     free: events()?,
-                    next: Cell::new(0),
+                    queued: 0,
+                    released: 0,
+                    pending: Default::default(),
                 })
             }
             _ => None,
@@ -320,16 +336,18 @@ impl CudaCopyEngine {
             log: None,
             timeline: None,
         };
-        let decode_times = plan
-            .pieces
-            .iter()
-            .map(|p| {
-                let decoded = layouts[p.group][p.index].decoded > 0;
-                decoded
-                    .then(|| Ok((event(timing)?, event(timing)?)))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let decode_timed = || {
+            plan.pieces
+                .iter()
+                .map(|p| {
+                    let decoded = layouts[p.group][p.index].decoded > 0;
+                    decoded
+                        .then(|| Ok((event(timing)?, event(timing)?)))
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let decode_times = [decode_timed()?, decode_timed()?];
         // The slots were allocated in stream order on the compute stream; the copy stream
         // may only use them once that allocation has happened.
         gpu.synchronize()?;
@@ -346,9 +364,10 @@ impl CudaCopyEngine {
             layouts,
             compressed,
             decode_times,
+            decodes_of: vec![0; plan.pieces.len()],
             decoding,
-            released_early: (0..plan.slots).map(|_| Default::default()).collect(),
-            slot_buffer: (0..plan.slots).map(|_| Default::default()).collect(),
+            released_early: vec![false; plan.slots],
+            slot_buffer: vec![None; plan.slots],
             tier,
         })
     }
@@ -357,69 +376,126 @@ impl CudaCopyEngine {
         Error::Device(format!("streaming: {what}: {}", super::driver_msg(e)))
     }
 
-    /// Views of the tensors of `piece` in `slot`: one entry per tensor of its group, None
-    /// for those not in it. Encoded shares are first decoded on the decode stream (once the
-    /// copy is in and the decode buffer's last reader has computed) into the next decode
-    /// buffer, and the compute stream waits for that; the views of them point there.
-    fn slot_views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
-        let err = Self::err;
-        let tensors = &self.tier.groups[piece.group];
-        let layout = &self.layouts[piece.group][piece.index];
-        let base = self.slot_addr[slot];
-        let decoding = match &self.decoding {
-            Some(d) if layout.decoded > 0 => {
-                let b = (d.next.get() % d.buffers.len() as u64) as usize;
-                d.next.set(d.next.get() + 1);
-                d.stream
-                    .wait(&self.events.copied[slot])
-                    .map_err(|e| err(e, "waiting for a copy to decode"))?;
-                d.stream
-                    .wait(&d.free[b])
-                    .map_err(|e| err(e, "waiting for a decode buffer"))?;
-                Some((d, b))
+    /// Queue the decodings whose copies are queued and whose buffers' last readers have been
+    /// released, in order (see [`Decoding`]).
+    fn queue_decodes(&mut self) -> Result<()> {
+        loop {
+            let Some(d) = self.decoding.as_mut() else {
+                return Ok(());
+            };
+            let buffers = d.buffers.len() as u64;
+            if d.queued >= d.released + buffers {
+                return Ok(());
             }
-            _ => None,
-        };
-        let timed = &self.decode_times[self.piece_base[piece.group] + piece.index];
-        if let (Some((d, _)), Some((begin, _))) = (decoding, timed) {
+            let Some((slot, group, index)) = d.pending.pop_front() else {
+                return Ok(());
+            };
+            let b = (d.queued % buffers) as usize;
+            d.queued += 1;
+            self.decode(slot, group, index, b)?;
+        }
+    }
+
+    /// Queue on the decode stream the decoding of piece `index` of `group`, copied into
+    /// `slot`, into decode buffer `b`: once the copy is in and the buffer's last reader has
+    /// computed. A piece all decoded releases its slot there.
+    fn decode(&mut self, slot: usize, group: usize, index: usize, b: usize) -> Result<()> {
+        let err = Self::err;
+        let d = self
+            .decoding
+            .as_ref()
+            .expect("decoding where pieces are encoded");
+        let tensors = &self.tier.groups[group];
+        let layout = &self.layouts[group][index];
+        let base = self.slot_addr[slot];
+        let k = self.piece_base[group] + index;
+        let timed = &self.decode_times[(self.decodes_of[k] % 2) as usize][k];
+        d.stream
+            .wait(&self.events.copied[slot])
+            .map_err(|e| err(e, "waiting for a copy to decode"))?;
+        d.stream
+            .wait(&d.free[b])
+            .map_err(|e| err(e, "waiting for a decode buffer"))?;
+        if let Some((begin, _)) = timed {
             begin
                 .record(&d.stream)
                 .map_err(|e| err(e, "cuEventRecord"))?;
         }
+        let out = d.buffers[b].1;
+        for (i, share) in layout.shares.iter().enumerate() {
+            let name = &tensors[i].name;
+            match *share {
+                None | Some(Share::Raw { .. }) => {}
+                // SAFETY: the parts lie in the slot as `place` laid them out (the copy put
+                // them there and the decode stream waited for it); the decode buffer holds
+                // `len` bytes at `dst` (sized from the largest layout), and its last reader
+                // has computed (the decode stream waited for that too).
+                Some(Share::Encoded { decode, dst, .. }) => {
+                    unsafe { d.kernels.launch(&d.stream, base, &decode, out + dst as u64) }
+                        .map_err(|e| err(e, &format!("decoding {name}")))?
+                }
+                // SAFETY: as for a decoding: `len` bytes at `src` in the slot, copied in
+                // before this on the stream's order, to room in the decode buffer.
+                Some(Share::Moved { src, dst, len }) => unsafe {
+                    cu::cuMemcpyDtoDAsync_v2(
+                        out + dst as u64,
+                        base + src as u64,
+                        len,
+                        d.stream.cu_stream(),
+                    )
+                }
+                .result()
+                .map_err(|e| err(e, &format!("moving {name} into the decode buffer")))?,
+            }
+        }
+        if let Some((_, end)) = timed {
+            end.record(&d.stream).map_err(|e| err(e, "cuEventRecord"))?;
+        }
+        d.decoded[b]
+            .record(&d.stream)
+            .map_err(|e| err(e, "cuEventRecord"))?;
+        // A piece all decoded is read from the decode buffer only: its slot is free for the
+        // next copy once the decoding has run.
+        if layout.decoded_whole() {
+            self.events.released[slot]
+                .record(&d.stream)
+                .map_err(|e| err(e, "cuEventRecord"))?;
+            self.released_early[slot] = true;
+        }
+        self.slot_buffer[slot] = Some(b);
+        self.decodes_of[k] += 1;
+        Ok(())
+    }
+
+    /// Views of the tensors of `piece` in `slot`: one entry per tensor of its group, None
+    /// for those not in it. Encoded shares were decoded into the slot's decode buffer (queued
+    /// with the copy, see [`Decoding`]); the compute stream waits for that, and their views
+    /// point there.
+    fn slot_views(&self, slot: usize, piece: &Piece) -> Result<Vec<Option<CudaWeight>>> {
+        let tensors = &self.tier.groups[piece.group];
+        let layout = &self.layouts[piece.group][piece.index];
+        let base = self.slot_addr[slot];
+        let buffer = match (&self.decoding, self.slot_buffer[slot]) {
+            _ if layout.decoded == 0 => None,
+            (Some(d), Some(b)) => Some((d, b)),
+            _ => {
+                return Err(Error::Device(format!(
+                    "streaming: {} piece {} asked for before its decoding was queued",
+                    piece.group, piece.index
+                )))
+            }
+        };
         let mut out: Vec<Option<CudaWeight>> = (0..tensors.len()).map(|_| None).collect();
         for (i, share) in layout.shares.iter().enumerate() {
             let t = &tensors[i];
-            let (ptr, len) = match *share {
-                None => continue,
-                Some(Share::Raw { dst, len }) => (base + dst as u64, len),
-                Some(Share::Encoded { decode, dst, len }) => {
-                    let (d, b) = decoding.expect("a decode buffer where pieces are encoded");
-                    let out_ptr = d.buffers[b].1 + dst as u64;
-                    // SAFETY: the parts lie in the slot as `place` laid them out (the copy put
-                    // them there and the decode stream waited for it); the decode buffer holds
-                    // `len` bytes at `dst` (sized from the largest layout), and its last reader
-                    // has computed (the decode stream waited for that too).
-                    unsafe { d.kernels.launch(&d.stream, base, &decode, out_ptr) }
-                        .map_err(|e| err(e, &format!("decoding {}", t.name)))?;
-                    (out_ptr, len)
+            let (ptr, len) = match (*share, buffer) {
+                (None, _) => continue,
+                (Some(Share::Raw { dst, len }), _) => (base + dst as u64, len),
+                (Some(Share::Encoded { dst, len, .. }), Some((d, b)))
+                | (Some(Share::Moved { dst, len, .. }), Some((d, b))) => {
+                    (d.buffers[b].1 + dst as u64, len)
                 }
-                Some(Share::Moved { src, dst, len }) => {
-                    let (d, b) = decoding.expect("a decode buffer where pieces are encoded");
-                    let out_ptr = d.buffers[b].1 + dst as u64;
-                    // SAFETY: as for a decoding: `len` bytes at `src` in the slot, copied in
-                    // before this on the stream's order, to room in the decode buffer.
-                    unsafe {
-                        cu::cuMemcpyDtoDAsync_v2(
-                            out_ptr,
-                            base + src as u64,
-                            len,
-                            d.stream.cu_stream(),
-                        )
-                    }
-                    .result()
-                    .map_err(|e| err(e, &format!("moving {} into the decode buffer", t.name)))?;
-                    (out_ptr, len)
-                }
+                (Some(_), None) => unreachable!("a decoded share in a piece with nothing decoded"),
             };
             out[i] = Some(CudaWeight {
                 ptr,
@@ -428,25 +504,10 @@ impl CudaCopyEngine {
                 storage: WeightStorage::Slot,
             });
         }
-        if let Some((d, b)) = decoding {
-            if let Some((_, end)) = timed {
-                end.record(&d.stream).map_err(|e| err(e, "cuEventRecord"))?;
-            }
-            d.decoded[b]
-                .record(&d.stream)
-                .map_err(|e| err(e, "cuEventRecord"))?;
-            // A piece all decoded is read from the decode buffer only: its slot is free for
-            // the next copy once the decoding has run.
-            if layout.decoded_whole() {
-                self.events.released[slot]
-                    .record(&d.stream)
-                    .map_err(|e| err(e, "cuEventRecord"))?;
-                self.released_early[slot].set(true);
-            }
+        if let Some((d, b)) = buffer {
             self.compute
                 .wait(&d.decoded[b])
-                .map_err(|e| err(e, "waiting for a decoding"))?;
-            self.slot_buffer[slot].set(Some(b));
+                .map_err(|e| Self::err(e, "waiting for a decoding"))?;
         }
         Ok(out)
     }
@@ -525,7 +586,13 @@ impl CopyEngine for CudaCopyEngine {
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
         self.events.copied[slot]
             .record(&self.copy)
-            .map_err(|e| Self::err(e, "cuEventRecord"))
+            .map_err(|e| Self::err(e, "cuEventRecord"))?;
+        if let Some(d) = self.decoding.as_mut() {
+            if self.layouts[piece.group][piece.index].decoded > 0 {
+                d.pending.push_back((slot, piece.group, piece.index));
+            }
+        }
+        self.queue_decodes()
     }
 
     fn wait_copied(&mut self, slot: usize) -> Result<()> {
@@ -540,17 +607,18 @@ impl CopyEngine for CudaCopyEngine {
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
-        if let (Some(d), Some(b)) = (&self.decoding, self.slot_buffer[slot].take()) {
+        if let (Some(d), Some(b)) = (self.decoding.as_mut(), self.slot_buffer[slot].take()) {
             d.free[b]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
+            d.released += 1;
         }
-        if self.released_early[slot].replace(false) {
-            return Ok(());
+        if !std::mem::replace(&mut self.released_early[slot], false) {
+            self.events.released[slot]
+                .record(&self.compute)
+                .map_err(|e| Self::err(e, "cuEventRecord"))?;
         }
-        self.events.released[slot]
-            .record(&self.compute)
-            .map_err(|e| Self::err(e, "cuEventRecord"))
+        self.queue_decodes()
     }
 
     fn synchronize(&mut self) -> Result<()> {
@@ -650,7 +718,7 @@ impl CudaCopyEngine {
                     start_ms: since(b)?,
                     end_ms: since(e)?,
                 });
-                if let Some((b, e)) = &self.decode_times[k] {
+                if let Some((b, e)) = &self.decode_times[(pass % 2) as usize][k] {
                     events.push(TimelineEvent {
                         group: label(unit),
                         lane: Lane::Decode,
@@ -707,7 +775,7 @@ impl CudaCopyEngine {
         };
         let compute_ms = pass_ms - stall_ms;
         let mut decode_ms = 0.0;
-        for (b, e) in self.decode_times.iter().flatten() {
+        for (b, e) in self.decode_times[(pass % 2) as usize].iter().flatten() {
             decode_ms += b.elapsed_ms(e).map_err(err)? as f64;
         }
         // The PCIe bound at the measured bandwidth, or at this pass's if it did better.
