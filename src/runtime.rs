@@ -266,10 +266,11 @@ pub fn stream_weights(
         Compress::Auto => !tier.is_staged(),
     };
     if wanted && !plan.pieces.is_empty() {
-        // Exponent-code what streams at this budget, then plan again with the encoded sizes;
-        // the new plan may keep other groups resident and stream some not yet encoded: code
-        // those too and plan again, until it streams only coded groups (a few rounds: the
-        // resident set only moves while coded groups are cheaper to stream).
+        // Exponent-code every group that may stream (all but those read from host memory),
+        // not only those that stream uncoded at this budget: coded, the plan keeps other
+        // groups resident, and it sizes the slots by the largest piece of any group that may
+        // stream, an uncoded group's bf16 bytes otherwise (a third more than a coded block).
+        // The codes of what stays resident are dropped once planned.
         let mut encoded = match &blocks {
             Some(b) => Compressed::clone(b),
             None => Compressed::blocks(&model.groups, true, SLOT_ALIGN, ASSUMED_DECODE),
@@ -292,53 +293,30 @@ pub fn stream_weights(
             .iter()
             .map(|(_, s)| Compressed::blocks(&s.groups, true, SLOT_ALIGN, ASSUMED_DECODE))
             .collect();
-        let mut coded = vec![false; model.groups.len()];
-        let mut next = plan.clone();
-        let planned = loop {
-            let fresh: Vec<bool> = (0..coded.len())
-                .map(|g| streams(&next, g) && !coded[g])
-                .collect();
-            if !fresh.contains(&true) {
-                break Ok(next);
-            }
-            let jobs = encoded.exponent_jobs(&model.groups, &model.splits, |g| fresh[g], true);
-            let encodings = match &cache {
-                Some(cache) => {
-                    // On a miss the file gets every group that may stream (all but those
-                    // read from host memory), so that the next rounds, other budgets and
-                    // other pass shapes read it instead of rewriting it each time.
-                    let mut ahead = encoded.exponent_jobs(
-                        &model.groups,
-                        &model.splits,
-                        |g| !fresh[g] && !arch.groups()[g].host_gather,
+        let may_stream = |g: usize| !arch.groups()[g].host_gather;
+        let jobs = encoded.exponent_jobs(&model.groups, &model.splits, may_stream, true);
+        let encodings = match &cache {
+            Some(cache) => {
+                let mut ahead = Vec::new();
+                for ((a, s), codes) in siblings.iter().zip(&sibling_codes) {
+                    ahead.extend(codes.exponent_jobs(
+                        &s.groups,
+                        &s.splits,
+                        |g| !a.groups()[g].host_gather,
                         true,
-                    );
-                    for ((a, s), codes) in siblings.iter().zip(&sibling_codes) {
-                        ahead.extend(codes.exponent_jobs(
-                            &s.groups,
-                            &s.splits,
-                            |g| !a.groups()[g].host_gather,
-                            true,
-                        ));
-                    }
-                    let (encodings, used) = cache.encodings_ahead(&jobs, &ahead)?;
-                    for line in used.messages() {
-                        eprintln!("{line}");
-                    }
-                    encodings
+                    ));
                 }
-                None => encode_jobs(&jobs)?,
-            };
-            encoded.put_exponents(&jobs, encodings);
-            for (c, f) in coded.iter_mut().zip(&fresh) {
-                *c |= f;
+                let (encodings, used) = cache.encodings_ahead(&jobs, &ahead)?;
+                for line in used.messages() {
+                    eprintln!("{line}");
+                }
+                encodings
             }
-            request.compressed = Some(Arc::new(encoded.clone()));
-            match crate::stream::plan(&request) {
-                Ok(p) => next = p,
-                Err(e) => break Err(e),
-            }
+            None => encode_jobs(&jobs)?,
         };
+        encoded.put_exponents(&jobs, encodings);
+        request.compressed = Some(Arc::new(encoded));
+        let planned = crate::stream::plan(&request);
         match planned {
             // Auto keeps the faster of the two plans: where a pass is compute-bound, decoding
             // only adds to it; and where the decode buffer puts the budget below the minimum,
