@@ -431,7 +431,7 @@ impl CacheUse {
                 self.encoded,
                 match self.encoded_ahead {
                     0 => String::new(),
-                    n => format!(" and {n} more that stream at other budgets"),
+                    n => format!(" and {n} more for later loads (other budgets or models in these files)"),
                 },
                 p.display()
             )),
