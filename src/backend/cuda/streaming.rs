@@ -83,24 +83,15 @@ pub struct CudaCopyEngine {
     decode_times: [Vec<Option<(CudaEvent, CudaEvent)>>; 2],
     /// Per piece, decodings queued so far.
     decodes_of: Vec<u64>,
-    /// Per slot, the pieces copied into it and not yet released, oldest first: the one being
-    /// computed (or next to be), then at most a copy queued behind it once it freed the slot
-    /// early (see [`SlotUse`]).
-    slot_uses: Vec<std::collections::VecDeque<SlotUse>>,
+    /// Per slot: its release was recorded after the decoding of the piece in it (nothing
+    /// reads the slot after that), so `release` has nothing left to record.
+    released_early: Vec<bool>,
+    /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
+    /// compute has been queued.
+    slot_buffer: Vec<Option<usize>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
-}
-
-/// What became of one copy into a slot.
-#[derive(Clone, Copy, Debug, Default)]
-struct SlotUse {
-    /// The decode buffer the piece was decoded into, freed when its compute has been queued.
-    buffer: Option<usize>,
-    /// The slot's release was recorded after the piece's decoding (nothing reads the slot for
-    /// it after that): the next copy into the slot may be queued before the piece computes,
-    /// and `release` has nothing left to record.
-    released_early: bool,
 }
 
 /// The decoding of encoded pieces: a stream of its own, so that a piece decodes while the
@@ -375,7 +366,8 @@ impl CudaCopyEngine {
             decode_times,
             decodes_of: vec![0; plan.pieces.len()],
             decoding,
-            slot_uses: vec![Default::default(); plan.slots],
+            released_early: vec![false; plan.slots],
+            slot_buffer: vec![None; plan.slots],
             tier,
         })
     }
@@ -464,18 +456,13 @@ impl CudaCopyEngine {
             .map_err(|e| err(e, "cuEventRecord"))?;
         // A piece all decoded is read from the decode buffer only: its slot is free for the
         // next copy once the decoding has run.
-        // The latest copy into the slot is this piece's: the next one is queued only once
-        // this one is released, here or after its compute.
-        let use_ = self.slot_uses[slot]
-            .back_mut()
-            .expect("a piece decoded after its copy");
-        use_.buffer = Some(b);
         if layout.decoded_whole() {
             self.events.released[slot]
                 .record(&d.stream)
                 .map_err(|e| err(e, "cuEventRecord"))?;
-            use_.released_early = true;
+            self.released_early[slot] = true;
         }
+        self.slot_buffer[slot] = Some(b);
         self.decodes_of[k] += 1;
         Ok(())
     }
@@ -488,16 +475,13 @@ impl CudaCopyEngine {
         let tensors = &self.tier.groups[piece.group];
         let layout = &self.layouts[piece.group][piece.index];
         let base = self.slot_addr[slot];
-        let front = self.slot_uses[slot].front().and_then(|u| u.buffer);
-        let buffer = match (&self.decoding, front) {
+        let buffer = match (&self.decoding, self.slot_buffer[slot]) {
             _ if layout.decoded == 0 => None,
             (Some(d), Some(b)) => Some((d, b)),
             _ => {
                 return Err(Error::Device(format!(
-                    "streaming: piece {} of the group holding {} asked for before its \
-                     decoding was queued (an engine fault)",
-                    piece.index,
-                    tensors.first().map_or("no tensors", |t| t.name.as_str())
+                    "streaming: {} piece {} asked for before its decoding was queued",
+                    piece.group, piece.index
                 )))
             }
         };
@@ -548,7 +532,6 @@ impl CopyEngine for CudaCopyEngine {
         let k = self.piece_base[piece.group] + piece.index;
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
-        self.slot_uses[slot].push_back(SlotUse::default());
         let tensors = &self.tier.groups[piece.group];
         if let Some(ring) = &self.ring {
             let placed = self.tier.spans(piece);
@@ -571,32 +554,7 @@ impl CopyEngine for CudaCopyEngine {
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        // A packed piece is its slot's bytes in one host image: one transfer.
-        let packed = self
-            .compressed
-            .as_ref()
-            .and_then(|c| c.packed(piece.group, piece.offset));
-        if let Some(image) = packed {
-            let bytes = image.bytes();
-            // SAFETY: the slot holds the piece's layout (sized from the largest), which the
-            // image is byte for byte; the tier holds the image registered until the engine
-            // has synchronized; the copy stream waited above for the slot's last reader.
-            unsafe {
-                cu::cuMemcpyHtoDAsync_v2(
-                    self.slot_addr[slot],
-                    bytes.as_ptr() as *const std::ffi::c_void,
-                    bytes.len(),
-                    self.copy.cu_stream(),
-                )
-            }
-            .result()
-            .map_err(|e| Self::err(e, "copying a packed piece"))?;
-        }
-        let copies = match packed {
-            Some(_) => &[][..],
-            None => &self.layouts[piece.group][piece.index].copies[..],
-        };
-        for c in copies {
+        for c in &self.layouts[piece.group][piece.index].copies {
             let t = &tensors[c.tensor];
             let src = match (&self.compressed, c.encoded) {
                 (Some(enc), true) => {
@@ -643,45 +601,24 @@ impl CopyEngine for CudaCopyEngine {
             // must come after its copy event is recorded. This waits for host work only.
             ring.wait_queued(slot)?;
         }
-        // A piece that freed its slot early is read from its decode buffer only, which the
-        // views wait for; `copied[slot]` may stand for the next copy into the slot by now.
-        if self.slot_uses[slot]
-            .front()
-            .is_some_and(|u| u.released_early)
-        {
-            return Ok(());
-        }
         self.compute
             .wait(&self.events.copied[slot])
             .map_err(|e| Self::err(e, "waiting for a copy"))
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
-        let use_ = self.slot_uses[slot]
-            .pop_front()
-            .expect("a slot released after a copy into it");
-        if let (Some(d), Some(b)) = (self.decoding.as_mut(), use_.buffer) {
+        if let (Some(d), Some(b)) = (self.decoding.as_mut(), self.slot_buffer[slot].take()) {
             d.free[b]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
             d.released += 1;
         }
-        if !use_.released_early {
+        if !std::mem::replace(&mut self.released_early[slot], false) {
             self.events.released[slot]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
         }
         self.queue_decodes()
-    }
-
-    fn freed_early(&self, slot: usize) -> bool {
-        // EXPERIMENT: FERRY_NO_EARLY=1 for the schedule before early copies.
-        if std::env::var("FERRY_NO_EARLY").is_ok_and(|v| v == "1") {
-            return false;
-        }
-        self.slot_uses[slot]
-            .back()
-            .is_some_and(|u| u.released_early)
     }
 
     fn synchronize(&mut self) -> Result<()> {
