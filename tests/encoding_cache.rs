@@ -526,7 +526,10 @@ fn a_miss_writes_ahead_what_other_budgets_stream_in_one_write() {
     );
     assert_eq!(used.written, Written::To(f.beside().to_path_buf()));
     let line = used.messages().join(" ");
-    assert!(line.contains("more that stream at other budgets"), "{line}");
+    assert!(
+        line.contains(&format!("and {} more for later loads", ahead.len())),
+        "{line}"
+    );
 
     // The other budget's tensors now come from the file: a pure hit, the same bytes.
     let (got, used) = f.load(rest);

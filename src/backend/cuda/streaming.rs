@@ -480,8 +480,10 @@ impl CudaCopyEngine {
             (Some(d), Some(b)) => Some((d, b)),
             _ => {
                 return Err(Error::Device(format!(
-                    "streaming: {} piece {} asked for before its decoding was queued",
-                    piece.group, piece.index
+                    "streaming: piece {} of the group holding {} asked for before its \
+                     decoding was queued (an engine fault)",
+                    piece.index,
+                    tensors.first().map_or("no tensors", |t| t.name.as_str())
                 )))
             }
         };
