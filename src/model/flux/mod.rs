@@ -418,18 +418,13 @@ impl Flux {
         // The streams join: each sample's text, then its image.
         let mut x = {
             let x = mmdit::interleave(backend, (&txt.x, &txt.rows), (&img.x, &img.rows))?;
-            let table: Vec<f32> = layout
-                .text_tokens
-                .iter()
-                .flat_map(|&l| {
-                    let text = self.rope.text_table(l);
-                    text.iter()
-                        .chain(image_table.iter())
-                        .copied()
-                        .collect::<Vec<f32>>()
-                })
-                .collect();
             let rows = total_text + batch * layout.image_tokens;
+            // Each sample's text table (at the origin), then the image's: one copy of each.
+            let mut table = Vec::with_capacity(rows * head_dim);
+            for &l in &layout.text_tokens {
+                table.extend_from_slice(&self.rope.text_table(l));
+                table.extend_from_slice(&image_table);
+            }
             Stream {
                 x,
                 rows: joint.clone(),

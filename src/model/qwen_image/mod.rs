@@ -223,15 +223,14 @@ impl QwenImage {
         // positions, each sample's text from the same start.
         let image_pos = rope::image_positions(layout.rows, layout.cols);
         let image_table: Vec<f32> = self.rope.table(&image_pos).repeat(batch);
-        let text_table: Vec<f32> = layout
-            .text_tokens
-            .iter()
-            .flat_map(|&l| {
-                self.rope
-                    .table(&rope::text_positions(layout.rows, layout.cols, l))
-                    .to_vec()
-            })
-            .collect();
+        let mut text_table = Vec::new();
+        for &l in &layout.text_tokens {
+            text_table.extend_from_slice(&self.rope.table(&rope::text_positions(
+                layout.rows,
+                layout.cols,
+                l,
+            )));
+        }
         let total_text: usize = layout.text_tokens.iter().sum();
         if let Some(t) = trace.as_deref_mut() {
             t("img_freqs", image_table.clone());
