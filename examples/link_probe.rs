@@ -2,7 +2,8 @@
 //! `cuMemHostAlloc`, or an anonymous or file mapping registered with `cuMemHostRegister`,
 //! read-only or not, with or without transparent huge pages), the size of each copy, and a
 //! kernel streaming device memory beside it (as the exponent decoder does during a streamed
-//! pass). Prints a table, then one JSON line.
+//! pass), and one copy stream against two (each copy split in halves, one on each stream: two
+//! copy engines). Prints a table, then one JSON line.
 //!
 //!     cargo run --release --example link_probe [-- --gib 1 --runs 5]
 //!
@@ -162,6 +163,7 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sample(
     ctx: &Arc<CudaContext>,
     copy: &Arc<CudaStream>,
@@ -170,6 +172,7 @@ fn sample(
     chunk: usize,
     runs: usize,
     mut hog: Option<Hog>,
+    second: Option<&Arc<CudaStream>>,
 ) -> f64 {
     let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (
@@ -197,22 +200,38 @@ fn sample(
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         a.record(copy).unwrap();
+        if let Some(second) = second {
+            second.wait(&a).unwrap();
+        }
         let mut off = 0;
         let mut at = 0;
         while off < src.len {
             let n = chunk.min(src.len - off).min(DEVICE_BYTES - at);
-            // SAFETY: `src.ptr() + off .. + n` lies in the source, `dptr + at .. + n` in `dst`.
-            let r = unsafe {
-                cu::cuMemcpyHtoDAsync_v2(
-                    dptr + at as u64,
-                    src.ptr().add(off) as *const std::ffi::c_void,
-                    n,
-                    copy.cu_stream(),
-                )
+            // With a second stream, each copy is split in halves, one on each stream.
+            let parts = match second {
+                Some(second) => vec![(copy, 0, n / 2), (second, n / 2, n - n / 2)],
+                None => vec![(copy, 0, n)],
             };
-            assert_eq!(r, cu::CUresult::CUDA_SUCCESS, "cuMemcpyHtoDAsync");
+            for (stream, part, len) in parts {
+                // SAFETY: `src.ptr() + off + part .. + len` lies in the source,
+                // `dptr + at + part .. + len` in `dst`.
+                let r = unsafe {
+                    cu::cuMemcpyHtoDAsync_v2(
+                        dptr + (at + part) as u64,
+                        src.ptr().add(off + part) as *const std::ffi::c_void,
+                        len,
+                        stream.cu_stream(),
+                    )
+                };
+                assert_eq!(r, cu::CUresult::CUDA_SUCCESS, "cuMemcpyHtoDAsync");
+            }
             off += n;
             at = (at + n) % DEVICE_BYTES;
+        }
+        if let Some(second) = second {
+            let done = ctx.new_event(None).unwrap();
+            done.record(second).unwrap();
+            copy.wait(&done).unwrap();
         }
         b.record(copy).unwrap();
         b.synchronize().unwrap();
@@ -250,34 +269,33 @@ fn main() {
     let srcs = sources(len);
     let chunks = [256usize << 20, 16 << 20, 4 << 20, 1 << 20];
     let mut rows = Vec::new();
-    println!("| host memory | copy size | alone GB/s | beside HBM kernel GB/s |");
-    println!("|---|---|---|---|");
+    let second = ctx.new_stream().unwrap();
+    println!(
+        "| host memory | copy size | alone GB/s | beside HBM kernel GB/s | two streams alone | two streams beside |"
+    );
+    println!("|---|---|---|---|---|---|");
     for s in &srcs {
         for &c in &chunks {
-            let alone = sample(&ctx, &copy, &dst, s, c, runs, None);
-            let beside = sample(
-                &ctx,
-                &copy,
-                &dst,
-                s,
-                c,
-                runs,
-                Some(Hog {
+            let mut figures = [0.0; 4];
+            for (i, figure) in figures.iter_mut().enumerate() {
+                let hog = (i % 2 == 1).then_some(Hog {
                     stream: &other,
                     f: &f,
                     x: &x,
                     y: &mut y,
-                }),
-            );
+                });
+                let two = (i >= 2).then_some(&second);
+                *figure = sample(&ctx, &copy, &dst, s, c, runs, hog, two);
+            }
+            let [alone, beside, two_alone, two_beside] = figures;
             println!(
-                "| {} | {} MiB | {:.2} | {:.2} |",
+                "| {} | {} MiB | {alone:.2} | {beside:.2} | {two_alone:.2} | {two_beside:.2} |",
                 s.name,
                 c >> 20,
-                alone,
-                beside
             );
             rows.push(serde_json::json!({
                 "host": s.name, "copy_mib": c >> 20, "alone_gbps": alone, "beside_hbm_gbps": beside,
+                "two_streams_alone_gbps": two_alone, "two_streams_beside_hbm_gbps": two_beside,
             }));
         }
     }
