@@ -606,33 +606,3 @@ fn transformers_reference_matches() {
         "CUDA vs transformers bf16 {err:e}; vs f32 ours {ours:e}, theirs {theirs:e}"
     );
 }
-
-/// Uploads made inside a pass go through a ring of page-locked buffers read by a kernel:
-/// every size (tails of 1..15 bytes past a 16-byte word, buffers grown past their first size),
-/// more uploads alive at once than the ring has buffers, each read back exactly.
-#[test]
-fn uploads_of_every_size_arrive_exactly() {
-    use ferry::backend::dit::DitOps;
-    let Some(gpu) = gpu("uploads_of_every_size_arrive_exactly") else {
-        return;
-    };
-    let mut sizes: Vec<usize> = (1..=41).collect();
-    sizes.extend([4099, 65_537, (1 << 19) + 7, 3 << 20]);
-    let mut sent = Vec::new();
-    for (i, &n) in sizes.iter().cycle().take(3 * sizes.len()).enumerate() {
-        // Values exact in bf16, different in every upload.
-        let data: Vec<f32> = (0..n)
-            .map(|k| bf16::from_f32(((k * 7 + i * 13) % 509) as f32 - 254.0).to_f32())
-            .collect();
-        let x = DitOps::upload(&gpu, &data, 1, n).expect("an upload");
-        sent.push((data, x));
-    }
-    for (i, (data, x)) in sent.iter().enumerate() {
-        let got = gpu.to_host(x).expect("read back");
-        assert!(
-            got == *data,
-            "upload {i} of {} values did not arrive as sent",
-            data.len()
-        );
-    }
-}
