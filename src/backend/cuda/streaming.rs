@@ -35,10 +35,6 @@ use crate::stream::streamed::{GroupTensors, SlotEngine};
 use crate::stream::timeline::{Lane, TimelineCapture, TimelineEvent};
 use crate::stream::{human_bytes, Purpose};
 
-/// With two copy streams (`FERRY_COPY_STREAMS=2`), copies of at least this many bytes are
-/// split between them.
-const SPLIT_COPY_BYTES: usize = 4 << 20;
-
 /// The events of the copy engine, made once: per slot its copy and release events (see
 /// [`CopyEngine`]), and begin/end timing events per piece for two copies in flight (copy `n`
 /// of piece `k` is timed by `copy_times[n % 2][k]`). Shared with the staging ring's thread,
@@ -62,9 +58,6 @@ impl EngineEvents {
 /// tier directly. It owns the host tier, which it drops last.
 pub struct CudaCopyEngine {
     copy: Arc<CudaStream>,
-    /// A second copy stream (a second copy engine) that takes half of each large copy, and
-    /// per slot the event after its half, which the copy stream waits for before `copied`.
-    second: Option<(Arc<CudaStream>, Vec<CudaEvent>)>,
     compute: Arc<CudaStream>,
     /// Device addresses of the slots (kept allocated by `_slots`).
     slot_addr: Vec<u64>,
@@ -90,24 +83,15 @@ pub struct CudaCopyEngine {
     decode_times: [Vec<Option<(CudaEvent, CudaEvent)>>; 2],
     /// Per piece, decodings queued so far.
     decodes_of: Vec<u64>,
-    /// Per slot, the pieces copied into it and not yet released, oldest first: the one being
-    /// computed (or next to be), then at most a copy queued behind it once it freed the slot
-    /// early (see [`SlotUse`]).
-    slot_uses: Vec<std::collections::VecDeque<SlotUse>>,
+    /// Per slot: its release was recorded after the decoding of the piece in it (nothing
+    /// reads the slot after that), so `release` has nothing left to record.
+    released_early: Vec<bool>,
+    /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
+    /// compute has been queued.
+    slot_buffer: Vec<Option<usize>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
-}
-
-/// What became of one copy into a slot.
-#[derive(Clone, Copy, Debug, Default)]
-struct SlotUse {
-    /// The decode buffer the piece was decoded into, freed when its compute has been queued.
-    buffer: Option<usize>,
-    /// The slot's release was recorded after the piece's decoding (nothing reads the slot for
-    /// it after that): the next copy into the slot may be queued before the piece computes,
-    /// and `release` has nothing left to record.
-    released_early: bool,
 }
 
 /// The decoding of encoded pieces: a stream of its own, so that a piece decodes while the
@@ -273,17 +257,6 @@ impl CudaCopyEngine {
             .ctx
             .new_stream()
             .map_err(gpu.err("creating the copy stream"))?;
-        let second = match std::env::var("FERRY_COPY_STREAMS").as_deref() {
-            Ok("2") => Some((
-                gpu.ctx
-                    .new_stream()
-                    .map_err(gpu.err("creating the second copy stream"))?,
-                (0..plan.slots)
-                    .map(|_| event(None))
-                    .collect::<Result<Vec<_>>>()?,
-            )),
-            _ => None,
-        };
         let sync_events = || {
             (0..plan.slots)
                 .map(|_| event(None))
@@ -383,7 +356,6 @@ impl CudaCopyEngine {
             _slots: slots,
             events,
             copy,
-            second,
             compute: gpu.stream.clone(),
             piece_base,
             copies_of: vec![0; plan.pieces.len()],
@@ -394,7 +366,8 @@ impl CudaCopyEngine {
             decode_times,
             decodes_of: vec![0; plan.pieces.len()],
             decoding,
-            slot_uses: vec![Default::default(); plan.slots],
+            released_early: vec![false; plan.slots],
+            slot_buffer: vec![None; plan.slots],
             tier,
         })
     }
@@ -481,20 +454,15 @@ impl CudaCopyEngine {
         d.decoded[b]
             .record(&d.stream)
             .map_err(|e| err(e, "cuEventRecord"))?;
-        // The latest copy into the slot is this piece's: the next one is queued only once
-        // this one is released, here or after its compute.
-        let use_ = self.slot_uses[slot]
-            .back_mut()
-            .expect("a piece decoded after its copy");
-        use_.buffer = Some(b);
         // A piece all decoded is read from the decode buffer only: its slot is free for the
         // next copy once the decoding has run.
         if layout.decoded_whole() {
             self.events.released[slot]
                 .record(&d.stream)
                 .map_err(|e| err(e, "cuEventRecord"))?;
-            use_.released_early = true;
+            self.released_early[slot] = true;
         }
+        self.slot_buffer[slot] = Some(b);
         self.decodes_of[k] += 1;
         Ok(())
     }
@@ -507,8 +475,7 @@ impl CudaCopyEngine {
         let tensors = &self.tier.groups[piece.group];
         let layout = &self.layouts[piece.group][piece.index];
         let base = self.slot_addr[slot];
-        let front = self.slot_uses[slot].front().and_then(|u| u.buffer);
-        let buffer = match (&self.decoding, front) {
+        let buffer = match (&self.decoding, self.slot_buffer[slot]) {
             _ if layout.decoded == 0 => None,
             (Some(d), Some(b)) => Some((d, b)),
             _ => {
@@ -567,7 +534,6 @@ impl CopyEngine for CudaCopyEngine {
         let k = self.piece_base[piece.group] + piece.index;
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
-        self.slot_uses[slot].push_back(SlotUse::default());
         let tensors = &self.tier.groups[piece.group];
         if let Some(ring) = &self.ring {
             let placed = self.tier.spans(piece);
@@ -590,11 +556,6 @@ impl CopyEngine for CudaCopyEngine {
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        if let Some((second, _)) = &self.second {
-            second
-                .wait(begin)
-                .map_err(|e| Self::err(e, "waiting for a slot's release"))?;
-        }
         for c in &self.layouts[piece.group][piece.index].copies {
             let t = &tensors[c.tensor];
             let src = match (&self.compressed, c.encoded) {
@@ -606,39 +567,20 @@ impl CopyEngine for CudaCopyEngine {
                 }
                 _ => t.addr + c.src,
             };
-            let dst = self.slot_addr[slot] + c.dst as u64;
-            // A large copy is split in two halves, one on each copy stream.
-            let halves = match &self.second {
-                Some((second, _)) if c.len >= SPLIT_COPY_BYTES => {
-                    let half = c.len / 2;
-                    vec![(&self.copy, 0, half), (second, half, c.len - half)]
-                }
-                _ => vec![(&self.copy, 0, c.len)],
-            };
-            for (stream, at, len) in halves {
-                // SAFETY: the slot holds the piece's layout (sized from the largest); the
-                // source lies in host memory the tier keeps alive until the engine has
-                // synchronized (the encodings are registered and held by the tier too); both
-                // copy streams waited above for the slot's last reader.
-                unsafe {
-                    cu::cuMemcpyHtoDAsync_v2(
-                        dst + at as u64,
-                        (src + at) as *const std::ffi::c_void,
-                        len,
-                        stream.cu_stream(),
-                    )
-                }
-                .result()
-                .map_err(|e| Self::err(e, &format!("copying {}", t.name)))?;
+            // SAFETY: the slot holds the piece's layout (sized from the largest); the source
+            // lies in host memory the tier keeps alive until the engine has synchronized (the
+            // encodings are registered and held by the tier too); the copy stream waited above
+            // for the slot's last reader.
+            unsafe {
+                cu::cuMemcpyHtoDAsync_v2(
+                    self.slot_addr[slot] + c.dst as u64,
+                    src as *const std::ffi::c_void,
+                    c.len,
+                    self.copy.cu_stream(),
+                )
             }
-        }
-        if let Some((second, halves)) = &self.second {
-            halves[slot]
-                .record(second)
-                .map_err(|e| Self::err(e, "cuEventRecord"))?;
-            self.copy
-                .wait(&halves[slot])
-                .map_err(|e| Self::err(e, "waiting for a copy's second half"))?;
+            .result()
+            .map_err(|e| Self::err(e, &format!("copying {}", t.name)))?;
         }
         // The end of the timing before the copy event: once the compute stream is past the
         // copy, its timing can be read.
@@ -661,30 +603,19 @@ impl CopyEngine for CudaCopyEngine {
             // must come after its copy event is recorded. This waits for host work only.
             ring.wait_queued(slot)?;
         }
-        // A piece that freed its slot early is read from its decode buffer only, which the
-        // views wait for; `copied[slot]` may stand for the next copy into the slot by now.
-        if self.slot_uses[slot]
-            .front()
-            .is_some_and(|u| u.released_early)
-        {
-            return Ok(());
-        }
         self.compute
             .wait(&self.events.copied[slot])
             .map_err(|e| Self::err(e, "waiting for a copy"))
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
-        let use_ = self.slot_uses[slot]
-            .pop_front()
-            .expect("a slot released after a copy into it");
-        if let (Some(d), Some(b)) = (self.decoding.as_mut(), use_.buffer) {
+        if let (Some(d), Some(b)) = (self.decoding.as_mut(), self.slot_buffer[slot].take()) {
             d.free[b]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
             d.released += 1;
         }
-        if !use_.released_early {
+        if !std::mem::replace(&mut self.released_early[slot], false) {
             self.events.released[slot]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
@@ -692,24 +623,9 @@ impl CopyEngine for CudaCopyEngine {
         self.queue_decodes()
     }
 
-    fn freed_early(&self, slot: usize) -> bool {
-        // EXPERIMENT: FERRY_NO_EARLY=1 for the schedule before early copies.
-        if std::env::var("FERRY_NO_EARLY").is_ok_and(|v| v == "1") {
-            return false;
-        }
-        self.slot_uses[slot]
-            .back()
-            .is_some_and(|u| u.released_early)
-    }
-
     fn synchronize(&mut self) -> Result<()> {
         if let Some(ring) = &self.ring {
             ring.wait_all_queued()?;
-        }
-        if let Some((second, _)) = &self.second {
-            second
-                .synchronize()
-                .map_err(|e| Self::err(e, "synchronizing the second copy stream"))?;
         }
         self.copy
             .synchronize()
@@ -722,9 +638,6 @@ impl Drop for CudaCopyEngine {
         // Stop the ring first (it skips what it has not started and waits for the copies from
         // its buffers), then let every queued copy finish before the slots are freed.
         self.ring.take();
-        if let Some((second, _)) = &self.second {
-            let _ = second.synchronize();
-        }
         let _ = self.copy.synchronize();
         // Kernels still queued may read the slots and the decode buffers.
         if let Some(d) = &self.decoding {
