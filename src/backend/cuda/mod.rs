@@ -13,7 +13,6 @@ mod encoder;
 mod gemm;
 mod host_tier;
 mod image;
-mod uploads;
 pub use image::IMAGE_MEMORY;
 pub mod loader;
 pub mod streaming;
@@ -239,8 +238,6 @@ pub struct Cuda {
     attention_kernel: Cell<AttentionKernel>,
     /// The RoPE frequencies last used, and their device copy.
     inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
-    /// Page-locked buffers the uploads made inside a pass are read from.
-    uploads: RefCell<uploads::Uploads>,
     // Dropped last: everything above lives in this context and is freed on this stream.
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -364,7 +361,6 @@ impl Cuda {
             modules: RefCell::new(HashMap::new()),
             functions: RefCell::new(HashMap::new()),
             inv_freq: RefCell::new(None),
-            uploads: RefCell::new(Default::default()),
             no_gemv: std::env::var_os("FERRY_CUDA_NO_GEMV").is_some(),
             attention_kernel: Cell::new(AttentionKernel::from_env()?),
             stream,
@@ -468,15 +464,7 @@ impl Cuda {
 
     /// `data` copied to new device memory for `purpose`.
     fn upload<T: bytemuck::Pod>(&self, data: &[T], purpose: Purpose) -> Result<DevBuf> {
-        let bytes: &[u8] = bytemuck::cast_slice(data);
-        // EXPERIMENT: FERRY_UPLOAD_COPY=1 copies every upload with the copy engine, as before.
-        let in_pass = matches!(purpose, Purpose::Workspace)
-            && !std::env::var("FERRY_UPLOAD_COPY").is_ok_and(|v| v == "1");
-        let buf = self.alloc(bytes.len(), purpose)?;
-        if in_pass && !bytes.is_empty() && bytes.len() <= uploads::MAX_BYTES {
-            self.read_host(bytes, &buf)?;
-            return Ok(buf);
-        }
+        let buf = self.alloc(std::mem::size_of_val(data), purpose)?;
         // SAFETY: the buffer holds `data`'s bytes; a copy from pageable memory has read the
         // source when it returns, so `data` may go.
         unsafe {
@@ -484,32 +472,6 @@ impl Cuda {
         }
         .map_err(self.err("copying to the device"))?;
         Ok(buf)
-    }
-
-    /// `bytes` into `buf` on the compute stream, staged in page-locked host memory and read
-    /// by a kernel, not queued behind the copy engine's weight copies (see [`uploads`]).
-    fn read_host(&self, bytes: &[u8], buf: &DevBuf) -> Result<()> {
-        let f = self.function(&compile::ELEMENTWISE, "read_host", 0)?;
-        let mut ring = self.uploads.borrow_mut();
-        let staged = ring
-            .stage(&self.ctx, bytes)
-            .map_err(self.err("staging an upload in page-locked host memory"))?;
-        let (src, dst, n) = (staged.src, self.ptr(buf), bytes.len() as u64);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&src).arg(&dst).arg(&n);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(16 * 256).clamp(1, 1024) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `src` maps `n` staged bytes that stay untouched until `staged.read` (recorded
-        // below) has completed; `dst` holds `n` bytes; both are 16-byte aligned (page-locked
-        // buffers are page-aligned, device allocations 256-byte aligned).
-        unsafe { b.launch(cfg) }.map_err(self.err("read_host"))?;
-        staged
-            .read
-            .record(&self.stream)
-            .map_err(self.err("cuEventRecord"))
     }
 
     /// Copy `bytes` from device address `src` to `dst` on the compute stream.

@@ -42,15 +42,3 @@ extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __rest
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = bf2f(x[i]);
 }
-
-// n bytes from mapped page-locked host memory to the device, read by the SMs over the link
-// rather than by a copy engine (whose queue may hold whole weight copies: see uploads.rs):
-// 16 bytes a thread, grid-stride; the last n % 16 bytes by block 0. Both pointers 16-byte
-// aligned.
-extern "C" __global__ void read_host(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n) {
-    const u64 n16 = n / 16;
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n16; i += (u64)gridDim.x * blockDim.x)
-        dst[i] = src[i];
-    if (blockIdx.x == 0 && threadIdx.x < n % 16)
-        ((unsigned char*)dst)[n16 * 16 + threadIdx.x] = ((const unsigned char*)src)[n16 * 16 + threadIdx.x];
-}
