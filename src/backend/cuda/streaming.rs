@@ -237,7 +237,7 @@ impl CudaCopyEngine {
                 Some(Decoding {
                     stream: gpu
                         .ctx
-                        .new_stream()
+                        .new_stream_with_priority(gpu.decode_priority)
                         .map_err(gpu.err("creating the decode stream"))?,
                     kernels: Decoders::load(gpu)?,
                     buffers,

@@ -42,3 +42,10 @@ extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __rest
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = bf2f(x[i]);
 }
+
+// n16 16-byte words from src to dst on the SMs (a device-to-device memcpy is a copy engine's
+// work, and the copy engines also carry the streamed weights: see Cuda::copy_dtod).
+extern "C" __global__ void copy_x16(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n16) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n16; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
