@@ -250,10 +250,9 @@ pub struct Cuda {
 
 /// Which stream's kernels the GPU schedules first where the compute stream and a streaming
 /// engine's decode stream both have blocks waiting for a multiprocessor: the model's kernels
-/// by default, the decodings in their gaps. Measured on the Z-Image DiT streamed compressed
-/// (H100, stop 36) the three choices give the same step within noise; the model's kernels
-/// first keeps a small kernel (an embedder, a refiner over caption rows) from waiting
-/// behind a decoding's whole grid.
+/// by default, the decodings in their gaps, since the model's kernels are a streamed pass's
+/// critical path once its copies are ahead. Measured on the Z-Image DiT streamed compressed
+/// (H100, stop 36) the three choices give the same step within noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamPriority {
     /// The compute stream at the device's greatest priority, decodings in its gaps.
@@ -520,10 +519,10 @@ impl Cuda {
     /// Copy `bytes` from device address `src` to `dst` on the compute stream: by a kernel
     /// where both addresses and the length are multiples of 16 bytes (rows of a tensor, a
     /// KV-cache append), else by `cuMemcpyDtoDAsync`. A device-to-device memcpy runs on a
-    /// copy engine, and while weights stream the copy engines are busy with their copies:
-    /// the Z-Image timeline showed a 0.4 ms refiner stretched to 8 ms by four row copies
-    /// waiting behind them. (`FERRY_DTOD_MEMCPY=1` copies every one by memcpy, a
-    /// measurement toggle.)
+    /// copy engine, which streaming keeps busy with weight copies; the kernel needs none.
+    /// Measured on the Z-Image DiT streamed (H100, stop 36) the step is the same within
+    /// noise either way. (`FERRY_DTOD_MEMCPY=1` copies every one by memcpy, a measurement
+    /// toggle.)
     fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());
