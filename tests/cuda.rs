@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::{fixture, rel_l2, ARCHS};
 use ferry::backend::cpu::Cpu;
 use ferry::backend::cuda::Cuda;
+use ferry::backend::dit::DitOps;
 use ferry::backend::{AttentionShape, Backend};
 use ferry::checkpoint::{DType, HostTensor, Storage};
 use ferry::model::Checkpoint;
@@ -604,5 +605,59 @@ fn transformers_reference_matches() {
     assert!(
         err <= 1e-2 || ours <= theirs,
         "CUDA vs transformers bf16 {err:e}; vs f32 ours {ours:e}, theirs {theirs:e}"
+    );
+}
+
+/// RoPE tables on the GPU are kept across passes by their values (a denoising loop asks for
+/// the same ones every step): a table asked for again, among others and after one that
+/// differs from it in a single value, rotates exactly as it did the first time, and every
+/// table rotates as the CPU's copy of the same values does.
+#[test]
+fn rope_tables_asked_for_again_rotate_as_their_values_say() {
+    let Some(gpu) = gpu("rope_tables_asked_for_again_rotate_as_their_values_say") else {
+        return;
+    };
+    let (rows, heads, head_dim) = (6, 2, 8);
+    let x = random_tensor(rows, heads * head_dim, 1.0, 11).to_f32();
+    let table = |seed: u64| -> Vec<f32> {
+        random_tensor(rows, head_dim, 1.0, seed)
+            .to_f32()
+            .chunks(2)
+            .flat_map(|p| {
+                let angle = 3.0 * p[0];
+                [angle.cos(), angle.sin()]
+            })
+            .collect()
+    };
+    let (a, b) = (table(21), table(22));
+    let mut b_changed = b.clone();
+    b_changed[2 * head_dim + 3] = -b_changed[2 * head_dim + 3]; // one sine, row 2
+    let on_gpu = |t: &[f32]| -> Vec<f32> {
+        let mut h = DitOps::upload(&gpu, &x, rows, heads * head_dim).unwrap();
+        let table = gpu.rope_table(t, rows, head_dim).unwrap();
+        gpu.rope_interleaved(&mut h, &table, head_dim).unwrap();
+        gpu.to_host(&h).unwrap()
+    };
+    let on_cpu = |t: &[f32]| -> Vec<f32> {
+        let mut h = DitOps::upload(&Cpu, &x, rows, heads * head_dim).unwrap();
+        let table = Cpu.rope_table(t, rows, head_dim).unwrap();
+        Cpu.rope_interleaved(&mut h, &table, head_dim).unwrap();
+        Cpu.to_host(&h).unwrap()
+    };
+    let order = [&a, &b, &a, &b_changed, &b, &a];
+    let got: Vec<Vec<f32>> = order.iter().map(|t| on_gpu(t)).collect();
+    for (i, (t, g)) in order.iter().zip(&got).enumerate() {
+        let want = on_cpu(t);
+        let err = rel_l2(g, &want);
+        assert!(err < 1e-2, "table {i}: rel. L2 {err} against the CPU");
+    }
+    assert_eq!(got[0], got[2], "table a asked for again");
+    assert_eq!(got[0], got[5], "table a after three others");
+    assert_eq!(got[1], got[4], "table b after its one-value change");
+    let row = |v: &[f32], r: usize| v[r * heads * head_dim..(r + 1) * heads * head_dim].to_vec();
+    assert_ne!(
+        row(&got[3], 2),
+        row(&got[1], 2),
+        "the changed table's row 2"
     );
 }

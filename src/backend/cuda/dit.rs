@@ -2,6 +2,7 @@
 //! each sample (`attn_full_v1`/`_v2` in `kernels/attention_prefill.cu`).
 
 use std::ops::Range;
+use std::rc::Rc;
 
 use half::bf16;
 
@@ -11,9 +12,17 @@ use super::{attention, cfg, compile, prefill_supported, Cuda, CudaTensor, DevBuf
 use crate::backend::dit::{DitOps, Pointwise};
 use crate::error::{Error, Result};
 
-/// A RoPE table `[rows, cols]` of f32 on the device.
+/// RoPE tables kept on the device, most recent first (see [`DitOps::rope_table`]): the
+/// three of a Z-Image or Flux step and one more.
+pub(super) const ROPE_KEPT: usize = 4;
+
+/// The largest table kept, bytes: 16 MiB is 32k tokens at head dim 128; a larger table is
+/// a larger image than these models make, uploaded for its pass alone.
+const ROPE_KEPT_BYTES: usize = 16 << 20;
+
+/// A RoPE table `[rows, cols]` of f32 on the device (shared with the backend's kept tables).
 pub struct CudaRopeTable {
-    buf: DevBuf,
+    buf: Rc<DevBuf>,
     rows: usize,
     cols: usize,
 }
@@ -67,13 +76,32 @@ impl Cuda {
 impl DitOps for Cuda {
     type RopeTable = CudaRopeTable;
 
+    /// The device copy of a table made before when its values are among the last
+    /// [`ROPE_KEPT`] uploaded (a denoising loop asks for the same tables every step), else
+    /// uploaded and kept. An upload inside a streamed pass crosses the link beside the weight
+    /// copies: on the Z-Image timeline the groups whose spans hold an upload (the embedders
+    /// with the image table, context refiner 1 with the joint one) take 2–3 and 8–10 ms
+    /// against 0.4 for context refiner 0, the same work without one (H100, stop 36; whether
+    /// keeping the tables closes that is not yet measured).
     fn rope_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaRopeTable> {
         assert_eq!(data.len(), rows * cols, "rope_table: {rows}×{cols}");
-        Ok(CudaRopeTable {
-            buf: self.upload(data, Purpose::Workspace)?,
-            rows,
-            cols,
-        })
+        let mut kept = self.rope_kept.borrow_mut();
+        let buf = match kept.iter().position(|(host, _)| host.as_slice() == data) {
+            Some(i) => kept.remove(i).1,
+            // `FERRY_ROPE_UPLOAD=1`: every table uploaded for its pass (a measurement toggle).
+            None if std::mem::size_of_val(data) > ROPE_KEPT_BYTES || self.rope_upload => {
+                // Too large to keep: uploaded for this pass alone.
+                return Ok(CudaRopeTable {
+                    buf: Rc::new(self.upload(data, Purpose::Workspace)?),
+                    rows,
+                    cols,
+                });
+            }
+            None => Rc::new(self.upload(data, Purpose::Other("RoPE tables kept".into()))?),
+        };
+        kept.insert(0, (data.to_vec(), buf.clone()));
+        kept.truncate(ROPE_KEPT);
+        Ok(CudaRopeTable { buf, rows, cols })
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -222,7 +250,7 @@ impl DitOps for Cuda {
                 ),
             ));
         }
-        let (xp, tp) = (self.ptr(&x.buf), self.ptr(&table.buf));
+        let (xp, tp) = (self.ptr(&x.buf), self.ptr(&*table.buf));
         let (rows, cols, hd) = (x.rows as u32, x.cols as u32, head_dim as u32);
         let f = self.function(&compile::DIT, "rope_interleaved", 0)?;
         let mut b = self.stream.launch_builder(&f);

@@ -238,6 +238,11 @@ pub struct Cuda {
     attention_kernel: Cell<AttentionKernel>,
     /// The RoPE frequencies last used, and their device copy.
     inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
+    /// The DiT RoPE tables uploaded last, with their host values (see
+    /// [`DitOps::rope_table`](crate::backend::dit::DitOps::rope_table)).
+    rope_kept: RefCell<Vec<(Vec<f32>, std::rc::Rc<DevBuf>)>>,
+    /// Every RoPE table uploaded for its pass, none kept (`FERRY_ROPE_UPLOAD=1`, measuring).
+    rope_upload: bool,
     /// Device-to-device copies by `cuMemcpyDtoDAsync` only (`FERRY_DTOD_MEMCPY=1`, for
     /// measuring against the kernel, see [`copy_dtod`](Self::copy_dtod)).
     dtod_memcpy: bool,
@@ -401,6 +406,8 @@ impl Cuda {
             modules: RefCell::new(HashMap::new()),
             functions: RefCell::new(HashMap::new()),
             inv_freq: RefCell::new(None),
+            rope_kept: RefCell::new(Vec::new()),
+            rope_upload: std::env::var("FERRY_ROPE_UPLOAD").is_ok_and(|v| v == "1"),
             no_gemv: std::env::var_os("FERRY_CUDA_NO_GEMV").is_some(),
             attention_kernel: Cell::new(AttentionKernel::from_env()?),
             dtod_memcpy: std::env::var("FERRY_DTOD_MEMCPY").is_ok_and(|v| v == "1"),
