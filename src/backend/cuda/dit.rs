@@ -86,8 +86,10 @@ impl DitOps for Cuda {
     fn rope_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaRopeTable> {
         assert_eq!(data.len(), rows * cols, "rope_table: {rows}×{cols}");
         let mut kept = self.rope_kept.borrow_mut();
-        let buf = match kept.iter().position(|(host, _)| host.as_slice() == data) {
-            Some(i) => kept.remove(i).1,
+        // Bit for bit: f32 equality would take a table's −0.0 for another's +0.0.
+        let bits: &[u32] = bytemuck::cast_slice(data);
+        let entry = match kept.iter().position(|(host, _)| host.as_slice() == bits) {
+            Some(i) => kept.remove(i),
             // `FERRY_ROPE_UPLOAD=1`: every table uploaded for its pass (a measurement toggle).
             None if std::mem::size_of_val(data) > ROPE_KEPT_BYTES || self.rope_upload => {
                 // Too large to keep: uploaded for this pass alone.
@@ -97,9 +99,13 @@ impl DitOps for Cuda {
                     cols,
                 });
             }
-            None => Rc::new(self.upload(data, Purpose::Other("RoPE tables kept".into()))?),
+            None => (
+                bits.to_vec(),
+                Rc::new(self.upload(data, Purpose::Other("RoPE tables kept".into()))?),
+            ),
         };
-        kept.insert(0, (data.to_vec(), buf.clone()));
+        let buf = entry.1.clone();
+        kept.insert(0, entry);
         kept.truncate(ROPE_KEPT);
         Ok(CudaRopeTable { buf, rows, cols })
     }

@@ -238,9 +238,9 @@ pub struct Cuda {
     attention_kernel: Cell<AttentionKernel>,
     /// The RoPE frequencies last used, and their device copy.
     inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
-    /// The DiT RoPE tables uploaded last, with their host values (see
+    /// The DiT RoPE tables uploaded last, with their host values' bits (see
     /// [`DitOps::rope_table`](crate::backend::dit::DitOps::rope_table)).
-    rope_kept: RefCell<Vec<(Vec<f32>, std::rc::Rc<DevBuf>)>>,
+    rope_kept: RefCell<Vec<(Vec<u32>, std::rc::Rc<DevBuf>)>>,
     /// Every RoPE table uploaded for its pass, none kept (`FERRY_ROPE_UPLOAD=1`, measuring).
     rope_upload: bool,
     /// Device-to-device copies by `cuMemcpyDtoDAsync` only (`FERRY_DTOD_MEMCPY=1`, for
