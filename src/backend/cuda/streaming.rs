@@ -841,9 +841,6 @@ impl CudaCopyEngine {
 pub struct Decoders {
     exponents: CudaFunction,
     blocks: CudaFunction,
-    /// At most this many thread blocks a bf16 decoding (`FERRY_DECODE_CTAS=N`, measuring
-    /// whether fewer SMs decoding disturb the weight copies less); `None`: one warp a block.
-    ctas: Option<u32>,
 }
 
 impl Decoders {
@@ -851,10 +848,6 @@ impl Decoders {
         Ok(Decoders {
             exponents: gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?,
             blocks: gpu.function(&super::compile::DEQUANTIZE, "dequantize_bf16", 0)?,
-            ctas: std::env::var("FERRY_DECODE_CTAS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n| n > 0),
         })
     }
 
@@ -893,9 +886,8 @@ impl Decoders {
                     .arg(&d.base_bit)
                     .arg(&blocks);
                 // One warp per block of the share, 8 warps per thread block (decompress.cu).
-                let whole = blocks.div_ceil(8).max(1) as u32;
                 let cfg = LaunchConfig {
-                    grid_dim: (self.ctas.map_or(whole, |n| n.min(whole)), 1, 1),
+                    grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };

@@ -8,8 +8,7 @@
 // k + 64, … and reads its own bit stream from `starts[block * 32 + k] - base_bit`, so at each
 // step the warp reads 32 consecutive sign-mantissa bytes and writes 32 consecutive bf16.
 //
-// grid: ceil(blocks / 8) blocks of 256 threads (8 warps), or fewer, each warp then taking
-// every `gridDim.x * 8`-th block; shared: the 8 KiB table.
+// grid: ceil(blocks / 8) blocks of 256 threads (8 warps); shared: the 8 KiB table.
 //
 // A lane's position is a word pointer and a 5-bit offset, its 12-bit window one funnel shift,
 // and a round has no bounds checks where the lane has a whole round left: 7–22 % faster than
@@ -69,37 +68,35 @@ extern "C" __global__ void decompress_bf16(
     __shared__ __align__(16) unsigned short lut[1 << LUT_BITS];
     load_lut(lut, lut_g);
 
-    // A grid smaller than a warp a block (FERRY_DECODE_CTAS) strides over the blocks.
-    const u64 warps = (u64)gridDim.x * (blockDim.x / 32);
-    for (u64 blk = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; blk < blocks; blk += warps) {
-        const u32 lane = threadIdx.x & 31;
-        const u64 per = segment > BLOCK_ELEMENTS ? (segment + BLOCK_ELEMENTS - 1) / BLOCK_ELEMENTS : 1;
-        const u64 seg_start = (blk / per) * segment;
-        const u64 start = seg_start + (blk % per) * BLOCK_ELEMENTS;
-        const u32 len = (u32)(min(seg_start + segment, start + BLOCK_ELEMENTS) - start);
-        // Elements this lane owns: lane, lane + 32, … below len.
-        const u32 mine = lane < len ? (len - lane + 31) / 32 : 0;
+    const u64 blk = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (blk >= blocks) return;
+    const u32 lane = threadIdx.x & 31;
+    const u64 per = segment > BLOCK_ELEMENTS ? (segment + BLOCK_ELEMENTS - 1) / BLOCK_ELEMENTS : 1;
+    const u64 seg_start = (blk / per) * segment;
+    const u64 start = seg_start + (blk % per) * BLOCK_ELEMENTS;
+    const u32 len = (u32)(min(seg_start + segment, start + BLOCK_ELEMENTS) - start);
+    // Elements this lane owns: lane, lane + 32, … below len.
+    const u32 mine = lane < len ? (len - lane + 31) / 32 : 0;
 
-        // Starts are 32-bit bit offsets from the share's first word (the encoder keeps a share's
-        // bits below 2^32), so the position fits a word index and an offset.
-        const u32 pos = starts[blk * 32 + lane] - base_bit;
-        Bits b;
-        b.wp = words + (pos >> 5);
-        b.off = pos & 31;
-        b.hi = b.wp[0];
-        b.lo = b.wp[1];
-        b.next = b.wp[2];
-        const unsigned char* sp = sm + start + lane;
-        bf16* op = out + start + lane;
-        u32 i = 0;
-        for (; i + ROUND <= mine; i += ROUND, sp += 32 * ROUND, op += 32 * ROUND) {
-            u32 s[ROUND];
+    // Starts are 32-bit bit offsets from the share's first word (the encoder keeps a share's
+    // bits below 2^32), so the position fits a word index and an offset.
+    const u32 pos = starts[blk * 32 + lane] - base_bit;
+    Bits b;
+    b.wp = words + (pos >> 5);
+    b.off = pos & 31;
+    b.hi = b.wp[0];
+    b.lo = b.wp[1];
+    b.next = b.wp[2];
+    const unsigned char* sp = sm + start + lane;
+    bf16* op = out + start + lane;
+    u32 i = 0;
+    for (; i + ROUND <= mine; i += ROUND, sp += 32 * ROUND, op += 32 * ROUND) {
+        u32 s[ROUND];
 #pragma unroll
-            for (int r = 0; r < ROUND; r++) s[r] = sp[32 * r];
+        for (int r = 0; r < ROUND; r++) s[r] = sp[32 * r];
 #pragma unroll
-            for (int r = 0; r < ROUND; r++) op[32 * r] = take(b, lut, s[r]);
-        }
-        for (; i < mine; i++, sp += 32, op += 32) *op = take(b, lut, *sp);
+        for (int r = 0; r < ROUND; r++) op[32 * r] = take(b, lut, s[r]);
     }
+    for (; i < mine; i++, sp += 32, op += 32) *op = take(b, lut, *sp);
     (void)numel;
 }
