@@ -78,11 +78,11 @@ impl DitOps for Cuda {
 
     /// The device copy of a table made before when its values are among the last
     /// [`ROPE_KEPT`] uploaded (a denoising loop asks for the same tables every step), else
-    /// uploaded and kept. An upload inside a streamed pass crosses the link beside the weight
-    /// copies: on the Z-Image timeline the groups whose spans hold an upload (the embedders
-    /// with the image table, context refiner 1 with the joint one) take 2–3 and 8–10 ms
-    /// against 0.4 for context refiner 0, the same work without one (H100, stop 36; whether
-    /// keeping the tables closes that is not yet measured).
+    /// uploaded and kept. An upload inside a streamed pass waits in the copy engine's queue
+    /// behind the weight copies: on the Z-Image timeline context refiner 1, whose span held
+    /// the joint table's upload, took 7.6–9.5 ms against 0.4 for context refiner 0 (the same
+    /// work); with the tables kept it takes 0.39 ms (H100, stop 37). The step did not
+    /// shorten: the wait moved to the pass's other uploads (its inputs, in the embedders).
     fn rope_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaRopeTable> {
         assert_eq!(data.len(), rows * cols, "rope_table: {rows}×{cols}");
         let mut kept = self.rope_kept.borrow_mut();
