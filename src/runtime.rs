@@ -337,11 +337,6 @@ pub fn stream_weights(
     };
     let mut chosen = Arc::try_unwrap(chosen).unwrap_or_else(|shared| Compressed::clone(&shared));
     chosen.retain(|g| streams(&plan, g));
-    // Each coded piece as one host image, to cross the link in one transfer
-    // (`FERRY_PACK=0`: a copy a tensor, for measuring).
-    if std::env::var("FERRY_PACK").map_or(true, |v| v != "0") {
-        chosen.pack(&plan.pieces, |g, i| tier.tensor_bytes(g, i))?;
-    }
     match tier.register_compressed(&chosen) {
         Ok(()) => {}
         // The driver may page-lock the file and refuse more (a memlock limit): auto then

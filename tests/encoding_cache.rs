@@ -456,51 +456,13 @@ fn streaming_from_cached_encodings_on_the_cpu_equals_resident_bit_for_bit() {
     let alloc = BudgetAllocator::new(HostStorage, p.budget);
     let _kv = alloc.alloc(Purpose::KvCache, p.kv_cache).unwrap();
     let _ws = alloc.alloc(Purpose::Workspace, p.workspace).unwrap();
-    let (mut weights, _residents) = cpu_streamed_weights(
-        &f.tensors,
-        p.clone(),
-        &alloc,
-        Some(compressed.clone()),
-        None,
-    )
-    .unwrap();
+    let (mut weights, _residents) =
+        cpu_streamed_weights(&f.tensors, p, &alloc, Some(compressed.clone()), None).unwrap();
     let got = common::passes_of(&f.arch, &mut weights, &prompt, steps);
     assert!(
         got == want,
         "streamed from cached encodings: the logits differ"
     );
-    drop(weights);
-
-    // Packed (each coded piece one host image, the encodings ranges of it): the same bits,
-    // and each image is its piece's slot bytes as the per-tensor copies lay them out.
-    let mut packed = Compressed::clone(&compressed);
-    let n = packed
-        .pack(&p.pieces, |g, i| f.tensors.groups[g][i].bytes())
-        .expect("packing");
-    assert!(n > 0, "some piece packed");
-    for piece in &p.pieces {
-        let Some(image) = packed.packed(piece.group, piece.offset) else {
-            continue;
-        };
-        let layout = compressed.layout(piece.group, piece.offset, piece.bytes);
-        assert_eq!(image.bytes().len(), layout.extent);
-        for c in &layout.copies {
-            let src = match &compressed.groups[piece.group][c.tensor] {
-                Some(e) if c.encoded => e.storage().bytes(),
-                _ => f.tensors.groups[piece.group][c.tensor].bytes(),
-            };
-            assert!(
-                image.bytes()[c.dst..c.dst + c.len] == src[c.src..c.src + c.len],
-                "piece {} of group {}: a copy's bytes differ in its image",
-                piece.index,
-                piece.group
-            );
-        }
-    }
-    let (mut weights, _residents) =
-        cpu_streamed_weights(&f.tensors, p, &alloc, Some(Arc::new(packed)), None).unwrap();
-    let got = common::passes_of(&f.arch, &mut weights, &prompt, steps);
-    assert!(got == want, "streamed packed: the logits differ");
 }
 
 #[test]

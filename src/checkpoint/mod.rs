@@ -83,21 +83,11 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Host memory that tensors point into: a file mapping, an owned buffer (GGUF weights
-/// dequantized at load), or a range of another storage (an encoding packed with the rest of
-/// its streamed piece). Owned buffers are 8-byte aligned so any element type can be viewed.
+/// Host memory that tensors point into: a file mapping, or an owned buffer (GGUF weights
+/// dequantized at load). Owned buffers are 8-byte aligned so any element type can be viewed.
 pub enum Storage {
     Mapped(Mmap),
-    Owned {
-        words: Vec<u64>,
-        len: usize,
-    },
-    /// `len` bytes of `of` from byte `at`.
-    Within {
-        of: Arc<Storage>,
-        at: usize,
-        len: usize,
-    },
+    Owned { words: Vec<u64>, len: usize },
 }
 
 /// Whether `path` is there as a regular file (symlinks followed, as in the HF cache):
@@ -173,24 +163,14 @@ impl Storage {
         match self {
             Storage::Mapped(m) => m,
             Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
-            Storage::Within { of, at, len } => &of.bytes()[*at..*at + *len],
         }
     }
 
-    /// Mutable bytes of an owned buffer (to fill it); None for a mapping or a range of
-    /// another storage.
+    /// Mutable bytes of an owned buffer (to fill it); None for a mapping.
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         match self {
-            Storage::Mapped(_) | Storage::Within { .. } => None,
+            Storage::Mapped(_) => None,
             Storage::Owned { words, len } => Some(&mut bytemuck::cast_slice_mut(words)[..*len]),
-        }
-    }
-
-    /// The storage that holds these bytes: itself, or the one it is a range of.
-    pub fn holder(self: &Arc<Storage>) -> &Arc<Storage> {
-        match &**self {
-            Storage::Within { of, .. } => of.holder(),
-            _ => self,
         }
     }
 }

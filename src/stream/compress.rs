@@ -23,7 +23,6 @@
 //! `[lookup table: 2^MAX_CODE_BITS × u16][lane starts: u32 per lane][sign-mantissa: u8 per
 //! element][exponent bits: u32 words, most significant bit first, two words of padding]`.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -31,7 +30,6 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::blocks::{BlockDecode, BlockTensor};
-use super::plan::Piece;
 use crate::checkpoint::{DType, HostTensor, Storage};
 use crate::error::{Error, Result};
 
@@ -704,9 +702,6 @@ pub struct Compressed {
     pub align: usize,
     /// Decoding speeds assumed by the planner, GB/s of the device's dtype written.
     pub speeds: DecodeSpeeds,
-    /// Per packed piece (group, byte offset in the group): its slot's bytes as one host
-    /// image ([`Compressed::pack`]).
-    images: BTreeMap<(usize, usize), Arc<Storage>>,
 }
 
 /// How fast the device decodes each encoding, GB/s written (the planner's assumption).
@@ -907,7 +902,6 @@ impl Compressed {
                 .collect(),
             align,
             speeds,
-            images: BTreeMap::new(),
         }
     }
 
@@ -1017,98 +1011,6 @@ impl Compressed {
                 tensors.iter_mut().for_each(|t| *t = None);
             }
         }
-        self.images.retain(|&(g, _), _| keep(g));
-    }
-
-    /// Lay each of `pieces` whose encoded shares are whole exponent-coded tensors out as one
-    /// host image, byte for byte as in its slot, so that it crosses the link in one transfer:
-    /// every copy costs the link some microseconds beyond its bytes, several times more
-    /// beside compute (bench/NOTES.md, stop 34). The encodings then lie in the images (each
-    /// storage becomes a range of its piece's image, and the old one is dropped: no more host
-    /// memory than before), and the piece's few unencoded bytes (norms, biases) are copied in
-    /// beside them from `raw(group, tensor)`, the tensor's bytes as the device holds them.
-    /// Pieces with ggml blocks (read in place from their file), a share of a tensor cut
-    /// between pieces, or more than an eighth of unencoded bytes are left as they are.
-    /// Returns how many pieces were packed.
-    pub fn pack<'a>(
-        &mut self,
-        pieces: &[Piece],
-        raw: impl Fn(usize, usize) -> &'a [u8] + Sync,
-    ) -> Result<usize> {
-        let packable: Vec<(&Piece, PieceLayout)> = pieces
-            .iter()
-            .filter(|p| !self.images.contains_key(&(p.group, p.offset)))
-            .map(|p| (p, self.layout(p.group, p.offset, p.bytes)))
-            .filter(|(p, layout)| self.packable(p.group, layout))
-            .collect();
-        // A few pieces at a time, so that the old storages are dropped as the images fill:
-        // the host holds at most that many pieces twice.
-        for batch in packable.chunks(rayon::current_num_threads().max(1)) {
-            let images = batch
-                .par_iter()
-                .map(|(p, layout)| self.image(p.group, layout, &raw).map(Arc::new))
-                .collect::<Result<Vec<_>>>()?;
-            for ((p, layout), image) in batch.iter().zip(images) {
-                for c in layout.copies.iter().filter(|c| c.encoded) {
-                    if let Some(Encoding::Exponents(e)) = &mut self.groups[p.group][c.tensor] {
-                        e.storage = Arc::new(Storage::Within {
-                            of: Arc::clone(&image),
-                            at: c.dst,
-                            len: c.len,
-                        });
-                    }
-                }
-                self.images.insert((p.group, p.offset), image);
-            }
-        }
-        Ok(packable.len())
-    }
-
-    /// Whether a piece of group `g` laid out as `layout` can be packed (see [`Self::pack`]).
-    fn packable(&self, g: usize, layout: &PieceLayout) -> bool {
-        let mut unencoded = 0;
-        for c in &layout.copies {
-            match (&self.groups[g][c.tensor], c.encoded) {
-                (Some(Encoding::Exponents(e)), true)
-                    if c.src == 0 && c.len == e.encoded_bytes() => {}
-                (_, true) => return false,
-                (_, false) => unencoded += c.len,
-            }
-        }
-        layout.decoded > 0 && unencoded * 8 <= layout.extent
-    }
-
-    /// The slot image of a piece of group `g` laid out as `layout`.
-    fn image<'a>(
-        &self,
-        g: usize,
-        layout: &PieceLayout,
-        raw: &impl Fn(usize, usize) -> &'a [u8],
-    ) -> Result<Storage> {
-        // A mapping of its own, as the encodings' are: the pages are the image's alone, so
-        // the device may page-lock them (memory from the heap may share a page with memory
-        // registered already, which the driver refuses).
-        let failed = |e: std::io::Error| {
-            Error::Device(format!(
-                "mapping {} bytes for a packed piece of group {g}: {e}",
-                layout.extent
-            ))
-        };
-        let mut bytes = memmap2::MmapMut::map_anon(layout.extent).map_err(failed)?;
-        for c in &layout.copies {
-            let src = match &self.groups[g][c.tensor] {
-                Some(e) if c.encoded => e.storage().bytes(),
-                _ => raw(g, c.tensor),
-            };
-            bytes[c.dst..c.dst + c.len].copy_from_slice(&src[c.src..c.src + c.len]);
-        }
-        Ok(Storage::Mapped(bytes.make_read_only().map_err(failed)?))
-    }
-
-    /// The host image of the piece of group `g` at byte `offset`, when packed: the slot's
-    /// bytes, to copy in one transfer.
-    pub fn packed(&self, g: usize, offset: usize) -> Option<&Arc<Storage>> {
-        self.images.get(&(g, offset))
     }
 
     /// Encoded and bf16 bytes of everything encoded.
@@ -1129,9 +1031,8 @@ impl Compressed {
     pub fn storages(&self) -> Vec<Arc<Storage>> {
         let mut out: Vec<Arc<Storage>> = Vec::new();
         for e in self.groups.iter().flatten().flatten() {
-            let held = e.storage().holder();
-            if !out.iter().any(|s| Arc::ptr_eq(s, held)) {
-                out.push(held.clone());
+            if !out.iter().any(|s| Arc::ptr_eq(s, e.storage())) {
+                out.push(e.storage().clone());
             }
         }
         out

@@ -213,9 +213,9 @@ impl HostTier {
             .iter()
             .map(|s| {
                 let b = s.bytes();
-                let flags = match **s.holder() {
+                let flags = match **s {
                     Storage::Mapped(_) => cu::CU_MEMHOSTREGISTER_READ_ONLY,
-                    _ => 0,
+                    Storage::Owned { .. } => 0,
                 };
                 let holder = groups
                     .iter()
@@ -224,9 +224,9 @@ impl HostTier {
                         (b.as_ptr() as usize..b.as_ptr() as usize + b.len()).contains(&t.addr)
                     })
                     .map_or_else(String::new, |t| t.name.clone());
-                let what = match **s.holder() {
+                let what = match **s {
                     Storage::Mapped(_) => format!("the mapped file holding {holder}"),
-                    _ => format!("the buffer holding {holder}"),
+                    Storage::Owned { .. } => format!("the buffer holding {holder}"),
                 };
                 (b.as_ptr() as usize, b.len(), flags, what)
             })
@@ -307,18 +307,6 @@ impl HostTier {
     /// Bytes of group `g` as streamed (bf16).
     pub fn group_bytes(&self, g: usize) -> usize {
         self.groups[g].iter().map(|t| t.bytes).sum()
-    }
-
-    /// The bytes of tensor `i` of group `g` as the device holds them (bf16); empty for ggml
-    /// blocks, which the tier does not hold as bf16.
-    pub fn tensor_bytes(&self, g: usize, i: usize) -> &[u8] {
-        let t = &self.groups[g][i];
-        if t.addr == 0 {
-            return &[];
-        }
-        // SAFETY: `addr` points to `bytes` initialized bytes in a storage or the arena this
-        // tier keeps alive and never writes after it is built; the borrow is of the tier.
-        unsafe { std::slice::from_raw_parts(t.addr as *const u8, t.bytes) }
     }
 
     /// The device's address of tensor `i` of group `g` (bf16), when its memory is registered

@@ -556,32 +556,7 @@ impl CopyEngine for CudaCopyEngine {
         begin
             .record(&self.copy)
             .map_err(|e| Self::err(e, "cuEventRecord"))?;
-        // A packed piece is its slot's bytes in one host image: one transfer.
-        let packed = self
-            .compressed
-            .as_ref()
-            .and_then(|c| c.packed(piece.group, piece.offset));
-        if let Some(image) = packed {
-            let bytes = image.bytes();
-            // SAFETY: the slot holds the piece's layout (sized from the largest), which the
-            // image is byte for byte; the tier holds the image registered until the engine
-            // has synchronized; the copy stream waited above for the slot's last reader.
-            unsafe {
-                cu::cuMemcpyHtoDAsync_v2(
-                    self.slot_addr[slot],
-                    bytes.as_ptr() as *const std::ffi::c_void,
-                    bytes.len(),
-                    self.copy.cu_stream(),
-                )
-            }
-            .result()
-            .map_err(|e| Self::err(e, "copying a packed piece"))?;
-        }
-        let copies = match packed {
-            Some(_) => &[][..],
-            None => &self.layouts[piece.group][piece.index].copies[..],
-        };
-        for c in copies {
+        for c in &self.layouts[piece.group][piece.index].copies {
             let t = &tensors[c.tensor];
             let src = match (&self.compressed, c.encoded) {
                 (Some(enc), true) => {
