@@ -44,11 +44,9 @@ done
 summary $L/dit_free_1.json $L/dit_node*_1.json
 tar czf $OUT/logs.tgz -C $OUT logs
 for n in $(ls -d /sys/devices/system/node/node* | sed 's/.*node//'); do
-  bound $n "${dit[@]}" > $L/dit_node${n}_2.json 2> $L/dit_node${n}_2.log
   FERRY_PACK=0 bound $n "${dit[@]}" > $L/dit_node${n}_nopack.json 2> $L/dit_node${n}_nopack.log
 done
-"${dit[@]}" > $L/dit_free_2.json 2> $L/dit_free_2.log
-summary $L/dit_free_2.json $L/dit_node*_2.json $L/dit_node*_nopack.json
+summary $L/dit_node*_nopack.json
 grep -h prediction $L/*.log | sed 's/ per pass.*PCIe bound/ bound/' 
 tar czf $OUT/logs.tgz -C $OUT logs
 echo "elapsed $((SECONDS - T0)) s"
