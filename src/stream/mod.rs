@@ -9,7 +9,6 @@
 //! - [`streamed`]: the model's weights group by group from a plan, over any slot engine.
 //! - [`compress`]: lossless bf16 compression of streamed weights (decoded on the device).
 //! - [`encoding_cache`]: the encodings kept in a file between loads.
-//! - [`host_node`]: the NUMA node of the host pages that stream.
 //! - [`stats`]: what a streamed pass did.
 //! - [`staging`]: the pinned staging ring, for host memory the driver will not page-lock; it
 //!   reads host memory through [`staging::HostBytes`], so raw addresses stay in the backend.
@@ -20,7 +19,6 @@ pub mod budget;
 pub mod compress;
 pub mod cost;
 pub mod encoding_cache;
-pub mod host_node;
 pub mod plan;
 pub mod schedule;
 mod size;

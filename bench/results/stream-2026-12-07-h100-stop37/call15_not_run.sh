@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Device call 15 (stop 37, not run; for the next session: copy to .gpu/ after
-# scripts/gpu_checks.sh --build): does the host memory's NUMA node set the copies' rate in a pass?
+# Device call 15 (stop 37): does the host memory's NUMA node set the copies' rate in a pass?
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64
 T0=$SECONDS
@@ -39,10 +38,6 @@ PY
 }
 dit=(timeout 60 .gpu/ferry bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB --compress on)
 "${dit[@]}" > $L/dit_free_1.json 2> $L/dit_free_1.log
-# The encodings' pages moved to the GPU's node by ferry itself (FERRY_HOST_NODE, stop 37).
-FERRY_HOST_NODE=gpu "${dit[@]}" > $L/dit_hostnode_1.json 2> $L/dit_hostnode_1.log
-grep -h FERRY_HOST_NODE $L/dit_hostnode_1.log
-summary $L/dit_free_1.json $L/dit_hostnode_1.json
 for n in $(ls -d /sys/devices/system/node/node* | sed 's/.*node//'); do
   bound $n "${dit[@]}" --timeline $OUT/dit_node$n.svg > $L/dit_node${n}_1.json 2> $L/dit_node${n}_1.log
 done
