@@ -2,7 +2,8 @@
 # Device call 1 (stop 38): does the host pages' kind or NUMA node set a pass's copy rate?
 # 1. the host's NUMA nodes and the GPU's; 2. h2d_probe.py (one 242 MB copy from pinned,
 # registered anon 4K / THP and registered file pages, alone and beside GEMMs), free and bound
-# to each node; 3. the DiT at 3 GiB compressed: free, FERRY_HOST_NODE=gpu, bound to each node;
+# to each node; 3. the DiT at 3 GiB compressed: free, FERRY_HOST_NODE=gpu, FERRY_HUGE_PAGES=1
+# (encodings on transparent huge pages), bound to each node;
 # 4. scripts/gpu_checks.sh (SKIP_DIT, SKIP_7B) with this commit's binaries.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64
@@ -49,8 +50,9 @@ dit=(timeout 45 .gpu/ferry bench --synthetic z-image-turbo --device cuda --batch
 "${dit[@]}" > $L/dit_free_1.json 2> $L/dit_free_1.log
 FERRY_HOST_NODE=gpu "${dit[@]}" > $L/dit_hostnode_1.json 2> $L/dit_hostnode_1.log
 grep -h FERRY_HOST_NODE $L/dit_hostnode_1.log
+FERRY_HUGE_PAGES=1 "${dit[@]}" > $L/dit_huge_1.json 2> $L/dit_huge_1.log
 for n in $nodes; do [ "$nodes" = 0 ] && break; bound $n "${dit[@]}" > $L/dit_node${n}_1.json 2> $L/dit_node${n}_1.log; done
-summary $L/dit_free_1.json $L/dit_hostnode_1.json $L/dit_node*_1.json
+summary $L/dit_free_1.json $L/dit_hostnode_1.json $L/dit_huge_1.json $L/dit_node*_1.json
 tar czf $OUT/logs.tgz -C $OUT logs
 echo "elapsed $((SECONDS - T0)) s"
 SKIP_DIT=1 SKIP_7B=1 timeout 150 bash scripts/gpu_checks.sh $L/checks > $L/gpu_checks.log 2>&1; echo "gpu_checks rc $?"
@@ -58,7 +60,8 @@ grep -E "test result|FAILED|panicked|rc=|gpu_checks" $L/gpu_checks.log | tail -1
 tar czf $OUT/logs.tgz -C $OUT logs
 "${dit[@]}" > $L/dit_free_2.json 2> $L/dit_free_2.log
 FERRY_HOST_NODE=gpu "${dit[@]}" > $L/dit_hostnode_2.json 2> $L/dit_hostnode_2.log
-summary $L/dit_free_2.json $L/dit_hostnode_2.json
+FERRY_HUGE_PAGES=1 "${dit[@]}" > $L/dit_huge_2.json 2> $L/dit_huge_2.log
+summary $L/dit_free_2.json $L/dit_hostnode_2.json $L/dit_huge_2.json
 grep -h prediction $L/dit*.log | sed 's/ per pass.*PCIe bound/ bound/'
 tar czf $OUT/logs.tgz -C $OUT logs
 echo "elapsed $((SECONDS - T0)) s"
