@@ -24,7 +24,7 @@ FERRY_SKIP_DECODE=1 "${dit[@]}" --compress on --timeline $L/dit_skip.svg > $L/di
 summary $L/dit_on_1.json $L/dit_skip_1.json $L/dit_off_1.json
 tar czf $OUT/logs.tgz -C $OUT logs
 echo "elapsed $((SECONDS - T0)) s"
-timeout 150 python3 $P/working_set_probe.py 2>&1 | grep -v -i warn | tee $L/working_set_probe.log
+timeout 100 python3 $P/working_set_probe.py 2>&1 | grep -v -i warn | tee $L/working_set_probe.log
 tar czf $OUT/logs.tgz -C $OUT logs
 "${dit[@]}" --compress on > $L/dit_on_2.json 2> $L/dit_on_2.log
 FERRY_SKIP_DECODE=1 "${dit[@]}" --compress on > $L/dit_skip_2.json 2> $L/dit_skip_2.log

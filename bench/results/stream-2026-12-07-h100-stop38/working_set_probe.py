@@ -52,7 +52,7 @@ def run(pieces, kind, passes=2):
         if p: rates += [total / (ev[i].elapsed_time(ev[i + 1]) * 1e6) for i in range(len(pieces))]
     return st.median(rates), min(rates), max(rates)
 rows = []
-for mem in ['registered 4K', 'registered THP', 'cudaHostAlloc']:
+for mem in ['registered 4K', 'cudaHostAlloc']:
     make = {'registered 4K': lambda n: registered(n, False), 'registered THP': lambda n: registered(n, True), 'cudaHostAlloc': pinned}[mem]
     pieces = [[make(s) for s in sizes] for _ in range(30)]
     for kind in ['alone', 'GEMMs', 'GEMMs + HBM kernel']:
