@@ -209,43 +209,6 @@ impl StreamSetup<'static> {
     }
 }
 
-/// `FERRY_HOST_NODE` (for measuring, see [`crate::backend::host_node`]): the streamed
-/// encodings' host pages moved to the GPU's NUMA node or the one named, before the driver
-/// page-locks them; unset, they stay where the encoder's threads wrote them.
-fn place_on_host_node(gpu: &Cuda, chosen: &Compressed) -> Result<()> {
-    use crate::backend::host_node::{move_to_node, online_nodes, pci_node, HostNode};
-    let sys = std::path::Path::new("/sys");
-    let node = match HostNode::from_env()? {
-        None => return Ok(()),
-        Some(HostNode::Node(n)) => n,
-        Some(HostNode::Gpu) => {
-            let id = gpu.pci_bus_id()?;
-            let Some(n) = pci_node(sys, &id) else {
-                eprintln!(
-                    "FERRY_HOST_NODE=gpu: {id} reports no NUMA node ({} online); pages left where they are",
-                    online_nodes(sys)
-                );
-                return Ok(());
-            };
-            n
-        }
-    };
-    let storages = chosen.storages();
-    let bytes: usize = storages.iter().map(|s| s.bytes().len()).sum();
-    let t = std::time::Instant::now();
-    for s in &storages {
-        move_to_node(s.bytes(), node)?;
-    }
-    eprintln!(
-        "FERRY_HOST_NODE: {:.2} GB of encodings in {} mappings moved to NUMA node {node} of {} in {:.2} s",
-        bytes as f64 / 1e9,
-        storages.len(),
-        online_nodes(sys),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
 /// Everything `--vram` needs: make the host tier, measure H2D, plan passes of the setup's
 /// shape within the GPU's budget, upload the residents and start the streamer.
 pub fn stream_weights(
@@ -374,7 +337,6 @@ pub fn stream_weights(
     };
     let mut chosen = Arc::try_unwrap(chosen).unwrap_or_else(|shared| Compressed::clone(&shared));
     chosen.retain(|g| streams(&plan, g));
-    place_on_host_node(gpu, &chosen)?;
     match tier.register_compressed(&chosen) {
         Ok(()) => {}
         // The driver may page-lock the file and refuse more (a memlock limit): auto then
@@ -387,7 +349,6 @@ pub fn stream_weights(
             };
             chosen = Compressed::clone(&blocks);
             chosen.retain(|g| streams(&plan, g));
-            place_on_host_node(gpu, &chosen)?;
             tier.register_compressed(&chosen)?;
         }
         Err(e) => return Err(e),

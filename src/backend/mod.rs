@@ -13,7 +13,6 @@ pub mod cpu_stream;
 pub mod cuda;
 pub mod dit;
 pub mod encoder;
-pub mod host_node;
 
 use std::ops::Range;
 

@@ -363,13 +363,6 @@ impl EncodedTensor {
                 "mapping {total} bytes for the compressed {name}: {e}"
             ))
         })?;
-        // `FERRY_HUGE_PAGES=1` (measuring): the mapping asks for transparent huge pages, so
-        // the driver's page-locking and the copies' DMA see 2 MiB pages instead of 4 KiB.
-        if std::env::var("FERRY_HUGE_PAGES").is_ok_and(|v| v == "1") {
-            mem.advise(memmap2::Advice::HugePage).map_err(|e| {
-                Error::Device(format!("asking huge pages for the compressed {name}: {e}"))
-            })?;
-        }
         {
             let (head, rest) = mem.split_at_mut(sm_at);
             let (sm, words_bytes) = rest.split_at_mut(words_at - sm_at);

@@ -493,21 +493,6 @@ impl Cuda {
         Ok((total - free).saturating_sub(self.baseline_used))
     }
 
-    /// The device's PCI address as the driver writes it (`0000:1A:00.0`), to find its
-    /// NUMA node in sysfs ([`crate::backend::host_node::pci_node`]).
-    pub fn pci_bus_id(&self) -> Result<String> {
-        let mut buf = [0 as std::ffi::c_char; 32];
-        // SAFETY: the driver writes at most `buf.len()` bytes, NUL-terminated, into `buf`.
-        unsafe {
-            cu::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.ctx.cu_device())
-        }
-        .result()
-        .map_err(self.err("cuDeviceGetPCIBusId"))?;
-        // SAFETY: NUL-terminated by the driver within `buf`.
-        let id = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-        Ok(id.to_string_lossy().into_owned())
-    }
-
     fn err(&self, what: &'static str) -> impl Fn(DriverError) -> Error + '_ {
         move |e| Error::Device(format!("{}: {what}: {}", self.info, driver_msg(e)))
     }

@@ -89,9 +89,6 @@ pub struct CudaCopyEngine {
     /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
     /// compute has been queued.
     slot_buffer: Vec<Option<usize>>,
-    /// `FERRY_SKIP_DECODE=1` (measuring only, wrong outputs): no decode kernel is launched,
-    /// to time a coded pass's copies without the decodings beside them.
-    skip_decode: bool,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
@@ -371,7 +368,6 @@ impl CudaCopyEngine {
             decoding,
             released_early: vec![false; plan.slots],
             slot_buffer: vec![None; plan.slots],
-            skip_decode: std::env::var("FERRY_SKIP_DECODE").is_ok_and(|v| v == "1"),
             tier,
         })
     }
@@ -434,7 +430,6 @@ impl CudaCopyEngine {
                 // them there and the decode stream waited for it); the decode buffer holds
                 // `len` bytes at `dst` (sized from the largest layout), and its last reader
                 // has computed (the decode stream waited for that too).
-                Some(Share::Encoded { .. }) if self.skip_decode => {}
                 Some(Share::Encoded { decode, dst, .. }) => {
                     unsafe { d.kernels.launch(&d.stream, base, &decode, out + dst as u64) }
                         .map_err(|e| err(e, &format!("decoding {name}")))?

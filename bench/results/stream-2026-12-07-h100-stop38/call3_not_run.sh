@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Device call 3 (stop 38): the host working set's size against the copies' rate beside compute
+# Device call 3 (stop 38; NOT RUN: the session's device time ran out. For the next session: bring
+# FERRY_SKIP_DECODE back with `git show 3b668c4 -- src/backend/cuda/streaming.rs | git apply`, then
+# `scripts/gpu_checks.sh --build` and carry .gpu/ferry alone, the test binaries moved aside, to keep the tree
+# under 64 MiB): the host working set's size against the copies' rate beside compute
 # (working_set_probe.py); the DiT at 3 GiB compressed with and without its decode kernels
 # (FERRY_SKIP_DECODE=1, measuring only), and uncompressed, for the copies' rate in each.
 set -u
