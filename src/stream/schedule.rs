@@ -6,11 +6,8 @@
 //! number `j` (counting over passes) is piece `j mod pieces` in slot `j mod slots`. At the
 //! start, copies `0..slots` are queued (prefetch). Computing piece `j` waits for copy `j`;
 //! when its compute has been queued, the slot is released and copy `j + slots` — the next
-//! piece, wrapping into the next pass — is queued into it at once. An engine may free a slot
-//! sooner (CUDA: a piece decoded whole into a decode buffer is not read from its slot after
-//! its decoding); then copy `j + slots` is queued as soon as the engine says so, before piece
-//! `j` is computed, so that the copies do not stop where the host is late (between passes).
-//! The host never waits for the device inside a pass: every wait is queue-to-queue.
+//! piece, wrapping into the next pass — is queued into it at once. The host never waits for
+//! the device inside a pass: every wait is queue-to-queue.
 
 use super::plan::{Piece, Plan, Unit};
 use crate::error::Result;
@@ -44,15 +41,6 @@ pub trait CopyEngine {
     /// Queue on the compute queue: record `released[slot]`. Every kernel that reads the slot
     /// for the piece in it must have been queued before this call.
     fn release(&mut self, slot: usize) -> Result<()>;
-    /// Whether the latest copy into `slot` has freed the slot already: `released[slot]` is
-    /// recorded for it on some queue (nothing reads the slot's bytes for that piece after
-    /// work queued so far), so the next copy into the slot may be queued before the piece is
-    /// computed and released. `wait_copied` and `release` are still called for the piece, in
-    /// order: with a slot freed early they refer to the oldest piece copied into it and not
-    /// yet released, not to the latest copy. Engines that never free early keep the default.
-    fn freed_early(&self, _slot: usize) -> bool {
-        false
-    }
     /// Block the host until every queued copy has completed (before slots are freed or the
     /// host memory they read is unmapped).
     fn synchronize(&mut self) -> Result<()>;
@@ -68,9 +56,6 @@ pub struct Streamer<E: CopyEngine> {
     next: u64,
     /// The sequence number acquired and not yet released.
     held: Option<u64>,
-    /// Sequence number of the next copy to queue: `next + slots` once piece `next - 1` is
-    /// released, more where the engine freed slots early.
-    queued: u64,
 }
 
 /// A streamed piece ready in a slot (once the compute queue has passed the wait).
@@ -85,50 +70,21 @@ pub struct Acquired {
 
 impl<E: CopyEngine> Streamer<E> {
     /// Start streaming `plan`: queue the first `slots` copies (prefetch).
-    pub fn new(engine: E, plan: &Plan) -> Result<Self> {
-        Self::over(engine, plan.pieces.clone(), plan.slots)
-    }
-
-    /// Start streaming `pieces` (in pass order) through `slots` slots.
-    fn over(mut engine: E, pieces: Vec<Piece>, slots: usize) -> Result<Self> {
+    pub fn new(mut engine: E, plan: &Plan) -> Result<Self> {
+        let pieces = plan.pieces.clone();
         if !pieces.is_empty() {
-            assert!(slots > 0, "a plan that streams has slots");
-            for j in 0..slots {
+            assert!(plan.slots > 0, "a plan that streams has slots");
+            for j in 0..plan.slots {
                 engine.copy(j, &pieces[j % pieces.len()])?;
             }
         }
-        let mut streamer = Streamer {
+        Ok(Streamer {
             engine,
-            slots,
-            queued: if pieces.is_empty() { 0 } else { slots as u64 },
             pieces,
+            slots: plan.slots,
             next: 0,
             held: None,
-        };
-        streamer.copy_ahead()?;
-        Ok(streamer)
-    }
-
-    /// Queue every copy whose slot is free: the piece before it in the slot released, or
-    /// freed early by the engine. At most `slots` copies beyond those a release allows, so
-    /// that copies run at most one ring ahead of what the schedule alone would queue.
-    fn copy_ahead(&mut self) -> Result<()> {
-        if self.pieces.is_empty() {
-            return Ok(());
-        }
-        let slots = self.slots as u64;
-        while self.queued < self.next + 2 * slots {
-            let slot = (self.queued % slots) as usize;
-            // The slot's occupant is copy `queued - slots`: released once `next` is past it.
-            let released = self.queued - slots < self.next;
-            if !released && !self.engine.freed_early(slot) {
-                return Ok(());
-            }
-            let piece = &self.pieces[(self.queued % self.pieces.len() as u64) as usize];
-            self.engine.copy(slot, piece)?;
-            self.queued += 1;
-        }
-        Ok(())
+        })
     }
 
     /// The next piece in pass order: make the compute queue wait for its copy, and say which
@@ -151,14 +107,16 @@ impl<E: CopyEngine> Streamer<E> {
     }
 
     /// The compute that reads the acquired piece has been queued: release its slot and queue
-    /// the copy of the piece `slots` ahead (wrapping into the next pass) into it, unless the
-    /// engine freed the slot early and that copy is queued already.
+    /// the copy of the piece `slots` ahead (wrapping into the next pass) into it.
     pub fn release(&mut self) -> Result<()> {
         let seq = self.held.take().expect("release without acquire");
         let slot = (seq % self.slots as u64) as usize;
         self.engine.release(slot)?;
+        let ahead = seq + self.slots as u64;
+        let piece = &self.pieces[(ahead % self.pieces.len() as u64) as usize];
+        self.engine.copy(slot, piece)?;
         self.next = seq + 1;
-        self.copy_ahead()
+        Ok(())
     }
 
     pub fn engine(&self) -> &E {
@@ -206,160 +164,4 @@ pub fn run_pass<E: CopyEngine>(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use super::*;
-
-    /// An engine that logs the schedule's calls and checks its contract, and frees a slot
-    /// early the way CUDA's decoding does: a copy "decodes" (frees its slot) once fewer than
-    /// `buffers` decoded pieces are unreleased.
-    struct Mock {
-        buffers: Option<u64>,
-        /// Per slot, the pieces copied into it and not released, oldest first, and whether each
-        /// freed the slot.
-        slots: Vec<VecDeque<(usize, bool)>>,
-        decoded: u64,
-        released: u64,
-        log: Vec<String>,
-    }
-
-    impl Mock {
-        fn new(slots: usize, buffers: Option<u64>) -> Mock {
-            Mock {
-                buffers,
-                slots: vec![VecDeque::new(); slots],
-                decoded: 0,
-                released: 0,
-                log: Vec::new(),
-            }
-        }
-
-        /// Decode (free early) every copied piece the buffers allow, in copy order.
-        fn decode(&mut self) {
-            let Some(b) = self.buffers else { return };
-            // Copies in order over slots: the undecoded ones are the slots' last entries.
-            let mut undecoded: Vec<(usize, usize)> = Vec::new();
-            for (s, q) in self.slots.iter().enumerate() {
-                for (i, &(_, freed)) in q.iter().enumerate() {
-                    if !freed {
-                        undecoded.push((s, i));
-                    }
-                }
-            }
-            for (s, i) in undecoded {
-                if self.decoded < self.released + b {
-                    self.slots[s][i].1 = true;
-                    self.decoded += 1;
-                }
-            }
-        }
-    }
-
-    impl CopyEngine for Mock {
-        fn copy(&mut self, slot: usize, piece: &Piece) -> Result<()> {
-            let q = &self.slots[slot];
-            assert!(
-                q.iter().all(|&(_, freed)| freed),
-                "copy into slot {slot} while a piece in it still reads it"
-            );
-            self.slots[slot].push_back((piece.index, false));
-            self.log.push(format!("copy {} to {slot}", piece.index));
-            self.decode();
-            Ok(())
-        }
-        fn wait_copied(&mut self, slot: usize) -> Result<()> {
-            let (piece, _) = *self.slots[slot].front().expect("a copy before its wait");
-            self.log.push(format!("wait {piece} in {slot}"));
-            Ok(())
-        }
-        fn release(&mut self, slot: usize) -> Result<()> {
-            let (piece, freed) = self.slots[slot].pop_front().expect("release after copy");
-            if freed && self.buffers.is_some() {
-                self.released += 1;
-            }
-            self.log.push(format!("release {piece} from {slot}"));
-            self.decode();
-            Ok(())
-        }
-        fn freed_early(&self, slot: usize) -> bool {
-            self.slots[slot].back().is_some_and(|&(_, freed)| freed)
-        }
-        fn synchronize(&mut self) -> Result<()> {
-            Ok(())
-        }
-    }
-
-    fn pieces(n: usize) -> Vec<Piece> {
-        (0..n)
-            .map(|index| Piece {
-                group: index,
-                index,
-                offset: 0,
-                bytes: 1,
-                compute_ms: 1.0,
-                copy_bytes: 1,
-                decode_ms: 0.0,
-                decoded_whole: true,
-            })
-            .collect()
-    }
-
-    /// Two passes of `n` pieces: the log, and the piece each acquire got.
-    fn run(n: usize, slots: usize, buffers: Option<u64>) -> (Vec<String>, Vec<usize>) {
-        let mut s = Streamer::over(Mock::new(slots, buffers), pieces(n), slots).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..2 * n {
-            let a = s.acquire().unwrap();
-            got.push(a.piece);
-            s.release().unwrap();
-        }
-        (s.finish().unwrap().log, got)
-    }
-
-    #[test]
-    fn without_early_frees_each_release_queues_the_copy_a_ring_ahead() {
-        let (log, got) = run(5, 2, None);
-        assert_eq!(got, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
-        let head: Vec<&str> = log.iter().take(6).map(|s| s.as_str()).collect();
-        assert_eq!(
-            head,
-            [
-                "copy 0 to 0",
-                "copy 1 to 1",
-                "wait 0 in 0",
-                "release 0 from 0",
-                "copy 2 to 0",
-                "wait 1 in 1"
-            ]
-        );
-    }
-
-    #[test]
-    fn slots_freed_early_are_refilled_before_their_pieces_compute() {
-        let (log, got) = run(5, 2, Some(2));
-        assert_eq!(got, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
-        // Pieces 0 and 1 decode as they are copied, so 2 and 3 are copied before 0 computes;
-        // 4 waits for a decode buffer (a release), and never more than a ring ahead.
-        let before_first_wait: Vec<&str> = log
-            .iter()
-            .take_while(|s| !s.starts_with("wait"))
-            .map(|s| s.as_str())
-            .collect();
-        assert_eq!(
-            before_first_wait,
-            ["copy 0 to 0", "copy 1 to 1", "copy 2 to 0", "copy 3 to 1"]
-        );
-        // Each wait names the piece the schedule expects (the oldest in the slot).
-        let waits: Vec<&String> = log.iter().filter(|s| s.starts_with("wait")).collect();
-        for (i, w) in waits.iter().enumerate() {
-            assert_eq!(**w, format!("wait {} in {}", i % 5, i % 2));
-        }
-        // Every copy of the two passes and the next pass's prefetch was queued.
-        let copies = log.iter().filter(|s| s.starts_with("copy")).count();
-        assert!((12..=14).contains(&copies), "{copies} copies: {log:?}");
-    }
 }

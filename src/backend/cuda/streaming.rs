@@ -83,31 +83,15 @@ pub struct CudaCopyEngine {
     decode_times: [Vec<Option<(CudaEvent, CudaEvent)>>; 2],
     /// Per piece, decodings queued so far.
     decodes_of: Vec<u64>,
-    /// Per slot, the pieces copied into it and not yet released, oldest first: the one being
-    /// computed (or next to be), then at most a copy queued behind it once it freed the slot
-    /// early (see [`SlotUse`]).
-    slot_uses: Vec<std::collections::VecDeque<SlotUse>>,
-    /// `FERRY_EARLY_COPIES=1` (measuring): a slot freed by its piece's decoding is refilled
-    /// before the piece computes ([`CopyEngine::freed_early`]); unset, a slot is refilled
-    /// when its piece is released, as before.
-    early_copies: bool,
-    /// `FERRY_SKIP_DECODE=1` (measuring only, wrong outputs): no decode kernel is launched,
-    /// to time a coded pass's copies without the decodings beside them.
-    skip_decode: bool,
+    /// Per slot: its release was recorded after the decoding of the piece in it (nothing
+    /// reads the slot after that), so `release` has nothing left to record.
+    released_early: Vec<bool>,
+    /// Per slot: the decode buffer the piece in it was decoded into, freed when the piece's
+    /// compute has been queued.
+    slot_buffer: Vec<Option<usize>>,
     _slots: Vec<DevBuf>,
     /// Dropped last: the copies above read it.
     tier: HostTier,
-}
-
-/// What became of one copy into a slot.
-#[derive(Clone, Copy, Debug, Default)]
-struct SlotUse {
-    /// The decode buffer the piece was decoded into, freed when its compute has been queued.
-    buffer: Option<usize>,
-    /// The slot's release was recorded after the piece's decoding (nothing reads the slot for
-    /// it after that): the next copy into the slot may be queued before the piece computes,
-    /// and `release` has nothing left to record.
-    released_early: bool,
 }
 
 /// The decoding of encoded pieces: a stream of its own, so that a piece decodes while the
@@ -382,9 +366,8 @@ impl CudaCopyEngine {
             decode_times,
             decodes_of: vec![0; plan.pieces.len()],
             decoding,
-            slot_uses: vec![Default::default(); plan.slots],
-            early_copies: std::env::var("FERRY_EARLY_COPIES").is_ok_and(|v| v == "1"),
-            skip_decode: std::env::var("FERRY_SKIP_DECODE").is_ok_and(|v| v == "1"),
+            released_early: vec![false; plan.slots],
+            slot_buffer: vec![None; plan.slots],
             tier,
         })
     }
@@ -447,7 +430,6 @@ impl CudaCopyEngine {
                 // them there and the decode stream waited for it); the decode buffer holds
                 // `len` bytes at `dst` (sized from the largest layout), and its last reader
                 // has computed (the decode stream waited for that too).
-                Some(Share::Encoded { .. }) if self.skip_decode => {}
                 Some(Share::Encoded { decode, dst, .. }) => {
                     unsafe { d.kernels.launch(&d.stream, base, &decode, out + dst as u64) }
                         .map_err(|e| err(e, &format!("decoding {name}")))?
@@ -472,20 +454,15 @@ impl CudaCopyEngine {
         d.decoded[b]
             .record(&d.stream)
             .map_err(|e| err(e, "cuEventRecord"))?;
-        // The latest copy into the slot is this piece's: the next one is queued only once
-        // this one is released, here or after its compute.
-        let use_ = self.slot_uses[slot]
-            .back_mut()
-            .expect("a piece decoded after its copy");
-        use_.buffer = Some(b);
         // A piece all decoded is read from the decode buffer only: its slot is free for the
         // next copy once the decoding has run.
         if layout.decoded_whole() {
             self.events.released[slot]
                 .record(&d.stream)
                 .map_err(|e| err(e, "cuEventRecord"))?;
-            use_.released_early = true;
+            self.released_early[slot] = true;
         }
+        self.slot_buffer[slot] = Some(b);
         self.decodes_of[k] += 1;
         Ok(())
     }
@@ -498,8 +475,7 @@ impl CudaCopyEngine {
         let tensors = &self.tier.groups[piece.group];
         let layout = &self.layouts[piece.group][piece.index];
         let base = self.slot_addr[slot];
-        let front = self.slot_uses[slot].front().and_then(|u| u.buffer);
-        let buffer = match (&self.decoding, front) {
+        let buffer = match (&self.decoding, self.slot_buffer[slot]) {
             _ if layout.decoded == 0 => None,
             (Some(d), Some(b)) => Some((d, b)),
             _ => {
@@ -558,7 +534,6 @@ impl CopyEngine for CudaCopyEngine {
         let k = self.piece_base[piece.group] + piece.index;
         let tag = 2 * k + (self.copies_of[k] % 2) as usize;
         self.copies_of[k] += 1;
-        self.slot_uses[slot].push_back(SlotUse::default());
         let tensors = &self.tier.groups[piece.group];
         if let Some(ring) = &self.ring {
             let placed = self.tier.spans(piece);
@@ -628,45 +603,24 @@ impl CopyEngine for CudaCopyEngine {
             // must come after its copy event is recorded. This waits for host work only.
             ring.wait_queued(slot)?;
         }
-        // A piece that freed its slot early is read from its decode buffer only, which the
-        // views wait for; `copied[slot]` may stand for the next copy into the slot by now.
-        if self.slot_uses[slot]
-            .front()
-            .is_some_and(|u| u.released_early)
-        {
-            return Ok(());
-        }
         self.compute
             .wait(&self.events.copied[slot])
             .map_err(|e| Self::err(e, "waiting for a copy"))
     }
 
     fn release(&mut self, slot: usize) -> Result<()> {
-        let use_ = self.slot_uses[slot]
-            .pop_front()
-            .expect("a slot released after a copy into it");
-        if let (Some(d), Some(b)) = (self.decoding.as_mut(), use_.buffer) {
+        if let (Some(d), Some(b)) = (self.decoding.as_mut(), self.slot_buffer[slot].take()) {
             d.free[b]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
             d.released += 1;
         }
-        if !use_.released_early {
+        if !std::mem::replace(&mut self.released_early[slot], false) {
             self.events.released[slot]
                 .record(&self.compute)
                 .map_err(|e| Self::err(e, "cuEventRecord"))?;
         }
         self.queue_decodes()
-    }
-
-    fn freed_early(&self, slot: usize) -> bool {
-        // Measuring (stop 38): early copies only with `FERRY_EARLY_COPIES=1`.
-        if !self.early_copies {
-            return false;
-        }
-        self.slot_uses[slot]
-            .back()
-            .is_some_and(|u| u.released_early)
     }
 
     fn synchronize(&mut self) -> Result<()> {
