@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device call 15 (stop 37): does the host memory's NUMA node set the copies' rate in a pass?
+# Device call 15 (stop 37; never run, superseded by stop 38's call1.sh, which ran its NUMA part on a
+# one-node host; FERRY_PACK no longer exists on main): does the host memory's NUMA node set the copies' rate in a pass?
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64
 T0=$SECONDS

@@ -15,15 +15,7 @@ T0=$SECONDS
 L=$OUT/logs; mkdir -p $L
 P=bench/results/stream-2026-12-07-h100-stop38
 nvidia-smi --query-gpu=name,pci.bus_id --format=csv,noheader | tee $L/device.txt
-summary() { python3 - "$@" <<'PY'
-import json,sys,os
-for f in sys.argv[1:]:
-    try:
-        r=json.load(open(f))['results'][0]; s=r['streamed']
-        print('%-22s step %.4f copy %.4f gbps %.2f gb %.3f bound %.4f ratio %.3f'%(os.path.basename(f),r['step_s'],s['copy_s'],s['achieved_gbps'],s['streamed_gb'],s['bound_s'],r['step_s']/s['bound_s']), flush=True)
-    except Exception as e: print(f, 'error', e, flush=True)
-PY
-}
+source bench/device_lib.sh
 dit=(timeout 45 .gpu/ferry bench --synthetic z-image-turbo --device cuda --batch 1 --runs 5 --json --vram 3GiB)
 b=$(cat .gpu/built_in); [ -d "$b/tests/fixtures" ] || { mkdir -p "$(dirname "$b")"; ln -sfn "$PWD" "$b"; }
 FERRY_EARLY_COPIES=1 timeout 60 .gpu/cuda-stream-tests > $L/early_stream_tests.log 2>&1; grep -E "test result|FAILED|panicked" $L/early_stream_tests.log | tail -3
@@ -41,12 +33,8 @@ tar czf $OUT/logs.tgz -C $OUT logs
 FERRY_SKIP_DECODE=1 "${dit[@]}" --compress on > $L/dit_skip_2.json 2> $L/dit_skip_2.log
 FERRY_EARLY_COPIES=1 "${dit[@]}" --compress on > $L/dit_early_2.json 2> $L/dit_early_2.log
 summary $L/dit_on_*.json $L/dit_early_*.json $L/dit_skip_*.json $L/dit_off_1.json
-python3 - $L/dit_skip.svg <<'PY'
-import re,sys
-t=re.findall(r'<title>([^<]*)</title>', open(sys.argv[1]).read())
-c=[float(m.group(1)) for x in t for m in [re.match(r'block \d+: copy .*\(([0-9.]+) ms\)',x)] if m]
-c.sort(); print('skip-decode block copies: n %d min %.3f median %.3f max %.3f ms -> %.1f / %.1f / %.1f GB/s at 242.4 MB'%(len(c),c[0],c[len(c)//2],c[-1],242.4/c[0],242.4/c[len(c)//2],242.4/c[-1]))
-PY
+block_copies $L/dit_skip.svg
+block_copies $L/dit_early.svg
 tar czf $OUT/logs.tgz -C $OUT logs
 rm -rf $L
 echo "elapsed $((SECONDS - T0)) s"

@@ -1,8 +1,8 @@
 # Does the size of the host memory a pass streams from (7.27 GB for the Z-Image DiT at 3 GiB,
 # 30 pieces of 15 encodings, each in a registered mapping of its own) slow its copies beside
 # compute, where 4 pieces' worth (~1 GB, copy_pattern_probe.py) copies at 53.7-54.7 GB/s? Host
-# memory: registered anonymous 4 KiB pages, the same asking for transparent huge pages, and
-# cudaHostAlloc; beside nothing, GEMMs, and GEMMs with a memory-bound kernel (decoding's
+# memory: registered anonymous 4 KiB pages and cudaHostAlloc (huge pages made no difference in
+# h2d_probe.py); beside nothing, GEMMs, and GEMMs with a memory-bound kernel (decoding's
 # stand-in) on two more streams. (stop 38; torch only for the probe.)
 import mmap, os, statistics as st, sys, json, torch
 dev = torch.device('cuda'); cudart = torch.cuda.cudart(); MB = 1 << 20
@@ -15,11 +15,11 @@ for s in sizes:
 slots = [torch.empty(at + ALIGN, dtype=torch.uint8, device=dev) for _ in range(2)]
 fill = os.urandom(MB)
 maps = []
-def registered(n, huge):
+def registered(n):
     import numpy as np
     size = max(n, 4096)
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
     for o in range(0, size, MB): m[o:min(size, o + MB)] = fill[:min(MB, size - o)]
     maps.append(m)
     arr = np.frombuffer(m, dtype=np.uint8)[:n]
@@ -53,14 +53,12 @@ def run(pieces, kind, passes=2):
     return st.median(rates), min(rates), max(rates)
 rows = []
 for mem in ['registered 4K', 'cudaHostAlloc']:
-    make = {'registered 4K': lambda n: registered(n, False), 'registered THP': lambda n: registered(n, True), 'cudaHostAlloc': pinned}[mem]
+    make = {'registered 4K': registered, 'cudaHostAlloc': pinned}[mem]
     pieces = [[make(s) for s in sizes] for _ in range(30)]
     for kind in ['alone', 'GEMMs', 'GEMMs + HBM kernel']:
         for n in (4, 30):
             m = run(pieces[:n], kind)
             rows.append(dict(memory=mem, pieces=n, beside=kind, gbps=m))
             print('%-15s %2d pieces (%.2f GB) beside %-19s %5.1f (%5.1f-%5.1f) GB/s' % (mem, n, n * total / 1e9, kind, *m), flush=True)
-    del pieces
-    for m in maps:
-        pass
+    del pieces  # the registered mappings stay until exit (7.3 GB of the host's 128 GiB)
 print('JSON', json.dumps(rows))
