@@ -528,9 +528,8 @@ impl Cuda {
     /// KV-cache append), else by `cuMemcpyDtoDAsync`. A device-to-device memcpy runs on a
     /// copy engine, which streaming keeps busy with weight copies; the kernel needs none.
     /// Measured on the Z-Image DiT streamed (H100, stop 36) the step is the same within
-    /// noise either way. (`FERRY_DTOD_MEMCPY=1` copies every one by memcpy, and so do a
-    /// streamed piece's moves into its decode buffer, [`streaming::Decoders::move_bytes`]: a
-    /// measurement toggle.)
+    /// noise either way. (`FERRY_DTOD_MEMCPY=1` copies every one by memcpy, a measurement
+    /// toggle.)
     fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());

@@ -437,9 +437,14 @@ impl CudaCopyEngine {
                 // SAFETY: as for a decoding: `len` bytes at `src` in the slot, copied in
                 // before this on the stream's order, to room in the decode buffer.
                 Some(Share::Moved { src, dst, len }) => unsafe {
-                    d.kernels
-                        .move_bytes(&d.stream, out + dst as u64, base + src as u64, len)
+                    cu::cuMemcpyDtoDAsync_v2(
+                        out + dst as u64,
+                        base + src as u64,
+                        len,
+                        d.stream.cu_stream(),
+                    )
                 }
+                .result()
                 .map_err(|e| err(e, &format!("moving {name} into the decode buffer")))?,
             }
         }
@@ -811,12 +816,6 @@ impl CudaCopyEngine {
 pub struct Decoders {
     exponents: CudaFunction,
     blocks: CudaFunction,
-    /// `copy_x16`, for the raw tensors a piece moves into its decode buffer.
-    copy: CudaFunction,
-    /// The most thread blocks a move takes (its kernel strides over the rest).
-    copy_grid: u64,
-    /// `FERRY_DTOD_MEMCPY=1` (measuring): moves by `cuMemcpyDtoDAsync`, as before.
-    memcpy_moves: bool,
 }
 
 impl Decoders {
@@ -824,42 +823,7 @@ impl Decoders {
         Ok(Decoders {
             exponents: gpu.function(&super::compile::DECOMPRESS, "decompress_bf16", 0)?,
             blocks: gpu.function(&super::compile::DEQUANTIZE, "dequantize_bf16", 0)?,
-            copy: gpu.function(&super::compile::ELEMENTWISE, "copy_x16", 0)?,
-            copy_grid: gpu.info.multiprocessors as u64 * 16,
-            memcpy_moves: gpu.dtod_memcpy,
         })
-    }
-
-    /// Queue on `stream` a move of `len` bytes from device address `src` to `dst`: by
-    /// `copy_x16` where both addresses and the length are multiples of 16 bytes, else by
-    /// `cuMemcpyDtoDAsync`. A device-to-device memcpy takes a copy engine, which the weight
-    /// copies keep busy: the Z-Image DiT's 7 small moves a piece (norm weights, a bias)
-    /// took 8 ms of the decode stream's time a step, waiting for the engine, beside copies
-    /// at 51.9 GB/s where the uncompressed pass's, with no moves, ran at 54.8 (H100, stop 39).
-    ///
-    /// # Safety
-    /// `src` and `dst` must hold `len` bytes, alive until the move has run.
-    pub unsafe fn move_bytes(
-        &self,
-        stream: &CudaStream,
-        dst: u64,
-        src: u64,
-        len: usize,
-    ) -> std::result::Result<(), cudarc::driver::DriverError> {
-        if (dst | src | len as u64) % 16 == 0 && !self.memcpy_moves {
-            let words = (len / 16) as u64;
-            let mut b = stream.launch_builder(&self.copy);
-            b.arg(&src).arg(&dst).arg(&words);
-            let cfg = LaunchConfig {
-                grid_dim: (words.div_ceil(256).clamp(1, self.copy_grid) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `copy_x16`; the caller vouches for the memory.
-            return unsafe { b.launch(cfg) }.map(|_| ());
-        }
-        // SAFETY: the caller vouches for the memory.
-        unsafe { cu::cuMemcpyDtoDAsync_v2(dst, src, len, stream.cu_stream()) }.result()
     }
 
     /// Queue on `stream` the decoding of the share `d` laid out from device address `base`
