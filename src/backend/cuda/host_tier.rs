@@ -118,10 +118,6 @@ pub struct HostTier {
     group_base: Vec<usize>,
     /// Page-aligned starts of the registered ranges (unregistered on drop).
     registered: Vec<usize>,
-    /// `FERRY_ENCODINGS_PINNED=1` (measuring): each compressed storage's bytes copied into
-    /// memory from `cuMemHostAlloc`, read by the copies instead of the registered storage:
-    /// storage address → pinned address (freed on drop).
-    pinned: std::collections::HashMap<usize, usize>,
     pub mode: HostMode,
 }
 
@@ -290,7 +286,6 @@ impl HostTier {
             bytes,
             group_base,
             registered: registered.into_iter().map(|(start, _)| start).collect(),
-            pinned: Default::default(),
             mode,
         })
     }
@@ -385,28 +380,6 @@ impl HostTier {
                 )
             })
             .collect();
-        if std::env::var("FERRY_ENCODINGS_PINNED").is_ok_and(|v| v == "1") {
-            for s in &storages {
-                let b = s.bytes();
-                let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
-                // SAFETY: the driver writes the new allocation's address into `p`.
-                let r = unsafe { cu::cuMemHostAlloc(&mut p, b.len().max(1), 0) };
-                if r != cu::CUresult::CUDA_SUCCESS || p.is_null() {
-                    return Err(Error::Device(format!(
-                        "cuMemHostAlloc failed for the compressed weights ({:.2} GB): {r:?}",
-                        b.len() as f64 / 1e9
-                    )));
-                }
-                // SAFETY: `p` holds `b.len()` bytes, just allocated, nothing else refers to it.
-                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), p as *mut u8, b.len()) };
-                self.pinned.insert(b.as_ptr() as usize, p as usize);
-                if let HostMode::Registered { bytes } = &mut self.mode {
-                    *bytes += b.len();
-                }
-            }
-            self._storages.extend(storages);
-            return Ok(());
-        }
         let done = register(&ranges).map_err(Error::Device)?;
         self.registered.extend(done.iter().map(|&(start, _)| start));
         if let HostMode::Registered { bytes } = &mut self.mode {
@@ -414,12 +387,6 @@ impl HostTier {
         }
         self._storages.extend(storages);
         Ok(())
-    }
-
-    /// Where the copies read a compressed storage starting at `addr`: its pinned copy under
-    /// `FERRY_ENCODINGS_PINNED=1`, else the storage itself.
-    pub(super) fn encoding_source(&self, addr: usize) -> usize {
-        self.pinned.get(&addr).copied().unwrap_or(addr)
     }
 }
 
@@ -507,11 +474,6 @@ impl Drop for HostTier {
             // SAFETY: registered by `new`; every copy reading it has completed (the engine
             // synchronizes its stream before the tier is dropped).
             let _ = unsafe { cu::cuMemHostUnregister(start as *mut std::ffi::c_void) };
-        }
-        for &p in self.pinned.values() {
-            // SAFETY: from cuMemHostAlloc in `register_compressed`; every copy reading it has
-            // completed, as above.
-            let _ = unsafe { cu::cuMemFreeHost(p as *mut std::ffi::c_void) };
         }
     }
 }

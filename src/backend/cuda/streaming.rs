@@ -563,9 +563,7 @@ impl CopyEngine for CudaCopyEngine {
                     let e = enc.groups[piece.group][c.tensor]
                         .as_ref()
                         .expect("an encoded share's tensor is encoded");
-                    self.tier
-                        .encoding_source(e.storage().bytes().as_ptr() as usize)
-                        + c.src
+                    e.storage().bytes().as_ptr() as usize + c.src
                 }
                 _ => t.addr + c.src,
             };
