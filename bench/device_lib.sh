@@ -22,3 +22,10 @@ if not c: sys.exit('%s: no block copies drawn' % sys.argv[1])
 print('%s block copies: n %d min %.3f median %.3f max %.3f ms -> %.1f / %.1f / %.1f GB/s at %.1f MB'%(sys.argv[1].split('/')[-1],len(c),c[0],c[len(c)//2],c[-1],mb/c[0],mb/c[len(c)//2],mb/c[-1],mb))
 PY
 }
+
+# The GPU test binaries find tests/fixtures under the path they were built in (.gpu/built_in):
+# point that path at this checkout when it differs.
+link_fixtures() {
+    local b; b=$(cat .gpu/built_in)
+    [ -d "$b/tests/fixtures" ] || { mkdir -p "$(dirname "$b")"; ln -sfn "$PWD" "$b"; }
+}

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Device call 3 (stop 38; NOT RUN: the session's device time ran out). For the next session:
+# Device call 3 (stop 38; NOT RUN: the session's device time ran out). Superseded: stop 39 ran it,
+# with packing added and FERRY_BIN set for the Z-Image tests, as
+# bench/results/stream-2026-12-08-h100-stop39/call1.sh. As written for the next session:
 #   git revert 173a66c     # brings back c594c82: FERRY_EARLY_COPIES=1 and FERRY_SKIP_DECODE=1
 #   scripts/gpu_checks.sh --build; move .gpu/ binaries other than ferry, cuda-stream-tests and
 #   cuda-z-image-tests aside (the tree and carry must stay under 64 MiB); run with carry [".gpu"].

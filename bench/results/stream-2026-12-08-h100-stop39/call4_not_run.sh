@@ -20,7 +20,7 @@ source bench/device_lib.sh
 timeout 150 python3 $D/memkind_probe.py 2>&1 | grep -v -i warn | tee $L/memkind_probe.log
 tar czf $OUT/logs.tgz -C $OUT logs
 echo "elapsed $((SECONDS - T0)) s"
-b=$(cat .gpu/built_in); [ -d "$b/tests/fixtures" ] || { mkdir -p "$(dirname "$b")"; ln -sfn "$PWD" "$b"; }
+link_fixtures
 export FERRY_BIN=.gpu/ferry
 FERRY_ENCODINGS_PINNED=1 timeout 90 .gpu/cuda-stream-tests --test-threads 1 > $L/pinned_stream_tests.log 2>&1; echo "stream: $(grep -E 'test result' $L/pinned_stream_tests.log | tail -1)"
 FERRY_ENCODINGS_PINNED=1 timeout 120 .gpu/cuda-z-image-tests --test-threads 1 > $L/pinned_z_tests.log 2>&1; echo "z-image: $(grep -E 'test result' $L/pinned_z_tests.log | tail -1)"

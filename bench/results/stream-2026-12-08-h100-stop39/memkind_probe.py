@@ -1,6 +1,6 @@
 # Under the load that slows copies (bf16 GEMMs and an HBM-streaming kernel on two more streams,
 # the card at its power cap as in a coded pass), does the host memory's kind or the copy
-# pattern set the rate? Four 242 MB pieces copied in turn into two device slots from
+# pattern set the rate? Four 242 MiB pieces copied in turn into two device slots from
 # cudaHostAlloc (torch's pinned memory), registered anonymous 4 KiB pages, or a registered
 # read-only file mapping; each piece as one copy or as a DiT block's 15 encodings (contiguous
 # chunks of the same buffer). Median GB/s over ~2.5 s each. (stop 39; torch only for the probe.)

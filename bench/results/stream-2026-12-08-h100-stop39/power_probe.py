@@ -1,4 +1,4 @@
-# One load kind beside a copy stream for ~4 s (stop 39): 242 MB pieces from pinned host memory
+# One load kind beside a copy stream for ~4 s (stop 39): 242 MiB pieces from pinned host memory
 # copied in turn into two device slots while `kind` runs on other streams; prints the copies'
 # median GB/s. The shell samples nvidia-smi (power, clocks, throttle reasons) around it, to see
 # whether what slows the copies beside GEMMs and HBM traffic is the card's power or clocks.
